@@ -1,0 +1,1 @@
+"""The kgpu cloud controller (see issue 3 onwards)."""

@@ -1,0 +1,1 @@
+"""The kgpu edge daemon: one per GPU edge node."""

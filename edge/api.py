@@ -1,0 +1,139 @@
+"""The edge daemon's HTTP API: /healthz, /metrics, /api/v1/* and, with the simulated driver
+only, the fault-injection endpoint. Reads come from the daemon's memory or the store (in a
+thread); nothing here touches NVML on the event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from edge.metrics import make_registry, render
+from edge.store import StoreError
+from shared import __version__
+from shared.http import error_middleware, int_query, json_error, read_model
+from shared.logs import get_logger
+
+if TYPE_CHECKING:
+    from edge.daemon import EdgeDaemon
+
+log = get_logger(__name__)
+DAEMON: web.AppKey["EdgeDaemon"] = web.AppKey("daemon")
+
+
+def make_app(daemon: "EdgeDaemon") -> web.Application:
+    app = web.Application(middlewares=[error_middleware], client_max_size=64 * 1024)
+    app[DAEMON] = daemon
+    registry = make_registry(daemon)
+
+    async def metrics(_: web.Request) -> web.Response:
+        body = render(registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/api/v1/gpus", gpus)
+    app.router.add_get("/api/v1/decisions", decisions)
+    app.router.add_get("/api/v1/events", events)
+    app.router.add_get("/api/v1/policy", policy)
+    app.router.add_get("/api/v1/energy", energy)
+    if daemon.sim is not None:
+        app.router.add_post("/api/v1/sim/gpus/{index}", sim_inject)
+    return app
+
+
+async def healthz(request: web.Request) -> web.Response:
+    daemon = request.app[DAEMON]
+    healthy, reasons, degraded = daemon.health_report()
+    body = {
+        "status": "ok" if healthy else "unhealthy",
+        "node": daemon.node,
+        "version": __version__,
+        "reasons": reasons,
+        "degraded": degraded,
+        "uptime_s": round(time.time() - daemon.started_at, 1),
+    }
+    return web.json_response(body, status=200 if healthy else 503)
+
+
+async def gpus(request: web.Request) -> web.Response:
+    daemon = request.app[DAEMON]
+    out: list[dict[str, Any]] = []
+    for index, view in sorted(daemon.gpus.items()):
+        out.append(
+            {
+                "index": index,
+                "inventory": view.inventory.model_dump(mode="json"),
+                "sample": view.sample.model_dump(mode="json") if view.sample else None,
+                "health": {
+                    "state": view.health.health.value,
+                    "reasons": list(view.health.reasons),
+                    "since": view.health.since,
+                },
+                "policy_state": {
+                    "thermal_steps": view.policy_state.thermal_steps,
+                    "clocks_locked_mhz": view.policy_state.clocks_locked_mhz,
+                    "power_saving_active": view.policy_state.saving_active,
+                    "target_limit_w": view.policy_state.target_limit_w,
+                },
+                "last_xid": view.last_xid,
+            }
+        )
+    return web.json_response({"node": daemon.node, "gpus": out})
+
+
+async def decisions(request: web.Request) -> web.Response:
+    daemon = request.app[DAEMON]
+    limit = int_query(request, "limit", 100, lo=1, hi=10_000)
+    before = int_query(request, "before", None, lo=0, hi=2**62)
+    gpu = request.query.get("gpu") or None
+    rule = request.query.get("rule") or None
+    try:
+        rows = await asyncio.to_thread(daemon.store.decisions, limit or 100, before, gpu, rule)
+    except StoreError as exc:
+        return json_error(503, "store unavailable", str(exc))
+    return web.json_response({"node": daemon.node, "decisions": rows})
+
+
+async def events(request: web.Request) -> web.Response:
+    daemon = request.app[DAEMON]
+    limit = int_query(request, "limit", 100, lo=1, hi=10_000)
+    kind = request.query.get("kind") or None
+    try:
+        rows = await asyncio.to_thread(daemon.store.events, limit or 100, kind)
+    except StoreError as exc:
+        return json_error(503, "store unavailable", str(exc))
+    return web.json_response({"node": daemon.node, "events": rows})
+
+
+async def policy(request: web.Request) -> web.Response:
+    daemon = request.app[DAEMON]
+    return web.json_response(
+        {"node": daemon.node, "source": daemon.policy_source, "policy": daemon.policy.dump()}
+    )
+
+
+async def energy(request: web.Request) -> web.Response:
+    daemon = request.app[DAEMON]
+    return web.json_response({"node": daemon.node, **daemon.energy.snapshot()})
+
+
+async def sim_inject(request: web.Request) -> web.Response:
+    from edge.sim import SimFault
+
+    daemon = request.app[DAEMON]
+    raw_index = request.match_info["index"]
+    if not raw_index.isdigit():
+        return json_error(404, "no such GPU", raw_index)
+    fault = await read_model(request, SimFault)
+    try:
+        state = await asyncio.to_thread(daemon.sim.inject, int(raw_index), fault)
+    except IndexError:
+        return json_error(404, "no such GPU", int(raw_index))
+    except ValueError as exc:
+        return json_error(400, "fault refused", str(exc))
+    log.info("simulated fault injected on GPU %s: %s", raw_index, fault.model_dump(exclude_none=True))
+    return web.json_response({"index": int(raw_index), "state": state})

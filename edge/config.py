@@ -1,0 +1,101 @@
+"""The edge daemon's settings (flags > KGPU_* env > config file > defaults)."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from shared.policy import PowerPolicy, Seconds
+from shared.settings import KgpuSettings
+from shared.topics import NODE_NAME_RE
+
+SIM_MODELS = ("H100", "A100", "A10", "T4")
+
+
+def parse_host_port(value: str, *, default_host: str = "0.0.0.0") -> tuple[str, int]:
+    """'HOST:PORT', ':PORT' or '[::1]:PORT' → (host, port)."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"expected HOST:PORT, got {value!r}")
+    host = host.strip("[]") or default_host
+    return host, int(port)
+
+
+def validate_mqtt_url(url: str) -> str:
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    if parts.scheme not in ("mqtt", "mqtts"):
+        raise ValueError(f"MQTT URL must start with mqtt:// or mqtts://, got {url!r}")
+    if not parts.hostname:
+        raise ValueError(f"MQTT URL has no host: {url!r}")
+    try:
+        parts.port
+    except ValueError:
+        raise ValueError(f"MQTT URL has a bad port: {url!r}") from None
+    return url
+
+
+class EdgeSettings(KgpuSettings):
+    """Everything `kgpu edge run` can be told. Field `foo_bar` is flag `--foo-bar` and env
+    `KGPU_FOO_BAR`; the config file uses the field names as keys."""
+
+    node: str | None = Field(
+        None, description="Node name; falls back to NODE_NAME (downward API), then the hostname"
+    )
+    mqtt: str | None = Field(None, description="Broker URL mqtt://[user:pass@]host:port or mqtts://")
+    db: Path = Field(Path("/var/lib/kgpu/edge.db"), description="SQLite file of the edge store")
+    http: str = Field("0.0.0.0:9410", description="HOST:PORT of the HTTP API and /metrics")
+    backend: Literal["nvml", "sim"] = Field("nvml", description="nvml: the real libnvidia-ml; sim: simulated GPUs")
+    sim_gpus: int = Field(2, ge=1, le=64, description="Number of simulated GPUs (backend sim)")
+    sim_model: Literal["H100", "A100", "A10", "T4"] = Field("H100", description="Simulated GPU model")
+    sim_permissions: Literal["root", "none"] = Field(
+        "root", description="none: the simulated driver refuses setters, as in an unprivileged container"
+    )
+    interval: Seconds = Field(5.0, ge=1.0, le=300.0, description="Sampling interval in seconds")
+    telemetry_retention: Seconds = Field(24 * 3600.0, description="How long sample history is kept")
+    health_quiet_period: Seconds = Field(
+        300.0, description="A GPU recovers after this long with no fault and passing checks"
+    )
+    lost_probe_interval: Seconds = Field(30.0, description="How often a lost GPU is probed again")
+    probe_command: str | None = Field(None, description="Optional application-level health probe (shell command)")
+    probe_interval: Seconds = Field(60.0, description="How often the probe command runs")
+    probe_timeout: Seconds = Field(10.0, description="The probe command fails after this long")
+    nvml_timeout: Seconds = Field(5.0, ge=0.1, le=120.0, description="Upper bound on one NVML call")
+    pod_list_url: str | None = Field(
+        None, description="Pod list for pod names (edgecore MetaServer, e.g. http://127.0.0.1:10550/api/v1/pods)"
+    )
+    proc_root: Path = Field(Path("/proc"), description="Where to read /proc/<pid>/cgroup (hostPID)")
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_json: bool | None = Field(None, description="JSON log lines; default: when stderr is not a terminal")
+    policy: PowerPolicy = Field(
+        default_factory=PowerPolicy, description="The power policy used until the cloud sends one"
+    )
+
+    @field_validator("http")
+    @classmethod
+    def _http(cls, value: str) -> str:
+        parse_host_port(value)
+        return value
+
+    @field_validator("mqtt")
+    @classmethod
+    def _mqtt(cls, value: str | None) -> str | None:
+        return None if value is None else validate_mqtt_url(value)
+
+    @model_validator(mode="after")
+    def _node_name(self) -> "EdgeSettings":
+        name = self.node or os.environ.get("NODE_NAME") or socket.gethostname()
+        name = name.strip().lower()
+        if not NODE_NAME_RE.match(name):
+            raise ValueError(f"node name {name!r} is not a valid Kubernetes node name")
+        self.node = name
+        return self
+
+    @property
+    def http_address(self) -> tuple[str, int]:
+        return parse_host_port(self.http)

@@ -1,0 +1,464 @@
+"""The edge daemon's main loop: sample → health → policy → act → record.
+
+Everything blocking (NVML, SQLite, /proc, the probe command) runs off the event loop: NVML on
+the driver runner's dedicated thread, SQLite and /proc through `asyncio.to_thread`. The
+decision functions (`edge.health.assess`, `edge.policy.evaluate`) are pure; this module is
+the I/O around them.
+
+If the store cannot be written (disk full, read-only), the daemon keeps enforcing its policy,
+holds the events it could not write in memory and writes them once the store accepts writes
+again; `/healthz` reports it degraded meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from edge import health as health_rules
+from edge import policy as policy_rules
+from edge.actions import DRIVER_ACTIONS, Action, ActionKind
+from edge.config import EdgeSettings
+from edge.driver.nvml import DriverError, DriverRefused, DriverUnavailable, NvmlDriver
+from edge.driver.runner import DriverRunner, DriverTimeout
+from edge.driver.xid import XidWatcher
+from edge.energy import EnergyAccountant
+from edge.pods import PodRef, PodResolver
+from edge.store import EdgeStore, StoreError
+from shared import __version__
+from shared.gpu import GpuInventory, GpuSample, Health, XidEvent
+from shared.logs import get_logger
+from shared.policy import PowerPolicy
+from shared.protocol import (
+    ActionOutcome,
+    DecisionBody,
+    GpuSummary,
+    HealthBody,
+    Kind,
+    MigrationRequestBody,
+    StatusBody,
+    XidBody,
+)
+from shared.wire import WireModel
+
+log = get_logger(__name__)
+
+# Events that could not be written while the store was failing are held in memory up to this
+# many; beyond it the oldest are dropped and counted (kgpu_events_dropped_total).
+MAX_HELD_EVENTS = 50_000
+PRUNE_EVERY_S = 60.0
+
+
+@dataclass
+class GpuView:
+    """Everything the daemon currently knows about one GPU (read by the API and metrics)."""
+
+    inventory: GpuInventory
+    sample: GpuSample | None = None
+    health: health_rules.GpuHealthState = field(default_factory=health_rules.GpuHealthState)
+    policy_state: policy_rules.GpuPolicyState = field(default_factory=policy_rules.GpuPolicyState)
+    last_xid: int | None = None
+    next_probe_at: float = 0.0
+
+
+@dataclass
+class DaemonCounters:
+    decisions: Counter[tuple[str, str, str]] = field(default_factory=Counter)  # rule, action, outcome
+    xids: Counter[tuple[int, int]] = field(default_factory=Counter)  # gpu index, xid
+    store_errors: int = 0
+    events_dropped: int = 0
+    cycles: int = 0
+    cycle_seconds_sum: float = 0.0
+    last_cycle_seconds: float = 0.0
+
+
+class EdgeDaemon:
+    def __init__(self, settings: EdgeSettings, *, sim: Any | None = None) -> None:
+        self.settings = settings
+        self.node: str = settings.node or ""
+        self.sim = sim  # the SimulatedNvml when --backend sim: enables the fault endpoint
+        self.runner = DriverRunner(NvmlDriver(), timeout_s=settings.nvml_timeout)
+        self.store = EdgeStore(settings.db, self.node)
+        self.energy = EnergyAccountant()
+        self.pods = PodResolver(settings.proc_root, settings.pod_list_url)
+        self.counters = DaemonCounters()
+        self.gpus: dict[int, GpuView] = {}
+        self.driver_reachable = False
+        self.driver_version: str | None = None
+        self.probe_ok: bool | None = None
+        self.probe_detail = ""
+        self.store_problem: str | None = None
+        self.outbox_depth = 0
+        self.policy, self.policy_source = self._initial_policy()
+        self.started_at = time.time()
+        self._held: list[tuple[Kind, WireModel]] = []
+        self._xids: asyncio.Queue[XidEvent] = asyncio.Queue()
+        self._xid_watcher: XidWatcher | None = None
+        self._last_prune = 0.0
+        self._stop = asyncio.Event()
+
+    # ---- set-up -------------------------------------------------------------------------
+
+    def _initial_policy(self) -> tuple[PowerPolicy, str]:
+        """The cached policy (last one from the cloud) wins over the config file's when newer."""
+        configured = self.settings.policy
+        try:
+            cached = self.store.cached_policy()
+        except StoreError as exc:
+            log.error("cannot read the cached policy, using the configured one: %s", exc)
+            cached = None
+        if cached is not None and cached.version >= configured.version:
+            return cached, "cache"
+        return configured, "config"
+
+    async def start(self) -> None:
+        await self.runner.start()
+        await self._open_driver()
+        loop = asyncio.get_running_loop()
+        if self.driver_reachable:
+            self._xid_watcher = XidWatcher(
+                self.runner.driver, lambda ev: loop.call_soon_threadsafe(self._xids.put_nowait, ev)
+            )
+            self._xid_watcher.start()
+        await self._refresh_outbox_depth()
+        log.info(
+            "edge daemon started",
+            extra={"gpus": len(self.gpus), "policy": self.policy.name, "policy_version": self.policy.version,
+                   "policy_source": self.policy_source, "backend": self.settings.backend},
+        )
+
+    async def _open_driver(self) -> None:
+        try:
+            await self.runner.call(self.runner.driver.open)
+            inventory: list[GpuInventory] = await self.runner.call(self.runner.driver.inventory)
+        except (DriverError, DriverUnavailable, DriverTimeout) as exc:
+            self.driver_reachable = False
+            log.error("GPU driver not reachable: %s", exc)
+            return
+        self.driver_reachable = True
+        self.driver_version = inventory[0].driver_version if inventory else None
+        for gpu in inventory:
+            view = self.gpus.get(gpu.index)
+            if view is None:
+                self.gpus[gpu.index] = GpuView(inventory=gpu)
+            else:
+                view.inventory = gpu
+        try:
+            await asyncio.to_thread(self.store.save_inventory, inventory)
+        except StoreError as exc:
+            log.warning("cannot save the inventory: %s", exc)
+
+    async def stop(self) -> None:
+        self._stop.set()
+        if self._xid_watcher is not None:
+            await asyncio.to_thread(self._xid_watcher.stop)
+        await self._flush_held()
+        try:
+            await self.runner.call(self.runner.driver.close)
+        except Exception as exc:  # shutting down: report and go on
+            log.warning("driver close failed: %s", exc)
+        await self.runner.stop()
+        await asyncio.to_thread(self.store.close)
+
+    # ---- the loop -----------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Sample every `interval` seconds until `stop` is set; a failing cycle never ends it."""
+        probe_task = asyncio.create_task(self._probe_loop(stop)) if self.settings.probe_command else None
+        next_at = time.monotonic()
+        while not stop.is_set():
+            try:
+                await self.cycle()
+            except Exception:
+                log.exception("sampling cycle failed")
+            next_at += self.settings.interval
+            delay = next_at - time.monotonic()
+            if delay < 0:  # fell behind (slow driver): skip, do not burst
+                next_at = time.monotonic()
+                delay = 0
+            try:
+                await asyncio.wait_for(stop.wait(), timeout=delay)
+            except TimeoutError:
+                pass
+        if probe_task is not None:
+            probe_task.cancel()
+
+    async def cycle(self) -> None:
+        started = time.perf_counter()
+        now = time.time()
+        if not self.driver_reachable:
+            await self._open_driver()
+        samples = await self._sample_all(now)
+        xids = self._drain_xids()
+        actions, events = self._decide(samples, xids, now)
+        for action in actions:
+            outcome, detail = await self._apply(action)
+            events.append((Kind.DECISION, self._decision_body(action, outcome, detail)))
+        await self._record(events)
+        await self._account_energy(samples)
+        await self._keep_history(samples, now)
+        elapsed = time.perf_counter() - started
+        self.counters.cycles += 1
+        self.counters.cycle_seconds_sum += elapsed
+        self.counters.last_cycle_seconds = elapsed
+
+    async def _sample_all(self, now: float) -> dict[int, GpuSample | None]:
+        samples: dict[int, GpuSample | None] = {}
+        for index, view in self.gpus.items():
+            if view.health.health is Health.LOST and now < view.next_probe_at:
+                samples[index] = GpuSample(index=index, uuid=view.inventory.uuid, ts=now, lost=True)
+                continue
+            try:
+                if view.health.health is Health.LOST:
+                    log.info("probing lost GPU %d again", index, extra={"gpu": view.inventory.uuid})
+                    back = await self.runner.call(self.runner.driver.probe, index)
+                    if not back:
+                        view.next_probe_at = now + self.settings.lost_probe_interval
+                        samples[index] = GpuSample(index=index, uuid=view.inventory.uuid, ts=now, lost=True)
+                        continue
+                sample = await self.runner.call(self.runner.driver.sample, index)
+                self.driver_reachable = True
+            except (DriverUnavailable, DriverTimeout, DriverError) as exc:
+                log.warning("cannot sample GPU %d: %s", index, exc, extra={"gpu": view.inventory.uuid})
+                if isinstance(exc, (DriverUnavailable, DriverTimeout)):
+                    self.driver_reachable = False
+                sample = None
+            if sample is not None and sample.lost:
+                view.next_probe_at = now + self.settings.lost_probe_interval
+            view.sample = sample or view.sample
+            samples[index] = sample
+        return samples
+
+    def _drain_xids(self) -> list[XidEvent]:
+        xids: list[XidEvent] = []
+        while not self._xids.empty():
+            xids.append(self._xids.get_nowait())
+        return xids
+
+    def _decide(
+        self, samples: dict[int, GpuSample | None], xids: list[XidEvent], now: float
+    ) -> tuple[list[Action], list[tuple[Kind, WireModel]]]:
+        """Run the pure health and policy rules; return the actions and the events they imply."""
+        events: list[tuple[Kind, WireModel]] = []
+        actions: list[Action] = []
+        for xid in xids:
+            self.counters.xids[(xid.index, xid.xid)] += 1
+            if xid.index in self.gpus:
+                self.gpus[xid.index].last_xid = xid.xid
+            taken = self.policy.xid_policy.action_for(xid.xid)
+            events.append(
+                (Kind.XID, XidBody(gpu_index=xid.index, gpu_uuid=xid.uuid, xid=xid.xid,
+                                   action=taken.value if taken else "ignored"))
+            )
+        for index, view in self.gpus.items():
+            previous = view.health
+            state, health_actions = health_rules.assess(
+                index, view.inventory.uuid, previous, samples.get(index),
+                [x for x in xids if x.index == index], self.policy, now,
+                self.settings.health_quiet_period,
+            )
+            view.health = state
+            actions.extend(health_actions)
+            if state.health is not previous.health:
+                events.append(
+                    (Kind.HEALTH, HealthBody(level="gpu", gpu_index=index, gpu_uuid=view.inventory.uuid,
+                                             previous=previous.health, current=state.health,
+                                             reasons=list(state.reasons)))
+                )
+                log.warning(
+                    "GPU %d %s -> %s: %s", index, previous.health, state.health, "; ".join(state.reasons),
+                    extra={"gpu": view.inventory.uuid},
+                )
+        usable = [s for s in samples.values() if s is not None]
+        inventory = {index: view.inventory for index, view in self.gpus.items()}
+        state_in = {index: view.policy_state for index, view in self.gpus.items()}
+        power_actions, state_out = policy_rules.evaluate(usable, inventory, self.policy, state_in, now)
+        for index, state in state_out.items():
+            if index in self.gpus:
+                self.gpus[index].policy_state = state
+        actions.extend(power_actions)
+        for action in actions:
+            if action.kind is ActionKind.REQUEST_MIGRATION:
+                events.append(
+                    (Kind.MIGRATION_REQUEST, MigrationRequestBody(gpu_index=action.gpu_index, gpu_uuid=action.gpu_uuid,
+                                                                  trigger=action.rule, reason=action.reason))
+                )
+        return actions, events
+
+    async def _apply(self, action: Action) -> tuple[ActionOutcome, str]:
+        """Carry out a driver action; health marks and requests are only recorded."""
+        if action.kind not in DRIVER_ACTIONS:
+            return ActionOutcome.RECORDED, ""
+        index = action.gpu_index
+        assert index is not None
+        driver = self.runner.driver
+        try:
+            if action.kind is ActionKind.SET_POWER_LIMIT:
+                await self.runner.call(driver.set_power_limit, index, float(action.value or 0))
+            elif action.kind is ActionKind.LOCK_CLOCKS:
+                lowest = min(self.gpus[index].inventory.supported_sm_clocks_mhz or [0])
+                await self.runner.call(driver.lock_clocks, index, lowest, int(action.value or 0))
+            else:
+                await self.runner.call(driver.reset_clocks, index)
+        except DriverRefused as exc:
+            log.warning("driver refused %s on GPU %d, recorded as advisory: %s", action.kind, index, exc,
+                        extra={"gpu": action.gpu_uuid})
+            return ActionOutcome.ADVISORY, str(exc)
+        except (DriverError, DriverUnavailable, DriverTimeout) as exc:
+            log.error("%s on GPU %d failed: %s", action.kind, index, exc, extra={"gpu": action.gpu_uuid})
+            return ActionOutcome.FAILED, str(exc)
+        log.info("%s on GPU %d: %s", action.kind, index, action.reason, extra={"gpu": action.gpu_uuid})
+        return ActionOutcome.APPLIED, ""
+
+    def _decision_body(self, action: Action, outcome: ActionOutcome, detail: str) -> DecisionBody:
+        self.counters.decisions[(action.rule, action.kind.value, outcome.value)] += 1
+        reason = action.reason if not detail else f"{action.reason} [driver: {detail}]"
+        return DecisionBody(
+            gpu_index=action.gpu_index, gpu_uuid=action.gpu_uuid, rule=action.rule, action=action.kind.value,
+            value=action.value, outcome=outcome, reason=reason, inputs=dict(action.inputs),
+            policy_version=self.policy.version,
+        )
+
+    # ---- durability -----------------------------------------------------------------------
+
+    async def record(self, events: list[tuple[Kind, WireModel]]) -> None:
+        """Write events to the outbox (public: the sync layer records command results here)."""
+        await self._record(events)
+
+    async def _record(self, events: list[tuple[Kind, WireModel]]) -> None:
+        batch = self._held + events
+        if not batch:
+            return
+        try:
+            await asyncio.to_thread(self.store.record, batch)
+        except StoreError as exc:
+            self.counters.store_errors += 1
+            if self.store_problem is None:
+                log.error("store not writable, holding %d events in memory: %s", len(batch), exc)
+            self.store_problem = str(exc)
+            overflow = len(batch) - MAX_HELD_EVENTS
+            if overflow > 0:
+                self.counters.events_dropped += overflow
+                log.error("dropped the %d oldest held events: memory bound reached", overflow)
+                batch = batch[overflow:]
+            self._held = batch
+            return
+        if self.store_problem is not None:
+            log.info("store writable again; wrote %d held events", len(self._held))
+        self.store_problem = None
+        self._held = []
+        await self._refresh_outbox_depth()
+
+    async def _flush_held(self) -> None:
+        if self._held:
+            await self._record([])
+
+    async def _refresh_outbox_depth(self) -> None:
+        try:
+            self.outbox_depth = await asyncio.to_thread(self.store.outbox_depth)
+        except StoreError as exc:
+            self.store_problem = str(exc)
+
+    async def _keep_history(self, samples: dict[int, GpuSample | None], now: float) -> None:
+        present = [s for s in samples.values() if s is not None and not s.lost]
+        try:
+            if present:
+                await asyncio.to_thread(self.store.add_samples, present)
+            if now - self._last_prune >= PRUNE_EVERY_S:
+                self._last_prune = now
+                await asyncio.to_thread(self.store.prune_samples, now - self.settings.telemetry_retention)
+        except StoreError as exc:
+            self.counters.store_errors += 1
+            self.store_problem = str(exc)
+
+    async def _account_energy(self, samples: dict[int, GpuSample | None]) -> None:
+        present = [s for s in samples.values() if s is not None]
+        pids = {p.pid for s in present for p in s.processes}
+        refs: dict[int, PodRef | None] = {}
+        if pids:
+            refs = await asyncio.to_thread(lambda: {pid: self.pods.resolve(pid) for pid in pids})
+        self.energy.update(present, refs.get)
+
+    # ---- policy ---------------------------------------------------------------------------
+
+    async def apply_policy(self, policy: PowerPolicy, source: str) -> bool:
+        """Adopt a newer policy (from the cloud); cached so that it survives restarts offline."""
+        if policy.version <= self.policy.version and self.policy_source != "config":
+            log.info("ignoring policy %s v%d: not newer than v%d", policy.name, policy.version, self.policy.version)
+            return False
+        try:
+            await asyncio.to_thread(self.store.cache_policy, policy)
+        except StoreError as exc:
+            log.error("cannot cache policy v%d, applying it anyway: %s", policy.version, exc)
+        self.policy, self.policy_source = policy, source
+        log.info("policy %s v%d now applies (from %s)", policy.name, policy.version, source)
+        return True
+
+    # ---- the application-level probe ------------------------------------------------------
+
+    async def _probe_loop(self, stop: asyncio.Event) -> None:
+        command = self.settings.probe_command
+        assert command
+        while not stop.is_set():
+            self.probe_ok, self.probe_detail = await run_probe(command, self.settings.probe_timeout)
+            if not self.probe_ok:
+                log.warning("health probe failed: %s", self.probe_detail)
+            try:
+                await asyncio.wait_for(stop.wait(), timeout=self.settings.probe_interval)
+            except TimeoutError:
+                pass
+
+    # ---- views ----------------------------------------------------------------------------
+
+    def health_report(self) -> tuple[bool, list[str], list[str]]:
+        """(healthy, reasons it is not, degraded conditions) for /healthz."""
+        healthy, reasons = health_rules.node_health(
+            self.driver_reachable, {i: v.health for i, v in self.gpus.items()}, self.probe_ok
+        )
+        if self.probe_ok is False and self.probe_detail:
+            reasons = [*reasons, f"probe: {self.probe_detail}"]
+        degraded = []
+        if self.store_problem:
+            degraded.append(f"store not writable: {self.store_problem}")
+        if self.runner.timeouts:
+            degraded.append(f"{self.runner.timeouts} NVML calls timed out since start")
+        return healthy, reasons, degraded
+
+    def status_body(self) -> StatusBody:
+        _, _, degraded = self.health_report()
+        return StatusBody(
+            state="online",
+            version=__version__,
+            gpus=[
+                GpuSummary(index=i, uuid=v.inventory.uuid, name=v.inventory.name, health=v.health.health,
+                           power_limit_w=v.sample.power_limit_w if v.sample else None)
+                for i, v in sorted(self.gpus.items())
+            ],
+            policy_name=self.policy.name,
+            policy_version=self.policy.version,
+            outbox_depth=self.outbox_depth,
+            degraded=degraded,
+        )
+
+
+async def run_probe(command: str, timeout_s: float) -> tuple[bool, str]:
+    """Run the operator's probe command; exit status 0 within the timeout means healthy."""
+    try:
+        process = await asyncio.create_subprocess_shell(
+            command, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+        )
+    except OSError as exc:
+        return False, f"cannot start: {exc}"
+    try:
+        output, _ = await asyncio.wait_for(process.communicate(), timeout=timeout_s)
+    except TimeoutError:
+        process.kill()
+        await process.wait()
+        return False, f"timed out after {timeout_s:g} s"
+    text = output.decode(errors="replace").strip()[-200:]
+    if process.returncode != 0:
+        return False, f"exit status {process.returncode}: {text}"
+    return True, text

@@ -1,0 +1,123 @@
+"""The `kgpu` command line. Flags map onto the settings models: each flag `--foo-bar` may also
+be given as `KGPU_FOO_BAR` or as `foo_bar` in the `--config` file (flags win)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from shared import __version__
+from shared.logs import setup_logging
+from shared.settings import ConfigError, load_settings
+
+app = typer.Typer(
+    name="kgpu",
+    help="GPU manager for KubeEdge edge fleets.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+edge_app = typer.Typer(help="The edge daemon (one per GPU edge node).", no_args_is_help=True)
+app.add_typer(edge_app, name="edge")
+
+ConfigOpt = Annotated[
+    Optional[Path], typer.Option("--config", "-c", help="YAML or TOML settings file", envvar="KGPU_CONFIG")
+]
+
+
+def _fail_config(problems: list[str]) -> None:
+    for line in problems:
+        typer.echo(f"kgpu: configuration error: {line}", err=True)
+    raise typer.Exit(code=2)
+
+
+def _run_edge(flags: dict[str, Any], config: Path | None) -> None:
+    from edge.config import EdgeSettings
+    from shared.logs import set_node
+
+    try:
+        settings = load_settings(EdgeSettings, flags, config)
+    except ConfigError as exc:
+        _fail_config(exc.problems)
+        return
+    setup_logging(settings.log_level, settings.log_json)
+    set_node(settings.node)
+    from edge.main import serve  # imported late: a config error needs none of the daemon
+
+    try:
+        asyncio.run(serve(settings))
+    except KeyboardInterrupt:
+        pass
+
+
+@edge_app.command("run")
+def edge_run(
+    node: Annotated[Optional[str], typer.Option(help="Node name [env NODE_NAME, then hostname]")] = None,
+    mqtt: Annotated[Optional[str], typer.Option(help="Broker URL mqtt://[user:pass@]host:port or mqtts://")] = None,
+    db: Annotated[Optional[Path], typer.Option(help="SQLite file of the edge store [/var/lib/kgpu/edge.db]")] = None,
+    http: Annotated[Optional[str], typer.Option(help="HOST:PORT for the HTTP API [0.0.0.0:9410]")] = None,
+    backend: Annotated[Optional[str], typer.Option(help="nvml (real GPUs) or sim (simulated) [nvml]")] = None,
+    sim_gpus: Annotated[Optional[int], typer.Option(help="Simulated GPUs (backend sim) [2]")] = None,
+    sim_model: Annotated[Optional[str], typer.Option(help="H100, A100, A10 or T4 (backend sim) [H100]")] = None,
+    interval: Annotated[Optional[str], typer.Option(help="Sampling interval, seconds or e.g. '2s' [5]")] = None,
+    log_level: Annotated[Optional[str], typer.Option(help="debug, info, warning or error [info]")] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Run the edge daemon: sample the GPUs, keep them healthy and inside their power policy."""
+    _run_edge(
+        {"node": node, "mqtt": mqtt, "db": db, "http": http, "backend": backend, "sim_gpus": sim_gpus,
+         "sim_model": sim_model, "interval": interval, "log_level": log_level},
+        config,
+    )
+
+
+@app.command("demo")
+def demo(
+    gpus: Annotated[int, typer.Option(help="Simulated GPUs on the demo node")] = 4,
+    model: Annotated[str, typer.Option(help="H100, A100, A10 or T4")] = "H100",
+    http: Annotated[str, typer.Option(help="HOST:PORT of the demo node's API")] = "127.0.0.1:9410",
+) -> None:
+    """Everything on one machine, no cluster: for now one edge daemon on simulated GPUs."""
+    workdir = Path(tempfile.mkdtemp(prefix="kgpu-demo-"))
+    host, _, port = http.rpartition(":")
+    base = f"http://{host or '127.0.0.1'}:{port}"
+    typer.echo(
+        f"""kgpu demo — edge daemon 'demo-node' on {gpus} simulated {model} GPUs (data in {workdir})
+
+  GPUs and health      curl -s {base}/api/v1/gpus | python3 -m json.tool
+  decisions            curl -s {base}/api/v1/decisions
+  metrics              curl -s {base}/metrics | grep DCGM_FI_DEV_GPU_TEMP
+  heat up GPU 0        curl -s -XPOST {base}/api/v1/sim/gpus/0 -d '{{"utilization": 100, "ambient_c": 50}}'
+  inject XID 79        curl -s -XPOST {base}/api/v1/sim/gpus/1 -d '{{"xid": 79}}'
+  health               curl -s {base}/healthz
+
+Ctrl-C stops it.
+""",
+        err=True,
+    )
+    os.environ.setdefault("KGPU_LOG_JSON", "false")
+    _run_edge(
+        {"node": "demo-node", "db": workdir / "edge.db", "http": http, "backend": "sim", "sim_gpus": gpus,
+         "sim_model": model, "interval": "2"},
+        None,
+    )
+
+
+@app.command("version")
+def version() -> None:
+    """Print the version."""
+    typer.echo(__version__)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

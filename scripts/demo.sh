@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# README command 1: set up on a fresh machine and run the demo.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/bootstrap.sh
+exec .venv/bin/kgpu demo "$@"

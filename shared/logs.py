@@ -1,0 +1,73 @@
+"""Structured logging: JSON lines when stderr is not a terminal, readable text when it is.
+
+Pass context as `extra={"node": ..., "msg_id": ...}`; every key given that way ends up as a
+field of the JSON line. Use `get_logger(__name__)` everywhere.
+"""
+
+import json
+import logging
+import sys
+import time
+from typing import Any
+
+_RESERVED = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
+
+_node_name: str | None = None
+
+
+def set_node(node: str | None) -> None:
+    """The node name this process speaks for; added to every line."""
+    global _node_name
+    _node_name = node
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        line: dict[str, Any] = {
+            "ts": round(record.created, 3),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        if _node_name and "node" not in record.__dict__:
+            line["node"] = _node_name
+        for key, value in record.__dict__.items():
+            if key not in _RESERVED and not key.startswith("_"):
+                line[key] = value
+        if record.exc_info:
+            line["exc"] = self.formatException(record.exc_info)
+        return json.dumps(line, default=str)
+
+
+class TextFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        extras = {
+            k: v for k, v in record.__dict__.items() if k not in _RESERVED and not k.startswith("_")
+        }
+        if _node_name and "node" not in extras:
+            extras["node"] = _node_name
+        stamp = time.strftime("%H:%M:%S", time.localtime(record.created))
+        tail = " ".join(f"{k}={v}" for k, v in extras.items())
+        text = f"{stamp} {record.levelname:<7} {record.name}: {record.getMessage()}"
+        if tail:
+            text += f"  [{tail}]"
+        if record.exc_info:
+            text += "\n" + self.formatException(record.exc_info)
+        return text
+
+
+def setup_logging(level: str = "info", json_lines: bool | None = None) -> None:
+    """Configure the root logger once per process."""
+    if json_lines is None:
+        json_lines = not sys.stderr.isatty()
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if json_lines else TextFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    for noisy in ("aiohttp.access",):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def get_logger(name: str) -> logging.Logger:
+    return logging.getLogger(name)

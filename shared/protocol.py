@@ -1,0 +1,235 @@
+"""The envelope every MQTT message travels in, and the body of each message kind.
+
+`{"v": 1, "node": ..., "seq": ..., "id": ..., "ts": ..., "kind": ..., "body": {...}}`
+
+`seq` is assigned by the edge's SQLite outbox, per node, monotonic; messages that do not go
+through the outbox (status, telemetry, and everything the cloud sends) carry `seq: null`.
+"""
+
+import json
+import time
+import uuid
+from enum import StrEnum
+from typing import Any, Literal
+
+from pydantic import Field, ValidationError, field_validator
+
+from shared.gpu import GpuSample, Health
+from shared.policy import PowerPolicy
+from shared.topics import NODE_NAME_RE
+from shared.wire import WireModel
+
+SCHEMA_VERSION = 1
+MAX_PAYLOAD_BYTES = 256 * 1024
+
+
+class Kind(StrEnum):
+    # edge -> cloud, `status` topic
+    STATUS = "status"
+    # edge -> cloud, `telemetry` topic
+    TELEMETRY = "telemetry"
+    # edge -> cloud, `events` topic (through the outbox)
+    DECISION = "decision"
+    HEALTH = "health"
+    XID = "xid"
+    MIGRATION_REQUEST = "migration_request"
+    COMMAND_RESULT = "command_result"
+    OFFLINE_SUMMARY = "offline_summary"
+    # cloud -> edge
+    ACK = "ack"
+    POLICY = "policy"
+    COMMAND = "command"
+
+
+EVENT_KINDS = frozenset(
+    {
+        Kind.DECISION,
+        Kind.HEALTH,
+        Kind.XID,
+        Kind.MIGRATION_REQUEST,
+        Kind.COMMAND_RESULT,
+        Kind.OFFLINE_SUMMARY,
+    }
+)
+
+
+class ActionOutcome(StrEnum):
+    APPLIED = "applied"  # the driver took it
+    ADVISORY = "advisory"  # the driver refused (no permission, not supported): recorded only
+    FAILED = "failed"  # the driver errored for another reason
+    RECORDED = "recorded"  # nothing to apply (health marks, migration requests)
+
+
+# ---- bodies ---------------------------------------------------------------------------------
+
+
+class GpuSummary(WireModel):
+    index: int
+    uuid: str
+    name: str
+    health: Health
+    power_limit_w: float | None = None
+
+
+class StatusBody(WireModel):
+    state: Literal["online", "offline"]
+    version: str | None = None
+    gpus: list[GpuSummary] = Field(default_factory=list)
+    policy_name: str | None = None
+    policy_version: int | None = None
+    outbox_depth: int | None = None
+    degraded: list[str] = Field(default_factory=list)
+
+
+class TelemetryBody(WireModel):
+    samples: list[GpuSample]
+
+
+class DecisionBody(WireModel):
+    """One decision of the edge's power policy or health checks, and what came of it."""
+
+    gpu_index: int | None = None
+    gpu_uuid: str | None = None
+    rule: str  # e.g. thermal_step_down, thermal_restore, power_saving, power_cap, xid, ecc_dbe
+    action: str  # set_power_limit, lock_clocks, reset_clocks, mark_unhealthy, ...
+    value: float | None = None
+    outcome: ActionOutcome
+    reason: str
+    inputs: dict[str, Any] = Field(default_factory=dict)
+    policy_version: int | None = None
+
+
+class HealthBody(WireModel):
+    level: Literal["node", "gpu", "app"]
+    gpu_index: int | None = None
+    gpu_uuid: str | None = None
+    previous: Health
+    current: Health
+    reasons: list[str] = Field(default_factory=list)
+
+
+class XidBody(WireModel):
+    gpu_index: int
+    gpu_uuid: str
+    xid: int
+    action: str  # the XidAction taken, or "ignored"
+
+
+class MigrationRequestBody(WireModel):
+    gpu_index: int | None = None
+    gpu_uuid: str | None = None
+    trigger: str  # critical_temperature, xid, ecc_dbe, ...
+    reason: str
+
+
+class CommandResultBody(WireModel):
+    command_id: str
+    command: str
+    ok: bool
+    detail: str = ""
+
+
+class GpuOfflineStats(WireModel):
+    index: int
+    uuid: str
+    samples: int
+    temperature_c: tuple[float, float, float] | None = None  # min, max, mean
+    power_w: tuple[float, float, float] | None = None
+    utilization_pct: tuple[float, float, float] | None = None
+
+
+class OfflineSummaryBody(WireModel):
+    from_ts: float
+    to_ts: float
+    gpus: list[GpuOfflineStats]
+
+
+class AckBody(WireModel):
+    upto: int = Field(ge=0)  # every event with seq <= upto is stored by the cloud
+
+
+class PolicyBody(WireModel):
+    policy: PowerPolicy
+
+
+class CommandBody(WireModel):
+    command: Literal["drain", "migrate_away", "restart_check", "undrain"]
+    gpu_uuid: str | None = None
+    args: dict[str, Any] = Field(default_factory=dict)
+
+
+BODY_MODELS: dict[Kind, type[WireModel]] = {
+    Kind.STATUS: StatusBody,
+    Kind.TELEMETRY: TelemetryBody,
+    Kind.DECISION: DecisionBody,
+    Kind.HEALTH: HealthBody,
+    Kind.XID: XidBody,
+    Kind.MIGRATION_REQUEST: MigrationRequestBody,
+    Kind.COMMAND_RESULT: CommandResultBody,
+    Kind.OFFLINE_SUMMARY: OfflineSummaryBody,
+    Kind.ACK: AckBody,
+    Kind.POLICY: PolicyBody,
+    Kind.COMMAND: CommandBody,
+}
+
+
+# ---- the envelope ---------------------------------------------------------------------------
+
+
+class Envelope(WireModel):
+    v: Literal[1] = SCHEMA_VERSION
+    node: str
+    seq: int | None = Field(None, ge=0)
+    id: str = Field(default_factory=lambda: uuid.uuid4().hex, min_length=1, max_length=64)
+    ts: float = Field(default_factory=time.time)  # unix seconds, sender's clock
+    kind: Kind
+    body: dict[str, Any]
+
+    @field_validator("node")
+    @classmethod
+    def _node_name(cls, node: str) -> str:
+        if not NODE_NAME_RE.match(node):
+            raise ValueError(f"not a valid node name: {node!r}")
+        return node
+
+    def parsed_body(self) -> WireModel:
+        """The body validated against its kind's model (raises pydantic's ValidationError)."""
+        return BODY_MODELS[self.kind].model_validate(self.body)
+
+    def to_json(self) -> bytes:
+        return self.model_dump_json().encode()
+
+
+def make_envelope(node: str, body: WireModel, kind: Kind, seq: int | None = None) -> Envelope:
+    if not isinstance(body, BODY_MODELS[kind]):
+        raise TypeError(f"{kind} expects {BODY_MODELS[kind].__name__}, got {type(body).__name__}")
+    return Envelope(node=node, seq=seq, kind=kind, body=body.model_dump(mode="json"))
+
+
+class RejectedMessage(ValueError):
+    """A payload we refuse. `reason` is a short label for counters (`kgpu_*_rejected_total`)."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+def decode(payload: bytes, *, max_bytes: int = MAX_PAYLOAD_BYTES) -> tuple[Envelope, WireModel]:
+    """Validate a raw payload into an envelope and its typed body, or raise RejectedMessage."""
+    if len(payload) > max_bytes:
+        raise RejectedMessage("oversize", f"{len(payload)} bytes > {max_bytes}")
+    try:
+        raw = json.loads(payload)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise RejectedMessage("not_json", str(exc)[:200]) from None
+    if not isinstance(raw, dict):
+        raise RejectedMessage("schema", "payload is not a JSON object")
+    if raw.get("v") != SCHEMA_VERSION:
+        raise RejectedMessage("version", f"unsupported schema version {raw.get('v')!r}")
+    try:
+        envelope = Envelope.model_validate(raw)
+        body = envelope.parsed_body()
+    except (ValidationError, RecursionError) as exc:
+        raise RejectedMessage("schema", str(exc)[:500]) from None
+    return envelope, body

@@ -1,0 +1,109 @@
+"""Loading settings: command-line flags, then `KGPU_*` environment variables, then an optional
+YAML or TOML file, then defaults (highest precedence first).
+
+A bad configuration raises `ConfigError` carrying one readable line per problem; the CLI prints
+them and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import contextvars
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from pydantic import ValidationError
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+    YamlConfigSettingsSource,
+)
+
+_config_file: contextvars.ContextVar[Path | None] = contextvars.ContextVar("kgpu_config_file", default=None)
+
+ENV_PREFIX = "KGPU_"
+
+
+class ConfigError(Exception):
+    """Invalid configuration; `problems` holds one line per problem."""
+
+    def __init__(self, problems: list[str]):
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+class KgpuSettings(BaseSettings):
+    """Base for the edge and cloud settings: env prefix, strictness and source order."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        extra="forbid",
+        env_nested_delimiter="__",
+        validate_default=True,
+    )
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        path = _config_file.get()
+        if path is not None:
+            if path.suffix == ".toml":
+                sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
+            else:
+                sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=path))
+        return tuple(sources)
+
+
+S = TypeVar("S", bound=KgpuSettings)
+
+
+def _describe(error: dict[str, Any]) -> str:
+    where = ".".join(str(part) for part in error["loc"]) or "settings"
+    message = error["msg"]
+    if error["type"] == "extra_forbidden":
+        message = "unknown setting"
+    if error["type"] == "value_error":
+        return f"{where}: {error['ctx']['error']}"
+    given = error.get("input")
+    if error["type"] != "missing" and not isinstance(given, dict) and given is not None:
+        return f"{where}: {message} (got {given!r})"
+    return f"{where}: {message}"
+
+
+def load_settings(cls: type[S], flags: dict[str, Any], config_file: Path | str | None) -> S:
+    """Build `cls` from flags (None values mean "not given"), the environment and the file."""
+    path = Path(config_file) if config_file else None
+    if path is not None:
+        if not path.is_file():
+            raise ConfigError([f"config file not found: {path}"])
+        if path.suffix not in (".yaml", ".yml", ".toml"):
+            raise ConfigError([f"config file must be .yaml, .yml or .toml: {path}"])
+        try:
+            text = path.read_text()
+            if path.suffix != ".toml":
+                loaded = yaml.safe_load(text)
+                if loaded is not None and not isinstance(loaded, dict):
+                    raise ConfigError([f"{path}: the file must hold a mapping of settings"])
+        except yaml.YAMLError as exc:
+            raise ConfigError([f"{path}: not valid YAML: {exc}".replace("\n", " ")]) from None
+        except OSError as exc:
+            raise ConfigError([f"{path}: cannot read: {exc.strerror}"]) from None
+    given = {key: value for key, value in flags.items() if value is not None}
+    token = _config_file.set(path)
+    try:
+        return cls(**given)
+    except ValidationError as exc:
+        raise ConfigError([_describe(e) for e in exc.errors()]) from None
+    except ValueError as exc:  # e.g. TOML decode errors, bad JSON in a complex env var
+        raise ConfigError([str(exc).replace("\n", " ")]) from None
+    finally:
+        _config_file.reset(token)

@@ -1,0 +1,88 @@
+"""Render a settings model as a Markdown table, so docs/configuration.md cannot drift from the
+code (tests/test_docs.py regenerates it and compares). Run: `python -m shared.settings_doc`."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+from pydantic import BaseModel
+from pydantic_core import PydanticUndefined
+
+from shared.settings import ENV_PREFIX
+
+
+def _default(field: Any) -> str:
+    if field.default_factory is not None:
+        value = field.default_factory()
+        return "(see below)" if isinstance(value, BaseModel) else f"`{json.dumps(value)}`"
+    if field.default is PydanticUndefined or field.default is None:
+        return "—"
+    return f"`{field.default}`"
+
+
+def _type(field: Any) -> str:
+    text = str(field.annotation).replace("typing.", "").replace("pathlib.", "")
+    text = text.replace("<class '", "").replace("'>", "")
+    return text.replace("shared.policy.", "").replace("|", "\\|")
+
+
+def settings_table(cls: type[BaseModel]) -> str:
+    lines = ["| flag | env | file key | type | default | meaning |", "|---|---|---|---|---|---|"]
+    for name, field in cls.model_fields.items():
+        lines.append(
+            f"| `--{name.replace('_', '-')}` | `{ENV_PREFIX}{name.upper()}` | `{name}` | {_type(field)} "
+            f"| {_default(field)} | {field.description or ''} |"
+        )
+    return "\n".join(lines)
+
+
+def policy_table() -> str:
+    from shared.policy import PowerPolicy
+
+    lines = ["| key | default | constraint |", "|---|---|---|"]
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        for name, field in model.model_fields.items():
+            key = prefix + (field.alias or name)
+            annotation = field.annotation
+            if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+                walk(annotation, key + ".")
+                continue
+            bounds = ", ".join(
+                f"{k} {getattr(m, k)}" for m in field.metadata for k in ("ge", "gt", "le", "lt") if getattr(m, k, None) is not None
+            )
+            lines.append(f"| `{key}` | {_default(field)} | {bounds} |")
+
+    walk(PowerPolicy, "")
+    return "\n".join(lines)
+
+
+def render() -> str:
+    from edge.config import EdgeSettings
+
+    return f"""# Configuration reference
+
+Generated from the settings models by `python -m shared.settings_doc > docs/configuration.md`;
+`tests/test_docs.py` fails when this file and the code disagree.
+
+Precedence: command-line flag, then environment variable, then the `--config` file (YAML or TOML,
+keys as below), then the default. Durations accept seconds or `90s`, `2m`, `1h`. A bad value stops
+start-up with one line per problem and exit status 2.
+
+## `kgpu edge run`
+
+{settings_table(EdgeSettings)}
+
+Only the flags most used are on the command line (`kgpu edge run --help`); every other setting is
+available through its environment variable or the config file.
+
+## Power policy (`policy:` in the edge config file; the `GPUPowerPolicy` CRD's spec)
+
+{policy_table()}
+"""
+
+
+if __name__ == "__main__":
+    sys.stdout.write(render())

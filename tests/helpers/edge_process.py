@@ -1,0 +1,123 @@
+"""Run `kgpu edge run` as a real process for end-to-end tests, and talk to it over HTTP."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(check: Callable[[], Any], timeout: float = 20.0, interval: float = 0.2, what: str = "condition") -> Any:
+    """Poll until `check()` returns something truthy; fail with `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = check()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}; last value: {last!r}")
+
+
+class EdgeProcess:
+    def __init__(self, workdir: Path, *, node: str = "edge-test", gpus: int = 2, model: str = "H100",
+                 config: dict[str, Any] | None = None, env: dict[str, str] | None = None) -> None:
+        self.workdir = workdir
+        self.node = node
+        self.port = free_port()
+        self.db = workdir / "edge.db"
+        self.log_path = workdir / f"edge-{self.port}.log"
+        self.config_path = workdir / "edge.yaml"
+        self.config_path.write_text(yaml.safe_dump(config or {}))
+        self.args = [
+            sys.executable, "-m", "kgpu", "edge", "run", "--node", node, "--backend", "sim",
+            "--sim-gpus", str(gpus), "--sim-model", model, "--db", str(self.db),
+            "--http", f"127.0.0.1:{self.port}", "--interval", "1", "--config", str(self.config_path),
+        ]
+        self.env = {**os.environ, "KGPU_LOG_JSON": "true", "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 20.0) -> "EdgeProcess":
+        self._log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(self.args, env=self.env, stdout=self._log, stderr=subprocess.STDOUT)
+        wait_for(self._up, timeout=timeout, what=f"edge daemon on :{self.port} (log {self.log_path})")
+        return self
+
+    def _up(self) -> bool:
+        if self.proc is not None and self.proc.poll() is not None:
+            raise AssertionError(f"edge daemon exited with {self.proc.returncode}:\n{self.log()}")
+        try:
+            self.request("GET", "/healthz")
+            return True
+        except OSError:
+            return False
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-5000:]
+
+    def request(self, method: str, path: str, body: Any = None, raw: bytes | None = None) -> tuple[int, Any]:
+        data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+        req = urllib.request.Request(self.base + path, data=data, method=method,
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=10) as resp:
+                status, payload = resp.status, resp.read()
+        except urllib.error.HTTPError as exc:
+            status, payload = exc.code, exc.read()
+        try:
+            return status, json.loads(payload)
+        except json.JSONDecodeError:
+            return status, payload.decode(errors="replace")
+
+    def get(self, path: str) -> Any:
+        status, body = self.request("GET", path)
+        assert status == 200, (status, body)
+        return body
+
+    def inject(self, index: int, **fault: Any) -> Any:
+        status, body = self.request("POST", f"/api/v1/sim/gpus/{index}", fault)
+        assert status == 200, (status, body)
+        return body
+
+    def gpu(self, index: int) -> dict[str, Any]:
+        return self.get("/api/v1/gpus")["gpus"][index]
+
+    def decisions(self, **query: Any) -> list[dict[str, Any]]:
+        qs = "&".join(f"{k}={v}" for k, v in query.items())
+        return self.get(f"/api/v1/decisions?{qs}")["decisions"]
+
+    def stop(self, timeout: float = 15.0) -> int:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else 0
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout=timeout)
+        finally:
+            self._log.close()
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait(timeout=10)
+        self._log.close()

@@ -1,0 +1,337 @@
+"""Energy attribution: splits, idle learning, counter trouble, and conservation as a property."""
+
+import json
+import math
+from dataclasses import dataclass
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from edge.energy import EnergyAccountant, PodKey
+from edge.pods import PodRef
+from shared.gpu import GpuSample, ProcessSample
+
+GPU0, GPU1 = "GPU-00000000-0000-0000-0000-000000000000", "GPU-11111111-1111-1111-1111-111111111111"
+
+TRAIN = PodRef("ml", "train-0", "trainer", "uid-a", "c" * 64)
+TRAIN_SIDECAR = PodRef("ml", "train-0", "sidecar", "uid-a", "d" * 64)
+INFER = PodRef("serving", "infer-1", "server", "uid-b", "e" * 64)
+PODS: dict[int, PodRef] = {1: TRAIN, 2: TRAIN, 3: INFER, 4: TRAIN_SIDECAR}  # 5, 6: host processes
+
+
+def resolve(pid: int) -> PodRef | None:
+    return PODS.get(pid)
+
+
+def key(ref: PodRef) -> PodKey:
+    return PodKey(ref.namespace, ref.pod, ref.container)
+
+
+def sample(
+    ts: float,
+    energy_mj: int | None,
+    *procs: tuple[int, float | None],
+    power_w: float | None = None,
+    uuid: str = GPU0,
+    lost: bool = False,
+) -> GpuSample:
+    return GpuSample(
+        index=0 if uuid == GPU0 else 1,
+        uuid=uuid,
+        ts=ts,
+        lost=lost,
+        energy_mj=energy_mj,
+        power_w=power_w,
+        processes=[ProcessSample(pid=pid, sm_util_pct=util) for pid, util in procs],
+    )
+
+
+def total(acc: EnergyAccountant) -> float:
+    return acc.idle_joules + acc.unattributed_joules + math.fsum(acc.pod_joules.values())
+
+
+def test_first_sample_only_sets_baseline() -> None:
+    acc = EnergyAccountant()
+    acc.update([sample(0.0, 5_000_000, (1, 100.0))], resolve)
+    assert acc.pod_joules == {} and acc.idle_joules == 0 and acc.unattributed_joules == 0
+
+
+def test_split_by_sm_utilisation() -> None:
+    acc = EnergyAccountant()
+    acc.update([sample(0.0, 1_000_000, (1, 75.0), (3, 25.0))], resolve)
+    acc.update([sample(1.0, 1_100_000, (1, 75.0), (3, 25.0))], resolve)  # 100 J, no idle known
+    assert acc.pod_joules[key(TRAIN)] == pytest.approx(75.0)
+    assert acc.pod_joules[key(INFER)] == pytest.approx(25.0)
+    assert acc.idle_joules == 0.0
+    assert acc.gpu_joules == {GPU0: pytest.approx(100.0)}
+
+
+def test_idle_learned_then_taken_off_the_top() -> None:
+    acc = EnergyAccountant()
+    acc.update([sample(0.0, 0, power_w=60.0)], resolve)  # empty GPU: idle is at most 60 W
+    acc.update([sample(10.0, 500_000, power_w=50.0)], resolve)  # lower: 50 W; all 500 J idle
+    assert acc.idle_power_w == {GPU0: 50.0}
+    assert acc.idle_joules == pytest.approx(500.0)
+    assert acc.pod_joules == {}
+
+    # 10 s at 250 W with work on it: 500 J idle (50 W x 10 s), 2000 J active split 75/25.
+    acc.update([sample(20.0, 3_000_000, (1, 60.0), (3, 20.0), power_w=250.0)], resolve)
+    assert acc.idle_power_w == {GPU0: 50.0}  # a busy sample teaches nothing about idle
+    assert acc.idle_joules == pytest.approx(1000.0)
+    assert acc.pod_joules[key(TRAIN)] == pytest.approx(1500.0)
+    assert acc.pod_joules[key(INFER)] == pytest.approx(500.0)
+    assert acc.pod_power_w[key(TRAIN)] == pytest.approx(150.0)
+
+
+def test_idle_share_capped_at_the_delta() -> None:
+    acc = EnergyAccountant()
+    acc.update([sample(0.0, 0, power_w=80.0)], resolve)
+    acc.update([sample(1.0, 50_000, (1, 10.0))], resolve)  # 50 J < 80 W x 1 s
+    assert acc.idle_joules == pytest.approx(50.0)
+    assert acc.pod_joules[key(TRAIN)] == 0.0
+
+
+def test_no_idle_known_means_no_idle_share() -> None:
+    acc = EnergyAccountant()
+    acc.update([sample(0.0, 0, (1, 50.0), power_w=300.0)], resolve)
+    acc.update([sample(1.0, 300_000, (1, 50.0), power_w=300.0)], resolve)
+    assert acc.idle_power_w == {}
+    assert acc.idle_joules == 0.0
+    assert acc.pod_joules[key(TRAIN)] == pytest.approx(300.0)
+
+
+@pytest.mark.parametrize("util", [None, 0.0])
+def test_even_split_without_utilisation(util: float | None) -> None:
+    acc = EnergyAccountant()
+    procs = ((1, util), (3, util), (5, util))
+    acc.update([sample(0.0, 0, *procs)], resolve)
+    acc.update([sample(1.0, 90_000, *procs)], resolve)
+    assert acc.pod_joules[key(TRAIN)] == pytest.approx(30.0)
+    assert acc.pod_joules[key(INFER)] == pytest.approx(30.0)
+    assert acc.unattributed_joules == pytest.approx(30.0)
+
+
+def test_single_process_gets_all_active_energy() -> None:
+    acc = EnergyAccountant()
+    acc.update([sample(0.0, 0, (3, None))], resolve)
+    acc.update([sample(2.0, 400_000, (3, None))], resolve)
+    assert acc.pod_joules == {key(INFER): pytest.approx(400.0)}
+
+
+def test_processes_of_one_container_sum_and_containers_stay_apart() -> None:
+    acc = EnergyAccountant()
+    procs = ((1, 30.0), (2, 30.0), (4, 40.0))
+    acc.update([sample(0.0, 0, *procs)], resolve)
+    acc.update([sample(1.0, 100_000, *procs)], resolve)
+    assert acc.pod_joules == {
+        key(TRAIN): pytest.approx(60.0),
+        key(TRAIN_SIDECAR): pytest.approx(40.0),
+    }
+
+
+def test_host_processes_are_unattributed() -> None:
+    acc = EnergyAccountant()
+    acc.update([sample(0.0, 0, (5, 50.0), (1, 50.0))], resolve)
+    acc.update([sample(1.0, 100_000, (5, 50.0), (1, 50.0))], resolve)
+    assert acc.unattributed_joules == pytest.approx(50.0)
+    assert acc.pod_joules == {key(TRAIN): pytest.approx(50.0)}
+
+
+def test_same_pod_on_two_gpus_sums_and_resolves_once() -> None:
+    calls: list[int] = []
+
+    def counting(pid: int) -> PodRef | None:
+        calls.append(pid)
+        return resolve(pid)
+
+    acc = EnergyAccountant()
+    acc.update([sample(0.0, 0, (1, 90.0)), sample(0.0, 0, (1, 90.0), uuid=GPU1)], counting)
+    calls.clear()
+    acc.update(
+        [sample(1.0, 100_000, (1, 90.0)), sample(1.0, 200_000, (1, 90.0), uuid=GPU1)], counting
+    )
+    assert acc.pod_joules == {key(TRAIN): pytest.approx(300.0)}
+    assert acc.pod_power_w == {key(TRAIN): pytest.approx(300.0)}
+    assert calls == [1]
+
+
+def test_no_processes_all_idle() -> None:
+    acc = EnergyAccountant()
+    acc.update([sample(0.0, 0)], resolve)
+    acc.update([sample(5.0, 250_000)], resolve)
+    assert acc.idle_joules == pytest.approx(250.0)
+    assert acc.idle_power_w == {}  # no power reading: nothing learned, energy still booked
+
+
+def test_counter_reset_rebaselines() -> None:
+    acc = EnergyAccountant()
+    acc.update([sample(0.0, 9_000_000, (1, None))], resolve)
+    acc.update([sample(1.0, 9_100_000, (1, None))], resolve)  # 100 J
+    acc.update([sample(2.0, 20_000, (1, None))], resolve)  # driver reload: not counted
+    assert acc.pod_joules[key(TRAIN)] == pytest.approx(100.0)
+    acc.update([sample(3.0, 70_000, (1, None))], resolve)  # counts from the new baseline
+    assert acc.pod_joules[key(TRAIN)] == pytest.approx(150.0)
+
+
+def test_lost_sample_skipped() -> None:
+    acc = EnergyAccountant()
+    acc.update([sample(0.0, 0, (1, None))], resolve)
+    acc.update([sample(1.0, None, lost=True)], resolve)
+    assert acc.pod_joules == {} and acc.idle_joules == 0.0
+    # The baseline survived the loss: the energy of the gap still counts once.
+    acc.update([sample(2.0, 200_000, (1, None))], resolve)
+    assert acc.pod_joules == {key(TRAIN): pytest.approx(200.0)}
+
+
+def test_lost_sample_teaches_no_idle() -> None:
+    acc = EnergyAccountant()
+    acc.update([sample(0.0, None, power_w=5.0, lost=True)], resolve)
+    assert acc.idle_power_w == {}
+
+
+def test_missing_counter_falls_back_to_power() -> None:
+    acc = EnergyAccountant()
+    acc.update([sample(0.0, None, (3, None), power_w=200.0)], resolve)
+    acc.update([sample(2.0, None, (3, None), power_w=150.0)], resolve)  # 150 W x 2 s
+    assert acc.pod_joules == {key(INFER): pytest.approx(300.0)}
+
+
+def test_missing_counter_and_power_skipped() -> None:
+    acc = EnergyAccountant()
+    acc.update([sample(0.0, None, (3, None))], resolve)
+    acc.update([sample(1.0, None, (3, None))], resolve)
+    assert total(acc) == 0.0 and acc.gpu_joules == {}
+
+
+def test_power_fallback_not_stretched_over_a_long_gap() -> None:
+    acc = EnergyAccountant(max_power_interval_s=60.0)
+    acc.update([sample(0.0, None, (3, None), power_w=200.0)], resolve)
+    acc.update([sample(600.0, None, (3, None), power_w=200.0)], resolve)
+    assert total(acc) == 0.0
+    acc.update([sample(601.0, None, (3, None), power_w=200.0)], resolve)
+    assert total(acc) == pytest.approx(200.0)
+
+
+def test_out_of_order_sample_skipped() -> None:
+    acc = EnergyAccountant()
+    acc.update([sample(10.0, 1_000_000, (1, None))], resolve)
+    acc.update([sample(10.0, 1_000_000, (1, None))], resolve)  # same tick twice
+    acc.update([sample(11.0, 1_100_000, (1, None))], resolve)
+    assert acc.pod_joules == {key(TRAIN): pytest.approx(100.0)}
+
+
+def test_resolver_failure_counts_as_unattributed() -> None:
+    def broken(pid: int) -> PodRef | None:
+        raise PermissionError("/proc/1/cgroup")
+
+    acc = EnergyAccountant()
+    acc.update([sample(0.0, 0, (1, None))], broken)
+    acc.update([sample(1.0, 10_000, (1, None))], broken)
+    assert acc.unattributed_joules == pytest.approx(10.0)
+
+
+def test_snapshot_is_json_ready() -> None:
+    acc = EnergyAccountant()
+    acc.update([sample(0.0, 0, power_w=40.0)], resolve)
+    acc.update([sample(1.0, 100_000, (1, 75.0), (3, 25.0), power_w=100.0)], resolve)
+    snap = json.loads(json.dumps(acc.snapshot()))
+    assert snap["idle_joules"] == pytest.approx(40.0)
+    assert snap["total_joules"] == pytest.approx(100.0)
+    assert snap["idle_power_w"] == {GPU0: 40.0}
+    assert [(p["pod"], p["container"]) for p in snap["pods"]] == [
+        ("train-0", "trainer"),
+        ("infer-1", "server"),
+    ]
+    assert snap["pods"][0]["joules"] == pytest.approx(45.0)
+    assert snap["pods"][0]["power_w"] == pytest.approx(45.0)
+
+
+# --- conservation, as a property ---------------------------------------------------------------
+
+
+@dataclass
+class Step:
+    lost: bool
+    dt: float
+    energy: str  # "inc", "reset", "missing"
+    amount_mj: int
+    power_w: float | None
+    procs: list[tuple[int, float | None]]
+
+
+steps = st.builds(
+    Step,
+    lost=st.integers(0, 4).map(lambda n: n == 0),  # one in five lost
+    dt=st.sampled_from([0.0, 0.5, 1.0, 5.0]) | st.floats(0.01, 90.0),
+    energy=st.sampled_from(["inc", "inc", "inc", "reset", "missing"]),
+    amount_mj=st.integers(0, 2_000_000),
+    power_w=st.none() | st.floats(0.0, 700.0),
+    procs=st.lists(
+        st.tuples(st.integers(1, 6), st.none() | st.floats(0.0, 100.0)), max_size=4
+    ),
+)
+
+
+def expected_joules(history: list[GpuSample], max_power_interval_s: float) -> float:
+    """The energy the counters moved by, computed the plain way, as the oracle."""
+    counted = 0.0
+    prev: GpuSample | None = None
+    for s in history:
+        if s.lost:
+            continue
+        if prev is not None and s.ts > prev.ts:
+            if s.energy_mj is not None and prev.energy_mj is not None:
+                if s.energy_mj >= prev.energy_mj:
+                    counted += (s.energy_mj - prev.energy_mj) / 1000
+            elif s.power_w is not None and s.ts - prev.ts <= max_power_interval_s:
+                counted += s.power_w * (s.ts - prev.ts)
+        prev = s
+    return counted
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(steps, steps), min_size=1, max_size=25))
+def test_energy_conserved_and_counters_monotonic(rounds: list[tuple[Step, Step]]) -> None:
+    acc = EnergyAccountant(max_power_interval_s=60.0)
+    history: dict[str, list[GpuSample]] = {GPU0: [], GPU1: []}
+    clock = {GPU0: 0.0, GPU1: 0.0}
+    counter = {GPU0: 0, GPU1: 0}
+    for pair in rounds:
+        batch: list[GpuSample] = []
+        for uuid, step in zip((GPU0, GPU1), pair, strict=True):
+            clock[uuid] += step.dt
+            energy: int | None
+            if step.energy == "inc":
+                counter[uuid] += step.amount_mj
+                energy = counter[uuid]
+            elif step.energy == "reset":
+                counter[uuid] = step.amount_mj // 1000
+                energy = counter[uuid]
+            else:
+                energy = None
+            s = sample(
+                clock[uuid],
+                None if step.lost else energy,
+                *step.procs,
+                power_w=None if step.lost else step.power_w,
+                uuid=uuid,
+                lost=step.lost,
+            )
+            history[uuid].append(s)
+            batch.append(s)
+
+        before_pods = dict(acc.pod_joules)
+        before_idle, before_unattr = acc.idle_joules, acc.unattributed_joules
+        acc.update(batch, resolve)
+
+        assert acc.idle_joules >= before_idle
+        assert acc.unattributed_joules >= before_unattr
+        for k, joules in before_pods.items():
+            assert acc.pod_joules[k] >= joules
+        assert all(j >= 0 for j in acc.pod_joules.values())
+
+        expected = math.fsum(expected_joules(h, 60.0) for h in history.values())
+        assert math.isclose(total(acc), expected, rel_tol=1e-9, abs_tol=1e-6)
+        counted = math.fsum(acc.gpu_joules.values())
+        assert math.isclose(counted, expected, rel_tol=1e-9, abs_tol=1e-6)

@@ -1,0 +1,52 @@
+"""/metrics checked by the real `promtool check metrics` (Debian package prometheus)."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from typing import Callable
+
+import pytest
+
+from tests.helpers.edge_process import EdgeProcess, wait_for
+
+pytestmark = pytest.mark.slow
+
+DCGM_NAMES = ("DCGM_FI_DEV_GPU_TEMP", "DCGM_FI_DEV_POWER_USAGE", "DCGM_FI_DEV_GPU_UTIL", "DCGM_FI_DEV_FB_USED",
+              "DCGM_FI_DEV_FB_FREE", "DCGM_FI_DEV_SM_CLOCK", "DCGM_FI_DEV_XID_ERRORS",
+              "DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION")
+# dcgm-exporter's own label names are camelCase; promtool lints them. We keep them on purpose
+# (dashboards select on them), so these findings, and only these, are expected.
+INHERITED_FINDING = re.compile(r"^DCGM_FI_DEV_\w+ label names should be written in 'snake_case' not 'camelCase'$")
+
+
+@pytest.fixture(scope="module")
+def promtool() -> str:
+    path = shutil.which("promtool")
+    if path is None:
+        pytest.skip("promtool not installed (scripts/test.sh installs Debian's prometheus package)")
+    return path
+
+
+def test_metrics_pass_promtool(edge_factory: Callable[..., EdgeProcess], promtool: str) -> None:
+    edge = edge_factory(gpus=2)
+    edge.inject(0, xid=79)
+    edge.inject(1, processes=[{"pid": 77, "used_memory_mib": 100, "sm_util": 50}])
+    text = wait_for(lambda: (m := edge.get("/metrics")) and "kgpu_decisions_total{" in m and m,
+                    what="metrics with decisions")
+    result = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=30)
+    findings = [line for line in (result.stdout + result.stderr).splitlines() if line.strip()]
+    assert result.returncode in (0, 3), findings  # 1 would be a parse error
+    unexpected = [f for f in findings if not INHERITED_FINDING.match(f)]
+    assert unexpected == [], unexpected
+    for name in DCGM_NAMES:
+        assert re.search(rf'^{name}{{gpu="0",UUID="GPU-[^"]+",device="nvidia0",modelName="NVIDIA H100[^"]*",'
+                         rf'Hostname="edge-test"}} ', text, re.M), name
+    for name in ("kgpu_gpu_health", "kgpu_decisions_total", "kgpu_policy_version", "kgpu_outbox_depth",
+                 "kgpu_node_gpu_idle_joules_total", "kgpu_xid_errors_total"):
+        assert re.search(rf"^{name}[{{ ]", text, re.M), name
+    # only the inherited label names are flagged: our own families lint clean
+    stripped = "\n".join(l for l in text.splitlines() if "DCGM_FI_DEV_" not in l) + "\n"
+    clean = subprocess.run([promtool, "check", "metrics"], input=stripped, capture_output=True, text=True, timeout=30)
+    assert clean.returncode == 0, clean.stdout + clean.stderr
