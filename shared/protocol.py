@@ -203,7 +203,7 @@ class Envelope(WireModel):
 def make_envelope(node: str, body: WireModel, kind: Kind, seq: int | None = None) -> Envelope:
     if not isinstance(body, BODY_MODELS[kind]):
         raise TypeError(f"{kind} expects {BODY_MODELS[kind].__name__}, got {type(body).__name__}")
-    return Envelope(node=node, seq=seq, kind=kind, body=body.model_dump(mode="json"))
+    return Envelope(node=node, seq=seq, kind=kind, body=body.model_dump(mode="json", by_alias=True))
 
 
 class RejectedMessage(ValueError):

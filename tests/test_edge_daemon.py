@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.helpers.edge_process import EdgeProcess, wait_for
 
@@ -69,9 +70,10 @@ def test_xid_marks_unhealthy_requests_migration_then_recovers(edge_factory: Call
     assert ("xid", "request_migration", "recorded") in seen
     kinds = [e["kind"] for e in edge.get("/api/v1/events?limit=100")["events"]]
     assert "xid" in kinds and "migration_request" in kinds and "health" in kinds
-    metrics = edge.get("/metrics")
-    assert 'DCGM_FI_DEV_XID_ERRORS{gpu="1"' in metrics and '} 79.0' in metrics
-    assert 'kgpu_xid_errors_total{gpu="1",xid="79"} 1.0' in metrics
+    metrics = {(s.name, s.labels.get("gpu"), s.labels.get("xid")): s.value
+               for f in text_string_to_metric_families(edge.get("/metrics")) for s in f.samples}
+    assert metrics[("DCGM_FI_DEV_XID_ERRORS", "1", None)] == 79
+    assert metrics[("kgpu_xid_errors_total", "1", "79")] == 1
     wait_for(lambda: edge.gpu(1)["health"]["state"] == "healthy", timeout=15, what="GPU 1 recovered")
     assert ("recovered", "mark_healthy", "recorded") in rules(edge)
 

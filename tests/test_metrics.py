@@ -8,6 +8,7 @@ import subprocess
 from typing import Callable
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.helpers.edge_process import EdgeProcess, wait_for
 
@@ -40,9 +41,15 @@ def test_metrics_pass_promtool(edge_factory: Callable[..., EdgeProcess], promtoo
     assert result.returncode in (0, 3), findings  # 1 would be a parse error
     unexpected = [f for f in findings if not INHERITED_FINDING.match(f)]
     assert unexpected == [], unexpected
+    samples = {s.name: s for family in text_string_to_metric_families(text) for s in family.samples
+               if s.labels.get("gpu") == "0" and s.name.startswith("DCGM_")}
     for name in DCGM_NAMES:
-        assert re.search(rf'^{name}{{gpu="0",UUID="GPU-[^"]+",device="nvidia0",modelName="NVIDIA H100[^"]*",'
-                         rf'Hostname="edge-test"}} ', text, re.M), name
+        labels = samples[name].labels
+        assert set(labels) == {"gpu", "UUID", "device", "modelName", "Hostname"}, labels
+        assert labels["UUID"].startswith("GPU-") and labels["device"] == "nvidia0"
+        assert labels["modelName"].startswith("NVIDIA H100") and labels["Hostname"] == "edge-test"
+    assert samples["DCGM_FI_DEV_XID_ERRORS"].value == 79
+    assert 20 < samples["DCGM_FI_DEV_GPU_TEMP"].value < 100
     for name in ("kgpu_gpu_health", "kgpu_decisions_total", "kgpu_policy_version", "kgpu_outbox_depth",
                  "kgpu_node_gpu_idle_joules_total", "kgpu_xid_errors_total"):
         assert re.search(rf"^{name}[{{ ]", text, re.M), name

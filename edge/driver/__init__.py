@@ -1,0 +1,1 @@
+"""GPU access through pynvml, over the real libnvidia-ml or the simulated one."""

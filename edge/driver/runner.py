@@ -1,0 +1,173 @@
+"""Runs every driver call on one dedicated thread, so NVML never blocks the asyncio loop.
+
+A driver call can hang (a GPU stuck in a reset, a wedged kernel module). Each call is bounded
+by a timeout; on timeout the caller gets `DriverTimeout` and the worker thread, which may be
+stuck for good, is abandoned and replaced by a fresh one, so the daemon keeps going. Calls
+still queued behind the hung one move to the new worker.
+"""
+
+import asyncio
+import concurrent.futures
+import itertools
+import queue
+import threading
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from edge.driver.nvml import DriverTimeout, NvmlDriver
+from shared.gpu import GpuInventory, GpuSample
+from shared.logs import get_logger
+
+log = get_logger(__name__)
+
+T = TypeVar("T")
+
+_Job = tuple[Callable[..., Any], tuple[Any, ...], concurrent.futures.Future]
+
+__all__ = ["DriverRunner", "DriverTimeout"]
+
+
+class _Worker:
+    """One thread draining one queue of jobs until told to stop (None) or retired."""
+
+    def __init__(self, name: str) -> None:
+        self.jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self.retired = threading.Event()
+        self.thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.retired.is_set():
+            job = self.jobs.get()
+            if job is None:
+                return
+            fn, args, future = job
+            if not future.set_running_or_notify_cancel():
+                continue  # its caller gave up before it started
+            try:
+                result = fn(*args)
+            except BaseException as error:  # handed to the awaiting caller
+                future.set_exception(error)
+            else:
+                future.set_result(result)
+
+
+class DriverRunner:
+    """Async front of an NvmlDriver: each method runs the driver's on the worker thread."""
+
+    def __init__(self, driver: NvmlDriver, *, timeout_s: float = 5.0,
+                 thread_name: str = "kgpu-nvml") -> None:
+        self.driver = driver
+        self.timeout_s = timeout_s
+        self.timeouts = 0
+        self.last_error: Exception | None = None
+        self.workers_replaced = 0
+        self._thread_name = thread_name
+        self._serial = itertools.count(1)
+        self._worker: _Worker | None = None
+        self._worker_lock = threading.Lock()
+
+    def _current_worker(self) -> _Worker:
+        with self._worker_lock:
+            if self._worker is None:
+                self._worker = _Worker(f"{self._thread_name}-{next(self._serial)}")
+            return self._worker
+
+    def _replace(self, hung: _Worker) -> None:
+        """Abandon a worker stuck in a call; its queued jobs go to a fresh one."""
+        with self._worker_lock:
+            if self._worker is not hung:
+                return  # another timeout already replaced it
+            hung.retired.set()
+            fresh = _Worker(f"{self._thread_name}-{next(self._serial)}")
+            while True:
+                try:
+                    job = hung.jobs.get_nowait()
+                except queue.Empty:
+                    break
+                if job is not None:
+                    fresh.jobs.put(job)
+            hung.jobs.put(None)
+            self._worker = fresh
+            self.workers_replaced += 1
+        log.warning("driver call hung; abandoned thread %s, now using %s",
+                    hung.thread.name, fresh.thread.name)
+
+    async def call(self, fn: Callable[..., T], *args: Any, timeout_s: float | None = None) -> T:
+        """fn(*args) on the worker thread; DriverTimeout if it takes longer than the timeout."""
+        limit = self.timeout_s if timeout_s is None else timeout_s
+        worker = self._current_worker()
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        worker.jobs.put((fn, args, future))
+        waiting = asyncio.wrap_future(future)
+        try:
+            done, _ = await asyncio.wait({waiting}, timeout=limit)
+        except asyncio.CancelledError:
+            waiting.cancel()
+            raise
+        if not done:
+            waiting.cancel()  # drops the job if it has not started yet
+            self.timeouts += 1
+            name = getattr(fn, "__qualname__", repr(fn))
+            error = DriverTimeout("Timeout", f"{name} did not return within {limit:g} s")
+            self.last_error = error
+            self._replace(worker)
+            raise error
+        try:
+            return waiting.result()
+        except Exception as error:
+            self.last_error = error
+            raise
+
+    def _stop_worker(self) -> _Worker | None:
+        with self._worker_lock:
+            worker, self._worker = self._worker, None
+        if worker is not None:
+            worker.jobs.put(None)  # it ends once the jobs before this are done
+        return worker
+
+    async def start(self) -> None:
+        """Start the worker thread now rather than on the first call."""
+        self._current_worker()
+
+    async def stop(self, timeout_s: float = 2.0) -> None:
+        """End the worker thread after its queued calls; a later call starts a new one.
+
+        Waits at most `timeout_s` for it: a hung worker is left behind (it is a daemon thread).
+        """
+        worker = self._stop_worker()
+        if worker is not None:
+            await asyncio.to_thread(worker.thread.join, timeout_s)
+
+    # ----- the driver's methods, awaited ---------------------------------------------------
+
+    async def open(self) -> None:
+        await self.call(self.driver.open)
+
+    async def close(self) -> None:
+        """Close the driver and end the worker thread."""
+        try:
+            await self.call(self.driver.close)
+        finally:
+            await self.stop()
+
+    async def device_count(self) -> int:
+        return await self.call(self.driver.device_count)
+
+    async def inventory(self) -> list[GpuInventory]:
+        return await self.call(self.driver.inventory)
+
+    async def sample(self, index: int) -> GpuSample:
+        return await self.call(self.driver.sample, index)
+
+    async def probe(self, index: int) -> bool:
+        return await self.call(self.driver.probe, index)
+
+    async def set_power_limit(self, index: int, watts: float) -> None:
+        await self.call(self.driver.set_power_limit, index, watts)
+
+    async def lock_clocks(self, index: int, min_mhz: int, max_mhz: int) -> None:
+        await self.call(self.driver.lock_clocks, index, min_mhz, max_mhz)
+
+    async def reset_clocks(self, index: int) -> None:
+        await self.call(self.driver.reset_clocks, index)

@@ -1,0 +1,22 @@
+"""A simulated libnvidia-ml: ctypes callbacks put in place of `pynvml.nvmlLib`.
+
+`install(gpus, model)` makes every pynvml call (and so our whole driver) run against simulated
+boards whose power, temperature and clocks follow a small physical model, and into which
+load and faults can be injected (`SimulatedNvml.inject`). Tests and the `--sim` daemon use it.
+"""
+
+from edge.sim.lib import SimulatedLib, SimulatedNvml, install
+from edge.sim.physics import SimFault, SimGpu, SimProcess
+from edge.sim.profiles import PROFILES, GpuProfile, get_profile
+
+__all__ = [
+    "PROFILES",
+    "GpuProfile",
+    "SimFault",
+    "SimGpu",
+    "SimProcess",
+    "SimulatedLib",
+    "SimulatedNvml",
+    "get_profile",
+    "install",
+]

@@ -1,0 +1,119 @@
+"""The shared wire protocol: envelopes, bodies, topics, and hostile payloads."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from shared.policy import PowerPolicy, XidAction
+from shared.protocol import (
+    MAX_PAYLOAD_BYTES,
+    AckBody,
+    DecisionBody,
+    Kind,
+    PolicyBody,
+    RejectedMessage,
+    decode,
+    make_envelope,
+)
+from shared.topics import BadTopic, cloud_topic, edge_topic, parse_topic
+
+
+def test_round_trip_every_field() -> None:
+    body = DecisionBody(gpu_index=0, gpu_uuid="GPU-1", rule="thermal_step_down", action="set_power_limit",
+                        value=630.0, outcome="applied", reason="hot", inputs={"temperature_c": 88.0})
+    envelope = make_envelope("edge-1", body, Kind.DECISION, seq=7)
+    decoded, parsed = decode(envelope.to_json())
+    assert decoded == envelope and parsed == body
+    assert json.loads(envelope.to_json())["v"] == 1
+
+
+def test_policy_travels_in_camel_case() -> None:
+    policy = PowerPolicy(name="p", version=3, power_cap_watts=250)
+    envelope = make_envelope("edge-1", PolicyBody(policy=policy), Kind.POLICY)
+    raw = json.loads(envelope.to_json())
+    assert raw["body"]["policy"]["powerCapWatts"] == 250
+    assert decode(envelope.to_json())[1].policy == policy
+
+
+@pytest.mark.parametrize("payload,reason", [
+    (b"\xff\xfe", "not_json"),
+    (b"[1,2]", "schema"),
+    (b'{"v": 2, "node": "a", "kind": "ack", "body": {"upto": 1}}', "version"),
+    (b'{"v": 1, "node": "a", "kind": "ack", "body": {"upto": -1}}', "schema"),
+    (b'{"v": 1, "node": "A_B", "kind": "ack", "body": {"upto": 1}}', "schema"),
+    (b'{"v": 1, "node": "a", "kind": "nope", "body": {}}', "schema"),
+    (b'{"v": 1, "node": "a", "kind": "ack", "body": {"upto": 1}, "extra": 1}', "schema"),
+    (b'{"v": 1, "node": "a", "kind": "ack", "body": {"upto": 1, "x": 2}}', "schema"),
+    (b"[" * 200_000 + b"]" * 200_000, "oversize"),
+    (b"[" * 100_000 + b"]" * 100_000, "not_json"),  # under the size limit, too deep to parse
+    (b'{"a":' * 5000 + b"1" + b"}" * 5000, "not_json"),
+])
+def test_bad_payloads_are_rejected_with_a_reason(payload: bytes, reason: str) -> None:
+    with pytest.raises(RejectedMessage) as caught:
+        decode(payload)
+    assert caught.value.reason == reason
+
+
+def test_oversize_limit_is_exact() -> None:
+    with pytest.raises(RejectedMessage, match="oversize"):
+        decode(b" " * (MAX_PAYLOAD_BYTES + 1))
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(
+    st.binary(max_size=512),
+    json_values.map(lambda v: json.dumps(v).encode()),
+    st.fixed_dictionaries({"v": st.sampled_from([1, 1, 2, "1"]), "node": st.text(max_size=10),
+                           "kind": st.sampled_from([k.value for k in Kind] + ["x"]),
+                           "seq": st.one_of(st.none(), st.integers()), "body": json_values})
+    .map(lambda v: json.dumps(v).encode()),
+))
+def test_decode_never_raises_anything_but_a_rejection(payload: bytes) -> None:
+    try:
+        envelope, body = decode(payload)
+    except RejectedMessage as exc:
+        assert exc.reason in {"oversize", "not_json", "schema", "version"}
+    else:
+        assert envelope.v == 1 and body is not None
+
+
+def test_topics() -> None:
+    assert edge_topic("n1", "events") == "kgpu/v1/edge/n1/events"
+    assert cloud_topic("n1", "ack") == "kgpu/v1/cloud/n1/ack"
+    parts = parse_topic("kgpu/v1/edge/n1/status")
+    assert (parts.side, parts.node, parts.kind) == ("edge", "n1", "status")
+    for bad in ("kgpu/v1/edge/n1", "kgpu/v2/edge/n1/status", "kgpu/v1/edge/+/status", "kgpu/v1/cloud/n1/status",
+                "kgpu/v1/edge/N1/status", "kgpu/v1/edge/n1/status/x"):
+        with pytest.raises(BadTopic):
+            parse_topic(bad)
+
+
+@pytest.mark.parametrize("spec,problem", [
+    ({"thermalThrottling": {"maxTempC": 500}}, "maxTempC"),
+    ({"powerCapWatts": -5}, "powerCapWatts"),
+    ({"thermalThrottling": {"coolDownPeriod": "soon"}}, "coolDownPeriod"),
+    ({"powerSaving": {"capPercent": 0}}, "capPercent"),
+    ({"xidPolicy": {"defaultAction": "explode"}}, "defaultAction"),
+    ({"unknownKnob": 1}, "unknownKnob"),
+])
+def test_absurd_policies_are_refused(spec: dict, problem: str) -> None:
+    with pytest.raises(ValueError, match=problem):
+        PowerPolicy.model_validate(spec)
+
+
+def test_xid_policy_defaults_follow_the_device_plugin() -> None:
+    xids = PowerPolicy().xid_policy
+    assert all(xids.action_for(x) is None for x in (13, 31, 43, 45, 68, 109))
+    assert xids.action_for(79) is XidAction.REQUEST_MIGRATION
+    assert xids.action_for(62) is XidAction.MARK_UNHEALTHY
