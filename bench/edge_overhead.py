@@ -78,7 +78,7 @@ def main() -> None:
             # load on every GPU so that every figure and the policy are exercised
             for index in range(args.gpus):
                 req = urllib.request.Request(f"{base}/api/v1/sim/gpus/{index}", method="POST",
-                                             data=b'{"utilization": 60, "processes": [{"pid": 1, "used_memory_mib": 512, "sm_util": 60}]}')
+                                             data=b'{"processes": [{"pid": 1, "used_memory_mib": 512, "sm_util": 60}]}')
                 urllib.request.urlopen(req, timeout=5)
             time.sleep(args.warmup)
             cpu0, cycles0, wall0 = cpu_seconds(daemon.pid), metric(base, "kgpu_sampling_cycles_total"), time.monotonic()

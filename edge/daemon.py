@@ -117,12 +117,6 @@ class EdgeDaemon:
     async def start(self) -> None:
         await self.runner.start()
         await self._open_driver()
-        loop = asyncio.get_running_loop()
-        if self.driver_reachable:
-            self._xid_watcher = XidWatcher(
-                self.runner.driver, lambda ev: loop.call_soon_threadsafe(self._xids.put_nowait, ev)
-            )
-            self._xid_watcher.start()
         await self._refresh_outbox_depth()
         log.info(
             "edge daemon started",
@@ -140,6 +134,7 @@ class EdgeDaemon:
             return
         self.driver_reachable = True
         self.driver_version = inventory[0].driver_version if inventory else None
+        self._start_xid_watcher()
         for gpu in inventory:
             view = self.gpus.get(gpu.index)
             if view is None:
@@ -150,6 +145,16 @@ class EdgeDaemon:
             await asyncio.to_thread(self.store.save_inventory, inventory)
         except StoreError as exc:
             log.warning("cannot save the inventory: %s", exc)
+
+    def _start_xid_watcher(self) -> None:
+        """XIDs arrive on the watcher's own thread; hand each to the loop's queue."""
+        if self._xid_watcher is not None:
+            return
+        loop = asyncio.get_running_loop()
+        self._xid_watcher = XidWatcher(
+            self.runner.driver, lambda ev: loop.call_soon_threadsafe(self._xids.put_nowait, ev)
+        )
+        self._xid_watcher.start()
 
     async def stop(self) -> None:
         self._stop.set()
@@ -219,6 +224,8 @@ class EdgeDaemon:
                         view.next_probe_at = now + self.settings.lost_probe_interval
                         samples[index] = GpuSample(index=index, uuid=view.inventory.uuid, ts=now, lost=True)
                         continue
+                    if self._xid_watcher is not None:  # register the returned GPU for XIDs again
+                        self._xid_watcher.refresh()
                 sample = await self.runner.call(self.runner.driver.sample, index)
                 self.driver_reachable = True
             except (DriverUnavailable, DriverTimeout, DriverError) as exc:

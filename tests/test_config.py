@@ -93,3 +93,11 @@ def test_cli_bad_config_exits_2_with_one_line_per_problem(args: list[str], needl
     assert lines and all(line.startswith("kgpu: configuration error: ") for line in lines), result.stderr
     assert needle in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_shipped_example_config_loads() -> None:
+    example = Path(__file__).resolve().parent.parent / "deploy" / "edge-config.example.yaml"
+    settings = load_settings(EdgeSettings, {}, example)
+    assert settings.policy.power_saving.sustain_period == 300
+    assert settings.health_quiet_period == 300
+    assert settings.policy.xid_policy.action_for(79).value == "request_migration"

@@ -97,6 +97,8 @@ def test_lost_gpu_is_probed_again_and_comes_back(edge_factory: Callable[..., Edg
     edge.inject(0, lost=False)
     wait_for(lambda: edge.gpu(0)["health"]["state"] == "unhealthy", what="GPU 0 back, in quiet period")
     wait_for(lambda: edge.gpu(0)["health"]["state"] == "healthy", timeout=15, what="GPU 0 healthy again")
+    edge.inject(0, xid=48)  # the returned GPU is registered for XIDs again
+    wait_for(lambda: edge.gpu(0)["health"]["state"] == "unhealthy", what="XID seen on the returned GPU")
 
 
 def test_thermal_step_down_then_restore_after_cool_down(edge_factory: Callable[..., EdgeProcess]) -> None:
