@@ -20,19 +20,10 @@ from edge.driver.nvml import (
     watts_to_milliwatts,
 )
 from edge.driver.xid import XidWatcher
+from tests.helpers.clock import FakeClock
 from edge.sim import SimulatedNvml, install
 from shared.gpu import XidEvent
 
-
-class FakeClock:
-    def __init__(self, start: float = 1000.0) -> None:
-        self.now = start
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 @pytest.fixture

@@ -8,22 +8,11 @@ import pydantic
 import pynvml
 import pytest
 
+from tests.helpers.clock import FakeClock
 from edge.sim import PROFILES, SimFault, SimulatedNvml, install
 
 W = 1000  # NVML speaks milliwatts
 
-
-class FakeClock:
-    """The simulation's clock: tests move time instead of sleeping."""
-
-    def __init__(self, start: float = 1000.0) -> None:
-        self.now = start
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 @pytest.fixture
