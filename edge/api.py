@@ -80,6 +80,7 @@ async def gpus(request: web.Request) -> web.Response:
                     "target_limit_w": view.policy_state.target_limit_w,
                 },
                 "last_xid": view.last_xid,
+                "draining": view.draining,
             }
         )
     return web.json_response({"node": daemon.node, "gpus": out})

@@ -48,6 +48,16 @@ class EdgeSettings(KgpuSettings):
         None, description="Node name; falls back to NODE_NAME (downward API), then the hostname"
     )
     mqtt: str | None = Field(None, description="Broker URL mqtt://[user:pass@]host:port or mqtts://")
+    mqtt_ca_file: Path | None = Field(None, description="CA bundle for mqtts:// (default: the system's)")
+    mqtt_cert_file: Path | None = Field(None, description="Client certificate for mutual TLS")
+    mqtt_key_file: Path | None = Field(None, description="Client key for mutual TLS")
+    mqtt_tls_insecure: bool = Field(False, description="Skip the broker's hostname check (explicit opt-in only)")
+    mqtt_password_file: Path | None = Field(
+        None, description="File holding the MQTT password (e.g. a mounted Secret); overrides the URL's"
+    )
+    outbox_window: int = Field(100, ge=1, le=10_000, description="Events published but not yet acked, at most")
+    ack_timeout: Seconds = Field(15.0, ge=1.0, description="Re-send unacked events after this long")
+    status_interval: Seconds = Field(30.0, ge=1.0, description="Re-publish the retained status at least this often")
     db: Path = Field(Path("/var/lib/kgpu/edge.db"), description="SQLite file of the edge store")
     http: str = Field("0.0.0.0:9410", description="HOST:PORT of the HTTP API and /metrics")
     backend: Literal["nvml", "sim"] = Field("nvml", description="nvml: the real libnvidia-ml; sim: simulated GPUs")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,6 +35,7 @@ from shared.logs import get_logger
 from shared.policy import PowerPolicy
 from shared.protocol import (
     ActionOutcome,
+    CommandBody,
     DecisionBody,
     GpuSummary,
     HealthBody,
@@ -62,6 +64,7 @@ class GpuView:
     policy_state: policy_rules.GpuPolicyState = field(default_factory=policy_rules.GpuPolicyState)
     last_xid: int | None = None
     next_probe_at: float = 0.0
+    draining: bool = False  # set by the cloud's drain / migrate_away commands
 
 
 @dataclass
@@ -99,6 +102,11 @@ class EdgeDaemon:
         self._xid_watcher: XidWatcher | None = None
         self._last_prune = 0.0
         self._stop = asyncio.Event()
+        # Set whenever new events reach the outbox, so the sync can drain at once.
+        self.outbox_changed = asyncio.Event()
+        self._cycle_lock = asyncio.Lock()
+        # Called after every sampling cycle with its samples (the sync publishes telemetry).
+        self.cycle_listeners: list[Callable[[dict[int, GpuSample | None]], Awaitable[None]]] = []
 
     # ---- set-up -------------------------------------------------------------------------
 
@@ -192,6 +200,11 @@ class EdgeDaemon:
             probe_task.cancel()
 
     async def cycle(self) -> None:
+        """One sampling cycle; cycles never overlap (a restart_check command also runs one)."""
+        async with self._cycle_lock:
+            await self._cycle()
+
+    async def _cycle(self) -> None:
         started = time.perf_counter()
         now = time.time()
         if not self.driver_reachable:
@@ -205,6 +218,11 @@ class EdgeDaemon:
         await self._record(events)
         await self._account_energy(samples)
         await self._keep_history(samples, now)
+        for listener in self.cycle_listeners:
+            try:
+                await listener(samples)
+            except Exception:
+                log.exception("cycle listener failed")
         elapsed = time.perf_counter() - started
         self.counters.cycles += 1
         self.counters.cycle_seconds_sum += elapsed
@@ -357,11 +375,15 @@ class EdgeDaemon:
             log.info("store writable again; wrote %d held events", len(self._held))
         self.store_problem = None
         self._held = []
+        self.outbox_changed.set()
         await self._refresh_outbox_depth()
 
     async def _flush_held(self) -> None:
         if self._held:
             await self._record([])
+
+    async def refresh_outbox_depth(self) -> None:
+        await self._refresh_outbox_depth()
 
     async def _refresh_outbox_depth(self) -> None:
         try:
@@ -404,6 +426,31 @@ class EdgeDaemon:
         log.info("policy %s v%d now applies (from %s)", policy.name, policy.version, source)
         return True
 
+    # ---- commands from the cloud ----------------------------------------------------------
+
+    async def execute_command(self, command: CommandBody) -> tuple[bool, str]:
+        """Carry out a cloud command; returns (ok, detail) for the result event."""
+        targets = [v for v in self.gpus.values() if command.gpu_uuid in (None, v.inventory.uuid)]
+        if not targets:
+            return False, f"no GPU {command.gpu_uuid} on this node"
+        if command.command in ("drain", "migrate_away", "undrain"):
+            for view in targets:
+                view.draining = command.command != "undrain"
+            names = ", ".join(f"GPU {v.inventory.index}" for v in targets)
+            if command.command == "migrate_away":
+                pids = sorted({p.pid for v in targets if v.sample for p in v.sample.processes})
+                return True, f"draining {names}; processes on them: {pids or 'none'}"
+            return True, f"{'draining' if command.command != 'undrain' else 'undrained'} {names}"
+        # restart_check: probe lost GPUs now and run the probe command, then report
+        for view in targets:
+            view.next_probe_at = 0.0
+        await self.cycle()
+        if self.settings.probe_command:
+            self.probe_ok, self.probe_detail = await run_probe(self.settings.probe_command, self.settings.probe_timeout)
+        report = "; ".join(f"GPU {v.inventory.index} {v.health.health.value}" for v in targets)
+        healthy, reasons, _ = self.health_report()
+        return healthy, report + ("" if healthy else " | " + "; ".join(reasons))
+
     # ---- the application-level probe ------------------------------------------------------
 
     async def _probe_loop(self, stop: asyncio.Event) -> None:
@@ -441,12 +488,13 @@ class EdgeDaemon:
             version=__version__,
             gpus=[
                 GpuSummary(index=i, uuid=v.inventory.uuid, name=v.inventory.name, health=v.health.health,
-                           power_limit_w=v.sample.power_limit_w if v.sample else None)
+                           power_limit_w=v.sample.power_limit_w if v.sample else None, draining=v.draining)
                 for i, v in sorted(self.gpus.items())
             ],
             policy_name=self.policy.name,
             policy_version=self.policy.version,
             outbox_depth=self.outbox_depth,
+            outbox_epoch=self.store.epoch,
             degraded=degraded,
         )
 

@@ -46,9 +46,16 @@ async def serve(settings: EdgeSettings, *, ready: asyncio.Event | None = None) -
     log.info("HTTP API listening", extra={"http": settings.http})
     if ready is not None:
         ready.set()
+    sync_task = None
+    if settings.mqtt:
+        from edge.sync import EdgeSync
+
+        sync_task = asyncio.create_task(EdgeSync(daemon, settings).run(stop), name="sync")
     try:
         await daemon.run(stop)
     finally:
+        if sync_task is not None:
+            await asyncio.gather(sync_task, return_exceptions=True)
         log.info("stopping")
         await runner.cleanup()
         await daemon.stop()

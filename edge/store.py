@@ -22,6 +22,7 @@ import json
 import sqlite3
 import threading
 import time
+import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -61,6 +62,7 @@ DEFAULT_BUSY_TIMEOUT_MS = 5_000
 _META_SCHEMA = "schema_version"
 _META_LAST_SEQ = "last_seq"
 _META_NODE = "node"
+_META_EPOCH = "outbox_epoch"
 _META_WRITE_CHECK = "write_check_ts"
 
 # ---- schema ---------------------------------------------------------------------------------
@@ -326,6 +328,9 @@ class EdgeStore:
                 _meta_set(conn, _META_SCHEMA, str(STORE_SCHEMA_VERSION))
             if _meta_get(conn, _META_LAST_SEQ) is None:
                 _meta_set(conn, _META_LAST_SEQ, "0")
+            if _meta_get(conn, _META_EPOCH) is None:
+                _meta_set(conn, _META_EPOCH, uuid.uuid4().hex[:16])
+            self._epoch = str(_meta_get(conn, _META_EPOCH))
             owner = _meta_get(conn, _META_NODE)
             if owner is None:
                 _meta_set(conn, _META_NODE, self.node)
@@ -468,6 +473,11 @@ class EdgeStore:
                 upto = last
             result = conn.execute(outbox_table.delete().where(outbox_table.c.seq <= upto))
             return int(result.rowcount or 0)
+
+    @property
+    def epoch(self) -> str:
+        """Random id of this outbox, made with the database: seqs are unique within one epoch."""
+        return self._epoch
 
     def last_seq(self) -> int:
         """The highest seq ever assigned (survives acks and restarts)."""

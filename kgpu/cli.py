@@ -77,6 +77,40 @@ def edge_run(
     )
 
 
+cloud_app = typer.Typer(help="The cloud controller (central cluster).", no_args_is_help=True)
+app.add_typer(cloud_app, name="cloud")
+
+
+@cloud_app.command("run")
+def cloud_run(
+    mqtt: Annotated[Optional[str], typer.Option(help="Broker URL mqtt://[user:pass@]host:port or mqtts://")] = None,
+    db: Annotated[Optional[str], typer.Option(help="sqlite:///path or postgresql+psycopg://... [sqlite:///kgpu-cloud.db]")] = None,
+    http: Annotated[Optional[str], typer.Option(help="HOST:PORT for the API [0.0.0.0:9420]")] = None,
+    shared_subscription: Annotated[Optional[str], typer.Option(help="Group for $share/GROUP/... so replicas split ingest")] = None,
+    log_level: Annotated[Optional[str], typer.Option(help="debug, info, warning or error [info]")] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Run the cloud controller: ingest every edge node over MQTT into the fleet store."""
+    from cloud.config import CloudSettings
+
+    try:
+        settings = load_settings(
+            CloudSettings,
+            {"mqtt": mqtt, "db": db, "http": http, "shared_subscription": shared_subscription, "log_level": log_level},
+            config,
+        )
+    except ConfigError as exc:
+        _fail_config(exc.problems)
+        return
+    setup_logging(settings.log_level, settings.log_json)
+    from cloud.controller import serve
+
+    try:
+        asyncio.run(serve(settings))
+    except KeyboardInterrupt:
+        pass
+
+
 @app.command("demo")
 def demo(
     gpus: Annotated[int, typer.Option(help="Simulated GPUs on the demo node")] = 4,
@@ -107,6 +141,47 @@ Ctrl-C stops it.
          "sim_model": model, "interval": "2"},
         None,
     )
+
+
+@app.command("watch")
+def watch(
+    mqtt: Annotated[Optional[str], typer.Option(
+        help="Broker URL mqtt://host:port or mqtts://, user:pass@ optional", envvar="KGPU_MQTT")] = None,
+    node: Annotated[Optional[str], typer.Option(help="Only messages about this node")] = None,
+    kind: Annotated[Optional[str], typer.Option(
+        help="Only this topic kind (status, telemetry, events, ack, policy, commands) or envelope kind "
+             "(decision, health, xid, migration_request, command_result, offline_summary, command)")] = None,
+    json_lines: Annotated[bool, typer.Option(
+        "--json", help="One JSON line per message on stdout, no table")] = False,
+    events: Annotated[int, typer.Option(help="How many latest events the display keeps")] = 20,
+    ca_file: Annotated[Optional[Path], typer.Option(
+        help="CA bundle for mqtts:// (default: the system's)", envvar="KGPU_MQTT_CA_FILE")] = None,
+    cert_file: Annotated[Optional[Path], typer.Option(
+        help="Client certificate for mutual TLS", envvar="KGPU_MQTT_CERT_FILE")] = None,
+    key_file: Annotated[Optional[Path], typer.Option(
+        help="Client key for mutual TLS", envvar="KGPU_MQTT_KEY_FILE")] = None,
+    tls_insecure: Annotated[bool, typer.Option(
+        help="Skip the broker's hostname check (explicit opt-in only)",
+        envvar="KGPU_MQTT_TLS_INSECURE")] = False,
+    password_file: Annotated[Optional[Path], typer.Option(
+        help="File holding the MQTT password; overrides the URL's", envvar="KGPU_MQTT_PASSWORD_FILE")] = None,
+) -> None:
+    """Live monitor of the kgpu MQTT topics (read-only): nodes, rates, events, rejected messages."""
+    import signal
+
+    from kgpu.watch import WatchError, WatchOptions, run_watch  # late: other commands need none of it
+
+    # SIGTERM (kubectl exec, a supervisor) ends the watch as cleanly as Ctrl-C does
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    options = WatchOptions(mqtt=mqtt, node=node, kind=kind, json_lines=json_lines, ca_file=ca_file,
+                           cert_file=cert_file, key_file=key_file, tls_insecure=tls_insecure,
+                           password_file=password_file, max_events=events)
+    try:
+        code = run_watch(options)
+    except WatchError as exc:
+        typer.echo(f"kgpu: {exc}", err=True)
+        raise typer.Exit(code=2) from None
+    raise typer.Exit(code=code)
 
 
 @app.command("version")

@@ -2,5 +2,9 @@
 # README command 2 (and exactly what CI runs): install everything the tests need, run them all.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-KGPU_EXTRAS=test scripts/bootstrap.sh promtool:prometheus mosquitto:mosquitto
+# PostgreSQL's server binaries live outside PATH on Debian (/usr/lib/postgresql/N/bin): check there.
+if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && ! command -v initdb >/dev/null 2>&1; then
+  extra_pg=postgresql-server:postgresql  # no such command: always installs the package
+fi
+KGPU_EXTRAS=test scripts/bootstrap.sh ${extra_pg:-} promtool:prometheus mosquitto:mosquitto mosquitto_sub:mosquitto-clients
 exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"

@@ -69,6 +69,7 @@ class GpuSummary(WireModel):
     name: str
     health: Health
     power_limit_w: float | None = None
+    draining: bool = False  # the cloud asked for work to be moved off this GPU
 
 
 class StatusBody(WireModel):
@@ -78,6 +79,9 @@ class StatusBody(WireModel):
     policy_name: str | None = None
     policy_version: int | None = None
     outbox_depth: int | None = None
+    # Random id of the edge's outbox, made when its database is created. If a node's database is
+    # re-created its seq starts again at 1; the epoch tells the cloud so, and acks name it.
+    outbox_epoch: str | None = Field(None, max_length=64)
     degraded: list[str] = Field(default_factory=list)
 
 
@@ -146,6 +150,7 @@ class OfflineSummaryBody(WireModel):
 
 class AckBody(WireModel):
     upto: int = Field(ge=0)  # every event with seq <= upto is stored by the cloud
+    epoch: str | None = Field(None, max_length=64)  # the outbox epoch this ack is for
 
 
 class PolicyBody(WireModel):

@@ -60,6 +60,7 @@ def policy_table() -> str:
 
 
 def render() -> str:
+    from cloud.config import CloudSettings
     from edge.config import EdgeSettings
 
     return f"""# Configuration reference
@@ -77,6 +78,10 @@ start-up with one line per problem and exit status 2.
 
 Only the flags most used are on the command line (`kgpu edge run --help`); every other setting is
 available through its environment variable or the config file.
+
+## `kgpu cloud run`
+
+{settings_table(CloudSettings)}
 
 ## Power policy (`policy:` in the edge config file; the `GPUPowerPolicy` CRD's spec)
 

@@ -2,11 +2,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import pytest
 
 from tests.helpers.edge_process import EdgeProcess
+
+if TYPE_CHECKING:
+    from tests.helpers.mosquitto import Mosquitto
 
 
 @pytest.fixture
@@ -26,3 +29,15 @@ def edge_factory(tmp_path: Path) -> Iterator[Callable[..., EdgeProcess]]:
         if process.proc is not None and process.proc.poll() is None:
             process.proc.kill()
             process.proc.wait(timeout=10)
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator["Mosquitto"]:
+    """A real mosquitto on a free loopback port, for one test."""
+    from tests.helpers.mosquitto import Mosquitto, mosquitto_binary
+
+    if mosquitto_binary() is None:
+        pytest.skip("mosquitto not installed (scripts/test.sh installs Debian's mosquitto package)")
+    server = Mosquitto(tmp_path / "broker").start()
+    yield server
+    server.stop()

@@ -426,3 +426,17 @@ def test_concurrent_writers_get_unique_consecutive_seqs(store: EdgeStore) -> Non
     assert sorted(seqs) == list(range(1, 6 * 25 * 2 + 1))
     assert store.last_seq() == 300
     assert [e.seq for e in store.outbox_pending(limit=1000)] == list(range(1, 301))
+
+
+def test_outbox_epoch_is_made_once_and_kept(tmp_path) -> None:
+    from edge.store import EdgeStore
+
+    first = EdgeStore(tmp_path / "a.db", "n1")
+    epoch = first.epoch
+    first.close()
+    again = EdgeStore(tmp_path / "a.db", "n1")
+    assert again.epoch == epoch and len(epoch) == 16
+    again.close()
+    other = EdgeStore(tmp_path / "b.db", "n1")
+    assert other.epoch != epoch  # a re-created database is a new epoch
+    other.close()

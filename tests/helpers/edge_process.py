@@ -38,7 +38,8 @@ def wait_for(check: Callable[[], Any], timeout: float = 20.0, interval: float = 
 
 class EdgeProcess:
     def __init__(self, workdir: Path, *, node: str = "edge-test", gpus: int = 2, model: str = "H100",
-                 config: dict[str, Any] | None = None, env: dict[str, str] | None = None) -> None:
+                 config: dict[str, Any] | None = None, env: dict[str, str] | None = None,
+                 mqtt: str | None = None) -> None:
         self.workdir = workdir
         self.node = node
         self.port = free_port()
@@ -51,6 +52,8 @@ class EdgeProcess:
             "--sim-gpus", str(gpus), "--sim-model", model, "--db", str(self.db),
             "--http", f"127.0.0.1:{self.port}", "--interval", "1", "--config", str(self.config_path),
         ]
+        if mqtt is not None:
+            self.args += ["--mqtt", mqtt]
         self.env = {**os.environ, "KGPU_LOG_JSON": "true", "PYTHONUNBUFFERED": "1", **(env or {})}
         self.proc: subprocess.Popen[bytes] | None = None
 

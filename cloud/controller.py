@@ -1,0 +1,107 @@
+"""The cloud controller process: MQTT in, fleet store, acks out, HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+
+from aiohttp import web
+
+from cloud.api import make_app
+from cloud.config import CloudSettings
+from cloud.ingest import Ingestor
+from cloud.store import FleetStore
+from shared.logs import get_logger
+from shared.mqtt import AsyncMqtt, TlsOptions, parse_broker_url
+from shared.protocol import AckBody, Kind, make_envelope
+from shared.topics import EDGE_WILDCARD, cloud_topic
+
+log = get_logger(__name__)
+
+PRUNE_EVERY_S = 300.0
+
+
+class Controller:
+    def __init__(self, settings: CloudSettings) -> None:
+        self.settings = settings
+        self.store = FleetStore(settings.db, history_resolution_s=settings.history_resolution)
+        self.ingestor = Ingestor(self.store, self.publish_ack, batch_size=settings.batch_size,
+                                 batch_interval_s=settings.batch_interval)
+        self.mqtt: AsyncMqtt | None = None
+
+    def subscription(self) -> str:
+        group = self.settings.shared_subscription
+        return f"$share/{group}/{EDGE_WILDCARD}" if group else EDGE_WILDCARD
+
+    def publish_ack(self, node: str, upto: int, epoch: str | None) -> None:
+        assert self.mqtt is not None
+        ack = make_envelope(node, AckBody(upto=upto, epoch=epoch), Kind.ACK)
+        if not self.mqtt.publish(cloud_topic(node, "ack"), ack.to_json(), qos=1):
+            log.warning("link down: ack up to %d not sent (the edge will send again)", upto, extra={"node": node})
+
+    async def run(self, stop: asyncio.Event) -> None:
+        s = self.settings
+        address = parse_broker_url(s.mqtt, password_file=s.mqtt_password_file)
+        self.mqtt = AsyncMqtt(
+            asyncio.get_running_loop(), address, s.client_id, subscriptions=[(self.subscription(), 1)],
+            tls=TlsOptions(s.mqtt_ca_file, s.mqtt_cert_file, s.mqtt_key_file, s.mqtt_tls_insecure),
+            clean_session=False,
+        )
+        self.mqtt.start()
+        tasks = [
+            asyncio.create_task(self._receive(), name="receive"),
+            asyncio.create_task(self.ingestor.run(), name="ingest"),
+            asyncio.create_task(self._prune(stop), name="prune"),
+        ]
+        log.info("controller running", extra={"subscription": self.subscription(), "db": s.db.split("@")[-1]})
+        await stop.wait()
+        # stop taking messages, then write what was already accepted before leaving
+        tasks[0].cancel()
+        while not self.ingestor.queue.empty():
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(self.settings.batch_interval + 0.05)
+        for task in tasks[1:]:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await self.mqtt.stop()
+        await asyncio.to_thread(self.store.close)
+
+    async def _receive(self) -> None:
+        assert self.mqtt is not None
+        while True:
+            self.ingestor.offer(await self.mqtt.messages.get())
+
+    async def _prune(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            try:
+                removed = await asyncio.to_thread(self.store.prune_samples, time.time() - self.settings.history_retention)
+                if removed:
+                    log.info("pruned %d history samples", removed)
+            except Exception as exc:
+                log.error("pruning the sample history failed: %s", exc)
+            try:
+                await asyncio.wait_for(stop.wait(), timeout=PRUNE_EVERY_S)
+            except TimeoutError:
+                pass
+
+
+async def serve(settings: CloudSettings) -> None:
+    controller = Controller(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    runner = web.AppRunner(make_app(controller), access_log=None)
+    await runner.setup()
+    host, port = settings.http_address
+    try:
+        await web.TCPSite(runner, host, port).start()
+    except OSError as exc:
+        log.error("cannot listen on %s: %s", settings.http, exc.strerror)
+        raise SystemExit(1) from None
+    log.info("HTTP API listening", extra={"http": settings.http})
+    try:
+        await controller.run(stop)
+    finally:
+        await runner.cleanup()

@@ -1,0 +1,128 @@
+"""Ingest: every message from the edges validated, batched into the fleet store, then acked.
+
+`validate()` is a pure function (fuzzed in tests): topic and payload in, an `Incoming` out, or a
+`RejectedMessage` with a short reason that is counted in `kgpu_ingest_rejected_total{reason}`.
+A node may only speak for itself: the node in the topic must be the node in the payload (the
+broker's ACL additionally ties the topic to the MQTT user).
+
+Batches are written in one transaction (by count or by time, whichever comes first); only after
+the commit does the cloud publish each node's cumulative ack, so a crash between the two replays
+as duplicates, which the store turns into no-ops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from collections.abc import Callable
+
+from cloud.store import FleetStore, Incoming, IngestResult
+from shared.logs import get_logger
+from shared.mqtt import Received
+from shared.protocol import EVENT_KINDS, Kind, RejectedMessage, decode
+from shared.topics import BadTopic, parse_topic
+
+log = get_logger(__name__)
+
+TOPIC_KINDS: dict[str, frozenset[Kind]] = {
+    "status": frozenset({Kind.STATUS}),
+    "telemetry": frozenset({Kind.TELEMETRY}),
+    "events": EVENT_KINDS,
+}
+
+
+def validate(topic: str, payload: bytes, received_at: float) -> Incoming:
+    """Check one edge message end to end; raise RejectedMessage(reason, detail) if it is bad."""
+    try:
+        parts = parse_topic(topic)
+    except BadTopic as exc:
+        raise RejectedMessage("bad_topic", str(exc)) from None
+    if parts.side != "edge":
+        raise RejectedMessage("bad_topic", f"not an edge topic: {topic}")
+    envelope, body = decode(payload)
+    if envelope.node != parts.node:
+        raise RejectedMessage("node_mismatch", f"topic node {parts.node!r} but payload node {envelope.node!r}")
+    if envelope.kind not in TOPIC_KINDS[parts.kind]:
+        raise RejectedMessage("kind_mismatch", f"{envelope.kind} on the {parts.kind} topic")
+    if parts.kind == "events" and envelope.seq is None:
+        raise RejectedMessage("missing_seq", "an event without seq cannot be deduplicated")
+    return Incoming(envelope=envelope, body=body, received_at=received_at)
+
+
+class Ingestor:
+    def __init__(self, store: FleetStore, publish_ack: Callable[[str, int, str | None], None], *,
+                 batch_size: int = 500, batch_interval_s: float = 0.1) -> None:
+        self.store = store
+        self.publish_ack = publish_ack
+        self.batch_size = batch_size
+        self.batch_interval_s = batch_interval_s
+        self.queue: asyncio.Queue[Incoming] = asyncio.Queue()
+        self.accepted: Counter[str] = Counter()  # by envelope kind
+        self.rejected: Counter[str] = Counter()  # by reason
+        self.stored = 0
+        self.duplicates = 0
+        self.gaps = 0
+        self.stale = 0
+        self.batches = 0
+        self.store_errors = 0
+        self.failing = False  # the last write failed and is being retried
+        self.lag_seconds: dict[str, float] = {}  # node -> arrival minus the edge's ts, last message
+        self.last_batch_seconds = 0.0
+
+    def offer(self, message: Received) -> None:
+        """Called on the event loop for every message from the broker."""
+        received_at = time.time()
+        try:
+            incoming = validate(message.topic, message.payload, received_at)
+        except RejectedMessage as exc:
+            self.rejected[exc.reason] += 1
+            log.warning("rejected message: %s: %s", exc.reason, exc.detail[:300], extra={"topic": message.topic[:200]})
+            return
+        envelope = incoming.envelope
+        self.accepted[envelope.kind.value] += 1
+        self.lag_seconds[envelope.node] = received_at - envelope.ts
+        self.queue.put_nowait(incoming)
+
+    async def run(self) -> None:
+        """Write batches until cancelled; a failing batch is retried, never dropped."""
+        while True:
+            batch = [await self.queue.get()]
+            deadline = time.monotonic() + self.batch_interval_s
+            while len(batch) < self.batch_size:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                try:
+                    batch.append(await asyncio.wait_for(self.queue.get(), timeout=remaining))
+                except TimeoutError:
+                    break
+            await self._write(batch)
+
+    async def _write(self, batch: list[Incoming]) -> None:
+        delay = 0.5
+        while True:
+            started = time.perf_counter()
+            try:
+                result: IngestResult = await asyncio.to_thread(self.store.ingest, batch)
+                self.failing = False
+                break
+            except ValueError as exc:  # a batch the store refuses will never succeed: say so, go on
+                self.rejected["refused_by_store"] += len(batch)
+                log.error("fleet store refused a batch of %d messages: %s", len(batch), exc)
+                return
+            except Exception as exc:  # the database is down: keep the batch, retry with backoff
+                self.store_errors += 1
+                self.failing = True
+                log.error("fleet store write failed, retrying in %.1f s: %s", delay, exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30.0)
+        self.last_batch_seconds = time.perf_counter() - started
+        self.batches += 1
+        self.stored += result.stored
+        self.duplicates += result.duplicates
+        self.stale += result.stale
+        for node, missing in result.gaps.items():
+            self.gaps += missing
+        for node, (upto, epoch) in result.acks.items():
+            self.publish_ack(node, upto, epoch)

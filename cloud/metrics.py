@@ -1,0 +1,57 @@
+"""Prometheus exposition of the controller, read at scrape time from the ingestor's counters."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from shared import __version__
+
+if TYPE_CHECKING:
+    from cloud.controller import Controller
+
+
+class ControllerCollector(Collector):
+    def __init__(self, controller: "Controller") -> None:
+        self.controller = controller
+
+    def collect(self) -> Iterator[Metric]:
+        c = self.controller
+        ingest = c.ingestor
+        accepted = CounterMetricFamily("kgpu_ingest_messages", "Valid messages received, by kind.", labels=["kind"])
+        for kind, count in sorted(ingest.accepted.items()):
+            accepted.add_metric([kind], count)
+        yield accepted
+        rejected = CounterMetricFamily("kgpu_ingest_rejected", "Messages refused, by reason.", labels=["reason"])
+        for reason, count in sorted(ingest.rejected.items()):
+            rejected.add_metric([reason], count)
+        yield rejected
+        yield CounterMetricFamily("kgpu_ingest_events_stored", "Edge events stored (first copies).", value=ingest.stored)
+        yield CounterMetricFamily("kgpu_ingest_duplicates", "Edge events received again and ignored.", value=ingest.duplicates)
+        yield CounterMetricFamily("kgpu_ingest_seq_gaps", "Events received beyond a hole in a node's seq.", value=ingest.gaps)
+        yield CounterMetricFamily("kgpu_ingest_stale_epoch", "Events of an outbox epoch the node left.", value=ingest.stale)
+        yield CounterMetricFamily("kgpu_ingest_batches", "Batches written to the fleet store.", value=ingest.batches)
+        yield CounterMetricFamily("kgpu_ingest_store_errors", "Failed fleet-store writes (retried).", value=ingest.store_errors)
+        yield GaugeMetricFamily("kgpu_ingest_queue_depth", "Messages waiting to be written.", value=ingest.queue.qsize())
+        yield GaugeMetricFamily("kgpu_ingest_last_batch_seconds", "Time to write the last batch.", value=ingest.last_batch_seconds)
+        lag = GaugeMetricFamily(
+            "kgpu_node_lag_seconds", "Arrival minus the edge's timestamp of its last message "
+            "(negative: the edge's clock is ahead).", labels=["node"])
+        for node, seconds in sorted(ingest.lag_seconds.items()):
+            lag.add_metric([node], seconds)
+        yield lag
+        yield GaugeMetricFamily("kgpu_mqtt_connected", "1 while the controller's MQTT link is up.",
+                                value=1.0 if c.mqtt is not None and c.mqtt.connected else 0.0)
+        info = GaugeMetricFamily("kgpu_controller_info", "The controller's version.", labels=["version"])
+        info.add_metric([__version__], 1.0)
+        yield info
+
+
+def make_registry(controller: "Controller") -> CollectorRegistry:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(ControllerCollector(controller))
+    return registry

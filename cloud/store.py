@@ -1,0 +1,988 @@
+"""The cloud's fleet store: every node's state, its GPUs, telemetry history, events and decisions.
+
+One SQLAlchemy 2 (Core) schema that runs on SQLite (a single controller, a lab) and PostgreSQL
+(the fleet, several controller replicas). The schema is versioned with Alembic from the first
+table on: `FleetStore` runs `upgrade head` when it opens, so a newer kgpu migrates the database
+and an older one refuses a database it does not know.
+
+Events arrive at least once (MQTT QoS 1, edge retries until acked). `ingest` gives them an
+exactly-once effect: a whole batch is ONE transaction, every event is keyed by
+(node, outbox epoch, seq) under a unique constraint, and the node's `acked_seq` (the cumulative
+ack sent back to the edge) is written in the same transaction as the events it covers. A crash
+after the commit and before the ack therefore replays as duplicates, never as lost or doubled
+rows. Two replicas ingesting the same node serialise on that node's row (`SELECT ... FOR UPDATE`
+on PostgreSQL, `BEGIN IMMEDIATE` on SQLite); the unique constraint is the last line of defence.
+
+An event whose node epoch is not yet known (no status seen) is stored under the epoch `""` and
+moved to the real epoch when a status names it: "unknown" matches whatever epoch comes first.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections import defaultdict
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from alembic import command as alembic_command
+from alembic.config import Config as AlembicConfig
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from alembic.util import CommandError
+from sqlalchemy import event as sa_event
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.engine import Connection, Engine, make_url
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
+
+from shared.gpu import GpuSample, Health
+from shared.logs import get_logger
+from shared.protocol import (
+    BODY_MODELS,
+    EVENT_KINDS,
+    DecisionBody,
+    Envelope,
+    GpuSummary,
+    Kind,
+    StatusBody,
+    TelemetryBody,
+)
+from shared.topics import NODE_NAME_RE
+from shared.wire import WireModel
+
+log = get_logger(__name__)
+
+MIGRATIONS_DIR = Path(__file__).parent / "migrations"
+DEFAULT_HISTORY_RESOLUTION_S = 60.0
+DEFAULT_BUSY_TIMEOUT_MS = 10_000
+UNKNOWN_EPOCH = ""
+"""Epoch stored for events of a node whose outbox epoch no status has named yet (NOT NULL keeps
+the unique constraint effective: NULLs never collide)."""
+
+INGESTED_KINDS = frozenset({Kind.STATUS, Kind.TELEMETRY}) | EVENT_KINDS
+_CHUNK_ROWS = 500  # rows per multi-row INSERT: far below SQLite's and PostgreSQL's bind limits
+_ADVANCE_PAGE = 1000  # stored seqs read per step when walking acked_seq forward
+_MIGRATION_LOCK_KEY = 0x6B677075  # "kgpu": PostgreSQL advisory lock around `upgrade head`
+
+# ---- schema (kept identical to migrations/versions; tests compare the two) ------------------
+
+JsonType = sa.JSON().with_variant(JSONB(), "postgresql")
+# SQLite only auto-increments an `INTEGER PRIMARY KEY`, PostgreSQL wants BIGINT for big tables.
+RowId = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+
+metadata = sa.MetaData()
+
+nodes_table = sa.Table(
+    "nodes",
+    metadata,
+    sa.Column("name", sa.String(253), primary_key=True),
+    sa.Column("online", sa.Boolean, nullable=False),
+    sa.Column("first_seen", sa.Float, nullable=False),  # cloud clock
+    sa.Column("last_seen", sa.Float, nullable=False),  # cloud clock: liveness is judged here
+    sa.Column("daemon_version", sa.String),
+    sa.Column("policy_name", sa.String),
+    sa.Column("policy_version", sa.Integer),
+    sa.Column("outbox_depth", sa.Integer),
+    sa.Column("outbox_epoch", sa.String(64)),  # NULL until a status names it
+    sa.Column("acked_seq", sa.BigInteger, nullable=False),
+    sa.Column("gaps", sa.BigInteger, nullable=False),
+    sa.Column("degraded", JsonType, nullable=False),
+    sa.Column("labels", JsonType, nullable=False),
+    sa.Column("status_ts", sa.Float),  # edge clock of the newest status applied
+)
+
+gpus_table = sa.Table(
+    "gpus",
+    metadata,
+    sa.Column(
+        "node",
+        sa.String(253),
+        sa.ForeignKey("nodes.name", name="fk_gpus_node", ondelete="CASCADE"),
+        primary_key=True,
+    ),
+    sa.Column("uuid", sa.String, primary_key=True),
+    sa.Column("index", sa.Integer, nullable=False),
+    sa.Column("name", sa.String),  # NULL when only telemetry has been seen
+    sa.Column("health", sa.String),
+    sa.Column("power_limit_w", sa.Float),
+    sa.Column("sample", JsonType),  # the latest GpuSample
+    sa.Column("sample_ts", sa.Float),  # its edge timestamp, so a late sample cannot win
+    sa.Column("updated_at", sa.Float, nullable=False),  # cloud clock
+)
+
+samples_table = sa.Table(
+    "samples",
+    metadata,
+    sa.Column("id", RowId, primary_key=True, autoincrement=True),
+    sa.Column(
+        "node",
+        sa.String(253),
+        sa.ForeignKey("nodes.name", name="fk_samples_node", ondelete="CASCADE"),
+        nullable=False,
+    ),
+    sa.Column("uuid", sa.String, nullable=False),
+    sa.Column("ts", sa.Float, nullable=False),
+    sa.Column("temperature_c", sa.Float),
+    sa.Column("power_w", sa.Float),
+    sa.Column("power_limit_w", sa.Float),
+    sa.Column("utilization_pct", sa.Float),
+    sa.Column("memory_used_bytes", sa.BigInteger),
+    sa.Index("ix_samples_node_uuid_ts", "node", "uuid", "ts"),
+    sa.Index("ix_samples_ts", "ts"),
+)
+
+events_table = sa.Table(
+    "events",
+    metadata,
+    sa.Column("id", RowId, primary_key=True, autoincrement=True),
+    sa.Column(
+        "node",
+        sa.String(253),
+        sa.ForeignKey("nodes.name", name="fk_events_node", ondelete="CASCADE"),
+        nullable=False,
+    ),
+    sa.Column("epoch", sa.String(64), nullable=False),
+    sa.Column("seq", sa.BigInteger, nullable=False),
+    sa.Column("msg_id", sa.String(64), nullable=False),
+    sa.Column("kind", sa.String(32), nullable=False),
+    sa.Column("ts", sa.Float, nullable=False),  # edge clock
+    sa.Column("received_at", sa.Float, nullable=False),  # cloud clock
+    sa.Column("body", JsonType, nullable=False),
+    sa.UniqueConstraint("node", "epoch", "seq", name="uq_events_node_epoch_seq"),
+    sa.Index("ix_events_node_ts", "node", "ts"),
+    sa.Index("ix_events_kind_ts", "kind", "ts"),
+    sa.Index("ix_events_ts", "ts"),
+)
+
+decisions_table = sa.Table(
+    "decisions",
+    metadata,
+    sa.Column("id", RowId, primary_key=True, autoincrement=True),
+    sa.Column(
+        "node",
+        sa.String(253),
+        sa.ForeignKey("nodes.name", name="fk_decisions_node", ondelete="CASCADE"),
+        nullable=False,
+    ),
+    sa.Column("epoch", sa.String(64), nullable=False),
+    sa.Column("seq", sa.BigInteger, nullable=False),
+    sa.Column("ts", sa.Float, nullable=False),
+    sa.Column("gpu_uuid", sa.String),
+    sa.Column("rule", sa.String, nullable=False),
+    sa.Column("action", sa.String, nullable=False),
+    sa.Column("value", sa.Float),
+    sa.Column("outcome", sa.String(16), nullable=False),
+    sa.Column("reason", sa.Text, nullable=False),
+    sa.Column("policy_version", sa.Integer),
+    sa.UniqueConstraint("node", "epoch", "seq", name="uq_decisions_node_epoch_seq"),
+    sa.Index("ix_decisions_node_ts", "node", "ts"),
+    sa.Index("ix_decisions_ts", "ts"),
+)
+
+
+# ---- public types ---------------------------------------------------------------------------
+
+
+class FleetStoreError(RuntimeError):
+    """The database could not do what was asked; `reason` is the driver's short message."""
+
+    def __init__(self, message: str, reason: str | None = None) -> None:
+        super().__init__(message)
+        self.reason = reason or message
+
+
+@dataclass(frozen=True)
+class Incoming:
+    """One validated message from the edge, with the cloud time it was received."""
+
+    envelope: Envelope
+    body: WireModel  # already validated for envelope.kind
+    received_at: float
+
+
+@dataclass
+class IngestResult:
+    """What one `ingest` did, and the acks the controller must publish because of it."""
+
+    # node -> (acked_seq, epoch): the cumulative ack for every node that sent events in the
+    # batch, duplicates included (a duplicate means the edge missed our previous ack).
+    acks: dict[str, tuple[int, str | None]] = field(default_factory=dict)
+    stored: int = 0
+    duplicates: int = 0
+    gaps: dict[str, int] = field(default_factory=dict)  # node -> events stored beyond a hole
+    stale: int = 0  # events sent before a status that changed the node's epoch: dropped
+
+
+# ---- per-batch working state ----------------------------------------------------------------
+
+
+@dataclass
+class _NodeWork:
+    """One node's row while a batch is applied to it (written back once at the end)."""
+
+    row: dict[str, Any]
+    epoch_before: str | None
+    adopted_epoch: bool = False  # a status named the epoch of a node that had none
+    epoch_changed: bool = False  # a status named a different epoch: acked_seq restarts
+    gpu_summaries: list[GpuSummary] | None = None  # from the newest status applied
+    samples: list[GpuSample] = field(default_factory=list)
+    # (epoch in effect when the event arrived, the event); the epoch decides stale or not
+    events: list[tuple[str | None, Incoming]] = field(default_factory=list)
+    sent_events: bool = False
+
+    @property
+    def name(self) -> str:
+        return str(self.row["name"])
+
+
+def _reason(exc: BaseException) -> str:
+    """The driver's message without SQLAlchemy's statement dump and link."""
+    if isinstance(exc, DBAPIError) and exc.orig is not None:
+        text = str(exc.orig).strip()
+        return text.splitlines()[0] if text else type(exc.orig).__name__
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def _chunks(rows: Sequence[Any], size: int = _CHUNK_ROWS) -> Iterator[Sequence[Any]]:
+    for start in range(0, len(rows), size):
+        yield rows[start : start + size]
+
+
+def _epoch_key(epoch: str | None) -> str:
+    return UNKNOWN_EPOCH if epoch is None else epoch
+
+
+def _epoch_out(epoch: str) -> str | None:
+    return None if epoch == UNKNOWN_EPOCH else epoch
+
+
+def _ranges(numbers: Iterable[int], limit: int = 5) -> str:
+    """`[3, 4, 5, 8]` -> "3-5,8" (the first `limit` ranges), for a readable log line."""
+    spans: list[tuple[int, int]] = []
+    for n in numbers:
+        if spans and n == spans[-1][1] + 1:
+            spans[-1] = (spans[-1][0], n)
+        else:
+            spans.append((n, n))
+    text = ",".join(f"{a}" if a == b else f"{a}-{b}" for a, b in spans[:limit])
+    return text + (",..." if len(spans) > limit else "")
+
+
+# ---- the store ------------------------------------------------------------------------------
+
+
+class FleetStore:
+    """The controller's database. One instance per process; safe to share between threads."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        history_resolution_s: float = DEFAULT_HISTORY_RESOLUTION_S,
+        busy_timeout_ms: int = DEFAULT_BUSY_TIMEOUT_MS,
+    ) -> None:
+        if history_resolution_s < 0:
+            raise ValueError("history_resolution_s must not be negative")
+        self.history_resolution_s = history_resolution_s
+        self._busy_timeout_ms = busy_timeout_ms
+        self._closed = False
+        # SQLite has one writer anyway: queue threads on a mutex, not on its busy handler.
+        self._write_lock = threading.Lock()
+        self._url_for_logs = "?"
+        with self._errors("open"):
+            self._engine = self._make_engine(url)
+        self._dialect = self._engine.dialect.name
+        self._write_engine = self._engine.execution_options(kgpu_begin="IMMEDIATE")
+        try:
+            with self._errors("migrate"):
+                self._migrate()
+        except BaseException:
+            self._engine.dispose()
+            raise
+
+    # -- plumbing ------------------------------------------------------------------------------
+
+    @property
+    def engine(self) -> Engine:
+        """The SQLAlchemy engine (for tests and diagnostics; use the methods for data)."""
+        return self._engine
+
+    def _make_engine(self, url: str) -> Engine:
+        parsed = make_url(url)
+        self._url_for_logs = parsed.render_as_string(hide_password=True)
+        backend = parsed.get_backend_name()
+        if backend == "postgresql":
+            if parsed.get_driver_name() != "psycopg":
+                parsed = parsed.set(drivername="postgresql+psycopg")  # the driver we ship
+            return sa.create_engine(
+                parsed, pool_pre_ping=True, connect_args={"connect_timeout": 10}
+            )
+        if backend != "sqlite":
+            raise ValueError(f"fleet store: unsupported database {backend!r} (sqlite, postgresql)")
+        if not parsed.database or parsed.database == ":memory:":
+            raise ValueError("fleet store: SQLite needs a file (sqlite:///path/fleet.db)")
+        path = Path(parsed.database)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise FleetStoreError(
+                f"fleet store: cannot create {path.parent}: {exc.strerror or exc}",
+                reason=str(exc.strerror or exc),
+            ) from exc
+        busy_ms = self._busy_timeout_ms
+        engine = sa.create_engine(
+            parsed, connect_args={"check_same_thread": False, "timeout": busy_ms / 1000}
+        )
+
+        @sa_event.listens_for(engine, "connect")
+        def _on_connect(dbapi_conn: sqlite3.Connection, _record: Any) -> None:
+            # SQLAlchemy's "begin" event issues BEGIN itself (see edge/store.py for why).
+            dbapi_conn.isolation_level = None
+            cur = dbapi_conn.cursor()
+            try:
+                mode = cur.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+                if str(mode).lower() != "wal":
+                    log.warning("sqlite refused WAL journal mode", extra={"journal_mode": mode})
+                # An ack goes out right after the commit: the commit must survive power loss.
+                cur.execute("PRAGMA synchronous=FULL")
+                cur.execute("PRAGMA foreign_keys=ON")
+                cur.execute(f"PRAGMA busy_timeout={int(busy_ms)}")
+            finally:
+                cur.close()
+
+        @sa_event.listens_for(engine, "begin")
+        def _on_begin(conn: Connection) -> None:
+            mode = conn.get_execution_options().get("kgpu_begin", "DEFERRED")
+            conn.exec_driver_sql(f"BEGIN {mode}")
+
+        return engine
+
+    @contextmanager
+    def _errors(self, op: str) -> Iterator[None]:
+        """Turn every database error into a FleetStoreError with the driver's reason."""
+        try:
+            yield
+        except FleetStoreError:
+            raise
+        except (SQLAlchemyError, sqlite3.Error, OSError, CommandError) as exc:
+            reason = _reason(exc)
+            log.error("fleet store %s failed: %s", op, reason, extra={"db": self._url_for_logs})
+            raise FleetStoreError(f"fleet store: {op} failed: {reason}", reason=reason) from exc
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise FleetStoreError("fleet store: the store is closed", reason="closed")
+
+    @contextmanager
+    def _read(self, op: str) -> Iterator[Connection]:
+        self._check_open()
+        with self._errors(op), self._engine.connect() as conn, conn.begin():
+            yield conn
+
+    @contextmanager
+    def _write(self, op: str) -> Iterator[Connection]:
+        """One write transaction: committed on exit, rolled back on any exception."""
+        self._check_open()
+        lock = self._write_lock if self._dialect == "sqlite" else _NO_LOCK
+        with self._errors(op), lock, self._write_engine.connect() as conn, conn.begin():
+            yield conn
+
+    def _insert(self, table: sa.Table) -> Any:
+        """The dialect's INSERT, which has ON CONFLICT."""
+        return pg_insert(table) if self._dialect == "postgresql" else sqlite_insert(table)
+
+    def _migrate(self) -> None:
+        """`alembic upgrade head`, in one transaction; refuse a schema newer than this code."""
+        config = AlembicConfig()
+        config.set_main_option("script_location", str(MIGRATIONS_DIR))
+        script = ScriptDirectory.from_config(config)
+        with self._write("migrate") as conn:
+            if self._dialect == "postgresql":
+                # Two replicas starting together must not both create the tables.
+                conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_MIGRATION_LOCK_KEY)))
+            current = MigrationContext.configure(conn).get_current_heads()
+            known = {rev.revision for rev in script.walk_revisions()}
+            unknown = [rev for rev in current if rev not in known]
+            if unknown:
+                raise FleetStoreError(
+                    f"fleet store: the database schema is at revision {', '.join(unknown)}, "
+                    "which this kgpu does not know (written by a newer version); upgrade kgpu",
+                    reason="schema too new",
+                )
+            if set(current) == set(script.get_heads()):
+                return
+            config.attributes["connection"] = conn
+            alembic_command.upgrade(config, "head")
+            log.info(
+                "fleet store schema migrated",
+                extra={"db": self._url_for_logs, "from": list(current), "to": script.get_heads()},
+            )
+
+    def close(self) -> None:
+        """Release every connection."""
+        if not self._closed:
+            self._closed = True
+            self._engine.dispose()
+
+    def __enter__(self) -> FleetStore:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    # -- ingest --------------------------------------------------------------------------------
+
+    def ingest(self, batch: Sequence[Incoming]) -> IngestResult:
+        """Apply a batch of edge messages in ONE transaction; see the module docstring."""
+        batch = list(batch)
+        _check_batch(batch)  # ValueError before the database is touched
+        result = IngestResult()
+        if not batch:
+            return result
+        by_node: dict[str, list[Incoming]] = defaultdict(list)
+        for item in batch:
+            by_node[item.envelope.node].append(item)
+        with self._write("ingest") as conn:
+            work = self._lock_nodes(conn, by_node)
+            for name in sorted(by_node):
+                for item in by_node[name]:
+                    self._apply(work[name], item)
+            self._store_events(conn, work, result)
+            self._store_gpus(conn, work)
+            self._store_samples(conn, work)
+            self._write_nodes(conn, work)
+        for w in work.values():
+            if w.sent_events:
+                result.acks[w.name] = (int(w.row["acked_seq"]), w.row["outbox_epoch"])
+        return result
+
+    def _lock_nodes(
+        self, conn: Connection, by_node: dict[str, list[Incoming]]
+    ) -> dict[str, _NodeWork]:
+        """Create the batch's unknown nodes, then lock every node row, in name order (so two
+        replicas never wait on each other in a circle)."""
+        names = sorted(by_node)
+        fresh = [
+            {
+                "name": name,
+                "online": True,  # it is talking to us
+                "first_seen": min(i.received_at for i in by_node[name]),
+                "last_seen": min(i.received_at for i in by_node[name]),
+                "outbox_epoch": None,
+                "acked_seq": 0,
+                "gaps": 0,
+                "degraded": [],
+                "labels": {},
+            }
+            for name in names
+        ]
+        for chunk in _chunks(fresh):
+            conn.execute(
+                self._insert(nodes_table)
+                .values(list(chunk))
+                .on_conflict_do_nothing(index_elements=["name"])
+            )
+        work: dict[str, _NodeWork] = {}
+        for chunk in _chunks(names):
+            rows = conn.execute(
+                sa.select(nodes_table)
+                .where(nodes_table.c.name.in_(chunk))
+                .order_by(nodes_table.c.name)
+                .with_for_update()
+            )
+            for row in rows:
+                values = dict(row._mapping)
+                work[values["name"]] = _NodeWork(row=values, epoch_before=values["outbox_epoch"])
+        return work
+
+    def _apply(self, w: _NodeWork, item: Incoming) -> None:
+        """Fold one message into the node's working state, in the order it arrived."""
+        env, row = item.envelope, w.row
+        row["last_seen"] = max(row["last_seen"], item.received_at)
+        if env.kind == Kind.STATUS:
+            assert isinstance(item.body, StatusBody)
+            self._apply_status(w, env, item.body)
+        elif env.kind == Kind.TELEMETRY:
+            assert isinstance(item.body, TelemetryBody)
+            w.samples.extend(item.body.samples)
+        else:
+            w.sent_events = True
+            w.events.append((row["outbox_epoch"], item))
+
+    def _apply_status(self, w: _NodeWork, env: Envelope, body: StatusBody) -> None:
+        row = w.row
+        if body.state == "offline" and row["status_ts"] is not None and env.ts < row["status_ts"]:
+            # A last will is made when the edge connects, so it carries an old ts, but the broker
+            # only publishes it when that connection dies: "offline" is true now, whatever its ts.
+            # (A stale will cannot come later: the edge's next status replaces the retained one.)
+            row["online"] = False
+            log.info("node went offline (last will)", extra={"node": w.name, "msg_id": env.id})
+            return
+        if row["status_ts"] is not None and env.ts < row["status_ts"]:
+            log.info(
+                "older status ignored (out-of-order delivery)",
+                extra={"node": w.name, "msg_id": env.id, "status_ts": row["status_ts"]},
+            )
+            return
+        row.update(
+            status_ts=env.ts,
+            online=body.state == "online",
+            daemon_version=body.version,
+            policy_name=body.policy_name,
+            policy_version=body.policy_version,
+            outbox_depth=body.outbox_depth,
+            degraded=list(body.degraded),
+        )
+        w.gpu_summaries = list(body.gpus)
+        new_epoch = body.outbox_epoch
+        if new_epoch is None or new_epoch == row["outbox_epoch"]:
+            return  # an edge that does not say keeps the epoch it had
+        if row["outbox_epoch"] is None:
+            # The first epoch named: events so far (stored under "unknown") belong to it.
+            w.adopted_epoch = True
+            w.events = [(new_epoch if tag is None else tag, item) for tag, item in w.events]
+        else:
+            log.warning(
+                "node outbox epoch changed (its database was re-created): acked_seq restarts",
+                extra={
+                    "node": w.name,
+                    "msg_id": env.id,
+                    "old_epoch": row["outbox_epoch"],
+                    "new_epoch": new_epoch,
+                    "old_acked_seq": row["acked_seq"],
+                },
+            )
+            w.epoch_changed = True
+            row["acked_seq"] = 0
+        row["outbox_epoch"] = new_epoch
+
+    def _store_events(self, conn: Connection, work: dict[str, _NodeWork], out: IngestResult) -> None:
+        """Insert the new events of every node (one statement per chunk), then move acked_seq."""
+        candidates: list[tuple[_NodeWork, Incoming]] = []
+        for w in work.values():
+            if w.adopted_epoch:
+                self._relabel_unknown_epoch(conn, w)
+            epoch = w.row["outbox_epoch"]
+            current: dict[int, Incoming] = {}
+            for tag, item in w.events:
+                if tag != epoch:
+                    out.stale += 1
+                    log.warning(
+                        "event from before the node's epoch change dropped",
+                        extra={"node": w.name, "msg_id": item.envelope.id,
+                               "seq": item.envelope.seq, "epoch": tag},
+                    )
+                    continue
+                seq = int(item.envelope.seq or 0)
+                if seq in current or seq <= w.row["acked_seq"]:
+                    out.duplicates += 1
+                else:
+                    current[seq] = item
+            candidates.extend((w, current[seq]) for seq in sorted(current))
+
+        stored: set[tuple[str, int]] = set()
+        rows = [
+            {
+                "node": w.name,
+                "epoch": _epoch_key(w.row["outbox_epoch"]),
+                "seq": item.envelope.seq,
+                "msg_id": item.envelope.id,
+                "kind": str(item.envelope.kind),
+                "ts": item.envelope.ts,
+                "received_at": item.received_at,
+                "body": item.envelope.body,
+            }
+            for w, item in candidates
+        ]
+        for chunk in _chunks(rows):
+            inserted = conn.execute(
+                self._insert(events_table)
+                .values(list(chunk))
+                .on_conflict_do_nothing(index_elements=["node", "epoch", "seq"])
+                .returning(events_table.c.node, events_table.c.seq)
+            )
+            stored.update((node, int(seq)) for node, seq in inserted)
+        out.stored += len(stored)
+        out.duplicates += len(candidates) - len(stored)
+
+        decisions = [
+            _decision_row(w, item)
+            for w, item in candidates
+            if item.envelope.kind == Kind.DECISION and (w.name, item.envelope.seq) in stored
+        ]
+        for chunk in _chunks(decisions):
+            conn.execute(
+                self._insert(decisions_table)
+                .values(list(chunk))
+                .on_conflict_do_nothing(index_elements=["node", "epoch", "seq"])
+            )
+
+        new_seqs: dict[str, list[int]] = defaultdict(list)
+        for node, seq in stored:
+            new_seqs[node].append(seq)
+        for w in work.values():
+            if w.sent_events or w.epoch_changed or w.adopted_epoch:
+                self._advance_acked(conn, w, sorted(new_seqs.get(w.name, [])), out)
+
+    def _relabel_unknown_epoch(self, conn: Connection, w: _NodeWork) -> None:
+        """Events stored before the node's epoch was known are moved to that epoch."""
+        for table in (events_table, decisions_table):
+            conn.execute(
+                table.update()
+                .where(table.c.node == w.name, table.c.epoch == UNKNOWN_EPOCH)
+                .values(epoch=w.row["outbox_epoch"])
+            )
+
+    def _advance_acked(
+        self, conn: Connection, w: _NodeWork, new_seqs: list[int], out: IngestResult
+    ) -> None:
+        """Move acked_seq over every consecutive stored seq; count new events beyond a hole."""
+        t = events_table
+        acked = int(w.row["acked_seq"])
+        epoch = _epoch_key(w.row["outbox_epoch"])
+        beyond: list[int] = []
+        while True:
+            page = list(
+                conn.execute(
+                    sa.select(t.c.seq)
+                    .where(t.c.node == w.name, t.c.epoch == epoch, t.c.seq > acked)
+                    .order_by(t.c.seq)
+                    .limit(_ADVANCE_PAGE)
+                ).scalars()
+            )
+            for i, seq in enumerate(page):
+                if seq != acked + 1:
+                    beyond = page[i:]
+                    break
+                acked = seq
+            if beyond or len(page) < _ADVANCE_PAGE:
+                break
+        w.row["acked_seq"] = acked
+        past_hole = [seq for seq in new_seqs if seq > acked]
+        if not past_hole:
+            return
+        w.row["gaps"] = int(w.row["gaps"]) + len(past_hole)
+        out.gaps[w.name] = out.gaps.get(w.name, 0) + len(past_hole)
+        present = set(beyond)
+        missing = [s for s in range(acked + 1, beyond[-1]) if s not in present] if beyond else []
+        log.warning(
+            "events beyond a hole in seq: stored, not acked until the missing ones arrive",
+            extra={
+                "node": w.name,
+                "epoch": w.row["outbox_epoch"],
+                "acked_seq": acked,
+                "missing": _ranges(missing),
+                "beyond_hole": len(past_hole),
+            },
+        )
+
+    def _store_gpus(self, conn: Connection, work: dict[str, _NodeWork]) -> None:
+        """Merge status summaries and latest samples into the `gpus` rows of the batch's nodes."""
+        touched = [w for w in work.values() if w.gpu_summaries is not None or w.samples]
+        if not touched:
+            return
+        g = gpus_table
+        existing: dict[tuple[str, str], dict[str, Any]] = {}
+        for chunk in _chunks([w.name for w in touched]):
+            for row in conn.execute(sa.select(g).where(g.c.node.in_(chunk))):
+                existing[(row.node, row.uuid)] = dict(row._mapping)
+        changed: dict[tuple[str, str], dict[str, Any]] = {}
+        removed: list[tuple[str, str]] = []
+        for w in touched:
+            now = w.row["last_seen"]
+            if w.gpu_summaries:  # an empty list is more likely a broken driver than no GPUs
+                listed = {s.uuid for s in w.gpu_summaries}
+                removed += [k for k in existing if k[0] == w.name and k[1] not in listed]
+                for s in w.gpu_summaries:
+                    row = existing.setdefault((w.name, s.uuid), _new_gpu(w.name, s.uuid, s.index))
+                    row.update(index=s.index, name=s.name, health=str(s.health),
+                               power_limit_w=s.power_limit_w, updated_at=now)
+                    changed[(w.name, s.uuid)] = row
+            for sample in sorted(w.samples, key=lambda s: s.ts):
+                key = (w.name, sample.uuid)
+                if key in removed:
+                    removed.remove(key)  # telemetry says it is there after all
+                row = existing.setdefault(key, _new_gpu(w.name, sample.uuid, sample.index))
+                if row["sample_ts"] is not None and sample.ts < row["sample_ts"]:
+                    continue
+                row.update(index=sample.index, sample=sample.model_dump(mode="json"),
+                           sample_ts=sample.ts, updated_at=now)
+                if sample.power_limit_w is not None:
+                    row["power_limit_w"] = sample.power_limit_w
+                changed[key] = row
+        for node, uuid in removed:
+            changed.pop((node, uuid), None)
+            conn.execute(g.delete().where(g.c.node == node, g.c.uuid == uuid))
+        rows = list(changed.values())
+        for chunk in _chunks(rows):
+            stmt = self._insert(g).values(list(chunk))
+            conn.execute(
+                stmt.on_conflict_do_update(
+                    index_elements=["node", "uuid"],
+                    set_={c: stmt.excluded[c] for c in _GPU_MUTABLE},
+                )
+            )
+
+    def _store_samples(self, conn: Connection, work: dict[str, _NodeWork]) -> None:
+        """Downsample telemetry into `samples`: at most one row per GPU per resolution."""
+        with_samples = [w for w in work.values() if w.samples]
+        if not with_samples:
+            return
+        s = samples_table
+        last: dict[tuple[str, str], float] = {}
+        for chunk in _chunks([w.name for w in with_samples]):
+            query = (
+                sa.select(s.c.node, s.c.uuid, sa.func.max(s.c.ts))
+                .where(s.c.node.in_(chunk))
+                .group_by(s.c.node, s.c.uuid)
+            )
+            for node, uuid, ts in conn.execute(query):
+                last[(node, uuid)] = float(ts)
+        rows: list[dict[str, Any]] = []
+        for w in with_samples:
+            for sample in sorted(w.samples, key=lambda x: x.ts):
+                key = (w.name, sample.uuid)
+                previous = last.get(key)
+                if previous is not None and sample.ts - previous < self.history_resolution_s:
+                    continue
+                last[key] = sample.ts
+                rows.append(
+                    {
+                        "node": w.name,
+                        "uuid": sample.uuid,
+                        "ts": sample.ts,
+                        "temperature_c": sample.temperature_c,
+                        "power_w": sample.power_w,
+                        "power_limit_w": sample.power_limit_w,
+                        "utilization_pct": sample.utilization_pct,
+                        "memory_used_bytes": sample.memory_used_bytes,
+                    }
+                )
+        for chunk in _chunks(rows):
+            conn.execute(s.insert(), list(chunk))
+
+    def _write_nodes(self, conn: Connection, work: dict[str, _NodeWork]) -> None:
+        """Write every node row back (acked_seq in the same transaction as its events)."""
+        t = nodes_table
+        stmt = (
+            t.update()
+            .where(t.c.name == sa.bindparam("b_name"))
+            .values({c: sa.bindparam(f"b_{c}") for c in _NODE_MUTABLE})
+        )
+        params = [
+            {"b_name": w.name, **{f"b_{c}": w.row[c] for c in _NODE_MUTABLE}}
+            for w in work.values()
+        ]
+        conn.execute(stmt, params)
+
+    # -- liveness ------------------------------------------------------------------------------
+
+    def mark_offline(self, node: str, ts: float) -> None:
+        """The broker says the node is gone (its last will), at cloud time `ts`.
+
+        Ignored if we heard from the node after `ts` (a will delivered late must not hide a
+        node that is back). The edge's status_ts is not touched: it is on the edge's clock."""
+        if not NODE_NAME_RE.match(node):
+            raise ValueError(f"not a valid node name: {node!r}")
+        t = nodes_table
+        with self._write("mark_offline") as conn:
+            conn.execute(
+                self._insert(t)
+                .values(name=node, online=False, first_seen=ts, last_seen=ts, acked_seq=0,
+                        gaps=0, degraded=[], labels={})
+                .on_conflict_do_nothing(index_elements=["name"])
+            )
+            result = conn.execute(
+                t.update().where(t.c.name == node, t.c.last_seen <= ts).values(online=False)
+            )
+        if result.rowcount:
+            log.info("node marked offline", extra={"node": node})
+        else:
+            log.info("late offline notice ignored: node seen since", extra={"node": node})
+
+    # -- queries -------------------------------------------------------------------------------
+
+    def nodes(self) -> list[dict[str, Any]]:
+        """Every node, by name, each with a summary of its GPUs."""
+        with self._read("nodes") as conn:
+            nodes = [dict(r._mapping) for r in conn.execute(
+                sa.select(nodes_table).order_by(nodes_table.c.name))]
+            gpus: dict[str, list[dict[str, Any]]] = defaultdict(list)
+            for row in conn.execute(sa.select(gpus_table).order_by(gpus_table.c.index)):
+                gpus[row.node].append(dict(row._mapping))
+        return [{**n, "gpu_summary": _gpu_summary(gpus.get(n["name"], []))} for n in nodes]
+
+    def node(self, name: str) -> dict[str, Any] | None:
+        """One node with its GPUs (and their latest samples), or None."""
+        with self._read("node") as conn:
+            row = conn.execute(
+                sa.select(nodes_table).where(nodes_table.c.name == name)
+            ).first()
+            if row is None:
+                return None
+            gpus = [dict(r._mapping) for r in conn.execute(
+                sa.select(gpus_table).where(gpus_table.c.node == name).order_by(gpus_table.c.index)
+            )]
+        return {**dict(row._mapping), "gpu_summary": _gpu_summary(gpus),
+                "gpus": [_gpu_out(g) for g in gpus]}
+
+    def events(
+        self,
+        node: str | None = None,
+        kind: str | None = None,
+        since: float | None = None,
+        limit: int = 100,
+    ) -> list[dict[str, Any]]:
+        """Stored events, newest first (edge time); `since` is inclusive."""
+        t = events_table
+        query = sa.select(t).order_by(t.c.ts.desc(), t.c.id.desc()).limit(max(0, limit))
+        if node is not None:
+            query = query.where(t.c.node == node)
+        if kind is not None:
+            query = query.where(t.c.kind == str(kind))
+        if since is not None:
+            query = query.where(t.c.ts >= since)
+        with self._read("events") as conn:
+            rows = [dict(r._mapping) for r in conn.execute(query)]
+        for row in rows:
+            row["epoch"] = _epoch_out(row["epoch"])
+        return rows
+
+    def decisions(
+        self, node: str | None = None, since: float | None = None, limit: int = 100
+    ) -> list[dict[str, Any]]:
+        """Decisions of the edges' policies and health checks, newest first."""
+        t = decisions_table
+        query = sa.select(t).order_by(t.c.ts.desc(), t.c.id.desc()).limit(max(0, limit))
+        if node is not None:
+            query = query.where(t.c.node == node)
+        if since is not None:
+            query = query.where(t.c.ts >= since)
+        with self._read("decisions") as conn:
+            rows = [dict(r._mapping) for r in conn.execute(query)]
+        for row in rows:
+            row["epoch"] = _epoch_out(row["epoch"])
+        return rows
+
+    def samples(
+        self, node: str, uuid: str | None = None, since: float | None = None, limit: int = 2000
+    ) -> list[dict[str, Any]]:
+        """Downsampled history in time order; when more match, the newest `limit` of them."""
+        s = samples_table
+        inner = sa.select(s).where(s.c.node == node).order_by(s.c.ts.desc(), s.c.id.desc())
+        if uuid is not None:
+            inner = inner.where(s.c.uuid == uuid)
+        if since is not None:
+            inner = inner.where(s.c.ts >= since)
+        newest = inner.limit(max(0, limit)).subquery()
+        query = sa.select(newest).order_by(newest.c.ts, newest.c.id)
+        with self._read("samples") as conn:
+            return [
+                {k: v for k, v in r._mapping.items() if k != "id"} for r in conn.execute(query)
+            ]
+
+    def prune_samples(self, older_than: float) -> int:
+        """Drop history rows with ts < older_than; returns how many."""
+        with self._write("prune_samples") as conn:
+            result = conn.execute(samples_table.delete().where(samples_table.c.ts < older_than))
+            return int(result.rowcount or 0)
+
+
+# ---- helpers --------------------------------------------------------------------------------
+
+
+class _NoLock:
+    """PostgreSQL serialises on row locks; no process-wide mutex needed."""
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *_exc: object) -> None:
+        return None
+
+
+_NO_LOCK = _NoLock()
+
+_NODE_MUTABLE = (
+    "online", "last_seen", "daemon_version", "policy_name", "policy_version", "outbox_depth",
+    "outbox_epoch", "acked_seq", "gaps", "degraded", "status_ts",
+)
+_GPU_MUTABLE = ("index", "name", "health", "power_limit_w", "sample", "sample_ts", "updated_at")
+
+
+def _check_batch(batch: Sequence[Incoming]) -> None:
+    """Refuse a batch holding anything the cloud does not ingest, before any write."""
+    for item in batch:
+        env = item.envelope
+        if env.kind not in INGESTED_KINDS:
+            raise ValueError(
+                f"{env.kind!s} is a cloud-to-edge kind; the fleet store ingests only status, "
+                "telemetry and events"
+            )
+        model = BODY_MODELS[env.kind]
+        if not isinstance(item.body, model):
+            raise ValueError(
+                f"{env.kind!s} message {env.id} carries {type(item.body).__name__}, "
+                f"not {model.__name__}"
+            )
+        if env.kind in EVENT_KINDS and (env.seq is None or env.seq < 1):
+            raise ValueError(
+                f"{env.kind!s} event {env.id} from {env.node} has no seq (got {env.seq!r}); "
+                "events come from the outbox and are numbered from 1"
+            )
+
+
+def _new_gpu(node: str, uuid: str, index: int) -> dict[str, Any]:
+    return {"node": node, "uuid": uuid, "index": index, "name": None, "health": None,
+            "power_limit_w": None, "sample": None, "sample_ts": None, "updated_at": 0.0}
+
+
+def _decision_row(w: _NodeWork, item: Incoming) -> dict[str, Any]:
+    body = item.body
+    assert isinstance(body, DecisionBody)
+    return {
+        "node": w.name,
+        "epoch": _epoch_key(w.row["outbox_epoch"]),
+        "seq": item.envelope.seq,
+        "ts": item.envelope.ts,
+        "gpu_uuid": body.gpu_uuid,
+        "rule": body.rule,
+        "action": body.action,
+        "value": body.value,
+        "outcome": str(body.outcome),
+        "reason": body.reason,
+        "policy_version": body.policy_version,
+    }
+
+
+def _gpu_out(row: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in row.items() if k != "node"}
+
+
+def _gpu_summary(gpus: list[dict[str, Any]]) -> dict[str, Any]:
+    """Counts by health and fleet-view figures from the latest samples."""
+    by_health = {str(h): 0 for h in Health}
+    by_health["unknown"] = 0
+    power: list[float] = []
+    temperatures: list[float] = []
+    for gpu in gpus:
+        health = gpu["health"] if gpu["health"] in by_health else "unknown"
+        by_health[health] += 1
+        sample = gpu["sample"] or {}
+        if sample.get("power_w") is not None:
+            power.append(float(sample["power_w"]))
+        if sample.get("temperature_c") is not None:
+            temperatures.append(float(sample["temperature_c"]))
+    return {
+        "count": len(gpus),
+        **by_health,
+        "power_w": round(sum(power), 3) if power else None,
+        "max_temperature_c": max(temperatures) if temperatures else None,
+    }

@@ -1,0 +1,335 @@
+"""Edge ↔ cloud sync over MQTT.
+
+- `status` (retained, QoS 1): published on connect, on change and every `status_interval`; the
+  last will publishes `offline` when the link dies without a clean disconnect.
+- `telemetry` (QoS 0): one message per sampling cycle while connected. While disconnected, a
+  min/max/mean summary per GPU is kept and recorded as an `offline_summary` event (through the
+  outbox, so it survives a restart) when the link is back.
+- `events`: the outbox, drained in `seq` order with QoS 1 and at most `outbox_window` events in
+  flight. An event is deleted only when the cloud's cumulative ack covers it; unacked events are
+  sent again after a reconnect or after `ack_timeout` (the cloud deduplicates by node and seq).
+- `policy` (retained) and `commands` from the cloud: validated; a policy not newer than ours is
+  ignored; a command is applied at most once per id and its result goes back as an event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from edge.config import EdgeSettings
+from shared.gpu import GpuSample
+from shared.logs import get_logger
+from shared.mqtt import AsyncMqtt, Received, TlsOptions, Will, parse_broker_url
+from shared.protocol import (
+    AckBody,
+    CommandBody,
+    CommandResultBody,
+    Envelope,
+    GpuOfflineStats,
+    Kind,
+    OfflineSummaryBody,
+    PolicyBody,
+    RejectedMessage,
+    StatusBody,
+    TelemetryBody,
+    decode,
+    make_envelope,
+)
+from shared.topics import BadTopic, cloud_topic, cloud_wildcard_for, edge_topic, parse_topic
+
+if TYPE_CHECKING:
+    from edge.daemon import EdgeDaemon
+
+log = get_logger(__name__)
+
+EXPECTED_KIND = {"ack": Kind.ACK, "policy": Kind.POLICY, "commands": Kind.COMMAND}
+
+
+@dataclass
+class RunningStats:
+    """min / max / mean of one figure without keeping the samples."""
+
+    count: int = 0
+    low: float = float("inf")
+    high: float = float("-inf")
+    total: float = 0.0
+
+    def add(self, value: float | None) -> None:
+        if value is None:
+            return
+        self.count += 1
+        self.low = min(self.low, value)
+        self.high = max(self.high, value)
+        self.total += value
+
+    def triple(self) -> tuple[float, float, float] | None:
+        if not self.count:
+            return None
+        return (round(self.low, 2), round(self.high, 2), round(self.total / self.count, 2))
+
+
+@dataclass
+class OfflineSummary:
+    """What the GPUs did while the link was down."""
+
+    since: float
+    samples: dict[int, int] = field(default_factory=dict)
+    uuids: dict[int, str] = field(default_factory=dict)
+    temperature: dict[int, RunningStats] = field(default_factory=dict)
+    power: dict[int, RunningStats] = field(default_factory=dict)
+    utilization: dict[int, RunningStats] = field(default_factory=dict)
+
+    def add(self, sample: GpuSample) -> None:
+        if sample.lost:
+            return
+        i = sample.index
+        self.uuids[i] = sample.uuid
+        self.samples[i] = self.samples.get(i, 0) + 1
+        self.temperature.setdefault(i, RunningStats()).add(sample.temperature_c)
+        self.power.setdefault(i, RunningStats()).add(sample.power_w)
+        self.utilization.setdefault(i, RunningStats()).add(sample.utilization_pct)
+
+    def body(self, until: float) -> OfflineSummaryBody:
+        return OfflineSummaryBody(
+            from_ts=self.since,
+            to_ts=until,
+            gpus=[
+                GpuOfflineStats(
+                    index=i, uuid=self.uuids[i], samples=n,
+                    temperature_c=self.temperature[i].triple(), power_w=self.power[i].triple(),
+                    utilization_pct=self.utilization[i].triple(),
+                )
+                for i, n in sorted(self.samples.items())
+            ],
+        )
+
+
+class EdgeSync:
+    def __init__(self, daemon: "EdgeDaemon", settings: EdgeSettings) -> None:
+        assert settings.mqtt is not None
+        self.daemon = daemon
+        self.settings = settings
+        self.node = daemon.node
+        self.rejected: dict[str, int] = {}
+        self.acked_upto = 0
+        self._highest_sent = 0
+        self._oldest_unacked_sent_at: float | None = None
+        self._last_status_key: tuple | None = None
+        self._last_status_at = 0.0
+        self._offline: OfflineSummary | None = OfflineSummary(since=time.time())
+        self._link_ever_up = False
+        self.mqtt: AsyncMqtt | None = None
+
+    # ---- set-up ------------------------------------------------------------------------------
+
+    def _make_client(self) -> AsyncMqtt:
+        settings = self.settings
+        address = parse_broker_url(settings.mqtt or "", password_file=settings.mqtt_password_file)
+        offline = make_envelope(self.node, StatusBody(state="offline", outbox_epoch=self.daemon.store.epoch), Kind.STATUS)
+        tls = TlsOptions(settings.mqtt_ca_file, settings.mqtt_cert_file, settings.mqtt_key_file,
+                         settings.mqtt_tls_insecure)
+        return AsyncMqtt(
+            asyncio.get_running_loop(), address, f"kgpu-edge-{self.node}",
+            subscriptions=[(cloud_wildcard_for(self.node), 1)],
+            will=Will(edge_topic(self.node, "status"), offline.to_json(), qos=1, retain=True),
+            tls=tls, clean_session=False,
+        )
+
+    async def run(self, stop: asyncio.Event) -> None:
+        self.mqtt = self._make_client()
+        self.mqtt.start()
+        self.daemon.cycle_listeners.append(self._after_cycle)
+        try:
+            self.acked_upto = await asyncio.to_thread(self._oldest_pending_minus_one)
+            tasks = [
+                asyncio.create_task(self._receive_loop(), name="sync-receive"),
+                asyncio.create_task(self._link_loop(), name="sync-link"),
+                asyncio.create_task(self._drain_loop(stop), name="sync-drain"),
+            ]
+            await stop.wait()
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            if self.mqtt.connected:
+                # a clean goodbye: the retained status says offline, no last will needed
+                self._publish_status(state="offline")
+        finally:
+            self.daemon.cycle_listeners.remove(self._after_cycle)
+            await self.mqtt.stop()
+
+    def _oldest_pending_minus_one(self) -> int:
+        pending = self.daemon.store.outbox_pending(limit=1)
+        return pending[0].seq - 1 if pending and pending[0].seq else self.daemon.store.last_seq()
+
+    # ---- link up / down ----------------------------------------------------------------------
+
+    async def _link_loop(self) -> None:
+        assert self.mqtt is not None
+        while True:
+            up = await self.mqtt.link_changes.get()
+            if up:
+                await self._on_link_up()
+            elif self._offline is None:
+                self._offline = OfflineSummary(since=time.time())
+                log.warning("link to the cloud lost; deciding locally, summarising telemetry")
+
+    async def _on_link_up(self) -> None:
+        self._link_ever_up = True
+        self._publish_status(force=True)
+        # everything not yet acked goes again, from the oldest (the cloud deduplicates)
+        self._highest_sent = self.acked_upto
+        self._oldest_unacked_sent_at = None
+        if self._offline is not None:
+            summary, self._offline = self._offline, None
+            if summary.samples:
+                await self.daemon.record([(Kind.OFFLINE_SUMMARY, summary.body(until=time.time()))])
+                log.info("link back: recorded an offline summary of %.0f s", time.time() - summary.since)
+        self.daemon.outbox_changed.set()
+
+    # ---- per cycle: telemetry and status -----------------------------------------------------
+
+    async def _after_cycle(self, samples: dict[int, GpuSample | None]) -> None:
+        present = [s for s in samples.values() if s is not None]
+        if self.mqtt is None or not self.mqtt.connected:
+            if self._offline is None:
+                self._offline = OfflineSummary(since=time.time())
+            for sample in present:
+                self._offline.add(sample)
+            return
+        if present:
+            envelope = make_envelope(self.node, TelemetryBody(samples=present), Kind.TELEMETRY)
+            self.mqtt.publish(edge_topic(self.node, "telemetry"), envelope.to_json(), qos=0)
+        self._publish_status()
+
+    def _publish_status(self, *, force: bool = False, state: str = "online") -> None:
+        """Retained status when something an operator cares about changed, or periodically."""
+        assert self.mqtt is not None
+        body = self.daemon.status_body()
+        if state == "offline":
+            body = body.model_copy(update={"state": "offline"})
+        key = (body.state, tuple((g.index, g.health, g.power_limit_w) for g in body.gpus),
+               body.policy_version, tuple(body.degraded), body.outbox_depth == 0)
+        now = time.monotonic()
+        if not force and key == self._last_status_key and now - self._last_status_at < self.settings.status_interval:
+            return
+        envelope = make_envelope(self.node, body, Kind.STATUS)
+        if self.mqtt.publish(edge_topic(self.node, "status"), envelope.to_json(), qos=1, retain=True):
+            self._last_status_key, self._last_status_at = key, now
+
+    # ---- the outbox --------------------------------------------------------------------------
+
+    async def _drain_loop(self, stop: asyncio.Event) -> None:
+        """Publish pending events in seq order, keeping at most `outbox_window` unacked."""
+        assert self.mqtt is not None
+        changed = self.daemon.outbox_changed
+        while not stop.is_set():
+            try:
+                await asyncio.wait_for(changed.wait(), timeout=1.0)
+            except TimeoutError:
+                pass
+            changed.clear()
+            if not self.mqtt.connected:
+                continue
+            now = time.monotonic()
+            if (self._oldest_unacked_sent_at is not None and self._highest_sent > self.acked_upto
+                    and now - self._oldest_unacked_sent_at > self.settings.ack_timeout):
+                log.warning("no ack for seq %d..%d within %.0f s; sending them again",
+                            self.acked_upto + 1, self._highest_sent, self.settings.ack_timeout)
+                self._highest_sent = self.acked_upto
+                self._oldest_unacked_sent_at = None
+            room = self.settings.outbox_window - (self._highest_sent - self.acked_upto)
+            if room <= 0:
+                continue
+            try:
+                pending: list[Envelope] = await asyncio.to_thread(
+                    self.daemon.store.outbox_pending, room, self._highest_sent
+                )
+            except Exception as exc:
+                log.error("cannot read the outbox: %s", exc)
+                continue
+            for envelope in pending:
+                if not self.mqtt.publish(edge_topic(self.node, "events"), envelope.to_json(), qos=1):
+                    break
+                assert envelope.seq is not None
+                self._highest_sent = envelope.seq
+                if self._oldest_unacked_sent_at is None:
+                    self._oldest_unacked_sent_at = time.monotonic()
+            if len(pending) == room:
+                changed.set()  # more waiting: go round again once acks make room
+
+    # ---- from the cloud ----------------------------------------------------------------------
+
+    def _reject(self, reason: str, detail: str, topic: str) -> None:
+        self.rejected[reason] = self.rejected.get(reason, 0) + 1
+        log.warning("rejected a message from the cloud: %s: %s", reason, detail[:200], extra={"topic": topic})
+
+    async def _receive_loop(self) -> None:
+        assert self.mqtt is not None
+        while True:
+            message = await self.mqtt.messages.get()
+            try:
+                await self._handle(message)
+            except Exception:
+                log.exception("failed to handle a message on %s", message.topic)
+
+    async def _handle(self, message: Received) -> None:
+        try:
+            parts = parse_topic(message.topic)
+        except BadTopic as exc:
+            self._reject("bad_topic", str(exc), message.topic)
+            return
+        try:
+            envelope, body = decode(message.payload)
+        except RejectedMessage as exc:
+            self._reject(exc.reason, exc.detail, message.topic)
+            return
+        if parts.side != "cloud" or parts.node != self.node or envelope.node != self.node:
+            self._reject("node_mismatch", f"topic {parts.node}, payload {envelope.node}", message.topic)
+            return
+        if EXPECTED_KIND.get(parts.kind) is not envelope.kind:
+            self._reject("kind_mismatch", f"{envelope.kind} on {parts.kind}", message.topic)
+            return
+        if isinstance(body, AckBody):
+            await self._on_ack(body)
+        elif isinstance(body, PolicyBody):
+            await self.daemon.apply_policy(body.policy, "cloud")
+            self._publish_status(force=True)
+        elif isinstance(body, CommandBody):
+            await self._on_command(envelope, body)
+
+    async def _on_ack(self, ack: AckBody) -> None:
+        if ack.epoch is not None and ack.epoch != self.daemon.store.epoch:
+            self._reject("ack_epoch", f"ack for outbox epoch {ack.epoch}, ours is {self.daemon.store.epoch}",
+                         cloud_topic(self.node, "ack"))
+            return
+        if ack.upto <= self.acked_upto:
+            return
+        deleted = await asyncio.to_thread(self.daemon.store.ack, ack.upto)
+        self.acked_upto = min(ack.upto, await asyncio.to_thread(self.daemon.store.last_seq))
+        if self._highest_sent < self.acked_upto:
+            self._highest_sent = self.acked_upto
+        self._oldest_unacked_sent_at = time.monotonic() if self._highest_sent > self.acked_upto else None
+        log.debug("cloud acked up to seq %d (%d deleted)", ack.upto, deleted)
+        await self.daemon.refresh_outbox_depth()
+        self.daemon.outbox_changed.set()
+
+    async def _on_command(self, envelope: Envelope, command: CommandBody) -> None:
+        """At most once per id: the id is marked applied in the same transaction as the result."""
+        if await asyncio.to_thread(self.daemon.store.command_applied, envelope.id):
+            log.info("command %s already applied; ignoring the repeat", command.command,
+                     extra={"msg_id": envelope.id})
+            return
+        ok, detail = await self.daemon.execute_command(command)
+        result = CommandResultBody(command_id=envelope.id, command=command.command, ok=ok, detail=detail)
+        recorded = await asyncio.to_thread(
+            self.daemon.store.record_command_result, envelope.id, command.command, result
+        )
+        log.info("command %s: %s", command.command, "ok" if ok else f"failed: {detail}",
+                 extra={"msg_id": envelope.id})
+        if recorded is not None:
+            self.daemon.outbox_changed.set()
+            await self.daemon.refresh_outbox_depth()
+

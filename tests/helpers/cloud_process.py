@@ -1,0 +1,49 @@
+"""Run `kgpu cloud run` as a real process for integration tests."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from tests.helpers.edge_process import EdgeProcess, free_port, wait_for
+
+
+class CloudProcess(EdgeProcess):
+    """Same HTTP helpers as EdgeProcess; a different command line."""
+
+    def __init__(self, workdir: Path, mqtt: str, *, db: str | None = None, env: dict[str, str] | None = None,
+                 extra_args: list[str] | None = None) -> None:
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.workdir = workdir
+        self.node = "cloud"
+        self.port = free_port()
+        self.db_url = db or f"sqlite:///{workdir / 'fleet.db'}"
+        self.log_path = workdir / f"cloud-{self.port}.log"
+        self.args = [sys.executable, "-m", "kgpu", "cloud", "run", "--mqtt", mqtt, "--db", self.db_url,
+                     "--http", f"127.0.0.1:{self.port}", *(extra_args or [])]
+        self.env = {**os.environ, "KGPU_LOG_JSON": "true", "PYTHONUNBUFFERED": "1",
+                    "KGPU_MQTT_CLIENT_ID": f"kgpu-controller-test-{workdir.name}", **(env or {})}
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def node_state(self, node: str) -> dict[str, Any] | None:
+        status, body = self.request("GET", f"/api/v1/nodes/{node}")
+        return body if status == 200 else None
+
+    def event_seqs(self, node: str) -> list[int]:
+        events = self.get(f"/api/v1/events?node={node}&limit=10000")["events"]
+        return sorted(e["seq"] for e in events)
+
+    def metric(self, name: str, **labels: str) -> float:
+        from prometheus_client.parser import text_string_to_metric_families
+
+        for family in text_string_to_metric_families(self.get("/metrics")):
+            for sample in family.samples:
+                if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                    return sample.value
+        return 0.0
+
+
+__all__ = ["CloudProcess", "wait_for"]

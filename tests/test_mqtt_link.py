@@ -1,0 +1,123 @@
+"""shared/mqtt.py against a real mosquitto: round trip, reconnect, last will, auth, TLS."""
+
+from __future__ import annotations
+
+import queue
+import time
+from pathlib import Path
+
+import pytest
+
+from shared.mqtt import MqttLink, Received, TlsOptions, Will, parse_broker_url, redact
+from tests.helpers.edge_process import wait_for
+from tests.helpers.mosquitto import Mosquitto, TlsFiles, mosquitto_binary
+
+pytestmark = pytest.mark.skipif(mosquitto_binary() is None, reason="mosquitto not installed (scripts/test.sh installs it)")
+
+
+def link(url: str, client_id: str, inbox: "queue.Queue[Received] | None" = None, **kw: object) -> MqttLink:
+    return MqttLink(parse_broker_url(url), client_id, backoff_min_s=0.1, backoff_max_s=0.5,
+                    on_message=(inbox.put if inbox is not None else None), **kw)  # type: ignore[arg-type]
+
+
+def test_parse_and_redact() -> None:
+    address = parse_broker_url("mqtts://edge%2D1:s3cr%40t@broker.kgpu:8884")
+    assert (address.host, address.port, address.tls, address.username, address.password) == (
+        "broker.kgpu", 8884, True, "edge-1", "s3cr@t")
+    assert "s3cr" not in address.display and "s3cr" not in repr(address)
+    assert parse_broker_url("mqtt://h").port == 1883 and parse_broker_url("mqtts://h").port == 8883
+    assert redact("mqtt://u:pw@h:1") == "mqtt://u:***@h:1"
+    with pytest.raises(ValueError, match="mqtt://"):
+        parse_broker_url("http://u:pw@h")
+
+
+def test_round_trip_and_reconnect_after_broker_restart(broker: Mosquitto) -> None:
+    inbox: queue.Queue[Received] = queue.Queue()
+    sub = link(broker.url, "sub", inbox, subscriptions=[("t/#", 1)])
+    pub = link(broker.url, "pub")
+    sub.start(), pub.start()
+    try:
+        wait_for(lambda: sub.connected.is_set() and pub.connected.is_set(), what="both connected")
+        assert pub.publish("t/a", b"one")
+        assert inbox.get(timeout=5).payload == b"one"
+        broker.restart()
+        wait_for(lambda: sub.connects >= 2 and pub.connects >= 2, timeout=15, what="reconnects")
+        wait_for(lambda: pub.publish("t/a", b"two"), what="publish after reconnect")
+        got = inbox.get(timeout=5)
+        assert got.payload == b"two" and got.topic == "t/a"
+    finally:
+        sub.stop(), pub.stop()
+
+
+def test_publish_while_down_says_so(tmp_path: Path) -> None:
+    down = link("mqtt://127.0.0.1:1", "nobody")
+    down.start()
+    try:
+        wait_for(lambda: down.last_error is not None, what="a connection error")
+        assert "cannot connect" in down.last_error
+        assert down.publish("t", b"x") is False
+    finally:
+        down.stop()
+
+
+def test_last_will_marks_a_dead_client(broker: Mosquitto) -> None:
+    inbox: queue.Queue[Received] = queue.Queue()
+    watcher = link(broker.url, "watcher", inbox, subscriptions=[("status/#", 1)])
+    watcher.start()
+    dying = link(broker.url, "dying", will=Will("status/dying", b"offline"), keepalive_s=1)
+    dying.start()
+    try:
+        wait_for(lambda: watcher.connected.is_set() and dying.connected.is_set(), what="connected")
+        dying._client.socket().close()  # the process vanishes without DISCONNECT
+        dying._stop.set()
+        message = inbox.get(timeout=10)
+        assert (message.topic, message.payload) == ("status/dying", b"offline")
+    finally:
+        watcher.stop()
+
+
+def test_clean_stop_sends_no_last_will(broker: Mosquitto) -> None:
+    inbox: queue.Queue[Received] = queue.Queue()
+    watcher = link(broker.url, "watcher", inbox, subscriptions=[("status/#", 1)])
+    watcher.start()
+    leaving = link(broker.url, "leaving", will=Will("status/leaving", b"offline"))
+    leaving.start()
+    wait_for(lambda: watcher.connected.is_set() and leaving.connected.is_set(), what="connected")
+    leaving.stop()
+    time.sleep(1.0)
+    assert inbox.empty()
+    watcher.stop()
+
+
+def test_wrong_password_is_refused_and_reported(tmp_path: Path) -> None:
+    server = Mosquitto(tmp_path / "b", users={"edge-1": "right"}).start()
+    try:
+        bad = link(f"mqtt://edge-1:wrong@127.0.0.1:{server.port}", "edge-1")
+        bad.start()
+        wait_for(lambda: bad.last_error and "refused" in bad.last_error, what="a refusal")
+        assert not bad.connected.is_set() and "wrong" not in bad.last_error
+        bad.stop()
+        good = link(f"mqtt://edge-1:right@127.0.0.1:{server.port}", "edge-1")
+        good.start()
+        wait_for(good.connected.is_set, what="connected with the right password")
+        good.stop()
+    finally:
+        server.stop()
+
+
+def test_tls_with_the_right_ca_only(tmp_path: Path) -> None:
+    tls = TlsFiles(tmp_path / "tls")
+    server = Mosquitto(tmp_path / "b", tls=tls).start()
+    try:
+        secure = link(f"mqtts://127.0.0.1:{server.tls_port}", "secure", tls=TlsOptions(ca_file=tls.ca))
+        secure.start()
+        wait_for(secure.connected.is_set, what="TLS connection")
+        secure.stop()
+        other_ca = TlsFiles(tmp_path / "other")
+        untrusted = link(f"mqtts://127.0.0.1:{server.tls_port}", "untrusted", tls=TlsOptions(ca_file=other_ca.ca))
+        untrusted.start()
+        wait_for(lambda: untrusted.last_error is not None, what="a certificate error")
+        assert "certificate" in untrusted.last_error.lower() and not untrusted.connected.is_set()
+        untrusted.stop()
+    finally:
+        server.stop()

@@ -1,0 +1,290 @@
+"""Edge ↔ cloud over a real mosquitto, with the edge and the cloud as real processes.
+
+Every scenario ends with the same check: the cloud holds each of the edge's events exactly once
+(seq 1..N, no gap, no repeat) and the edge's outbox is empty.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+from shared.mqtt import MqttLink, parse_broker_url
+from shared.policy import PowerPolicy
+from shared.protocol import CommandBody, DecisionBody, Kind, PolicyBody, StatusBody, make_envelope
+from shared.topics import cloud_topic, edge_topic
+from tests.helpers.cloud_process import CloudProcess
+from tests.helpers.edge_process import EdgeProcess, wait_for
+from tests.helpers.mosquitto import Mosquitto, mosquitto_binary
+
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(mosquitto_binary() is None, reason="mosquitto not installed (scripts/test.sh installs it)")]
+
+# utilisation flipping across the threshold makes a decision nearly every cycle
+BUSY_POLICY = {"policy": {"version": 1, "powerSaving": {"enabled": True, "utilizationThreshold": 50,
+                                                        "capPercent": 60, "sustainPeriod": 0}},
+               "ack_timeout": 3, "status_interval": 2}
+
+
+def edge_seqs(edge: EdgeProcess) -> int:
+    with sqlite3.connect(edge.db) as conn:
+        return int(conn.execute("SELECT value FROM meta WHERE key='last_seq'").fetchone()[0])
+
+
+def outbox_depth(edge: EdgeProcess) -> int:
+    with sqlite3.connect(edge.db) as conn:
+        return int(conn.execute("SELECT count(*) FROM outbox").fetchone()[0])
+
+
+def churn(edge: EdgeProcess, rounds: int, gpus: int = 2) -> None:
+    for _ in range(rounds):
+        for gpu in range(gpus):
+            edge.inject(gpu, utilization=random.choice([0, 100]))
+        time.sleep(random.uniform(0.3, 0.8))
+
+
+def assert_exactly_once(edge: EdgeProcess, cloud: CloudProcess, timeout: float = 40) -> int:
+    """Wait until the cloud holds seq 1..last_seq of the edge and the edge's outbox is empty."""
+    def settled() -> bool:
+        last = edge_seqs(edge)
+        return last > 0 and cloud.event_seqs(edge.node) == list(range(1, last + 1)) and outbox_depth(edge) == 0
+
+    wait_for(settled, timeout=timeout, what=f"cloud to hold every event of {edge.node} once and acks to empty the outbox")
+    return edge_seqs(edge)
+
+
+@pytest.fixture
+def stack(tmp_path: Path, broker: Mosquitto) -> Iterator[dict[str, Any]]:
+    parts: dict[str, Any] = {"broker": broker}
+    cloud = CloudProcess(tmp_path / "cloud", broker.url).start()
+    parts["cloud"] = cloud
+    edges: list[EdgeProcess] = []
+
+    def edge(node: str = "edge-a", **kw: Any) -> EdgeProcess:
+        workdir = tmp_path / node
+        workdir.mkdir(exist_ok=True)
+        config = {**BUSY_POLICY, **kw.pop("config", {})}
+        process = EdgeProcess(workdir, node=node, mqtt=broker.url, config=config, **kw)
+        edges.append(process)
+        return process.start()
+
+    parts["edge"] = edge
+    yield parts
+    for process in [*edges, cloud]:
+        if process.proc is not None and process.proc.poll() is None:
+            process.proc.kill()
+            process.proc.wait()
+
+
+def test_events_status_and_telemetry_reach_the_cloud(stack: dict[str, Any]) -> None:
+    cloud: CloudProcess = stack["cloud"]
+    edge: EdgeProcess = stack["edge"]()
+    edge.inject(1, xid=79)
+    churn(edge, 3)
+    assert_exactly_once(edge, cloud)
+    node = wait_for(lambda: (n := cloud.node_state("edge-a")) and n["online"] and len(n["gpus"]) == 2 and n,
+                    what="node online with two GPUs")
+    assert node["outbox_epoch"] and node["daemon_version"] == "0.1.0"
+    wait_for(lambda: any(g["health"] == "unhealthy" for g in cloud.node_state("edge-a")["gpus"]),
+             what="GPU health from the status")
+    kinds = {e["kind"] for e in cloud.get("/api/v1/events?node=edge-a&limit=1000")["events"]}
+    assert {"xid", "health", "migration_request", "decision"} <= kinds
+    xids = cloud.get("/api/v1/events?node=edge-a&kind=xid")["events"]
+    assert len(xids) == 1 and xids[0]["body"]["xid"] == 79
+    assert cloud.get("/api/v1/decisions?node=edge-a")["decisions"]
+    assert wait_for(lambda: cloud.get("/api/v1/nodes/edge-a/samples")["samples"], what="sample history")
+    assert cloud.metric("kgpu_ingest_messages_total", kind="telemetry") > 0
+    assert edge.get("/metrics").count("kgpu_outbox_depth 0.0") == 1
+
+
+def test_broker_restarts_in_the_middle_of_a_stream(stack: dict[str, Any]) -> None:
+    broker: Mosquitto = stack["broker"]
+    edge: EdgeProcess = stack["edge"]()
+    for _ in range(3):
+        churn(edge, 3)
+        broker.restart()
+    churn(edge, 2)
+    total = assert_exactly_once(edge, stack["cloud"], timeout=60)
+    assert total >= 4  # the stream really flowed across the restarts
+
+
+def test_broker_down_for_a_while_edge_keeps_deciding_then_replays(stack: dict[str, Any]) -> None:
+    broker: Mosquitto = stack["broker"]
+    cloud: CloudProcess = stack["cloud"]
+    edge: EdgeProcess = stack["edge"]()
+    churn(edge, 2)
+    assert_exactly_once(edge, cloud)
+    before = edge_seqs(edge)
+    broker.stop()
+    churn(edge, 6)  # decisions go on with no broker
+    edge.inject(0, xid=48)
+    wait_for(lambda: edge_seqs(edge) > before + 3, what="decisions while offline")
+    assert outbox_depth(edge) > 0
+    broker.start()
+    assert_exactly_once(edge, cloud, timeout=60)
+    summaries = cloud.get("/api/v1/events?node=edge-a&kind=offline_summary")["events"]
+    assert summaries, "the link came back: one summary of what happened meanwhile"
+    gpu0 = summaries[0]["body"]["gpus"][0]
+    assert gpu0["samples"] >= 2 and gpu0["temperature_c"][0] <= gpu0["temperature_c"][1]
+
+
+def test_partition_sigstop_then_heal(stack: dict[str, Any]) -> None:
+    broker: Mosquitto = stack["broker"]
+    edge: EdgeProcess = stack["edge"]()
+    churn(edge, 2)
+    broker.pause()
+    churn(edge, 4)
+    broker.resume()
+    churn(edge, 2)
+    assert_exactly_once(edge, stack["cloud"], timeout=60)
+
+
+def test_edge_kill_9_with_events_in_flight(stack: dict[str, Any]) -> None:
+    edge: EdgeProcess = stack["edge"]()
+    for _ in range(3):
+        churn(edge, 2)
+        edge.kill9()
+        edge.start()
+    churn(edge, 2)
+    assert_exactly_once(edge, stack["cloud"], timeout=60)
+
+
+def test_cloud_kill_9_replays_as_no_ops(stack: dict[str, Any], tmp_path: Path) -> None:
+    cloud: CloudProcess = stack["cloud"]
+    edge: EdgeProcess = stack["edge"]()
+    for _ in range(3):
+        churn(edge, 2)
+        cloud.kill9()  # wherever it is: between commit and ack, or mid-batch
+        churn(edge, 1)
+        cloud.start()
+    churn(edge, 2)
+    assert_exactly_once(edge, cloud, timeout=60)
+    assert cloud.metric("kgpu_ingest_seq_gaps_total") == 0
+
+
+def test_last_will_marks_a_killed_edge_offline(stack: dict[str, Any]) -> None:
+    cloud: CloudProcess = stack["cloud"]
+    edge: EdgeProcess = stack["edge"](config={"status_interval": 1})
+    wait_for(lambda: (n := cloud.node_state("edge-a")) and n["online"], what="online")
+    edge.kill9()
+    wait_for(lambda: cloud.node_state("edge-a")["online"] is False, timeout=90, what="offline after the last will")
+    edge.start()
+    wait_for(lambda: cloud.node_state("edge-a")["online"] is True, what="online again")
+
+
+def raw_link(broker: Mosquitto, client_id: str) -> MqttLink:
+    link = MqttLink(parse_broker_url(broker.url), client_id, backoff_min_s=0.1, backoff_max_s=0.5)
+    link.start()
+    wait_for(link.connected.is_set, what="raw client connected")
+    return link
+
+
+def decision(seq: int, node: str = "fake-1") -> bytes:
+    body = DecisionBody(rule="test", action="record", outcome="recorded", reason=f"event {seq}")
+    return make_envelope(node, body, Kind.DECISION, seq=seq).to_json()
+
+
+def test_duplicates_out_of_order_and_gaps_from_a_raw_publisher(stack: dict[str, Any]) -> None:
+    cloud: CloudProcess = stack["cloud"]
+    fake = raw_link(stack["broker"], "fake-1")
+    acks: list[int] = []
+    listener = MqttLink(parse_broker_url(stack["broker"].url), "fake-1-acks", subscriptions=[(cloud_topic("fake-1", "ack"), 1)],
+                        on_message=lambda m: acks.append(json.loads(m.payload)["body"]["upto"]))
+    listener.start()
+    try:
+        wait_for(listener.connected.is_set, what="ack listener")
+        status = make_envelope("fake-1", StatusBody(state="online", outbox_epoch="e1"), Kind.STATUS)
+        fake.publish(edge_topic("fake-1", "status"), status.to_json(), retain=True)
+        for seq in (1, 2, 2, 4, 1):
+            fake.publish(edge_topic("fake-1", "events"), decision(seq))
+        wait_for(lambda: cloud.event_seqs("fake-1") == [1, 2, 4], what="1, 2, 4 stored once")
+        wait_for(lambda: acks and max(acks) == 2, what="ack stops at the gap")
+        assert cloud.metric("kgpu_ingest_seq_gaps_total") >= 1
+        assert cloud.metric("kgpu_ingest_duplicates_total") >= 2
+        fake.publish(edge_topic("fake-1", "events"), decision(3))
+        wait_for(lambda: cloud.event_seqs("fake-1") == [1, 2, 3, 4], what="the hole filled")
+        wait_for(lambda: max(acks) == 4, what="ack covers everything once the hole is filled")
+    finally:
+        fake.stop(), listener.stop()
+
+
+def test_a_node_cannot_speak_for_another_and_garbage_is_counted(stack: dict[str, Any]) -> None:
+    cloud: CloudProcess = stack["cloud"]
+    fake = raw_link(stack["broker"], "intruder")
+    try:
+        fake.publish(edge_topic("victim", "events"), decision(1, node="intruder"))
+        fake.publish(edge_topic("victim", "events"), b"\xff not json")
+        fake.publish(edge_topic("victim", "events"), json.dumps({"v": 9}).encode())
+        fake.publish(edge_topic("victim", "telemetry"), decision(1, node="victim"))  # wrong kind for topic
+        fake.publish("kgpu/v1/edge/victim/secrets", b"{}")
+        wait_for(lambda: cloud.metric("kgpu_ingest_rejected_total", reason="node_mismatch") == 1
+                 and cloud.metric("kgpu_ingest_rejected_total", reason="not_json") == 1
+                 and cloud.metric("kgpu_ingest_rejected_total", reason="version") == 1
+                 and cloud.metric("kgpu_ingest_rejected_total", reason="kind_mismatch") == 1
+                 and cloud.metric("kgpu_ingest_rejected_total", reason="bad_topic") == 1,
+                 what="each bad message counted under its reason")
+        assert cloud.node_state("victim") is None
+        assert cloud.request("GET", "/healthz")[0] == 200
+    finally:
+        fake.stop()
+
+
+def test_policy_from_the_cloud_applies_caches_and_survives_restart_offline(stack: dict[str, Any]) -> None:
+    broker: Mosquitto = stack["broker"]
+    edge: EdgeProcess = stack["edge"](gpus=1, config={"policy": {"version": 1}})
+    publisher = raw_link(broker, "kgpu-controller-policy")
+    try:
+        policy = PowerPolicy(name="site-cap", version=5, power_cap_watts=400)
+        publisher.publish(cloud_topic("edge-a", "policy"),
+                          make_envelope("edge-a", PolicyBody(policy=policy), Kind.POLICY).to_json(), retain=True)
+        wait_for(lambda: edge.get("/api/v1/policy")["policy"]["version"] == 5, what="policy v5 applied")
+        assert edge.get("/api/v1/policy")["source"] == "cloud"
+        wait_for(lambda: edge.gpu(0)["sample"]["power_limit_w"] == 400, what="the cap enforced")
+        older = PowerPolicy(name="site-cap", version=4, power_cap_watts=300)
+        publisher.publish(cloud_topic("edge-a", "policy"),
+                          make_envelope("edge-a", PolicyBody(policy=older), Kind.POLICY).to_json())
+        time.sleep(2)
+        assert edge.get("/api/v1/policy")["policy"]["version"] == 5, "an older policy is ignored"
+        # offline restart: the cached policy keeps applying with no broker at all
+        edge.stop()
+        broker.stop()
+        edge.start()
+        body = edge.get("/api/v1/policy")
+        assert (body["policy"]["version"], body["source"]) == (5, "cache")
+    finally:
+        publisher.stop()
+
+
+def test_commands_apply_at_most_once_and_report_back(stack: dict[str, Any]) -> None:
+    cloud: CloudProcess = stack["cloud"]
+    edge: EdgeProcess = stack["edge"]()
+    uuid = edge.gpu(1)["inventory"]["uuid"]
+    publisher = raw_link(stack["broker"], "kgpu-controller-commands")
+    try:
+        command = make_envelope("edge-a", CommandBody(command="drain", gpu_uuid=uuid), Kind.COMMAND)
+        for _ in range(3):  # the same id, three times
+            publisher.publish(cloud_topic("edge-a", "commands"), command.to_json())
+        wait_for(lambda: edge.gpu(1)["draining"], what="GPU 1 draining")
+        assert not edge.gpu(0)["draining"]
+        results = wait_for(lambda: cloud.get("/api/v1/events?node=edge-a&kind=command_result")["events"],
+                           what="the result at the cloud")
+        time.sleep(2)
+        results = cloud.get("/api/v1/events?node=edge-a&kind=command_result")["events"]
+        assert len(results) == 1 and results[0]["body"]["ok"] and results[0]["body"]["command_id"] == command.id
+        check = make_envelope("edge-a", CommandBody(command="restart_check"), Kind.COMMAND)
+        publisher.publish(cloud_topic("edge-a", "commands"), check.to_json())
+        wait_for(lambda: len(cloud.get("/api/v1/events?node=edge-a&kind=command_result")["events"]) == 2,
+                 what="restart_check result")
+        # a command addressed to this node but claiming another node in the payload is refused
+        forged = make_envelope("edge-b", CommandBody(command="drain"), Kind.COMMAND)
+        publisher.publish(cloud_topic("edge-a", "commands"), forged.to_json())
+        time.sleep(1.5)
+        assert not edge.gpu(0)["draining"]
+    finally:
+        publisher.stop()

@@ -1,0 +1,512 @@
+"""`kgpu watch`: the pure WatchState fed real envelopes, then the real CLI against a real mosquitto
+(--json lines, --node filter, Ctrl-C, an unreachable broker, the rich display under a pty)."""
+
+from __future__ import annotations
+
+import fcntl
+import io
+import json
+import os
+import pty
+import queue
+import re
+import select
+import signal
+import struct
+import subprocess
+import sys
+import termios
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from rich.console import Console
+from typer.testing import CliRunner
+
+from kgpu.cli import app
+from kgpu.watch import (
+    LinkView,
+    WatchError,
+    WatchOptions,
+    WatchState,
+    json_line,
+    make_link,
+    render,
+    run_watch,
+)
+from shared.gpu import GpuSample, Health
+from shared.mqtt import MqttLink, parse_broker_url
+from shared.policy import PowerPolicy
+from shared.protocol import (
+    AckBody,
+    CommandBody,
+    DecisionBody,
+    Envelope,
+    GpuSummary,
+    HealthBody,
+    Kind,
+    PolicyBody,
+    StatusBody,
+    TelemetryBody,
+    XidBody,
+    make_envelope,
+)
+from shared.topics import cloud_topic, edge_topic
+from tests.helpers.edge_process import wait_for
+from tests.helpers.mosquitto import Mosquitto, mosquitto_binary
+
+REPO = Path(__file__).resolve().parents[1]
+T0 = 1_700_000_000.0
+needs_mosquitto = pytest.mark.skipif(mosquitto_binary() is None, reason="mosquitto not installed")
+
+
+# ---- envelopes ------------------------------------------------------------------------------
+
+
+def gpus(*health: Health) -> list[GpuSummary]:
+    return [GpuSummary(index=i, uuid=f"GPU-{i}", name="NVIDIA H100", health=h) for i, h in enumerate(health)]
+
+
+def status(node: str, state: str = "online", *, ts: float | None = None, **kw: Any) -> Envelope:
+    kw.setdefault("gpus", gpus(Health.HEALTHY, Health.HEALTHY))
+    env = make_envelope(node, StatusBody(state=state, **kw), Kind.STATUS)  # type: ignore[arg-type]
+    return env.model_copy(update={"ts": ts}) if ts is not None else env
+
+
+def at(env: Envelope, ts: float) -> Envelope:
+    return env.model_copy(update={"ts": ts})
+
+
+def decision(node: str, seq: int) -> Envelope:
+    body = DecisionBody(gpu_index=0, gpu_uuid="GPU-0", rule="thermal_step_down", action="set_power_limit",
+                        value=560.0, outcome="applied", reason="88 °C > 83 °C")
+    return make_envelope(node, body, Kind.DECISION, seq=seq)
+
+
+def xid(node: str, seq: int) -> Envelope:
+    return make_envelope(node, XidBody(gpu_index=1, gpu_uuid="GPU-1", xid=79, action="request_migration"),
+                         Kind.XID, seq=seq)
+
+
+def health(node: str, seq: int, index: int = 0) -> Envelope:
+    body = HealthBody(level="gpu", gpu_index=index, gpu_uuid=f"GPU-{index}", previous=Health.HEALTHY,
+                      current=Health.UNHEALTHY)
+    return make_envelope(node, body, Kind.HEALTH, seq=seq)
+
+
+def telemetry(node: str) -> Envelope:
+    sample = GpuSample(index=0, uuid="GPU-0", ts=time.time(), temperature_c=71.0, power_w=640.0)
+    return make_envelope(node, TelemetryBody(samples=[sample]), Kind.TELEMETRY)
+
+
+def feed(state: WatchState, topic: str, env: Envelope | bytes, received_at: float, **kw: Any) -> Any:
+    payload = env if isinstance(env, bytes) else env.to_json()
+    return state.feed(topic, payload, received_at, **kw)
+
+
+# ---- WatchState -----------------------------------------------------------------------------
+
+
+def test_node_table_from_status_events_and_acks() -> None:
+    state = WatchState()
+    feed(state, edge_topic("edge-a", "status"),
+         status("edge-a", version="0.3.0", outbox_depth=4, policy_name="eco", policy_version=7,
+                gpus=gpus(Health.HEALTHY, Health.UNHEALTHY, Health.HEALTHY), ts=T0 - 0.25), T0)
+    feed(state, edge_topic("edge-a", "events"), at(decision("edge-a", 41), T0 + 1), T0 + 1.5)
+    feed(state, edge_topic("edge-a", "events"), at(xid("edge-a", 42), T0 + 2), T0 + 2.1)
+    feed(state, cloud_topic("edge-a", "ack"), make_envelope("edge-a", AckBody(upto=41), Kind.ACK), T0 + 3)
+
+    node = state.nodes["edge-a"]
+    assert (node.state, node.version, node.outbox_depth, node.policy_name, node.policy_version) == (
+        "online", "0.3.0", 4, "eco", 7)
+    assert (node.gpu_count, node.unhealthy) == (3, 1)
+    assert (node.max_event_seq, node.ack_upto) == (42, 41)
+    assert node.last_seen == T0 + 2.1  # the cloud's ack says nothing about when the edge was heard
+    assert node.last_lag_s == pytest.approx(0.1)
+
+    # the event list: the status change, the decision and the xid; not the ack
+    assert [(e.kind, e.seq) for e in state.events] == [("status", None), ("decision", 41), ("xid", 42)]
+    assert state.events[1].summary.startswith("decision thermal_step_down set_power_limit 560 W applied")
+    assert state.events[2].summary == "xid 79 on GPU 1 → request_migration"
+
+    # a health event moves a GPU to unhealthy in the table
+    feed(state, edge_topic("edge-a", "events"), health("edge-a", 43), T0 + 4)
+    assert state.events[-1].summary == "health GPU 0 healthy→unhealthy"
+    assert (node.unhealthy, node.max_event_seq) == (2, 43)
+
+
+def test_offline_status_and_the_retained_one_at_start() -> None:
+    state = WatchState()
+    # the retained status the broker hands over on subscribe: an hour old
+    retained = status("edge-b", version="0.3.0", ts=T0 - 3600)
+    obs = feed(state, edge_topic("edge-b", "status"), retained, T0, retained=True)
+    node = state.nodes["edge-b"]
+    assert node.state == "online" and node.last_seen == T0 - 3600  # last heard an hour ago, not now
+    assert node.last_lag_s is None  # a retained message's age is not link lag
+    assert json_line(obs)["retained"] is True
+
+    feed(state, edge_topic("edge-b", "telemetry"), at(telemetry("edge-b"), T0 + 0.5), T0 + 0.6)
+    assert node.last_seen == T0 + 0.6 and node.last_lag_s == pytest.approx(0.1)
+    # the last will, made when the edge connected long ago and sent by the broker now: offline,
+    # minimal; it is neither lag nor a sign of life, and what the online status said is kept
+    will = status("edge-b", "offline", gpus=[], ts=T0 - 7200)
+    feed(state, edge_topic("edge-b", "status"), will, T0 + 1)
+    assert node.state == "offline" and node.gpu_count == 2 and node.version == "0.3.0"
+    assert node.last_seen == T0 + 0.6 and node.last_lag_s == pytest.approx(0.1)
+    assert [e.summary.split()[:2] for e in state.events] == [["status", "online"], ["status", "offline"]]
+    # the periodic re-publication of the same state is not an event
+    feed(state, edge_topic("edge-b", "status"), status("edge-b", "offline", gpus=[], ts=T0 + 2), T0 + 2)
+    assert len(state.events) == 2
+
+
+def test_lag_positive_and_negative() -> None:
+    state = WatchState()
+    obs = feed(state, edge_topic("edge-a", "telemetry"), at(telemetry("edge-a"), T0 - 2.5), T0)
+    assert obs.lag_s == pytest.approx(2.5) and state.nodes["edge-a"].last_lag_s == pytest.approx(2.5)
+    # the edge's clock is 3 s ahead of ours: shown, not clamped to zero
+    obs = feed(state, edge_topic("edge-a", "telemetry"), at(telemetry("edge-a"), T0 + 4), T0 + 1)
+    assert obs.lag_s == pytest.approx(-3.0) and state.nodes["edge-a"].last_lag_s == pytest.approx(-3.0)
+    assert json_line(obs)["lag_s"] == pytest.approx(-3.0)
+    console = Console(record=True, width=200, file=io.StringIO())
+    console.print(render(state, T0 + 1))
+    assert "-3.00s clock ahead" in console.export_text()
+    # telemetry flows all the time: it is counted, not listed
+    assert len(state.events) == 0 and state.total == 2
+
+
+def test_rates_over_a_sliding_window() -> None:
+    state = WatchState()
+    for i in range(20):  # 2 telemetry messages per second for 10 s
+        feed(state, edge_topic("edge-a", "telemetry"), telemetry("edge-a"), T0 + i * 0.5)
+    feed(state, edge_topic("edge-a", "events"), decision("edge-a", 1), T0 + 9)
+    rates = state.rates(T0 + 9.5)
+    assert rates["telemetry"] == pytest.approx(2.0) and rates["events"] == pytest.approx(0.1)
+    assert state.rates(T0 + 14.6)["telemetry"] == pytest.approx(1.0)  # the first half left the window
+    assert state.rates(T0 + 30) == {"telemetry": 0.0, "events": 0.0}
+
+
+def test_rejected_messages_with_their_reasons() -> None:
+    state = WatchState()
+    topic = edge_topic("edge-a", "events")
+    obs = [
+        feed(state, topic, b"definitely not json {", T0),
+        feed(state, topic, b'{"v": 2, "node": "edge-a", "kind": "ack", "body": {"upto": 1}}', T0),
+        feed(state, topic, decision("edge-b", 1), T0),  # edge-b's event on edge-a's topic
+        feed(state, "kgpu/v1/edge/edge-a/bogus", decision("edge-a", 1), T0),
+        feed(state, "kgpu/v1/edge/Bad_Node/events", decision("edge-a", 1), T0),
+        feed(state, topic, b'{"v": 1, "node": "edge-a", "kind": "xid", "body": {"xid": "x"}}', T0),
+        feed(state, edge_topic("edge-a", "status"), decision("edge-a", 1), T0),  # an event on status
+    ]
+    assert [o.reason for o in obs] == ["not_json", "version", "node_mismatch", "bad_topic", "bad_topic",
+                                       "schema", "kind_mismatch"]
+    assert state.rejected_counts == {"bad_topic": 2, "not_json": 1, "version": 1, "node_mismatch": 1,
+                                     "schema": 1, "kind_mismatch": 1}
+    assert "edge-b" in obs[2].detail and "edge-a" in obs[2].detail
+    assert not state.nodes and not state.events  # nothing rejected updates a node
+    line = json_line(obs[0])
+    assert line["rejected"] == "not_json" and line["topic"] == topic and "envelope" not in line
+    # a rejected message with a known topic still counts in the rates; a bad topic cannot
+    assert state.rates(T0)["events"] == pytest.approx(0.4)
+    console = Console(record=True, width=200, file=io.StringIO())
+    console.print(render(state, T0 + 5))
+    text = console.export_text()
+    assert "rejected: bad_topic 2" in text and "node_mismatch" in text
+
+
+def test_node_filter() -> None:
+    state = WatchState(node="edge-a")
+    assert feed(state, edge_topic("edge-b", "status"), status("edge-b"), T0) is None
+    assert feed(state, edge_topic("edge-a", "status"), status("edge-a"), T0) is not None
+    assert feed(state, cloud_topic("edge-a", "ack"), make_envelope("edge-a", AckBody(upto=3), Kind.ACK), T0)
+    # a mismatch counts for both nodes it names
+    assert feed(state, edge_topic("edge-b", "events"), decision("edge-a", 1), T0).reason == "node_mismatch"
+    assert feed(state, "kgpu/v1/nope", b"x", T0) is None  # no node to match
+    assert feed(state, "kgpu/v1/edge/edge-a/bogus", b"x", T0).reason == "bad_topic"  # but this one names it
+    assert list(state.nodes) == ["edge-a"] and state.nodes["edge-a"].ack_upto == 3
+    assert state.total == 4 and state.rejected_counts == {"node_mismatch": 1, "bad_topic": 1}
+
+
+def test_kind_filter_by_topic_kind_and_by_envelope_kind() -> None:
+    by_topic = WatchState(kind="events")
+    by_envelope = WatchState(kind="xid")
+    messages = [
+        (edge_topic("edge-a", "status"), status("edge-a")),
+        (edge_topic("edge-a", "telemetry"), telemetry("edge-a")),
+        (edge_topic("edge-a", "events"), decision("edge-a", 1)),
+        (edge_topic("edge-a", "events"), xid("edge-a", 2)),
+        (cloud_topic("edge-a", "policy"),
+         make_envelope("edge-a", PolicyBody(policy=PowerPolicy(name="eco", version=2)), Kind.POLICY)),
+        (cloud_topic("edge-a", "commands"),
+         make_envelope("edge-a", CommandBody(command="drain"), Kind.COMMAND)),
+    ]
+    kept_topic = [feed(by_topic, t, e, T0) is not None for t, e in messages]
+    kept_envelope = [feed(by_envelope, t, e, T0) is not None for t, e in messages]
+    assert kept_topic == [False, False, True, True, False, False]
+    assert kept_envelope == [False, False, False, True, False, False]
+    assert [e.kind for e in by_topic.events] == ["decision", "xid"]
+    assert [e.kind for e in by_envelope.events] == ["xid"]
+    assert set(by_topic.rates(T0)) == {"events"}
+    # the node table still follows everything: the status gave the online state
+    assert by_envelope.nodes["edge-a"].state == "online"
+    # asking for telemetry lists telemetry, with a summary
+    tele = WatchState(kind="telemetry")
+    feed(tele, edge_topic("edge-a", "telemetry"), telemetry("edge-a"), T0)
+    assert tele.events[0].summary == "telemetry 1 samples, max 71 °C, 640 W"
+    with pytest.raises(WatchError, match="unknown --kind"):
+        WatchState(kind="bogus")
+
+
+def test_event_list_keeps_the_latest_n() -> None:
+    state = WatchState(max_events=5)
+    for seq in range(1, 13):
+        feed(state, edge_topic("edge-a", "events"), decision("edge-a", seq), T0 + seq)
+    assert [e.seq for e in state.events] == [8, 9, 10, 11, 12]
+    assert state.nodes["edge-a"].max_event_seq == 12
+
+
+def test_render_shows_nodes_rates_events_and_the_link() -> None:
+    state = WatchState()
+    feed(state, edge_topic("edge-a", "status"), status("edge-a", version="0.3.0", policy_name="eco",
+                                                     policy_version=7), T0)
+    feed(state, edge_topic("edge-z", "status"), status("edge-z", "offline"), T0)
+    feed(state, edge_topic("edge-a", "events"), xid("edge-a", 9), T0 + 1)
+    console = Console(record=True, width=200, file=io.StringIO())
+    console.print(render(state, T0 + 2, LinkView("mqtt://127.0.0.1:1883", connected=True)))
+    text = console.export_text()
+    for expected in ("edge-a", "online", "edge-z", "offline", "eco v7", "xid 79 on GPU 1", "events 0.1",
+                     "connected", "1.0s"):
+        assert expected in text, (expected, text)
+    console = Console(record=True, width=200, file=io.StringIO())
+    down = LinkView("mqtt://h:1", error="cannot connect to mqtt://h:1: refused")
+    console.print(render(WatchState(), T0, down))
+    text = console.export_text()
+    assert "not connected: cannot connect to mqtt://h:1: refused — retrying" in text
+    assert "waiting for messages" in text
+
+
+# ---- options --------------------------------------------------------------------------------
+
+
+def test_bad_options_are_one_line_and_exit_2(tmp_path: Path) -> None:
+    with pytest.raises(WatchError, match="mqtt://host:port"):
+        make_link(WatchOptions(mqtt="http://broker"), print)
+    with pytest.raises(WatchError, match="no broker given"):
+        make_link(WatchOptions(mqtt=None), print)
+    with pytest.raises(WatchError, match="password file not found"):
+        make_link(WatchOptions(mqtt="mqtt://h", password_file=tmp_path / "nope"), print)
+    with pytest.raises(WatchError, match="need an mqtts:// URL"):
+        make_link(WatchOptions(mqtt="mqtt://h", tls_insecure=True), print)
+    with pytest.raises(WatchError, match="CA file not found"):
+        make_link(WatchOptions(mqtt="mqtts://h", ca_file=tmp_path / "ca.pem"), print)
+    (tmp_path / "pw").write_text("s3cret\n")
+    link = make_link(WatchOptions(mqtt="mqtt://ops@h", password_file=tmp_path / "pw"), print)
+    assert link.address.password == "s3cret" and link.client_id.startswith("kgpu-watch-")
+
+    runner = CliRunner()
+    result = runner.invoke(app, ["watch", "--mqtt", "http://u:pw@broker"])
+    assert result.exit_code == 2
+    assert result.output.strip().startswith("kgpu: MQTT URL must look like") and "pw" not in result.output
+    result = runner.invoke(app, ["watch", "--kind", "bogus"], env={"KGPU_MQTT": "mqtt://h"})
+    assert result.exit_code == 2 and "kgpu: unknown --kind 'bogus'" in result.output
+
+
+# ---- the real thing, against a real broker ------------------------------------------------------
+
+
+class WatchProcess:
+    """`python -m kgpu watch ...` with its stdout and stderr read into queues (every read bounded)."""
+
+    def __init__(self, *args: str) -> None:
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env.pop("KGPU_MQTT", None)
+        self.proc = subprocess.Popen([sys.executable, "-m", "kgpu", "watch", *args], cwd=REPO, env=env,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.stdout: queue.Queue[str] = queue.Queue()
+        self.stderr: queue.Queue[str] = queue.Queue()
+        for stream, sink in ((self.proc.stdout, self.stdout), (self.proc.stderr, self.stderr)):
+            threading.Thread(target=self._pump, args=(stream, sink), daemon=True).start()
+
+    @staticmethod
+    def _pump(stream: Any, sink: queue.Queue[str]) -> None:
+        for line in stream:
+            sink.put(line)
+
+    def line(self, timeout: float = 10.0) -> dict[str, Any]:
+        try:
+            return json.loads(self.stdout.get(timeout=timeout))
+        except queue.Empty:
+            raise AssertionError(f"no JSON line in {timeout}s; stderr: {self.drain(self.stderr)}") from None
+
+    def stderr_line(self, containing: str, timeout: float = 10.0) -> str:
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                line = self.stderr.get(timeout=left)
+            except queue.Empty:
+                break
+            if containing in line:
+                return line
+        raise AssertionError(f"no stderr line with {containing!r} in {timeout}s")
+
+    @staticmethod
+    def drain(sink: queue.Queue[str]) -> str:
+        out = []
+        while not sink.empty():
+            out.append(sink.get_nowait())
+        return "".join(out)
+
+    def interrupt(self, timeout: float = 10.0) -> int:
+        self.proc.send_signal(signal.SIGINT)
+        return self.proc.wait(timeout=timeout)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+
+@pytest.fixture
+def watchers() -> Iterator[list[WatchProcess]]:
+    started: list[WatchProcess] = []
+    yield started
+    for w in started:
+        w.kill()
+
+
+@pytest.fixture
+def publisher(broker: Mosquitto) -> Iterator[MqttLink]:
+    link = MqttLink(parse_broker_url(broker.url), "test-publisher", backoff_min_s=0.1, backoff_max_s=0.5)
+    link.start()
+    wait_for(link.connected.is_set, timeout=10, what="publisher connected")
+    yield link
+    link.stop()
+
+
+def publish(link: MqttLink, topic: str, payload: Envelope | bytes, *, retain: bool = False) -> None:
+    data = payload if isinstance(payload, bytes) else payload.to_json()
+    assert link.publish(topic, data, qos=1, retain=retain)
+
+
+@needs_mosquitto
+def test_json_lines_end_to_end_with_node_filter_and_ctrl_c(broker: Mosquitto, publisher: MqttLink,
+                                                           watchers: list[WatchProcess]) -> None:
+    # retained before any watcher runs: each watcher's first line, and proof it is subscribed
+    publish(publisher, edge_topic("edge-a", "status"), status("edge-a", version="0.3.0"), retain=True)
+    publish(publisher, edge_topic("edge-b", "status"), status("edge-b"), retain=True)
+    time.sleep(0.2)
+    everything = WatchProcess("--mqtt", broker.url, "--json")
+    only_b = WatchProcess("--mqtt", broker.url, "--json", "--node", "edge-b")
+    watchers += [everything, only_b]
+    first = sorted([everything.line(), everything.line()], key=lambda line: line["topic"])
+    assert [line["envelope"]["node"] for line in first] == ["edge-a", "edge-b"]
+    assert all(line["retained"] for line in first) and first[0]["envelope"]["body"]["version"] == "0.3.0"
+    assert only_b.line()["envelope"]["node"] == "edge-b"
+
+    ahead = at(xid("edge-a", 5), time.time() + 30)  # edge-a's clock runs 30 s ahead
+    publish(publisher, edge_topic("edge-a", "events"), ahead)
+    publish(publisher, edge_topic("edge-b", "events"), decision("edge-b", 8))
+    publish(publisher, edge_topic("edge-a", "telemetry"), b"\x00garbage")
+    publish(publisher, edge_topic("edge-b", "events"), decision("edge-a", 9))  # node mismatch
+    publish(publisher, "kgpu/v1/edge/edge-b/nonsense", decision("edge-b", 1))
+
+    lines = [everything.line() for _ in range(5)]
+    assert lines[0]["topic"] == edge_topic("edge-a", "events") and "retained" not in lines[0]
+    assert Envelope.model_validate(lines[0]["envelope"]) == ahead
+    assert -31 < lines[0]["lag_s"] < -29 and lines[0]["received_at"] == pytest.approx(time.time(), abs=10)
+    assert lines[1]["envelope"]["kind"] == "decision" and lines[1]["envelope"]["seq"] == 8
+    assert lines[2]["rejected"] == "not_json" and lines[2]["topic"] == edge_topic("edge-a", "telemetry")
+    assert lines[2]["detail"]
+    assert (lines[3]["rejected"], lines[4]["rejected"]) == ("node_mismatch", "bad_topic")
+
+    # --node edge-b: edge-a's xid and garbage are not there, both edge-b rejections are
+    filtered = [only_b.line() for _ in range(3)]
+    assert filtered[0]["envelope"]["seq"] == 8
+    assert [line.get("rejected") for line in filtered[1:]] == ["node_mismatch", "bad_topic"]
+    time.sleep(0.3)
+    assert only_b.stdout.empty()
+
+    assert everything.interrupt() == 0 and only_b.interrupt() == 0
+    assert "Traceback" not in everything.drain(everything.stderr)
+
+
+@needs_mosquitto
+def test_unreachable_broker_is_retried_and_said(tmp_path: Path, watchers: list[WatchProcess]) -> None:
+    later = Mosquitto(tmp_path / "later")  # its port is chosen, nothing listens yet
+    watcher = WatchProcess("--mqtt", later.url, "--json")
+    watchers.append(watcher)
+    line = watcher.stderr_line("cannot connect")
+    assert line.startswith("kgpu watch: cannot connect to mqtt://127.0.0.1:") and "retrying" in line
+    assert watcher.proc.poll() is None  # still trying
+    later.start()
+    try:
+        watcher.stderr_line("connected to", timeout=15)
+        assert watcher.interrupt() == 0
+    finally:
+        later.stop()
+
+
+@needs_mosquitto
+def test_live_display_in_process(broker: Mosquitto, publisher: MqttLink) -> None:
+    publish(publisher, edge_topic("edge-live", "status"), status("edge-live", version="0.3.0"), retain=True)
+    out = io.StringIO()
+    console = Console(file=out, record=True, force_terminal=True, width=180, height=60)
+    stop = threading.Event()
+    codes: list[int] = []
+    runner = threading.Thread(target=lambda: codes.append(
+        run_watch(WatchOptions(mqtt=broker.url), console=console, stop=stop, refresh_per_s=20)))
+    runner.start()
+    try:
+        wait_for(lambda: "edge-live" in console.export_text(clear=False), timeout=10, what="the node row")
+        publish(publisher, edge_topic("edge-live", "events"), xid("edge-live", 3))
+        wait_for(lambda: "xid 79 on GPU 1" in console.export_text(clear=False), timeout=10, what="the event")
+    finally:
+        stop.set()
+        runner.join(10)
+    assert codes == [0]
+    text = console.export_text()
+    assert "online" in text and "connected" in text and "0.3.0" in text
+
+
+def _read_pty(fd: int, until: list[str], timeout: float) -> str:
+    """Read a pty until every string in `until` appeared (ANSI codes stripped), or time out."""
+    buf = b""
+    deadline = time.monotonic() + timeout
+    ansi = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b\][^\x07]*\x07")
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([fd], [], [], 0.2)
+        if ready:
+            try:
+                chunk = os.read(fd, 65536)
+            except OSError:
+                break
+            if not chunk:
+                break
+            buf += chunk
+            text = ansi.sub("", buf.decode(errors="replace"))
+            if all(s in text for s in until):
+                return text
+    raise AssertionError(f"pty output lacks {until} after {timeout}s: {buf[-3000:]!r}")
+
+
+@needs_mosquitto
+def test_live_display_under_a_pty_and_ctrl_c(broker: Mosquitto, publisher: MqttLink) -> None:
+    publish(publisher, edge_topic("edge-tty", "status"), status("edge-tty"), retain=True)
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 50, 180, 0, 0))
+    env = {**os.environ, "TERM": "xterm-256color", "COLUMNS": "180", "LINES": "50"}
+    proc = subprocess.Popen([sys.executable, "-m", "kgpu", "watch", "--mqtt", broker.url], cwd=REPO, env=env,
+                            stdin=slave, stdout=slave, stderr=slave, close_fds=True)
+    os.close(slave)
+    try:
+        text = _read_pty(master, ["edge-tty", "online", "connected"], timeout=15)
+        assert "msg/s" in text
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+        os.close(master)
