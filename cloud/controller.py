@@ -46,7 +46,10 @@ class Controller:
         self.mqtt = AsyncMqtt(
             asyncio.get_running_loop(), address, s.client_id, subscriptions=[(self.subscription(), 1)],
             tls=TlsOptions(s.mqtt_ca_file, s.mqtt_cert_file, s.mqtt_key_file, s.mqtt_tls_insecure),
-            clean_session=False,
+            # Alone, a durable session lets the broker queue events while the controller restarts.
+            # In a $share group it would keep a dead replica's round-robin share queued for days,
+            # so replicas use clean sessions; the edges re-send anything not acked.
+            clean_session=s.shared_subscription is not None,
         )
         self.mqtt.start()
         tasks = [

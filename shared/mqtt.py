@@ -128,6 +128,7 @@ class MqttLink:
         self.last_error: str | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._last_info: paho.MQTTMessageInfo | None = None
 
         client = paho.Client(
             CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=clean_session,
@@ -241,7 +242,21 @@ class MqttLink:
         if not self.connected.is_set():
             return False
         info = self._client.publish(topic, payload, qos=qos, retain=retain)
+        if qos > 0:
+            self._last_info = info
         return info.rc == paho.MQTT_ERR_SUCCESS
+
+    def flush(self, timeout_s: float = 30.0) -> bool:
+        """Wait until the broker has acknowledged the last QoS>0 message published (in order, so
+        all before it too); False if that did not happen within the timeout."""
+        info = self._last_info
+        if info is None:
+            return True
+        try:
+            info.wait_for_publish(timeout_s)
+        except (ValueError, RuntimeError):  # the message was dropped with the connection
+            return False
+        return info.is_published()
 
 
 class AsyncMqtt:

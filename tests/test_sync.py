@@ -288,3 +288,31 @@ def test_commands_apply_at_most_once_and_report_back(stack: dict[str, Any]) -> N
         assert not edge.gpu(0)["draining"]
     finally:
         publisher.stop()
+
+
+from tests.helpers.postgres import create_database, pg_url  # noqa: E402,F401  (fixture)
+
+
+def test_two_replicas_share_the_subscription_on_postgresql(tmp_path: Path, broker: Mosquitto, pg_url: str) -> None:
+    """Two controllers on one PostgreSQL database, one $share group: the load is split and every
+    event of several edges is stored exactly once."""
+    db = create_database(pg_url)
+    replicas = [CloudProcess(tmp_path / f"replica{i}", broker.url, db=db,
+                             extra_args=["--shared-subscription", "kgpu"]).start() for i in range(2)]
+    edges = [EdgeProcess(tmp_path / f"e{i}", node=f"edge-{i}", mqtt=broker.url, config=BUSY_POLICY) for i in range(3)]
+    for edge in edges:
+        edge.start()
+    try:
+        for _ in range(4):
+            for edge in edges:
+                churn(edge, 1)
+        for edge in edges:
+            assert_exactly_once(edge, replicas[0], timeout=60)
+            assert replicas[1].event_seqs(edge.node) == replicas[0].event_seqs(edge.node)  # one database
+        split = [r.metric("kgpu_ingest_messages_total", kind="telemetry") for r in replicas]
+        assert all(count > 0 for count in split), f"both replicas took a share: {split}"
+    finally:
+        for process in [*edges, *replicas]:
+            if process.proc is not None and process.proc.poll() is None:
+                process.proc.kill()
+                process.proc.wait()

@@ -46,6 +46,7 @@ class EdgeProcess:
         self.db = workdir / "edge.db"
         self.log_path = workdir / f"edge-{self.port}.log"
         self.config_path = workdir / "edge.yaml"
+        workdir.mkdir(parents=True, exist_ok=True)
         self.config_path.write_text(yaml.safe_dump(config or {}))
         self.args = [
             sys.executable, "-m", "kgpu", "edge", "run", "--node", node, "--backend", "sim",
