@@ -34,7 +34,29 @@ def make_app(controller: "Controller") -> web.Application:
     app.router.add_get("/api/v1/nodes/{node}/samples", samples)
     app.router.add_get("/api/v1/events", events)
     app.router.add_get("/api/v1/decisions", decisions)
+    for subsystem in controller.subsystems:
+        subsystem.add_routes(app)
     return app
+
+
+def require_token(request: web.Request) -> None:
+    """Changes (PUT, POST, DELETE) need `Authorization: Bearer <token>` when --api-token-file is
+    set; reads stay open. Raises 401 with a JSON error otherwise."""
+    import hmac
+
+    c = request.app[CONTROLLER]
+    path = c.settings.api_token_file
+    if path is None:
+        return
+    try:
+        expected = path.read_text().strip()
+    except OSError:
+        raise web.HTTPServiceUnavailable(text='{"error": "API token file unreadable", "detail": null}',
+                                         content_type="application/json") from None
+    given = request.headers.get("Authorization", "")
+    if not given.startswith("Bearer ") or not hmac.compare_digest(given[7:].strip(), expected):
+        raise web.HTTPUnauthorized(text='{"error": "a valid bearer token is required for changes", "detail": null}',
+                                   content_type="application/json", headers={"WWW-Authenticate": "Bearer"})
 
 
 def _float_query(request: web.Request, name: str) -> float | None:

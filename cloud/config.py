@@ -6,7 +6,7 @@ import socket
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from edge.config import parse_host_port, validate_mqtt_url
 from shared.policy import Seconds
@@ -33,6 +33,21 @@ class CloudSettings(KgpuSettings):
     batch_interval: Seconds = Field(0.1, ge=0.0, le=10.0, description="Longest wait to fill a batch")
     history_resolution: Seconds = Field(60.0, ge=0.0, description="One stored sample per GPU per this long")
     history_retention: Seconds = Field(7 * 24 * 3600.0, description="Sample history older than this is dropped")
+    kubeconfig: Path | None = Field(None, description="kubeconfig file (default: $KUBECONFIG or ~/.kube/config)")
+    in_cluster: bool = Field(False, description="Use the pod's service account instead of a kubeconfig")
+    no_kube: bool = Field(
+        False, description="Run without a cluster: policies from the REST API only; migration and rollout unavailable"
+    )
+    namespace: str = Field("kgpu", description="Namespace of the edge DaemonSet and the leader Lease")
+    lease_name: str = Field("kgpu-controller", description="coordination.k8s.io Lease used for leader election")
+    lease_duration: Seconds = Field(15.0, ge=2.0, le=600.0, description="A leader that does not renew loses the lease after this")
+    lease_renew_interval: Seconds = Field(5.0, ge=0.5, le=300.0, description="How often the leader renews its lease")
+    daemonset: str = Field("kgpu-edge", description="Name of the edge daemon's DaemonSet (for rollouts)")
+    migration_grace: Seconds = Field(120.0, description="Migrate work off a GPU unhealthy longer than this")
+    offline_threshold: Seconds = Field(300.0, description="Migrate GPU work off a node offline longer than this")
+    migration_max_concurrent: int = Field(3, ge=1, le=1000, description="Migrations running at once, at most")
+    migration_node_cooldown: Seconds = Field(600.0, description="No new migration from the same node within this")
+    api_token_file: Path | None = Field(None, description="Bearer token required for changes over HTTP (PUT/POST)")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_json: bool | None = Field(None, description="JSON log lines; default: when stderr is not a terminal")
 
@@ -53,6 +68,16 @@ class CloudSettings(KgpuSettings):
         if not value.startswith(("sqlite:", "postgresql")):
             raise ValueError(f"db must be a sqlite:/// or postgresql+psycopg:// URL, got {value.split('@')[-1]!r}")
         return value
+
+    @model_validator(mode="after")
+    def _one_kube_source(self) -> "CloudSettings":
+        if self.no_kube and (self.in_cluster or self.kubeconfig):
+            raise ValueError("no_kube cannot be combined with in_cluster or kubeconfig")
+        if self.in_cluster and self.kubeconfig:
+            raise ValueError("choose in_cluster or kubeconfig, not both")
+        if self.lease_renew_interval >= self.lease_duration:
+            raise ValueError("lease_renew_interval must be shorter than lease_duration")
+        return self
 
     @property
     def client_id(self) -> str:

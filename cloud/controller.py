@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
+from typing import Protocol
 
 from aiohttp import web
 
 from cloud.api import make_app
 from cloud.config import CloudSettings
 from cloud.ingest import Ingestor
+from cloud.kube import Kube, KubeUnavailable
 from cloud.store import FleetStore
 from shared.logs import get_logger
 from shared.mqtt import AsyncMqtt, TlsOptions, parse_broker_url
@@ -22,13 +24,57 @@ log = get_logger(__name__)
 PRUNE_EVERY_S = 300.0
 
 
+class Subsystem(Protocol):
+    """A part of the controller that takes decisions (policies, migrations, rollouts).
+
+    Ingest runs on every replica; `lead()` runs only on the replica holding the leader Lease and
+    is cancelled when it loses it. `add_routes` adds the subsystem's HTTP endpoints."""
+
+    name: str
+
+    def add_routes(self, app: web.Application) -> None: ...
+
+    async def lead(self) -> None: ...
+
+
 class Controller:
     def __init__(self, settings: CloudSettings) -> None:
         self.settings = settings
+        # Kubernetes first: a missing kubeconfig must fail before anything is written.
+        self.kube: Kube | None = None if settings.no_kube else Kube.connect(settings.kubeconfig, settings.in_cluster)
         self.store = FleetStore(settings.db, history_resolution_s=settings.history_resolution)
         self.ingestor = Ingestor(self.store, self.publish_ack, batch_size=settings.batch_size,
                                  batch_interval_s=settings.batch_interval)
         self.mqtt: AsyncMqtt | None = None
+        self.identity = settings.client_id  # this replica's name in the leader Lease
+        self.leading = asyncio.Event()  # set while this replica is the leader
+        self.subsystems: list[Subsystem] = []
+
+    def require_kube(self, feature: str) -> Kube:
+        """The Kubernetes client, or a clear refusal when running with --no-kube."""
+        if self.kube is None:
+            raise KubeUnavailable(f"{feature} needs a Kubernetes cluster; the controller runs with --no-kube")
+        return self.kube
+
+    def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> bool:
+        """QoS 1 publish to an edge; False when the link is down (the caller retries)."""
+        return self.mqtt is not None and self.mqtt.publish(topic, payload, qos=1, retain=retain)
+
+    async def _lead_while_leader(self, stop: asyncio.Event) -> None:
+        """Run every subsystem's lead() while `leading` is set; cancel them when it is cleared."""
+        while not stop.is_set():
+            await _wait_any(self.leading.wait(), stop.wait())
+            if stop.is_set():
+                return
+            log.info("leading: starting %s", ", ".join(s.name for s in self.subsystems) or "no subsystems")
+            tasks = [asyncio.create_task(s.lead(), name=f"lead-{s.name}") for s in self.subsystems]
+            while self.leading.is_set() and not stop.is_set():
+                await _wait_any(stop.wait(), _cleared(self.leading))
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            if not stop.is_set():
+                log.warning("lost leadership: decisions stopped on this replica")
 
     def subscription(self) -> str:
         group = self.settings.shared_subscription
@@ -50,13 +96,22 @@ class Controller:
             # In a $share group it would keep a dead replica's round-robin share queued for days,
             # so replicas use clean sessions; the edges re-send anything not acked.
             clean_session=s.shared_subscription is not None,
+            password_file=s.mqtt_password_file,
         )
         self.mqtt.start()
         tasks = [
             asyncio.create_task(self._receive(), name="receive"),
             asyncio.create_task(self.ingestor.run(), name="ingest"),
             asyncio.create_task(self._prune(stop), name="prune"),
+            asyncio.create_task(self._lead_while_leader(stop), name="lead"),
         ]
+        if self.kube is None:
+            self.leading.set()  # no cluster, no Lease: run a single replica (documented)
+        else:
+            from cloud.leader import LeaderElector
+
+            elector = LeaderElector(self.kube, self.settings, self.identity, self.leading)
+            tasks.append(asyncio.create_task(elector.run(stop), name="leader-election"))
         log.info("controller running", extra={"subscription": self.subscription(), "db": s.db.split("@")[-1]})
         await stop.wait()
         # stop taking messages, then write what was already accepted before leaving
@@ -69,6 +124,8 @@ class Controller:
         await asyncio.gather(*tasks, return_exceptions=True)
         await self.mqtt.stop()
         await asyncio.to_thread(self.store.close)
+        if self.kube is not None:
+            self.kube.close()
 
     async def _receive(self) -> None:
         assert self.mqtt is not None
@@ -89,8 +146,46 @@ class Controller:
                 pass
 
 
+async def _wait_any(*aws: object) -> None:
+    tasks = [asyncio.ensure_future(a) for a in aws]  # type: ignore[arg-type]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+async def _cleared(event: asyncio.Event) -> None:
+    while event.is_set():
+        await asyncio.sleep(0.2)
+
+
+SUBSYSTEMS = (
+    ("cloud.policies", "PolicyManager"),
+    ("cloud.workload_migration", "MigrationManager"),
+    ("cloud.rollout", "RolloutManager"),
+)
+
+
+def build_subsystems(controller: Controller) -> list[Subsystem]:
+    """Every decision-taking part of the controller, each built from the controller."""
+    import importlib
+
+    built: list[Subsystem] = []
+    for module_name, class_name in SUBSYSTEMS:
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name != module_name:
+                raise
+            continue  # TODO(issue 4): every subsystem present; then import them plainly
+        built.append(getattr(module, class_name)(controller))
+    return built
+
+
 async def serve(settings: CloudSettings) -> None:
     controller = Controller(settings)
+    controller.subsystems = build_subsystems(controller)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from cloud.store import FleetStore, Incoming, IngestResult
 from shared.logs import get_logger
@@ -67,6 +67,9 @@ class Ingestor:
         self.batches = 0
         self.store_errors = 0
         self.failing = False  # the last write failed and is being retried
+        # Called with every batch after it is committed (decisions that follow from fleet state,
+        # e.g. migrations on a migration_request event, listen here). A failing listener is logged.
+        self.listeners: list[Callable[[list[Incoming]], Awaitable[None]]] = []
         self.lag_seconds: dict[str, float] = {}  # node -> arrival minus the edge's ts, last message
         self.last_batch_seconds = 0.0
 
@@ -126,3 +129,8 @@ class Ingestor:
             self.gaps += missing
         for node, (upto, epoch) in result.acks.items():
             self.publish_ack(node, upto, epoch)
+        for listener in self.listeners:
+            try:
+                await listener(batch)
+            except Exception:
+                log.exception("ingest listener failed")

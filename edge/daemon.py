@@ -106,6 +106,7 @@ class EdgeDaemon:
         self.outbox_changed = asyncio.Event()
         self._cycle_lock = asyncio.Lock()
         # Called after every sampling cycle with its samples (the sync publishes telemetry).
+        self.sync: Any = None  # the EdgeSync when --mqtt is given (read by metrics)
         self.cycle_listeners: list[Callable[[dict[int, GpuSample | None]], Awaitable[None]]] = []
 
     # ---- set-up -------------------------------------------------------------------------

@@ -130,6 +130,17 @@ class EdgeCollector(Collector):
         yield CounterMetricFamily(
             "kgpu_sampling_cycle_seconds", "Time spent in sampling cycles.", value=d.counters.cycle_seconds_sum
         )
+        sync = d.sync
+        if sync is not None:
+            yield GaugeMetricFamily("kgpu_mqtt_connected", "1 while the link to the broker is up.",
+                                    value=1.0 if sync.mqtt is not None and sync.mqtt.connected else 0.0)
+            yield GaugeMetricFamily("kgpu_outbox_acked_seq", "Highest seq the cloud has acknowledged.",
+                                    value=sync.acked_upto)
+            rejected = CounterMetricFamily("kgpu_sync_rejected", "Messages from the cloud refused, by reason.",
+                                           labels=["reason"])
+            for reason, count in sorted(sync.rejected.items()):
+                rejected.add_metric([reason], count)
+            yield rejected
         info = GaugeMetricFamily("kgpu_build_info", "The daemon's version.", labels=["version", "backend", "driver_version"])
         info.add_metric([__version__, d.settings.backend, d.driver_version or ""], 1.0)
         yield info

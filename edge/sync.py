@@ -122,6 +122,7 @@ class EdgeSync:
         self._offline: OfflineSummary | None = OfflineSummary(since=time.time())
         self._link_ever_up = False
         self.mqtt: AsyncMqtt | None = None
+        daemon.sync = self
 
     # ---- set-up ------------------------------------------------------------------------------
 
@@ -135,7 +136,7 @@ class EdgeSync:
             asyncio.get_running_loop(), address, f"kgpu-edge-{self.node}",
             subscriptions=[(cloud_wildcard_for(self.node), 1)],
             will=Will(edge_topic(self.node, "status"), offline.to_json(), qos=1, retain=True),
-            tls=tls, clean_session=False,
+            tls=tls, clean_session=False, password_file=settings.mqtt_password_file,
         )
 
     async def run(self, stop: asyncio.Event) -> None:

@@ -87,6 +87,9 @@ def cloud_run(
     db: Annotated[Optional[str], typer.Option(help="sqlite:///path or postgresql+psycopg://... [sqlite:///kgpu-cloud.db]")] = None,
     http: Annotated[Optional[str], typer.Option(help="HOST:PORT for the API [0.0.0.0:9420]")] = None,
     shared_subscription: Annotated[Optional[str], typer.Option(help="Group for $share/GROUP/... so replicas split ingest")] = None,
+    kubeconfig: Annotated[Optional[Path], typer.Option(help="kubeconfig file [$KUBECONFIG, ~/.kube/config]")] = None,
+    in_cluster: Annotated[Optional[bool], typer.Option("--in-cluster", help="Use the pod's service account")] = None,
+    no_kube: Annotated[Optional[bool], typer.Option("--no-kube", help="No cluster: REST policies only")] = None,
     log_level: Annotated[Optional[str], typer.Option(help="debug, info, warning or error [info]")] = None,
     config: ConfigOpt = None,
 ) -> None:
@@ -96,7 +99,8 @@ def cloud_run(
     try:
         settings = load_settings(
             CloudSettings,
-            {"mqtt": mqtt, "db": db, "http": http, "shared_subscription": shared_subscription, "log_level": log_level},
+            {"mqtt": mqtt, "db": db, "http": http, "shared_subscription": shared_subscription, "log_level": log_level,
+             "kubeconfig": kubeconfig, "in_cluster": in_cluster, "no_kube": no_kube},
             config,
         )
     except ConfigError as exc:
@@ -104,9 +108,13 @@ def cloud_run(
         return
     setup_logging(settings.log_level, settings.log_json)
     from cloud.controller import serve
+    from kubernetes.config import ConfigException
 
     try:
         asyncio.run(serve(settings))
+    except ConfigException as exc:
+        typer.echo(f"kgpu: cannot reach Kubernetes: {exc}; pass --kubeconfig FILE, --in-cluster or --no-kube", err=True)
+        raise typer.Exit(code=2) from None
     except KeyboardInterrupt:
         pass
 

@@ -113,8 +113,10 @@ class MqttLink:
         on_connected: Callable[[], None] | None = None,
         on_disconnected: Callable[[str], None] | None = None,
         on_message: Callable[[Received], None] | None = None,
+        password_file: Path | None = None,
     ) -> None:
         self.address = address
+        self.password_file = password_file  # read again before every connect: rotation needs no restart
         self.client_id = client_id
         self.subscriptions = list(subscriptions)
         self.keepalive_s = keepalive_s
@@ -175,6 +177,11 @@ class MqttLink:
     def _run(self) -> None:
         backoff = self.backoff_min_s
         while not self._stop.is_set():
+            if self.password_file is not None and self.address.username is not None:
+                try:
+                    self._client.username_pw_set(self.address.username, self.password_file.read_text().strip())
+                except OSError as exc:
+                    self._note_failure(f"cannot read the MQTT password file: {exc.strerror}")
             try:
                 self._client.connect(self.address.host, self.address.port, keepalive=self.keepalive_s)
             except (OSError, ssl.SSLError, socket.timeout) as exc:

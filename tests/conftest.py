@@ -9,6 +9,7 @@ import pytest
 from tests.helpers.edge_process import EdgeProcess
 
 if TYPE_CHECKING:
+    from tests.helpers.kube import KubeEmulator
     from tests.helpers.mosquitto import Mosquitto
 
 
@@ -41,3 +42,13 @@ def broker(tmp_path: Path) -> Iterator["Mosquitto"]:
     server = Mosquitto(tmp_path / "broker").start()
     yield server
     server.stop()
+
+
+@pytest.fixture
+def kube(tmp_path: Path) -> Iterator["KubeEmulator"]:
+    """An emulated Kubernetes API server on loopback (kmock), with a kubeconfig file for it."""
+    from tests.helpers.kube import KubeEmulator
+
+    emulator = KubeEmulator(tmp_path / "kube")
+    yield emulator
+    emulator.stop()

@@ -144,6 +144,9 @@ def stored_seqs(store: FleetStore, node: str = NODE) -> list[int]:
 
 # ---- schema ---------------------------------------------------------------------------------
 
+HEAD_REVISION = max(p.name.split("_")[0] for p in
+                    (Path(__file__).resolve().parent.parent / "cloud" / "migrations" / "versions").glob("0*.py"))
+
 
 def test_migrations_create_the_schema_and_a_second_open_is_a_no_op(
     open_store: Callable[..., FleetStore], caplog: pytest.LogCaptureFixture
@@ -154,7 +157,7 @@ def test_migrations_create_the_schema_and_a_second_open_is_a_no_op(
     tables = set(sa.inspect(first.engine).get_table_names())
     assert {"nodes", "gpus", "samples", "events", "decisions", "alembic_version"} <= tables
     with first.engine.connect() as conn:
-        assert conn.execute(sa.text("SELECT version_num FROM alembic_version")).all() == [("0001",)]
+        assert conn.execute(sa.text("SELECT version_num FROM alembic_version")).all() == [(HEAD_REVISION,)]
         # The hand-written migration and the tables the store queries are the same schema.
         context = MigrationContext.configure(conn, opts={"compare_type": True})
         assert compare_metadata(context, metadata) == []
@@ -165,7 +168,7 @@ def test_migrations_create_the_schema_and_a_second_open_is_a_no_op(
     second = open_store()
     assert "fleet store schema migrated" not in caplog.text
     with second.engine.connect() as conn:
-        assert conn.execute(sa.text("SELECT version_num FROM alembic_version")).all() == [("0001",)]
+        assert conn.execute(sa.text("SELECT version_num FROM alembic_version")).all() == [(HEAD_REVISION,)]
     assert [n["name"] for n in second.nodes()] == [NODE]  # data kept
 
 

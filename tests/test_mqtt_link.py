@@ -121,3 +121,27 @@ def test_tls_with_the_right_ca_only(tmp_path: Path) -> None:
         untrusted.stop()
     finally:
         server.stop()
+
+
+def test_a_rotated_password_file_is_read_again_on_reconnect(tmp_path: Path) -> None:
+    import signal
+    import subprocess
+
+    server = Mosquitto(tmp_path / "b", users={"edge-1": "first"}).start()
+    secret = tmp_path / "password"
+    secret.write_text("first\n")
+    client = MqttLink(parse_broker_url(f"mqtt://edge-1@127.0.0.1:{server.port}"), "edge-1",
+                      backoff_min_s=0.1, backoff_max_s=0.5, password_file=secret)
+    client.start()
+    try:
+        wait_for(client.connected.is_set, what="connected with the first password")
+        # the operator rotates: new password in the broker and in the mounted secret, then SIGHUP
+        subprocess.run(["mosquitto_passwd", "-b", str(tmp_path / "b" / "passwd"), "edge-1", "second"], check=True)
+        secret.write_text("second\n")
+        assert server.proc is not None
+        server.proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: client.connects >= 2 and client.connected.is_set(), timeout=15,
+                 what="reconnected with the rotated password")
+    finally:
+        client.stop()
+        server.stop()

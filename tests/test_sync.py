@@ -100,7 +100,9 @@ def test_events_status_and_telemetry_reach_the_cloud(stack: dict[str, Any]) -> N
     assert cloud.get("/api/v1/decisions?node=edge-a")["decisions"]
     assert wait_for(lambda: cloud.get("/api/v1/nodes/edge-a/samples")["samples"], what="sample history")
     assert cloud.metric("kgpu_ingest_messages_total", kind="telemetry") > 0
-    assert edge.get("/metrics").count("kgpu_outbox_depth 0.0") == 1
+    metrics = edge.get("/metrics")
+    assert "kgpu_outbox_depth 0.0" in metrics and "kgpu_mqtt_connected 1.0" in metrics
+    assert f"kgpu_outbox_acked_seq {float(edge_seqs(edge))}" in metrics
 
 
 def test_broker_restarts_in_the_middle_of_a_stream(stack: dict[str, Any]) -> None:
@@ -165,7 +167,8 @@ def test_cloud_kill_9_replays_as_no_ops(stack: dict[str, Any], tmp_path: Path) -
         cloud.start()
     churn(edge, 2)
     assert_exactly_once(edge, cloud, timeout=60)
-    assert cloud.metric("kgpu_ingest_seq_gaps_total") == 0
+    # Gaps may be counted here: a killed controller had PUBACKed events it never committed; the
+    # edge re-sends them (ack_timeout) and the hole closes. Exactly-once above is what matters.
 
 
 def test_last_will_marks_a_killed_edge_offline(stack: dict[str, Any]) -> None:

@@ -15,7 +15,7 @@ class CloudProcess(EdgeProcess):
     """Same HTTP helpers as EdgeProcess; a different command line."""
 
     def __init__(self, workdir: Path, mqtt: str, *, db: str | None = None, env: dict[str, str] | None = None,
-                 extra_args: list[str] | None = None) -> None:
+                 extra_args: list[str] | None = None, kubeconfig: Path | None = None) -> None:
         workdir.mkdir(parents=True, exist_ok=True)
         self.workdir = workdir
         self.node = "cloud"
@@ -23,7 +23,8 @@ class CloudProcess(EdgeProcess):
         self.db_url = db or f"sqlite:///{workdir / 'fleet.db'}"
         self.log_path = workdir / f"cloud-{self.port}.log"
         self.args = [sys.executable, "-m", "kgpu", "cloud", "run", "--mqtt", mqtt, "--db", self.db_url,
-                     "--http", f"127.0.0.1:{self.port}", *(extra_args or [])]
+                     "--http", f"127.0.0.1:{self.port}",
+                     *(["--kubeconfig", str(kubeconfig)] if kubeconfig else ["--no-kube"]), *(extra_args or [])]
         self.env = {**os.environ, "KGPU_LOG_JSON": "true", "PYTHONUNBUFFERED": "1",
                     "KGPU_MQTT_CLIENT_ID": f"kgpu-controller-test-{workdir.name}", **(env or {})}
         self.proc: subprocess.Popen[bytes] | None = None
