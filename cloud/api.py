@@ -16,10 +16,10 @@ from shared.topics import NODE_NAME_RE
 if TYPE_CHECKING:
     from cloud.controller import Controller
 
-CONTROLLER: web.AppKey["Controller"] = web.AppKey("controller")
+CONTROLLER: web.AppKey[Controller] = web.AppKey("controller")
 
 
-def make_app(controller: "Controller") -> web.Application:
+def make_app(controller: Controller) -> web.Application:
     app = web.Application(middlewares=[error_middleware], client_max_size=64 * 1024)
     app[CONTROLLER] = controller
     registry = make_registry(controller)

@@ -70,7 +70,7 @@ class CloudSettings(KgpuSettings):
         return value
 
     @model_validator(mode="after")
-    def _one_kube_source(self) -> "CloudSettings":
+    def _one_kube_source(self) -> CloudSettings:
         if self.no_kube and (self.in_cluster or self.kubeconfig):
             raise ValueError("no_kube cannot be combined with in_cluster or kubeconfig")
         if self.in_cluster and self.kubeconfig:

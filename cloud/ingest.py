@@ -125,8 +125,7 @@ class Ingestor:
         self.stored += result.stored
         self.duplicates += result.duplicates
         self.stale += result.stale
-        for node, missing in result.gaps.items():
-            self.gaps += missing
+        self.gaps += sum(result.gaps.values())
         for node, (upto, epoch) in result.acks.items():
             self.publish_ack(node, upto, epoch)
         for listener in self.listeners:

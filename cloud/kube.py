@@ -58,7 +58,7 @@ class Kube:
         self.coordination = client.CoordinationV1Api(api_client)
 
     @classmethod
-    def connect(cls, kubeconfig: Path | None, in_cluster: bool) -> "Kube":
+    def connect(cls, kubeconfig: Path | None, in_cluster: bool) -> Kube:
         """From a kubeconfig file, or the pod's service account (in-cluster)."""
         if in_cluster:
             config.load_incluster_config()

@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 
 
 class ControllerCollector(Collector):
-    def __init__(self, controller: "Controller") -> None:
+    def __init__(self, controller: Controller) -> None:
         self.controller = controller
 
     def collect(self) -> Iterator[Metric]:
@@ -51,7 +51,7 @@ class ControllerCollector(Collector):
         yield info
 
 
-def make_registry(controller: "Controller") -> CollectorRegistry:
+def make_registry(controller: Controller) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(ControllerCollector(controller))
     return registry

@@ -21,10 +21,10 @@ if TYPE_CHECKING:
     from edge.daemon import EdgeDaemon
 
 log = get_logger(__name__)
-DAEMON: web.AppKey["EdgeDaemon"] = web.AppKey("daemon")
+DAEMON: web.AppKey[EdgeDaemon] = web.AppKey("daemon")
 
 
-def make_app(daemon: "EdgeDaemon") -> web.Application:
+def make_app(daemon: EdgeDaemon) -> web.Application:
     app = web.Application(middlewares=[error_middleware], client_max_size=64 * 1024)
     app[DAEMON] = daemon
     registry = make_registry(daemon)

@@ -34,7 +34,7 @@ def validate_mqtt_url(url: str) -> str:
     if not parts.hostname:
         raise ValueError(f"MQTT URL has no host: {url!r}")
     try:
-        parts.port
+        _ = parts.port  # urlsplit only checks the port when asked
     except ValueError:
         raise ValueError(f"MQTT URL has a bad port: {url!r}") from None
     return url
@@ -98,7 +98,7 @@ class EdgeSettings(KgpuSettings):
         return None if value is None else validate_mqtt_url(value)
 
     @model_validator(mode="after")
-    def _node_name(self) -> "EdgeSettings":
+    def _node_name(self) -> EdgeSettings:
         name = self.node or os.environ.get("NODE_NAME") or socket.gethostname()
         name = name.strip().lower()
         if not NODE_NAME_RE.match(name):

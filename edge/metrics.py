@@ -28,7 +28,7 @@ MIB = 1024 * 1024
 
 
 class EdgeCollector(Collector):
-    def __init__(self, daemon: "EdgeDaemon") -> None:
+    def __init__(self, daemon: EdgeDaemon) -> None:
         self.daemon = daemon
 
     def collect(self) -> Iterator[Metric]:  # noqa: C901 - one flat list of families reads best
@@ -146,7 +146,7 @@ class EdgeCollector(Collector):
         yield info
 
 
-def make_registry(daemon: "EdgeDaemon") -> CollectorRegistry:
+def make_registry(daemon: EdgeDaemon) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(EdgeCollector(daemon))
     return registry

@@ -108,7 +108,7 @@ class OfflineSummary:
 
 
 class EdgeSync:
-    def __init__(self, daemon: "EdgeDaemon", settings: EdgeSettings) -> None:
+    def __init__(self, daemon: EdgeDaemon, settings: EdgeSettings) -> None:
         assert settings.mqtt is not None
         self.daemon = daemon
         self.settings = settings

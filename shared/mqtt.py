@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import socket
 import ssl
 import threading
 from collections.abc import Callable, Sequence
@@ -184,7 +183,7 @@ class MqttLink:
                     self._note_failure(f"cannot read the MQTT password file: {exc.strerror}")
             try:
                 self._client.connect(self.address.host, self.address.port, keepalive=self.keepalive_s)
-            except (OSError, ssl.SSLError, socket.timeout) as exc:
+            except (TimeoutError, OSError, ssl.SSLError) as exc:
                 self._note_failure(f"cannot connect to {self.address.display}: {exc}")
             else:
                 while not self._stop.is_set():

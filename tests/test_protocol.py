@@ -11,7 +11,6 @@ from hypothesis import strategies as st
 from shared.policy import PowerPolicy, XidAction
 from shared.protocol import (
     MAX_PAYLOAD_BYTES,
-    AckBody,
     DecisionBody,
     Kind,
     PolicyBody,

@@ -62,7 +62,7 @@ class EdgeProcess:
     def base(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self, timeout: float = 20.0) -> "EdgeProcess":
+    def start(self, timeout: float = 20.0) -> EdgeProcess:
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(self.args, env=self.env, stdout=self._log, stderr=subprocess.STDOUT)
         wait_for(self._up, timeout=timeout, what=f"edge daemon on :{self.port} (log {self.log_path})")

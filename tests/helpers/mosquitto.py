@@ -20,7 +20,7 @@ def mosquitto_binary() -> str | None:
 
 class Mosquitto:
     def __init__(self, workdir: Path, *, users: dict[str, str] | None = None, acl: str | None = None,
-                 tls: "TlsFiles | None" = None) -> None:
+                 tls: TlsFiles | None = None) -> None:
         binary = mosquitto_binary()
         if binary is None:
             raise RuntimeError("mosquitto is not installed (scripts/test.sh installs it)")
@@ -66,7 +66,7 @@ class Mosquitto:
     def url(self) -> str:
         return f"mqtt://127.0.0.1:{self.port}"
 
-    def start(self, timeout: float = 10.0) -> "Mosquitto":
+    def start(self, timeout: float = 10.0) -> Mosquitto:
         self.proc = subprocess.Popen([self.binary, "-c", str(self.config)], stdout=subprocess.DEVNULL,
                                      stderr=subprocess.PIPE)
         deadline = time.monotonic() + timeout
