@@ -160,7 +160,7 @@ async def _cleared(event: asyncio.Event) -> None:
         await asyncio.sleep(0.2)
 
 
-SUBSYSTEMS = (
+SUBSYSTEMS = (  # (module, class): every decision-taking part, each built from the controller
     ("cloud.policies", "PolicyManager"),
     ("cloud.workload_migration", "MigrationManager"),
     ("cloud.rollout", "RolloutManager"),
@@ -168,19 +168,11 @@ SUBSYSTEMS = (
 
 
 def build_subsystems(controller: Controller) -> list[Subsystem]:
-    """Every decision-taking part of the controller, each built from the controller."""
-    import importlib
+    from cloud.policies import PolicyManager
+    from cloud.rollout import RolloutManager
+    from cloud.workload_migration import MigrationManager
 
-    built: list[Subsystem] = []
-    for module_name, class_name in SUBSYSTEMS:
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as exc:
-            if exc.name != module_name:
-                raise
-            continue  # TODO(issue 4): every subsystem present; then import them plainly
-        built.append(getattr(module, class_name)(controller))
-    return built
+    return [PolicyManager(controller), MigrationManager(controller), RolloutManager(controller)]
 
 
 async def serve(settings: CloudSettings) -> None:

@@ -46,6 +46,8 @@ class ControllerCollector(Collector):
         yield lag
         yield GaugeMetricFamily("kgpu_mqtt_connected", "1 while the controller's MQTT link is up.",
                                 value=1.0 if c.mqtt is not None and c.mqtt.connected else 0.0)
+        yield GaugeMetricFamily("kgpu_controller_leader", "1 while this replica holds the leader Lease.",
+                                value=1.0 if c.leading.is_set() else 0.0)
         info = GaugeMetricFamily("kgpu_controller_info", "The controller's version.", labels=["version"])
         info.add_metric([__version__], 1.0)
         yield info

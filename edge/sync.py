@@ -277,6 +277,11 @@ class EdgeSync:
                 log.exception("failed to handle a message on %s", message.topic)
 
     async def _handle(self, message: Received) -> None:
+        if not message.payload and message.topic == cloud_topic(self.node, "policy"):
+            # The cloud cleared its retained policy (no policy selects this node any more): keep
+            # enforcing the one we have; the config's applies again only after a fresh install.
+            log.info("the cloud no longer holds a policy for this node; keeping the current one")
+            return
         try:
             parts = parse_topic(message.topic)
         except BadTopic as exc:

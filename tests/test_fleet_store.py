@@ -144,6 +144,11 @@ def stored_seqs(store: FleetStore, node: str = NODE) -> list[int]:
 
 # ---- schema ---------------------------------------------------------------------------------
 
+# Subsystems define their tables on cloud.store.metadata when imported: import them all, so that the
+# comparison below sees the whole schema however this file is run.
+for _module, _class in __import__("cloud.controller", fromlist=["SUBSYSTEMS"]).SUBSYSTEMS:
+    __import__(_module)
+
 HEAD_REVISION = max(p.name.split("_")[0] for p in
                     (Path(__file__).resolve().parent.parent / "cloud" / "migrations" / "versions").glob("0*.py"))
 

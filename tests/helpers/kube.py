@@ -82,7 +82,7 @@ class KubeEmulator:
         self.on_loop(declare)
 
     def requests(self) -> list[Any]:
-        return list(self.on_loop(lambda: list(self.emulator.requests)))
+        return list(self.on_loop(lambda: list(self.emulator)))  # kmock: iterating gives the requests
 
     # ---- seeding, as kubelet and the controllers of a real cluster would --------------------
 
