@@ -36,6 +36,9 @@ def make_app(controller: Controller) -> web.Application:
     app.router.add_get("/api/v1/decisions", decisions)
     for subsystem in controller.subsystems:
         subsystem.add_routes(app)
+    from cloud.dashboard import add_dashboard_routes
+
+    add_dashboard_routes(app)
     return app
 
 

@@ -71,6 +71,8 @@ class Ingestor:
         # e.g. migrations on a migration_request event, listen here). A failing listener is logged.
         self.listeners: list[Callable[[list[Incoming]], Awaitable[None]]] = []
         self.lag_seconds: dict[str, float] = {}  # node -> arrival minus the edge's ts, last message
+        self.last_seen: dict[str, float] = {}  # node -> arrival time (cloud clock) of its last message
+        self.online: dict[str, bool] = {}  # node -> from its last status (online, or the last will)
         self.last_batch_seconds = 0.0
 
     def offer(self, message: Received) -> None:
@@ -85,6 +87,9 @@ class Ingestor:
         envelope = incoming.envelope
         self.accepted[envelope.kind.value] += 1
         self.lag_seconds[envelope.node] = received_at - envelope.ts
+        self.last_seen[envelope.node] = received_at
+        if envelope.kind is Kind.STATUS:
+            self.online[envelope.node] = incoming.body.state == "online"  # type: ignore[attr-defined]
         self.queue.put_nowait(incoming)
 
     async def run(self) -> None:

@@ -44,6 +44,17 @@ class ControllerCollector(Collector):
         for node, seconds in sorted(ingest.lag_seconds.items()):
             lag.add_metric([node], seconds)
         yield lag
+        seen = GaugeMetricFamily(
+            "kgpu_node_last_seen_timestamp_seconds", "When this replica last received a message from the node "
+            "(unix time; with replicas sharing the ingest, take the max by node).", labels=["node"])
+        for node, ts in sorted(ingest.last_seen.items()):
+            seen.add_metric([node], ts)
+        yield seen
+        online = GaugeMetricFamily("kgpu_node_online", "1 if the node's last status said online, 0 after its "
+                                   "offline status or last will.", labels=["node"])
+        for node, up in sorted(ingest.online.items()):
+            online.add_metric([node], 1.0 if up else 0.0)
+        yield online
         yield GaugeMetricFamily("kgpu_mqtt_connected", "1 while the controller's MQTT link is up.",
                                 value=1.0 if c.mqtt is not None and c.mqtt.connected else 0.0)
         yield GaugeMetricFamily("kgpu_controller_leader", "1 while this replica holds the leader Lease.",

@@ -66,6 +66,9 @@ class EdgeSettings(KgpuSettings):
     sim_permissions: Literal["root", "none"] = Field(
         "root", description="none: the simulated driver refuses setters, as in an unprivileged container"
     )
+    sim_daemon_version: str | None = Field(
+        None, description="backend sim only: the daemon version to report (demos and rollout tests)"
+    )
     interval: Seconds = Field(5.0, ge=1.0, le=300.0, description="Sampling interval in seconds")
     telemetry_retention: Seconds = Field(24 * 3600.0, description="How long sample history is kept")
     health_quiet_period: Seconds = Field(
@@ -104,6 +107,12 @@ class EdgeSettings(KgpuSettings):
         if not NODE_NAME_RE.match(name):
             raise ValueError(f"node name {name!r} is not a valid Kubernetes node name")
         self.node = name
+        return self
+
+    @model_validator(mode="after")
+    def _sim_only(self) -> "EdgeSettings":
+        if self.sim_daemon_version is not None and self.backend != "sim":
+            raise ValueError("sim_daemon_version is only for --backend sim")
         return self
 
     @property

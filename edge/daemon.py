@@ -486,7 +486,7 @@ class EdgeDaemon:
         _, _, degraded = self.health_report()
         return StatusBody(
             state="online",
-            version=__version__,
+            version=self.settings.sim_daemon_version or __version__,
             gpus=[
                 GpuSummary(index=i, uuid=v.inventory.uuid, name=v.inventory.name, health=v.health.health,
                            power_limit_w=v.sample.power_limit_w if v.sample else None, draining=v.draining)

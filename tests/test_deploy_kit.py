@@ -1,0 +1,446 @@
+"""The deploy kit (deploy/, Dockerfile): static checks that need no cluster and no docker engine.
+
+- every Kubernetes manifest validates against the Kubernetes schema (kubernetes-validate, strict);
+- kustomization.yaml lists every manifest and only files that exist (and renders, when kubectl is here);
+- the Prometheus rules pass `promtool check rules` and their unit tests (`promtool test rules`);
+- the Grafana dashboard and the rules use only metric names the code exposes;
+- the edge DaemonSet has the properties the daemon and the controller rely on;
+- the controller's RBAC grants exactly the API calls found in cloud/*.py.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+DEPLOY = ROOT / "deploy"
+K8S_VERSION = "1.32.0"
+
+# YAML files under deploy/ that are not Kubernetes objects, and why.
+NOT_MANIFESTS = {
+    "kustomization.yaml": "kustomize's own file (checked by the kustomization tests)",
+    "edge-config.example.yaml": "an edge daemon config file (--config), not a Kubernetes object",
+    "prometheus/kgpu-rules.yaml": "a Prometheus rules file (checked by promtool)",
+    "prometheus/kgpu-rules.test.yaml": "promtool unit tests",
+}
+# Objects of these API groups have no schema in kubernetes-validate (they come from CRDs).
+CRD_GROUPS = {
+    "kgpu.io": "GPUPowerPolicy comes from our own CRD (its schema is the CRD's openAPIV3Schema)",
+    "monitoring.coreos.com": "Prometheus Operator CRDs (PrometheusRule, PodMonitor) are not in the core schema",
+}
+
+
+def _rel(path: Path) -> str:
+    return path.relative_to(DEPLOY).as_posix()
+
+
+def manifest_files() -> list[Path]:
+    files = sorted(p for p in DEPLOY.rglob("*") if p.suffix in (".yaml", ".yml") and p.is_file())
+    return [p for p in files if _rel(p) not in NOT_MANIFESTS and not _rel(p).startswith("mosquitto/")]
+
+
+def load_docs(path: Path) -> list[dict[str, Any]]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+
+
+def all_objects() -> list[tuple[str, dict[str, Any]]]:
+    return [(_rel(p), d) for p in manifest_files() for d in load_docs(p)]
+
+
+def find(kind: str, name: str) -> dict[str, Any]:
+    hits = [d for _, d in all_objects() if d.get("kind") == kind and d["metadata"]["name"] == name]
+    assert len(hits) == 1, f"expected one {kind} {name}, found {len(hits)}"
+    return hits[0]
+
+
+# ---- schema validation ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", manifest_files(), ids=_rel)
+def test_manifest_validates_against_kubernetes_schema(path: Path) -> None:
+    kubernetes_validate = pytest.importorskip("kubernetes_validate", reason="pip install kubernetes-validate")
+    docs = load_docs(path)
+    assert docs, f"{_rel(path)} is empty"
+    validated = 0
+    for doc in docs:
+        assert doc.get("apiVersion") and doc.get("kind"), f"{_rel(path)}: a document without apiVersion/kind"
+        group = doc["apiVersion"].rpartition("/")[0]
+        if group in CRD_GROUPS:
+            continue  # reason: CRD_GROUPS[group]
+        try:
+            kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            pytest.fail(f"{_rel(path)}: {doc['kind']} {doc['metadata'].get('name')}: {exc.message} at {list(exc.path)}")
+        validated += 1
+    if not validated:
+        pytest.skip(f"{_rel(path)} holds only CRD-typed objects: " + "; ".join(CRD_GROUPS.values()))
+
+
+def test_every_object_has_a_namespace_or_is_cluster_scoped() -> None:
+    cluster_scoped = {"Namespace", "CustomResourceDefinition", "ClusterRole", "ClusterRoleBinding"}
+    for rel, doc in all_objects():
+        if doc["kind"] in cluster_scoped:
+            assert "namespace" not in doc["metadata"], f"{rel}: {doc['kind']} is cluster-scoped"
+        else:
+            assert doc["metadata"].get("namespace") == "kgpu", f"{rel}: {doc['kind']} {doc['metadata']['name']}"
+
+
+# ---- kustomize ---------------------------------------------------------------------------------
+
+
+def kustomization() -> dict[str, Any]:
+    return yaml.safe_load((DEPLOY / "kustomization.yaml").read_text())
+
+
+def test_kustomization_lists_existing_files_and_every_manifest() -> None:
+    k = kustomization()
+    assert k["namespace"] == "kgpu"
+    listed = [(DEPLOY / r).resolve() for r in k["resources"]]
+    for path in listed:
+        assert path.is_file(), f"kustomization.yaml lists {path}, which does not exist"
+        assert DEPLOY.resolve() in path.parents, f"{path} is outside the kustomization root"
+    unlisted = [_rel(p) for p in manifest_files() if p.resolve() not in listed]
+    assert not unlisted, f"manifests not in kustomization.yaml resources: {unlisted}"
+    assert (DEPLOY / "crds/gpupowerpolicy.yaml").resolve() in listed
+    for generator in k.get("configMapGenerator", []):
+        for file in generator["files"]:
+            assert (DEPLOY / file.partition("=")[2 if "=" in file else 0]).is_file(), file
+
+
+def test_kustomize_renders_and_the_rendered_objects_validate() -> None:
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl not installed: the kustomize build is not checked (the file checks above still run)")
+    kubernetes_validate = pytest.importorskip("kubernetes_validate")
+    out = subprocess.run([kubectl, "kustomize", str(DEPLOY)], capture_output=True, text=True, timeout=60, check=False)
+    assert out.returncode == 0, out.stderr
+    docs = [d for d in yaml.safe_load_all(out.stdout) if d]
+    kinds = {(d["kind"], d["metadata"]["name"]) for d in docs}
+    for expected in [("Namespace", "kgpu"), ("DaemonSet", "kgpu-edge"), ("Deployment", "kgpu-controller"),
+                     ("Service", "kgpu-controller"), ("Deployment", "kgpu-mqtt"), ("Service", "kgpu-mqtt"),
+                     ("PersistentVolumeClaim", "kgpu-mqtt-data"), ("ServiceAccount", "kgpu-controller"),
+                     ("CustomResourceDefinition", "gpupowerpolicies.kgpu.io")]:
+        assert expected in kinds, expected
+    config = [d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"].startswith("kgpu-mqtt-config")]
+    assert len(config) == 1 and set(config[0]["data"]) == {"mosquitto.conf", "acl"}
+    assert config[0]["data"]["acl"] == (DEPLOY / "mosquitto/acl").read_text()
+    broker = next(d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "kgpu-mqtt")
+    volumes = {v["name"]: v for v in broker["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["config"]["configMap"]["name"] == config[0]["metadata"]["name"], "generator hash not wired"
+    for doc in docs:
+        if doc["apiVersion"].rpartition("/")[0] not in CRD_GROUPS:
+            kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+
+
+# ---- Prometheus rules -------------------------------------------------------------------------
+
+PROMTOOL = shutil.which("promtool")
+needs_promtool = pytest.mark.skipif(PROMTOOL is None, reason="promtool not installed (scripts/test.sh installs it)")
+
+
+@needs_promtool
+def test_promtool_check_rules() -> None:
+    out = subprocess.run([PROMTOOL, "check", "rules", "kgpu-rules.yaml"], cwd=DEPLOY / "prometheus",
+                         capture_output=True, text=True, timeout=60, check=False)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+@needs_promtool
+def test_promtool_test_rules() -> None:
+    out = subprocess.run([PROMTOOL, "test", "rules", "kgpu-rules.test.yaml"], cwd=DEPLOY / "prometheus",
+                         capture_output=True, text=True, timeout=60, check=False)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def rules() -> list[dict[str, Any]]:
+    doc = yaml.safe_load((DEPLOY / "prometheus/kgpu-rules.yaml").read_text())
+    return [r for g in doc["groups"] for r in g["rules"]]
+
+
+def test_every_alert_has_firing_and_quiet_cases() -> None:
+    tests = yaml.safe_load((DEPLOY / "prometheus/kgpu-rules.test.yaml").read_text())["tests"]
+    cases: dict[str, list[bool]] = defaultdict(list)
+    for t in tests:
+        for case in t.get("alert_rule_test", []):
+            cases[case["alertname"]].append(bool(case.get("exp_alerts")))
+    for rule in rules():
+        name = rule["alert"]
+        assert True in cases[name], f"{name}: no test where it fires"
+        assert False in cases[name], f"{name}: no test where it stays quiet"
+    expressions = {r["alert"]: r["expr"] for r in rules()}
+    assert "DCGM_FI_DEV_GPU_TEMP > 80" in expressions["KgpuGpuHot"]
+    assert "increase(kgpu_xid_errors_total[5m]) > 0" in expressions["KgpuXidErrors"]
+    assert 'kgpu_gpu_health{state!="healthy"} == 1' in expressions["KgpuGpuUnhealthy"]
+    assert "deriv(kgpu_outbox_depth[15m]) > 0" in expressions["KgpuOutboxBacklogGrowing"]
+
+
+# ---- metric names: dashboard and rules use only what the code exposes --------------------------
+
+FAMILY_RE = re.compile(r'(Gauge|Counter)MetricFamily\(\s*"([A-Za-z_:][A-Za-z0-9_:]*)"')
+HELPER_GAUGE_RE = re.compile(r'\bgauge\(\s*"([A-Za-z_:][A-Za-z0-9_:]*)"')
+# Series Prometheus itself makes for every target.
+PROMETHEUS_SERIES = {"up", "scrape_duration_seconds", "scrape_samples_scraped"}
+PROMQL_WORDS = {"and", "or", "unless", "by", "without", "on", "ignoring", "group_left", "group_right",
+                "bool", "offset", "inf", "nan", "atan2"}
+
+
+def exposed_metric_names() -> set[str]:
+    names: set[str] = set()
+    for source in (ROOT / "edge/metrics.py", ROOT / "cloud/metrics.py"):
+        text = source.read_text()
+        for kind, name in FAMILY_RE.findall(text):
+            names.add(name + "_total" if kind == "Counter" else name)
+        names.update(HELPER_GAUGE_RE.findall(text))
+    return names
+
+
+def metric_names_in(expr: str) -> set[str]:
+    """Metric names a PromQL expression selects (a small lexer, enough for our expressions)."""
+    expr = re.sub(r'"(?:\\.|[^"\\])*"', '""', expr)  # strings
+    expr = re.sub(r"\{[^}]*\}", "", expr)  # label matchers
+    expr = re.sub(r"\[[^\]]*\]", "", expr)  # ranges
+    expr = re.sub(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", "", expr)  # label lists
+    expr = re.sub(r"\$\{?\w+\}?", "", expr)  # dashboard variables
+    expr = re.sub(r"label_values\(([^,)]*),[^)]*\)", r"(\1)", expr)  # Grafana: label_values(metric, label)
+    names = set()
+    for match in re.finditer(r"(?<![\w.])([A-Za-z_:][A-Za-z0-9_:]*)\s*(\()?", expr):
+        word, call = match.group(1), match.group(2)
+        if call or word.lower() in PROMQL_WORDS or re.fullmatch(r"\d+[smhdwy]", word):
+            continue
+        names.add(word)
+    return names
+
+
+def test_metric_lexer() -> None:
+    assert metric_names_in("label_values(DCGM_FI_DEV_GPU_TEMP, Hostname)") == {"DCGM_FI_DEV_GPU_TEMP"}
+    assert metric_names_in('sum by (pod_name) (rate(kgpu_pod_gpu_joules_total{a="x(y)"}[5m])) > 0 and up == 0') == {
+        "kgpu_pod_gpu_joules_total", "up"}
+
+
+def dashboard() -> dict[str, Any]:
+    return json.loads((DEPLOY / "grafana/kgpu-dashboard.json").read_text())
+
+
+def test_dashboard_has_a_datasource_variable_used_by_every_panel() -> None:
+    d = dashboard()
+    variables = {v["name"]: v for v in d["templating"]["list"]}
+    assert variables["datasource"]["type"] == "datasource" and variables["datasource"]["query"] == "prometheus"
+    assert d["panels"]
+    for panel in d["panels"]:
+        assert panel["datasource"]["uid"] == "${datasource}", panel["title"]
+        assert panel["targets"], panel["title"]
+
+
+def test_dashboard_covers_the_required_views() -> None:
+    exprs = " ".join(t["expr"] for p in dashboard()["panels"] for t in p["targets"])
+    for name in ["DCGM_FI_DEV_GPU_TEMP", "DCGM_FI_DEV_POWER_USAGE", "kgpu_gpu_power_limit_watts",
+                 "DCGM_FI_DEV_GPU_UTIL", "kgpu_xid_errors_total", "kgpu_gpu_health", "kgpu_pod_gpu_joules_total",
+                 "kgpu_outbox_depth", "kgpu_decisions_total"]:
+        assert name in exprs, name
+
+
+def test_dashboard_and_rules_use_only_exposed_metrics() -> None:
+    exposed = exposed_metric_names()
+    assert {"DCGM_FI_DEV_GPU_TEMP", "kgpu_xid_errors_total", "kgpu_outbox_depth", "kgpu_node_lag_seconds"} <= exposed
+    d = dashboard()
+    used = {(p["title"], t["expr"]) for p in d["panels"] for t in p["targets"]}
+    used |= {("variable " + v["name"], v["definition"]) for v in d["templating"]["list"] if v.get("definition")}
+    used |= {("alert " + r["alert"], r["expr"]) for r in rules()}
+    for where, expr in sorted(used):
+        unknown = metric_names_in(expr) - exposed - PROMETHEUS_SERIES
+        assert not unknown, f"{where}: {expr!r} uses metrics the code does not expose: {sorted(unknown)}"
+
+
+# ---- the edge DaemonSet -----------------------------------------------------------------------
+
+
+def edge_pod() -> dict[str, Any]:
+    return find("DaemonSet", "kgpu-edge")["spec"]["template"]["spec"]
+
+
+def test_daemonset_takes_no_gpu_and_sees_all_of_them() -> None:
+    pod = edge_pod()
+    for container in pod["containers"] + pod.get("initContainers", []):
+        resources = container.get("resources", {})
+        for section in ("requests", "limits"):
+            assert not any(k.startswith("nvidia.com/") for k in resources.get(section, {})), container["name"]
+    env = {e["name"]: e for e in pod["containers"][0]["env"]}
+    assert env["NVIDIA_VISIBLE_DEVICES"]["value"] == "all"
+    assert env["NVIDIA_DRIVER_CAPABILITIES"]["value"] == "utility"
+    assert pod["runtimeClassName"] == "nvidia"
+
+
+def test_daemonset_rollout_scheduling_and_identity() -> None:
+    ds = find("DaemonSet", "kgpu-edge")
+    assert ds["spec"]["updateStrategy"]["type"] == "OnDelete"  # cloud/rollout.py refuses anything else
+    pod = ds["spec"]["template"]["spec"]
+    assert pod["hostPID"] is True
+    assert pod["priorityClassName"] == "system-node-critical"
+    env = {e["name"]: e for e in pod["containers"][0]["env"]}
+    assert env["NODE_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"
+    names = list(env)
+    for dependent in ("KGPU_MQTT", "KGPU_MQTT_PASSWORD_FILE"):
+        assert "$(NODE_NAME)" in env[dependent]["value"]
+        assert names.index("NODE_NAME") < names.index(dependent), "$(VAR) only expands variables defined before"
+    assert env["KGPU_MQTT_PASSWORD_FILE"]["value"] == "/etc/kgpu/mqtt/$(NODE_NAME).password"
+    terms = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+    assert len(terms) == 1
+    expressions = {e["key"]: e for e in terms[0]["matchExpressions"]}
+    assert expressions["node-role.kubernetes.io/edge"]["operator"] == "Exists"
+    assert expressions["nvidia.com/gpu.present"] == {"key": "nvidia.com/gpu.present", "operator": "In",
+                                                     "values": ["true"]}
+    tolerations = {(t["key"], t["effect"]): t for t in pod["tolerations"]}
+    assert ("node-role.kubernetes.io/edge", "NoSchedule") in tolerations
+    for key in ("node.kubernetes.io/not-ready", "node.kubernetes.io/unreachable"):
+        assert "tolerationSeconds" not in tolerations[(key, "NoExecute")], "must stay on flaky nodes"
+
+
+def test_daemonset_security_storage_and_probes() -> None:
+    pod = edge_pod()
+    container = pod["containers"][0]
+    security = container["securityContext"]
+    assert security.get("privileged") is False
+    assert security["capabilities"] == {"drop": ["ALL"], "add": ["SYS_ADMIN"]}
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert mounts["state"] == "/var/lib/kgpu" and volumes["state"]["hostPath"]["path"] == "/var/lib/kgpu"
+    assert mounts["mqtt"] == "/etc/kgpu/mqtt"
+    assert volumes["mqtt"]["projected"]["sources"][0]["secret"]["name"] == "kgpu-edge-mqtt"
+    assert container["readinessProbe"]["httpGet"] == {"path": "/healthz", "port": 9410}
+    liveness = container["livenessProbe"]
+    assert liveness["failureThreshold"] * liveness["periodSeconds"] >= 60, "liveness must be lenient"
+    assert container["resources"]["requests"]
+
+
+def test_controller_deployment() -> None:
+    deployment = find("Deployment", "kgpu-controller")
+    assert deployment["spec"]["replicas"] == 2
+    pod = deployment["spec"]["template"]["spec"]
+    assert pod["serviceAccountName"] == "kgpu-controller"
+    container = pod["containers"][0]
+    args = container["args"]
+    assert args[:2] == ["cloud", "run"] and "--in-cluster" in args
+    assert args[args.index("--shared-subscription") + 1] == "kgpu"
+    env = {e["name"]: e for e in container["env"]}
+    assert env["KGPU_DB"]["valueFrom"]["secretKeyRef"]["key"] == "url"
+    assert env["KGPU_API_TOKEN_FILE"]["value"].startswith("/etc/kgpu/api/")
+    assert env["KGPU_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
+    assert "KGPU_LEASE_NAME" in env
+    # every KGPU_* variable set is a real setting of `kgpu cloud run`
+    from cloud.config import CloudSettings
+
+    settings = {f"KGPU_{name.upper()}" for name in CloudSettings.model_fields}
+    assert {k for k in env if k.startswith("KGPU_")} <= settings
+    service = find("Service", "kgpu-controller")
+    assert [p["port"] for p in service["spec"]["ports"]] == [9420]
+    assert container["readinessProbe"]["httpGet"]["path"] == "/healthz"
+
+
+def test_edge_env_names_are_real_settings() -> None:
+    from edge.config import EdgeSettings
+
+    settings = {f"KGPU_{name.upper()}" for name in EdgeSettings.model_fields}
+    env = [e["name"] for e in edge_pod()["containers"][0]["env"] if e["name"].startswith("KGPU_")]
+    assert set(env) <= settings, set(env) - settings
+
+
+# ---- RBAC: exactly what the code calls --------------------------------------------------------
+
+CALL_RE = re.compile(r"kube\.(core|apps|custom|coordination)\.([a-z_]+)")
+VERBS = {"read": "get", "list": "list", "create": "create", "patch": "patch", "delete": "delete",
+         "replace": "update", "watch": "watch"}
+RESOURCES = {"node": "nodes", "pod": "pods", "pod_eviction": "pods/eviction", "daemon_set": "daemonsets",
+             "lease": "leases"}
+GROUPS = {"core": "", "apps": "apps", "coordination": "coordination.k8s.io"}
+
+
+def required_permissions() -> set[tuple[str, str, str]]:
+    """(apiGroup, resource, verb) for every Kubernetes API call in cloud/*.py."""
+    from cloud.policies import GROUP, PLURAL
+
+    needed = set()
+    for source in sorted((ROOT / "cloud").glob("*.py")):
+        for api, method in CALL_RE.findall(source.read_text()):
+            verb_word, _, rest = method.partition("_")
+            assert verb_word in VERBS, f"{source.name}: unknown API method {api}.{method}: extend the test's map"
+            rest = rest.replace("namespaced_", "").replace("_for_all_namespaces", "")
+            if api == "custom":
+                assert rest in ("cluster_custom_object", "cluster_custom_object_status"), method
+                resource = PLURAL + ("/status" if rest.endswith("_status") else "")
+                needed.add((GROUP, resource, VERBS[verb_word]))
+            else:
+                assert rest in RESOURCES, f"{source.name}: unknown resource in {api}.{method}: extend the test's map"
+                needed.add((GROUPS[api], RESOURCES[rest], VERBS[verb_word]))
+    return needed
+
+
+def granted_permissions() -> set[tuple[str, str, str]]:
+    granted = set()
+    for kind in ("ClusterRole", "Role"):
+        for rule in find(kind, "kgpu-controller")["rules"]:
+            for group in rule["apiGroups"]:
+                for resource in rule["resources"]:
+                    for verb in rule["verbs"]:
+                        assert "*" not in (group, resource, verb), f"{kind}: no wildcards"
+                        granted.add((group, resource, verb))
+    return granted
+
+
+def test_rbac_grants_exactly_what_the_controller_calls() -> None:
+    needed, granted = required_permissions(), granted_permissions()
+    assert needed - granted == set(), f"missing: {sorted(needed - granted)}"
+    assert granted - needed == set(), f"granted but never used: {sorted(granted - needed)}"
+    for key in [("", "pods/eviction", "create"), ("", "nodes", "patch"), ("coordination.k8s.io", "leases", "create"),
+                ("coordination.k8s.io", "leases", "patch"), ("apps", "daemonsets", "patch"),
+                ("kgpu.io", "gpupowerpolicies/status", "patch"), ("kgpu.io", "gpupowerpolicies", "list")]:
+        assert key in granted, key
+
+
+def test_rbac_scopes_and_bindings() -> None:
+    role = find("Role", "kgpu-controller")
+    assert role["metadata"]["namespace"] == "kgpu"
+    namespaced = {r for rule in role["rules"] for r in rule["resources"]}
+    assert namespaced == {"daemonsets", "leases"}, "DaemonSet and Lease rights stay in the kgpu namespace"
+    cluster = {r for rule in find("ClusterRole", "kgpu-controller")["rules"] for r in rule["resources"]}
+    assert not cluster & {"daemonsets", "leases", "secrets", "configmaps"}
+    for kind, role_kind in (("ClusterRoleBinding", "ClusterRole"), ("RoleBinding", "Role")):
+        binding = find(kind, "kgpu-controller")
+        assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": role_kind,
+                                      "name": "kgpu-controller"}
+        assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "kgpu-controller", "namespace": "kgpu"}]
+    assert find("ServiceAccount", "kgpu-controller")
+
+
+# ---- Dockerfile --------------------------------------------------------------------------------
+
+
+def test_dockerfile_basics() -> None:
+    lines = [ln.strip() for ln in (ROOT / "Dockerfile").read_text().splitlines() if ln.strip()
+             and not ln.lstrip().startswith("#")]
+    assert lines[0] == "FROM python:3.11-slim"
+    assert any(re.match(r"RUN pip install \.", ln) for ln in lines)
+    users = [ln for ln in lines if ln.startswith("USER ")]
+    assert users and users[-1] != "USER root" and not users[-1].startswith("USER 0")
+    assert 'ENTRYPOINT ["kgpu"]' in lines
+    # every COPY source exists and is let through .dockerignore
+    ignore = (ROOT / ".dockerignore").read_text().splitlines()
+    allowed = {ln[1:].rstrip("/") for ln in ignore if ln.startswith("!")}
+    for ln in lines:
+        if ln.startswith("COPY "):
+            for src in ln.split()[1:-1]:
+                if src.startswith("--"):
+                    continue
+                assert (ROOT / src).exists(), src
+                assert src.rstrip("/").removeprefix("./") in allowed, f"{src} is excluded by .dockerignore"
+    # the image ships the package's data (migrations, dashboard): the whole package directories go in
+    for package in ("kgpu", "edge", "cloud", "shared"):
+        assert any(ln.startswith(f"COPY {package} ") for ln in lines), package
