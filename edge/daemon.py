@@ -105,6 +105,7 @@ class EdgeDaemon:
         # Set whenever new events reach the outbox, so the sync can drain at once.
         self.outbox_changed = asyncio.Event()
         self._cycle_lock = asyncio.Lock()
+        self._wake = asyncio.Event()  # an XID arrived: run a cycle before the interval is up
         # Called after every sampling cycle with its samples (the sync publishes telemetry).
         self.sync: Any = None  # the EdgeSync when --mqtt is given (read by metrics)
         self.cycle_listeners: list[Callable[[dict[int, GpuSample | None]], Awaitable[None]]] = []
@@ -160,9 +161,11 @@ class EdgeDaemon:
         if self._xid_watcher is not None:
             return
         loop = asyncio.get_running_loop()
-        self._xid_watcher = XidWatcher(
-            self.runner.driver, lambda ev: loop.call_soon_threadsafe(self._xids.put_nowait, ev)
-        )
+        def on_xid(event: XidEvent) -> None:  # on the watcher's thread
+            loop.call_soon_threadsafe(self._xids.put_nowait, event)
+            loop.call_soon_threadsafe(self._wake.set)  # act on it now, not at the next interval
+
+        self._xid_watcher = XidWatcher(self.runner.driver, on_xid)
         self._xid_watcher.start()
 
     async def stop(self) -> None:
@@ -193,10 +196,10 @@ class EdgeDaemon:
             if delay < 0:  # fell behind (slow driver): skip, do not burst
                 next_at = time.monotonic()
                 delay = 0
-            try:
-                await asyncio.wait_for(stop.wait(), timeout=delay)
-            except TimeoutError:
-                pass
+            waits = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(self._wake.wait())]
+            await asyncio.wait(waits, timeout=delay, return_when=asyncio.FIRST_COMPLETED)
+            for waiter in waits:
+                waiter.cancel()
         if probe_task is not None:
             probe_task.cancel()
 
@@ -210,6 +213,7 @@ class EdgeDaemon:
         now = time.time()
         if not self.driver_reachable:
             await self._open_driver()
+        self._wake.clear()  # before draining: an XID arriving after the drain wakes the next cycle
         samples = await self._sample_all(now)
         xids = self._drain_xids()
         actions, events = self._decide(samples, xids, now)
