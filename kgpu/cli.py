@@ -4,9 +4,7 @@ be given as `KGPU_FOO_BAR` or as `foo_bar` in the `--config` file (flags win).""
 from __future__ import annotations
 
 import asyncio
-import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -121,34 +119,18 @@ def cloud_run(
 
 @app.command("demo")
 def demo(
-    gpus: Annotated[int, typer.Option(help="Simulated GPUs on the demo node")] = 4,
-    model: Annotated[str, typer.Option(help="H100, A100, A10 or T4")] = "H100",
-    http: Annotated[str, typer.Option(help="HOST:PORT of the demo node's API")] = "127.0.0.1:9410",
+    nodes: Annotated[int, typer.Option(min=2, max=12, help="Simulated GPU edge nodes")] = 4,
+    http: Annotated[int, typer.Option(help="Port of the controller's API and dashboard on 127.0.0.1")] = 9420,
+    scenario: Annotated[bool, typer.Option(
+        "--scenario", help="Play a narrated story (thermal spike, XID migration, a node cut off, a rollout), then exit")] = False,
+    fast: Annotated[bool, typer.Option("--fast", help="With --scenario: shorten the waits (for tests)")] = False,
+    keep: Annotated[bool, typer.Option("--keep", help="Keep the temp dir (databases, logs) on exit")] = False,
 ) -> None:
-    """Everything on one machine, no cluster: for now one edge daemon on simulated GPUs."""
-    workdir = Path(tempfile.mkdtemp(prefix="kgpu-demo-"))
-    host, _, port = http.rpartition(":")
-    base = f"http://{host or '127.0.0.1'}:{port}"
-    typer.echo(
-        f"""kgpu demo — edge daemon 'demo-node' on {gpus} simulated {model} GPUs (data in {workdir})
+    """Everything on one machine, no cluster: mosquitto, an emulated Kubernetes API, the controller and
+    simulated GPU edge nodes. Ctrl-C stops it all."""
+    from kgpu.demo import DemoOptions, run_demo  # late: other commands need none of it
 
-  GPUs and health      curl -s {base}/api/v1/gpus | python3 -m json.tool
-  decisions            curl -s {base}/api/v1/decisions
-  metrics              curl -s {base}/metrics | grep DCGM_FI_DEV_GPU_TEMP
-  heat up GPU 0        curl -s -XPOST {base}/api/v1/sim/gpus/0 -d '{{"utilization": 100, "ambient_c": 50}}'
-  inject XID 79        curl -s -XPOST {base}/api/v1/sim/gpus/1 -d '{{"xid": 79}}'
-  health               curl -s {base}/healthz
-
-Ctrl-C stops it.
-""",
-        err=True,
-    )
-    os.environ.setdefault("KGPU_LOG_JSON", "false")
-    _run_edge(
-        {"node": "demo-node", "db": workdir / "edge.db", "http": http, "backend": "sim", "sim_gpus": gpus,
-         "sim_model": model, "interval": "2"},
-        None,
-    )
+    raise typer.Exit(code=run_demo(DemoOptions(nodes=nodes, http=http, scenario=scenario, fast=fast, keep=keep)))
 
 
 @app.command("watch")

@@ -135,6 +135,7 @@ def test_scenario_plays_every_step_to_the_end() -> None:
     assert "FAILED" not in out and "== scenario complete: every step succeeded" in out
     assert "migration #1: complete completed" in out  # the XID 79's migration steps were narrated
     assert "kubelet stopped evicted pod default/llm-train" in out  # the demo played the cluster's part
+    assert "ReplicaSet llm-train-6d8f9c7b5 recreated it" in out and "[cluster] error" not in out
     assert re.search(r"rollout #\d+ \w+: .*offline-deferred", out)  # the offline node did not block
     assert re.search(r"rollout #\d+ completed: \{'upgrade-done': 4\}", out)
     assert "Traceback" not in out
