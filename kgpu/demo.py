@@ -2,7 +2,7 @@
 
 What runs, all owned by the demo and stopped by Ctrl-C (SIGINT), SIGTERM or SIGHUP:
 
-* a broker: mosquitto (required; the demo says how to install it when it is missing) on a free
+* a broker: mosquitto, or the embedded Python broker amqtt when mosquitto is missing, on a free
   loopback port, with its own config and persistence in the demo's temp dir;
 * an emulated Kubernetes API (kmock's KubernetesEmulator, on a background event loop) seeded with
   the edge GPU nodes, a few GPU pods, the `kgpu-edge` DaemonSet (OnDelete, one pod per node) and a
@@ -27,6 +27,7 @@ import asyncio
 import concurrent.futures
 import itertools
 import json
+import importlib.util
 import os
 import shutil
 import signal
@@ -187,6 +188,47 @@ def mosquitto_binary() -> str | None:
     return None
 
 
+def start_broker(workdir: Path) -> tuple[Child, int]:
+    """mosquitto when it is installed, otherwise the embedded Python broker amqtt (the `demo`
+    extra); KGPU_DEMO_BROKER=mosquitto|amqtt forces one."""
+    choice = os.environ.get("KGPU_DEMO_BROKER", "auto")
+    if choice not in ("auto", "mosquitto", "amqtt"):
+        raise DemoError(f"KGPU_DEMO_BROKER must be auto, mosquitto or amqtt, not {choice!r}")
+    if choice != "amqtt" and mosquitto_binary() is not None:
+        return start_mosquitto(workdir)
+    if choice != "mosquitto" and importlib.util.find_spec("amqtt") is not None:
+        return start_amqtt(workdir)
+    raise DemoError(MOSQUITTO_HINT + ", or install the embedded broker: pip install 'kgpu[demo]'")
+
+
+def start_amqtt(workdir: Path) -> tuple[Child, int]:
+    broker_dir = workdir / "broker"
+    broker_dir.mkdir()
+    port = free_port()
+    config = broker_dir / "amqtt.yaml"
+    config.write_text(
+        "listeners:\n  default:\n    type: tcp\n    bind: 127.0.0.1:%d\n"
+        "plugins:\n  amqtt.plugins.authentication.AnonymousAuthPlugin:\n    allow_anonymous: true\n" % port
+    )
+    child = Child("broker", [sys.executable, "-m", "amqtt.scripts.broker_script", "-c", str(config)],
+                  workdir / "logs" / "broker.log").start()
+    _wait_listening(child, port, "amqtt")
+    return child, port
+
+
+def _wait_listening(child: Child, port: int, name: str) -> None:
+    def listening() -> bool:
+        if not child.alive():
+            raise DemoError(f"{name} exited: {child.log_tail()}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return True
+        except OSError:
+            return False
+
+    wait_for(listening, 15, f"{name} to listen", interval=0.05)
+
+
 def start_mosquitto(workdir: Path) -> tuple[Child, int]:
     binary = mosquitto_binary()
     if binary is None:
@@ -205,17 +247,7 @@ def start_mosquitto(workdir: Path) -> tuple[Child, int]:
     config = broker_dir / "mosquitto.conf"
     config.write_text("\n".join(lines) + "\n")
     child = Child("broker", [binary, "-c", str(config)], workdir / "logs" / "broker.log").start()
-
-    def listening() -> bool:
-        if not child.alive():
-            raise DemoError(f"mosquitto exited: {child.log_tail()}")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return True
-        except OSError:
-            return False
-
-    wait_for(listening, 10, "mosquitto to listen", interval=0.05)
+    _wait_listening(child, port, "mosquitto")
     return child, port
 
 
@@ -444,7 +476,7 @@ class Demo:
             socket.create_server(("127.0.0.1", self.o.http)).close()
         except OSError as exc:
             raise DemoError(f"port {self.o.http} is busy ({exc.strerror}); pick another with --http PORT") from None
-        self.broker, broker_port = start_mosquitto(self.workdir)
+        self.broker, broker_port = start_broker(self.workdir)
         self._spawned(self.broker)
         self.kube = KubeEmulator(self.workdir)
         self.seed()

@@ -20,18 +20,20 @@ import pytest
 from tests.helpers.edge_process import free_port, wait_for
 from tests.helpers.mosquitto import mosquitto_binary
 
-pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(mosquitto_binary() is None, reason="mosquitto not installed (scripts/test.sh installs it)")]
+pytestmark = [pytest.mark.slow]
+needs_mosquitto = pytest.mark.skipif(mosquitto_binary() is None,
+                                     reason="mosquitto not installed (scripts/test.sh installs it)")
 
 
 class DemoRun:
     """`python -m kgpu demo ...` with its stdout collected by a thread (bounded waits on it)."""
 
-    def __init__(self, *args: str) -> None:
+    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
         self.port = free_port()
         self.proc = subprocess.Popen([sys.executable, "-m", "kgpu", "demo", "--http", str(self.port), *args],
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                     env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
+                                     env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+                                     start_new_session=True)
         self.lines: list[str] = []
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
@@ -92,8 +94,12 @@ def assert_nothing_left(demo: DemoRun) -> None:
     assert "nothing left running" in demo.output
 
 
-def test_demo_brings_up_the_fleet_and_ctrl_c_stops_every_process() -> None:
-    demo = DemoRun()
+@pytest.mark.parametrize("broker", [
+    pytest.param("mosquitto", marks=needs_mosquitto),
+    "amqtt",  # the embedded fallback where mosquitto is not installed
+])
+def test_demo_brings_up_the_fleet_and_ctrl_c_stops_every_process(broker: str) -> None:
+    demo = DemoRun(env={"KGPU_DEMO_BROKER": broker})
     try:
         def fleet() -> list[dict[str, Any]] | None:
             assert demo.proc.poll() is None, demo.output
@@ -124,6 +130,7 @@ def test_demo_brings_up_the_fleet_and_ctrl_c_stops_every_process() -> None:
     assert_nothing_left(demo)
 
 
+@needs_mosquitto
 def test_scenario_plays_every_step_to_the_end() -> None:
     started = time.monotonic()
     demo = DemoRun("--scenario", "--fast")
