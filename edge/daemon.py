@@ -52,6 +52,7 @@ log = get_logger(__name__)
 # many; beyond it the oldest are dropped and counted (kgpu_events_dropped_total).
 MAX_HELD_EVENTS = 50_000
 PRUNE_EVERY_S = 60.0
+POD_ENERGY_IDLE_S = 24 * 3600.0  # a pod's energy counter is dropped after a day without GPU work
 
 
 @dataclass
@@ -403,6 +404,7 @@ class EdgeDaemon:
                 await asyncio.to_thread(self.store.add_samples, present)
             if now - self._last_prune >= PRUNE_EVERY_S:
                 self._last_prune = now
+                self.energy.forget_idle_pods(POD_ENERGY_IDLE_S)
                 await asyncio.to_thread(self.store.prune_samples, now - self.settings.telemetry_retention)
         except StoreError as exc:
             self.counters.store_errors += 1

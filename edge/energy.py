@@ -9,6 +9,7 @@ up to what the GPUs' counters moved by (`gpu_joules`).
 """
 
 import math
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -56,6 +57,7 @@ class EnergyAccountant:
         self.idle_power_w: dict[str, float] = {}
         self.pod_power_w: dict[PodKey, float] = {}  # average power over the last update only
         self._baselines: dict[str, _Baseline] = {}
+        self.pod_last_active: dict[PodKey, float] = {}  # monotonic time of the pod's last share
 
     def update(
         self, samples: Sequence[GpuSample], resolve: Callable[[int], PodRef | None]
@@ -158,9 +160,25 @@ class EnergyAccountant:
                 continue
             key = PodKey(ref.namespace, ref.pod, ref.container)
             shares[key] = shares.get(key, 0.0) + share
+        now = time.monotonic()
         for key, share in shares.items():
             self.pod_joules[key] = self.pod_joules.get(key, 0.0) + share
+            self.pod_last_active[key] = now
         return shares
+
+    def forget_idle_pods(self, idle_for_s: float, now: float | None = None) -> int:
+        """Drop the counters of pods with no GPU energy for `idle_for_s` (monotonic seconds).
+
+        Without this a node running many short jobs would keep a counter, and a Prometheus
+        series, for every pod it ever ran. Prometheus keeps what it scraped; a pod that comes back
+        starts from 0, which `increase()`/`rate()` read as a counter reset."""
+        cutoff = (time.monotonic() if now is None else now) - idle_for_s
+        stale = [key for key, seen in self.pod_last_active.items() if seen < cutoff]
+        for key in stale:
+            self.pod_joules.pop(key, None)
+            self.pod_power_w.pop(key, None)
+            del self.pod_last_active[key]
+        return len(stale)
 
     def snapshot(self) -> dict:
         """JSON-ready view for the API: counters in joules, pods largest first."""

@@ -335,3 +335,15 @@ def test_energy_conserved_and_counters_monotonic(rounds: list[tuple[Step, Step]]
         assert math.isclose(total(acc), expected, rel_tol=1e-9, abs_tol=1e-6)
         counted = math.fsum(acc.gpu_joules.values())
         assert math.isclose(counted, expected, rel_tol=1e-9, abs_tol=1e-6)
+
+
+def test_counters_of_long_idle_pods_are_forgotten() -> None:
+    """A node running many short jobs must not keep a counter for every pod it ever ran."""
+    from edge.energy import EnergyAccountant, PodKey
+
+    accountant = EnergyAccountant()
+    old, recent = PodKey("ns", "old-job", "main"), PodKey("ns", "serving", "main")
+    accountant.pod_joules.update({old: 10.0, recent: 5.0})
+    accountant.pod_last_active.update({old: 100.0, recent: 90_000.0})
+    assert accountant.forget_idle_pods(86_400.0, now=100_000.0) == 1
+    assert accountant.pod_joules == {recent: 5.0} and old not in accountant.pod_last_active
