@@ -92,10 +92,19 @@ def node_specs(count: int) -> list[NodeSpec]:
     return specs
 
 
+# Ports the demo has handed out or promised (the controller's --http): a port picked by binding
+# port 0 is free only until someone binds it, so never hand the same one out twice.
+_RESERVED_PORTS: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if port not in _RESERVED_PORTS:
+            _RESERVED_PORTS.add(port)
+            return port
 
 
 def wait_for(check: Callable[[], Any], timeout: float, what: str, interval: float = 0.3) -> Any:
@@ -368,7 +377,7 @@ class Uplinks:
 
     def add(self, node: str) -> int:
         async def open_server() -> int:
-            server = await asyncio.start_server(lambda r, w: self._relay(node, r, w), "127.0.0.1", 0)
+            server = await asyncio.start_server(lambda r, w: self._relay(node, r, w), "127.0.0.1", free_port())
             self._servers.append(server)
             return int(server.sockets[0].getsockname()[1])
 
@@ -443,6 +452,7 @@ class Demo:
         (self.workdir / "logs").mkdir()
         self.specs = node_specs(options.nodes)
         self.base = f"http://127.0.0.1:{options.http}"
+        _RESERVED_PORTS.add(options.http)  # the controller binds it later: keep the demo's own picks off it
         self.broker: Child | None = None
         self.cloud: Child | None = None
         self.kube: KubeEmulator | None = None

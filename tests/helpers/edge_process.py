@@ -18,10 +18,26 @@ from typing import Any
 import yaml
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free loopback port for a server a test starts, below Linux's ephemeral range
+    (32768-60999) so that no client socket or port-0 bind elsewhere can take it before the server
+    binds it, and never the same one twice in a run."""
+    import random
+
+    for port in random.sample(range(20000, 32000), 500):
+        if port in _HANDED_OUT:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _HANDED_OUT.add(port)
+        return port
+    raise RuntimeError("no free port in 20000-32000")
 
 
 def wait_for(check: Callable[[], Any], timeout: float = 20.0, interval: float = 0.2, what: str = "condition") -> Any:

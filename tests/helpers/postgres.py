@@ -19,7 +19,6 @@ import os
 import pwd
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -28,6 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from tests.helpers.edge_process import free_port
 
 SUPERUSER = "kgpu"
 START_TIMEOUT_S = 30.0
@@ -64,12 +65,6 @@ def _run_as() -> str | None:
         except KeyError:
             continue
     raise RuntimeError("running as root and neither a 'postgres' nor a 'nobody' user exists")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
@@ -127,7 +122,7 @@ def start_postgres(initdb: Path, postgres: Path) -> PostgresServer:
     if init.returncode != 0:
         shutil.rmtree(root, ignore_errors=True)
         raise RuntimeError(f"initdb failed ({init.returncode}): {init.stderr.strip()[-2000:]}")
-    port = _free_port()
+    port = free_port()
     log_file = open(log_path, "wb")  # noqa: SIM115 - the server writes to it until stopped
     if user is not None:
         os.chown(log_path, pwd.getpwnam(user).pw_uid, -1)
