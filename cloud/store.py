@@ -34,15 +34,15 @@ from alembic.config import Config as AlembicConfig
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from alembic.util import CommandError
-from sqlalchemy import event as sa_event
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Connection, Engine, make_url
-from sqlalchemy.exc import DBAPIError, SQLAlchemyError
+from sqlalchemy.exc import SQLAlchemyError
 
 from shared.gpu import GpuSample, Health
 from shared.logs import get_logger
+from shared.sqlite import db_error_reason, durable_sqlite_engine
 from shared.protocol import (
     BODY_MODELS,
     EVENT_KINDS,
@@ -241,15 +241,6 @@ class _NodeWork:
         return str(self.row["name"])
 
 
-def _reason(exc: BaseException) -> str:
-    """The driver's message without SQLAlchemy's statement dump and link."""
-    if isinstance(exc, DBAPIError) and exc.orig is not None:
-        text = str(exc.orig).strip()
-        return text.splitlines()[0] if text else type(exc.orig).__name__
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
-
-
 def _chunks(rows: Sequence[Any], size: int = _CHUNK_ROWS) -> Iterator[Sequence[Any]]:
     for start in range(0, len(rows), size):
         yield rows[start : start + size]
@@ -336,33 +327,8 @@ class FleetStore:
                 f"fleet store: cannot create {path.parent}: {exc.strerror or exc}",
                 reason=str(exc.strerror or exc),
             ) from exc
-        busy_ms = self._busy_timeout_ms
-        engine = sa.create_engine(
-            parsed, connect_args={"check_same_thread": False, "timeout": busy_ms / 1000}
-        )
-
-        @sa_event.listens_for(engine, "connect")
-        def _on_connect(dbapi_conn: sqlite3.Connection, _record: Any) -> None:
-            # SQLAlchemy's "begin" event issues BEGIN itself (see edge/store.py for why).
-            dbapi_conn.isolation_level = None
-            cur = dbapi_conn.cursor()
-            try:
-                mode = cur.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-                if str(mode).lower() != "wal":
-                    log.warning("sqlite refused WAL journal mode", extra={"journal_mode": mode})
-                # An ack goes out right after the commit: the commit must survive power loss.
-                cur.execute("PRAGMA synchronous=FULL")
-                cur.execute("PRAGMA foreign_keys=ON")
-                cur.execute(f"PRAGMA busy_timeout={int(busy_ms)}")
-            finally:
-                cur.close()
-
-        @sa_event.listens_for(engine, "begin")
-        def _on_begin(conn: Connection) -> None:
-            mode = conn.get_execution_options().get("kgpu_begin", "DEFERRED")
-            conn.exec_driver_sql(f"BEGIN {mode}")
-
-        return engine
+        # An ack goes out right after the commit: the commit must survive power loss.
+        return durable_sqlite_engine(parsed, self._busy_timeout_ms)
 
     @contextmanager
     def _errors(self, op: str) -> Iterator[None]:
@@ -372,7 +338,7 @@ class FleetStore:
         except FleetStoreError:
             raise
         except (SQLAlchemyError, sqlite3.Error, OSError, CommandError) as exc:
-            reason = _reason(exc)
+            reason = db_error_reason(exc)
             log.error("fleet store %s failed: %s", op, reason, extra={"db": self._url_for_logs})
             raise FleetStoreError(f"fleet store: {op} failed: {reason}", reason=reason) from exc
 

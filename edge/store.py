@@ -30,13 +30,13 @@ from typing import Any
 
 import sqlalchemy as sa
 from pydantic import ValidationError
-from sqlalchemy import event
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.exc import DBAPIError, SQLAlchemyError
+from sqlalchemy.exc import SQLAlchemyError
 
 from shared.gpu import GpuInventory, GpuSample
 from shared.logs import get_logger
+from shared.sqlite import db_error_reason, durable_sqlite_engine
 from shared.policy import PowerPolicy
 from shared.protocol import (
     BODY_MODELS,
@@ -178,14 +178,6 @@ class StoreSchemaError(StoreError):
     """The file was written by a newer kgpu; reading it with this one could corrupt it."""
 
 
-def _reason(exc: BaseException) -> str:
-    """SQLite's message without SQLAlchemy's statement dump and link."""
-    if isinstance(exc, DBAPIError) and exc.orig is not None:
-        return str(exc.orig) or type(exc.orig).__name__
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
-
-
 # ---- the store ------------------------------------------------------------------------------
 
 
@@ -239,34 +231,8 @@ class EdgeStore:
         return self._engine
 
     def _make_engine(self) -> Engine:
-        busy_ms = self._busy_timeout_ms
-        engine = sa.create_engine(
-            f"sqlite:///{self.path}",
-            connect_args={"check_same_thread": False, "timeout": busy_ms / 1000},
-        )
-
-        @event.listens_for(engine, "connect")
-        def _on_connect(dbapi_conn: sqlite3.Connection, _record: Any) -> None:
-            # Let SQLAlchemy's "begin" event issue BEGIN itself: pysqlite's implicit BEGIN comes
-            # only before the first write, so a read-then-write would not be one transaction.
-            dbapi_conn.isolation_level = None
-            cur = dbapi_conn.cursor()
-            try:
-                mode = cur.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-                if str(mode).lower() != "wal":
-                    log.warning("sqlite refused WAL journal mode", extra={"journal_mode": mode})
-                cur.execute("PRAGMA synchronous=FULL")  # edge nodes lose power
-                cur.execute("PRAGMA foreign_keys=ON")
-                cur.execute(f"PRAGMA busy_timeout={int(busy_ms)}")
-            finally:
-                cur.close()
-
-        @event.listens_for(engine, "begin")
-        def _on_begin(conn: Connection) -> None:
-            mode = conn.get_execution_options().get("kgpu_begin", "DEFERRED")
-            conn.exec_driver_sql(f"BEGIN {mode}")
-
-        return engine
+        # edge nodes lose power: durable commits (shared/sqlite.py)
+        return durable_sqlite_engine(f"sqlite:///{self.path}", self._busy_timeout_ms)
 
     @contextmanager
     def _errors(self, op: str) -> Iterator[None]:
@@ -276,7 +242,7 @@ class EdgeStore:
         except StoreError:
             raise
         except (SQLAlchemyError, sqlite3.Error, OSError) as exc:
-            reason = _reason(exc)
+            reason = db_error_reason(exc)
             log.error("edge store %s failed: %s", op, reason, extra={"db": str(self.path)})
             raise StoreError(f"edge store: {op} failed: {reason}", reason=reason) from exc
 

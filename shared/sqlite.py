@@ -1,0 +1,58 @@
+"""The SQLite set-up both stores use (the edge's and the cloud's fleet store on SQLite)."""
+
+from __future__ import annotations
+
+import sqlite3
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy.engine import URL, Connection, Engine
+from sqlalchemy.exc import DBAPIError
+
+from shared.logs import get_logger
+
+log = get_logger(__name__)
+
+
+def durable_sqlite_engine(url: str | URL, busy_timeout_ms: int) -> Engine:
+    """An engine whose commits survive power loss (WAL, synchronous=FULL), with foreign keys on.
+
+    Transactions begin with `BEGIN <mode>`, the mode taken from the connection's execution option
+    `kgpu_begin` (DEFERRED by default; IMMEDIATE for writers, so that two writers never read the
+    same counter). pysqlite's own implicit BEGIN comes only before the first write, so a
+    read-then-write would not be one transaction: SQLAlchemy's "begin" event issues it instead.
+    """
+    engine = sa.create_engine(
+        url, connect_args={"check_same_thread": False, "timeout": busy_timeout_ms / 1000}
+    )
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn: sqlite3.Connection, _record: Any) -> None:
+        dbapi_conn.isolation_level = None
+        cur = dbapi_conn.cursor()
+        try:
+            mode = cur.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            if str(mode).lower() != "wal":
+                log.warning("sqlite refused WAL journal mode", extra={"journal_mode": mode})
+            cur.execute("PRAGMA synchronous=FULL")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
+        finally:
+            cur.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Connection) -> None:
+        mode = conn.get_execution_options().get("kgpu_begin", "DEFERRED")
+        conn.exec_driver_sql(f"BEGIN {mode}")
+
+    return engine
+
+
+def db_error_reason(exc: BaseException) -> str:
+    """The driver's message without SQLAlchemy's statement dump and link."""
+    if isinstance(exc, DBAPIError) and exc.orig is not None:
+        text = str(exc.orig).strip()
+        return text.splitlines()[0] if text else type(exc.orig).__name__
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
