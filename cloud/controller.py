@@ -14,6 +14,7 @@ from cloud.config import CloudSettings
 from cloud.ingest import Ingestor
 from cloud.kube import Kube, KubeUnavailable
 from cloud.store import FleetStore
+from shared.aio import wait_event
 from shared.logs import get_logger
 from shared.mqtt import AsyncMqtt, TlsOptions, parse_broker_url
 from shared.protocol import AckBody, Kind, make_envelope
@@ -140,10 +141,7 @@ class Controller:
                     log.info("pruned %d history samples", removed)
             except Exception as exc:
                 log.error("pruning the sample history failed: %s", exc)
-            try:
-                await asyncio.wait_for(stop.wait(), timeout=PRUNE_EVERY_S)
-            except TimeoutError:
-                pass
+            await wait_event(stop, PRUNE_EVERY_S)
 
 
 async def _wait_any(*aws: object) -> None:

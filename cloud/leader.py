@@ -36,6 +36,7 @@ from typing import Any, Literal
 
 from cloud.config import CloudSettings
 from cloud.kube import Kube, KubeError
+from shared.aio import wait_event
 from shared.logs import get_logger
 
 log = get_logger(__name__)
@@ -113,7 +114,7 @@ class LeaderElector:
         try:
             while not stop.is_set():
                 await self._cycle()
-                await _sleep_unless(stop, self._next_wait())
+                await wait_event(stop, self._next_wait())
         except asyncio.CancelledError:
             if not stop.is_set():
                 self._step_down("abandoned: election cancelled without release, the lease will expire")
@@ -293,9 +294,3 @@ class LeaderElector:
                              _content_type=MERGE_PATCH, _preload_content=False,
                              _request_timeout=self.call_timeout)
 
-
-async def _sleep_unless(stop: asyncio.Event, seconds: float) -> None:
-    try:
-        await asyncio.wait_for(stop.wait(), timeout=seconds)
-    except TimeoutError:
-        pass

@@ -64,6 +64,7 @@ from cloud.policy_resolution import (
     validate_spec,
 )
 from cloud.store import FleetStore, FleetStoreError, Incoming, JsonType, metadata, nodes_table
+from shared.aio import wait_event
 from shared.http import json_error
 from shared.logs import get_logger
 from shared.protocol import Kind, PolicyBody, StatusBody, make_envelope
@@ -415,10 +416,7 @@ class PolicyManager:
                 self._warn("store", f"policy reconcile: {exc}")
             except Exception:
                 log.exception("policy reconcile failed")
-            try:
-                await asyncio.wait_for(self._wake.wait(), timeout=self.poll_interval)
-            except TimeoutError:
-                pass
+            await wait_event(self._wake, self.poll_interval)
             await asyncio.sleep(MIN_GAP_S)
 
     def wake(self) -> None:

@@ -60,6 +60,7 @@ from cloud.rollout_plan import (
     with_image,
 )
 from cloud.store import FleetStoreError, JsonType, RowId, metadata, nodes_table
+from shared.aio import wait_event
 from shared.http import int_query, json_error, read_model
 from shared.logs import get_logger
 from shared.policy import Seconds
@@ -589,10 +590,7 @@ class RolloutManager:
                 log.exception("rollout step failed")
             if again:
                 continue
-            try:
-                await asyncio.wait_for(self._wake.wait(), TICK_S)
-            except TimeoutError:
-                pass
+            await wait_event(self._wake, TICK_S)
             await asyncio.sleep(max(0.0, MIN_TICK_S - (time.monotonic() - started)))
 
     async def tick(self) -> bool:

@@ -67,6 +67,7 @@ from cloud.placement import (
     Toleration,
 )
 from cloud.store import JsonType, RowId, metadata
+from shared.aio import wait_event
 from shared.http import int_query, json_error
 from shared.logs import get_logger
 from shared.protocol import CommandBody, Kind, make_envelope
@@ -757,11 +758,8 @@ class MigrationManager:
                 raise
             except Exception:
                 log.exception("migration scan failed; retrying")
-            try:
-                await asyncio.wait_for(self._wake.wait(), timeout=self.scan_interval_s)
+            if await wait_event(self._wake, self.scan_interval_s):
                 await asyncio.sleep(0.2)  # let the rest of a burst land in the store
-            except TimeoutError:
-                pass
 
     @property
     def rules(self) -> Rules:

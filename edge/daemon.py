@@ -30,6 +30,7 @@ from edge.energy import EnergyAccountant
 from edge.pods import PodRef, PodResolver
 from edge.store import EdgeStore, StoreError
 from shared import __version__
+from shared.aio import wait_event
 from shared.gpu import GpuInventory, GpuSample, Health, XidEvent
 from shared.logs import get_logger
 from shared.policy import PowerPolicy
@@ -467,10 +468,7 @@ class EdgeDaemon:
             self.probe_ok, self.probe_detail = await run_probe(command, self.settings.probe_timeout)
             if not self.probe_ok:
                 log.warning("health probe failed: %s", self.probe_detail)
-            try:
-                await asyncio.wait_for(stop.wait(), timeout=self.settings.probe_interval)
-            except TimeoutError:
-                pass
+            await wait_event(stop, self.settings.probe_interval)
 
     # ---- views ----------------------------------------------------------------------------
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from edge.config import EdgeSettings
+from shared.aio import wait_event
 from shared.gpu import GpuSample
 from shared.logs import get_logger
 from shared.mqtt import AsyncMqtt, Received, TlsOptions, Will, parse_broker_url
@@ -227,10 +228,7 @@ class EdgeSync:
         assert self.mqtt is not None
         changed = self.daemon.outbox_changed
         while not stop.is_set():
-            try:
-                await asyncio.wait_for(changed.wait(), timeout=1.0)
-            except TimeoutError:
-                pass
+            await wait_event(changed, 1.0)
             changed.clear()
             if not self.mqtt.connected:
                 continue
