@@ -8,16 +8,15 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from edge.config import parse_host_port, validate_mqtt_url
 from shared.policy import Seconds
-from shared.settings import KgpuSettings
+from shared.settings import HostPort, KgpuSettings, MqttUrl, parse_host_port
 
 
 class CloudSettings(KgpuSettings):
     """Everything `kgpu cloud run` can be told. Field `foo_bar` is flag `--foo-bar` and env
     `KGPU_FOO_BAR`; the config file uses the field names as keys."""
 
-    mqtt: str = Field("mqtt://127.0.0.1:1883", description="Broker URL mqtt://[user:pass@]host:port or mqtts://")
+    mqtt: MqttUrl = Field("mqtt://127.0.0.1:1883", description="Broker URL mqtt://[user:pass@]host:port or mqtts://")
     mqtt_ca_file: Path | None = Field(None, description="CA bundle for mqtts:// (default: the system's)")
     mqtt_cert_file: Path | None = Field(None, description="Client certificate for mutual TLS")
     mqtt_key_file: Path | None = Field(None, description="Client key for mutual TLS")
@@ -28,7 +27,7 @@ class CloudSettings(KgpuSettings):
         None, description="Group name: subscribe as $share/<group>/... so that replicas split the ingest"
     )
     db: str = Field("sqlite:///kgpu-cloud.db", description="SQLAlchemy URL: sqlite:///path or postgresql+psycopg://...")
-    http: str = Field("0.0.0.0:9420", description="HOST:PORT of the API, dashboard and /metrics")
+    http: HostPort = Field("0.0.0.0:9420", description="HOST:PORT of the API, dashboard and /metrics")
     batch_size: int = Field(500, ge=1, le=100_000, description="Messages written in one transaction, at most")
     batch_interval: Seconds = Field(0.1, ge=0.0, le=10.0, description="Longest wait to fill a batch")
     history_resolution: Seconds = Field(60.0, ge=0.0, description="One stored sample per GPU per this long")
@@ -50,17 +49,6 @@ class CloudSettings(KgpuSettings):
     api_token_file: Path | None = Field(None, description="Bearer token required for changes over HTTP (PUT/POST)")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_json: bool | None = Field(None, description="JSON log lines; default: when stderr is not a terminal")
-
-    @field_validator("http")
-    @classmethod
-    def _http(cls, value: str) -> str:
-        parse_host_port(value)
-        return value
-
-    @field_validator("mqtt")
-    @classmethod
-    def _mqtt(cls, value: str) -> str:
-        return validate_mqtt_url(value)
 
     @field_validator("db")
     @classmethod

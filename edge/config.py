@@ -7,37 +7,13 @@ import socket
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 
 from shared.policy import PowerPolicy, Seconds
-from shared.settings import KgpuSettings
+from shared.settings import HostPort, KgpuSettings, MqttUrl, parse_host_port
 from shared.topics import NODE_NAME_RE
 
 SIM_MODELS = ("H100", "A100", "A10", "T4")
-
-
-def parse_host_port(value: str, *, default_host: str = "0.0.0.0") -> tuple[str, int]:
-    """'HOST:PORT', ':PORT' or '[::1]:PORT' → (host, port)."""
-    host, sep, port = value.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ValueError(f"expected HOST:PORT, got {value!r}")
-    host = host.strip("[]") or default_host
-    return host, int(port)
-
-
-def validate_mqtt_url(url: str) -> str:
-    from urllib.parse import urlsplit
-
-    parts = urlsplit(url)
-    if parts.scheme not in ("mqtt", "mqtts"):
-        raise ValueError(f"MQTT URL must start with mqtt:// or mqtts://, got {url!r}")
-    if not parts.hostname:
-        raise ValueError(f"MQTT URL has no host: {url!r}")
-    try:
-        _ = parts.port  # urlsplit only checks the port when asked
-    except ValueError:
-        raise ValueError(f"MQTT URL has a bad port: {url!r}") from None
-    return url
 
 
 class EdgeSettings(KgpuSettings):
@@ -47,7 +23,7 @@ class EdgeSettings(KgpuSettings):
     node: str | None = Field(
         None, description="Node name; falls back to NODE_NAME (downward API), then the hostname"
     )
-    mqtt: str | None = Field(None, description="Broker URL mqtt://[user:pass@]host:port or mqtts://")
+    mqtt: MqttUrl | None = Field(None, description="Broker URL mqtt://[user:pass@]host:port or mqtts://")
     mqtt_ca_file: Path | None = Field(None, description="CA bundle for mqtts:// (default: the system's)")
     mqtt_cert_file: Path | None = Field(None, description="Client certificate for mutual TLS")
     mqtt_key_file: Path | None = Field(None, description="Client key for mutual TLS")
@@ -59,7 +35,7 @@ class EdgeSettings(KgpuSettings):
     ack_timeout: Seconds = Field(15.0, ge=1.0, description="Re-send unacked events after this long")
     status_interval: Seconds = Field(30.0, ge=1.0, description="Re-publish the retained status at least this often")
     db: Path = Field(Path("/var/lib/kgpu/edge.db"), description="SQLite file of the edge store")
-    http: str = Field("0.0.0.0:9410", description="HOST:PORT of the HTTP API and /metrics")
+    http: HostPort = Field("0.0.0.0:9410", description="HOST:PORT of the HTTP API and /metrics")
     backend: Literal["nvml", "sim"] = Field("nvml", description="nvml: the real libnvidia-ml; sim: simulated GPUs")
     sim_gpus: int = Field(2, ge=1, le=64, description="Number of simulated GPUs (backend sim)")
     sim_model: Literal["H100", "A100", "A10", "T4"] = Field("H100", description="Simulated GPU model")
@@ -88,17 +64,6 @@ class EdgeSettings(KgpuSettings):
     policy: PowerPolicy = Field(
         default_factory=PowerPolicy, description="The power policy used until the cloud sends one"
     )
-
-    @field_validator("http")
-    @classmethod
-    def _http(cls, value: str) -> str:
-        parse_host_port(value)
-        return value
-
-    @field_validator("mqtt")
-    @classmethod
-    def _mqtt(cls, value: str | None) -> str | None:
-        return None if value is None else validate_mqtt_url(value)
 
     @model_validator(mode="after")
     def _node_name(self) -> EdgeSettings:

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import contextvars
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
+from urllib.parse import urlsplit
 
 import yaml
-from pydantic import ValidationError
+from pydantic import AfterValidator, ValidationError
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -61,6 +62,37 @@ class KgpuSettings(BaseSettings):
             else:
                 sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=path))
         return tuple(sources)
+
+
+def parse_host_port(value: str, *, default_host: str = "0.0.0.0") -> tuple[str, int]:
+    """'HOST:PORT', ':PORT' or '[::1]:PORT' → (host, port)."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"expected HOST:PORT, got {value!r}")
+    host = host.strip("[]") or default_host
+    return host, int(port)
+
+
+def validate_mqtt_url(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.scheme not in ("mqtt", "mqtts"):
+        raise ValueError(f"MQTT URL must start with mqtt:// or mqtts://, got {url!r}")
+    if not parts.hostname:
+        raise ValueError(f"MQTT URL has no host: {url!r}")
+    try:
+        _ = parts.port  # urlsplit only checks the port when asked
+    except ValueError:
+        raise ValueError(f"MQTT URL has a bad port: {url!r}") from None
+    return url
+
+
+def _check_host_port(value: str) -> str:
+    parse_host_port(value)
+    return value
+
+
+HostPort = Annotated[str, AfterValidator(_check_host_port)]  # "HOST:PORT" of a listener
+MqttUrl = Annotated[str, AfterValidator(validate_mqtt_url)]  # mqtt://[user:pass@]host:port, mqtts://
 
 
 S = TypeVar("S", bound=KgpuSettings)

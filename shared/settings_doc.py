@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import sys
+import types
+import typing
 from typing import Any
 
 from pydantic import BaseModel
@@ -22,10 +24,22 @@ def _default(field: Any) -> str:
     return f"`{field.default}`"
 
 
+def _type_name(tp: Any) -> str:
+    """A readable type: validators (Annotated) dropped, unions as `a | b`."""
+    origin = typing.get_origin(tp)
+    if origin is typing.Annotated:
+        return _type_name(typing.get_args(tp)[0])
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(arg) for arg in typing.get_args(tp))
+    if origin is typing.Literal:
+        return f"Literal[{', '.join(repr(arg) for arg in typing.get_args(tp))}]"
+    if tp is type(None):
+        return "None"
+    return getattr(tp, "__name__", str(tp))
+
+
 def _type(field: Any) -> str:
-    text = str(field.annotation).replace("typing.", "").replace("pathlib.", "")
-    text = text.replace("<class '", "").replace("'>", "")
-    return text.replace("shared.policy.", "").replace("|", "\\|")
+    return _type_name(field.annotation).replace("|", "\\|")
 
 
 def settings_table(cls: type[BaseModel]) -> str:

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from edge.config import EdgeSettings, parse_host_port
+from edge.config import EdgeSettings
+from shared.settings import parse_host_port
 from shared.settings import ConfigError, load_settings
 
 
