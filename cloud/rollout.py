@@ -327,15 +327,7 @@ class RolloutRepo:
 
 def _store_transition(conn: Connection, rollout_id: int, t: Transition, now: float, *guards: Any) -> None:
     n = rollout_nodes_table
-    values: dict[str, Any] = {"state": t.to.value, "since": now, "reason": t.reason}
-    if t.marked_pod is not None:
-        values["marked_pod"] = t.marked_pod
-    if t.clear_mark:
-        values["marked_pod"] = None
-    if t.deleted is not None:
-        values["deleted"] = t.deleted
-    if t.reverting is not None:
-        values["reverting"] = t.reverting
+    values = {**t.changes(now), "state": t.to.value, "reason": t.reason}
     if t.from_version is not None:
         values["from_version"] = t.from_version
     conn.execute(n.update().where(n.c.rollout_id == rollout_id, n.c.node == t.node, *guards).values(**values))

@@ -105,6 +105,19 @@ class Transition:
     reverting: bool | None = None
     from_version: str | None = None  # recorded when the node's pod is about to be restarted
 
+    def changes(self, now: float) -> dict[str, Any]:
+        """What this transition sets on the node (state, since, and the fields it names)."""
+        changes: dict[str, Any] = {"state": self.to, "since": now}
+        if self.marked_pod is not None:
+            changes["marked_pod"] = self.marked_pod
+        if self.clear_mark:
+            changes["marked_pod"] = None
+        if self.deleted is not None:
+            changes["deleted"] = self.deleted
+        if self.reverting is not None:
+            changes["reverting"] = self.reverting
+        return changes
+
 
 @dataclass(frozen=True)
 class DeletePod:
@@ -152,16 +165,7 @@ class _Work:
 
 def _applied(view: NodeView, t: Transition, now: float) -> NodeView:
     """The view after transition `t` (what the store will hold)."""
-    changes: dict[str, Any] = {"state": t.to, "since": now}
-    if t.marked_pod is not None:
-        changes["marked_pod"] = t.marked_pod
-    if t.clear_mark:
-        changes["marked_pod"] = None
-    if t.deleted is not None:
-        changes["deleted"] = t.deleted
-    if t.reverting is not None:
-        changes["reverting"] = t.reverting
-    return replace(view, **changes)
+    return replace(view, **t.changes(now))
 
 
 def plan(rollout: RolloutSpec, nodes: Mapping[str, NodeView], now: float) -> list[Action]:
