@@ -11,7 +11,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from shared import __version__
-from shared.logs import setup_logging
+from shared.logs import scrub, setup_logging
 from shared.settings import ConfigError, load_settings
 
 app = typer.Typer(
@@ -47,9 +47,13 @@ def _run_edge(flags: dict[str, Any], config: Path | None) -> None:
     setup_logging(settings.log_level, settings.log_json)
     set_node(settings.node)
     from edge.main import serve  # imported late: a config error needs none of the daemon
+    from edge.store import StoreError
 
     try:
         asyncio.run(serve(settings))
+    except StoreError as exc:  # the database cannot even be opened: nothing to run on
+        typer.echo(f"kgpu: {scrub(str(exc))}", err=True)
+        raise typer.Exit(code=1) from None
     except KeyboardInterrupt:
         pass
 
@@ -106,10 +110,14 @@ def cloud_run(
         return
     setup_logging(settings.log_level, settings.log_json)
     from cloud.controller import serve
+    from cloud.store import FleetStoreError
     from kubernetes.config import ConfigException
 
     try:
         asyncio.run(serve(settings))
+    except FleetStoreError as exc:  # the fleet database cannot be opened or migrated at start
+        typer.echo(f"kgpu: {scrub(str(exc))}", err=True)
+        raise typer.Exit(code=1) from None
     except ConfigException as exc:
         typer.echo(f"kgpu: cannot reach Kubernetes: {exc}; pass --kubeconfig FILE, --in-cluster or --no-kube", err=True)
         raise typer.Exit(code=2) from None

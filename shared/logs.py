@@ -6,6 +6,7 @@ field of the JSON line. Use `get_logger(__name__)` everywhere.
 
 import json
 import logging
+import re
 import sys
 import time
 from typing import Any
@@ -13,6 +14,15 @@ from typing import Any
 _RESERVED = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
 
 _node_name: str | None = None
+
+# scheme://user:password@host — the password part, wherever a URL turns up in a message
+_URL_PASSWORD = re.compile(r"(?P<head>\b[a-z][a-z0-9+.-]*://[^\s/@:]*:)[^\s/@]*@", re.IGNORECASE)
+
+
+def scrub(text: str) -> str:
+    """Hide every URL password in `text`. Log lines, exceptions and error messages shown to a
+    user pass through this, so a secret given in a broker or database URL is never printed."""
+    return _URL_PASSWORD.sub(r"\g<head>***@", text)
 
 
 def set_node(node: str | None) -> None:
@@ -27,15 +37,15 @@ class JsonFormatter(logging.Formatter):
             "ts": round(record.created, 3),
             "level": record.levelname.lower(),
             "logger": record.name,
-            "msg": record.getMessage(),
+            "msg": scrub(record.getMessage()),
         }
         if _node_name and "node" not in record.__dict__:
             line["node"] = _node_name
         for key, value in record.__dict__.items():
             if key not in _RESERVED and not key.startswith("_"):
-                line[key] = value
+                line[key] = scrub(value) if isinstance(value, str) else value
         if record.exc_info:
-            line["exc"] = self.formatException(record.exc_info)
+            line["exc"] = scrub(self.formatException(record.exc_info))
         return json.dumps(line, default=str)
 
 
@@ -53,7 +63,7 @@ class TextFormatter(logging.Formatter):
             text += f"  [{tail}]"
         if record.exc_info:
             text += "\n" + self.formatException(record.exc_info)
-        return text
+        return scrub(text)
 
 
 def setup_logging(level: str = "info", json_lines: bool | None = None) -> None:

@@ -23,7 +23,7 @@ from urllib.parse import unquote, urlsplit
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
-from shared.logs import get_logger
+from shared.logs import get_logger, scrub
 
 log = get_logger(__name__)
 
@@ -63,11 +63,7 @@ def parse_broker_url(url: str, *, password_file: Path | None = None) -> BrokerAd
 
 def redact(url: str) -> str:
     """Hide a password in a URL before it is logged or shown."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
-    return parts._replace(netloc=netloc).geturl()
+    return scrub(url)
 
 
 @dataclass(frozen=True)

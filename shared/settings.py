@@ -22,6 +22,8 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
+from shared.logs import scrub
+
 _config_file: contextvars.ContextVar[Path | None] = contextvars.ContextVar("kgpu_config_file", default=None)
 
 ENV_PREFIX = "KGPU_"
@@ -76,13 +78,13 @@ def parse_host_port(value: str, *, default_host: str = "0.0.0.0") -> tuple[str, 
 def validate_mqtt_url(url: str) -> str:
     parts = urlsplit(url)
     if parts.scheme not in ("mqtt", "mqtts"):
-        raise ValueError(f"MQTT URL must start with mqtt:// or mqtts://, got {url!r}")
+        raise ValueError(f"MQTT URL must start with mqtt:// or mqtts://, got {scrub(url)!r}")
     if not parts.hostname:
-        raise ValueError(f"MQTT URL has no host: {url!r}")
+        raise ValueError(f"MQTT URL has no host: {scrub(url)!r}")
     try:
         _ = parts.port  # urlsplit only checks the port when asked
     except ValueError:
-        raise ValueError(f"MQTT URL has a bad port: {url!r}") from None
+        raise ValueError(f"MQTT URL has a bad port: {scrub(url)!r}") from None
     return url
 
 
@@ -104,10 +106,12 @@ def _describe(error: dict[str, Any]) -> str:
     if error["type"] == "extra_forbidden":
         message = "unknown setting"
     if error["type"] == "value_error":
-        return f"{where}: {error['ctx']['error']}"
+        return scrub(f"{where}: {error['ctx']['error']}")
     given = error.get("input")
     if error["type"] != "missing" and not isinstance(given, dict) and given is not None:
-        return f"{where}: {message} (got {given!r})"
+        if any(word in where for word in ("password", "token", "secret")):
+            given = "***"
+        return scrub(f"{where}: {message} (got {given!r})")
     return f"{where}: {message}"
 
 
