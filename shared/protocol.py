@@ -220,13 +220,32 @@ class RejectedMessage(ValueError):
         self.detail = detail
 
 
+class _OutOfRange(ValueError):
+    """A JSON number no store column can hold."""
+
+
+def _int64(text: str) -> int:
+    """Every integer on the wire must fit a BIGINT: one that does not would make the fleet store's
+    write fail for the whole batch, again and again (a poison message)."""
+    value = int(text)
+    if len(text) > 18 and not -(2**63) <= value < 2**63:
+        raise _OutOfRange(f"integer {text[:24]}... does not fit in 64 bits")
+    return value
+
+
+def _no_constant(name: str) -> float:
+    raise _OutOfRange(f"{name} is not a number JSON allows")
+
+
 def decode(payload: bytes, *, max_bytes: int = MAX_PAYLOAD_BYTES) -> tuple[Envelope, WireModel]:
     """Validate a raw payload into an envelope and its typed body, or raise RejectedMessage."""
     if len(payload) > max_bytes:
         raise RejectedMessage("oversize", f"{len(payload)} bytes > {max_bytes}")
     try:
-        raw = json.loads(payload)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raw = json.loads(payload, parse_int=_int64, parse_constant=_no_constant)
+    except _OutOfRange as exc:
+        raise RejectedMessage("schema", str(exc)) from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError, ValueError) as exc:
         raise RejectedMessage("not_json", str(exc)[:200]) from None
     if not isinstance(raw, dict):
         raise RejectedMessage("schema", "payload is not a JSON object")

@@ -50,11 +50,24 @@ def test_policy_travels_in_camel_case() -> None:
     (b"[" * 200_000 + b"]" * 200_000, "oversize"),
     (b"[" * 100_000 + b"]" * 100_000, "not_json"),  # under the size limit, too deep to parse
     (b'{"a":' * 5000 + b"1" + b"}" * 5000, "not_json"),
+    # numbers no database column holds: a poison message for the whole ingest batch otherwise
+    (b'{"v": 1, "node": "a", "seq": 9223372036854775808, "kind": "ack", "body": {"upto": 1}}', "schema"),
+    (b'{"v": 1, "node": "a", "kind": "ack", "body": {"upto": -9223372036854775809}}', "schema"),
+    (b'{"v": 1, "node": "a", "kind": "ack", "body": {"upto": ' + b"9" * 5000 + b"}}", "not_json"),
+    (b'{"v": 1, "node": "a", "ts": NaN, "kind": "ack", "body": {"upto": 1}}', "schema"),
+    (b'{"v": 1, "node": "a", "ts": -Infinity, "kind": "ack", "body": {"upto": 1}}', "schema"),
+    (b'{"v": 1, "node": "\xc3\x28", "kind": "ack", "body": {"upto": 1}}', "not_json"),  # not UTF-8
 ])
 def test_bad_payloads_are_rejected_with_a_reason(payload: bytes, reason: str) -> None:
     with pytest.raises(RejectedMessage) as caught:
         decode(payload)
     assert caught.value.reason == reason
+
+
+def test_the_largest_integers_that_fit_still_pass() -> None:
+    envelope, body = decode(b'{"v": 1, "node": "a", "seq": 9223372036854775807, "kind": "ack", '
+                            b'"body": {"upto": 9223372036854775807}}')
+    assert envelope.seq == 2**63 - 1 and body.upto == 2**63 - 1
 
 
 def test_oversize_limit_is_exact() -> None:

@@ -37,14 +37,5 @@ class CloudProcess(EdgeProcess):
         events = self.get(f"/api/v1/events?node={node}&limit=10000")["events"]
         return sorted(e["seq"] for e in events)
 
-    def metric(self, name: str, **labels: str) -> float:
-        from prometheus_client.parser import text_string_to_metric_families
-
-        for family in text_string_to_metric_families(self.get("/metrics")):
-            for sample in family.samples:
-                if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                    return sample.value
-        return 0.0
-
 
 __all__ = ["CloudProcess", "wait_for"]

@@ -115,6 +115,16 @@ class EdgeProcess:
         assert status == 200, (status, body)
         return body
 
+    def metric(self, name: str, **labels: str) -> float:
+        """One sample from /metrics (0.0 when absent, as a counter that never counted)."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        for family in text_string_to_metric_families(self.get("/metrics")):
+            for sample in family.samples:
+                if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                    return sample.value
+        return 0.0
+
     def inject(self, index: int, **fault: Any) -> Any:
         status, body = self.request("POST", f"/api/v1/sim/gpus/{index}", fault)
         assert status == 200, (status, body)
