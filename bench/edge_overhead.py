@@ -12,31 +12,20 @@ written in C, would replace) is included: the figures are an upper bound.
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
-from pathlib import Path
+from dataclasses import dataclass
 
-TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICKS  # utime, stime
-
-
-def rss_mib(pid: int) -> float:
-    match = re.search(r"VmRSS:\s+(\d+) kB", Path(f"/proc/{pid}/status").read_text())
-    return int(match.group(1)) / 1024 if match else float("nan")
+from bench.common import Row, cpu_seconds, rss_mib
 
 
 def metric(base: str, name: str) -> float:
     text = urllib.request.urlopen(f"{base}/metrics", timeout=5).read().decode()
-    match = re.search(rf"^{name} (\S+)$", text, re.M)
+    match = re.search(rf"^{name} (\S+)$", text, re.MULTILINE)
     return float(match.group(1)) if match else float("nan")
 
 
@@ -48,19 +37,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=60.0)
-    parser.add_argument("--gpus", type=int, default=8)
-    parser.add_argument("--warmup", type=float, default=10.0)
-    args = parser.parse_args()
+@dataclass
+class Overhead:
+    gpus: int
+    window_s: float
+    cycles: float
+    cpu_share: float  # of one core
+    cpu_per_cycle_ms: float
+    loop_per_cycle_ms: float
+    daemon_rss_mib: float
+    bare_rss_mib: float
 
+
+def measure(seconds: float = 60.0, gpus: int = 8, warmup: float = 10.0) -> Overhead:
+    """One real edge daemon (sim backend, 1 s interval, load on every GPU) over `seconds`."""
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     with tempfile.TemporaryDirectory() as tmp:
         daemon = subprocess.Popen(
             [sys.executable, "-m", "kgpu", "edge", "run", "--node", "bench", "--backend", "sim",
-             "--sim-gpus", str(args.gpus), "--interval", "1", "--db", f"{tmp}/edge.db",
+             "--sim-gpus", str(gpus), "--interval", "1", "--db", f"{tmp}/edge.db",
              "--http", f"127.0.0.1:{port}", "--log-level", "warning"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
@@ -73,16 +69,17 @@ def main() -> None:
                     break
                 except OSError:
                     if time.monotonic() > deadline or daemon.poll() is not None:
-                        raise SystemExit("daemon did not start")
+                        raise SystemExit("daemon did not start") from None
                     time.sleep(0.2)
             # load on every GPU so that every figure and the policy are exercised
-            for index in range(args.gpus):
+            for index in range(gpus):
                 req = urllib.request.Request(f"{base}/api/v1/sim/gpus/{index}", method="POST",
+                                             headers={"Content-Type": "application/json"},
                                              data=b'{"processes": [{"pid": 1, "used_memory_mib": 512, "sm_util": 60}]}')
                 urllib.request.urlopen(req, timeout=5)
-            time.sleep(args.warmup)
+            time.sleep(warmup)
             cpu0, cycles0, wall0 = cpu_seconds(daemon.pid), metric(base, "kgpu_sampling_cycles_total"), time.monotonic()
-            time.sleep(args.seconds)
+            time.sleep(seconds)
             cpu1, cycles1, wall1 = cpu_seconds(daemon.pid), metric(base, "kgpu_sampling_cycles_total"), time.monotonic()
             cycle_time = metric(base, "kgpu_sampling_cycle_seconds_total") / max(cycles1, 1)
             daemon_rss, bare_rss = rss_mib(daemon.pid), rss_mib(bare.pid)
@@ -91,24 +88,46 @@ def main() -> None:
             bare.kill()
             daemon.wait(timeout=15)
             bare.wait()
+    cycles, cpu, wall = cycles1 - cycles0, cpu1 - cpu0, wall1 - wall0
+    return Overhead(gpus=gpus, window_s=wall, cycles=cycles, cpu_share=cpu / wall,
+                    cpu_per_cycle_ms=1000 * cpu / max(cycles, 1), loop_per_cycle_ms=1000 * cycle_time,
+                    daemon_rss_mib=daemon_rss, bare_rss_mib=bare_rss)
 
-    cycles = cycles1 - cycles0
-    cpu = cpu1 - cpu0
-    wall = wall1 - wall0
+
+def describe(o: Overhead) -> str:
     rows = [
-        ("GPUs (simulated) / interval", f"{args.gpus} / 1 s"),
-        ("measured window", f"{wall:.0f} s, {cycles:.0f} cycles"),
-        ("daemon CPU, share of one core", f"{100 * cpu / wall:.2f} %  (goal < 1 %)"),
-        ("daemon CPU per cycle", f"{1000 * cpu / max(cycles, 1):.2f} ms"),
-        ("in-loop time per cycle (wall)", f"{1000 * cycle_time:.2f} ms"),
-        ("daemon RSS", f"{daemon_rss:.1f} MiB  (goal < 80 MiB)"),
-        ("bare python RSS (baseline)", f"{bare_rss:.1f} MiB"),
-        ("RSS ratio daemon / bare", f"{daemon_rss / bare_rss:.1f}x"),
+        ("GPUs (simulated) / interval", f"{o.gpus} / 1 s"),
+        ("measured window", f"{o.window_s:.0f} s, {o.cycles:.0f} cycles"),
+        ("daemon CPU, share of one core", f"{100 * o.cpu_share:.2f} %  (goal < 1 %)"),
+        ("daemon CPU per cycle", f"{o.cpu_per_cycle_ms:.2f} ms"),
+        ("in-loop time per cycle (wall)", f"{o.loop_per_cycle_ms:.2f} ms"),
+        ("daemon RSS", f"{o.daemon_rss_mib:.1f} MiB  (goal < 80 MiB)"),
+        ("bare python RSS (baseline)", f"{o.bare_rss_mib:.1f} MiB"),
+        ("RSS ratio daemon / bare", f"{o.daemon_rss_mib / o.bare_rss_mib:.1f}x"),
     ]
     width = max(len(k) for k, _ in rows)
-    print("edge overhead")
-    for key, value in rows:
-        print(f"  {key:<{width}}  {value}")
+    return "\n".join(["edge overhead", *(f"  {key:<{width}}  {value}" for key, value in rows)])
+
+
+def table_rows(o: Overhead, command: str) -> list[Row]:
+    label = f"edge overhead ({o.gpus} GPUs @ 1 s)"
+    return [
+        Row(label, "daemon CPU, share of one core", 100 * o.cpu_share, "%",
+            f"< 1 %: {'met' if o.cpu_share < 0.01 else 'MISSED'}", command),
+        Row(label, "daemon CPU per sampling cycle", o.cpu_per_cycle_ms, "ms", "", command),
+        Row(label, "daemon RSS", o.daemon_rss_mib, "MiB",
+            f"{o.daemon_rss_mib / o.bare_rss_mib:.1f}x bare python; < 80 MiB: "
+            f"{'met' if o.daemon_rss_mib < 80 else 'MISSED'}", command),
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=60.0)
+    parser.add_argument("--gpus", type=int, default=8)
+    parser.add_argument("--warmup", type=float, default=10.0)
+    args = parser.parse_args()
+    print(describe(measure(args.seconds, args.gpus, args.warmup)))
 
 
 if __name__ == "__main__":

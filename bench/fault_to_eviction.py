@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
+from bench.common import Row
 from tests.helpers.cloud_process import CloudProcess
 from tests.helpers.edge_process import EdgeProcess, wait_for
 from tests.helpers.kube import KubeEmulator
@@ -69,20 +71,42 @@ def one_round(work: Path) -> tuple[float, float]:
         broker.stop()
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=3)
-    args = parser.parse_args()
+def measure(rounds: int = 3) -> tuple[list[float], list[float]]:
+    """(seconds to the eviction request, of which until the XID was stored) for each round."""
     totals, stored = [], []
-    for index in range(args.rounds):
+    for index in range(rounds):
         with tempfile.TemporaryDirectory() as tmp:
             total, at_cloud = one_round(Path(tmp))
         totals.append(total)
         stored.append(at_cloud)
-        print(f"  round {index + 1}: xid stored in the cloud after {at_cloud:.2f} s, eviction requested after {total:.2f} s")
-    print("fault-to-eviction latency (edge sampling interval 1 s)")
-    print(f"  median {statistics.median(totals):.2f} s, min {min(totals):.2f} s, max {max(totals):.2f} s over {len(totals)} rounds")
-    print(f"  of which edge -> cloud (xid stored): median {statistics.median(stored):.2f} s")
+        print(f"  round {index + 1}: xid stored in the cloud after {at_cloud:.2f} s, "
+              f"eviction requested after {total:.2f} s", file=sys.stderr)
+    return totals, stored
+
+
+def describe(totals: list[float], stored: list[float]) -> str:
+    return "\n".join([
+        "fault-to-eviction latency (edge sampling interval 1 s)",
+        (f"  median {statistics.median(totals):.2f} s, min {min(totals):.2f} s, max {max(totals):.2f} s "
+        f"over {len(totals)} rounds"),
+        f"  of which edge -> cloud (xid stored): median {statistics.median(stored):.2f} s",
+    ])
+
+
+def table_rows(totals: list[float], stored: list[float], command: str) -> list[Row]:
+    label = f"fault to eviction ({len(totals)} rounds)"
+    return [
+        Row(label, "XID 79 injected -> eviction requested, median", statistics.median(totals), "s",
+            f"{min(totals):.2f}-{max(totals):.2f} s", command),
+        Row(label, "of which XID stored in the cloud, median", statistics.median(stored), "s", "", command),
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    print(describe(*measure(args.rounds)))
 
 
 if __name__ == "__main__":

@@ -12,6 +12,8 @@ ack sent back to the edge) is written in the same transaction as the events it c
 after the commit and before the ack therefore replays as duplicates, never as lost or doubled
 rows. Two replicas ingesting the same node serialise on that node's row (`SELECT ... FOR UPDATE`
 on PostgreSQL, `BEGIN IMMEDIATE` on SQLite); the unique constraint is the last line of defence.
+The controller's ingest asks for `SKIP LOCKED` instead of waiting: a node the other replica holds
+is left for its next batch (`IngestResult.deferred`).
 
 An event whose node epoch is not yet known (no status seen) is stored under the epoch `""` and
 moved to the real epoch when a status names it: "unknown" matches whatever epoch comes first.
@@ -66,7 +68,7 @@ UNKNOWN_EPOCH = ""
 the unique constraint effective: NULLs never collide)."""
 
 INGESTED_KINDS = frozenset({Kind.STATUS, Kind.TELEMETRY}) | EVENT_KINDS
-_CHUNK_ROWS = 500  # rows per multi-row INSERT: far below SQLite's and PostgreSQL's bind limits
+_CHUNK_ROWS = 500  # names per `IN (...)`: far below SQLite's and PostgreSQL's bind limits
 _ADVANCE_PAGE = 1000  # stored seqs read per step when walking acked_seq forward
 _MIGRATION_LOCK_KEY = 0x6B677075  # "kgpu": PostgreSQL advisory lock around `upgrade head`
 
@@ -94,7 +96,7 @@ nodes_table = sa.Table(
     sa.Column("gaps", sa.BigInteger, nullable=False),
     sa.Column("degraded", JsonType, nullable=False),
     sa.Column("labels", JsonType, nullable=False),
-    sa.Column("status_ts", sa.Float),  # edge clock of the newest status applied
+    sa.Column("status_ts", sa.Float),  # edge ts of the newest status applied, less the clock skew
 )
 
 gpus_table = sa.Table(
@@ -112,7 +114,7 @@ gpus_table = sa.Table(
     sa.Column("health", sa.String),
     sa.Column("power_limit_w", sa.Float),
     sa.Column("sample", JsonType),  # the latest GpuSample
-    sa.Column("sample_ts", sa.Float),  # its edge timestamp, so a late sample cannot win
+    sa.Column("sample_ts", sa.Float),  # its ts less the clock skew, so a late sample cannot win
     sa.Column("updated_at", sa.Float, nullable=False),  # cloud clock
 )
 
@@ -204,6 +206,10 @@ class Incoming:
     envelope: Envelope
     body: WireModel  # already validated for envelope.kind
     received_at: float
+    # The node's clock minus ours as the ingest estimates it (cloud/clock_skew.py); 0 when in
+    # step. Status and sample times are kept as `ts - clock_skew`, so "a late one cannot win"
+    # still holds after the edge's clock jumped back by hours.
+    clock_skew: float = 0.0
 
 
 @dataclass
@@ -217,6 +223,9 @@ class IngestResult:
     duplicates: int = 0
     gaps: dict[str, int] = field(default_factory=dict)  # node -> events stored beyond a hole
     stale: int = 0  # events sent before a status that changed the node's epoch: dropped
+    # With skip_locked: the messages of nodes another replica had locked, not applied (the
+    # caller offers them again in its next batch, before anything newer).
+    deferred: list[Incoming] = field(default_factory=list)
 
 
 # ---- per-batch working state ----------------------------------------------------------------
@@ -246,7 +255,8 @@ def _chunks(rows: Sequence[Any], size: int = _CHUNK_ROWS) -> Iterator[Sequence[A
         yield rows[start : start + size]
 
 
-def _epoch_key(epoch: str | None) -> str:
+def epoch_key(epoch: str | None) -> str:
+    """A node's outbox epoch as stored in the events and decisions tables."""
     return UNKNOWN_EPOCH if epoch is None else epoch
 
 
@@ -405,8 +415,13 @@ class FleetStore:
 
     # -- ingest --------------------------------------------------------------------------------
 
-    def ingest(self, batch: Sequence[Incoming]) -> IngestResult:
-        """Apply a batch of edge messages in ONE transaction; see the module docstring."""
+    def ingest(self, batch: Sequence[Incoming], *, skip_locked: bool = False) -> IngestResult:
+        """Apply a batch of edge messages in ONE transaction; see the module docstring.
+
+        `skip_locked` (PostgreSQL; SQLite has one writer anyway): nodes whose row another
+        replica holds are not waited for; their messages come back in `result.deferred`. Replicas
+        sharing a subscription get every node's messages in turns, so without it each replica's
+        batch would wait for the other's whole transaction on the nodes they share."""
         batch = list(batch)
         _check_batch(batch)  # ValueError before the database is touched
         result = IngestResult()
@@ -416,8 +431,12 @@ class FleetStore:
         for item in batch:
             by_node[item.envelope.node].append(item)
         with self._write("ingest") as conn:
-            work = self._lock_nodes(conn, by_node)
-            for name in sorted(by_node):
+            work = self._lock_nodes(conn, by_node, skip_locked)
+            if len(work) < len(by_node):
+                result.deferred = [item for item in batch if item.envelope.node not in work]
+                if not work:
+                    return result
+            for name in sorted(work):
                 for item in by_node[name]:
                     self._apply(work[name], item)
             self._store_events(conn, work, result)
@@ -430,10 +449,11 @@ class FleetStore:
         return result
 
     def _lock_nodes(
-        self, conn: Connection, by_node: dict[str, list[Incoming]]
+        self, conn: Connection, by_node: dict[str, list[Incoming]], skip_locked: bool = False
     ) -> dict[str, _NodeWork]:
         """Create the batch's unknown nodes, then lock every node row, in name order (so two
-        replicas never wait on each other in a circle)."""
+        replicas never wait on each other in a circle); with skip_locked, only the rows no one
+        else holds."""
         names = sorted(by_node)
         fresh = [
             {
@@ -449,19 +469,16 @@ class FleetStore:
             }
             for name in names
         ]
-        for chunk in _chunks(fresh):
-            conn.execute(
-                self._insert(nodes_table)
-                .values(list(chunk))
-                .on_conflict_do_nothing(index_elements=["name"])
-            )
+        conn.execute(
+            self._insert(nodes_table).on_conflict_do_nothing(index_elements=["name"]), fresh
+        )
         work: dict[str, _NodeWork] = {}
         for chunk in _chunks(names):
             rows = conn.execute(
                 sa.select(nodes_table)
                 .where(nodes_table.c.name.in_(chunk))
                 .order_by(nodes_table.c.name)
-                .with_for_update()
+                .with_for_update(skip_locked=skip_locked)
             )
             for row in rows:
                 values = dict(row._mapping)
@@ -474,31 +491,35 @@ class FleetStore:
         row["last_seen"] = max(row["last_seen"], item.received_at)
         if env.kind == Kind.STATUS:
             assert isinstance(item.body, StatusBody)
-            self._apply_status(w, env, item.body)
+            self._apply_status(w, env, item.body, env.ts - item.clock_skew)
         elif env.kind == Kind.TELEMETRY:
             assert isinstance(item.body, TelemetryBody)
-            w.samples.extend(item.body.samples)
+            samples = item.body.samples
+            if item.clock_skew:  # onto our clock: see Incoming.clock_skew
+                samples = [s.model_copy(update={"ts": s.ts - item.clock_skew}) for s in samples]
+            w.samples.extend(samples)
         else:
             w.sent_events = True
             w.events.append((row["outbox_epoch"], item))
 
-    def _apply_status(self, w: _NodeWork, env: Envelope, body: StatusBody) -> None:
+    def _apply_status(self, w: _NodeWork, env: Envelope, body: StatusBody, made: float) -> None:
+        """`made`: the status's ts corrected by the node's clock skew (what status_ts keeps)."""
         row = w.row
-        if body.state == "offline" and row["status_ts"] is not None and env.ts < row["status_ts"]:
+        if body.state == "offline" and row["status_ts"] is not None and made < row["status_ts"]:
             # A last will is made when the edge connects, so it carries an old ts, but the broker
             # only publishes it when that connection dies: "offline" is true now, whatever its ts.
             # (A stale will cannot come later: the edge's next status replaces the retained one.)
             row["online"] = False
             log.info("node went offline (last will)", extra={"node": w.name, "msg_id": env.id})
             return
-        if row["status_ts"] is not None and env.ts < row["status_ts"]:
+        if row["status_ts"] is not None and made < row["status_ts"]:
             log.info(
                 "older status ignored (out-of-order delivery)",
                 extra={"node": w.name, "msg_id": env.id, "status_ts": row["status_ts"]},
             )
             return
         row.update(
-            status_ts=env.ts,
+            status_ts=made,
             online=body.state == "online",
             daemon_version=body.version,
             policy_name=body.policy_name,
@@ -557,7 +578,7 @@ class FleetStore:
         rows = [
             {
                 "node": w.name,
-                "epoch": _epoch_key(w.row["outbox_epoch"]),
+                "epoch": epoch_key(w.row["outbox_epoch"]),
                 "seq": item.envelope.seq,
                 "msg_id": item.envelope.id,
                 "kind": str(item.envelope.kind),
@@ -567,12 +588,12 @@ class FleetStore:
             }
             for w, item in candidates
         ]
-        for chunk in _chunks(rows):
+        if rows:
             inserted = conn.execute(
                 self._insert(events_table)
-                .values(list(chunk))
                 .on_conflict_do_nothing(index_elements=["node", "epoch", "seq"])
-                .returning(events_table.c.node, events_table.c.seq)
+                .returning(events_table.c.node, events_table.c.seq),
+                rows,
             )
             stored.update((node, int(seq)) for node, seq in inserted)
         out.stored += len(stored)
@@ -583,11 +604,12 @@ class FleetStore:
             for w, item in candidates
             if item.envelope.kind == Kind.DECISION and (w.name, item.envelope.seq) in stored
         ]
-        for chunk in _chunks(decisions):
+        if decisions:
             conn.execute(
-                self._insert(decisions_table)
-                .values(list(chunk))
-                .on_conflict_do_nothing(index_elements=["node", "epoch", "seq"])
+                self._insert(decisions_table).on_conflict_do_nothing(
+                    index_elements=["node", "epoch", "seq"]
+                ),
+                decisions,
             )
 
         new_seqs: dict[str, list[int]] = defaultdict(list)
@@ -612,7 +634,7 @@ class FleetStore:
         """Move acked_seq over every consecutive stored seq; count new events beyond a hole."""
         t = events_table
         acked = int(w.row["acked_seq"])
-        epoch = _epoch_key(w.row["outbox_epoch"])
+        epoch = epoch_key(w.row["outbox_epoch"])
         beyond: list[int] = []
         while True:
             page = list(
@@ -650,50 +672,66 @@ class FleetStore:
         )
 
     def _store_gpus(self, conn: Connection, work: dict[str, _NodeWork]) -> None:
-        """Merge status summaries and latest samples into the `gpus` rows of the batch's nodes."""
-        touched = [w for w in work.values() if w.gpu_summaries is not None or w.samples]
-        if not touched:
-            return
+        """Merge status summaries and latest samples into the `gpus` rows of the batch's nodes.
+
+        Written without reading the rows first (the read was most of the cost of telemetry):
+        summaries and samples each upsert only their own columns, and "a late sample never
+        replaces a newer one" is the upsert's WHERE. Only nodes with a status in the batch read
+        their GPU keys, to drop GPUs the inventory no longer lists."""
         g = gpus_table
-        existing: dict[tuple[str, str], dict[str, Any]] = {}
-        for chunk in _chunks([w.name for w in touched]):
-            for row in conn.execute(sa.select(g).where(g.c.node.in_(chunk))):
-                existing[(row.node, row.uuid)] = dict(row._mapping)
-        changed: dict[tuple[str, str], dict[str, Any]] = {}
-        removed: list[tuple[str, str]] = []
-        for w in touched:
+        summaries: dict[tuple[str, str], dict[str, Any]] = {}
+        newest: dict[tuple[str, str], GpuSample] = {}
+        power_limit: dict[tuple[str, str], float] = {}
+        for w in work.values():
             now = w.row["last_seen"]
-            if w.gpu_summaries:  # an empty list is more likely a broken driver than no GPUs
-                listed = {s.uuid for s in w.gpu_summaries}
-                removed += [k for k in existing if k[0] == w.name and k[1] not in listed]
-                for s in w.gpu_summaries:
-                    row = existing.setdefault((w.name, s.uuid), _new_gpu(w.name, s.uuid, s.index))
-                    row.update(index=s.index, name=s.name, health=str(s.health),
-                               power_limit_w=s.power_limit_w, updated_at=now)
-                    changed[(w.name, s.uuid)] = row
-            for sample in sorted(w.samples, key=lambda s: s.ts):
-                key = (w.name, sample.uuid)
-                if key in removed:
-                    removed.remove(key)  # telemetry says it is there after all
-                row = existing.setdefault(key, _new_gpu(w.name, sample.uuid, sample.index))
-                if row["sample_ts"] is not None and sample.ts < row["sample_ts"]:
-                    continue
-                row.update(index=sample.index, sample=sample.model_dump(mode="json"),
-                           sample_ts=sample.ts, updated_at=now)
+            for s in w.gpu_summaries or ():  # an empty list is more likely a broken driver than no GPUs
+                summaries[(w.name, s.uuid)] = {
+                    "node": w.name, "uuid": s.uuid, "index": s.index, "name": s.name,
+                    "health": str(s.health), "power_limit_w": s.power_limit_w, "sample": None,
+                    "sample_ts": None, "updated_at": now,
+                }
+            for sample in sorted(w.samples, key=lambda x: x.ts):  # the newest of the batch wins
+                newest[(w.name, sample.uuid)] = sample
                 if sample.power_limit_w is not None:
-                    row["power_limit_w"] = sample.power_limit_w
-                changed[key] = row
-        for node, uuid in removed:
-            changed.pop((node, uuid), None)
-            conn.execute(g.delete().where(g.c.node == node, g.c.uuid == uuid))
-        rows = list(changed.values())
-        for chunk in _chunks(rows):
-            stmt = self._insert(g).values(list(chunk))
+                    power_limit[(w.name, sample.uuid)] = sample.power_limit_w
+        with_status = [w.name for w in work.values() if w.gpu_summaries]
+        for chunk in _chunks(with_status):
+            gone = [
+                (node, uuid)
+                for node, uuid in conn.execute(sa.select(g.c.node, g.c.uuid).where(g.c.node.in_(chunk)))
+                if (node, uuid) not in summaries and (node, uuid) not in newest  # telemetry: still there
+            ]
+            for node, uuid in gone:
+                conn.execute(g.delete().where(g.c.node == node, g.c.uuid == uuid))
+        # executemany of one cached statement each: SQLAlchemy batches it into multi-row INSERTs
+        # ("insertmanyvalues") instead of compiling a new multi-row statement for every batch
+        if summaries:
+            stmt = self._insert(g)
             conn.execute(
                 stmt.on_conflict_do_update(
                     index_elements=["node", "uuid"],
-                    set_={c: stmt.excluded[c] for c in _GPU_MUTABLE},
-                )
+                    set_={c: stmt.excluded[c] for c in _GPU_SUMMARY_COLUMNS},
+                ),
+                list(summaries.values()),
+            )
+        if newest:
+            rows = [
+                {"node": node, "uuid": uuid, "index": sample.index, "name": None, "health": None,
+                 "power_limit_w": power_limit.get((node, uuid)), "sample": sample.model_dump(mode="json"),
+                 "sample_ts": sample.ts, "updated_at": work[node].row["last_seen"]}
+                for (node, uuid), sample in newest.items()
+            ]
+            stmt = self._insert(g)
+            conn.execute(
+                stmt.on_conflict_do_update(
+                    index_elements=["node", "uuid"],
+                    set_={
+                        **{c: stmt.excluded[c] for c in ("index", "sample", "sample_ts", "updated_at")},
+                        "power_limit_w": sa.func.coalesce(stmt.excluded["power_limit_w"], g.c.power_limit_w),
+                    },
+                    where=sa.or_(g.c.sample_ts.is_(None), stmt.excluded["sample_ts"] >= g.c.sample_ts),
+                ),
+                rows,
             )
 
     def _store_samples(self, conn: Connection, work: dict[str, _NodeWork]) -> None:
@@ -806,17 +844,13 @@ class FleetStore:
         since: float | None = None,
         limit: int = 100,
     ) -> list[dict[str, Any]]:
-        """Stored events, newest first (edge time); `since` is inclusive."""
+        """Stored events, newest first: one node's by seq (`_newest_first`), all nodes' by edge
+        time; `since` (edge time) is inclusive."""
         t = events_table
-        query = sa.select(t).order_by(t.c.ts.desc(), t.c.id.desc()).limit(max(0, limit))
-        if node is not None:
-            query = query.where(t.c.node == node)
-        if kind is not None:
-            query = query.where(t.c.kind == str(kind))
+        where = [t.c.kind == str(kind)] if kind is not None else []
         if since is not None:
-            query = query.where(t.c.ts >= since)
-        with self._read("events") as conn:
-            rows = [dict(r._mapping) for r in conn.execute(query)]
+            where.append(t.c.ts >= since)
+        rows = self._newest_first("events", t, node, where, limit)
         for row in rows:
             row["epoch"] = _epoch_out(row["epoch"])
         return rows
@@ -824,17 +858,31 @@ class FleetStore:
     def decisions(
         self, node: str | None = None, since: float | None = None, limit: int = 100
     ) -> list[dict[str, Any]]:
-        """Decisions of the edges' policies and health checks, newest first."""
+        """Decisions of the edges' policies and health checks, newest first (as `events`)."""
         t = decisions_table
-        query = sa.select(t).order_by(t.c.ts.desc(), t.c.id.desc()).limit(max(0, limit))
-        if node is not None:
-            query = query.where(t.c.node == node)
-        if since is not None:
-            query = query.where(t.c.ts >= since)
-        with self._read("decisions") as conn:
-            rows = [dict(r._mapping) for r in conn.execute(query)]
+        rows = self._newest_first("decisions", t, node, [t.c.ts >= since] if since is not None else [], limit)
         for row in rows:
             row["epoch"] = _epoch_out(row["epoch"])
+        return rows
+
+    def _newest_first(self, op: str, t: sa.Table, node: str | None, where: list[Any],
+                      limit: int) -> list[dict[str, Any]]:
+        """Rows of `t` newest first. For one node the order is its `seq`, not its clock, which
+        may have jumped: the current outbox epoch's rows by seq, then older epochs' by ts."""
+        limit = max(0, limit)
+        by_time = sa.select(t).where(*where).order_by(t.c.ts.desc(), t.c.id.desc())
+        with self._read(op) as conn:
+            if node is None:
+                return [dict(r._mapping) for r in conn.execute(by_time.limit(limit))]
+            current = epoch_key(conn.execute(
+                sa.select(nodes_table.c.outbox_epoch).where(nodes_table.c.name == node)
+            ).scalar_one_or_none())
+            rows = [dict(r._mapping) for r in conn.execute(
+                sa.select(t).where(t.c.node == node, t.c.epoch == current, *where)
+                .order_by(t.c.seq.desc()).limit(limit))]
+            if len(rows) < limit:
+                rows += [dict(r._mapping) for r in conn.execute(
+                    by_time.where(t.c.node == node, t.c.epoch != current).limit(limit - len(rows)))]
         return rows
 
     def samples(
@@ -880,7 +928,7 @@ _NODE_MUTABLE = (
     "online", "last_seen", "daemon_version", "policy_name", "policy_version", "outbox_depth",
     "outbox_epoch", "acked_seq", "gaps", "degraded", "status_ts",
 )
-_GPU_MUTABLE = ("index", "name", "health", "power_limit_w", "sample", "sample_ts", "updated_at")
+_GPU_SUMMARY_COLUMNS = ("index", "name", "health", "power_limit_w", "updated_at")  # what a status sets
 
 
 def _check_batch(batch: Sequence[Incoming]) -> None:
@@ -905,17 +953,12 @@ def _check_batch(batch: Sequence[Incoming]) -> None:
             )
 
 
-def _new_gpu(node: str, uuid: str, index: int) -> dict[str, Any]:
-    return {"node": node, "uuid": uuid, "index": index, "name": None, "health": None,
-            "power_limit_w": None, "sample": None, "sample_ts": None, "updated_at": 0.0}
-
-
 def _decision_row(w: _NodeWork, item: Incoming) -> dict[str, Any]:
     body = item.body
     assert isinstance(body, DecisionBody)
     return {
         "node": w.name,
-        "epoch": _epoch_key(w.row["outbox_epoch"]),
+        "epoch": epoch_key(w.row["outbox_epoch"]),
         "seq": item.envelope.seq,
         "ts": item.envelope.ts,
         "gpu_uuid": body.gpu_uuid,

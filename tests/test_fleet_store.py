@@ -512,6 +512,28 @@ def test_concurrent_batches_for_one_node_lose_no_update(
     assert node is not None and node["gaps"] == 2 * rounds and node["acked_seq"] == 0
 
 
+def test_skip_locked_defers_the_nodes_another_replica_holds(store: FleetStore) -> None:
+    """What the ingest uses with replicas: a node whose row another transaction holds is not
+    waited for; its messages come back deferred, the other nodes' are stored, and offered again
+    once the row is free they are stored exactly once."""
+    store.ingest([status(NODE), status(OTHER)])
+    if store.engine.dialect.name == "sqlite":  # one writer at a time: nothing can be held
+        result = store.ingest([decision(NODE, 1), xid(OTHER, 1)], skip_locked=True)
+        assert result.deferred == [] and result.stored == 2
+        return
+    nodes = metadata.tables["nodes"]
+    with store.engine.connect() as other, other.begin():  # another replica, mid-transaction
+        other.execute(sa.select(nodes).where(nodes.c.name == NODE).with_for_update())
+        result = store.ingest([decision(NODE, 1), xid(OTHER, 1), decision(NODE, 2)], skip_locked=True)
+        assert [(i.envelope.node, i.envelope.seq) for i in result.deferred] == [(NODE, 1), (NODE, 2)]
+        assert result.stored == 1 and result.acks == {OTHER: (1, "epoch-1")}
+        held = store.ingest(result.deferred, skip_locked=True)  # still held: all deferred, nothing written
+        assert len(held.deferred) == 2 and held.stored == 0 and held.acks == {}
+    again = store.ingest(held.deferred, skip_locked=True)
+    assert again.deferred == [] and again.stored == 2 and again.acks == {NODE: (2, "epoch-1")}
+    assert stored_seqs(store, NODE) == [1, 2] and stored_seqs(store, OTHER) == [1]
+
+
 # ---- refusals and errors --------------------------------------------------------------------
 
 

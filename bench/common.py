@@ -1,0 +1,91 @@
+"""What the benchmarks share: process CPU from /proc, Prometheus figures, and the row every
+benchmark hands to `python -m bench` for its one table."""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+@dataclass(frozen=True)
+class Row:
+    """One line of the summary table: a figure, its unit, how it compares, and how to get it again."""
+
+    benchmark: str
+    figure: str
+    value: float
+    unit: str
+    compare: str  # a ratio, or the target and whether it was met
+    command: str
+
+    def value_text(self) -> str:
+        if math.isnan(self.value):
+            return "-"
+        if abs(self.value) >= 100 or float(self.value).is_integer():
+            return f"{self.value:,.0f}"
+        return f"{self.value:.2f}"
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process (children not included)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICKS
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU of a process and its direct children (PostgreSQL: the postmaster and its backends).
+    Children that exited within the window are not counted."""
+    total = cpu_seconds(pid)
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[1]) == pid:
+                total += (int(fields[11]) + int(fields[12])) / TICKS
+        except (OSError, IndexError, ValueError):
+            continue
+    return total
+
+
+def rss_mib(pid: int) -> float:
+    match = re.search(r"VmRSS:\s+(\d+) kB", Path(f"/proc/{pid}/status").read_text())
+    return int(match.group(1)) / 1024 if match else float("nan")
+
+
+def metric_sum(base: str, name: str, **labels: str) -> float:
+    """Sum of every sample of `name` (with these labels) on `base`/metrics; 0 when absent."""
+    text = urllib.request.urlopen(f"{base}/metrics", timeout=10).read().decode()
+    total = 0.0
+    for line in text.splitlines():
+        if not line.startswith(name):
+            continue
+        match = re.match(rf"^{re.escape(name)}(?:\{{([^}}]*)\}})? (\S+)$", line)
+        if match is None:
+            continue
+        found = dict(re.findall(r'(\w+)="([^"]*)"', match.group(1) or ""))
+        if all(found.get(k) == v for k, v in labels.items()):
+            total += float(match.group(2))
+    return total
+
+
+def machine() -> str:
+    """A short description of this machine for the report."""
+    cpu = "?"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        mem = int(re.search(r"MemTotal:\s+(\d+)", Path("/proc/meminfo").read_text()).group(1)) / 1024**2  # type: ignore[union-attr]
+    except (OSError, AttributeError):
+        mem = float("nan")
+    load = os.getloadavg()[0]
+    return f"{os.cpu_count()} cores ({cpu}), {mem:.0f} GiB, load average {load:.2f} at start"
