@@ -99,6 +99,7 @@ class EdgeDaemon:
         self.outbox_depth = 0
         self.policy, self.policy_source = self._initial_policy()
         self.started_at = time.time()
+        self._steady_anchor = self.started_at - time.monotonic()
         self._held: list[tuple[Kind, WireModel]] = []
         self._xids: asyncio.Queue[XidEvent] = asyncio.Queue()
         self._xid_watcher: XidWatcher | None = None
@@ -210,9 +211,15 @@ class EdgeDaemon:
         async with self._cycle_lock:
             await self._cycle()
 
+    def steady_now(self) -> float:
+        """Unix time as of the daemon's start plus the monotonic time since: the clock the policy
+        and health rules measure durations with (cool-down, sustain, quiet period, probe delay).
+        An NTP step or a clock reset while the daemon runs cannot stretch or skip them."""
+        return self._steady_anchor + time.monotonic()
+
     async def _cycle(self) -> None:
         started = time.perf_counter()
-        now = time.time()
+        now = self.steady_now()
         if not self.driver_reachable:
             await self._open_driver()
         self._wake.clear()  # before draining: an XID arriving after the drain wakes the next cycle
@@ -224,7 +231,7 @@ class EdgeDaemon:
             events.append((Kind.DECISION, self._decision_body(action, outcome, detail)))
         await self._record(events)
         await self._account_energy(samples)
-        await self._keep_history(samples, now)
+        await self._keep_history(samples, time.time())
         for listener in self.cycle_listeners:
             try:
                 await listener(samples)
@@ -237,7 +244,11 @@ class EdgeDaemon:
 
     async def _sample_all(self, now: float) -> dict[int, GpuSample | None]:
         samples: dict[int, GpuSample | None] = {}
+        stuck = False  # a call timed out: the driver is not answering, do not wait once per GPU
         for index, view in self.gpus.items():
+            if stuck:
+                samples[index] = None
+                continue
             if view.health.health is Health.LOST and now < view.next_probe_at:
                 samples[index] = GpuSample(index=index, uuid=view.inventory.uuid, ts=now, lost=True)
                 continue
@@ -257,6 +268,7 @@ class EdgeDaemon:
                 log.warning("cannot sample GPU %d: %s", index, exc, extra={"gpu": view.inventory.uuid})
                 if isinstance(exc, (DriverUnavailable, DriverTimeout)):
                     self.driver_reachable = False
+                stuck = isinstance(exc, DriverTimeout)
                 sample = None
             if sample is not None and sample.lost:
                 view.next_probe_at = now + self.settings.lost_probe_interval
@@ -409,7 +421,14 @@ class EdgeDaemon:
                 await asyncio.to_thread(self.store.prune_samples, now - self.settings.telemetry_retention)
         except StoreError as exc:
             self.counters.store_errors += 1
+            if self.store_problem is None:
+                log.error("store not writable: %s", exc)
             self.store_problem = str(exc)
+            return
+        if present and self.store_problem is not None and not self._held:
+            # a cycle with no event to write: the history write is what shows the store is back
+            log.info("store writable again")
+            self.store_problem = None
 
     async def _account_energy(self, samples: dict[int, GpuSample | None]) -> None:
         present = [s for s in samples.values() if s is not None]
@@ -481,9 +500,12 @@ class EdgeDaemon:
             reasons = [*reasons, f"probe: {self.probe_detail}"]
         degraded = []
         if self.store_problem:
-            degraded.append(f"store not writable: {self.store_problem}")
-        if self.runner.timeouts:
-            degraded.append(f"{self.runner.timeouts} NVML calls timed out since start")
+            held = f"; {len(self._held)} events held in memory" if self._held else ""
+            degraded.append(f"store not writable: {self.store_problem}{held}")
+        if self.runner.not_answering:
+            # until a call returns again; kgpu_driver_call_timeouts keeps the count for good
+            last = self.runner.last_timeout.message if self.runner.last_timeout else ""
+            degraded.append(f"GPU driver not answering: {last} ({self.runner.timeouts} NVML calls timed out)")
         return healthy, reasons, degraded
 
     def status_body(self) -> StatusBody:

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from edge.config import EdgeSettings
+from edge.store import StoreError
 from shared.aio import wait_event
 from shared.gpu import GpuSample
 from shared.logs import get_logger
@@ -117,6 +118,10 @@ class EdgeSync:
         self.rejected: dict[str, int] = {}
         self.acked_upto = 0
         self._highest_sent = 0
+        # The highest seq this process has published. An ack beyond it cannot be for events the
+        # cloud received from us now; it deletes no further (after a restart, the re-send of the
+        # events before it is acked again).
+        self.max_published = 0
         self._oldest_unacked_sent_at: float | None = None
         self._last_status_key: tuple | None = None
         self._last_status_at = 0.0
@@ -254,6 +259,7 @@ class EdgeSync:
                     break
                 assert envelope.seq is not None
                 self._highest_sent = envelope.seq
+                self.max_published = max(self.max_published, envelope.seq)
                 if self._oldest_unacked_sent_at is None:
                     self._oldest_unacked_sent_at = time.monotonic()
             if len(pending) == room:
@@ -309,14 +315,22 @@ class EdgeSync:
             self._reject("ack_epoch", f"ack for outbox epoch {ack.epoch}, ours is {self.daemon.store.epoch}",
                          cloud_topic(self.node, "ack"))
             return
-        if ack.upto <= self.acked_upto:
+        upto = min(ack.upto, self.max_published)
+        if upto < ack.upto:
+            log.debug("ack up to seq %d is beyond what was sent (%d): applying it up to there", ack.upto, upto)
+        if upto <= self.acked_upto:
             return
-        deleted = await asyncio.to_thread(self.daemon.store.ack, ack.upto)
-        self.acked_upto = min(ack.upto, await asyncio.to_thread(self.daemon.store.last_seq))
+        try:
+            deleted = await asyncio.to_thread(self.daemon.store.ack, upto)
+            last_seq = await asyncio.to_thread(self.daemon.store.last_seq)
+        except StoreError as exc:  # disk full: the events stay; the cloud acks their re-sends again
+            log.warning("cannot apply the cloud's ack up to seq %d now: %s", upto, exc)
+            return
+        self.acked_upto = min(upto, last_seq)
         if self._highest_sent < self.acked_upto:
             self._highest_sent = self.acked_upto
         self._oldest_unacked_sent_at = time.monotonic() if self._highest_sent > self.acked_upto else None
-        log.debug("cloud acked up to seq %d (%d deleted)", ack.upto, deleted)
+        log.debug("cloud acked up to seq %d (%d deleted)", upto, deleted)
         await self.daemon.refresh_outbox_depth()
         self.daemon.outbox_changed.set()
 

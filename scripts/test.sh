@@ -6,5 +6,5 @@ cd "$(dirname "$0")/.."
 if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && ! command -v initdb >/dev/null 2>&1; then
   extra_pg=postgresql-server:postgresql  # no such command: always installs the package
 fi
-KGPU_EXTRAS=test scripts/bootstrap.sh ${extra_pg:-} promtool:prometheus mosquitto:mosquitto mosquitto_sub:mosquitto-clients chromium:chromium
+KGPU_EXTRAS=test scripts/bootstrap.sh ${extra_pg:-} promtool:prometheus mosquitto:mosquitto mosquitto_sub:mosquitto-clients chromium:chromium faketime:faketime
 exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"

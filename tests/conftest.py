@@ -52,3 +52,19 @@ def kube(tmp_path: Path) -> Iterator["KubeEmulator"]:
     emulator = KubeEmulator(tmp_path / "kube")
     yield emulator
     emulator.stop()
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, exitstatus: int,
+                            config: pytest.Config) -> None:
+    """The fault tests' table of what was tried and what was lost (tests/helpers/fault_report.py),
+    also written to faults.txt under the pytest basetemp."""
+    from tests.helpers import fault_report
+
+    if not fault_report.ROWS:
+        return
+    terminalreporter.section("faults tried, events lost")
+    for line in fault_report.render().splitlines():
+        terminalreporter.write_line(line)
+    factory = getattr(config, "_tmp_path_factory", None)  # what the tmp_path fixtures use
+    if factory is not None:
+        terminalreporter.write_line(f"(written to {fault_report.write(factory.getbasetemp())})")

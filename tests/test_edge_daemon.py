@@ -16,6 +16,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.helpers.edge_process import EdgeProcess, wait_for
+from tests.helpers.faketime import faketime_library, offset_file_env
 
 pytestmark = pytest.mark.slow
 
@@ -238,3 +239,23 @@ def test_energy_is_attributed_to_pods(edge_factory: Callable[..., EdgeProcess], 
     train = next(v for k, v in values.items() if 'pod_name="train"' in k)
     assert all('pod_namespace="vision"' in k and 'container_name="worker"' in k for k in values)
     assert infer > train, "75% of the SM time gets more energy than 25%"
+
+
+def test_a_clock_stepped_back_mid_cool_down_does_not_stretch_it(edge_factory: Callable[..., EdgeProcess],
+                                                                tmp_path: Path) -> None:
+    """The rules measure durations on a clock that never jumps: with the wall clock stepped back
+    3 h during the cool-down, the limit is still restored a cool-down period later, not in 3 h."""
+    library = faketime_library()
+    if library is None:
+        pytest.skip("libfaketime not installed (Debian package faketime; scripts/test.sh installs it)")
+    offset = tmp_path / "clock-offset"
+    edge = edge_factory(gpus=1, config=FAST_THERMAL, env=offset_file_env(library, offset))
+    edge.inject(0, utilization=100, ambient_c=70, temperature_c=86)
+    wait_for(lambda: (edge.gpu(0)["sample"]["power_limit_w"] or 999) <= 630, what="a thermal step down")
+    edge.inject(0, ambient_c=25, temperature_c=40, utilization=30)
+    wait_for(lambda: edge.gpu(0)["sample"]["temperature_c"] < 75, what="cooling: the cool-down clock runs")
+    offset.write_text("-3h\n")  # an NTP step back, 3 h, in the middle of the 3 s cool-down
+    wait_for(lambda: edge.gpu(0)["sample"]["ts"] < __import__("time").time() - 3 * 3600 + 60,
+             what="the daemon's clock stepped back")
+    wait_for(lambda: edge.gpu(0)["sample"]["power_limit_w"] == 700, timeout=30,
+             what="the limit restored a cool-down period later despite the clock step")

@@ -49,6 +49,7 @@ from shared.protocol import (
 from shared.wire import WireModel
 from tests.helpers.cloud_process import CloudProcess
 from tests.helpers.edge_process import EdgeProcess, wait_for
+from tests.helpers.fault_report import Tally, record
 from tests.helpers.mosquitto import mosquitto_binary
 from tests.helpers.postgres import create_database, drop_database, pg_url  # noqa: F401
 
@@ -578,6 +579,10 @@ def test_xid_moves_gpu_work_off_the_node_across_a_controller_restart(
         # 5) a node gets the label: the bare pod is recreated there with node affinity
         kube.core.patch_node("edge-b", {"metadata": {"labels": {"pool": "west"}}})
         m = wait_state(cloud, "edge-a", "completed", timeout=30)
+        moved = {s["pod"] for s in m["steps"] if (s["step"], s["outcome"]) in {("evict", "evicted"), ("recreate", "created")}}
+        record("controller kill -9 mid-migration", 1,  # the summary table of tests/test_faults.py
+               Tally(written=2, received=len(moved), lost=2 - len(moved), duplicated=evictions(kube, "trainer") - 2),
+               "units: pods to move; duplicated: evictions beyond the refused one and the accepted one")
         names = pod_names(kube)
         assert "notebook" not in names and f"notebook-m{m['id']}" in names and "web" in names
         copy = kube.api.sanitize_for_serialization(kube.core.read_namespaced_pod(f"notebook-m{m['id']}", "default"))

@@ -4,6 +4,9 @@ A driver call can hang (a GPU stuck in a reset, a wedged kernel module). Each ca
 by a timeout; on timeout the caller gets `DriverTimeout` and the worker thread, which may be
 stuck for good, is abandoned and replaced by a fresh one, so the daemon keeps going. Calls
 still queued behind the hung one move to the new worker.
+
+`not_answering` is true from a timeout until the driver answers a call again (with a result or
+an error): the daemon reports itself degraded meanwhile, and recovers by itself.
 """
 
 import asyncio
@@ -11,6 +14,7 @@ import concurrent.futures
 import itertools
 import queue
 import threading
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -61,6 +65,9 @@ class DriverRunner:
         self.timeout_s = timeout_s
         self.timeouts = 0
         self.last_error: Exception | None = None
+        self.last_timeout: DriverTimeout | None = None
+        self._timed_out_at: float | None = None  # monotonic, of the latest timeout
+        self._answered_at: float | None = None  # monotonic, of the latest call that returned
         self.workers_replaced = 0
         self._thread_name = thread_name
         self._serial = itertools.count(1)
@@ -110,14 +117,23 @@ class DriverRunner:
             self.timeouts += 1
             name = getattr(fn, "__qualname__", repr(fn))
             error = DriverTimeout("Timeout", f"{name} did not return within {limit:g} s")
-            self.last_error = error
+            self.last_error = self.last_timeout = error
+            self._timed_out_at = time.monotonic()
             self._replace(worker)
             raise error
+        self._answered_at = time.monotonic()  # a result or an error: either way it answered
         try:
             return waiting.result()
         except Exception as error:
             self.last_error = error
             raise
+
+    @property
+    def not_answering(self) -> bool:
+        """True from a timed-out call until a later call returns (the driver answers again)."""
+        if self._timed_out_at is None:
+            return False
+        return self._answered_at is None or self._answered_at < self._timed_out_at
 
     def _stop_worker(self) -> _Worker | None:
         with self._worker_lock:

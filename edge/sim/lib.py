@@ -143,6 +143,9 @@ class SimulatedNvml:
         self._event_sets: dict[int, _EventSet] = {}
         self._init_count = 0
         self._driver_unloaded = False
+        # Cleared while the simulated driver hangs (SimFault.hung): every call blocks until set.
+        self._answering = threading.Event()
+        self._answering.set()
         self._epoch_offset = time.time() - clock()  # process samples carry epoch microseconds
         self._error_strings: dict[int, ctypes.Array] = {}
         self._previous_lib: Any = None
@@ -162,6 +165,11 @@ class SimulatedNvml:
     @property
     def symbols(self) -> list[str]:
         return self.lib.symbols
+
+    @property
+    def answering(self) -> bool:
+        """False while the simulated driver hangs (calls block instead of returning)."""
+        return self._answering.is_set()
 
     @property
     def initialised(self) -> bool:
@@ -184,6 +192,7 @@ class SimulatedNvml:
                 pynvml.nvmlLib = self._previous_lib
                 pynvml._nvmlGetFunctionPointer_cache.clear()
                 self._installed = False
+        self._answering.set()  # nothing stays blocked in a driver that is gone
         self._invalidate_event_sets()
 
     def __enter__(self) -> Self:
@@ -202,11 +211,17 @@ class SimulatedNvml:
             gpu = self._gpus[index]
             if fault.reset:
                 self._driver_unloaded = False
+                self._answering.set()
             gpu.apply(fault)
             if fault.driver_unloaded is True:
                 self._unload_driver()
             elif fault.driver_unloaded is False:
                 self._driver_unloaded = False
+            if fault.hung is True:
+                self._answering.clear()
+                log.warning("simulated driver hung: NVML calls block until it is released")
+            elif fault.hung is False:
+                self._answering.set()
             if fault.ecc_sbe:
                 self._deliver(index, pynvml.nvmlEventTypeSingleBitEccError, 0)
             if fault.ecc_dbe:
@@ -223,6 +238,7 @@ class SimulatedNvml:
 
     def _state(self, gpu: SimGpu) -> dict[str, Any]:
         return gpu.state() | {"driver_loaded": not self._driver_unloaded,
+                              "driver_answering": self.answering,
                               "nvml_initialised": self.initialised}
 
     # ----- driver-wide state ---------------------------------------------------------------
@@ -276,10 +292,12 @@ class SimulatedNvml:
         table: dict[str, Any] = {}
 
         def export(name: str, argtypes: tuple[type, ...], impl: Callable[..., int], *,
-                   locked: bool = True, restype: type = c_int) -> None:
+                   locked: bool = True, restype: type = c_int, can_hang: bool = True) -> None:
             prototype = CFUNCTYPE(restype, *argtypes)
 
             def guarded(*args: Any) -> Any:
+                if can_hang and not self._answering.is_set():
+                    self._answering.wait()  # a hung driver: block, holding no lock, until released
                 try:
                     if locked:
                         with self._lock:
@@ -352,7 +370,7 @@ class SimulatedNvml:
         export("nvmlInitWithFlags", (U,), init_with_flags)
         export("nvmlInit_v2", (), lambda: init_with_flags(0))
         export("nvmlShutdown", (), shutdown)
-        export("nvmlErrorString", (c_int,), error_string, restype=c_void_p)
+        export("nvmlErrorString", (c_int,), error_string, restype=c_void_p, can_hang=False)
         export("nvmlSystemGetDriverVersion", (P, U), text_getter(DRIVER_VERSION))
         export("nvmlSystemGetNVMLVersion", (P, U), text_getter(NVML_VERSION))
         export("nvmlSystemGetCudaDriverVersion", (P,), cuda_version)

@@ -63,8 +63,11 @@ class SimFault(WireModel):
     """Load or fault to inject into one simulated GPU; every field is optional.
 
     `utilization` sets the load directly and drops simulated processes; `processes` replaces
-    them and the load becomes the sum of their `sm_util`. `driver_unloaded` acts on the whole
-    simulated driver, the rest on the one GPU. `reset` is applied first, then the rest.
+    them and the load becomes the sum of their `sm_util`. `driver_unloaded` and `hung` act on
+    the whole simulated driver, the rest on the one GPU. `reset` is applied first, then the rest.
+
+    `hung: true` models a driver that stops answering (a GPU stuck in a reset, a wedged kernel
+    module): every NVML call blocks, without returning an error, until `hung: false`.
     """
 
     utilization: float | None = Field(default=None, ge=0, le=100)
@@ -77,6 +80,7 @@ class SimFault(WireModel):
     lost: bool | None = None
     processes: list[SimProcess] | None = None
     driver_unloaded: bool | None = None
+    hung: bool | None = None
     reset: bool | None = None
 
     @model_validator(mode="after")

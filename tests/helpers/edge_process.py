@@ -73,6 +73,7 @@ class EdgeProcess:
             self.args += ["--mqtt", mqtt]
         self.env = {**os.environ, "KGPU_LOG_JSON": "true", "PYTHONUNBUFFERED": "1", **(env or {})}
         self.proc: subprocess.Popen[bytes] | None = None
+        self.token: str | None = None  # sent as a bearer token with every request
 
     @property
     def base(self) -> str:
@@ -81,7 +82,7 @@ class EdgeProcess:
     def start(self, timeout: float = 20.0) -> EdgeProcess:
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(self.args, env=self.env, stdout=self._log, stderr=subprocess.STDOUT)
-        wait_for(self._up, timeout=timeout, what=f"edge daemon on :{self.port} (log {self.log_path})")
+        wait_for(self._up, timeout=timeout, interval=0.05, what=f"edge daemon on :{self.port} (log {self.log_path})")
         return self
 
     def _up(self) -> bool:
@@ -96,10 +97,14 @@ class EdgeProcess:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")[-5000:]
 
-    def request(self, method: str, path: str, body: Any = None, raw: bytes | None = None) -> tuple[int, Any]:
+    def request(self, method: str, path: str, body: Any = None, raw: bytes | None = None,
+                headers: dict[str, str] | None = None) -> tuple[int, Any]:
+        """One HTTP request; with `Authorization: Bearer <token>` when the process has a token."""
         data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
-        req = urllib.request.Request(self.base + path, data=data, method=method,
-                                     headers={"Content-Type": "application/json"})
+        sent = {"Content-Type": "application/json"}
+        if self.token is not None:
+            sent["Authorization"] = f"Bearer {self.token}"
+        req = urllib.request.Request(self.base + path, data=data, method=method, headers={**sent, **(headers or {})})
         try:
             with urllib.request.urlopen(req, timeout=10) as resp:
                 status, payload = resp.status, resp.read()
