@@ -3,14 +3,27 @@
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from cloud.auth import AUTH, ApiAuth, auth_middleware
 from cloud.metrics import make_registry
 from shared import __version__
-from shared.http import error_middleware, int_query, json_error
+from shared.http import (
+    HANDLER_ARGS,
+    MAX_BODY_BYTES,
+    RejectionCollector,
+    bad_query,
+    error_middleware,
+    float_query,
+    int_query,
+    json_error,
+    track_rejections,
+)
+from shared.openapi import add_spec_route, load
 from shared.topics import NODE_NAME_RE
 
 if TYPE_CHECKING:
@@ -19,10 +32,24 @@ if TYPE_CHECKING:
 CONTROLLER: web.AppKey[Controller] = web.AppKey("controller")
 
 
+OPENAPI_FILE = Path(__file__).with_name("openapi.yaml")
+
+
 def make_app(controller: Controller) -> web.Application:
-    app = web.Application(middlewares=[error_middleware], client_max_size=64 * 1024)
+    """The API, the dashboard and /metrics. Changes need the bearer token (cloud.auth); the
+    description of every route is cloud/openapi.yaml, served at /api/v1/openapi.json."""
+    app = web.Application(middlewares=[error_middleware, auth_middleware], client_max_size=MAX_BODY_BYTES,
+                          handler_args=HANDLER_ARGS)
     app[CONTROLLER] = controller
+    app[AUTH] = auth = ApiAuth.from_settings(controller.settings, controller.kube)
     registry = make_registry(controller)
+    registry.register(RejectionCollector(track_rejections(app)))
+    add_spec_route(app, load(OPENAPI_FILE))
+
+    async def announce_auth(_: web.Application) -> None:
+        await auth.log_start()
+
+    app.on_startup.append(announce_auth)
 
     async def metrics(_: web.Request) -> web.Response:
         return web.Response(body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
@@ -42,41 +69,10 @@ def make_app(controller: Controller) -> web.Application:
     return app
 
 
-def require_token(request: web.Request) -> None:
-    """Changes (PUT, POST, DELETE) need `Authorization: Bearer <token>` when --api-token-file is
-    set; reads stay open. Raises 401 with a JSON error otherwise."""
-    import hmac
-
-    c = request.app[CONTROLLER]
-    path = c.settings.api_token_file
-    if path is None:
-        return
-    try:
-        expected = path.read_text().strip()
-    except OSError:
-        raise web.HTTPServiceUnavailable(text='{"error": "API token file unreadable", "detail": null}',
-                                         content_type="application/json") from None
-    given = request.headers.get("Authorization", "")
-    if not given.startswith("Bearer ") or not hmac.compare_digest(given[7:].strip(), expected):
-        raise web.HTTPUnauthorized(text='{"error": "a valid bearer token is required for changes", "detail": null}',
-                                   content_type="application/json", headers={"WWW-Authenticate": "Bearer"})
-
-
-def _float_query(request: web.Request, name: str) -> float | None:
-    value = request.query.get(name)
-    if value in (None, ""):
-        return None
-    try:
-        return float(value)
-    except ValueError:
-        raise web.HTTPBadRequest(text=f'{{"error": "query parameter {name!r} must be a number (unix seconds)", '
-                                      f'"detail": null}}', content_type="application/json") from None
-
-
 def _node_query(request: web.Request) -> str | None:
     value = request.query.get("node") or None
     if value is not None and not NODE_NAME_RE.match(value):
-        raise web.HTTPBadRequest(text='{"error": "not a valid node name", "detail": null}', content_type="application/json")
+        raise bad_query("not a valid node name", value[:300])
     return value
 
 
@@ -91,9 +87,16 @@ async def healthz(request: web.Request) -> web.Response:
     return web.json_response(body, status=200 if not reasons else 503)
 
 
+def _with_clock(c: Controller, row: dict[str, Any]) -> dict[str, Any]:
+    """A node row plus its clock skew as this replica's ingest measures it: the node's clock
+    minus ours (0 when in step, null before its first telemetry; cloud/clock_skew.py)."""
+    return {**row, "clockSkewSeconds": c.ingestor.clock.skew.get(row["name"])}
+
+
 async def nodes(request: web.Request) -> web.Response:
     c = request.app[CONTROLLER]
-    return web.json_response({"nodes": await asyncio.to_thread(c.store.nodes)})
+    rows = await asyncio.to_thread(c.store.nodes)
+    return web.json_response({"nodes": [_with_clock(c, row) for row in rows]})
 
 
 async def node(request: web.Request) -> web.Response:
@@ -102,7 +105,7 @@ async def node(request: web.Request) -> web.Response:
     found = await asyncio.to_thread(c.store.node, name) if NODE_NAME_RE.match(name) else None
     if found is None:
         return json_error(404, "no such node", name)
-    return web.json_response(found)
+    return web.json_response(_with_clock(c, found))
 
 
 async def samples(request: web.Request) -> web.Response:
@@ -110,7 +113,7 @@ async def samples(request: web.Request) -> web.Response:
     name = request.match_info["node"]
     if not NODE_NAME_RE.match(name):
         return json_error(404, "no such node", name)
-    since = _float_query(request, "since")
+    since = float_query(request, "since")
     limit = int_query(request, "limit", 2000, lo=1, hi=100_000) or 2000
     uuid = request.query.get("gpu") or None
     rows = await asyncio.to_thread(c.store.samples, name, uuid, since, limit)
@@ -121,7 +124,7 @@ async def events(request: web.Request) -> web.Response:
     c = request.app[CONTROLLER]
     limit = int_query(request, "limit", 100, lo=1, hi=10_000) or 100
     rows = await asyncio.to_thread(
-        c.store.events, _node_query(request), request.query.get("kind") or None, _float_query(request, "since"), limit
+        c.store.events, _node_query(request), request.query.get("kind") or None, float_query(request, "since"), limit
     )
     return web.json_response({"events": rows})
 
@@ -129,5 +132,5 @@ async def events(request: web.Request) -> web.Response:
 async def decisions(request: web.Request) -> web.Response:
     c = request.app[CONTROLLER]
     limit = int_query(request, "limit", 100, lo=1, hi=10_000) or 100
-    rows = await asyncio.to_thread(c.store.decisions, _node_query(request), _float_query(request, "since"), limit)
+    rows = await asyncio.to_thread(c.store.decisions, _node_query(request), float_query(request, "since"), limit)
     return web.json_response({"decisions": rows})

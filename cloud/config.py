@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import socket
 from pathlib import Path
 from typing import Literal
@@ -10,6 +11,13 @@ from pydantic import Field, field_validator, model_validator
 
 from shared.policy import Seconds
 from shared.settings import HostPort, KgpuSettings, MqttUrl, parse_host_port
+
+# [NAMESPACE/]NAME[:KEY]: a namespace (DNS label), a Secret name (DNS subdomain), a data key
+SECRET_REF_RE = re.compile(
+    r"^(?:(?P<namespace>[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?)/)?"
+    r"(?P<name>[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?)"
+    r"(?::(?P<key>[-._a-zA-Z0-9]{1,253}))?$"
+)
 
 
 class CloudSettings(KgpuSettings):
@@ -46,7 +54,22 @@ class CloudSettings(KgpuSettings):
     offline_threshold: Seconds = Field(300.0, description="Migrate GPU work off a node offline longer than this")
     migration_max_concurrent: int = Field(3, ge=1, le=1000, description="Migrations running at once, at most")
     migration_node_cooldown: Seconds = Field(600.0, description="No new migration from the same node within this")
-    api_token_file: Path | None = Field(None, description="Bearer token required for changes over HTTP (PUT/POST)")
+    command_resend_interval: Seconds = Field(
+        30.0, ge=1.0, le=3600.0, description="Send an edge command again after this long without its result"
+    )
+    command_ttl: Seconds = Field(3600.0, ge=10.0, description="Stop sending an unanswered edge command after this")
+    api_token_file: Path | None = Field(
+        None, description="File holding the API bearer token (one per line, any of them is accepted); "
+        "re-read when it changes, so a mounted Secret rotates without a restart")
+    api_token_secret: str | None = Field(
+        None, description="[NAMESPACE/]NAME[:KEY] of a Kubernetes Secret holding the API bearer token "
+        "(namespace: --namespace, key: token); re-read every 30 s and on a token that does not match")
+    api_auth: Literal["reads-open", "all"] = Field(
+        "reads-open", description="reads-open: only changes (PUT/POST/DELETE/PATCH) need the token; "
+        "all: every /api/v1 request does (/healthz, /metrics, the spec and the dashboard's files stay open)")
+    api_insecure: bool = Field(
+        False, description="Without a token configured, allow changes to anyone who reaches the API "
+        "(a lab only); otherwise changes are refused until a token is configured")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_json: bool | None = Field(None, description="JSON log lines; default: when stderr is not a terminal")
 
@@ -65,7 +88,31 @@ class CloudSettings(KgpuSettings):
             raise ValueError("choose in_cluster or kubeconfig, not both")
         if self.lease_renew_interval >= self.lease_duration:
             raise ValueError("lease_renew_interval must be shorter than lease_duration")
+        if self.api_token_file is not None and self.api_token_secret is not None:
+            raise ValueError("choose api_token_file or api_token_secret, not both")
+        if self.api_token_secret is not None and self.no_kube:
+            raise ValueError("api_token_secret needs a cluster: use api_token_file with no_kube")
+        has_token = self.api_token_file is not None or self.api_token_secret is not None
+        if self.api_insecure and has_token:
+            raise ValueError("api_insecure cannot be combined with an API token")
+        if self.api_auth == "all" and not has_token:
+            raise ValueError("api_auth=all needs api_token_file or api_token_secret")
         return self
+
+    @field_validator("api_token_secret")
+    @classmethod
+    def _secret_ref(cls, value: str | None) -> str | None:
+        if value is not None and not SECRET_REF_RE.match(value):
+            raise ValueError(f"expected [NAMESPACE/]NAME[:KEY] of a Secret, got {value[:300]!r}")
+        return value
+
+    def token_secret(self) -> tuple[str, str, str] | None:
+        """(namespace, name, key) of the token's Secret, or None."""
+        if self.api_token_secret is None:
+            return None
+        match = SECRET_REF_RE.match(self.api_token_secret)
+        assert match is not None
+        return match["namespace"] or self.namespace, match["name"], match["key"] or "token"
 
     @property
     def client_id(self) -> str:

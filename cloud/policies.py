@@ -33,7 +33,6 @@ subresource when it changes.
 from __future__ import annotations
 
 import asyncio
-import json
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -65,8 +64,9 @@ from cloud.policy_resolution import (
 )
 from cloud.store import FleetStore, FleetStoreError, Incoming, JsonType, metadata, nodes_table
 from shared.aio import wait_event
-from shared.http import json_error
+from shared.http import invalid_body, json_error, read_json
 from shared.logs import get_logger
+from shared.openapi import conform_body
 from shared.protocol import Kind, PolicyBody, StatusBody, make_envelope
 from shared.topics import NODE_NAME_RE, cloud_topic
 
@@ -580,17 +580,15 @@ class PolicyManager:
         return web.json_response({**_policy_out(row), "nodes": nodes})
 
     async def _put(self, request: web.Request) -> web.Response:
-        from cloud.api import require_token
-
-        require_token(request)
         if self.kube is not None:
             return json_error(409, MODE_CONFLICT, "kubectl apply a GPUPowerPolicy instead")
         name = request.match_info["name"]
-        body = await _read_json(request)
+        body = await read_json(request)
         spec = _unwrap(body, name)
         checked = validate_spec(name, spec)
         if not isinstance(checked, ValidPolicy):
-            return json_error(400, "invalid policy", [e.as_dict() for e in checked.errors])
+            raise invalid_body([e.as_dict() for e in checked.errors], "invalid policy")
+        conform_body(request, body, "invalid policy")  # types exactly as described: no lax "300" or true
         row, created = await asyncio.to_thread(self.tables.put_policy, name, dict(spec), SOURCE_API, time.time())
         log.info("policy %s over the API", "created" if created else "written",
                  extra={"policy": name, "generation": row["generation"]})
@@ -598,9 +596,6 @@ class PolicyManager:
         return web.json_response(_policy_out(row), status=201 if created else 200)
 
     async def _delete(self, request: web.Request) -> web.Response:
-        from cloud.api import require_token
-
-        require_token(request)
         if self.kube is not None:
             return json_error(409, MODE_CONFLICT, "kubectl delete the GPUPowerPolicy instead")
         name = request.match_info["name"]
@@ -611,19 +606,17 @@ class PolicyManager:
         return web.json_response({"deleted": name})
 
     async def _put_labels(self, request: web.Request) -> web.Response:
-        from cloud.api import require_token
-
-        require_token(request)
         if self.kube is not None:
             return json_error(409, LABELS_CONFLICT, "label the Kubernetes node instead")
         node = request.match_info["node"]
         if not NODE_NAME_RE.match(node):
             return json_error(400, "not a valid node name", node)
-        body = await _read_json(request)
+        body = await read_json(request)
         labels, errors = validate_labels(body.get("labels") if isinstance(body, dict) else None)
         if labels is None or not isinstance(body, dict) or set(body) - {"labels"}:
             detail = [e.as_dict() for e in errors] or [{"field": "", "problem": 'expected {"labels": {...}}'}]
-            return json_error(400, "invalid labels", detail)
+            raise invalid_body(detail, "invalid labels")
+        conform_body(request, body, "invalid labels")
         await asyncio.to_thread(self.tables.set_labels, node, labels, time.time())
         self.wake()
         return web.json_response({"node": node, "labels": labels})
@@ -639,23 +632,12 @@ class PolicyManager:
         return SOURCE_KUBERNETES if self.kube is not None else SOURCE_API
 
 
-async def _read_json(request: web.Request) -> Any:
-    raw = await request.read()
-    try:
-        return json.loads(raw or b"null")
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise web.HTTPBadRequest(text=json.dumps({"error": "body is not valid JSON", "detail": str(exc)}),
-                                 content_type="application/json") from None
-
-
 def _unwrap(body: Any, name: str) -> Any:
     """Accept the spec itself, or a whole object `{"apiVersion", "kind", "metadata", "spec"}`."""
     if isinstance(body, dict) and "spec" in body and set(body) <= {"apiVersion", "kind", "metadata", "spec"}:
         given = (body.get("metadata") or {}).get("name") if isinstance(body.get("metadata"), dict) else None
         if given not in (None, name):
-            raise web.HTTPBadRequest(
-                text=json.dumps({"error": "invalid policy",
-                                 "detail": [{"field": "metadata.name", "problem": f"{given!r} is not {name!r}"}]}),
-                content_type="application/json")
+            raise invalid_body([{"field": "metadata.name", "problem": f"{str(given)[:300]!r} is not {name!r}"}],
+                               "invalid policy")
         return body["spec"]
     return body

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
@@ -14,8 +15,18 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from edge.metrics import make_registry, render
 from edge.store import StoreError
 from shared import __version__
-from shared.http import error_middleware, int_query, json_error, read_model
+from shared.http import (
+    HANDLER_ARGS,
+    MAX_BODY_BYTES,
+    RejectionCollector,
+    error_middleware,
+    int_query,
+    json_error,
+    read_model,
+    track_rejections,
+)
 from shared.logs import get_logger
+from shared.openapi import add_spec_route, load
 
 if TYPE_CHECKING:
     from edge.daemon import EdgeDaemon
@@ -24,10 +35,18 @@ log = get_logger(__name__)
 DAEMON: web.AppKey[EdgeDaemon] = web.AppKey("daemon")
 
 
+OPENAPI_FILE = Path(__file__).with_name("openapi.yaml")
+
+
 def make_app(daemon: EdgeDaemon) -> web.Application:
-    app = web.Application(middlewares=[error_middleware], client_max_size=64 * 1024)
+    """Every route is described in edge/openapi.yaml, served at /api/v1/openapi.json (the fault
+    endpoint, and its description, only with the simulated driver)."""
+    app = web.Application(middlewares=[error_middleware], client_max_size=MAX_BODY_BYTES,
+                          handler_args=HANDLER_ARGS)
     app[DAEMON] = daemon
     registry = make_registry(daemon)
+    registry.register(RejectionCollector(track_rejections(app)))
+    add_spec_route(app, load(OPENAPI_FILE, features={"sim"} if daemon.sim is not None else ()))
 
     async def metrics(_: web.Request) -> web.Response:
         body = render(registry)
@@ -127,8 +146,8 @@ async def sim_inject(request: web.Request) -> web.Response:
 
     daemon = request.app[DAEMON]
     raw_index = request.match_info["index"]
-    if not raw_index.isdigit():
-        return json_error(404, "no such GPU", raw_index)
+    if not (raw_index.isascii() and raw_index.isdigit() and len(raw_index) <= 4):
+        return json_error(404, "no such GPU", raw_index[:100])
     fault = await read_model(request, SimFault)
     try:
         state = await asyncio.to_thread(daemon.sim.inject, int(raw_index), fault)

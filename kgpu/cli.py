@@ -92,6 +92,12 @@ def cloud_run(
     kubeconfig: Annotated[Optional[Path], typer.Option(help="kubeconfig file [$KUBECONFIG, ~/.kube/config]")] = None,
     in_cluster: Annotated[Optional[bool], typer.Option("--in-cluster", help="Use the pod's service account")] = None,
     no_kube: Annotated[Optional[bool], typer.Option("--no-kube", help="No cluster: REST policies only")] = None,
+    api_token_file: Annotated[Optional[Path], typer.Option(help="File holding the API bearer token")] = None,
+    api_token_secret: Annotated[Optional[str], typer.Option(
+        help="[NAMESPACE/]NAME[:KEY] of a Secret holding the API bearer token")] = None,
+    api_auth: Annotated[Optional[str], typer.Option(help="reads-open or all: what needs the token [reads-open]")] = None,
+    api_insecure: Annotated[Optional[bool], typer.Option(
+        "--api-insecure", help="No token configured: allow changes anyway (a lab only)")] = None,
     log_level: Annotated[Optional[str], typer.Option(help="debug, info, warning or error [info]")] = None,
     config: ConfigOpt = None,
 ) -> None:
@@ -102,7 +108,9 @@ def cloud_run(
         settings = load_settings(
             CloudSettings,
             {"mqtt": mqtt, "db": db, "http": http, "shared_subscription": shared_subscription, "log_level": log_level,
-             "kubeconfig": kubeconfig, "in_cluster": in_cluster, "no_kube": no_kube},
+             "kubeconfig": kubeconfig, "in_cluster": in_cluster, "no_kube": no_kube,
+             "api_token_file": api_token_file, "api_token_secret": api_token_secret, "api_auth": api_auth,
+             "api_insecure": api_insecure},
             config,
         )
     except ConfigError as exc:
@@ -180,6 +188,46 @@ def watch(
         typer.echo(f"kgpu: {exc}", err=True)
         raise typer.Exit(code=2) from None
     raise typer.Exit(code=code)
+
+
+@app.command("fleet-sim")
+def fleet_sim(
+    mqtt: Annotated[str, typer.Option(help="Broker URL mqtt://[user:pass@]host:port", envvar="KGPU_MQTT")],
+    nodes: Annotated[int, typer.Option(min=1, help="Simulated edge nodes")] = 100,
+    gpus: Annotated[int, typer.Option(min=1, max=64, help="GPUs per node")] = 8,
+    interval: Annotated[float, typer.Option(min=0.1, help="Telemetry interval per node, seconds")] = 10.0,
+    event_every: Annotated[float, typer.Option(min=0.0, help="Mean seconds between two events of a node (0: none)")] = 60.0,
+    status_interval: Annotated[float, typer.Option(min=1.0, help="Retained status re-published this often, seconds")] = 30.0,
+    nodes_per_connection: Annotated[int, typer.Option(
+        min=1, help="Nodes sharing one MQTT connection (1: one per node, each with its own last will)")] = 1,
+    prefix: Annotated[str, typer.Option(help="Node names are PREFIX-00000, PREFIX-00001, ...")] = "sim",
+    cloud: Annotated[Optional[str], typer.Option(
+        help="Controller HTTP base URL (http://host:9420): probe how long telemetry takes to be stored")] = None,
+    duration: Annotated[float, typer.Option(min=0.0, help="Seconds to run (0: until Ctrl-C)")] = 0.0,
+    report_every: Annotated[float, typer.Option(min=1.0, help="Seconds between progress lines")] = 10.0,
+) -> None:
+    """Simulate a whole fleet of light edge nodes in one process against a real broker and controller
+    (same topics and envelopes as `kgpu edge run`), and report ingest lag."""
+    import json
+
+    from kgpu.fleetsim import FleetOptions, FleetSimError, run_fleet  # late: other commands need none of it
+
+    try:
+        options = FleetOptions(mqtt=mqtt, nodes=nodes, gpus=gpus, interval_s=interval, event_every_s=event_every,
+                               status_interval_s=status_interval, nodes_per_connection=nodes_per_connection,
+                               prefix=prefix, cloud=cloud.rstrip("/") if cloud else None)
+    except ValueError as exc:
+        typer.echo(f"kgpu: {exc}", err=True)
+        raise typer.Exit(code=2) from None
+    setup_logging("warning", False)
+    try:
+        result = asyncio.run(run_fleet(options, duration, report_every, echo=typer.echo))
+    except KeyboardInterrupt:
+        return
+    except FleetSimError as exc:
+        typer.echo(f"kgpu: {exc}", err=True)
+        raise typer.Exit(code=2) from None
+    typer.echo(json.dumps(result, indent=2))
 
 
 @app.command("version")

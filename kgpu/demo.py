@@ -499,7 +499,9 @@ class Demo:
             "--kubeconfig", str(self.kube.kubeconfig)], self.workdir / "logs" / "controller.log", env={
             "KGPU_NAMESPACE": NS, "KGPU_DAEMONSET": DAEMONSET, "KGPU_LOG_JSON": "true", "PYTHONUNBUFFERED": "1",
             "KGPU_MQTT_CLIENT_ID": f"kgpu-controller-demo-{os.getpid()}", "KGPU_LEASE_DURATION": "6",
-            "KGPU_LEASE_RENEW_INTERVAL": "2", "KGPU_MIGRATION_GRACE": "60"}).start())
+            "KGPU_LEASE_RENEW_INTERVAL": "2", "KGPU_MIGRATION_GRACE": "60",
+            # a demo on loopback: changes (the rollout below) without a token; a cluster sets one
+            "KGPU_API_INSECURE": "true"}).start())
         for spec in self.specs:
             self.uplink_ports[spec.name] = self.uplinks.add(spec.name)
             self.edge_ports[spec.name] = free_port()
@@ -771,10 +773,10 @@ kgpu demo — {len(self.specs)} simulated GPU edge nodes, a controller and an em
         for spec in self.specs:
             self.say(f"  {spec.name}  {spec.zone}  {spec.gpus}x {spec.model}   edge API {self.edge_url(spec.name)}")
         self.say(f"""
-  heat up a GPU       curl -s -XPOST {e1}/api/v1/sim/gpus/0 -d '{{"utilization": 100, "ambient_c": 55}}'
-  XID 79 (migrates)   curl -s -XPOST {e1}/api/v1/sim/gpus/1 -d '{{"xid": 79}}'
+  heat up a GPU       curl -s -H 'Content-Type: application/json' {e1}/api/v1/sim/gpus/0 -d '{{"utilization": 100, "ambient_c": 55}}'
+  XID 79 (migrates)   curl -s -H 'Content-Type: application/json' {e1}/api/v1/sim/gpus/1 -d '{{"xid": 79}}'
   its decisions       curl -s {e1}/api/v1/decisions
-  roll out a version  curl -s -XPOST {self.base}/api/v1/rollouts -d '{{"image": "{IMAGE_REPO}:0.2.0", "maxUnavailable": 1}}'
+  roll out a version  curl -s -H 'Content-Type: application/json' {self.base}/api/v1/rollouts -d '{{"image": "{IMAGE_REPO}:0.2.0", "maxUnavailable": 1}}'
 
 Data and logs in {self.workdir}{' (kept)' if self.o.keep else ' (removed on exit; --keep keeps them)'}.
 Ctrl-C stops everything.

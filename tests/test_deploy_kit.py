@@ -332,7 +332,7 @@ def test_controller_deployment() -> None:
     assert args[args.index("--shared-subscription") + 1] == "kgpu"
     env = {e["name"]: e for e in container["env"]}
     assert env["KGPU_DB"]["valueFrom"]["secretKeyRef"]["key"] == "url"
-    assert env["KGPU_API_TOKEN_FILE"]["value"].startswith("/etc/kgpu/api/")
+    assert env["KGPU_API_TOKEN_SECRET"]["value"] == "kgpu-controller-api"  # read via the API (Role below)
     assert env["KGPU_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
     assert "KGPU_LEASE_NAME" in env
     # every KGPU_* variable set is a real setting of `kgpu cloud run`
@@ -359,7 +359,7 @@ CALL_RE = re.compile(r"kube\.(core|apps|custom|coordination)\.([a-z_]+)")
 VERBS = {"read": "get", "list": "list", "create": "create", "patch": "patch", "delete": "delete",
          "replace": "update", "watch": "watch"}
 RESOURCES = {"node": "nodes", "pod": "pods", "pod_eviction": "pods/eviction", "daemon_set": "daemonsets",
-             "lease": "leases"}
+             "lease": "leases", "secret": "secrets"}
 GROUPS = {"core": "", "apps": "apps", "coordination": "coordination.k8s.io"}
 
 
@@ -409,7 +409,10 @@ def test_rbac_scopes_and_bindings() -> None:
     role = find("Role", "kgpu-controller")
     assert role["metadata"]["namespace"] == "kgpu"
     namespaced = {r for rule in role["rules"] for r in rule["resources"]}
-    assert namespaced == {"daemonsets", "leases"}, "DaemonSet and Lease rights stay in the kgpu namespace"
+    assert namespaced == {"daemonsets", "leases", "secrets"}, "DaemonSet, Lease and Secret rights stay in kgpu"
+    secrets = [rule for rule in role["rules"] if "secrets" in rule["resources"]]
+    assert secrets == [{"apiGroups": [""], "resources": ["secrets"], "resourceNames": ["kgpu-controller-api"],
+                        "verbs": ["get"]}], "only the API token's Secret, read only"
     cluster = {r for rule in find("ClusterRole", "kgpu-controller")["rules"] for r in rule["resources"]}
     assert not cluster & {"daemonsets", "leases", "secrets", "configmaps"}
     for kind, role_kind in (("ClusterRoleBinding", "ClusterRole"), ("RoleBinding", "Role")):

@@ -37,8 +37,16 @@
     }
   }
 
+  // With `--api-auth all` reads need the API token: the page asks for it once and keeps it in
+  // sessionStorage (this tab only, gone when it closes), sending it as a bearer token.
+  const TOKEN_KEY = "kgpu-api-token";
+  const storedToken = () => { try { return sessionStorage.getItem(TOKEN_KEY) || ""; } catch (_) { return ""; } };
+
   async function api(path) {
-    const response = await fetch(path, { headers: { Accept: "application/json" }, cache: "no-store" });
+    const headers = { Accept: "application/json" };
+    const token = storedToken();
+    if (token) headers.Authorization = `Bearer ${token}`;
+    const response = await fetch(path, { headers, cache: "no-store" });
     let body = null;
     try { body = await response.json(); } catch (_) { body = null; }
     if (!response.ok) throw new HttpError(path, response.status, body);
@@ -462,6 +470,23 @@
     b.textContent = text || "";
   }
 
+  function tokenForm(refused) {
+    const input = el("input", { id: "token", type: "password", autocomplete: "off", required: true,
+      placeholder: "bearer token", "aria-label": "API token" });
+    const form = el("form", { id: "token-form", class: "token" },
+      el("h1", {}, "API token needed"),
+      el("p", { class: "muted" }, refused
+        ? "The token was refused. Enter a valid one."
+        : "This controller protects reads (--api-auth all). Enter the API token; it is kept in this tab only."),
+      input, " ", el("button", { type: "submit" }, "Use token"));
+    form.addEventListener("submit", (event) => {
+      event.preventDefault();
+      try { sessionStorage.setItem(TOKEN_KEY, input.value.trim()); } catch (_) { /* storage off: nothing kept */ }
+      refresh();
+    });
+    return form;
+  }
+
   async function refresh() {
     const mine = ++generation;
     clearTimeout(timer);
@@ -477,10 +502,18 @@
       setLive(true, `live · ${new Date().toLocaleTimeString([], { hour12: false })}`);
     } catch (err) {
       if (mine !== generation) return;
+      if (err instanceof HttpError && err.status === 401) {
+        banner("");
+        setLive(false, "token needed");
+        document.getElementById("main").replaceChildren(tokenForm(Boolean(storedToken())));
+        document.getElementById("token").focus();
+        document.body.dataset.ready = "token";
+        return; // no polling until a token is entered
+      }
       banner(`Cannot reach the controller (${err.message}); retrying every ${POLL_MS / 1000} s.`);
       setLive(false, "disconnected");
     } finally {
-      if (mine === generation) timer = setTimeout(refresh, POLL_MS);
+      if (mine === generation && document.body.dataset.ready !== "token") timer = setTimeout(refresh, POLL_MS);
     }
   }
 
