@@ -44,9 +44,12 @@ class Controller:
         # Kubernetes first: a missing kubeconfig must fail before anything is written.
         self.kube: Kube | None = None if settings.no_kube else Kube.connect(settings.kubeconfig, settings.in_cluster)
         self.store = FleetStore(settings.db, history_resolution_s=settings.history_resolution)
-        self.ingestor = Ingestor(self.store, self.publish_ack, batch_size=settings.batch_size,
+        self.ingestor = Ingestor(self.store, self.publish_ack, batch_size=settings.batch_size, tune_gc=True,
                                  batch_interval_s=settings.batch_interval)
         self.mqtt: AsyncMqtt | None = None
+        from cloud.edge_commands import EdgeCommands
+
+        self.commands = EdgeCommands(self)  # every subsystem sends its edge commands through it
         self.identity = settings.client_id  # this replica's name in the leader Lease
         self.leading = asyncio.Event()  # set while this replica is the leader
         self.subsystems: list[Subsystem] = []
@@ -159,6 +162,7 @@ async def _cleared(event: asyncio.Event) -> None:
 
 
 SUBSYSTEMS = (  # (module, class): every decision-taking part, each built from the controller
+    ("cloud.edge_commands", "EdgeCommands"),
     ("cloud.policies", "PolicyManager"),
     ("cloud.workload_migration", "MigrationManager"),
     ("cloud.rollout", "RolloutManager"),
@@ -170,7 +174,7 @@ def build_subsystems(controller: Controller) -> list[Subsystem]:
     from cloud.rollout import RolloutManager
     from cloud.workload_migration import MigrationManager
 
-    return [PolicyManager(controller), MigrationManager(controller), RolloutManager(controller)]
+    return [controller.commands, PolicyManager(controller), MigrationManager(controller), RolloutManager(controller)]
 
 
 async def serve(settings: CloudSettings) -> None:

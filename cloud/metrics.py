@@ -39,11 +39,18 @@ class ControllerCollector(Collector):
         yield GaugeMetricFamily("kgpu_ingest_queue_depth", "Messages waiting to be written.", value=ingest.queue.qsize())
         yield GaugeMetricFamily("kgpu_ingest_last_batch_seconds", "Time to write the last batch.", value=ingest.last_batch_seconds)
         lag = GaugeMetricFamily(
-            "kgpu_node_lag_seconds", "Arrival minus the edge's timestamp of its last message "
-            "(negative: the edge's clock is ahead).", labels=["node"])
+            "kgpu_node_lag_seconds", "Arrival minus the edge's timestamp of its last message, with the "
+            "node's estimated clock skew taken out (an old outbox event shows as lag, a wrong clock does not).",
+            labels=["node"])
         for node, seconds in sorted(ingest.lag_seconds.items()):
             lag.add_metric([node], seconds)
         yield lag
+        skew = GaugeMetricFamily(
+            "kgpu_node_clock_skew_seconds", "The edge's clock minus the controller's, estimated from its "
+            "telemetry's arrival (positive: the edge is ahead; 0 within 2 s).", labels=["node"])
+        for node, seconds in sorted(ingest.clock.skew.items()):
+            skew.add_metric([node], seconds)
+        yield skew
         seen = GaugeMetricFamily(
             "kgpu_node_last_seen_timestamp_seconds", "When this replica last received a message from the node "
             "(unix time; with replicas sharing the ingest, take the max by node).", labels=["node"])
@@ -55,6 +62,8 @@ class ControllerCollector(Collector):
         for node, up in sorted(ingest.online.items()):
             online.add_metric([node], 1.0 if up else 0.0)
         yield online
+        yield CounterMetricFamily("kgpu_edge_commands_resent", "Edge commands published again for want of a result.",
+                                  value=self.controller.commands.resends)
         yield GaugeMetricFamily("kgpu_mqtt_connected", "1 while the controller's MQTT link is up.",
                                 value=1.0 if c.mqtt is not None and c.mqtt.connected else 0.0)
         yield GaugeMetricFamily("kgpu_controller_leader", "1 while this replica holds the leader Lease.",

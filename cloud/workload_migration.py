@@ -70,8 +70,8 @@ from cloud.store import JsonType, RowId, metadata
 from shared.aio import wait_event
 from shared.http import int_query, json_error
 from shared.logs import get_logger
-from shared.protocol import CommandBody, Kind, make_envelope
-from shared.topics import NODE_NAME_RE, cloud_topic
+from shared.protocol import CommandBody, Kind
+from shared.topics import NODE_NAME_RE
 
 if TYPE_CHECKING:
     from cloud.controller import Controller
@@ -878,7 +878,7 @@ class MigrationManager:
             log.info("tainted %s with %s", m.node, step.detail, extra={"node": m.node})
             return m.step("taint", "applied", step.detail, now)
         if step.kind == "notify-edge":
-            sent = [uuid for uuid in step.body if self._command(m, "migrate_away", uuid)]
+            sent = [uuid for uuid in step.body if await self._command(m, "migrate_away", uuid)]
             outcome = "sent" if len(sent) == len(step.body) else "not-sent"
             return m.step("notify-edge", outcome, f"migrate_away for {', '.join(step.body)}"
                           + ("" if outcome == "sent" else " (MQTT link down; the taint and evictions go on)"), now)
@@ -976,17 +976,16 @@ class MigrationManager:
                 return
             m = m.step("untaint", "skipped", "the node is not in the cluster", now)
         for uuid in [s for s in m.subjects if s != OFFLINE_SUBJECT]:
-            self._command(m, "undrain", uuid)
+            await self._command(m, "undrain", uuid)
         m = replace(m, state="recovered", next_attempt_at=None)
         await asyncio.to_thread(self._update, m)
 
-    def _command(self, m: Migration, command: str, uuid: str) -> bool:
-        """Tell the edge (at most once per id: the id is derived from the migration and GPU)."""
+    async def _command(self, m: Migration, command: str, uuid: str) -> bool:
+        """Tell the edge, through the command outbox (sent again until the edge answers; applied
+        at most once: the id is derived from the migration and the GPU)."""
         digest = hashlib.sha1(uuid.encode()).hexdigest()[:12]
-        envelope = make_envelope(m.node, CommandBody(command=command, gpu_uuid=uuid,  # type: ignore[arg-type]
-                                                     args={"migration": m.id}), Kind.COMMAND)
-        envelope = envelope.model_copy(update={"id": f"migration-{m.id}-{command}-{digest}"})
-        return self.controller.publish(cloud_topic(m.node, "commands"), envelope.to_json())
+        body = CommandBody(command=command, gpu_uuid=uuid, args={"migration": m.id})  # type: ignore[arg-type]
+        return await self.controller.commands.send(m.node, body, f"migration-{m.id}-{command}-{digest}")
 
     # -- the database --------------------------------------------------------------------------
 
@@ -995,12 +994,14 @@ class MigrationManager:
 
     def _load(self, now: float) -> tuple[World, list[Migration], dict[str, float]]:
         """The fleet view, the open migrations and each node's last start, in one read."""
-        from cloud.store import events_table, gpus_table, nodes_table
+        from cloud.store import epoch_key, events_table, gpus_table, nodes_table
 
         t, e, trig = migrations_table, events_table, migration_triggers_table
         with self.store.engine.connect() as conn, conn.begin():
-            nodes = {r.name: (bool(r.online), float(r.last_seen))
-                     for r in conn.execute(sa.select(nodes_table.c.name, nodes_table.c.online, nodes_table.c.last_seen))}
+            node_rows = list(conn.execute(sa.select(nodes_table.c.name, nodes_table.c.online, nodes_table.c.last_seen,
+                                                    nodes_table.c.outbox_epoch)))
+            nodes = {r.name: (bool(r.online), float(r.last_seen)) for r in node_rows}
+            current_epoch = {r.name: epoch_key(r.outbox_epoch) for r in node_rows}
             gpu_rows = [dict(r._mapping) for r in conn.execute(sa.select(gpus_table).order_by(gpus_table.c.index))]
             migrations = [Migration.from_row(r._mapping) for r in conn.execute(
                 sa.select(t).where(t.c.state.in_(ACTIVE_STATES)).order_by(t.c.id))]
@@ -1019,17 +1020,24 @@ class MigrationManager:
                                              str(body.get("trigger") or "request"), str(body.get("reason") or "")))
             watched = sorted({g["node"] for g in gpu_rows if g["health"] not in (None, "healthy")}
                              | {m.node for m in migrations} | {r.node for r in requests})
-            health: dict[tuple[str, str], list[tuple[float, float, str]]] = defaultdict(list)
+            # Newest first by the node's own order: seq within its current outbox epoch, then
+            # older epochs by time. Not by the edge's ts alone: its clock may have jumped.
+            newest: dict[tuple[str, str], list[tuple[tuple[bool, float, int], tuple[float, float, str]]]] = \
+                defaultdict(list)
             for chunk in (watched[i:i + 200] for i in range(0, len(watched), 200)):
                 for r in conn.execute(
-                    sa.select(e.c.node, e.c.ts, e.c.received_at, e.c.body)
+                    sa.select(e.c.id, e.c.node, e.c.epoch, e.c.seq, e.c.ts, e.c.received_at, e.c.body)
                     .where(e.c.kind == str(Kind.HEALTH), e.c.node.in_(chunk))
-                    .order_by(e.c.ts.desc(), e.c.id.desc()).limit(5000)
+                    .order_by(e.c.id.desc()).limit(5000)
                 ):
                     body = r.body or {}
                     if body.get("gpu_uuid"):
-                        health[(r.node, body["gpu_uuid"])].append((float(r.ts), float(r.received_at),
-                                                                   str(body.get("current"))))
+                        in_epoch = r.epoch == current_epoch.get(r.node)
+                        order = (in_epoch, float(r.seq) if in_epoch else float(r.ts), int(r.id))
+                        newest[(r.node, body["gpu_uuid"])].append(
+                            (order, (float(r.ts), float(r.received_at), str(body.get("current")))))
+            health = {key: [event for _, event in sorted(rows, key=lambda row: row[0], reverse=True)]
+                      for key, rows in newest.items()}
         gpus: dict[str, list[GpuView]] = defaultdict(list)
         for g in gpu_rows:
             events = health.get((g["node"], g["uuid"]), [])
@@ -1096,8 +1104,8 @@ class MigrationManager:
 
     async def _one(self, request: web.Request) -> web.Response:
         raw = request.match_info["id"]
-        if not raw.isdigit():
-            return json_error(400, "a migration id is a positive integer", raw)
+        if not (raw.isascii() and raw.isdigit() and len(raw) < 19):
+            return json_error(400, "a migration id is a positive integer", raw[:100])
         row = await asyncio.to_thread(self.migration, int(raw))
         if row is None:
             return json_error(404, "no such migration", int(raw))

@@ -319,3 +319,40 @@ def test_two_replicas_share_the_subscription_on_postgresql(tmp_path: Path, broke
             if process.proc is not None and process.proc.poll() is None:
                 process.proc.kill()
                 process.proc.wait()
+
+
+def test_a_command_the_broker_lost_is_sent_again_until_the_edge_answers(tmp_path: Path, broker: Mosquitto) -> None:
+    """The broker loses the edge's session (restarted without its persistence file) while the
+    edge is away: the command published meanwhile reaches no one. The controller sends it again
+    once the node is back, and the edge applies it once."""
+    cloud = CloudProcess(tmp_path / "cloud", broker.url, env={"KGPU_COMMAND_RESEND_INTERVAL": "2"}).start()
+    edge = EdgeProcess(tmp_path / "edge-a", node="edge-a", gpus=2, mqtt=broker.url, config=BUSY_POLICY)
+    try:
+        edge.start()
+        wait_for(lambda: (n := cloud.node_state("edge-a")) and n["online"], what="edge-a online")
+        uuid = edge.gpu(1)["inventory"]["uuid"]
+        edge.stop()
+        wait_for(lambda: not cloud.node_state("edge-a")["online"], what="edge-a offline at the cloud")
+        broker.stop()
+        (broker.workdir / "mosquitto.db").unlink()  # the edge's session and its queue are gone
+        broker.start()
+        wait_for(lambda: cloud.metric("kgpu_mqtt_connected") == 1, what="the controller back on the broker")
+        status, sent = cloud.request("POST", "/api/v1/nodes/edge-a/commands", {"command": "drain", "gpuUuid": uuid})
+        assert status == 202 and sent["state"] == "pending", (status, sent)
+        wait_for(lambda: cloud.get("/api/v1/commands")["commands"][0]["sends"] >= 1, what="published once, to no one")
+        time.sleep(3)  # offline nodes get no re-sends: the count stays
+        first = cloud.get("/api/v1/commands")["commands"][0]
+        assert first["state"] == "pending" and first["sends"] == 1
+        edge.start()
+        done = wait_for(lambda: (c := cloud.get("/api/v1/commands")["commands"][0])["state"] == "done" and c,
+                        timeout=30, what="the drain re-sent, applied and answered")
+        assert done["sends"] >= 2 and done["ok"] is True
+        assert edge.gpu(1)["draining"] and not edge.gpu(0)["draining"]
+        results = cloud.get("/api/v1/events?node=edge-a&kind=command_result")["events"]
+        assert [r["body"]["command_id"] for r in results] == [sent["id"]], "applied once, answered once"
+        assert cloud.metric("kgpu_edge_commands_resent_total") >= 1
+    finally:
+        for process in (edge, cloud):
+            if process.proc is not None and process.proc.poll() is None:
+                process.proc.kill()
+                process.proc.wait()
