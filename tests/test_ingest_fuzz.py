@@ -14,10 +14,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cloud.ingest import Ingestor, validate
+from cloud.ingest import validate
 from cloud.store import FleetStore
 from shared.mqtt import Received
 from shared.protocol import DecisionBody, Kind, RejectedMessage, make_envelope
+from tests.helpers.ingest import counted, ingest_all
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
@@ -66,28 +67,11 @@ def test_validate_accepts_or_rejects_with_a_reason(topic: str, payload: bytes) -
 @given(messages=st.lists(st.tuples(topics, payloads), min_size=1, max_size=25))
 def test_ingestor_counts_every_message_and_keeps_running(tmp_path: Path, messages: list[tuple[str, bytes]]) -> None:
     store = FleetStore(f"sqlite:///{tmp_path / 'fuzz.db'}")
-    acks: list[tuple[str, int]] = []
-
-    async def scenario() -> Ingestor:
-        ingestor = Ingestor(store, lambda node, upto, epoch: acks.append((node, upto)), batch_interval_s=0.01)
-        runner = asyncio.create_task(ingestor.run())
-        for topic, payload in messages:
-            ingestor.offer(Received(topic, payload, False))
-        for _ in range(200):
-            if ingestor.queue.empty():
-                break
-            await asyncio.sleep(0.01)
-        await asyncio.sleep(0.05)
-        runner.cancel()
-        await asyncio.gather(runner, return_exceptions=True)
-        return ingestor
-
     try:
-        ingestor = asyncio.run(scenario())
+        ingestor, acks = ingest_all(store, messages)
     finally:
         store.close()
-    counted = sum(ingestor.accepted.values()) + sum(ingestor.rejected.values()) - ingestor.rejected["refused_by_store"]
-    assert counted == len(messages)
+    assert counted(ingestor) == len(messages)
     assert ingestor.store_errors == 0
     assert all(upto >= 0 for _, upto in acks)
 
