@@ -42,11 +42,24 @@ def _type(field: Any) -> str:
     return _type_name(field.annotation).replace("|", "\\|")
 
 
-def settings_table(cls: type[BaseModel]) -> str:
+def cli_flags(*command_path: str) -> set[str]:
+    """The long options `kgpu <command_path>` really has, read from the CLI itself."""
+    import typer.main
+
+    from kgpu.cli import app
+
+    command: Any = typer.main.get_command(app)
+    for name in command_path:
+        command = command.commands[name]
+    return {opt for param in command.params for opt in param.opts if opt.startswith("--")}
+
+
+def settings_table(cls: type[BaseModel], flags: set[str]) -> str:
     lines = ["| flag | env | file key | type | default | meaning |", "|---|---|---|---|---|---|"]
     for name, field in cls.model_fields.items():
+        flag = f"--{name.replace('_', '-')}"
         lines.append(
-            f"| `--{name.replace('_', '-')}` | `{ENV_PREFIX}{name.upper()}` | `{name}` | {_type(field)} "
+            f"| {f'`{flag}`' if flag in flags else '—'} | `{ENV_PREFIX}{name.upper()}` | `{name}` | {_type(field)} "
             f"| {_default(field)} | {field.description or ''} |"
         )
     return "\n".join(lines)
@@ -83,19 +96,17 @@ Generated from the settings models by `python -m shared.settings_doc > docs/conf
 `tests/test_docs.py` fails when this file and the code disagree.
 
 Precedence: command-line flag, then environment variable, then the `--config` file (YAML or TOML,
-keys as below), then the default. Durations accept seconds or `90s`, `2m`, `1h`. A bad value stops
-start-up with one line per problem and exit status 2.
+keys as below), then the default. Only the settings most used have a flag (— in the flag
+column: set it through its environment variable or the config file). Durations accept seconds
+or `90s`, `2m`, `1h`. A bad value stops start-up with one line per problem and exit status 2.
 
 ## `kgpu edge run`
 
-{settings_table(EdgeSettings)}
-
-Only the flags most used are on the command line (`kgpu edge run --help`); every other setting is
-available through its environment variable or the config file.
+{settings_table(EdgeSettings, cli_flags("edge", "run"))}
 
 ## `kgpu cloud run`
 
-{settings_table(CloudSettings)}
+{settings_table(CloudSettings, cli_flags("cloud", "run"))}
 
 ## Power policy (`policy:` in the edge config file; the `GPUPowerPolicy` CRD's spec)
 
