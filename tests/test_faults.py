@@ -122,13 +122,27 @@ def make_decide(edge: EdgeProcess, rng: random.Random) -> str:
 
 
 def settle(edge: EdgeProcess, cloud: CloudProcess, timeout: float = 60.0) -> Tally:
-    """Wait until the cloud holds what the edge committed and the outbox is empty; then compare
-    the two records. On a timeout the tally shows what is missing (the caller asserts)."""
-    def settled() -> bool:
-        return outbox_depth(edge) == 0 and cloud.event_seqs(edge.node) == sorted(edge_record(edge.db))
+    """Wait until the cloud holds what the edge committed and the outbox is empty, seen twice in a
+    row 1.5 s apart: a cause injected just before is decided on at the edge's next cycle (1 s), so
+    one look could fall before its events exist. Then compare the two records. On a timeout the
+    tally shows what is missing (the caller asserts)."""
+    previous: list[Any] = [None]
+
+    def snapshot() -> tuple[int, ...] | None:
+        if outbox_depth(edge) != 0:
+            return None
+        seqs = cloud.event_seqs(edge.node)
+        return tuple(seqs) if seqs == sorted(edge_record(edge.db)) else None
+
+    def settled_twice() -> bool:
+        now = snapshot()
+        steady = now is not None and now == previous[0]
+        previous[0] = now
+        return steady
 
     try:
-        wait_for(settled, timeout=timeout, what=f"the cloud to hold every event of {edge.node}")
+        wait_for(settled_twice, timeout=timeout, interval=1.5,
+                 what=f"the cloud to hold every event of {edge.node}")
     except AssertionError:
         pass
     events = cloud.get(f"/api/v1/events?node={edge.node}&limit=10000")["events"]
