@@ -34,11 +34,10 @@ from edge.driver.runner import DriverRunner
 from edge.sim import install
 from tests.helpers import fault_report
 from tests.helpers.cloud_process import CloudProcess
-from tests.helpers.edge_process import EdgeProcess, wait_for
+from tests.helpers.edge_process import BUSY_POLICY, EdgeProcess, outbox_depth, wait_for
 from tests.helpers.faketime import faketime_library, fixed_offset_env
 from tests.helpers.fault_report import Tally, cloud_record, compare, edge_record
 from tests.helpers.mosquitto import Mosquitto, mosquitto_binary
-from tests.test_sync import BUSY_POLICY, outbox_depth
 
 SEED = int(os.environ.get("KGPU_FAULT_SEED") or random.SystemRandom().randrange(2**31))
 NOTE = f"seed {SEED}"

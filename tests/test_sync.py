@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import random
-import sqlite3
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -20,27 +19,11 @@ from shared.policy import PowerPolicy
 from shared.protocol import CommandBody, DecisionBody, Kind, PolicyBody, StatusBody, make_envelope
 from shared.topics import cloud_topic, edge_topic
 from tests.helpers.cloud_process import CloudProcess
-from tests.helpers.edge_process import EdgeProcess, wait_for
+from tests.helpers.edge_process import BUSY_POLICY, EdgeProcess, edge_seqs, outbox_depth, wait_for
 from tests.helpers.mosquitto import Mosquitto, mosquitto_binary
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(mosquitto_binary() is None, reason="mosquitto not installed (scripts/test.sh installs it)")]
-
-# utilisation flipping across the threshold makes a decision nearly every cycle
-BUSY_POLICY = {"policy": {"version": 1, "powerSaving": {"enabled": True, "utilizationThreshold": 50,
-                                                        "capPercent": 60, "sustainPeriod": 0}},
-               "ack_timeout": 3, "status_interval": 2}
-
-
-def edge_seqs(edge: EdgeProcess) -> int:
-    with sqlite3.connect(edge.db) as conn:
-        return int(conn.execute("SELECT value FROM meta WHERE key='last_seq'").fetchone()[0])
-
-
-def outbox_depth(edge: EdgeProcess) -> int:
-    with sqlite3.connect(edge.db) as conn:
-        return int(conn.execute("SELECT count(*) FROM outbox").fetchone()[0])
-
 
 def churn(edge: EdgeProcess, rounds: int, gpus: int = 2) -> None:
     for _ in range(rounds):

@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -16,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-
 
 _HANDED_OUT: set[int] = set()
 
@@ -50,6 +50,24 @@ def wait_for(check: Callable[[], Any], timeout: float = 20.0, interval: float = 
             return last
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}; last value: {last!r}")
+
+
+# utilisation flipping across the threshold makes a decision nearly every cycle
+BUSY_POLICY = {"policy": {"version": 1, "powerSaving": {"enabled": True, "utilizationThreshold": 50,
+                                                        "capPercent": 60, "sustainPeriod": 0}},
+               "ack_timeout": 3, "status_interval": 2}
+
+
+def edge_seqs(edge: EdgeProcess) -> int:
+    """The last seq the edge's outbox assigned (read from its database)."""
+    with sqlite3.connect(edge.db) as conn:
+        return int(conn.execute("SELECT value FROM meta WHERE key='last_seq'").fetchone()[0])
+
+
+def outbox_depth(edge: EdgeProcess) -> int:
+    """Events in the edge's outbox not yet acked by the cloud (read from its database)."""
+    with sqlite3.connect(edge.db) as conn:
+        return int(conn.execute("SELECT count(*) FROM outbox").fetchone()[0])
 
 
 class EdgeProcess:
