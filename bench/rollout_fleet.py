@@ -21,12 +21,12 @@ import itertools
 import json
 import tempfile
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from bench.common import Row, metric_sum
+from kgpu.demo import daemon_pod_manifest, daemonset_manifest
 from kgpu.fleetsim import FleetOptions, FleetSim, raise_fd_limit
 from tests.helpers.cloud_process import CloudProcess
 from tests.helpers.edge_process import wait_for
@@ -65,21 +65,11 @@ class DaemonSetPlayer:
 
     def create_pod(self, node: str, image: str) -> str:
         name = f"{DS}-{node}-{next(self._counter)}"
-        self.kube.core.create_namespaced_pod(NS, {
-            "apiVersion": "v1", "kind": "Pod",
-            "metadata": {"name": name, "namespace": NS, "uid": str(uuid.uuid4()), "labels": LABELS,
-                         "ownerReferences": [{"apiVersion": "apps/v1", "kind": "DaemonSet", "name": DS,
-                                              "uid": "ds-uid", "controller": True}]},
-            "spec": {"nodeName": node, "containers": [{"name": "edge", "image": image}]},
-            "status": {"phase": "Running"}})
+        self.kube.core.create_namespaced_pod(NS, daemon_pod_manifest(NS, DS, LABELS, name, node, image))
         return name
 
     def seed(self, offline: set[str]) -> None:
-        self.kube.apps.create_namespaced_daemon_set(NS, {
-            "apiVersion": "apps/v1", "kind": "DaemonSet", "metadata": {"name": DS, "namespace": NS, "labels": LABELS},
-            "spec": {"selector": {"matchLabels": LABELS}, "updateStrategy": {"type": "OnDelete"},
-                     "template": {"metadata": {"labels": LABELS},
-                                  "spec": {"containers": [{"name": "edge", "image": OLD_IMAGE}]}}}})
+        self.kube.apps.create_namespaced_daemon_set(NS, daemonset_manifest(NS, DS, LABELS, OLD_IMAGE))
 
         def add(node: str) -> tuple[str, str]:
             self.kube.add_node(node, ready=node not in offline)

@@ -25,9 +25,9 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import importlib.util
 import itertools
 import json
-import importlib.util
 import os
 import shutil
 import signal
@@ -261,6 +261,29 @@ def start_mosquitto(workdir: Path) -> tuple[Child, int]:
 
 
 # ---- the emulated Kubernetes API ----------------------------------------------------------
+
+
+def daemonset_manifest(namespace: str, name: str, labels: dict[str, str], image: str) -> dict[str, Any]:
+    """The edge daemon's DaemonSet as the controller expects it: `OnDelete`, so that the rollout
+    engine decides when each node's pod is replaced, with one container called `edge`."""
+    return {
+        "apiVersion": "apps/v1", "kind": "DaemonSet", "metadata": {"name": name, "namespace": namespace, "labels": labels},
+        "spec": {"selector": {"matchLabels": labels}, "updateStrategy": {"type": "OnDelete"},
+                 "template": {"metadata": {"labels": labels},
+                              "spec": {"containers": [{"name": "edge", "image": image}]}}}}
+
+
+def daemon_pod_manifest(namespace: str, daemonset: str, labels: dict[str, str], name: str, node: str,
+                        image: str) -> dict[str, Any]:
+    """A running pod of that DaemonSet on `node`. kmock has no DaemonSet controller: whoever plays
+    it (the demo, the rollout tests and benchmark) creates these."""
+    return {
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "namespace": namespace, "uid": str(uuid.uuid4()), "labels": labels,
+                     "ownerReferences": [{"apiVersion": "apps/v1", "kind": "DaemonSet", "name": daemonset,
+                                          "uid": f"{daemonset}-uid", "controller": True}]},
+        "spec": {"nodeName": node, "containers": [{"name": "edge", "image": image}]},
+        "status": {"phase": "Running"}}
 
 
 class KubeEmulator:
@@ -558,12 +581,8 @@ class Demo:
                 "status": {"conditions": [{"type": "Ready", "status": "True"}],
                            "capacity": {"nvidia.com/gpu": str(spec.gpus)},
                            "allocatable": {"nvidia.com/gpu": str(spec.gpus)}}})
-        kube.apps.create_namespaced_daemon_set(NS, {
-            "apiVersion": "apps/v1", "kind": "DaemonSet",
-            "metadata": {"name": DAEMONSET, "namespace": NS, "labels": DS_LABELS},
-            "spec": {"selector": {"matchLabels": DS_LABELS}, "updateStrategy": {"type": "OnDelete"},
-                     "template": {"metadata": {"labels": DS_LABELS},
-                                  "spec": {"containers": [{"name": "edge", "image": f"{IMAGE_REPO}:{__version__}"}]}}}})
+        kube.apps.create_namespaced_daemon_set(
+            NS, daemonset_manifest(NS, DAEMONSET, DS_LABELS, f"{IMAGE_REPO}:{__version__}"))
         for spec in self.specs:
             self._create_daemon_pod(spec.name, f"{IMAGE_REPO}:{__version__}")
         first = self.specs[0].name
@@ -587,13 +606,7 @@ class Demo:
     def _create_daemon_pod(self, node: str, image: str) -> None:
         assert self.kube is not None
         name = f"{DAEMONSET}-{uuid.uuid4().hex[:5]}"
-        self.kube.core.create_namespaced_pod(NS, {
-            "apiVersion": "v1", "kind": "Pod",
-            "metadata": {"name": name, "namespace": NS, "uid": str(uuid.uuid4()), "labels": DS_LABELS,
-                         "ownerReferences": [{"apiVersion": "apps/v1", "kind": "DaemonSet", "name": DAEMONSET,
-                                              "uid": "kgpu-edge-ds", "controller": True}]},
-            "spec": {"nodeName": node, "containers": [{"name": "edge", "image": image}]},
-            "status": {"phase": "Running"}})
+        self.kube.core.create_namespaced_pod(NS, daemon_pod_manifest(NS, DAEMONSET, DS_LABELS, name, node, image))
 
     def _create_gpu_pod(self, name: str, node: str, *, gpus: int, cls: str, owner: tuple[str, str] | None,
                         namespace: str = "default") -> None:

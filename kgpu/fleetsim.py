@@ -800,7 +800,7 @@ def raise_fd_limit(wanted: int) -> int:
 
 
 class FleetSimError(RuntimeError):
-    pass
+    """The simulated fleet cannot run here (too few file descriptors for its connections)."""
 
 
 # ---- summaries ------------------------------------------------------------------------------

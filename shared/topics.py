@@ -38,7 +38,7 @@ class TopicParts:
 
 
 class BadTopic(ValueError):
-    pass
+    """A topic outside kgpu's scheme (wrong prefix, side, node name or kind)."""
 
 
 def parse_topic(topic: str) -> TopicParts:

@@ -37,6 +37,7 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
+from kgpu.demo import daemon_pod_manifest, daemonset_manifest
 from shared.http import MAX_BODY_BYTES, MAX_JSON_DEPTH
 from shared.openapi import SPEC_PATH
 from tests.helpers.cloud_process import CloudProcess
@@ -149,18 +150,8 @@ def kube_cloud_api(tmp_path: Path, broker: Any, kube: Any) -> Iterator[CloudProc
                                             "metadata": {"name": "kgpu-controller-api", "namespace": NS},
                                             "data": {"token": base64.b64encode(TOKEN.encode()).decode()}})
     kube.add_node("fuzz-node")
-    kube.apps.create_namespaced_daemon_set(NS, {
-        "apiVersion": "apps/v1", "kind": "DaemonSet", "metadata": {"name": DS, "namespace": NS, "labels": LABELS},
-        "spec": {"selector": {"matchLabels": LABELS}, "updateStrategy": {"type": "OnDelete"},
-                 "template": {"metadata": {"labels": LABELS},
-                              "spec": {"containers": [{"name": "edge", "image": "kgpu:0.1.0"}]}}}})
-    kube.core.create_namespaced_pod(NS, {
-        "apiVersion": "v1", "kind": "Pod",
-        "metadata": {"name": f"{DS}-1", "namespace": NS, "uid": "pod-1", "labels": LABELS,
-                     "ownerReferences": [{"apiVersion": "apps/v1", "kind": "DaemonSet", "name": DS, "uid": "ds",
-                                          "controller": True}]},
-        "spec": {"nodeName": "fuzz-node", "containers": [{"name": "edge", "image": "kgpu:0.1.0"}]},
-        "status": {"phase": "Running"}})
+    kube.apps.create_namespaced_daemon_set(NS, daemonset_manifest(NS, DS, LABELS, "kgpu:0.1.0"))
+    kube.core.create_namespaced_pod(NS, daemon_pod_manifest(NS, DS, LABELS, f"{DS}-1", "fuzz-node", "kgpu:0.1.0"))
     cloud = CloudProcess(tmp_path / "cloud", broker.url, kubeconfig=kube.kubeconfig,
                          env={"KGPU_NAMESPACE": NS, "KGPU_DAEMONSET": DS, "KGPU_LEASE_DURATION": "4",
                               "KGPU_LEASE_RENEW_INTERVAL": "1"},

@@ -25,6 +25,7 @@ import sqlalchemy as sa
 from kubernetes import client
 
 from cloud.rollout import RolloutRequest, rollout_nodes_table
+from kgpu.demo import daemon_pod_manifest, daemonset_manifest
 from shared.mqtt import MqttLink, parse_broker_url
 from shared.protocol import Kind, StatusBody, make_envelope
 from shared.topics import edge_topic
@@ -74,11 +75,7 @@ class FleetSim:
     # -- seeding ---------------------------------------------------------------------------------
 
     def seed(self) -> FleetSim:
-        self.apps.create_namespaced_daemon_set(NS, {
-            "apiVersion": "apps/v1", "kind": "DaemonSet", "metadata": {"name": DS, "namespace": NS, "labels": LABELS},
-            "spec": {"selector": {"matchLabels": LABELS}, "updateStrategy": {"type": "OnDelete"},
-                     "template": {"metadata": {"labels": LABELS},
-                                  "spec": {"containers": [{"name": "edge", "image": OLD_IMAGE}]}}}})
+        self.apps.create_namespaced_daemon_set(NS, daemonset_manifest(NS, DS, LABELS, OLD_IMAGE))
         list(self._pool.map(self._add_node, self.nodes))
         for node in self.nodes:
             self.publish(node, "online" if node in self.online else "offline", "0.1.0")
@@ -94,13 +91,7 @@ class FleetSim:
 
     def _create_pod(self, node: str, image: str) -> str:
         name = f"{DS}-{node}-{next(self._counter)}"
-        self.core.create_namespaced_pod(NS, {
-            "apiVersion": "v1", "kind": "Pod",
-            "metadata": {"name": name, "namespace": NS, "uid": str(uuid.uuid4()), "labels": LABELS,
-                         "ownerReferences": [{"apiVersion": "apps/v1", "kind": "DaemonSet", "name": DS,
-                                              "uid": "ds-uid", "controller": True}]},
-            "spec": {"nodeName": node, "containers": [{"name": "edge", "image": image}]},
-            "status": {"phase": "Running"}})
+        self.core.create_namespaced_pod(NS, daemon_pod_manifest(NS, DS, LABELS, name, node, image))
         return name
 
     def publish(self, node: str, state: str, version: str) -> None:
