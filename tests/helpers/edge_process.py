@@ -112,6 +112,13 @@ class EdgeProcess:
         except OSError:
             return False
 
+    def wait_healthy(self, timeout: float = 20.0) -> EdgeProcess:
+        """Until /healthz answers 200: `start()` returns once the server answers at all, which
+        can be before the MQTT link is up."""
+        wait_for(lambda: self.request("GET", "/healthz")[0] == 200, timeout=timeout,
+                 what=f"/healthz 200 on :{self.port} (log {self.log_path})")
+        return self
+
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")[-5000:]
 
