@@ -125,6 +125,10 @@ class EdgeCollector(Collector):
             "kgpu_events_dropped", "Events lost because the store stayed unwritable past the memory bound.",
             value=d.counters.events_dropped,
         )
+        yield CounterMetricFamily(
+            "kgpu_events_truncated", "Events whose long texts were cut to fit the MQTT message size limit.",
+            value=d.store.events_truncated,
+        )
         yield GaugeMetricFamily("kgpu_store_degraded", "1 while the edge store cannot be written.", value=1.0 if d.store_problem else 0.0)
         yield CounterMetricFamily("kgpu_sampling_cycles", "Sampling cycles run.", value=d.counters.cycles)
         yield CounterMetricFamily(

@@ -41,10 +41,12 @@ from shared.policy import PowerPolicy
 from shared.protocol import (
     BODY_MODELS,
     EVENT_KINDS,
+    MAX_PAYLOAD_BYTES,
     CommandResultBody,
     DecisionBody,
     Envelope,
     Kind,
+    fit_body,
     make_envelope,
 )
 from shared.topics import NODE_NAME_RE
@@ -207,6 +209,7 @@ class EdgeStore:
         self._write_lock = threading.Lock()
         self._closed = False
         self._last_write_error: str | None = None  # of the latest real write, None if it committed
+        self.events_truncated = 0  # events cut to fit the message size limit (shared.protocol.fit_body)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -340,23 +343,23 @@ class EdgeStore:
 
     def _record_in(self, conn: Connection, items: list[tuple[Kind, WireModel]]) -> list[Envelope]:
         last = int(_meta_get(conn, _META_LAST_SEQ) or 0)
-        envelopes = [
-            make_envelope(self.node, body, kind, last + i)
-            for i, (kind, body) in enumerate(items, start=1)
-        ]
-        conn.execute(
-            outbox_table.insert(),
-            [
-                {
-                    "seq": e.seq,
-                    "id": e.id,
-                    "kind": str(e.kind),
-                    "ts": e.ts,
-                    "payload": e.to_json().decode(),
-                }
-                for e in envelopes
-            ],
-        )
+        envelopes: list[Envelope] = []
+        rows: list[dict[str, Any]] = []
+        for i, (kind, body) in enumerate(items):
+            envelope = make_envelope(self.node, body, kind, last + i + 1)
+            payload = envelope.to_json()
+            if len(payload) > MAX_PAYLOAD_BYTES:  # the broker would drop it: cut it to fit
+                body = fit_body(self.node, kind, body)
+                items[i] = (kind, body)
+                envelope = make_envelope(self.node, body, kind, envelope.seq)
+                self.events_truncated += 1
+                log.warning("%s event of %d bytes cut to fit the %d-byte message limit", kind, len(payload),
+                            MAX_PAYLOAD_BYTES, extra={"node": self.node, "msg_id": envelope.id})
+                payload = envelope.to_json()
+            envelopes.append(envelope)
+            rows.append({"seq": envelope.seq, "id": envelope.id, "kind": str(kind), "ts": envelope.ts,
+                         "payload": payload.decode()})
+        conn.execute(outbox_table.insert(), rows)
         decisions: list[dict[str, Any]] = []
         events: list[dict[str, Any]] = []
         for env, (kind, body) in zip(envelopes, items, strict=True):

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 
 from shared.mqtt import MqttLink, parse_broker_url
-from shared.protocol import MAX_PAYLOAD_BYTES
+from shared.protocol import MAX_PAYLOAD_BYTES, CommandBody, Kind, make_envelope
 from shared.topics import cloud_topic, edge_topic
 from tests.helpers.cloud_process import CloudProcess
-from tests.helpers.edge_process import EdgeProcess, wait_for
+from tests.helpers.edge_process import EdgeProcess, edge_seqs, outbox_depth, wait_for
 from tests.helpers.mosquitto import Mosquitto, mosquitto_binary
 
 pytestmark = [pytest.mark.slow,
@@ -40,6 +40,11 @@ HOSTILE: list[tuple[str, bytes, str]] = [
     ("NaN", json.dumps(ack_like(ts=float("nan"))).encode(), "schema"),
     ("an array", b"[1, 2, 3]", "schema"),
 ]
+
+
+def settled(edge: EdgeProcess, cloud: CloudProcess) -> bool:
+    """Every event the edge wrote is stored once in the cloud, and its outbox is empty (all acked)."""
+    return outbox_depth(edge) == 0 and cloud.event_seqs(edge.node) == list(range(1, edge_seqs(edge) + 1))
 
 
 def test_hostile_payloads_at_both_processes(tmp_path: Path, broker: Mosquitto) -> None:
@@ -76,13 +81,7 @@ def test_hostile_payloads_at_both_processes(tmp_path: Path, broker: Mosquitto) -
         edge.inject(0, reset=True)
         edge.inject(0, xid=48)
 
-        def settled() -> bool:
-            with __import__("sqlite3").connect(edge.db) as conn:
-                last = int(conn.execute("SELECT value FROM meta WHERE key='last_seq'").fetchone()[0])
-                depth = int(conn.execute("SELECT count(*) FROM outbox").fetchone()[0])
-            return depth == 0 and cloud.event_seqs("edge-a") == list(range(1, last + 1))
-
-        wait_for(settled, timeout=40, what="every edge-a event stored once, the outbox empty")
+        wait_for(lambda: settled(edge, cloud), timeout=40, what="every edge-a event stored once, the outbox empty")
         assert cloud.request("GET", "/healthz")[0] == 200 and edge.request("GET", "/healthz")[0] == 200
         assert cloud.proc.poll() is None and edge.proc.poll() is None
     finally:
@@ -91,3 +90,43 @@ def test_hostile_payloads_at_both_processes(tmp_path: Path, broker: Mosquitto) -
             if process.proc is not None and process.proc.poll() is None:
                 process.proc.kill()
                 process.proc.wait()
+
+
+def test_an_answer_too_big_for_the_broker_arrives_cut_and_holds_nothing_back(tmp_path: Path) -> None:
+    """A command naming a GPU by a 256 KiB "uuid" just fits the broker's message_size_limit (the
+    shipped mosquitto.conf sets it to MAX_PAYLOAD_BYTES); the edge's answer, which quotes the
+    uuid, would not, and the broker would drop it: the cloud would never ack past it and every
+    later event would wait. The edge cuts the answer to fit instead."""
+    broker = Mosquitto(tmp_path / "broker", message_size_limit=MAX_PAYLOAD_BYTES).start()
+    cloud = CloudProcess(tmp_path / "cloud", broker.url)
+    edge = EdgeProcess(tmp_path / "edge-a", node="edge-a", gpus=1, mqtt=broker.url,
+                       config={"ack_timeout": 2, "status_interval": 2})
+    commander = MqttLink(parse_broker_url(broker.url), "commander", backoff_min_s=0.1, backoff_max_s=0.5)
+    try:
+        cloud.start()
+        edge.start()
+        commander.start()
+        wait_for(commander.connected.is_set, what="commander connected")
+        wait_for(lambda: (n := cloud.node_state("edge-a")) and n["online"], timeout=30, what="edge-a online")
+
+        overhead = len(make_envelope("edge-a", CommandBody(command="drain", gpu_uuid=""), Kind.COMMAND).to_json())
+        command = make_envelope("edge-a", CommandBody(command="drain", gpu_uuid="G" * (MAX_PAYLOAD_BYTES - overhead)),
+                                Kind.COMMAND)
+        assert len(command.to_json()) <= MAX_PAYLOAD_BYTES
+        assert commander.publish(cloud_topic("edge-a", "commands"), command.to_json(), qos=1)
+        wait_for(lambda: edge_seqs(edge) == 1, timeout=20, what="the answer written to the outbox")
+        edge.inject(0, xid=48)  # later events, which must not wait behind it
+        wait_for(lambda: settled(edge, cloud) and edge_seqs(edge) >= 2, timeout=40,
+                 what="every edge-a event stored once, the outbox empty")
+        (answer,) = cloud.get("/api/v1/events?node=edge-a&kind=command_result")["events"]
+        assert answer["body"]["command_id"] == command.id
+        assert answer["body"]["ok"] is False and answer["body"]["detail"].endswith("characters cut]")
+        assert edge.metric("kgpu_events_truncated_total") == 1
+        assert cloud.metric("kgpu_ingest_rejected_total", reason="oversize") == 0
+    finally:
+        commander.stop()
+        for process in (edge, cloud):
+            if process.proc is not None and process.proc.poll() is None:
+                process.proc.kill()
+                process.proc.wait()
+        broker.stop()

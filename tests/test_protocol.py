@@ -11,11 +11,15 @@ from hypothesis import strategies as st
 from shared.policy import PowerPolicy, XidAction
 from shared.protocol import (
     MAX_PAYLOAD_BYTES,
+    CommandResultBody,
     DecisionBody,
+    HealthBody,
     Kind,
+    MigrationRequestBody,
     PolicyBody,
     RejectedMessage,
     decode,
+    fit_body,
     make_envelope,
 )
 from shared.topics import BadTopic, cloud_topic, edge_topic, parse_topic
@@ -129,3 +133,60 @@ def test_xid_policy_defaults_follow_the_device_plugin() -> None:
     assert all(xids.action_for(x) is None for x in (13, 31, 43, 45, 68, 109))
     assert xids.action_for(79) is XidAction.REQUEST_MIGRATION
     assert xids.action_for(62) is XidAction.MARK_UNHEALTHY
+
+
+# ---- fit_body: an event the broker would drop is cut to fit instead ---------------------------
+
+
+def _decision(reason: str, inputs: dict | None = None) -> DecisionBody:
+    return DecisionBody(gpu_index=0, gpu_uuid="GPU-0", rule="xid", action="mark_unhealthy", outcome="recorded",
+                        reason=reason, inputs=inputs or {}, policy_version=1)
+
+
+def test_a_body_that_fits_is_left_alone() -> None:
+    body = _decision("short")
+    assert fit_body("edge-a", Kind.DECISION, body) is body
+
+
+def test_a_body_too_big_for_the_broker_is_cut_to_fit_and_says_so() -> None:
+    body = _decision("x" * 300_000 + "END", {f"k{i}": "y" * 1000 for i in range(1000)})
+    assert len(make_envelope("edge-a", body, Kind.DECISION, 1).to_json()) > MAX_PAYLOAD_BYTES
+    cut = fit_body("edge-a", Kind.DECISION, body)
+    payload = make_envelope("edge-a", cut, Kind.DECISION, 2**63 - 1).to_json()
+    assert len(payload) <= MAX_PAYLOAD_BYTES
+    _, decoded = decode(payload)  # the cloud takes it
+    assert isinstance(decoded, DecisionBody)
+    assert decoded.reason.startswith("x" * 1000) and decoded.reason.endswith("characters cut]")
+    assert "END" not in decoded.reason
+    # what is not text is kept as it was
+    assert (decoded.rule, decoded.action, decoded.gpu_uuid, decoded.policy_version) == ("xid", "mark_unhealthy",
+                                                                                      "GPU-0", 1)
+
+
+long_text = st.text(min_size=0, max_size=3000)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.one_of(
+    st.builds(lambda r, i: (Kind.DECISION, _decision(r, i)), long_text,
+              st.dictionaries(st.text(max_size=300), st.one_of(long_text, st.lists(long_text, max_size=30)),
+                              max_size=40)),
+    st.builds(lambda rs: (Kind.HEALTH, HealthBody(level="gpu", gpu_index=1, gpu_uuid="GPU-1", previous="healthy",
+                                                   current="unhealthy", reasons=rs)),
+              st.lists(long_text, max_size=60)),
+    st.builds(lambda r: (Kind.MIGRATION_REQUEST, MigrationRequestBody(gpu_uuid="GPU-1", trigger="xid", reason=r)),
+              long_text),
+    st.builds(lambda d, c: (Kind.COMMAND_RESULT, CommandResultBody(command_id=c, command="drain", ok=False,
+                                                                   detail=d)),
+              long_text, st.text(min_size=1, max_size=64)),  # an envelope id: at most 64
+))
+def test_every_event_body_is_cut_to_any_limit_and_stays_valid(kind_and_body: tuple[Kind, object]) -> None:
+    kind, body = kind_and_body
+    limit = 4096  # small, so that hypothesis' modest bodies need cutting
+    cut = fit_body("edge-a", kind, body, max_bytes=limit)  # type: ignore[arg-type]
+    payload = make_envelope("edge-a", cut, kind, 2**63 - 1).to_json()
+    assert len(payload) <= limit
+    _, decoded = decode(payload)
+    assert type(decoded) is type(body)
+    if len(make_envelope("edge-a", body, kind, 2**63 - 1).to_json()) <= limit:  # type: ignore[arg-type]
+        assert cut is body

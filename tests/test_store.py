@@ -19,7 +19,9 @@ from shared.protocol import (
     Kind,
     MigrationRequestBody,
     StatusBody,
+    MAX_PAYLOAD_BYTES,
     XidBody,
+    decode,
 )
 
 NODE = "edge-node-1"
@@ -176,6 +178,29 @@ def test_outbox_pending_round_trips_envelopes(store: EdgeStore) -> None:
     assert [e.seq for e in store.outbox_pending(limit=2)] == [1, 2]
     assert [e.seq for e in store.outbox_pending(limit=2, after_seq=2)] == [3, 4]
     assert store.outbox_pending(after_seq=5) == []
+
+
+def test_an_event_too_big_for_the_broker_is_cut_to_fit(store: EdgeStore, caplog) -> None:
+    """The broker drops a message over its limit, and the cloud would never ack past it."""
+    huge = decision(1).model_copy(update={"reason": "r" * (MAX_PAYLOAD_BYTES + 1)})
+    big_detail = CommandResultBody(command_id="c1", command="drain", ok=False, detail="d" * MAX_PAYLOAD_BYTES)
+    with caplog.at_level("WARNING"):
+        envs = store.record([(Kind.DECISION, decision(0)), (Kind.DECISION, huge)])
+        (result,) = [store.record_command_result("c1", "drain", big_detail)]
+    assert store.events_truncated == 2
+    assert "cut to fit" in caplog.text
+    pending = store.outbox_pending()
+    assert [e.seq for e in pending] == [1, 2, 3] and pending[:2] == envs and pending[2] == result
+    for envelope in pending:
+        assert len(envelope.to_json()) <= MAX_PAYLOAD_BYTES
+        assert decode(envelope.to_json())[0] == envelope  # the cloud takes each one
+    assert pending[0].parsed_body() == decision(0)  # a body that fits is not touched
+    cut = pending[1].parsed_body()
+    assert cut.reason.startswith("r" * 1000) and cut.reason.endswith("characters cut]")
+    assert cut.model_copy(update={"reason": huge.reason}) == huge  # only the long text changed
+    # the decision log keeps what was sent
+    assert store.decisions()[0]["reason"] == cut.reason
+    assert pending[2].parsed_body().detail.endswith("characters cut]")
 
 
 def test_ack_depth_and_oldest(store: EdgeStore) -> None:

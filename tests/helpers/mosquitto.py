@@ -20,7 +20,7 @@ def mosquitto_binary() -> str | None:
 
 class Mosquitto:
     def __init__(self, workdir: Path, *, users: dict[str, str] | None = None, acl: str | None = None,
-                 tls: TlsFiles | None = None) -> None:
+                 tls: TlsFiles | None = None, message_size_limit: int | None = None) -> None:
         binary = mosquitto_binary()
         if binary is None:
             raise RuntimeError("mosquitto is not installed (scripts/test.sh installs it)")
@@ -38,6 +38,7 @@ class Mosquitto:
             f"log_dest file {self.log_path}",
             "log_type error", "log_type warning", "log_type notice",
             "max_queued_messages 100000",
+            *([f"message_size_limit {message_size_limit}"] if message_size_limit else []),
             f"listener {self.port} 127.0.0.1",
         ]
         if users is not None:
