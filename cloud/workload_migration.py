@@ -457,6 +457,12 @@ def gpu_pods_by_node(pods: Iterable[Mapping[str, Any]]) -> dict[str, int]:
     return dict(counts)
 
 
+def with_samples(world: World, samples: Mapping[tuple[str, str], Mapping[str, Any]]) -> World:
+    """The world with each GPU's latest sample filled in (`_load` leaves them out)."""
+    return replace(world, gpus={node: tuple(replace(g, sample=samples.get((node, g.uuid))) for g in gpus)
+                                for node, gpus in world.gpus.items()})
+
+
 def source_gpu(world: World, node: str, subjects: Sequence[str], kube_node: Mapping[str, Any] | None) -> GpuModel | None:
     """The failing GPU's model: the subject GPU, else any GPU of the node, else its GFD label."""
     gpus = world.gpus.get(node, ())
@@ -801,6 +807,8 @@ class MigrationManager:
             return
         if kube_nodes is None or pods is None:
             kube_nodes, pods = await self._read_cluster(kube)
+        if work:
+            world = with_samples(world, await asyncio.to_thread(self._samples))
         for m in work:
             await self._advance(kube, m, world, kube_nodes, pods)
         for m in healing:
@@ -1002,7 +1010,10 @@ class MigrationManager:
                                                     nodes_table.c.outbox_epoch)))
             nodes = {r.name: (bool(r.online), float(r.last_seen)) for r in node_rows}
             current_epoch = {r.name: epoch_key(r.outbox_epoch) for r in node_rows}
-            gpu_rows = [dict(r._mapping) for r in conn.execute(sa.select(gpus_table).order_by(gpus_table.c.index))]
+            # Not the samples: at thousands of nodes, decoding every GPU's JSON each scan cost as
+            # much as the ingest. Only placement needs them (`with_samples`, when a migration runs).
+            gpu_rows = [dict(r._mapping) for r in conn.execute(
+                sa.select(*[c for c in gpus_table.c if c.name != "sample"]).order_by(gpus_table.c.index))]
             migrations = [Migration.from_row(r._mapping) for r in conn.execute(
                 sa.select(t).where(t.c.state.in_(ACTIVE_STATES)).order_by(t.c.id))]
             last_started = {r.node: float(r.started) for r in conn.execute(
@@ -1044,10 +1055,19 @@ class MigrationManager:
             healthy_ts = next((ts for ts, _, cur in events if cur == "healthy"), None)
             gpus[g["node"]].append(GpuView(
                 node=g["node"], uuid=g["uuid"], index=int(g["index"]), name=g["name"], health=g["health"],
-                sample=g["sample"], unhealthy_since=unhealthy_since(events),
+                unhealthy_since=unhealthy_since(events),
                 last_event=(events[0][0], events[0][2]) if events else None, healthy_event_ts=healthy_ts))
         world = World(nodes=nodes, gpus={k: tuple(v) for k, v in gpus.items()}, requests=tuple(requests))
         return world, migrations, last_started
+
+    def _samples(self) -> dict[tuple[str, str], Mapping[str, Any]]:
+        """The latest sample of every GPU, by (node, uuid): what placement scores targets by."""
+        from cloud.store import gpus_table
+
+        g = gpus_table
+        with self.store.engine.connect() as conn:
+            return {(r.node, r.uuid): r.sample for r in conn.execute(
+                sa.select(g.c.node, g.c.uuid, g.c.sample).where(g.c.sample.is_not(None)))}
 
     def _save(self, new: Sequence[Migration], changed: Sequence[Migration], now: float) -> None:
         """New rows, changed rows and consumed request events, in one transaction."""
@@ -1141,5 +1161,6 @@ __all__ = [
     "to_recover",
     "unhealthy_since",
     "with_our_taint",
+    "with_samples",
     "without_our_taint",
 ]

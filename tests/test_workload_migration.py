@@ -565,6 +565,7 @@ def test_xid_moves_gpu_work_off_the_node_across_a_controller_restart(
         assert has_step(m, "evict", "retry", "default/trainer")  # the 429 was a retry, not a failure
         target = next(s for s in m["steps"] if s["step"] == "target" and s["pod"] == "default/trainer")
         assert target["target"] == "edge-b"  # same zone; edge-c is full
+        assert "hottest GPU" in target["detail"] and "power headroom" in target["detail"]  # scored on its samples
         assert has_step(m, "recreate", "retry", "default/notebook")  # nothing fits pool=west yet
         assert has_step(m, "notify-edge", "sent")
         assert evictions(kube, "trainer") == 2
