@@ -98,6 +98,7 @@ class EdgeDaemon:
         self.store_problem: str | None = None
         self.outbox_depth = 0
         self.policy, self.policy_source = self._initial_policy()
+        self._drained_at_start = self._initial_draining()
         self.started_at = time.time()
         self._steady_anchor = self.started_at - time.monotonic()
         self._held: list[tuple[Kind, WireModel]] = []
@@ -127,6 +128,20 @@ class EdgeDaemon:
             return cached, "cache"
         return configured, "config"
 
+    def _initial_draining(self) -> set[str]:
+        """The GPUs left draining by the cloud before a restart: a drain lasts until `undrain`."""
+        try:
+            return self.store.draining()
+        except StoreError as exc:
+            log.error("cannot read which GPUs are draining; none until the cloud says again: %s", exc)
+            return set()
+
+    def draining_uuids(self) -> set[str]:
+        """The GPUs draining now, plus those drained before a restart that the driver has not
+        shown again yet (so that a command run meanwhile does not forget them)."""
+        known = {v.inventory.uuid for v in self.gpus.values()}
+        return {v.inventory.uuid for v in self.gpus.values() if v.draining} | (self._drained_at_start - known)
+
     async def start(self) -> None:
         await self.runner.start()
         await self._open_driver()
@@ -151,7 +166,7 @@ class EdgeDaemon:
         for gpu in inventory:
             view = self.gpus.get(gpu.index)
             if view is None:
-                self.gpus[gpu.index] = GpuView(inventory=gpu)
+                self.gpus[gpu.index] = GpuView(inventory=gpu, draining=gpu.uuid in self._drained_at_start)
             else:
                 view.inventory = gpu
         try:

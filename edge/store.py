@@ -23,7 +23,7 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -66,6 +66,7 @@ _META_LAST_SEQ = "last_seq"
 _META_NODE = "node"
 _META_EPOCH = "outbox_epoch"
 _META_WRITE_CHECK = "write_check_ts"
+_META_DRAINING = "draining"  # JSON list of the GPU uuids the cloud asked to drain
 
 # ---- schema ---------------------------------------------------------------------------------
 
@@ -540,9 +541,11 @@ class EdgeStore:
             )
 
     def record_command_result(
-        self, command_id: str, command: str, result: CommandResultBody
+        self, command_id: str, command: str, result: CommandResultBody,
+        draining: Iterable[str] | None = None,
     ) -> Envelope | None:
-        """In ONE transaction, mark the command applied and queue its result event.
+        """In ONE transaction, mark the command applied, keep the GPUs now `draining` (when
+        given) and queue its result event.
 
         None when the id was already applied: the result was queued then, and must not be twice."""
         if result.command_id != command_id:
@@ -566,8 +569,16 @@ class EdgeStore:
                     detail=result.detail,
                 )
             )
+            if draining is not None:
+                _meta_set(conn, _META_DRAINING, json.dumps(sorted(draining)))
             (envelope,) = self._record_in(conn, [(Kind.COMMAND_RESULT, result)])
             return envelope
+
+    def draining(self) -> set[str]:
+        """The GPUs the cloud asked to drain and has not undrained: kept across restarts."""
+        with self._read("draining") as conn:
+            raw = _meta_get(conn, _META_DRAINING)
+        return set(json.loads(raw)) if raw else set()
 
     # -- inventory -----------------------------------------------------------------------------
 

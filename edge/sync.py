@@ -343,7 +343,8 @@ class EdgeSync:
         ok, detail = await self.daemon.execute_command(command)
         result = CommandResultBody(command_id=envelope.id, command=command.command, ok=ok, detail=detail)
         recorded = await asyncio.to_thread(
-            self.daemon.store.record_command_result, envelope.id, command.command, result
+            self.daemon.store.record_command_result, envelope.id, command.command, result,
+            self.daemon.draining_uuids(),
         )
         log.info("command %s: %s", command.command, "ok" if ok else f"failed: {detail}",
                  extra={"msg_id": envelope.id})

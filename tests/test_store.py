@@ -305,6 +305,23 @@ def test_command_is_applied_at_most_once(store: EdgeStore) -> None:
     assert [e["kind"] for e in store.events()] == ["command_result"]
 
 
+def test_draining_gpus_are_kept_with_the_command_that_set_them(db_path: Path) -> None:
+    store = EdgeStore(db_path, NODE)
+    assert store.draining() == set()
+    drain = CommandResultBody(command_id="c1", command="drain", ok=True)
+    store.record_command_result("c1", "drain", drain, {"GPU-1", "GPU-2"})
+    assert store.record_command_result("c1", "drain", drain, set()) is None  # a repeat changes nothing
+    store.close()
+    store = EdgeStore(db_path, NODE)  # a restart
+    assert store.draining() == {"GPU-1", "GPU-2"}
+    undrain = CommandResultBody(command_id="c2", command="undrain", ok=True)
+    store.record_command_result("c2", "undrain", undrain, {"GPU-2"})
+    store.record_command_result("c3", "restart_check", CommandResultBody(command_id="c3", command="restart_check",
+                                                                         ok=True))  # not given: kept
+    assert store.draining() == {"GPU-2"}
+    store.close()
+
+
 def test_command_result_for_another_id_is_refused(store: EdgeStore) -> None:
     result = CommandResultBody(command_id="cmd-2", command="drain", ok=True)
     with pytest.raises(ValueError):

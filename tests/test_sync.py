@@ -272,6 +272,16 @@ def test_commands_apply_at_most_once_and_report_back(stack: dict[str, Any]) -> N
         publisher.publish(cloud_topic("edge-a", "commands"), forged.to_json())
         time.sleep(1.5)
         assert not edge.gpu(0)["draining"]
+        # a drain lasts until undrain, across a restart of the daemon
+        edge.stop()
+        edge.start()
+        assert edge.gpu(1)["draining"] and not edge.gpu(0)["draining"]
+        undrain = make_envelope("edge-a", CommandBody(command="undrain", gpu_uuid=uuid), Kind.COMMAND)
+        publisher.publish(cloud_topic("edge-a", "commands"), undrain.to_json())
+        wait_for(lambda: not edge.gpu(1)["draining"], what="GPU 1 undrained")
+        edge.stop()
+        edge.start()
+        assert not edge.gpu(1)["draining"] and not edge.gpu(0)["draining"]
     finally:
         publisher.stop()
 
