@@ -372,7 +372,8 @@ class KubeEmulator:
         return json.loads(fn(*args, _preload_content=False).data)
 
     def stop(self) -> None:
-        if self.loop is not None and self._stopping is not None:
+        """Stop serving (a second call does nothing)."""
+        if self.loop is not None and self._stopping is not None and self._thread.is_alive():
             self.loop.call_soon_threadsafe(self._stopping.set)
         self._thread.join(10)
         self.api.close()

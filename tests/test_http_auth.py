@@ -160,6 +160,38 @@ async def test_every_change_needs_the_token_from_a_secret_and_rotation_works(
     assert (await send(missing, "POST", "/api/v1/rollouts/1/cancel", TOKEN))[0] == 404
 
 
+async def test_tokens_from_a_secret_stay_valid_while_the_api_server_cannot_answer(
+    kube: Any, make_client: Any
+) -> None:
+    """A control-plane blip must not lock operators out: the tokens read before stay valid while
+    the API server answers 5xx or not at all (a token that does not match asks it again at once,
+    which is the same path as the 30 s cache running out)."""
+    from cloud.auth import SECRET_MIN_REFRESH_S
+
+    _secret(kube, "kgpu-api", TOKEN)
+    client = await make_client(kubeconfig=kube.kubeconfig, api_token_secret="kgpu-api")
+    assert (await send(client, "POST", "/api/v1/rollouts/1/cancel", TOKEN))[0] == 404
+
+    def secret_reads() -> int:
+        return len([r for r in kube.requests() if "/secrets/" in str(r.url)])
+
+    async def still_guarded_by_the_old_token() -> None:
+        await asyncio.sleep(SECRET_MIN_REFRESH_S + 0.2)
+        assert (await send(client, "POST", "/api/v1/rollouts/1/cancel", OTHER))[0] == 401  # asks again, in vain
+        assert (await send(client, "POST", "/api/v1/rollouts/1/cancel", TOKEN))[0] == 404  # still valid
+        assert (await send(client, "POST", "/api/v1/rollouts/1/cancel"))[0] == 401  # and still needed
+
+    # the API server answers 503
+    kube.react(f"get /api/v1/namespaces/{NS}/secrets/kgpu-api", 503,
+               {"kind": "Status", "status": "Failure", "code": 503, "message": "etcdserver: leader changed"})
+    before = secret_reads()
+    await still_guarded_by_the_old_token()
+    assert secret_reads() > before, "the Secret was asked for again"
+    # the API server is gone: nothing listens
+    kube.stop()
+    await still_guarded_by_the_old_token()
+
+
 async def test_without_a_token_changes_are_refused_unless_insecure(make_client: Any) -> None:
     closed = await make_client(no_kube=True)
     for method, template in routes(closed.server.app, changes=True):
