@@ -145,9 +145,18 @@ def get_json(url: str) -> Any:
 # ---- child processes ----------------------------------------------------------------------
 
 
+def _dies_with_the_demo(args: list[str]) -> list[str]:
+    """`args` run so that the child gets SIGTERM if the demo dies without stopping it (kill -9):
+    Linux's parent-death signal, set by util-linux's setpriv, which then execs the command (same
+    pid). Where setpriv is missing, as on macOS, the command as it is."""
+    setpriv = shutil.which("setpriv") if sys.platform.startswith("linux") else None
+    return [setpriv, "--pdeathsig", "TERM", "--", *args] if setpriv else args
+
+
 class Child:
     """One process owned by the demo, in its own process group (Ctrl-C reaches only the demo,
-    which then stops the children in order), logging to a file in the demo's dir."""
+    which then stops the children in order), logging to a file in the demo's dir. If the demo is
+    killed outright, its children get SIGTERM (`_dies_with_the_demo`)."""
 
     def __init__(self, name: str, args: list[str], log_path: Path, env: dict[str, str] | None = None) -> None:
         self.name, self.args, self.log_path, self.env = name, args, log_path, env
@@ -156,7 +165,7 @@ class Child:
     def start(self) -> Child:
         log = open(self.log_path, "ab")  # noqa: SIM115 - the child holds it; closed right after the fork
         try:
-            self.proc = subprocess.Popen(self.args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            self.proc = subprocess.Popen(_dies_with_the_demo(self.args), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                          env={**os.environ, **(self.env or {})}, process_group=0)
         finally:
             log.close()

@@ -131,6 +131,24 @@ def test_demo_brings_up_the_fleet_and_ctrl_c_stops_every_process(broker: str) ->
 
 
 @needs_mosquitto
+def test_the_demo_killed_outright_takes_its_children_with_it() -> None:
+    """kill -9 leaves the demo no chance to stop anything: each child gets SIGTERM from the kernel
+    (parent-death signal) and exits, so no broker or daemon is left holding ports."""
+    demo = DemoRun(env={"KGPU_DEMO_BROKER": "mosquitto"})
+    try:
+        wait_for(lambda: len(demo.pids()) == 6 or demo.proc.poll() is not None, timeout=60, interval=0.5,
+                 what="the broker, the controller and 4 edges started")
+        assert demo.proc.poll() is None, demo.output
+        pids = demo.pids()
+        assert all(alive(p) for p in pids)
+        demo.proc.kill()
+        demo.proc.wait(10)
+        wait_for(lambda: not any(alive(p) for p in pids), timeout=30, what=f"every child of the demo gone: {pids}")
+    finally:
+        demo.kill_children()
+
+
+@needs_mosquitto
 def test_scenario_plays_every_step_to_the_end() -> None:
     started = time.monotonic()
     demo = DemoRun("--scenario", "--fast")

@@ -109,10 +109,10 @@ def test_an_answer_too_big_for_the_broker_arrives_cut_and_holds_nothing_back(tmp
         wait_for(commander.connected.is_set, what="commander connected")
         wait_for(lambda: (n := cloud.node_state("edge-a")) and n["online"], timeout=30, what="edge-a online")
 
-        overhead = len(make_envelope("edge-a", CommandBody(command="drain", gpu_uuid=""), Kind.COMMAND).to_json())
-        command = make_envelope("edge-a", CommandBody(command="drain", gpu_uuid="G" * (MAX_PAYLOAD_BYTES - overhead)),
-                                Kind.COMMAND)
-        assert len(command.to_json()) <= MAX_PAYLOAD_BYTES
+        empty = make_envelope("edge-a", CommandBody(command="drain", gpu_uuid=""), Kind.COMMAND)
+        pad = "G" * (MAX_PAYLOAD_BYTES - len(empty.to_json()))  # same id and ts: exactly the limit
+        command = empty.model_copy(update={"body": {**empty.body, "gpu_uuid": pad}})
+        assert len(command.to_json()) == MAX_PAYLOAD_BYTES
         assert commander.publish(cloud_topic("edge-a", "commands"), command.to_json(), qos=1)
         wait_for(lambda: edge_seqs(edge) == 1, timeout=20, what="the answer written to the outbox")
         edge.inject(0, xid=48)  # later events, which must not wait behind it
