@@ -252,6 +252,8 @@ def test_commands_apply_at_most_once_and_report_back(stack: dict[str, Any]) -> N
     edge: EdgeProcess = stack["edge"]()
     uuid = edge.gpu(1)["inventory"]["uuid"]
     publisher = raw_link(stack["broker"], "kgpu-controller-commands")
+    # the edge subscribes as it connects, then says it is online: a command sent before is not for it
+    wait_for(lambda: (n := cloud.node_state("edge-a")) and n["online"], what="edge-a online")
     try:
         command = make_envelope("edge-a", CommandBody(command="drain", gpu_uuid=uuid), Kind.COMMAND)
         for _ in range(3):  # the same id, three times
@@ -277,7 +279,8 @@ def test_commands_apply_at_most_once_and_report_back(stack: dict[str, Any]) -> N
         edge.start()
         assert edge.gpu(1)["draining"] and not edge.gpu(0)["draining"]
         undrain = make_envelope("edge-a", CommandBody(command="undrain", gpu_uuid=uuid), Kind.COMMAND)
-        publisher.publish(cloud_topic("edge-a", "commands"), undrain.to_json())
+        # QoS 1 into the edge's persistent session: delivered even if it is still reconnecting
+        assert publisher.publish(cloud_topic("edge-a", "commands"), undrain.to_json(), qos=1)
         wait_for(lambda: not edge.gpu(1)["draining"], what="GPU 1 undrained")
         edge.stop()
         edge.start()
