@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -47,17 +49,31 @@ def settled(edge: EdgeProcess, cloud: CloudProcess) -> bool:
     return outbox_depth(edge) == 0 and cloud.event_seqs(edge.node) == list(range(1, edge_seqs(edge) + 1))
 
 
-def test_hostile_payloads_at_both_processes(tmp_path: Path, broker: Mosquitto) -> None:
+@contextmanager
+def edge_a_cloud_and(tmp_path: Path, broker: Mosquitto,
+                     client_id: str) -> Iterator[tuple[CloudProcess, EdgeProcess, MqttLink]]:
+    """A real controller, a real edge `edge-a` online at it, and a raw MQTT client `client_id`."""
     cloud = CloudProcess(tmp_path / "cloud", broker.url)
     edge = EdgeProcess(tmp_path / "edge-a", node="edge-a", gpus=1, mqtt=broker.url,
                        config={"ack_timeout": 2, "status_interval": 2})
-    attacker = MqttLink(parse_broker_url(broker.url), "attacker", backoff_min_s=0.1, backoff_max_s=0.5)
+    client = MqttLink(parse_broker_url(broker.url), client_id, backoff_min_s=0.1, backoff_max_s=0.5)
     try:
         cloud.start()
         edge.start()
-        attacker.start()
-        wait_for(attacker.connected.is_set, what="attacker connected")
+        client.start()
+        wait_for(client.connected.is_set, what=f"{client_id} connected")
         wait_for(lambda: (n := cloud.node_state("edge-a")) and n["online"], timeout=30, what="edge-a online")
+        yield cloud, edge, client
+    finally:
+        client.stop()
+        for process in (edge, cloud):
+            if process.proc is not None and process.proc.poll() is None:
+                process.proc.kill()
+                process.proc.wait()
+
+
+def test_hostile_payloads_at_both_processes(tmp_path: Path, broker: Mosquitto) -> None:
+    with edge_a_cloud_and(tmp_path, broker, "attacker") as (cloud, edge, attacker):
         edge.inject(0, xid=79)
         wait_for(lambda: cloud.event_seqs("edge-a"), timeout=30, what="edge-a's first events stored")
 
@@ -84,31 +100,23 @@ def test_hostile_payloads_at_both_processes(tmp_path: Path, broker: Mosquitto) -
         wait_for(lambda: settled(edge, cloud), timeout=40, what="every edge-a event stored once, the outbox empty")
         assert cloud.request("GET", "/healthz")[0] == 200 and edge.request("GET", "/healthz")[0] == 200
         assert cloud.proc.poll() is None and edge.proc.poll() is None
-    finally:
-        attacker.stop()
-        for process in (edge, cloud):
-            if process.proc is not None and process.proc.poll() is None:
-                process.proc.kill()
-                process.proc.wait()
 
 
-def test_an_answer_too_big_for_the_broker_arrives_cut_and_holds_nothing_back(tmp_path: Path) -> None:
+@pytest.fixture
+def limited_broker(tmp_path: Path) -> Iterator[Mosquitto]:
+    """mosquitto with the shipped conf's message_size_limit: it drops anything bigger."""
+    server = Mosquitto(tmp_path / "broker", message_size_limit=MAX_PAYLOAD_BYTES).start()
+    yield server
+    server.stop()
+
+
+def test_an_answer_too_big_for_the_broker_arrives_cut_and_holds_nothing_back(tmp_path: Path,
+                                                                               limited_broker: Mosquitto) -> None:
     """A command naming a GPU by a 256 KiB "uuid" just fits the broker's message_size_limit (the
     shipped mosquitto.conf sets it to MAX_PAYLOAD_BYTES); the edge's answer, which quotes the
     uuid, would not, and the broker would drop it: the cloud would never ack past it and every
     later event would wait. The edge cuts the answer to fit instead."""
-    broker = Mosquitto(tmp_path / "broker", message_size_limit=MAX_PAYLOAD_BYTES).start()
-    cloud = CloudProcess(tmp_path / "cloud", broker.url)
-    edge = EdgeProcess(tmp_path / "edge-a", node="edge-a", gpus=1, mqtt=broker.url,
-                       config={"ack_timeout": 2, "status_interval": 2})
-    commander = MqttLink(parse_broker_url(broker.url), "commander", backoff_min_s=0.1, backoff_max_s=0.5)
-    try:
-        cloud.start()
-        edge.start()
-        commander.start()
-        wait_for(commander.connected.is_set, what="commander connected")
-        wait_for(lambda: (n := cloud.node_state("edge-a")) and n["online"], timeout=30, what="edge-a online")
-
+    with edge_a_cloud_and(tmp_path, limited_broker, "commander") as (cloud, edge, commander):
         empty = make_envelope("edge-a", CommandBody(command="drain", gpu_uuid=""), Kind.COMMAND)
         pad = "G" * (MAX_PAYLOAD_BYTES - len(empty.to_json()))  # same id and ts: exactly the limit
         command = empty.model_copy(update={"body": {**empty.body, "gpu_uuid": pad}})
@@ -123,10 +131,3 @@ def test_an_answer_too_big_for_the_broker_arrives_cut_and_holds_nothing_back(tmp
         assert answer["body"]["ok"] is False and answer["body"]["detail"].endswith("characters cut]")
         assert edge.metric("kgpu_events_truncated_total") == 1
         assert cloud.metric("kgpu_ingest_rejected_total", reason="oversize") == 0
-    finally:
-        commander.stop()
-        for process in (edge, cloud):
-            if process.proc is not None and process.proc.poll() is None:
-                process.proc.kill()
-                process.proc.wait()
-        broker.stop()
