@@ -449,6 +449,17 @@ class EdgeStore:
         """Random id of this outbox, made with the database: seqs are unique within one epoch."""
         return self._epoch
 
+    def acked_upto(self) -> int:
+        """The highest seq up to which every event has left the outbox (the cloud acked them).
+
+        One snapshot: read as two (the outbox, then last_seq), an event recorded in between
+        would count as acked although it was never sent, and the sync would never send it."""
+        with self._read("acked_upto") as conn:
+            oldest = conn.execute(sa.select(sa.func.min(outbox_table.c.seq))).scalar_one()
+            if oldest is not None:
+                return int(oldest) - 1
+            return int(_meta_get(conn, _META_LAST_SEQ) or 0)
+
     def last_seq(self) -> int:
         """The highest seq ever assigned (survives acks and restarts)."""
         with self._read("last_seq") as conn:

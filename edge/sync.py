@@ -150,7 +150,7 @@ class EdgeSync:
         self.mqtt.start()
         self.daemon.cycle_listeners.append(self._after_cycle)
         try:
-            self.acked_upto = await asyncio.to_thread(self._oldest_pending_minus_one)
+            self.acked_upto = await asyncio.to_thread(self.daemon.store.acked_upto)
             tasks = [
                 asyncio.create_task(self._receive_loop(), name="sync-receive"),
                 asyncio.create_task(self._link_loop(), name="sync-link"),
@@ -166,10 +166,6 @@ class EdgeSync:
         finally:
             self.daemon.cycle_listeners.remove(self._after_cycle)
             await self.mqtt.stop()
-
-    def _oldest_pending_minus_one(self) -> int:
-        pending = self.daemon.store.outbox_pending(limit=1)
-        return pending[0].seq - 1 if pending and pending[0].seq else self.daemon.store.last_seq()
 
     # ---- link up / down ----------------------------------------------------------------------
 

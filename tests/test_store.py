@@ -216,6 +216,39 @@ def test_ack_depth_and_oldest(store: EdgeStore) -> None:
     assert len(store.decisions()) == 5
 
 
+def test_acked_upto_never_counts_an_event_recorded_while_it_reads(store: EdgeStore) -> None:
+    """The sync starts from `acked_upto()`: whatever it returns is never sent again. A writer
+    records two events and acks them, over and over (the outbox empties and fills); `intended`
+    is raised before each ack, so no snapshot can be acked beyond it. Read as two statements,
+    the outbox found empty and then last_seq after the next record counted unsent events as
+    acked (the fault campaign caught an edge that never sent two events)."""
+    assert store.acked_upto() == 0
+    intended = 0
+    stop = threading.Event()
+
+    def writer() -> None:
+        nonlocal intended
+        while not stop.is_set():
+            last = store.record([(Kind.DECISION, decision(0)), (Kind.DECISION, decision(1))])[-1].seq
+            assert last is not None
+            intended = last
+            store.ack(last)
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    try:
+        reads = 0
+        while reads < 3000 and thread.is_alive():
+            seen = store.acked_upto()
+            assert seen <= intended, f"acked_upto() said {seen}, only {intended} were ever acked"
+            reads += 1
+    finally:
+        stop.set()
+        thread.join(10)
+    assert reads == 3000 and intended > 0
+    assert store.acked_upto() == store.last_seq()  # everything acked in the end
+
+
 def test_ack_is_idempotent_and_clamped(store: EdgeStore, caplog) -> None:
     store.record([(Kind.DECISION, decision(i)) for i in range(3)])
     assert store.ack(2) == 2
