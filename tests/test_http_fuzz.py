@@ -20,7 +20,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 import schemathesis
@@ -43,6 +43,7 @@ from shared.openapi import SPEC_PATH
 from tests.helpers.cloud_process import CloudProcess
 from tests.helpers.edge_process import EdgeProcess
 
+Server = TypeVar("Server", bound=EdgeProcess)  # an edge or a controller process
 TOKEN = "fuzz-token-0123456789"
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance,
           negative_data_rejection]
@@ -116,17 +117,28 @@ def load_served(process: EdgeProcess) -> set[tuple[str, str]]:
     return {(m, p) for p, item in served.items() for m in item if m in ("get", "put", "post", "delete", "patch")}
 
 
+def serving(process: Server) -> Iterator[Server]:
+    """A fixture's body: the started server, checked alive after the test, then stopped."""
+    yield process
+    try:
+        _alive(process)
+    finally:
+        process.stop()
+
+
+def fuzz_controller(cloud: CloudProcess) -> None:
+    """Every controller operation, with the token, plus changes without it (`ignored_auth`)."""
+    failures = fuzz(cloud, [*CHECKS, ignored_auth], {"Authorization": f"Bearer {TOKEN}"})
+    assert not failures, "\n\n".join(failures)
+
+
 # ---- the edge daemon ------------------------------------------------------------------------
 
 
 @pytest.fixture
 def edge_api(tmp_path: Path) -> Iterator[EdgeProcess]:
     edge = EdgeProcess(tmp_path / "edge", node="fuzz-edge", gpus=2).start()
-    yield edge
-    try:
-        _alive(edge)
-    finally:
-        edge.stop()
+    yield from serving(edge)
 
 
 @pytest.mark.slow
@@ -141,17 +153,12 @@ def test_edge_api_under_schemathesis(edge_api: EdgeProcess) -> None:
 @pytest.fixture
 def cloud_api(tmp_path: Path, broker: Any) -> Iterator[CloudProcess]:
     cloud = CloudProcess(tmp_path / "cloud", broker.url, token=TOKEN).start().wait_healthy()
-    yield cloud
-    try:
-        _alive(cloud)
-    finally:
-        cloud.stop()
+    yield from serving(cloud)
 
 
 @pytest.mark.slow
 def test_cloud_api_without_a_cluster_under_schemathesis(cloud_api: CloudProcess) -> None:
-    failures = fuzz(cloud_api, [*CHECKS, ignored_auth], {"Authorization": f"Bearer {TOKEN}"})
-    assert not failures, "\n\n".join(failures)
+    fuzz_controller(cloud_api)
 
 
 # ---- the controller with the emulated Kubernetes API, its token in a Secret -----------------
@@ -174,17 +181,12 @@ def kube_cloud_api(tmp_path: Path, broker: Any, kube: Any) -> Iterator[CloudProc
                               "KGPU_LEASE_RENEW_INTERVAL": "1"},
                          extra_args=["--api-token-secret", "kgpu-controller-api"]).start().wait_healthy()
     cloud.token = TOKEN
-    yield cloud
-    try:
-        _alive(cloud)
-    finally:
-        cloud.stop()
+    yield from serving(cloud)
 
 
 @pytest.mark.slow
 def test_cloud_api_with_a_cluster_under_schemathesis(kube_cloud_api: CloudProcess) -> None:
-    failures = fuzz(kube_cloud_api, [*CHECKS, ignored_auth], {"Authorization": f"Bearer {TOKEN}"})
-    assert not failures, "\n\n".join(failures)
+    fuzz_controller(kube_cloud_api)
 
 
 # ---- hand-made abuse ------------------------------------------------------------------------
