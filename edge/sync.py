@@ -318,11 +318,10 @@ class EdgeSync:
             return
         try:
             deleted = await asyncio.to_thread(self.daemon.store.ack, upto)
-            last_seq = await asyncio.to_thread(self.daemon.store.last_seq)
         except StoreError as exc:  # disk full: the events stay; the cloud acks their re-sends again
             log.warning("cannot apply the cloud's ack up to seq %d now: %s", upto, exc)
             return
-        self.acked_upto = min(upto, last_seq)
+        self.acked_upto = upto  # at most max_published, a seq this store holds: never past last_seq
         if self._highest_sent < self.acked_upto:
             self._highest_sent = self.acked_upto
         self._oldest_unacked_sent_at = time.monotonic() if self._highest_sent > self.acked_upto else None
