@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -13,8 +14,10 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from edge.metrics import make_registry, render
-from edge.store import StoreError
+from edge.sim import SimFault
+from edge.store import StoreError, decisions_table, events_table
 from shared import __version__
+from shared.gpu import GpuInventory, GpuSample, Health
 from shared.http import (
     HANDLER_ARGS,
     MAX_BODY_BYTES,
@@ -26,7 +29,8 @@ from shared.http import (
     track_rejections,
 )
 from shared.logs import get_logger
-from shared.openapi import add_spec_route, load
+from shared.openapi import OpenApi, add_spec_route, load
+from shared.policy import PowerPolicy
 
 if TYPE_CHECKING:
     from edge.daemon import EdgeDaemon
@@ -38,6 +42,16 @@ DAEMON: web.AppKey[EdgeDaemon] = web.AppKey("daemon")
 OPENAPI_FILE = Path(__file__).with_name("openapi.yaml")
 
 
+def openapi_spec(features: Iterable[str] = ()) -> OpenApi:
+    """edge/openapi.yaml completed from the rows, models and enums this API really returns and
+    takes (the names its `x-kgpu-*` markers use), with the operations of `features` ("sim")."""
+    return load(OPENAPI_FILE, features,
+                tables={"decisions": decisions_table, "events": events_table},
+                models={"GpuInventory": GpuInventory, "GpuSample": GpuSample, "PowerPolicy": PowerPolicy,
+                        "SimFault": SimFault},
+                enums={"Health": Health})
+
+
 def make_app(daemon: EdgeDaemon) -> web.Application:
     """Every route is described in edge/openapi.yaml, served at /api/v1/openapi.json (the fault
     endpoint, and its description, only with the simulated driver)."""
@@ -46,7 +60,7 @@ def make_app(daemon: EdgeDaemon) -> web.Application:
     app[DAEMON] = daemon
     registry = make_registry(daemon)
     registry.register(RejectionCollector(track_rejections(app)))
-    add_spec_route(app, load(OPENAPI_FILE, features={"sim"} if daemon.sim is not None else ()))
+    add_spec_route(app, openapi_spec({"sim"} if daemon.sim is not None else ()))
 
     async def metrics(_: web.Request) -> web.Response:
         body = render(registry)
@@ -142,15 +156,15 @@ async def energy(request: web.Request) -> web.Response:
 
 
 async def sim_inject(request: web.Request) -> web.Response:
-    from edge.sim import SimFault
-
     daemon = request.app[DAEMON]
+    simulated = daemon.sim
+    assert simulated is not None  # the route exists only with the simulated driver
     raw_index = request.match_info["index"]
     if not (raw_index.isascii() and raw_index.isdigit() and len(raw_index) <= 4):
         return json_error(404, "no such GPU", raw_index[:100])
     fault = await read_model(request, SimFault)
     try:
-        state = await asyncio.to_thread(daemon.sim.inject, int(raw_index), fault)
+        state = await asyncio.to_thread(simulated.inject, int(raw_index), fault)
     except IndexError:
         return json_error(404, "no such GPU", int(raw_index))
     except ValueError as exc:

@@ -75,7 +75,7 @@ class EdgeSettings(KgpuSettings):
         return self
 
     @model_validator(mode="after")
-    def _sim_only(self) -> "EdgeSettings":
+    def _sim_only(self) -> EdgeSettings:
         if self.sim_daemon_version is not None and self.backend != "sim":
             raise ValueError("sim_daemon_version is only for --backend sim")
         return self

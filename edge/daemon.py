@@ -193,7 +193,7 @@ class EdgeDaemon:
         await self._flush_held()
         try:
             await self.runner.call(self.runner.driver.close)
-        except Exception as exc:  # shutting down: report and go on
+        except Exception as exc:  # noqa: BLE001 - shutting down: report and go on
             log.warning("driver close failed: %s", exc)
         await self.runner.stop()
         await asyncio.to_thread(self.store.close)
@@ -335,9 +335,9 @@ class EdgeDaemon:
         inventory = {index: view.inventory for index, view in self.gpus.items()}
         state_in = {index: view.policy_state for index, view in self.gpus.items()}
         power_actions, state_out = policy_rules.evaluate(usable, inventory, self.policy, state_in, now)
-        for index, state in state_out.items():
+        for index, policy_state in state_out.items():
             if index in self.gpus:
-                self.gpus[index].policy_state = state
+                self.gpus[index].policy_state = policy_state
         actions.extend(power_actions)
         for action in actions:
             if action.kind is ActionKind.REQUEST_MIGRATION:

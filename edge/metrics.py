@@ -31,7 +31,7 @@ class EdgeCollector(Collector):
     def __init__(self, daemon: EdgeDaemon) -> None:
         self.daemon = daemon
 
-    def collect(self) -> Iterator[Metric]:  # noqa: C901 - one flat list of families reads best
+    def collect(self) -> Iterator[Metric]:
         d = self.daemon
         node = d.node
 
@@ -105,22 +105,29 @@ class EdgeCollector(Collector):
             "kgpu_pod_gpu_joules", "GPU energy attributed to a container (Kepler-style).",
             labels=["pod_name", "pod_namespace", "container_name"],
         )
-        for key, joules in sorted(d.energy.pod_joules.items(), key=lambda kv: (kv[0].namespace, kv[0].pod, kv[0].container)):
+        by_pod = sorted(d.energy.pod_joules.items(), key=lambda kv: (kv[0].namespace, kv[0].pod, kv[0].container))
+        for key, joules in by_pod:
             pods.add_metric([key.pod, key.namespace, key.container], joules)
         yield pods
-        yield CounterMetricFamily("kgpu_node_gpu_idle_joules", "GPU idle energy of the node.", value=d.energy.idle_joules)
+        yield CounterMetricFamily("kgpu_node_gpu_idle_joules", "GPU idle energy of the node.",
+                                  value=d.energy.idle_joules)
         yield CounterMetricFamily(
             "kgpu_node_gpu_unattributed_joules", "Active GPU energy of processes outside any pod.",
             value=d.energy.unattributed_joules,
         )
 
-        policy = GaugeMetricFamily("kgpu_policy_version", "Version of the power policy in force.", labels=["policy", "source"])
+        policy = GaugeMetricFamily("kgpu_policy_version", "Version of the power policy in force.",
+                                   labels=["policy", "source"])
         policy.add_metric([d.policy.name, d.policy_source], d.policy.version)
         yield policy
-        yield GaugeMetricFamily("kgpu_outbox_depth", "Events in the outbox not yet acknowledged by the cloud.", value=d.outbox_depth)
-        yield GaugeMetricFamily("kgpu_driver_up", "1 when the GPU driver answers.", value=1.0 if d.driver_reachable else 0.0)
-        yield CounterMetricFamily("kgpu_driver_call_timeouts", "NVML calls that ran past their bound.", value=d.runner.timeouts)
-        yield CounterMetricFamily("kgpu_store_errors", "Failed writes to the edge store.", value=d.counters.store_errors)
+        yield GaugeMetricFamily("kgpu_outbox_depth", "Events in the outbox not yet acknowledged by the cloud.",
+                                value=d.outbox_depth)
+        yield GaugeMetricFamily("kgpu_driver_up", "1 when the GPU driver answers.",
+                                value=1.0 if d.driver_reachable else 0.0)
+        yield CounterMetricFamily("kgpu_driver_call_timeouts", "NVML calls that ran past their bound.",
+                                  value=d.runner.timeouts)
+        yield CounterMetricFamily("kgpu_store_errors", "Failed writes to the edge store.",
+                                  value=d.counters.store_errors)
         yield CounterMetricFamily(
             "kgpu_events_dropped", "Events lost because the store stayed unwritable past the memory bound.",
             value=d.counters.events_dropped,
@@ -129,7 +136,8 @@ class EdgeCollector(Collector):
             "kgpu_events_truncated", "Events whose long texts were cut to fit the MQTT message size limit.",
             value=d.store.events_truncated,
         )
-        yield GaugeMetricFamily("kgpu_store_degraded", "1 while the edge store cannot be written.", value=1.0 if d.store_problem else 0.0)
+        yield GaugeMetricFamily("kgpu_store_degraded", "1 while the edge store cannot be written.",
+                                value=1.0 if d.store_problem else 0.0)
         yield CounterMetricFamily("kgpu_sampling_cycles", "Sampling cycles run.", value=d.counters.cycles)
         yield CounterMetricFamily(
             "kgpu_sampling_cycle_seconds", "Time spent in sampling cycles.", value=d.counters.cycle_seconds_sum
@@ -145,7 +153,8 @@ class EdgeCollector(Collector):
             for reason, count in sorted(sync.rejected.items()):
                 rejected.add_metric([reason], count)
             yield rejected
-        info = GaugeMetricFamily("kgpu_build_info", "The daemon's version.", labels=["version", "backend", "driver_version"])
+        info = GaugeMetricFamily("kgpu_build_info", "The daemon's version.",
+                                 labels=["version", "backend", "driver_version"])
         info.add_metric([__version__, d.settings.backend, d.driver_version or ""], 1.0)
         yield info
 

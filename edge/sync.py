@@ -26,9 +26,11 @@ from shared.gpu import GpuSample
 from shared.logs import get_logger
 from shared.mqtt import AsyncMqtt, Received, TlsOptions, Will, parse_broker_url
 from shared.protocol import (
+    ROUTES,
     AckBody,
     CommandBody,
     CommandResultBody,
+    Direction,
     Envelope,
     GpuOfflineStats,
     Kind,
@@ -37,17 +39,18 @@ from shared.protocol import (
     RejectedMessage,
     StatusBody,
     TelemetryBody,
-    decode,
+    decode_and_check,
     make_envelope,
 )
-from shared.topics import BadTopic, cloud_topic, cloud_wildcard_for, edge_topic, parse_topic
+from shared.topics import cloud_topic, cloud_wildcard_for, edge_topic
 
 if TYPE_CHECKING:
     from edge.daemon import EdgeDaemon
 
 log = get_logger(__name__)
 
-EXPECTED_KIND = {"ack": Kind.ACK, "policy": Kind.POLICY, "commands": Kind.COMMAND}
+# How each of our topics is published (the one contract: shared.protocol.ROUTES)
+STATUS, TELEMETRY, EVENTS = ROUTES["status"], ROUTES["telemetry"], ROUTES["events"]
 
 
 @dataclass
@@ -135,13 +138,15 @@ class EdgeSync:
     def _make_client(self) -> AsyncMqtt:
         settings = self.settings
         address = parse_broker_url(settings.mqtt or "", password_file=settings.mqtt_password_file)
-        offline = make_envelope(self.node, StatusBody(state="offline", outbox_epoch=self.daemon.store.epoch), Kind.STATUS)
+        offline = make_envelope(
+            self.node, StatusBody(state="offline", outbox_epoch=self.daemon.store.epoch), Kind.STATUS
+        )
         tls = TlsOptions(settings.mqtt_ca_file, settings.mqtt_cert_file, settings.mqtt_key_file,
                          settings.mqtt_tls_insecure)
         return AsyncMqtt(
             asyncio.get_running_loop(), address, f"kgpu-edge-{self.node}",
             subscriptions=[(cloud_wildcard_for(self.node), 1)],
-            will=Will(edge_topic(self.node, "status"), offline.to_json(), qos=1, retain=True),
+            will=Will(edge_topic(self.node, "status"), offline.to_json(), qos=STATUS.qos, retain=STATUS.retained),
             tls=tls, clean_session=False, password_file=settings.mqtt_password_file,
         )
 
@@ -204,7 +209,8 @@ class EdgeSync:
             return
         if present:
             envelope = make_envelope(self.node, TelemetryBody(samples=present), Kind.TELEMETRY)
-            self.mqtt.publish(edge_topic(self.node, "telemetry"), envelope.to_json(), qos=0)
+            self.mqtt.publish(edge_topic(self.node, "telemetry"), envelope.to_json(), qos=TELEMETRY.qos,
+                              retain=TELEMETRY.retained)
         self._publish_status()
 
     def _publish_status(self, *, force: bool = False, state: str = "online") -> None:
@@ -219,7 +225,8 @@ class EdgeSync:
         if not force and key == self._last_status_key and now - self._last_status_at < self.settings.status_interval:
             return
         envelope = make_envelope(self.node, body, Kind.STATUS)
-        if self.mqtt.publish(edge_topic(self.node, "status"), envelope.to_json(), qos=1, retain=True):
+        if self.mqtt.publish(edge_topic(self.node, "status"), envelope.to_json(), qos=STATUS.qos,
+                             retain=STATUS.retained):
             self._last_status_key, self._last_status_at = key, now
 
     # ---- the outbox --------------------------------------------------------------------------
@@ -247,11 +254,12 @@ class EdgeSync:
                 pending: list[Envelope] = await asyncio.to_thread(
                     self.daemon.store.outbox_pending, room, self._highest_sent
                 )
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - a store error must not end the send loop: retry next round
                 log.error("cannot read the outbox: %s", exc)
                 continue
             for envelope in pending:
-                if not self.mqtt.publish(edge_topic(self.node, "events"), envelope.to_json(), qos=1):
+                if not self.mqtt.publish(edge_topic(self.node, "events"), envelope.to_json(), qos=EVENTS.qos,
+                                         retain=EVENTS.retained):
                     break
                 assert envelope.seq is not None
                 self._highest_sent = envelope.seq
@@ -283,21 +291,12 @@ class EdgeSync:
             log.info("the cloud no longer holds a policy for this node; keeping the current one")
             return
         try:
-            parts = parse_topic(message.topic)
-        except BadTopic as exc:
-            self._reject("bad_topic", str(exc), message.topic)
-            return
-        try:
-            envelope, body = decode(message.payload)
+            checked = decode_and_check(message.topic, message.payload, direction=Direction.CLOUD_TO_EDGE,
+                                       node=self.node)
         except RejectedMessage as exc:
             self._reject(exc.reason, exc.detail, message.topic)
             return
-        if parts.side != "cloud" or parts.node != self.node or envelope.node != self.node:
-            self._reject("node_mismatch", f"topic {parts.node}, payload {envelope.node}", message.topic)
-            return
-        if EXPECTED_KIND.get(parts.kind) is not envelope.kind:
-            self._reject("kind_mismatch", f"{envelope.kind} on {parts.kind}", message.topic)
-            return
+        envelope, body = checked.envelope, checked.body
         if isinstance(body, AckBody):
             await self._on_ack(body)
         elif isinstance(body, PolicyBody):

@@ -242,16 +242,30 @@ def validation_detail(exc: ValidationError) -> list[dict[str, str]]:
     return [{"field": ".".join(str(p) for p in e["loc"]), "problem": e["msg"]} for e in exc.errors(include_url=False)]
 
 
+BodyCheck = Callable[[web.Request, Any, str], None]
+"""A further check of a JSON body that passed the handler's own validation: raises an ApiError
+(`invalid_body`) for a body it refuses. (request, body, error message)."""
+
+BODY_CHECK: web.AppKey[BodyCheck] = web.AppKey("body_check")
+"""The app's BodyCheck, if it has one: shared.openapi.add_spec_route installs the API
+description's (`conform_body`). Kept as a hook so that this module needs nothing above it."""
+
+
+def check_body(request: web.Request, data: Any, error: str = "invalid request body") -> None:
+    """Run the app's BodyCheck (when it has one) on a body its handler already validated."""
+    check = request.app.get(BODY_CHECK)
+    if check is not None:
+        check(request, data, error)
+
+
 async def read_model(request: web.Request, model: type[M]) -> M:
     """Parse a JSON request body into `model`, or raise a counted 4xx with the reasons."""
-    from shared.openapi import conform_body
-
     data = await read_json(request)
     try:
         parsed = model.model_validate(data)
     except ValidationError as exc:
         raise invalid_body(validation_detail(exc)) from None
-    conform_body(request, data)  # and exactly the types the description gives (no lax coercion)
+    check_body(request, data)  # and exactly the types the description gives (no lax coercion)
     return parsed
 
 

@@ -105,9 +105,9 @@ class MqttLink:
         backoff_min_s: float = 0.5,
         backoff_max_s: float = 30.0,
         max_inflight: int = 100,
-        on_connected: Callable[[], None] | None = None,
-        on_disconnected: Callable[[str], None] | None = None,
-        on_message: Callable[[Received], None] | None = None,
+        on_connected: Callable[[], object] | None = None,
+        on_disconnected: Callable[[str], object] | None = None,
+        on_message: Callable[[Received], object] | None = None,
         password_file: Path | None = None,
     ) -> None:
         self.address = address
@@ -235,7 +235,7 @@ class MqttLink:
 
     def _handle_message(self, _client: paho.Client, _userdata: object, message: paho.MQTTMessage) -> None:
         if self._on_message is not None:
-            self._on_message(Received(message.topic, message.payload, bool(message.retain)))
+            self._on_message(Received(message.topic, bytes(message.payload), bool(message.retain)))
 
     # ---- publishing -------------------------------------------------------------------------
 

@@ -2,20 +2,21 @@
 
 The descriptions are YAML files next to the code (cloud/openapi.yaml, edge/openapi.yaml, shipped in
 the wheel) and are served as JSON at `GET /api/v1/openapi.json`. Schemas that the code already
-defines are not written twice: a component schema in the YAML may say where it comes from and is
-filled in when the file is loaded:
+defines are not written twice: a component schema in the YAML may name a source that the server
+hands to `load()` (the tables, models and enums it really returns and takes; nothing is imported
+by name), and is filled in from it when the file is loaded:
 
-- `x-kgpu-model: "module:Model"` — the pydantic model's JSON schema (camelCase where the model
-  is; `x-kgpu-mode: serialization` for what the server writes, validation (default) for what it
-  reads). Durations (`shared.policy.Seconds`) accept a number or a string like "90s".
-- `x-kgpu-table: "module:table"` — one row of an SQLAlchemy table as the API returns it, every
-  column present, nullable columns allowing null.
+- `x-kgpu-model: Name` — the pydantic model `models["Name"]`'s JSON schema (camelCase where the
+  model is; `x-kgpu-mode: serialization` for what the server writes, validation (default) for
+  what it reads). Durations (`shared.policy.Seconds`) accept a number or a string like "90s".
+- `x-kgpu-table: name` — one row of the SQLAlchemy table `tables["name"]` as the API returns it,
+  every column present, nullable columns allowing null.
 
 Both take `x-kgpu-omit: [names]` (fields the API leaves out), `x-kgpu-nullable: [names]` and
 `x-kgpu-add: {name: schema}` (fields the API adds or writes differently, all required unless listed
-in `x-kgpu-optional`). Anywhere, `x-kgpu-enum: "module:Enum"` lists the enum's values. Row
+in `x-kgpu-optional`). Anywhere, `x-kgpu-enum: Name` lists the values of `enums["Name"]`. Row
 schemas stay open (`additionalProperties: true`): a new column is not a
-breaking change for a reader.
+breaking change for a reader. A name the server did not hand over is an OpenApiError at load.
 
 An operation marked `x-kgpu-only-with: FEATURE` is left out unless FEATURE is on (the edge's
 simulated-driver endpoint exists only with `--backend sim`).
@@ -23,16 +24,17 @@ simulated-driver endpoint exists only with `--backend sim`).
 The server also holds itself to its description: `conform_body()` checks a JSON request body
 against the operation's schema after the handler's own validation passed, so nothing the
 description calls invalid (`true` for a number, "300" for an integer) is accepted by pydantic's
-lax coercion.
+lax coercion. `add_spec_route` installs it as the app's body check (shared.http.BODY_CHECK), which
+`shared.http.read_model` runs: this module builds on shared.http, never the other way round.
 """
 
 from __future__ import annotations
 
 import copy
-import functools
-import importlib
+import dataclasses
 import json
 from collections.abc import Iterable, Mapping
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +48,7 @@ from pydantic_core import core_schema
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 
-from shared.http import invalid_body
+from shared.http import BODY_CHECK, invalid_body
 
 SPEC_PATH = "/api/v1/openapi.json"
 MODEL_KEY, TABLE_KEY, ENUM_KEY = "x-kgpu-model", "x-kgpu-table", "x-kgpu-enum"
@@ -58,6 +60,43 @@ _SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "depe
 
 class OpenApiError(ValueError):
     """The YAML description cannot be completed (an unknown model or table, a name clash)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Sources:
+    """What a description's `x-kgpu-*` markers may name: the server's own tables, models and
+    enums, by the key the YAML uses."""
+
+    tables: Mapping[str, sa.Table] = dataclasses.field(default_factory=dict)
+    models: Mapping[str, type[BaseModel]] = dataclasses.field(default_factory=dict)
+    enums: Mapping[str, type[Enum]] = dataclasses.field(default_factory=dict)
+
+    def _get(self, what: str, given: Mapping[str, Any], key: Any) -> Any:
+        if not isinstance(key, str) or key not in given:
+            raise OpenApiError(f"no {what} {key!r} was given to load() (given: {', '.join(sorted(given)) or 'none'})")
+        return given[key]
+
+    def table(self, key: Any) -> sa.Table:
+        table = self._get("table", self.tables, key)
+        if not isinstance(table, sa.Table):
+            raise OpenApiError(f"{key} is not an SQLAlchemy table")
+        return table
+
+    def model(self, key: Any) -> type[BaseModel]:
+        model = self._get("model", self.models, key)
+        if not (isinstance(model, type) and issubclass(model, BaseModel)):
+            raise OpenApiError(f"{key} is not a pydantic model")
+        return model
+
+    def enum(self, key: Any) -> type[Enum]:
+        enum = self._get("enum", self.enums, key)
+        if not (isinstance(enum, type) and issubclass(enum, Enum)):
+            raise OpenApiError(f"{key} is not an enum")
+        return enum
+
+    def key(self) -> tuple[Any, ...]:
+        """Hashable, for caching a completed description per set of sources."""
+        return tuple(tuple(sorted(m.items(), key=lambda item: item[0])) for m in (self.tables, self.models, self.enums))
 
 
 # ---- schemas from pydantic models -----------------------------------------------------------
@@ -136,32 +175,20 @@ def table_schema(table: sa.Table) -> dict[str, Any]:
 # ---- completing a description ---------------------------------------------------------------
 
 
-def _import(ref: str) -> Any:
-    module, _, attr = ref.partition(":")
-    try:
-        return getattr(importlib.import_module(module), attr)
-    except (ImportError, AttributeError) as exc:
-        raise OpenApiError(f"{ref}: {exc}") from None
-
-
-def _derived(name: str, marker: dict[str, Any], schemas: dict[str, Any]) -> dict[str, Any]:
+def _derived(name: str, marker: dict[str, Any], schemas: dict[str, Any], sources: Sources) -> dict[str, Any]:
     if MODEL_KEY in marker:
-        model = _import(marker[MODEL_KEY])
-        if not (isinstance(model, type) and issubclass(model, BaseModel)):
-            raise OpenApiError(f"{marker[MODEL_KEY]} is not a pydantic model")
+        model = sources.model(marker[MODEL_KEY])
         schema = model_schema(model, name, marker.get("x-kgpu-mode", "validation"))
         for nested, sub in schema.pop("$defs", {}).items():
             key = f"{name}_{nested}"
             if key in schemas and schemas[key] != sub:
                 raise OpenApiError(f"component {key} is defined twice")
             schemas[key] = sub
-        source = marker[MODEL_KEY]
+        source = f"{model.__module__}:{model.__qualname__}"
     else:
-        table = _import(marker[TABLE_KEY])
-        if not isinstance(table, sa.Table):
-            raise OpenApiError(f"{marker[TABLE_KEY]} is not an SQLAlchemy table")
+        table = sources.table(marker[TABLE_KEY])
         schema = table_schema(table)
-        source = marker[TABLE_KEY]
+        source = f"table:{table.name}"
     properties: dict[str, Any] = schema.setdefault("properties", {})
     required: list[str] = schema.setdefault("required", [])
     for field in marker.get("x-kgpu-omit", []):
@@ -183,16 +210,18 @@ def _derived(name: str, marker: dict[str, Any], schemas: dict[str, Any]) -> dict
     return {**schema, **rest, "x-kgpu-source": source}
 
 
-def complete(document: Mapping[str, Any], features: Iterable[str] = ()) -> dict[str, Any]:
-    """A copy of the YAML `document` with derived schemas filled in and operations whose
-    feature is off removed."""
+def complete(document: Mapping[str, Any], features: Iterable[str] = (),
+             sources: Sources | None = None) -> dict[str, Any]:
+    """A copy of the YAML `document` with derived schemas filled in from `sources` and
+    operations whose feature is off removed."""
+    sources = sources or Sources()
     spec = copy.deepcopy(dict(document))
     on = set(features)
     schemas: dict[str, Any] = spec.setdefault("components", {}).setdefault("schemas", {})
     for name, schema in list(schemas.items()):
         if isinstance(schema, dict) and (MODEL_KEY in schema or TABLE_KEY in schema):
-            schemas[name] = _derived(name, schema, schemas)
-    spec = _enums(spec)
+            schemas[name] = _derived(name, schema, schemas, sources)
+    spec = _enums(spec, sources)
     for path, item in list(spec.get("paths", {}).items()):
         for method in _METHODS:
             feature = (item.get(method) or {}).get("x-kgpu-only-with")
@@ -203,16 +232,15 @@ def complete(document: Mapping[str, Any], features: Iterable[str] = ()) -> dict[
     return spec
 
 
-def _enums(node: Any) -> Any:
-    """`x-kgpu-enum: "module:Enum"` becomes `enum: [its values]`."""
+def _enums(node: Any, sources: Sources) -> Any:
+    """`x-kgpu-enum: Name` becomes `enum: [the values of sources.enums["Name"]]`."""
     if isinstance(node, list):
-        return [_enums(n) for n in node]
+        return [_enums(n, sources) for n in node]
     if not isinstance(node, dict):
         return node
-    out = {k: _enums(v) for k, v in node.items() if k != ENUM_KEY}
+    out = {k: _enums(v, sources) for k, v in node.items() if k != ENUM_KEY}
     if ENUM_KEY in node:
-        enum = _import(node[ENUM_KEY])
-        out["enum"] = [member.value for member in enum]
+        out["enum"] = [member.value for member in sources.enum(node[ENUM_KEY])]
     return out
 
 
@@ -254,23 +282,31 @@ def _rebase(schema: Any) -> Any:
     return schema
 
 
-@functools.cache
-def _load(path: Path, features: frozenset[str]) -> OpenApi:
-    document = yaml.safe_load(path.read_text(encoding="utf-8"))
-    return OpenApi(complete(document, features))
+_LOADED: dict[tuple[Path, frozenset[str], tuple[Any, ...]], OpenApi] = {}
 
 
-def load(path: Path, features: Iterable[str] = ()) -> OpenApi:
-    """The completed description in `path` (read once per process and feature set)."""
-    return _load(path, frozenset(features))
+def load(path: Path, features: Iterable[str] = (), *, tables: Mapping[str, sa.Table] | None = None,
+         models: Mapping[str, type[BaseModel]] | None = None,
+         enums: Mapping[str, type[Enum]] | None = None) -> OpenApi:
+    """The description in `path`, completed from the `tables`, `models` and `enums` its
+    `x-kgpu-*` markers name (see the module's docstring), with the operations of `features`.
+    Read and completed once per process for each path, feature set and set of sources."""
+    sources = Sources(tables or {}, models or {}, enums or {})
+    cache_key = (path, frozenset(features), sources.key())
+    if cache_key not in _LOADED:
+        document = yaml.safe_load(path.read_text(encoding="utf-8"))
+        _LOADED[cache_key] = OpenApi(complete(document, cache_key[1], sources))
+    return _LOADED[cache_key]
 
 
 OPENAPI: web.AppKey[OpenApi] = web.AppKey("openapi", OpenApi)
 
 
 def add_spec_route(app: web.Application, spec: OpenApi) -> None:
-    """`GET /api/v1/openapi.json`; the spec is also what `conform_body` checks against."""
+    """`GET /api/v1/openapi.json`; the spec is also what `conform_body` checks request bodies
+    against (installed as the app's shared.http body check)."""
     app[OPENAPI] = spec
+    app[BODY_CHECK] = conform_body
 
     async def openapi(_: web.Request) -> web.Response:
         return web.Response(body=spec.body, content_type="application/json")

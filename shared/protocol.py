@@ -1,25 +1,34 @@
-"""The envelope every MQTT message travels in, and the body of each message kind.
+"""The wire contract: the envelope every MQTT message travels in, the body of each message
+kind, which kinds travel on which topic (`ROUTES`, the one table), and the one function every
+receiver checks a message with (`decode_and_check`).
 
 `{"v": 1, "node": ..., "seq": ..., "id": ..., "ts": ..., "kind": ..., "body": {...}}`
 
 `seq` is assigned by the edge's SQLite outbox, per node, monotonic; messages that do not go
 through the outbox (status, telemetry, and everything the cloud sends) carry `seq: null`.
+
+The cloud's ingest, the edge's sync, `kgpu watch` and the fleet simulator all receive through
+`decode_and_check`, so a message one of them refuses is refused by all of them, with the same
+reason (the `reason` label of the `*_rejected_total` counters).
 """
 
 import json
 import time
 import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
 from enum import StrEnum
+from types import MappingProxyType
 from typing import Any, Literal
 
 from pydantic import Field, ValidationError, field_validator
 
 from shared.gpu import GpuSample, Health
 from shared.policy import PowerPolicy
-from shared.topics import NODE_NAME_RE
+from shared.topics import NODE_NAME_RE, BadTopic, TopicParts, parse_topic
 from shared.wire import WireModel
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION: Literal[1] = 1
 MAX_PAYLOAD_BYTES = 256 * 1024
 
 
@@ -249,13 +258,33 @@ def fit_body(node: str, kind: Kind, body: WireModel, max_bytes: int = MAX_PAYLOA
     raise ValueError(f"a {kind} body cannot be cut to fit {max_bytes} bytes")
 
 
-class RejectedMessage(ValueError):
-    """A payload we refuse. `reason` is a short label for counters (`kgpu_*_rejected_total`)."""
+class Reason(StrEnum):
+    """Why a message is refused: the `reason` label of `kgpu_*_rejected_total` (a fixed set)."""
 
-    def __init__(self, reason: str, detail: str):
+    OVERSIZE = "oversize"  # over MAX_PAYLOAD_BYTES
+    NOT_JSON = "not_json"  # not UTF-8, not JSON, or nested too deeply to parse
+    SCHEMA = "schema"  # JSON, but not a valid envelope or not a valid body for its kind
+    VERSION = "version"  # an envelope version this kgpu does not speak
+    BAD_TOPIC = "bad_topic"  # not a kgpu/v1 topic, or a topic of the other direction
+    NODE_MISMATCH = "node_mismatch"  # the payload's node is not the topic's (or not the receiver)
+    KIND_MISMATCH = "kind_mismatch"  # a kind that does not travel on this topic
+    MISSING_SEQ = "missing_seq"  # an event without the outbox seq it is deduplicated by
+
+
+class RejectedMessage(ValueError):
+    """A payload we refuse. `reason` is a short label for counters (`kgpu_*_rejected_total`).
+
+    `topic` is the parsed topic when it parsed; `payload_node` the node the payload claims (set
+    for node_mismatch), so a monitor can show the message under both nodes it names."""
+
+    def __init__(self, reason: str, detail: str, *, topic: TopicParts | None = None,
+                 payload_node: str | None = None) -> None:
+        reason = str(reason)  # a plain str for counters and metric labels, even from a Reason
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
         self.detail = detail
+        self.topic = topic
+        self.payload_node = payload_node
 
 
 class _OutOfRange(ValueError):
@@ -278,20 +307,116 @@ def _no_constant(name: str) -> float:
 def decode(payload: bytes, *, max_bytes: int = MAX_PAYLOAD_BYTES) -> tuple[Envelope, WireModel]:
     """Validate a raw payload into an envelope and its typed body, or raise RejectedMessage."""
     if len(payload) > max_bytes:
-        raise RejectedMessage("oversize", f"{len(payload)} bytes > {max_bytes}")
+        raise RejectedMessage(Reason.OVERSIZE, f"{len(payload)} bytes > {max_bytes}")
     try:
         raw = json.loads(payload, parse_int=_int64, parse_constant=_no_constant)
     except _OutOfRange as exc:
-        raise RejectedMessage("schema", str(exc)) from None
+        raise RejectedMessage(Reason.SCHEMA, str(exc)) from None
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError, ValueError) as exc:
-        raise RejectedMessage("not_json", str(exc)[:200]) from None
+        raise RejectedMessage(Reason.NOT_JSON, str(exc)[:200]) from None
     if not isinstance(raw, dict):
-        raise RejectedMessage("schema", "payload is not a JSON object")
+        raise RejectedMessage(Reason.SCHEMA, "payload is not a JSON object")
     if raw.get("v") != SCHEMA_VERSION:
-        raise RejectedMessage("version", f"unsupported schema version {raw.get('v')!r}")
+        raise RejectedMessage(Reason.VERSION, f"unsupported schema version {raw.get('v')!r}")
     try:
         envelope = Envelope.model_validate(raw)
         body = envelope.parsed_body()
     except (ValidationError, RecursionError) as exc:
-        raise RejectedMessage("schema", str(exc)[:500]) from None
+        raise RejectedMessage(Reason.SCHEMA, str(exc)[:500]) from None
     return envelope, body
+
+
+# ---- the contract: which kinds travel on which topic ----------------------------------------
+
+
+class Direction(StrEnum):
+    EDGE_TO_CLOUD = "edge->cloud"  # topics kgpu/v1/edge/{node}/...
+    CLOUD_TO_EDGE = "cloud->edge"  # topics kgpu/v1/cloud/{node}/...
+
+    @property
+    def side(self) -> Literal["edge", "cloud"]:
+        """The topic segment a message in this direction is published under."""
+        return "edge" if self is Direction.EDGE_TO_CLOUD else "cloud"
+
+
+@dataclass(frozen=True)
+class Route:
+    """One topic of the wire contract (DESIGN.md's topic table): who sends on it, which envelope
+    kinds may travel on it, and how it is published."""
+
+    topic: str  # the last topic segment: kgpu/v1/<side>/<node>/<topic>
+    direction: Direction
+    kinds: frozenset[Kind]
+    qos: Literal[0, 1]
+    retained: bool
+    sequenced: bool = False  # every envelope carries its outbox seq (deduplicated by node and seq)
+
+    @property
+    def side(self) -> Literal["edge", "cloud"]:
+        return self.direction.side
+
+
+ROUTES: Mapping[str, Route] = MappingProxyType({route.topic: route for route in (
+    Route("status", Direction.EDGE_TO_CLOUD, frozenset({Kind.STATUS}), qos=1, retained=True),
+    Route("telemetry", Direction.EDGE_TO_CLOUD, frozenset({Kind.TELEMETRY}), qos=0, retained=False),
+    Route("events", Direction.EDGE_TO_CLOUD, EVENT_KINDS, qos=1, retained=False, sequenced=True),
+    Route("ack", Direction.CLOUD_TO_EDGE, frozenset({Kind.ACK}), qos=1, retained=False),
+    Route("policy", Direction.CLOUD_TO_EDGE, frozenset({Kind.POLICY}), qos=1, retained=True),
+    Route("commands", Direction.CLOUD_TO_EDGE, frozenset({Kind.COMMAND}), qos=1, retained=False),
+)})
+"""Topic -> its route, for the topics of shared.topics (EDGE_KINDS + CLOUD_KINDS). Every kind
+travels on exactly one topic (`route_of`); tests/test_protocol.py holds the table to both."""
+
+_ROUTE_OF_KIND: Mapping[Kind, Route] = MappingProxyType(
+    {kind: route for route in ROUTES.values() for kind in route.kinds})
+
+
+
+def route_of(kind: Kind) -> Route:
+    """The route an envelope of `kind` is published on."""
+    return _ROUTE_OF_KIND[kind]
+
+
+@dataclass(frozen=True)
+class Checked:
+    """A message that passed `decode_and_check`: its topic, route, envelope and typed body."""
+
+    topic: TopicParts
+    route: Route
+    envelope: Envelope
+    body: WireModel
+
+
+def decode_and_check(topic: str, payload: bytes, *, direction: Direction | None = None,
+                     node: str | None = None, max_bytes: int = MAX_PAYLOAD_BYTES) -> Checked:
+    """Check one received message against the whole contract, or raise RejectedMessage with a
+    `Reason`, in this order: the topic is a kgpu/v1 topic (bad_topic), of `direction` when given
+    (bad_topic), about `node` when given (node_mismatch: a receiver that takes only its own
+    messages); the payload is a valid envelope with a body valid for its kind (oversize,
+    not_json, version, schema); the payload's node is the topic's (node_mismatch: a node speaks
+    only for itself); its kind travels on this topic (kind_mismatch); an event carries its seq
+    (missing_seq)."""
+    try:
+        parts = parse_topic(topic)
+    except BadTopic as exc:
+        raise RejectedMessage(Reason.BAD_TOPIC, str(exc)) from None
+    route = ROUTES[parts.kind]
+    if direction is not None and route.direction is not direction:
+        side = "an edge" if direction.side == "edge" else "a cloud"
+        raise RejectedMessage(Reason.BAD_TOPIC, f"not {side} topic: {topic}", topic=parts)
+    if node is not None and parts.node != node:
+        raise RejectedMessage(Reason.NODE_MISMATCH, f"a topic for node {parts.node!r}, not {node!r}",
+                              topic=parts)
+    try:
+        envelope, body = decode(payload, max_bytes=max_bytes)
+    except RejectedMessage as exc:
+        raise RejectedMessage(exc.reason, exc.detail, topic=parts) from None
+    if envelope.node != parts.node:
+        raise RejectedMessage(Reason.NODE_MISMATCH,
+                              f"topic node {parts.node!r} but payload node {envelope.node!r}",
+                              topic=parts, payload_node=envelope.node)
+    if envelope.kind not in route.kinds:
+        raise RejectedMessage(Reason.KIND_MISMATCH, f"{envelope.kind} on the {parts.kind} topic", topic=parts)
+    if route.sequenced and envelope.seq is None:
+        raise RejectedMessage(Reason.MISSING_SEQ, "an event without seq cannot be deduplicated", topic=parts)
+    return Checked(parts, route, envelope, body)

@@ -8,6 +8,7 @@ them and exits with status 2.
 from __future__ import annotations
 
 import contextvars
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 from urllib.parse import urlsplit
@@ -100,7 +101,7 @@ MqttUrl = Annotated[str, AfterValidator(validate_mqtt_url)]  # mqtt://[user:pass
 S = TypeVar("S", bound=KgpuSettings)
 
 
-def _describe(error: dict[str, Any]) -> str:
+def _describe(error: Mapping[str, Any]) -> str:
     where = ".".join(str(part) for part in error["loc"]) or "settings"
     message = error["msg"]
     if error["type"] == "extra_forbidden":

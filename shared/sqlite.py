@@ -54,5 +54,5 @@ def db_error_reason(exc: BaseException) -> str:
     if isinstance(exc, DBAPIError) and exc.orig is not None:
         text = str(exc.orig).strip()
         return text.splitlines()[0] if text else type(exc.orig).__name__
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__

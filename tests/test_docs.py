@@ -2,14 +2,14 @@
 
 from pathlib import Path
 
-from shared.settings_doc import render
+from kgpu.settings_doc import render
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_configuration_reference_is_current() -> None:
     current = (ROOT / "docs" / "configuration.md").read_text()
-    assert current == render(), "docs/configuration.md is stale: run python -m shared.settings_doc > docs/configuration.md"
+    assert current == render(), "docs/configuration.md is stale: run python -m kgpu.settings_doc > docs/configuration.md"
 
 
 def test_readme_names_the_two_setup_commands() -> None:

@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import json
 import threading
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.helpers.edge_process import EdgeProcess, wait_for
+from kgpu.lab.processes import wait_for
+from tests.helpers.edge_process import EdgeProcess
 from tests.helpers.faketime import faketime_library, offset_file_env
 
 pytestmark = pytest.mark.slow
@@ -185,7 +187,7 @@ def test_probe_command_failure_makes_the_node_unhealthy(edge_factory: Callable[.
 class _PodList(BaseHTTPRequestHandler):
     payload = b""
 
-    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+    def do_GET(self) -> None:
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
         self.end_headers()

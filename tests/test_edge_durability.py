@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers.edge_process import EdgeProcess, wait_for
+from kgpu.lab.processes import wait_for
+from tests.helpers.edge_process import EdgeProcess
 
 pytestmark = pytest.mark.slow
 
@@ -26,10 +27,10 @@ def outbox_seqs(db: Path) -> list[int]:
 def test_kill_9_loses_no_committed_decision(tmp_path: Path) -> None:
     edge = EdgeProcess(tmp_path, gpus=4, config=FLAPPING)
     seen_seqs: set[int] = set()
-    for round_ in range(3):
+    for _round in range(3):
         edge.start()
         # utilisation jumping across the threshold makes a decision nearly every cycle
-        for step in range(4):
+        for _step in range(4):
             for gpu in range(4):
                 edge.inject(gpu, utilization=random.choice([0, 100]), xid=random.choice([31, 48, 79]))
             time.sleep(random.uniform(0.2, 0.6))

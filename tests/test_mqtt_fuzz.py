@@ -22,7 +22,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cloud.store import FleetStore
-from kgpu.watch import WatchState, render
+from kgpu.watch_render import render
+from kgpu.watch_state import WatchState
 from shared.mqtt import Received
 from shared.protocol import DecisionBody, Kind
 from shared.topics import cloud_topic, edge_topic

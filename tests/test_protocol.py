@@ -8,21 +8,36 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from shared.gpu import GpuSample
 from shared.policy import PowerPolicy, XidAction
 from shared.protocol import (
+    EVENT_KINDS,
     MAX_PAYLOAD_BYTES,
+    ROUTES,
+    AckBody,
+    CommandBody,
     CommandResultBody,
     DecisionBody,
+    Direction,
+    GpuOfflineStats,
     HealthBody,
     Kind,
     MigrationRequestBody,
+    OfflineSummaryBody,
     PolicyBody,
+    Reason,
     RejectedMessage,
+    StatusBody,
+    TelemetryBody,
+    XidBody,
     decode,
+    decode_and_check,
     fit_body,
     make_envelope,
+    route_of,
 )
-from shared.topics import BadTopic, cloud_topic, edge_topic, parse_topic
+from shared.topics import CLOUD_KINDS, EDGE_KINDS, BadTopic, cloud_topic, edge_topic, parse_topic
+from shared.wire import WireModel
 
 
 def test_round_trip_every_field() -> None:
@@ -190,3 +205,149 @@ def test_every_event_body_is_cut_to_any_limit_and_stays_valid(kind_and_body: tup
     assert type(decoded) is type(body)
     if len(make_envelope("edge-a", body, kind, 2**63 - 1).to_json()) <= limit:  # type: ignore[arg-type]
         assert cut is body
+
+
+# ---- the one contract: which kinds travel on which topic, and decode_and_check -----------------
+
+# DESIGN.md's topic table, written out: topic, direction, QoS, retained, what it carries.
+CONTRACT = {
+    "status": (Direction.EDGE_TO_CLOUD, 1, True, {Kind.STATUS}),
+    "telemetry": (Direction.EDGE_TO_CLOUD, 0, False, {Kind.TELEMETRY}),
+    "events": (Direction.EDGE_TO_CLOUD, 1, False, {Kind.DECISION, Kind.HEALTH, Kind.XID, Kind.MIGRATION_REQUEST,
+                                                  Kind.COMMAND_RESULT, Kind.OFFLINE_SUMMARY}),
+    "ack": (Direction.CLOUD_TO_EDGE, 1, False, {Kind.ACK}),
+    "policy": (Direction.CLOUD_TO_EDGE, 1, True, {Kind.POLICY}),
+    "commands": (Direction.CLOUD_TO_EDGE, 1, False, {Kind.COMMAND}),
+}
+
+SAMPLE_BODIES: dict[Kind, WireModel] = {
+    Kind.STATUS: StatusBody(state="online", version="0.1.0"),
+    Kind.TELEMETRY: TelemetryBody(samples=[GpuSample(index=0, uuid="GPU-0", ts=1.0, temperature_c=50.0)]),
+    Kind.DECISION: DecisionBody(rule="power_cap", action="set_power_limit", value=250.0, outcome="applied",
+                                reason="cap"),
+    Kind.HEALTH: HealthBody(level="gpu", gpu_index=0, previous="healthy", current="unhealthy"),
+    Kind.XID: XidBody(gpu_index=0, gpu_uuid="GPU-0", xid=79, action="request_migration"),
+    Kind.MIGRATION_REQUEST: MigrationRequestBody(gpu_uuid="GPU-0", trigger="xid", reason="xid 79"),
+    Kind.COMMAND_RESULT: CommandResultBody(command_id="c1", command="drain", ok=True),
+    Kind.OFFLINE_SUMMARY: OfflineSummaryBody(from_ts=1.0, to_ts=2.0,
+                                             gpus=[GpuOfflineStats(index=0, uuid="GPU-0", samples=3)]),
+    Kind.ACK: AckBody(upto=3, epoch="e1"),
+    Kind.POLICY: PolicyBody(policy=PowerPolicy(name="p", version=2)),
+    Kind.COMMAND: CommandBody(command="drain", gpu_uuid="GPU-0"),
+}
+
+
+def _topic(route_topic: str, node: str = "edge-a") -> str:
+    route = ROUTES[route_topic]
+    return (edge_topic if route.direction is Direction.EDGE_TO_CLOUD else cloud_topic)(node, route_topic)  # type: ignore[arg-type]
+
+
+def _payload(kind: Kind, node: str = "edge-a", seq: int | None = 5) -> bytes:
+    return make_envelope(node, SAMPLE_BODIES[kind], kind, seq=seq).to_json()
+
+
+def test_the_table_is_the_designs_topic_table() -> None:
+    assert set(SAMPLE_BODIES) == set(Kind)
+    assert tuple(ROUTES) == EDGE_KINDS + CLOUD_KINDS, "shared.topics and the table name the same topics"
+    for topic, (direction, qos, retained, kinds) in CONTRACT.items():
+        route = ROUTES[topic]
+        assert (route.topic, route.direction, route.qos, route.retained, set(route.kinds)) == (
+            topic, direction, qos, retained, kinds), topic
+        assert route.side == ("edge" if topic in EDGE_KINDS else "cloud")
+        assert route.sequenced == (topic == "events")
+    assert ROUTES["events"].kinds == EVENT_KINDS
+    # every kind travels on exactly one topic, and route_of finds it
+    assert sorted(k for route in ROUTES.values() for k in route.kinds) == sorted(Kind)
+    for kind in Kind:
+        assert kind in route_of(kind).kinds
+
+
+@pytest.mark.parametrize("topic", list(CONTRACT))
+@pytest.mark.parametrize("kind", list(Kind))
+def test_every_kind_on_every_topic(topic: str, kind: Kind) -> None:
+    """A valid envelope passes on its own topic and is a kind_mismatch on every other one."""
+    route = ROUTES[topic]
+    if kind in route.kinds:
+        checked = decode_and_check(_topic(topic), _payload(kind), direction=route.direction, node="edge-a")
+        assert checked.route is route and checked.envelope.kind is kind
+        assert checked.body == SAMPLE_BODIES[kind] and type(checked.body) is type(SAMPLE_BODIES[kind])
+        assert (checked.topic.side, checked.topic.node, checked.topic.kind) == (route.side, "edge-a", topic)
+    else:
+        with pytest.raises(RejectedMessage) as caught:
+            decode_and_check(_topic(topic), _payload(kind))
+        assert caught.value.reason == "kind_mismatch" and caught.value.topic is not None
+        assert kind.value in caught.value.detail and topic in caught.value.detail
+
+
+def _reason(topic: str, payload: bytes, **kwargs: object) -> RejectedMessage:
+    with pytest.raises(RejectedMessage) as caught:
+        decode_and_check(topic, payload, **kwargs)  # type: ignore[arg-type]
+    return caught.value
+
+
+def test_each_rejection_reason() -> None:
+    events = _topic("events")
+    decision = _payload(Kind.DECISION)
+    # the topic
+    for bad in ("kgpu/v1/edge/edge-a", "kgpu/v2/edge/edge-a/events", "kgpu/v1/edge/Bad_Node/events",
+                "kgpu/v1/edge/edge-a/bogus", "kgpu/v1/cloud/edge-a/events", "x"):
+        rejected = _reason(bad, decision)
+        assert rejected.reason == Reason.BAD_TOPIC == "bad_topic" and rejected.topic is None, bad
+    # the direction: the cloud takes only edge topics, the edge only cloud topics
+    rejected = _reason(_topic("ack"), _payload(Kind.ACK), direction=Direction.EDGE_TO_CLOUD)
+    assert rejected.reason == "bad_topic" and "not an edge topic" in rejected.detail
+    assert _reason(events, decision, direction=Direction.CLOUD_TO_EDGE).reason == "bad_topic"
+    # a receiver that takes only its own node's messages
+    rejected = _reason(_topic("ack", "edge-b"), _payload(Kind.ACK, "edge-b"), node="edge-a")
+    assert rejected.reason == "node_mismatch" and "edge-b" in rejected.detail
+    # the payload (decode's reasons, now with the topic they came on)
+    for payload, reason in [(b"x" * (MAX_PAYLOAD_BYTES + 1), "oversize"), (b"{nope", "not_json"),
+                            (b'{"v": 2, "node": "edge-a", "kind": "ack", "body": {"upto": 1}}', "version"),
+                            (b'{"v": 1, "node": "edge-a", "seq": 1, "kind": "xid", "body": {"xid": "x"}}', "schema")]:
+        rejected = _reason(events, payload)
+        assert rejected.reason == reason and rejected.topic is not None and rejected.topic.node == "edge-a"
+    # a node speaks only for itself
+    rejected = _reason(events, _payload(Kind.DECISION, "edge-b"))
+    assert rejected.reason == "node_mismatch" and rejected.payload_node == "edge-b"
+    assert "edge-a" in rejected.detail and "edge-b" in rejected.detail
+    # a kind on the wrong topic
+    assert _reason(_topic("status"), decision).reason == "kind_mismatch"
+    # an event without the seq it is deduplicated by; other topics need none
+    assert _reason(events, _payload(Kind.DECISION, seq=None)).reason == "missing_seq"
+    assert decode_and_check(_topic("status"), _payload(Kind.STATUS, seq=None)).envelope.seq is None
+    # every reason is a plain string label, and the set is closed
+    assert {r.value for r in Reason} == {"oversize", "not_json", "schema", "version", "bad_topic",
+                                         "node_mismatch", "kind_mismatch", "missing_seq"}
+    assert type(_reason("x", b"").reason) is str
+
+
+def test_the_checks_run_in_order() -> None:
+    """The topic is judged before the payload, so garbage on a wrong topic counts as bad_topic."""
+    assert _reason("kgpu/v1/edge/edge-a/bogus", b"{nope").reason == "bad_topic"
+    assert _reason(_topic("ack"), b"{nope", direction=Direction.EDGE_TO_CLOUD).reason == "bad_topic"
+    assert _reason(_topic("ack", "edge-b"), b"{nope", node="edge-a").reason == "node_mismatch"
+    # a payload for another node with the wrong kind is first a node mismatch
+    assert _reason(_topic("status"), _payload(Kind.DECISION, "edge-b")).reason == "node_mismatch"
+    # and a bad body is a schema problem before it is on the wrong topic
+    bad_xid = b'{"v": 1, "node": "edge-a", "seq": 1, "kind": "xid", "body": {"xid": "x"}}'
+    assert _reason(_topic("status"), bad_xid).reason == "schema"
+
+
+@settings(max_examples=300, deadline=None)
+@given(topic=st.one_of(st.sampled_from([_topic(t, n) for t in CONTRACT for n in ("edge-a", "edge-b")]),
+                       st.text(max_size=40)),
+       payload=st.one_of(st.sampled_from([_payload(k, n, s) for k in Kind for n in ("edge-a", "edge-b")
+                                          for s in (None, 1)]), st.binary(max_size=64)),
+       direction=st.sampled_from([None, *Direction]), node=st.sampled_from([None, "edge-a"]))
+def test_decode_and_check_never_raises_anything_but_a_rejection(topic: str, payload: bytes,
+                                                                direction: Direction | None,
+                                                                node: str | None) -> None:
+    try:
+        checked = decode_and_check(topic, payload, direction=direction, node=node)
+    except RejectedMessage as exc:
+        assert exc.reason in {r.value for r in Reason}
+    else:
+        route = checked.route
+        assert checked.envelope.kind in route.kinds and checked.envelope.node == checked.topic.node
+        assert direction in (None, route.direction) and node in (None, checked.topic.node)
+        assert not route.sequenced or checked.envelope.seq is not None

@@ -8,8 +8,8 @@ import pydantic
 import pynvml
 import pytest
 
-from tests.helpers.clock import FakeClock
 from edge.sim import PROFILES, SimFault, SimulatedNvml, install
+from tests.helpers.clock import FakeClock
 
 W = 1000  # NVML speaks milliwatts
 

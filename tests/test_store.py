@@ -1,4 +1,4 @@
-"""edge/store.py: the edge's durable store (outbox, decision log, caches, telemetry history)."""
+"""edge/store/: the edge's durable store (outbox, decision log, caches, telemetry history)."""
 
 import sqlite3
 import threading
@@ -11,6 +11,7 @@ from edge.store import STORE_SCHEMA_VERSION, EdgeStore, StoreError, StoreSchemaE
 from shared.gpu import GpuInventory, GpuSample, Health
 from shared.policy import PowerPolicy
 from shared.protocol import (
+    MAX_PAYLOAD_BYTES,
     ActionOutcome,
     CommandResultBody,
     DecisionBody,
@@ -19,7 +20,6 @@ from shared.protocol import (
     Kind,
     MigrationRequestBody,
     StatusBody,
-    MAX_PAYLOAD_BYTES,
     XidBody,
     decode,
 )

@@ -27,16 +27,11 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 from kgpu.cli import app
-from kgpu.watch import (
-    LinkView,
-    WatchError,
-    WatchOptions,
-    WatchState,
-    json_line,
-    make_link,
-    render,
-    run_watch,
-)
+from kgpu.lab.broker import Mosquitto, mosquitto_binary
+from kgpu.lab.processes import wait_for
+from kgpu.watch import WatchOptions, make_link, run_watch
+from kgpu.watch_render import LinkView, render
+from kgpu.watch_state import WatchError, WatchState, json_line
 from shared.gpu import GpuSample, Health
 from shared.mqtt import MqttLink, parse_broker_url
 from shared.policy import PowerPolicy
@@ -55,8 +50,6 @@ from shared.protocol import (
     make_envelope,
 )
 from shared.topics import cloud_topic, edge_topic
-from tests.helpers.edge_process import wait_for
-from tests.helpers.mosquitto import Mosquitto, mosquitto_binary
 
 REPO = Path(__file__).resolve().parents[1]
 T0 = 1_700_000_000.0

@@ -50,7 +50,7 @@ class _Worker:
                 continue  # its caller gave up before it started
             try:
                 result = fn(*args)
-            except BaseException as error:  # handed to the awaiting caller
+            except BaseException as error:  # noqa: BLE001 - handed to the awaiting caller; the worker lives on
                 future.set_exception(error)
             else:
                 future.set_result(result)

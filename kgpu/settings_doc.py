@@ -1,5 +1,8 @@
-"""Render a settings model as a Markdown table, so docs/configuration.md cannot drift from the
-code (tests/test_docs.py regenerates it and compares). Run: `python -m shared.settings_doc`."""
+"""Render the settings models as Markdown tables, so docs/configuration.md cannot drift from the
+code (tests/test_docs.py regenerates it and compares). Run: `python -m kgpu.settings_doc`.
+
+It reads the edge's and the cloud's settings and the CLI's flags, so it lives in kgpu/ (which
+may import every part), not in shared/ (which imports nothing above it)."""
 
 from __future__ import annotations
 
@@ -78,7 +81,8 @@ def policy_table() -> str:
                 walk(annotation, key + ".")
                 continue
             bounds = ", ".join(
-                f"{k} {getattr(m, k)}" for m in field.metadata for k in ("ge", "gt", "le", "lt") if getattr(m, k, None) is not None
+                f"{k} {getattr(m, k)}"
+                for m in field.metadata for k in ("ge", "gt", "le", "lt") if getattr(m, k, None) is not None
             )
             lines.append(f"| `{key}` | {_default(field)} | {bounds} |")
 
@@ -92,7 +96,7 @@ def render() -> str:
 
     return f"""# Configuration reference
 
-Generated from the settings models by `python -m shared.settings_doc > docs/configuration.md`;
+Generated from the settings models by `python -m kgpu.settings_doc > docs/configuration.md`;
 `tests/test_docs.py` fails when this file and the code disagree.
 
 Precedence: command-line flag, then environment variable, then the `--config` file (YAML or TOML,

@@ -1,0 +1,124 @@
+"""What the node keeps for itself: the newest policy (so that an offline restart enforces it),
+the GPU inventory and a bounded telemetry history.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+
+import sqlalchemy as sa
+from pydantic import ValidationError
+
+from edge.store.base import StoreBase, log
+from edge.store.schema import inventory_table, policy_table, samples_table
+from shared.gpu import GpuInventory, GpuSample
+from shared.policy import PowerPolicy
+
+
+class LocalStateStore(StoreBase):
+    """The policy cache, the inventory and the telemetry history."""
+
+    # -- policy --------------------------------------------------------------------------------
+
+    def cache_policy(self, policy: PowerPolicy) -> bool:
+        """Keep the newest policy for an offline restart. An older or equal version is ignored
+        (False): a delayed or replayed policy message must never roll the node back."""
+        with self._write("cache_policy") as conn:
+            cached = conn.execute(
+                sa.select(policy_table.c.version).where(policy_table.c.id == 1)
+            ).scalar_one_or_none()
+            if cached is not None and policy.version <= cached:
+                return False
+            row = {
+                "version": policy.version,
+                "policy": json.dumps(policy.dump()),
+                "cached_at": time.time(),
+            }
+            if cached is None:
+                conn.execute(policy_table.insert().values(id=1, **row))
+            else:
+                conn.execute(policy_table.update().where(policy_table.c.id == 1).values(**row))
+            return True
+
+    def cached_policy(self) -> PowerPolicy | None:
+        """The newest policy seen, or None. An unreadable cache is logged and treated as empty."""
+        with self._read("cached_policy") as conn:
+            text = conn.execute(
+                sa.select(policy_table.c.policy).where(policy_table.c.id == 1)
+            ).scalar_one_or_none()
+        if text is None:
+            return None
+        try:
+            return PowerPolicy.model_validate_json(text)
+        except ValidationError as exc:
+            log.warning("cached policy is unreadable; ignoring it", extra={"error": str(exc)[:300]})
+            return None
+
+    # -- inventory -----------------------------------------------------------------------------
+
+    def save_inventory(self, gpus: Sequence[GpuInventory]) -> None:
+        """Replace the inventory with what the driver reports now (GPUs can disappear)."""
+        with self._write("save_inventory") as conn:
+            conn.execute(inventory_table.delete())
+            if gpus:
+                conn.execute(
+                    inventory_table.insert(),
+                    [
+                        {"gpu_index": g.index, "uuid": g.uuid, "data": g.model_dump_json()}
+                        for g in gpus
+                    ],
+                )
+
+    def inventory(self) -> list[GpuInventory]:
+        """The last saved inventory, by GPU index."""
+        with self._read("inventory") as conn:
+            rows = conn.execute(
+                sa.select(inventory_table.c.data).order_by(inventory_table.c.gpu_index)
+            ).scalars()
+            return [GpuInventory.model_validate_json(data) for data in rows]
+
+    # -- telemetry history ---------------------------------------------------------------------
+
+    def add_samples(self, samples: Sequence[GpuSample]) -> None:
+        """Append telemetry; past `samples_retention` rows the oldest are dropped."""
+        if not samples:
+            return
+        t = samples_table
+        with self._write("add_samples") as conn:
+            conn.execute(
+                t.insert(),
+                [
+                    {
+                        "ts": s.ts,
+                        "gpu_uuid": s.uuid,
+                        "gpu_index": s.index,
+                        "data": s.model_dump_json(),
+                    }
+                    for s in samples
+                ],
+            )
+            newest = conn.execute(sa.select(sa.func.max(t.c.n))).scalar_one()
+            conn.execute(t.delete().where(t.c.n <= newest - self.samples_retention))
+
+    def samples(
+        self, gpu_uuid: str | None = None, since: float | None = None, limit: int = 1000
+    ) -> list[GpuSample]:
+        """Samples with ts >= since, in time order; when more match, the newest `limit` of them."""
+        t = samples_table
+        inner = sa.select(t.c.n, t.c.ts, t.c.data).order_by(t.c.ts.desc(), t.c.n.desc())
+        if gpu_uuid is not None:
+            inner = inner.where(t.c.gpu_uuid == gpu_uuid)
+        if since is not None:
+            inner = inner.where(t.c.ts >= since)
+        newest = inner.limit(max(0, limit)).subquery()
+        query = sa.select(newest.c.data).order_by(newest.c.ts, newest.c.n)
+        with self._read("samples") as conn:
+            return [GpuSample.model_validate_json(data) for data in conn.execute(query).scalars()]
+
+    def prune_samples(self, older_than: float) -> int:
+        """Drop samples with ts < older_than; returns how many."""
+        with self._write("prune_samples") as conn:
+            result = conn.execute(samples_table.delete().where(samples_table.c.ts < older_than))
+            return int(result.rowcount or 0)
