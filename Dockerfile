@@ -14,7 +14,9 @@ COPY kgpu ./kgpu
 COPY edge ./edge
 COPY cloud ./cloud
 COPY shared ./shared
-RUN pip install . && rm -rf /src
+# Both sides, no lab: the edge extra (pynvml) and the cloud extra (kubernetes, alembic, psycopg);
+# never kmock or a test library (the `lab` and `test` extras).
+RUN pip install ".[edge,cloud]" && rm -rf /src
 
 # Non-root by default (the controller runs as uid 10001). NVML reads work unprivileged; setting
 # power limits and locking clocks do not: the edge DaemonSet (deploy/edge/daemonset.yaml)

@@ -21,20 +21,13 @@ import urllib.request
 from dataclasses import dataclass
 
 from bench.common import Row, cpu_seconds, rss_mib
+from kgpu.lab.processes import LabError, free_port, wait_for
 
 
 def metric(base: str, name: str) -> float:
     text = urllib.request.urlopen(f"{base}/metrics", timeout=5).read().decode()
     match = re.search(rf"^{name} (\S+)$", text, re.MULTILINE)
     return float(match.group(1)) if match else float("nan")
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -62,15 +55,16 @@ def measure(seconds: float = 60.0, gpus: int = 8, warmup: float = 10.0) -> Overh
         )
         bare = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3600)"])
         try:
-            deadline = time.monotonic() + 30
-            while True:
-                try:
-                    urllib.request.urlopen(f"{base}/healthz", timeout=1)
-                    break
-                except OSError:
-                    if time.monotonic() > deadline or daemon.poll() is not None:
-                        raise SystemExit("daemon did not start") from None
-                    time.sleep(0.2)
+            def up() -> bool:
+                if daemon.poll() is not None:
+                    raise SystemExit("daemon did not start")
+                urllib.request.urlopen(f"{base}/healthz", timeout=1)
+                return True
+
+            try:
+                wait_for(up, 30, 0.2, "the daemon's /healthz", ignore=(OSError,))
+            except LabError:
+                raise SystemExit("daemon did not start") from None
             # load on every GPU so that every figure and the policy are exercised
             for index in range(gpus):
                 req = urllib.request.Request(f"{base}/api/v1/sim/gpus/{index}", method="POST",

@@ -20,10 +20,11 @@ import time
 from pathlib import Path
 
 from bench.common import Row
+from kgpu.lab.broker import Mosquitto
+from kgpu.lab.kube import KubeEmulator
+from kgpu.lab.processes import wait_for
 from tests.helpers.cloud_process import CloudProcess
-from tests.helpers.edge_process import EdgeProcess, wait_for
-from tests.helpers.kube import KubeEmulator
-from tests.helpers.mosquitto import Mosquitto
+from tests.helpers.edge_process import EdgeProcess
 
 GPU_LABELS = {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3", "nvidia.com/gpu.count": "2"}
 

@@ -1,7 +1,7 @@
 """Fleet scale: how large a fleet one controller (or two replicas on PostgreSQL) keeps up with.
 
 Per step: a fresh real mosquitto, a real `kgpu cloud run` (SQLite; or PostgreSQL with `--replicas 2`
-sharing `$share/kgpu/...`), and the fleet simulator (kgpu/fleetsim.py) in this process with
+sharing `$share/kgpu/...`), and the fleet simulator (kgpu/lab/fleetsim/) in this process with
 `nodes` × `gpus` at `interval`. After a warm-up, ingest lag is measured over the window:
 
 - events: first publish of a seq → the cumulative ack covering it (the cloud acks after the commit);
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import math
 import os
 import resource
@@ -31,10 +32,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.common import Row, cpu_seconds, machine, metric_sum, tree_cpu_seconds
-from kgpu.fleetsim import FleetOptions, FleetSim, lag_summary, raise_fd_limit
+from kgpu.lab.broker import Mosquitto
+from kgpu.lab.fleetsim import FleetOptions, FleetSim, lag_summary, raise_fd_limit
+from kgpu.lab.processes import wait_for
 from tests.helpers.cloud_process import CloudProcess
-from tests.helpers.edge_process import wait_for
-from tests.helpers.mosquitto import Mosquitto
 
 
 @dataclass
@@ -73,6 +74,10 @@ class StepResult:
 
     def keeps_up(self, limit_s: float) -> bool:
         return not math.isnan(self.worst_lag) and self.worst_lag < limit_s and self.dropped == 0
+
+
+def _connected(base: str) -> bool:
+    return metric_sum(base, "kgpu_mqtt_connected") == 1.0
 
 
 def _self_cpu() -> float:
@@ -114,8 +119,7 @@ async def run_step(nodes: int, *, gpus: int = 8, interval_s: float = 10.0, secon
             cloud.start()
             stack.callback(_stop, cloud)
         for cloud in clouds:
-            wait_for(lambda c=cloud: metric_sum(c.base, "kgpu_mqtt_connected") == 1.0, timeout=30,
-                     what="controller connected to the broker")
+            wait_for(functools.partial(_connected, cloud.base), timeout=30, what="controller connected to the broker")
         options = FleetOptions(**{**options.__dict__, "mqtt": broker.url, "cloud": clouds[0].base})
         sim = FleetSim(options)
         await sim.start()

@@ -23,17 +23,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench.common import Row
+from kgpu.lab.broker import Mosquitto
+from kgpu.lab.processes import wait_for
 from shared.mqtt import MqttLink, parse_broker_url
-from shared.protocol import DecisionBody, Kind, make_envelope
+from shared.protocol import ActionOutcome, DecisionBody, Kind, make_envelope
 from shared.topics import EDGE_WILDCARD, edge_topic
 from tests.helpers.cloud_process import CloudProcess
-from tests.helpers.edge_process import wait_for
-from tests.helpers.mosquitto import Mosquitto
 
 
 def payloads(nodes: int, events: int, prefix: str) -> list[tuple[str, bytes]]:
     body = DecisionBody(gpu_index=0, gpu_uuid="GPU-bench", rule="thermal_step_down", action="set_power_limit",
-                        value=630.0, outcome="applied", reason="GPU 0 at 88.0 °C >= maxTempC 83.0",
+                        value=630.0, outcome=ActionOutcome.APPLIED, reason="GPU 0 at 88.0 °C >= maxTempC 83.0",
                         inputs={"temperature_c": 88.0, "power_limit_w": 700.0})
     out = []
     for seq in range(1, events + 1):

@@ -1,7 +1,7 @@
 """Outbox catch-up after an outage: a fleet cut off from the broker keeps deciding, then sends
 its whole backlog when the link returns.
 
-A real mosquitto, a real `kgpu cloud run` (SQLite) and the fleet simulator (kgpu/fleetsim.py):
+A real mosquitto, a real `kgpu cloud run` (SQLite) and the fleet simulator (kgpu/lab/fleetsim/):
 `nodes` edges make events at `event_every` seconds each; every connection is then dropped without
 DISCONNECT (the broker publishes the last wills) for `outage` seconds while the outboxes fill;
 then the links return (at the simulator's connect rate) and the clock runs until the cloud has
@@ -23,10 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench.common import Row, metric_sum
-from kgpu.fleetsim import FleetOptions, FleetSim, raise_fd_limit
+from kgpu.lab.broker import Mosquitto
+from kgpu.lab.fleetsim import FleetOptions, FleetSim, raise_fd_limit
+from kgpu.lab.processes import wait_for
 from tests.helpers.cloud_process import CloudProcess
-from tests.helpers.edge_process import wait_for
-from tests.helpers.mosquitto import Mosquitto
 
 
 @dataclass

@@ -1,13 +1,13 @@
 """Rollout over a large simulated fleet with offline nodes.
 
 A real mosquitto, kmock's emulated Kubernetes API with the real kubernetes client, a real
-`kgpu cloud run --kubeconfig`, and the fleet simulator (kgpu/fleetsim.py) for the edges, with
-telemetry and events flowing all along. This script plays the DaemonSet controller: when the
-controller deletes a daemon pod, a new pod appears on that node from the DaemonSet's current
-template, and the simulated node's daemon reports the image tag as its version (a fresh retained
-status), as a restarted `kgpu edge run` would. A share of the nodes is cut off (their wills say
-offline) before the rollout starts: they must be deferred, not block the waves, and be upgraded
-once they return.
+`kgpu cloud run --kubeconfig`, and the fleet simulator (kgpu/lab/fleetsim/) for the edges, with
+telemetry and events flowing all along. The lab's ClusterPlayer (kgpu/lab/cluster.py) plays the
+DaemonSet controller: when the controller deletes a daemon pod, a new pod appears on that node
+from the DaemonSet's current template, and the simulated node's daemon reports the image tag as
+its version (a fresh retained status), as a restarted `kgpu edge run` would. A share of the
+nodes is cut off (their wills say offline) before the rollout starts: they must be deferred, not
+block the waves, and be upgraded once they return.
 
     python -m bench.rollout_fleet --nodes 500 --offline 0.1
 """
@@ -16,9 +16,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import concurrent.futures
-import itertools
-import json
 import tempfile
 import time
 from dataclasses import dataclass
@@ -26,12 +23,12 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import Row, metric_sum
-from kgpu.demo import daemon_pod_manifest, daemonset_manifest
-from kgpu.fleetsim import FleetOptions, FleetSim, raise_fd_limit
+from kgpu.lab.broker import Mosquitto
+from kgpu.lab.cluster import ClusterPlayer, Replaced
+from kgpu.lab.fleetsim import FleetOptions, FleetSim, raise_fd_limit
+from kgpu.lab.kube import KubeEmulator
+from kgpu.lab.processes import wait_for
 from tests.helpers.cloud_process import CloudProcess
-from tests.helpers.edge_process import wait_for
-from tests.helpers.kube import KubeEmulator
-from tests.helpers.mosquitto import Mosquitto
 
 NS, DS = "kgpu", "kgpu-edge"
 OLD_IMAGE, NEW_IMAGE = "kgpu/edge:0.1.0", "kgpu/edge:0.2.0"
@@ -50,76 +47,6 @@ class RolloutResult:
     kube_requests: int
 
 
-class DaemonSetPlayer:
-    """Recreates deleted daemon pods from the DaemonSet's template; the node's daemon restarts."""
-
-    def __init__(self, kube: KubeEmulator, sim: FleetSim, nodes: list[str]) -> None:
-        self.kube = kube
-        self.sim = sim
-        self.nodes = nodes
-        self.live: dict[str, str] = {}  # pod -> node
-        self.deletions: dict[str, int] = dict.fromkeys(nodes, 0)
-        self.served = 0  # Kubernetes API requests served and forgotten (forget_served)
-        self._counter = itertools.count()
-        self._pool = concurrent.futures.ThreadPoolExecutor(16)
-
-    def create_pod(self, node: str, image: str) -> str:
-        name = f"{DS}-{node}-{next(self._counter)}"
-        self.kube.core.create_namespaced_pod(NS, daemon_pod_manifest(NS, DS, LABELS, name, node, image))
-        return name
-
-    def seed(self, offline: set[str]) -> None:
-        self.kube.apps.create_namespaced_daemon_set(NS, daemonset_manifest(NS, DS, LABELS, OLD_IMAGE))
-
-        def add(node: str) -> tuple[str, str]:
-            self.kube.add_node(node, ready=node not in offline)
-            return self.create_pod(node, OLD_IMAGE), node
-
-        self.live = dict(self._pool.map(add, self.nodes))
-
-    def _react(self) -> list[tuple[str, str]]:
-        """One pass (in a thread): new pods for nodes without one; [(node, version)] to restart."""
-        listed = json.loads(self.kube.core.list_namespaced_pod(NS, _preload_content=False).data)
-        live = {p["metadata"]["name"]: p["spec"]["nodeName"] for p in listed["items"]}
-        for name in set(self.live) - set(live):
-            self.deletions[self.live[name]] += 1
-        self.live = live
-        missing = sorted(set(self.nodes) - set(live.values()))
-        if not missing:
-            return []
-        ds = json.loads(self.kube.apps.read_namespaced_daemon_set(DS, NS, _preload_content=False).data)
-        image = ds["spec"]["template"]["spec"]["containers"][0]["image"]
-        for node, name in zip(missing, self._pool.map(lambda n: self.create_pod(n, image), missing), strict=True):
-            self.live[name] = node
-        return [(node, image.rsplit(":", 1)[1]) for node in missing]
-
-    async def run(self) -> None:
-        trimmed_at = time.monotonic()
-        while True:
-            for node, version in await asyncio.to_thread(self._react):
-                if self.sim.node(node).connected:
-                    self.sim.restart(node, version)
-            if time.monotonic() - trimmed_at > 2:
-                await asyncio.to_thread(self.forget_served)
-                trimmed_at = time.monotonic()
-            await asyncio.sleep(0.2)
-
-    def forget_served(self) -> None:
-        """kmock 0.8 matches every request against every request it has served so far (quadratic:
-        at 500 nodes the emulator, not the controller, took a whole core and set the pace). The
-        harness counts and drops that history every few seconds (kmock's private list)."""
-
-        def take() -> None:
-            served = self.kube.emulator._requests  # private: see the docstring
-            self.served += len(served)
-            served.clear()
-
-        self.kube.on_loop(take)
-
-    def close(self) -> None:
-        self._pool.shutdown()
-
-
 async def run(nodes: int = 500, offline_share: float = 0.1, gpus: int = 8, interval_s: float = 10.0,
               max_unavailable: str = "20%") -> RolloutResult:
     options = FleetOptions(mqtt="mqtt://127.0.0.1:1", nodes=nodes, gpus=gpus, interval_s=interval_s,
@@ -134,10 +61,18 @@ async def run(nodes: int = 500, offline_share: float = 0.1, gpus: int = 8, inter
         names = [n.name for n in sim.nodes]
         step = max(1, round(1 / offline_share)) if offline_share > 0 else 0
         offline = set(names[step // 2::step]) if step else set()
-        player = DaemonSetPlayer(kube, sim, names)
+        # kmock 0.8 matches every request against all it has served (quadratic): the player drops
+        # that history as it goes (forget_requests), or at 500 nodes the emulator sets the pace
+        player = ClusterPlayer(kube, names, namespace=NS, daemonset=DS, labels=LABELS, forget_requests=True)
+
+        def restarted(replaced: list[Replaced]) -> None:  # on the loop: the simulator lives there
+            for r in replaced:
+                if sim.node(r.node).connected:
+                    sim.restart(r.node, r.version)
+
         reactor: asyncio.Task[None] | None = None
         try:
-            await asyncio.to_thread(player.seed, offline)
+            await asyncio.to_thread(player.seed, OLD_IMAGE, offline=offline)
             await sim.start()
             if not await sim.wait_connected(60):
                 raise SystemExit("the simulated fleet did not connect")
@@ -150,7 +85,7 @@ async def run(nodes: int = 500, offline_share: float = 0.1, gpus: int = 8, inter
                                     f"{nodes} nodes in the fleet store")
             await asyncio.to_thread(wait_for, lambda: metric_sum(cloud.base, "kgpu_controller_leader") == 1.0, 60, 0.5,
                                     "the controller leading")
-            reactor = asyncio.create_task(player.run())
+            reactor = asyncio.create_task(player.run(restarted))
             status, created = await asyncio.to_thread(
                 cloud.request, "POST", "/api/v1/rollouts",
                 {"image": NEW_IMAGE, "maxUnavailable": max_unavailable, "healthTimeout": "120s",
@@ -191,14 +126,14 @@ async def run(nodes: int = 500, offline_share: float = 0.1, gpus: int = 8, inter
                 reactor.cancel()
                 await asyncio.gather(reactor, return_exceptions=True)
             await sim.stop()
-            player.close()
+            player.stop()
             if cloud is not None and cloud.proc is not None and cloud.proc.poll() is None:
                 cloud.stop()
             kube.stop()
             broker.stop()
     return RolloutResult(nodes=nodes, offline=len(offline), online_done_s=online_done_s,
                          returned_done_s=returned_done_s, max_in_flight=max_in_flight, max_unavailable=limit,
-                         deleted_twice=sum(1 for n in player.deletions.values() if n > 1),
+                         deleted_twice=sum(1 for n in player.deletions().values() if n > 1),
                          kube_requests=kube_requests)
 
 

@@ -4,9 +4,10 @@ be given as `KGPU_FOO_BAR` or as `foo_bar` in the `--config` file (flags win).""
 from __future__ import annotations
 
 import asyncio
-import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 
@@ -25,8 +26,27 @@ edge_app = typer.Typer(help="The edge daemon (one per GPU edge node).", no_args_
 app.add_typer(edge_app, name="edge")
 
 ConfigOpt = Annotated[
-    Optional[Path], typer.Option("--config", "-c", help="YAML or TOML settings file", envvar="KGPU_CONFIG")
+    Path | None, typer.Option("--config", "-c", help="YAML or TOML settings file", envvar="KGPU_CONFIG")
 ]
+
+
+# The third-party libraries each side needs beyond the core install, and the extra that brings them.
+_EXTRA_OF = {"pynvml": "edge", "kubernetes": "cloud", "alembic": "cloud", "psycopg": "cloud"}
+
+
+@contextmanager
+def _needs_extra(command: str) -> Iterator[None]:
+    """Turn the ImportError of a library that an extra brings into one line naming the extra."""
+    try:
+        yield
+    except ImportError as exc:
+        top = (exc.name or "").split(".")[0]
+        if top not in _EXTRA_OF:
+            raise
+        extra = _EXTRA_OF[top]
+        typer.echo(f"kgpu: {command} needs the {extra} extra ({top} is missing): pip install 'kgpu[{extra}]'",
+                   err=True)
+        raise typer.Exit(code=2) from None
 
 
 def _fail_config(problems: list[str]) -> None:
@@ -46,8 +66,9 @@ def _run_edge(flags: dict[str, Any], config: Path | None) -> None:
         return
     setup_logging(settings.log_level, settings.log_json)
     set_node(settings.node)
-    from edge.main import serve  # imported late: a config error needs none of the daemon
-    from edge.store import StoreError
+    with _needs_extra("kgpu edge run"):
+        from edge.main import serve  # imported late: a config error needs none of the daemon
+        from edge.store import StoreError
 
     try:
         asyncio.run(serve(settings))
@@ -60,15 +81,15 @@ def _run_edge(flags: dict[str, Any], config: Path | None) -> None:
 
 @edge_app.command("run")
 def edge_run(
-    node: Annotated[Optional[str], typer.Option(help="Node name [env NODE_NAME, then hostname]")] = None,
-    mqtt: Annotated[Optional[str], typer.Option(help="Broker URL mqtt://[user:pass@]host:port or mqtts://")] = None,
-    db: Annotated[Optional[Path], typer.Option(help="SQLite file of the edge store [/var/lib/kgpu/edge.db]")] = None,
-    http: Annotated[Optional[str], typer.Option(help="HOST:PORT for the HTTP API [0.0.0.0:9410]")] = None,
-    backend: Annotated[Optional[str], typer.Option(help="nvml (real GPUs) or sim (simulated) [nvml]")] = None,
-    sim_gpus: Annotated[Optional[int], typer.Option(help="Simulated GPUs (backend sim) [2]")] = None,
-    sim_model: Annotated[Optional[str], typer.Option(help="H100, A100, A10 or T4 (backend sim) [H100]")] = None,
-    interval: Annotated[Optional[str], typer.Option(help="Sampling interval, seconds or e.g. '2s' [5]")] = None,
-    log_level: Annotated[Optional[str], typer.Option(help="debug, info, warning or error [info]")] = None,
+    node: Annotated[str | None, typer.Option(help="Node name [env NODE_NAME, then hostname]")] = None,
+    mqtt: Annotated[str | None, typer.Option(help="Broker URL mqtt://[user:pass@]host:port or mqtts://")] = None,
+    db: Annotated[Path | None, typer.Option(help="SQLite file of the edge store [/var/lib/kgpu/edge.db]")] = None,
+    http: Annotated[str | None, typer.Option(help="HOST:PORT for the HTTP API [0.0.0.0:9410]")] = None,
+    backend: Annotated[str | None, typer.Option(help="nvml (real GPUs) or sim (simulated) [nvml]")] = None,
+    sim_gpus: Annotated[int | None, typer.Option(help="Simulated GPUs (backend sim) [2]")] = None,
+    sim_model: Annotated[str | None, typer.Option(help="H100, A100, A10 or T4 (backend sim) [H100]")] = None,
+    interval: Annotated[str | None, typer.Option(help="Sampling interval, seconds or e.g. '2s' [5]")] = None,
+    log_level: Annotated[str | None, typer.Option(help="debug, info, warning or error [info]")] = None,
     config: ConfigOpt = None,
 ) -> None:
     """Run the edge daemon: sample the GPUs, keep them healthy and inside their power policy."""
@@ -85,20 +106,22 @@ app.add_typer(cloud_app, name="cloud")
 
 @cloud_app.command("run")
 def cloud_run(
-    mqtt: Annotated[Optional[str], typer.Option(help="Broker URL mqtt://[user:pass@]host:port or mqtts://")] = None,
-    db: Annotated[Optional[str], typer.Option(help="sqlite:///path or postgresql+psycopg://... [sqlite:///kgpu-cloud.db]")] = None,
-    http: Annotated[Optional[str], typer.Option(help="HOST:PORT for the API [0.0.0.0:9420]")] = None,
-    shared_subscription: Annotated[Optional[str], typer.Option(help="Group for $share/GROUP/... so replicas split ingest")] = None,
-    kubeconfig: Annotated[Optional[Path], typer.Option(help="kubeconfig file [$KUBECONFIG, ~/.kube/config]")] = None,
-    in_cluster: Annotated[Optional[bool], typer.Option("--in-cluster", help="Use the pod's service account")] = None,
-    no_kube: Annotated[Optional[bool], typer.Option("--no-kube", help="No cluster: REST policies only")] = None,
-    api_token_file: Annotated[Optional[Path], typer.Option(help="File holding the API bearer token")] = None,
-    api_token_secret: Annotated[Optional[str], typer.Option(
+    mqtt: Annotated[str | None, typer.Option(help="Broker URL mqtt://[user:pass@]host:port or mqtts://")] = None,
+    db: Annotated[str | None, typer.Option(
+        help="sqlite:///path or postgresql+psycopg://... [sqlite:///kgpu-cloud.db]")] = None,
+    http: Annotated[str | None, typer.Option(help="HOST:PORT for the API [0.0.0.0:9420]")] = None,
+    shared_subscription: Annotated[str | None, typer.Option(
+        help="Group for $share/GROUP/... so replicas split ingest")] = None,
+    kubeconfig: Annotated[Path | None, typer.Option(help="kubeconfig file [$KUBECONFIG, ~/.kube/config]")] = None,
+    in_cluster: Annotated[bool | None, typer.Option("--in-cluster", help="Use the pod's service account")] = None,
+    no_kube: Annotated[bool | None, typer.Option("--no-kube", help="No cluster: REST policies only")] = None,
+    api_token_file: Annotated[Path | None, typer.Option(help="File holding the API bearer token")] = None,
+    api_token_secret: Annotated[str | None, typer.Option(
         help="[NAMESPACE/]NAME[:KEY] of a Secret holding the API bearer token")] = None,
-    api_auth: Annotated[Optional[str], typer.Option(help="reads-open or all: what needs the token [reads-open]")] = None,
-    api_insecure: Annotated[Optional[bool], typer.Option(
+    api_auth: Annotated[str | None, typer.Option(help="reads-open or all: what needs the token [reads-open]")] = None,
+    api_insecure: Annotated[bool | None, typer.Option(
         "--api-insecure", help="No token configured: allow changes anyway (a lab only)")] = None,
-    log_level: Annotated[Optional[str], typer.Option(help="debug, info, warning or error [info]")] = None,
+    log_level: Annotated[str | None, typer.Option(help="debug, info, warning or error [info]")] = None,
     config: ConfigOpt = None,
 ) -> None:
     """Run the cloud controller: ingest every edge node over MQTT into the fleet store."""
@@ -117,9 +140,11 @@ def cloud_run(
         _fail_config(exc.problems)
         return
     setup_logging(settings.log_level, settings.log_json)
-    from cloud.controller import serve
-    from cloud.store import FleetStoreError
-    from kubernetes.config import ConfigException
+    with _needs_extra("kgpu cloud run"):
+        from kubernetes.config import ConfigException
+
+        from cloud.app import serve
+        from cloud.store import FleetStoreError
 
     try:
         asyncio.run(serve(settings))
@@ -138,38 +163,43 @@ def demo(
     nodes: Annotated[int, typer.Option(min=2, max=12, help="Simulated GPU edge nodes")] = 4,
     http: Annotated[int, typer.Option(help="Port of the controller's API and dashboard on 127.0.0.1")] = 9420,
     scenario: Annotated[bool, typer.Option(
-        "--scenario", help="Play a narrated story (thermal spike, XID migration, a node cut off, a rollout), then exit")] = False,
+        "--scenario",
+        help="Play a narrated story (thermal spike, XID migration, a node cut off, a rollout), then exit")] = False,
     fast: Annotated[bool, typer.Option("--fast", help="With --scenario: shorten the waits (for tests)")] = False,
     keep: Annotated[bool, typer.Option("--keep", help="Keep the temp dir (databases, logs) on exit")] = False,
 ) -> None:
     """Everything on one machine, no cluster: mosquitto, an emulated Kubernetes API, the controller and
     simulated GPU edge nodes. Ctrl-C stops it all."""
-    from kgpu.demo import DemoOptions, run_demo  # late: other commands need none of it
+    try:  # late: other commands need none of it; the lab's libraries come with the `lab` extra
+        from kgpu.demo import DemoOptions, run_demo
+    except ImportError as exc:
+        typer.echo(f"kgpu: kgpu demo needs the lab extra ({exc.name} is missing): pip install 'kgpu[lab]'", err=True)
+        raise typer.Exit(code=2) from None
 
     raise typer.Exit(code=run_demo(DemoOptions(nodes=nodes, http=http, scenario=scenario, fast=fast, keep=keep)))
 
 
 @app.command("watch")
 def watch(
-    mqtt: Annotated[Optional[str], typer.Option(
+    mqtt: Annotated[str | None, typer.Option(
         help="Broker URL mqtt://host:port or mqtts://, user:pass@ optional", envvar="KGPU_MQTT")] = None,
-    node: Annotated[Optional[str], typer.Option(help="Only messages about this node")] = None,
-    kind: Annotated[Optional[str], typer.Option(
+    node: Annotated[str | None, typer.Option(help="Only messages about this node")] = None,
+    kind: Annotated[str | None, typer.Option(
         help="Only this topic kind (status, telemetry, events, ack, policy, commands) or envelope kind "
              "(decision, health, xid, migration_request, command_result, offline_summary, command)")] = None,
     json_lines: Annotated[bool, typer.Option(
         "--json", help="One JSON line per message on stdout, no table")] = False,
     events: Annotated[int, typer.Option(help="How many latest events the display keeps")] = 20,
-    ca_file: Annotated[Optional[Path], typer.Option(
+    ca_file: Annotated[Path | None, typer.Option(
         help="CA bundle for mqtts:// (default: the system's)", envvar="KGPU_MQTT_CA_FILE")] = None,
-    cert_file: Annotated[Optional[Path], typer.Option(
+    cert_file: Annotated[Path | None, typer.Option(
         help="Client certificate for mutual TLS", envvar="KGPU_MQTT_CERT_FILE")] = None,
-    key_file: Annotated[Optional[Path], typer.Option(
+    key_file: Annotated[Path | None, typer.Option(
         help="Client key for mutual TLS", envvar="KGPU_MQTT_KEY_FILE")] = None,
     tls_insecure: Annotated[bool, typer.Option(
         help="Skip the broker's hostname check (explicit opt-in only)",
         envvar="KGPU_MQTT_TLS_INSECURE")] = False,
-    password_file: Annotated[Optional[Path], typer.Option(
+    password_file: Annotated[Path | None, typer.Option(
         help="File holding the MQTT password; overrides the URL's", envvar="KGPU_MQTT_PASSWORD_FILE")] = None,
 ) -> None:
     """Live monitor of the kgpu MQTT topics (read-only): nodes, rates, events, rejected messages."""
@@ -196,12 +226,14 @@ def fleet_sim(
     nodes: Annotated[int, typer.Option(min=1, help="Simulated edge nodes")] = 100,
     gpus: Annotated[int, typer.Option(min=1, max=64, help="GPUs per node")] = 8,
     interval: Annotated[float, typer.Option(min=0.1, help="Telemetry interval per node, seconds")] = 10.0,
-    event_every: Annotated[float, typer.Option(min=0.0, help="Mean seconds between two events of a node (0: none)")] = 60.0,
-    status_interval: Annotated[float, typer.Option(min=1.0, help="Retained status re-published this often, seconds")] = 30.0,
+    event_every: Annotated[float, typer.Option(
+        min=0.0, help="Mean seconds between two events of a node (0: none)")] = 60.0,
+    status_interval: Annotated[float, typer.Option(
+        min=1.0, help="Retained status re-published this often, seconds")] = 30.0,
     nodes_per_connection: Annotated[int, typer.Option(
         min=1, help="Nodes sharing one MQTT connection (1: one per node, each with its own last will)")] = 1,
     prefix: Annotated[str, typer.Option(help="Node names are PREFIX-00000, PREFIX-00001, ...")] = "sim",
-    cloud: Annotated[Optional[str], typer.Option(
+    cloud: Annotated[str | None, typer.Option(
         help="Controller HTTP base URL (http://host:9420): probe how long telemetry takes to be stored")] = None,
     duration: Annotated[float, typer.Option(min=0.0, help="Seconds to run (0: until Ctrl-C)")] = 0.0,
     report_every: Annotated[float, typer.Option(min=1.0, help="Seconds between progress lines")] = 10.0,
@@ -210,7 +242,12 @@ def fleet_sim(
     (same topics and envelopes as `kgpu edge run`), and report ingest lag."""
     import json
 
-    from kgpu.fleetsim import FleetOptions, FleetSimError, run_fleet  # late: other commands need none of it
+    try:  # late: other commands need none of it
+        from kgpu.lab.fleetsim import FleetOptions, FleetSimError, run_fleet
+    except ImportError as exc:
+        typer.echo(f"kgpu: kgpu fleet-sim needs the lab extra ({exc.name} is missing): pip install 'kgpu[lab]'",
+                   err=True)
+        raise typer.Exit(code=2) from None
 
     try:
         options = FleetOptions(mqtt=mqtt, nodes=nodes, gpus=gpus, interval_s=interval, event_every_s=event_every,
@@ -241,4 +278,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

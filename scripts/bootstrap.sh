@@ -31,6 +31,10 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   echo "==> installing kgpu${extras:+[$extras]} into .venv"
   .venv/bin/python -m pip install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
   .venv/bin/python -m pip install -q -e ".${extras:+[$extras]}" 2>&1 | grep -v "^WARNING: Location" || true
-  .venv/bin/python -c "import edge, cloud, shared, kgpu" || { echo "install failed" >&2; exit 1; }
+  check="import edge, cloud, shared, kgpu"
+  case ",$extras," in  # the demo and the tests need the lab's libraries (and with them both sides')
+    *,lab,*|*,demo,*|*,test,*) check="$check, kgpu.lab.kube, pynvml, alembic, psycopg" ;;
+  esac
+  .venv/bin/python -c "$check" || { echo "install failed" >&2; exit 1; }
   touch "$stamp"
 fi

@@ -7,4 +7,9 @@ if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && ! command -v initdb 
   extra_pg=postgresql-server:postgresql  # no such command: always installs the package
 fi
 KGPU_EXTRAS=test scripts/bootstrap.sh ${extra_pg:-} promtool:prometheus mosquitto:mosquitto mosquitto_sub:mosquitto-clients chromium:chromium faketime:faketime
-exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"
+echo "==> ruff (rules in pyproject.toml)"
+.venv/bin/ruff check shared edge cloud kgpu bench tests
+echo "==> mypy (files and options in pyproject.toml)"
+.venv/bin/mypy
+# the 25 slowest tests close the report: a test creeping toward its timeout shows here first
+exec .venv/bin/python -m pytest -q -p no:cacheprovider --durations=25 "$@"

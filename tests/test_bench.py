@@ -18,18 +18,29 @@ from pathlib import Path
 import pytest
 
 from cloud.ingest import validate
-from kgpu.fleetsim import (
+from kgpu.lab.broker import mosquitto_binary
+from kgpu.lab.fleetsim import (
     FleetOptions,
     FleetSim,
     decision_body,
     envelope_json,
+    offline_status_body,
     status_body,
     telemetry_body,
 )
 from shared.policy import PowerPolicy
-from shared.protocol import AckBody, CommandBody, Kind, PolicyBody, TelemetryBody, make_envelope
+from shared.protocol import (
+    AckBody,
+    CommandBody,
+    CommandResultBody,
+    DecisionBody,
+    Kind,
+    PolicyBody,
+    StatusBody,
+    TelemetryBody,
+    make_envelope,
+)
 from shared.topics import cloud_topic
-from tests.helpers.mosquitto import mosquitto_binary
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -40,11 +51,12 @@ def test_every_payload_the_simulator_sends_is_accepted_by_the_cloud_validator() 
     now = time.time()
     sent = [
         (node.topics["status"], envelope_json(node.name, "status", status_body(node, "9.9.9"))),
-        (node.topics["status"], envelope_json(node.name, "status", {"state": "offline", "outbox_epoch": node.epoch})),
+        (node.topics["status"], envelope_json(node.name, "status", offline_status_body(node))),
         (node.topics["telemetry"], envelope_json(node.name, "telemetry", telemetry_body(node, sim.rng, now), ts=now)),
         (node.topics["events"], envelope_json(node.name, "decision", decision_body(node, sim.rng), seq=1)),
         (node.topics["events"], envelope_json(node.name, "command_result",
-                                              {"command_id": "c1", "command": "drain", "ok": True, "detail": ""}, seq=2)),
+                                              CommandResultBody(command_id="c1", command="drain", ok=True, detail=""),
+                                              seq=2)),
     ]
     kinds = []
     for topic, payload in sent:
@@ -55,6 +67,9 @@ def test_every_payload_the_simulator_sends_is_accepted_by_the_cloud_validator() 
     telemetry = validate(*sent[2], now).body
     assert isinstance(telemetry, TelemetryBody) and len(telemetry.samples) == 8
     assert len({s.uuid for s in telemetry.samples}) == 8 and all(s.ts == now for s in telemetry.samples)
+    # built with the protocol's own models (make_envelope checks the body's model against the kind)
+    assert isinstance(status_body(node, "9.9.9"), StatusBody) and isinstance(decision_body(node, sim.rng), DecisionBody)
+    assert isinstance(telemetry_body(node, sim.rng, now), TelemetryBody)
 
 
 def test_the_simulator_follows_acks_policies_and_commands_like_an_edge() -> None:

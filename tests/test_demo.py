@@ -17,8 +17,8 @@ from typing import Any
 
 import pytest
 
-from tests.helpers.edge_process import free_port, wait_for
-from tests.helpers.mosquitto import mosquitto_binary
+from kgpu.lab.broker import mosquitto_binary
+from kgpu.lab.processes import free_port, wait_for
 
 pytestmark = [pytest.mark.slow]
 needs_mosquitto = pytest.mark.skipif(mosquitto_binary() is None,

@@ -2,7 +2,6 @@
 
 import json
 import logging
-import socket
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -11,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from edge.pods import PodRef, PodResolver, build_index, parse_cgroup
+from kgpu.lab.processes import free_port
 
 UID = "1234abcd-5678-90ef-1234-567890abcdef"
 UID_US = UID.replace("-", "_")
@@ -71,11 +71,11 @@ CGROUP_CASES: list[tuple[str, str, tuple[str, str] | None]] = [
     ),
     (
         "v1 cgroupfs burstable (k3s, many hierarchies)",
-        "12:pids:/kubepods/burstable/pod{u}/{c}\n"
-        "11:memory:/kubepods/burstable/pod{u}/{c}\n"
-        "10:cpu,cpuacct:/kubepods/burstable/pod{u}/{c}\n"
-        "1:name=systemd:/kubepods/burstable/pod{u}/{c}\n"
-        "0::/\n".format(u=UID, c=CID),
+        f"12:pids:/kubepods/burstable/pod{UID}/{CID}\n"
+        f"11:memory:/kubepods/burstable/pod{UID}/{CID}\n"
+        f"10:cpu,cpuacct:/kubepods/burstable/pod{UID}/{CID}\n"
+        f"1:name=systemd:/kubepods/burstable/pod{UID}/{CID}\n"
+        "0::/\n",
         (UID, CID),
     ),
     (
@@ -202,7 +202,7 @@ class PodListServer:
         owner = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+            def do_GET(self) -> None:
                 owner.requests += 1
                 self.send_response(owner.status)
                 self.send_header("Content-Type", "application/json")
@@ -236,11 +236,8 @@ def server() -> Iterator[PodListServer]:
 
 
 def free_port_url() -> str:
-    """A URL nothing listens on: bind a port, then let it go."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    return f"http://127.0.0.1:{port}/api/v1/pods"
+    """A URL nothing listens on (a port the lab hands out once, below the ephemeral range)."""
+    return f"http://127.0.0.1:{free_port()}/api/v1/pods"
 
 
 class Clock:

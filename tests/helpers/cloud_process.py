@@ -8,7 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from tests.helpers.edge_process import EdgeProcess, free_port, wait_for
+from kgpu.lab.processes import free_port
+from tests.helpers.edge_process import EdgeProcess
 
 
 class CloudProcess(EdgeProcess):
@@ -53,4 +54,4 @@ class CloudProcess(EdgeProcess):
         return sorted(e["seq"] for e in events)
 
 
-__all__ = ["CloudProcess", "wait_for"]
+__all__ = ["CloudProcess"]

@@ -1,56 +1,19 @@
-"""Run `kgpu edge run` as a real process for end-to-end tests, and talk to it over HTTP."""
+"""Run `kgpu edge run` as a real process for end-to-end tests, and talk to it over HTTP (ports, waits
+and HTTP calls from the lab: kgpu/lab/processes.py)."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import yaml
 
-_HANDED_OUT: set[int] = set()
-
-
-def free_port() -> int:
-    """A free loopback port for a server a test starts, below Linux's ephemeral range
-    (32768-60999) so that no client socket or port-0 bind elsewhere can take it before the server
-    binds it, and never the same one twice in a run."""
-    import random
-
-    for port in random.sample(range(20000, 32000), 500):
-        if port in _HANDED_OUT:
-            continue
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        _HANDED_OUT.add(port)
-        return port
-    raise RuntimeError("no free port in 20000-32000")
-
-
-def wait_for(check: Callable[[], Any], timeout: float = 20.0, interval: float = 0.2, what: str = "condition") -> Any:
-    """Poll until `check()` returns something truthy; fail with `what` after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = check()
-        if last:
-            return last
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}; last value: {last!r}")
-
+from kgpu.lab.processes import free_port, http_json, wait_for
 
 # utilisation flipping across the threshold makes a decision nearly every cycle
 BUSY_POLICY = {"policy": {"version": 1, "powerSaving": {"enabled": True, "utilizationThreshold": 50,
@@ -97,7 +60,7 @@ class EdgeProcess:
     def base(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self, timeout: float = 20.0) -> EdgeProcess:
+    def start(self, timeout: float = 20.0) -> Self:
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(self.args, env=self.env, stdout=self._log, stderr=subprocess.STDOUT)
         wait_for(self._up, timeout=timeout, interval=0.05, what=f"edge daemon on :{self.port} (log {self.log_path})")
@@ -112,7 +75,7 @@ class EdgeProcess:
         except OSError:
             return False
 
-    def wait_healthy(self, timeout: float = 20.0) -> EdgeProcess:
+    def wait_healthy(self, timeout: float = 20.0) -> Self:
         """Until /healthz answers 200: `start()` returns once the server answers at all, which
         can be before the MQTT link is up."""
         wait_for(lambda: self.request("GET", "/healthz")[0] == 200, timeout=timeout,
@@ -125,20 +88,8 @@ class EdgeProcess:
     def request(self, method: str, path: str, body: Any = None, raw: bytes | None = None,
                 headers: dict[str, str] | None = None) -> tuple[int, Any]:
         """One HTTP request; with `Authorization: Bearer <token>` when the process has a token."""
-        data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
-        sent = {"Content-Type": "application/json"}
-        if self.token is not None:
-            sent["Authorization"] = f"Bearer {self.token}"
-        req = urllib.request.Request(self.base + path, data=data, method=method, headers={**sent, **(headers or {})})
-        try:
-            with urllib.request.urlopen(req, timeout=10) as resp:
-                status, payload = resp.status, resp.read()
-        except urllib.error.HTTPError as exc:
-            status, payload = exc.code, exc.read()
-        try:
-            return status, json.loads(payload)
-        except json.JSONDecodeError:
-            return status, payload.decode(errors="replace")
+        sent = {"Authorization": f"Bearer {self.token}"} if self.token is not None else {}
+        return http_json(method, self.base + path, body, raw=raw, headers={**sent, **(headers or {})}, timeout=10)
 
     def get(self, path: str) -> Any:
         status, body = self.request("GET", path)

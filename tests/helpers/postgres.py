@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers.edge_process import free_port
+from kgpu.lab.processes import free_port
 
 SUPERUSER = "kgpu"
 START_TIMEOUT_S = 30.0
@@ -110,20 +110,20 @@ def start_postgres(initdb: Path, postgres: Path) -> PostgresServer:
         os.chown(root, entry.pw_uid, entry.pw_gid)
     # setuid in the child: no runuser/su in between, so our Popen *is* the postmaster and a
     # signal to it is a clean shutdown.
-    as_user: dict[str, object] = (
-        {"user": user, "group": pwd.getpwnam(user).pw_gid, "extra_groups": []} if user else {}
-    )
+    group = pwd.getpwnam(user).pw_gid if user is not None else None
+    extra_groups: list[int] | None = [] if user is not None else None  # [] drops root's groups
     env = {**os.environ, "LC_ALL": "C", "LANG": "C"}
     init = subprocess.run(
         [str(initdb), "-D", str(data), "-U", SUPERUSER, "-A", "trust", "-E", "UTF8",
          "--no-locale", "--no-sync"],
-        cwd=root, env=env, capture_output=True, text=True, timeout=120, **as_user,  # type: ignore[arg-type]
+        cwd=root, env=env, capture_output=True, text=True, timeout=120,
+        user=user, group=group, extra_groups=extra_groups,
     )
     if init.returncode != 0:
         shutil.rmtree(root, ignore_errors=True)
         raise RuntimeError(f"initdb failed ({init.returncode}): {init.stderr.strip()[-2000:]}")
     port = free_port()
-    log_file = open(log_path, "wb")  # noqa: SIM115 - the server writes to it until stopped
+    log_file = open(log_path, "wb")
     if user is not None:
         os.chown(log_path, pwd.getpwnam(user).pw_uid, -1)
     process = subprocess.Popen(
@@ -131,7 +131,8 @@ def start_postgres(initdb: Path, postgres: Path) -> PostgresServer:
          "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off", "-c", "synchronous_commit=off",
          "-c", "full_page_writes=off", "-c", "max_connections=200",
          "-c", "shared_buffers=64MB"],
-        cwd=root, env=env, stdout=log_file, stderr=subprocess.STDOUT, **as_user,  # type: ignore[arg-type]
+        cwd=root, env=env, stdout=log_file, stderr=subprocess.STDOUT,
+        user=user, group=group, extra_groups=extra_groups,
     )
     log_file.close()
     server = PostgresServer(root=root, port=port, process=process, log_path=log_path)

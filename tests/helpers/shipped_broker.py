@@ -9,8 +9,8 @@ import signal
 import subprocess
 from pathlib import Path
 
-from tests.helpers.edge_process import free_port
-from tests.helpers.mosquitto import Mosquitto
+from kgpu.lab.broker import Mosquitto
+from kgpu.lab.processes import free_port
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 KIT = ROOT / "deploy" / "mosquitto"

@@ -12,8 +12,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from edge.store import EdgeStore  # noqa: E402
-from shared.protocol import ActionOutcome, DecisionBody, Kind  # noqa: E402
+from edge.store import EdgeStore
+from shared.protocol import ActionOutcome, DecisionBody, Kind
 
 
 def main() -> None:

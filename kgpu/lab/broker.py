@@ -1,0 +1,293 @@
+"""MQTT brokers for the lab: a real mosquitto on a free loopback port (its own config, persistence
+and log; optional users, ACL and TLS), the embedded Python broker amqtt where mosquitto is not
+installed, and `Uplinks`, loopback relays that take one node off the network on demand.
+
+Why here: the demo and the tests each started mosquitto their own way; one starter means one
+config to get right (persistence for restart tests, `user root` when run as root, queue limits).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+from kgpu.lab.processes import Child, LabError, free_port, wait_listening
+
+MOSQUITTO_HINT = ("kgpu demo needs the mosquitto MQTT broker on PATH: "
+                  "`sudo apt-get install mosquitto` (Debian/Ubuntu), `sudo dnf install mosquitto` (Fedora) "
+                  "or `brew install mosquitto` (macOS)")
+
+
+def mosquitto_binary() -> str | None:
+    """mosquitto on PATH, or where the distributions put it outside PATH (sbin)."""
+    found = shutil.which("mosquitto")
+    if found:
+        return found
+    for candidate in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto", "/opt/homebrew/sbin/mosquitto"):
+        if os.path.exists(candidate):
+            return candidate
+    return None
+
+
+class BrokerProcess:
+    """A broker run as a `Child`, listening on 127.0.0.1:`port`."""
+
+    port: int
+    child: Child
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://127.0.0.1:{self.port}"
+
+    @property
+    def proc(self) -> subprocess.Popen[bytes] | None:
+        return self.child.proc
+
+    @property
+    def pid(self) -> int:
+        return self.child.pid
+
+    @property
+    def name(self) -> str:
+        return self.child.name
+
+    def alive(self) -> bool:
+        return self.child.alive()
+
+    def start(self, timeout: float = 15.0) -> Any:
+        self.child.start()
+        wait_listening(self.child, self.port, timeout)
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self.child.stop(timeout)
+
+    def kill(self) -> None:
+        """kill -9: whatever the broker had not saved is gone."""
+        self.child.kill()
+
+    def restart(self) -> None:
+        """SIGTERM (mosquitto saves its persistence), then start again on the same port."""
+        self.stop()
+        self.start()
+
+    def pause(self) -> None:
+        """A partition: the broker stops answering but keeps its sockets open (SIGSTOP)."""
+        self.child.signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        self.child.signal(signal.SIGCONT)
+
+
+class Mosquitto(BrokerProcess):
+    """A real mosquitto: `workdir` holds its config, persistence (`mosquitto.db`) and log
+    (`log_path`); its stdout and stderr go to `output` (default `workdir/mosquitto.out`).
+
+    `users` (name -> password) turn anonymous access off; `acl` is the text of an ACL file; `tls`
+    adds a second listener (`tls_port`) with those certificates."""
+
+    def __init__(self, workdir: Path, *, users: dict[str, str] | None = None, acl: str | None = None,
+                 tls: TlsFiles | None = None, message_size_limit: int | None = None,
+                 output: Path | None = None, name: str = "mosquitto") -> None:
+        binary = mosquitto_binary()
+        if binary is None:
+            raise LabError(MOSQUITTO_HINT)
+        self.binary = binary
+        self.workdir = workdir
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.tls_port = free_port() if tls else None
+        self.log_path = workdir / "mosquitto.log"
+        lines = [
+            "per_listener_settings false",
+            "persistence true",
+            f"persistence_location {workdir}/",
+            "autosave_interval 1",
+            f"log_dest file {self.log_path}",
+            "log_type error", "log_type warning", "log_type notice",
+            "max_queued_messages 100000",
+            *([f"message_size_limit {message_size_limit}"] if message_size_limit else []),
+            f"listener {self.port} 127.0.0.1",
+        ]
+        if users is not None:
+            passwd = workdir / "passwd"
+            passwd.write_text("")
+            for user, password in users.items():
+                subprocess.run(["mosquitto_passwd", "-b", str(passwd), user, password], check=True,
+                               capture_output=True)
+            lines += ["allow_anonymous false", f"password_file {passwd}"]
+        else:
+            lines.append("allow_anonymous true")
+        if acl is not None:
+            acl_file = workdir / "acl"
+            acl_file.write_text(acl)
+            lines.append(f"acl_file {acl_file}")
+        if tls is not None:
+            lines += [f"listener {self.tls_port} 127.0.0.1", f"cafile {tls.ca}", f"certfile {tls.server_cert}",
+                      f"keyfile {tls.server_key}"]
+        if os.geteuid() == 0:  # as root mosquitto would switch to its own user, who can't read tmp dirs
+            lines.insert(0, "user root")
+        self.config = workdir / "mosquitto.conf"
+        self.config.write_text("\n".join(lines) + "\n")
+        self.child = Child(name, [binary, "-c", str(self.config)], output or workdir / "mosquitto.out")
+
+    def start(self, timeout: float = 10.0) -> Mosquitto:
+        try:
+            super().start(timeout)
+        except LabError as exc:
+            log = self.log_path.read_text(errors="replace")[-2000:] if self.log_path.exists() else ""
+            raise LabError(f"{exc} {log}") from None
+        return self
+
+
+class TlsFiles:
+    """A throwaway CA and a server certificate for 127.0.0.1/localhost, made with openssl."""
+
+    def __init__(self, workdir: Path) -> None:
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.ca = workdir / "ca.crt"
+        ca_key = workdir / "ca.key"
+        self.server_cert = workdir / "server.crt"
+        self.server_key = workdir / "server.key"
+        csr = workdir / "server.csr"
+        ext = workdir / "ext.cnf"
+        ext.write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+
+        def run(*args: str) -> None:
+            subprocess.run(["openssl", *args], check=True, capture_output=True)
+
+        run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=kgpu-test-ca",
+            "-keyout", str(ca_key), "-out", str(self.ca))
+        run("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=localhost", "-keyout", str(self.server_key),
+            "-out", str(csr))
+        run("x509", "-req", "-in", str(csr), "-CA", str(self.ca), "-CAkey", str(ca_key), "-CAcreateserial",
+            "-days", "2", "-extfile", str(ext), "-out", str(self.server_cert))
+
+
+class Amqtt(BrokerProcess):
+    """The embedded Python broker amqtt (the `lab` extra), anonymous, no persistence: the demo's
+    fallback where mosquitto cannot be installed."""
+
+    def __init__(self, workdir: Path, *, output: Path | None = None, name: str = "amqtt") -> None:
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.workdir = workdir
+        self.port = free_port()
+        self.config = workdir / "amqtt.yaml"
+        self.config.write_text(
+            f"listeners:\n  default:\n    type: tcp\n    bind: 127.0.0.1:{self.port}\n"
+            "plugins:\n  amqtt.plugins.authentication.AnonymousAuthPlugin:\n    allow_anonymous: true\n"
+        )
+        self.child = Child(name, [sys.executable, "-m", "amqtt.scripts.broker_script", "-c", str(self.config)],
+                           output or workdir / "amqtt.out")
+
+    def start(self, timeout: float = 15.0) -> Amqtt:
+        super().start(timeout)
+        return self
+
+
+def start_broker(workdir: Path, output: Path, choice: str | None = None) -> BrokerProcess:
+    """mosquitto when it is installed, otherwise amqtt; `choice` (default: $KGPU_DEMO_BROKER)
+    mosquitto or amqtt forces one. Started, listening, named "broker"."""
+    choice = choice or os.environ.get("KGPU_DEMO_BROKER", "auto")
+    if choice not in ("auto", "mosquitto", "amqtt"):
+        raise LabError(f"KGPU_DEMO_BROKER must be auto, mosquitto or amqtt, not {choice!r}")
+    if choice != "amqtt" and mosquitto_binary() is not None:
+        return Mosquitto(workdir, output=output, name="broker").start(15)
+    if choice != "mosquitto" and importlib.util.find_spec("amqtt") is not None:
+        return Amqtt(workdir, output=output, name="broker").start()
+    raise LabError(MOSQUITTO_HINT + ", or install the embedded broker: pip install 'kgpu[lab]'")
+
+
+# ---- per-node uplinks: loopback TCP relays that can be cut ----------------------------------
+
+
+class Uplinks:
+    """One TCP relay per node between its edge and the broker. `cut(node)` aborts the node's
+    connections (the broker sees the socket die and publishes the node's will: offline) and
+    refuses new ones until `restore(node)`; the edge process itself keeps running."""
+
+    def __init__(self, broker_port: int) -> None:
+        self.broker_port = broker_port
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="uplinks", daemon=True)
+        self._thread.start()
+        self.down: set[str] = set()
+        self._conns: dict[str, set[asyncio.StreamWriter]] = {}
+        self._servers: list[asyncio.base_events.Server] = []
+
+    def _call(self, coro: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(10)
+
+    def add(self, node: str) -> int:
+        """A relay for `node`; the port its edge connects to."""
+        async def open_server() -> int:
+            server = await asyncio.start_server(lambda r, w: self._relay(node, r, w), "127.0.0.1", free_port())
+            self._servers.append(server)
+            return int(server.sockets[0].getsockname()[1])
+
+        self._conns[node] = set()
+        return int(self._call(open_server()))
+
+    async def _relay(self, node: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if node in self.down:
+            writer.transport.abort()
+            return
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.broker_port)
+        except OSError:
+            writer.transport.abort()
+            return
+        conns = self._conns[node]
+        conns.update((writer, up_writer))
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            try:
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            except (OSError, asyncio.CancelledError):
+                pass
+            finally:
+                dst.transport.abort()
+
+        try:
+            await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+        finally:
+            conns.discard(writer)
+            conns.discard(up_writer)
+
+    def cut(self, node: str) -> None:
+        async def abort() -> None:
+            self.down.add(node)
+            for w in list(self._conns[node]):
+                w.transport.abort()
+
+        self._call(abort())
+
+    def restore(self, node: str) -> None:
+        async def up() -> None:
+            self.down.discard(node)
+
+        self._call(up())
+
+    def stop(self) -> None:
+        async def close() -> None:
+            for conns in self._conns.values():
+                for w in list(conns):
+                    w.transport.abort()
+            for server in self._servers:
+                server.close()
+
+        try:
+            self._call(close())
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(5)
