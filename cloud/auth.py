@@ -83,7 +83,8 @@ class FileTokens:
                 self._stamp = stamp
         except (OSError, UnicodeDecodeError) as exc:
             self._stamp = None
-            raise TokenUnavailable(f"{self.where} is unreadable: {getattr(exc, 'strerror', None) or type(exc).__name__}") from None
+            reason = getattr(exc, "strerror", None) or type(exc).__name__
+            raise TokenUnavailable(f"{self.where} is unreadable: {reason}") from None
         except TokenUnavailable:
             self._stamp = None
             raise

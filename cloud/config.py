@@ -47,7 +47,9 @@ class CloudSettings(KgpuSettings):
     )
     namespace: str = Field("kgpu", description="Namespace of the edge DaemonSet and the leader Lease")
     lease_name: str = Field("kgpu-controller", description="coordination.k8s.io Lease used for leader election")
-    lease_duration: Seconds = Field(15.0, ge=2.0, le=600.0, description="A leader that does not renew loses the lease after this")
+    lease_duration: Seconds = Field(
+        15.0, ge=2.0, le=600.0, description="A leader that does not renew loses the lease after this"
+    )
     lease_renew_interval: Seconds = Field(5.0, ge=0.5, le=300.0, description="How often the leader renews its lease")
     daemonset: str = Field("kgpu-edge", description="Name of the edge daemon's DaemonSet (for rollouts)")
     migration_grace: Seconds = Field(120.0, description="Migrate work off a GPU unhealthy longer than this")

@@ -17,40 +17,23 @@ import dataclasses
 import gc
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 
 from cloud.clock_skew import ClockSkewEstimator
+from cloud.services import BatchBus
 from cloud.store import FleetStore, Incoming, IngestResult
 from shared.logs import get_logger
 from shared.mqtt import Received
-from shared.protocol import EVENT_KINDS, Kind, RejectedMessage, decode
-from shared.topics import BadTopic, parse_topic
+from shared.protocol import Direction, Kind, RejectedMessage, decode_and_check
 
 log = get_logger(__name__)
 
-TOPIC_KINDS: dict[str, frozenset[Kind]] = {
-    "status": frozenset({Kind.STATUS}),
-    "telemetry": frozenset({Kind.TELEMETRY}),
-    "events": EVENT_KINDS,
-}
-
 
 def validate(topic: str, payload: bytes, received_at: float) -> Incoming:
-    """Check one edge message end to end; raise RejectedMessage(reason, detail) if it is bad."""
-    try:
-        parts = parse_topic(topic)
-    except BadTopic as exc:
-        raise RejectedMessage("bad_topic", str(exc)) from None
-    if parts.side != "edge":
-        raise RejectedMessage("bad_topic", f"not an edge topic: {topic}")
-    envelope, body = decode(payload)
-    if envelope.node != parts.node:
-        raise RejectedMessage("node_mismatch", f"topic node {parts.node!r} but payload node {envelope.node!r}")
-    if envelope.kind not in TOPIC_KINDS[parts.kind]:
-        raise RejectedMessage("kind_mismatch", f"{envelope.kind} on the {parts.kind} topic")
-    if parts.kind == "events" and envelope.seq is None:
-        raise RejectedMessage("missing_seq", "an event without seq cannot be deduplicated")
-    return Incoming(envelope=envelope, body=body, received_at=received_at)
+    """Check one edge message end to end (shared.protocol.decode_and_check: the one wire
+    contract); raise RejectedMessage(reason, detail) if it is bad."""
+    checked = decode_and_check(topic, payload, direction=Direction.EDGE_TO_CLOUD)
+    return Incoming(envelope=checked.envelope, body=checked.body, received_at=received_at)
 
 
 GC_GEN0_THRESHOLD = 20_000
@@ -74,7 +57,8 @@ def tune_gc_for_ingest() -> None:
 
 class Ingestor:
     def __init__(self, store: FleetStore, publish_ack: Callable[[str, int, str | None], None], *,
-                 batch_size: int = 500, batch_interval_s: float = 0.1, tune_gc: bool = False) -> None:
+                 batches: BatchBus | None = None, batch_size: int = 500, batch_interval_s: float = 0.1,
+                 tune_gc: bool = False) -> None:
         self.store = store
         self.tune_gc = tune_gc  # the controller's ingest is its hot loop: see tune_gc_for_ingest()
         self.publish_ack = publish_ack
@@ -91,9 +75,9 @@ class Ingestor:
         self.batches = 0
         self.store_errors = 0
         self.failing = False  # the last write failed and is being retried
-        # Called with every batch after it is committed (decisions that follow from fleet state,
-        # e.g. migrations on a migration_request event, listen here). A failing listener is logged.
-        self.listeners: list[Callable[[list[Incoming]], Awaitable[None]]] = []
+        # Every batch goes here after it is committed (decisions that follow from fleet state,
+        # e.g. migrations on a migration_request event, subscribe). A failing listener is logged.
+        self.bus = batches if batches is not None else BatchBus()
         # node -> arrival minus the edge's ts of its last message, less the node's clock skew
         self.lag_seconds: dict[str, float] = {}
         self.clock = ClockSkewEstimator()  # .skew: node -> its clock minus ours (cloud/clock_skew.py)
@@ -160,7 +144,7 @@ class Ingestor:
                 self.rejected["refused_by_store"] += len(batch)
                 log.error("fleet store refused a batch of %d messages: %s", len(batch), exc)
                 return []
-            except Exception as exc:  # the database is down: keep the batch, retry with backoff
+            except Exception as exc:  # noqa: BLE001 - the database is down: keep the batch, retry with backoff
                 self.store_errors += 1
                 self.failing = True
                 log.error("fleet store write failed, retrying in %.1f s: %s", delay, exc)
@@ -178,9 +162,5 @@ class Ingestor:
         if result.deferred:
             waiting = {id(item) for item in result.deferred}
             batch = [item for item in batch if id(item) not in waiting]
-        for listener in self.listeners:
-            try:
-                await listener(batch)
-            except Exception:
-                log.exception("ingest listener failed")
+        await self.bus.deliver(batch)
         return result.deferred

@@ -9,7 +9,10 @@ features that need a cluster say so (KubeUnavailable).
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import functools
 from collections.abc import Callable
+from concurrent.futures import Executor
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -69,9 +72,20 @@ class Kube:
         return cls(client.ApiClient(configuration))
 
     async def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        """Run one blocking client call in a thread; raise KubeError on failure."""
+        """Run one blocking client call in a thread (asyncio's default executor); raise KubeError
+        on failure."""
+        return await self.call_in(None, fn, *args, **kwargs)
+
+    async def call_in(self, executor: Executor | None, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """`call` on the threads of `executor` (None: the default executor). The leader's Lease
+        calls have their own, so that a burst of other blocking calls (pod deletions, database
+        reads) queued on the default one cannot hold a renewal past its deadline."""
         try:
-            return await asyncio.to_thread(fn, *args, **kwargs)
+            if executor is None:
+                return await asyncio.to_thread(fn, *args, **kwargs)
+            context = contextvars.copy_context()
+            return await asyncio.get_running_loop().run_in_executor(
+                executor, functools.partial(context.run, fn, *args, **kwargs))
         except ApiException as exc:
             raise KubeError(int(exc.status or 0), str(exc.reason or "error"), _short(exc.body)) from None
         except (HTTPError, OSError) as exc:

@@ -31,6 +31,7 @@ import json
 import math
 import random
 import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
@@ -104,13 +105,18 @@ class LeaderElector:
         self._renewed_at = 0.0  # monotonic time at which our last successful write was stamped
         self._failing_since: float | None = None
         self._rng = random.Random()
+        # The Lease calls' own threads: on asyncio's default executor they would queue behind
+        # whatever else blocks there (a rollout's pod deletions, database reads) and, on a busy
+        # machine, miss the renewal deadline (cloud/kube.py, Kube.call_in).
+        self._threads = ThreadPoolExecutor(max_workers=2, thread_name_prefix="leader-lease")
 
     @property
     def is_leader(self) -> bool:
         return self.leading.is_set()
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Elect until `stop`, then release the Lease if held. See the module doc on cancelling."""
+        """Elect until `stop`, then release the Lease if held (once per elector). See the module
+        doc on cancelling."""
         try:
             while not stop.is_set():
                 await self._cycle()
@@ -121,7 +127,10 @@ class LeaderElector:
                 raise
             await self._finish()  # the controller cancels its tasks right after `stop`
             raise
-        await self._finish()
+        else:
+            await self._finish()
+        finally:
+            self._threads.shutdown(wait=False)
 
     # ---- one round: read, decide, write ------------------------------------------------------
 
@@ -263,14 +272,14 @@ class LeaderElector:
     async def _read(self) -> dict[str, Any] | None:
         """The Lease as the server's JSON (not the client's model: no re-parsing of times)."""
         try:
-            response = await self.kube.call(
-                self.kube.coordination.read_namespaced_lease, self.name, self.namespace,
+            response = await self.kube.call_in(
+                self._threads, self.kube.coordination.read_namespaced_lease, self.name, self.namespace,
                 _preload_content=False, _request_timeout=self.call_timeout)
         except KubeError as exc:
             if exc.not_found:
                 return None
             raise
-        lease: dict[str, Any] = json.loads(response.data)
+        lease: dict[str, Any] = json.loads(response.data)  # type: ignore[attr-defined]  # raw: _preload_content=False
         return lease
 
     async def _create(self, spec: dict[str, Any]) -> None:
@@ -281,8 +290,8 @@ class LeaderElector:
                 spec[key] = spec[key][:-8] + ".000001Z"
         body = {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
                 "metadata": {"name": self.name, "namespace": self.namespace}, "spec": spec}
-        await self.kube.call(self.kube.coordination.create_namespaced_lease, self.namespace, body,
-                             _preload_content=False, _request_timeout=self.call_timeout)
+        await self.kube.call_in(self._threads, self.kube.coordination.create_namespaced_lease, self.namespace, body,
+                                _preload_content=False, _request_timeout=self.call_timeout)
 
     async def _write(self, lease: dict[str, Any], spec: dict[str, Any]) -> None:
         """Merge-patch `spec` in, conditional on the resourceVersion we read when there is one."""
@@ -290,7 +299,7 @@ class LeaderElector:
         version = (lease.get("metadata") or {}).get("resourceVersion")
         if version:
             body["metadata"] = {"resourceVersion": version}
-        await self.kube.call(self.kube.coordination.patch_namespaced_lease, self.name, self.namespace, body,
-                             _content_type=MERGE_PATCH, _preload_content=False,
-                             _request_timeout=self.call_timeout)
+        await self.kube.call_in(self._threads, self.kube.coordination.patch_namespaced_lease, self.name,
+                                self.namespace, body, _content_type=MERGE_PATCH, _preload_content=False,
+                                _request_timeout=self.call_timeout)
 

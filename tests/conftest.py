@@ -1,16 +1,16 @@
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from tests.helpers.edge_process import EdgeProcess
 
 if TYPE_CHECKING:
-    from tests.helpers.kube import KubeEmulator
-    from tests.helpers.mosquitto import Mosquitto
+    from kgpu.lab.broker import Mosquitto
+    from kgpu.lab.kube import KubeEmulator
 
 
 @pytest.fixture
@@ -33,9 +33,9 @@ def edge_factory(tmp_path: Path) -> Iterator[Callable[..., EdgeProcess]]:
 
 
 @pytest.fixture
-def broker(tmp_path: Path) -> Iterator["Mosquitto"]:
+def broker(tmp_path: Path) -> Iterator[Mosquitto]:
     """A real mosquitto on a free loopback port, for one test."""
-    from tests.helpers.mosquitto import Mosquitto, mosquitto_binary
+    from kgpu.lab.broker import Mosquitto, mosquitto_binary
 
     if mosquitto_binary() is None:
         pytest.skip("mosquitto not installed (scripts/test.sh installs Debian's mosquitto package)")
@@ -45,9 +45,9 @@ def broker(tmp_path: Path) -> Iterator["Mosquitto"]:
 
 
 @pytest.fixture
-def kube(tmp_path: Path) -> Iterator["KubeEmulator"]:
+def kube(tmp_path: Path) -> Iterator[KubeEmulator]:
     """An emulated Kubernetes API server on loopback (kmock), with a kubeconfig file for it."""
-    from tests.helpers.kube import KubeEmulator
+    from kgpu.lab.kube import KubeEmulator
 
     emulator = KubeEmulator(tmp_path / "kube")
     yield emulator

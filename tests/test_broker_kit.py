@@ -19,10 +19,10 @@ from pathlib import Path
 
 import pytest
 
+from kgpu.lab.broker import Mosquitto, mosquitto_binary
+from kgpu.lab.processes import wait_for
 from shared.mqtt import MqttLink, Received, TlsOptions, Will, parse_broker_url
 from shared.protocol import MAX_PAYLOAD_BYTES
-from tests.helpers.edge_process import wait_for
-from tests.helpers.mosquitto import Mosquitto, mosquitto_binary
 from tests.helpers.shipped_broker import (
     SHIPPED_ACL,
     SHIPPED_CONF,
@@ -400,7 +400,7 @@ def test_anonymous_and_bad_credentials_are_refused(kit: ShippedBroker, clients) 
     }
     refused = {name: clients(url, name, wait=False) for name, url in attempts.items()}
     for name, client in refused.items():
-        wait_for(lambda: client.link.last_error and "refused" in client.link.last_error, timeout=5,
+        wait_for(lambda client=client: client.link.last_error and "refused" in client.link.last_error, timeout=5,
                  what=f"{name} refused")
         assert not client.link.connected.is_set() and client.link.connects == 0
 

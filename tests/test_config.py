@@ -9,8 +9,7 @@ from pathlib import Path
 import pytest
 
 from edge.config import EdgeSettings
-from shared.settings import parse_host_port
-from shared.settings import ConfigError, load_settings
+from shared.settings import ConfigError, load_settings, parse_host_port
 
 
 @pytest.fixture(autouse=True)

@@ -16,10 +16,11 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from cloud.dashboard import STATIC_DIR, add_dashboard_routes
+from cloud.http.dashboard import STATIC_DIR, add_dashboard_routes
+from kgpu.lab.processes import wait_for
 from shared.http import error_middleware
 from tests.helpers.cloud_process import CloudProcess
-from tests.helpers.edge_process import EdgeProcess, wait_for
+from tests.helpers.edge_process import EdgeProcess
 
 CHROMIUM = "/usr/bin/chromium"
 # KGPU_UPDATE_SCREENSHOT=1 refreshes the picture in docs/; otherwise a run leaves the tree alone.

@@ -195,7 +195,7 @@ PROMQL_WORDS = {"and", "or", "unless", "by", "without", "on", "ignoring", "group
 
 def exposed_metric_names() -> set[str]:
     names: set[str] = set()
-    for source in (ROOT / "edge/metrics.py", ROOT / "cloud/metrics.py"):
+    for source in (ROOT / "edge/metrics.py", ROOT / "cloud/http/metrics.py"):
         text = source.read_text()
         for kind, name in FAMILY_RE.findall(text):
             names.add(name + "_total" if kind == "Counter" else name)
@@ -281,7 +281,7 @@ def test_daemonset_takes_no_gpu_and_sees_all_of_them() -> None:
 
 def test_daemonset_rollout_scheduling_and_identity() -> None:
     ds = find("DaemonSet", "kgpu-edge")
-    assert ds["spec"]["updateStrategy"]["type"] == "OnDelete"  # cloud/rollout.py refuses anything else
+    assert ds["spec"]["updateStrategy"]["type"] == "OnDelete"  # cloud/rollout/manager.py refuses anything else
     pod = ds["spec"]["template"]["spec"]
     assert pod["hostPID"] is True
     assert pod["priorityClassName"] == "system-node-critical"

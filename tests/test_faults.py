@@ -32,12 +32,13 @@ from cloud.clock_skew import ClockSkewEstimator
 from edge.driver.nvml import DriverTimeout, NvmlDriver
 from edge.driver.runner import DriverRunner
 from edge.sim import install
+from kgpu.lab.broker import Mosquitto, mosquitto_binary
+from kgpu.lab.processes import wait_for
 from tests.helpers import fault_report
 from tests.helpers.cloud_process import CloudProcess
-from tests.helpers.edge_process import BUSY_POLICY, EdgeProcess, outbox_depth, wait_for
+from tests.helpers.edge_process import BUSY_POLICY, EdgeProcess, outbox_depth
 from tests.helpers.faketime import faketime_library, fixed_offset_env
 from tests.helpers.fault_report import Tally, cloud_record, compare, edge_record
-from tests.helpers.mosquitto import Mosquitto, mosquitto_binary
 
 SEED = int(os.environ.get("KGPU_FAULT_SEED") or random.SystemRandom().randrange(2**31))
 NOTE = f"seed {SEED}"

@@ -1,4 +1,4 @@
-"""cloud/store.py: the fleet store, on SQLite and on a real PostgreSQL server."""
+"""cloud/store/: the fleet store, on SQLite and on a real PostgreSQL server."""
 
 from __future__ import annotations
 
@@ -144,13 +144,8 @@ def stored_seqs(store: FleetStore, node: str = NODE) -> list[int]:
 
 # ---- schema ---------------------------------------------------------------------------------
 
-# Subsystems define their tables on cloud.store.metadata when imported: import them all, so that the
-# comparison below sees the whole schema however this file is run.
-for _module, _class in __import__("cloud.controller", fromlist=["SUBSYSTEMS"]).SUBSYSTEMS:
-    __import__(_module)
-
 HEAD_REVISION = max(p.name.split("_")[0] for p in
-                    (Path(__file__).resolve().parent.parent / "cloud" / "migrations" / "versions").glob("0*.py"))
+                    (Path(__file__).resolve().parent.parent / "cloud" / "store" / "alembic" / "versions").glob("0*.py"))
 
 
 def test_migrations_create_the_schema_and_a_second_open_is_a_no_op(
@@ -462,14 +457,15 @@ def test_two_replicas_ingesting_the_same_batch_store_one_copy(
         results: list[IngestResult] = []
         errors: list[BaseException] = []
 
-        def ingest(store: FleetStore) -> None:
+        def ingest(store: FleetStore, start: threading.Barrier, batch: list[Incoming],
+                   results: list[IngestResult], errors: list[BaseException]) -> None:
             start.wait()
             try:
                 results.append(store.ingest(batch))
-            except BaseException as exc:  # noqa: BLE001 - reported below
+            except BaseException as exc:
                 errors.append(exc)
 
-        threads = [threading.Thread(target=ingest, args=(r,)) for r in replicas]
+        threads = [threading.Thread(target=ingest, args=(r, start, batch, results, errors)) for r in replicas]
         for t in threads:
             t.start()
         for t in threads:
@@ -494,14 +490,14 @@ def test_concurrent_batches_for_one_node_lose_no_update(
     for r in range(rounds):
         start = threading.Barrier(2)
 
-        def ingest(store: FleetStore, seq: int) -> None:
+        def ingest(store: FleetStore, seq: int, start: threading.Barrier) -> None:
             start.wait()
             try:
                 store.ingest([xid(NODE, seq)])  # beyond the hole at 1: each is one gap
-            except BaseException as exc:  # noqa: BLE001 - reported below
+            except BaseException as exc:
                 errors.append(exc)
 
-        threads = [threading.Thread(target=ingest, args=(replicas[i], 100 + 2 * r + i))
+        threads = [threading.Thread(target=ingest, args=(replicas[i], 100 + 2 * r + i, start))
                    for i in (0, 1)]
         for t in threads:
             t.start()

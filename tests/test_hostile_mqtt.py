@@ -14,12 +14,13 @@ from pathlib import Path
 
 import pytest
 
+from kgpu.lab.broker import Mosquitto, mosquitto_binary
+from kgpu.lab.processes import wait_for
 from shared.mqtt import MqttLink, parse_broker_url
 from shared.protocol import MAX_PAYLOAD_BYTES, CommandBody, Kind, make_envelope
 from shared.topics import cloud_topic, edge_topic
 from tests.helpers.cloud_process import CloudProcess
-from tests.helpers.edge_process import EdgeProcess, edge_seqs, outbox_depth, wait_for
-from tests.helpers.mosquitto import Mosquitto, mosquitto_binary
+from tests.helpers.edge_process import EdgeProcess, edge_seqs, outbox_depth
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(mosquitto_binary() is None, reason="mosquitto not installed (scripts/test.sh installs it)")]

@@ -41,13 +41,11 @@ def routes(app: web.Application, *, changes: bool) -> list[tuple[str, str]]:
 
 
 async def _client(tmp_path: Path, **settings: Any) -> tuple[TestClient, Any]:
-    from cloud.api import make_app
+    from cloud.app import build
     from cloud.config import CloudSettings
-    from cloud.controller import Controller, build_subsystems
 
-    controller = Controller(CloudSettings(db=f"sqlite:///{tmp_path / 'fleet.db'}", namespace=NS, **settings))
-    controller.subsystems = build_subsystems(controller)
-    client = TestClient(TestServer(make_app(controller)))
+    controller = build(CloudSettings(db=f"sqlite:///{tmp_path / 'fleet.db'}", namespace=NS, **settings))
+    client = TestClient(TestServer(controller.http_app()))
     await client.start_server()
     return client, controller
 
@@ -77,7 +75,7 @@ async def send(client: TestClient, method: str, path: str, token: str | None = N
     response = await client.request(method, path, data=body, headers=headers)
     try:
         payload = await response.json()
-    except Exception:  # noqa: BLE001 - the dashboard's files are not JSON
+    except Exception:
         payload = await response.text()
     return response.status, payload, response.headers
 
@@ -124,7 +122,7 @@ def _secret(kube: Any, name: str, value: str, key: str = "token") -> None:
             "data": {key: base64.b64encode(value.encode()).decode()}}
     try:
         kube.core.create_namespaced_secret(NS, body)
-    except Exception:  # noqa: BLE001 - exists: replace its data (kmock merges patches)
+    except Exception:
         kube.core.patch_namespaced_secret(name, NS, {"data": body["data"]})
 
 

@@ -1,5 +1,10 @@
+import asyncio
+
+import pytest
+
 from cloud.kube import Kube, KubeError
-import asyncio, pytest
+
+
 def test_emulator_roundtrip(kube):
     kube.add_node("n1", {"gpu": "h100"})
     kube.add_pod("p1", "n1")

@@ -19,9 +19,10 @@ from kubernetes import client
 from cloud.config import CloudSettings
 from cloud.kube import Kube
 from cloud.leader import LeaderElector, decide, format_micro_time, parse_time
-from tests.helpers.cloud_process import CloudProcess, wait_for
-from tests.helpers.kube import KubeEmulator
-from tests.helpers.mosquitto import Mosquitto
+from kgpu.lab.broker import Mosquitto
+from kgpu.lab.kube import KubeEmulator
+from kgpu.lab.processes import wait_for
+from tests.helpers.cloud_process import CloudProcess
 
 NOW = datetime(2026, 11, 22, 15, 0, 0, 123456, tzinfo=UTC)
 DURATION = 2.0  # in-process lease_duration

@@ -5,12 +5,13 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
-from typing import Callable
+from collections.abc import Callable
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.helpers.edge_process import EdgeProcess, wait_for
+from kgpu.lab.processes import wait_for
+from tests.helpers.edge_process import EdgeProcess
 
 pytestmark = pytest.mark.slow
 
@@ -54,6 +55,6 @@ def test_metrics_pass_promtool(edge_factory: Callable[..., EdgeProcess], promtoo
                  "kgpu_node_gpu_idle_joules_total", "kgpu_xid_errors_total"):
         assert re.search(rf"^{name}[{{ ]", text, re.M), name
     # only the inherited label names are flagged: our own families lint clean
-    stripped = "\n".join(l for l in text.splitlines() if "DCGM_FI_DEV_" not in l) + "\n"
+    stripped = "\n".join(line for line in text.splitlines() if "DCGM_FI_DEV_" not in line) + "\n"
     clean = subprocess.run([promtool, "check", "metrics"], input=stripped, capture_output=True, text=True, timeout=30)
     assert clean.returncode == 0, clean.stdout + clean.stderr

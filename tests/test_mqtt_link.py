@@ -8,14 +8,14 @@ from pathlib import Path
 
 import pytest
 
+from kgpu.lab.broker import Mosquitto, TlsFiles, mosquitto_binary
+from kgpu.lab.processes import wait_for
 from shared.mqtt import MqttLink, Received, TlsOptions, Will, parse_broker_url, redact
-from tests.helpers.edge_process import wait_for
-from tests.helpers.mosquitto import Mosquitto, TlsFiles, mosquitto_binary
 
 pytestmark = pytest.mark.skipif(mosquitto_binary() is None, reason="mosquitto not installed (scripts/test.sh installs it)")
 
 
-def link(url: str, client_id: str, inbox: "queue.Queue[Received] | None" = None, **kw: object) -> MqttLink:
+def link(url: str, client_id: str, inbox: queue.Queue[Received] | None = None, **kw: object) -> MqttLink:
     return MqttLink(parse_broker_url(url), client_id, backoff_min_s=0.1, backoff_max_s=0.5,
                     on_message=(inbox.put if inbox is not None else None), **kw)  # type: ignore[arg-type]
 

@@ -20,10 +20,9 @@ from edge.driver.nvml import (
     watts_to_milliwatts,
 )
 from edge.driver.xid import XidWatcher
-from tests.helpers.clock import FakeClock
 from edge.sim import SimulatedNvml, install
 from shared.gpu import XidEvent
-
+from tests.helpers.clock import FakeClock
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,13 +21,16 @@ from aiohttp import web
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import SchemaError
 
-from cloud.api import OPENAPI_FILE as CLOUD_SPEC
-from edge.api import OPENAPI_FILE as EDGE_SPEC
-from shared.openapi import OPENAPI, SPEC_PATH, OpenApi, load
+from cloud.http.api import openapi_spec as cloud_spec
+from edge.api import openapi_spec as edge_spec
+from kgpu.lab.processes import wait_for
+from shared.openapi import OPENAPI, SPEC_PATH, OpenApi
 from tests.helpers.cloud_process import CloudProcess
-from tests.helpers.edge_process import EdgeProcess, wait_for
+from tests.helpers.edge_process import EdgeProcess
 
-SPECS = {"cloud": (CLOUD_SPEC, ()), "edge-sim": (EDGE_SPEC, ("sim",)), "edge-nvml": (EDGE_SPEC, ())}
+# each description completed as its server completes it (the tables, models and enums it hands over)
+SPECS: dict[str, Callable[[], OpenApi]] = {"cloud": cloud_spec, "edge-sim": lambda: edge_spec(("sim",)),
+                                           "edge-nvml": edge_spec}
 
 
 def _schemas(node: Any, where: str = "") -> Iterator[tuple[str, dict[str, Any]]]:
@@ -48,8 +51,7 @@ def _schemas(node: Any, where: str = "") -> Iterator[tuple[str, dict[str, Any]]]
 
 @pytest.mark.parametrize("which", sorted(SPECS))
 def test_the_descriptions_are_valid_openapi_and_json_schema(which: str) -> None:
-    path, features = SPECS[which]
-    spec = load(path, features)
+    spec = SPECS[which]()
     schemathesis.openapi.from_dict(spec.document).validate()  # OpenAPI 3.1's own schema
     schemas = list(_schemas(spec.document))
     assert len(schemas) > 20
@@ -77,13 +79,11 @@ def _routes(app: web.Application) -> set[tuple[str, str]]:
 
 
 def cloud_app(tmp_path: Path, **settings: Any) -> tuple[web.Application, Any]:
-    from cloud.api import make_app
+    from cloud.app import build
     from cloud.config import CloudSettings
-    from cloud.controller import Controller, build_subsystems
 
-    controller = Controller(CloudSettings(db=f"sqlite:///{tmp_path / 'fleet.db'}", **settings))
-    controller.subsystems = build_subsystems(controller)
-    return make_app(controller), controller
+    controller = build(CloudSettings(db=f"sqlite:///{tmp_path / 'fleet.db'}", **settings))
+    return controller.http_app(), controller
 
 
 def edge_app(tmp_path: Path, backend: str) -> tuple[web.Application, Any]:
@@ -111,8 +111,8 @@ def test_every_cloud_route_is_described_without_a_cluster(tmp_path: Path) -> Non
     try:
         spec = _assert_described(app)
         assert ("POST", "/api/v1/rollouts") in spec.operations() and ("PUT", "/api/v1/policies/{name}") in spec.operations()
-        # every subsystem added routes: commands, policies, migrations, rollouts, the dashboard
-        assert {s.name for s in controller.subsystems} == {"edge-commands", "policies", "migration", "rollouts"}
+        # every part added routes: commands, policies, migrations, rollouts, the dashboard
+        assert {s.name for s in controller.parts} == {"edge-commands", "policies", "migration", "rollouts"}
         assert {("GET", "/api/v1/migrations"), ("GET", "/api/v1/commands"), ("GET", "/api/v1/dashboard/fleet"),
                 ("GET", "/")} <= spec.operations()
     finally:
@@ -149,7 +149,7 @@ def test_the_description_follows_the_code() -> None:
     from edge.sim import SimFault
     from shared.policy import PowerPolicy
 
-    cloud = load(CLOUD_SPEC).document["components"]["schemas"]
+    cloud = cloud_spec().document["components"]["schemas"]
     assert set(cloud["Node"]["properties"]) == {c.name for c in nodes_table.columns} | {"gpu_summary", "clockSkewSeconds"}
     assert set(cloud["Event"]["required"]) == {c.name for c in events_table.columns}
     assert set(cloud["RolloutRequest"]["properties"]) == {f.alias or n for n, f in RolloutRequest.model_fields.items()}
@@ -160,15 +160,15 @@ def test_the_description_follows_the_code() -> None:
     sustain = cloud["PolicySpec_PowerSaving"]["properties"]["sustainPeriod"]
     assert {"type": "string", "pattern": sustain["anyOf"][1]["pattern"]} in sustain["anyOf"]
     assert "ge" not in sustain and sustain["minimum"] == 0 and sustain["maximum"] == 7 * 24 * 3600
-    edge = load(EDGE_SPEC, ("sim",)).document["components"]["schemas"]
+    edge = edge_spec(("sim",)).document["components"]["schemas"]
     assert set(edge["SimFault"]["properties"]) == set(SimFault.model_fields)
     rollout_states = cloud["Rollout"]["properties"]["state"]["enum"]
     assert "running" in rollout_states and "cancelled" in rollout_states
 
 
 def test_every_operation_documents_its_errors() -> None:
-    for which, (path, features) in SPECS.items():
-        document = load(path, features).document
+    for which, spec in SPECS.items():
+        document = spec().document
         for route, item in document["paths"].items():
             for method, op in item.items():
                 if method == "parameters":
@@ -246,7 +246,7 @@ def test_real_responses_match_the_description(tmp_path: Path, broker: Any) -> No
         wait_for(lambda: cloud.get("/api/v1/events?node=edge-a")["events"], what="events at the cloud")
         wait_for(lambda: cloud.get("/api/v1/migrations")["migrations"], what="a migration record")
 
-        c = ResponseChecker(load(CLOUD_SPEC))
+        c = ResponseChecker(cloud_spec())
         c.check(cloud, "PUT", "/api/v1/nodes/{node}/labels", "/api/v1/nodes/edge-a/labels", {"labels": {"zone": "a"}})
         policy = {"nodeSelector": {"zone": "a"}, "priority": 3, "powerCapWatts": 250,
                   "powerSaving": {"enabled": True, "sustainPeriod": "2m"}}
@@ -288,7 +288,7 @@ def test_real_responses_match_the_description(tmp_path: Path, broker: Any) -> No
         assert c.checked >= {(m, p) for m, p in c.spec.operations() if m in ("GET", "PUT", "DELETE")}, \
             sorted({(m, p) for m, p in c.spec.operations()} - c.checked)
 
-        e = ResponseChecker(load(EDGE_SPEC, ("sim",)))
+        e = ResponseChecker(edge_spec(("sim",)))
         e.check(edge, "POST", "/api/v1/sim/gpus/{index}", "/api/v1/sim/gpus/1", {"utilization": 90})
         e.check(edge, "POST", "/api/v1/sim/gpus/{index}", "/api/v1/sim/gpus/9", {"utilization": 90})
         e.check(edge, "POST", "/api/v1/sim/gpus/{index}", "/api/v1/sim/gpus/1", {"utilization": "high"})

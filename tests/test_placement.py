@@ -1,4 +1,4 @@
-"""cloud/placement.py: the pure target scorer, table-driven, plus a property test."""
+"""cloud/migration/placement.py: the pure target scorer, table-driven, plus a property test."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cloud.placement import (
+from cloud.migration.placement import (
     CandidateGpu,
     NodeCandidate,
     PodNeeds,

@@ -21,17 +21,18 @@ from annotated_types import Ge, Gt, Le, Lt
 from pydantic import BaseModel, BeforeValidator
 from pydantic.alias_generators import to_camel
 
-from cloud.policies import GROUP, PLURAL, VERSION, PolicyTables
-from cloud.policy_resolution import NodeView, Placement, PolicySource, policy_statuses, resolve
+from cloud.policies import GROUP, PLURAL, VERSION, PolicyRepository
+from cloud.policies.resolution import NodeView, Placement, PolicySource, policy_statuses, resolve
 from cloud.store import FleetStore, Incoming
+from kgpu.lab.broker import Mosquitto, mosquitto_binary
+from kgpu.lab.kube import KubeEmulator
+from kgpu.lab.processes import wait_for
 from shared.mqtt import MqttLink, Received, parse_broker_url
 from shared.policy import PowerPolicy, XidAction
 from shared.protocol import Kind, StatusBody, make_envelope
 from shared.topics import cloud_topic
 from tests.helpers.cloud_process import CloudProcess
-from tests.helpers.edge_process import EdgeProcess, wait_for
-from tests.helpers.kube import KubeEmulator
-from tests.helpers.mosquitto import Mosquitto, mosquitto_binary
+from tests.helpers.edge_process import EdgeProcess
 from tests.helpers.postgres import create_database, drop_database, pg_url  # noqa: F401
 
 CRD_PATH = Path(__file__).resolve().parent.parent / "deploy" / "crds" / "gpupowerpolicy.yaml"
@@ -192,7 +193,7 @@ def status_from(node: str, name: str, version: int) -> Incoming:
 
 
 def test_policy_tables_round_trip(fleet_store: FleetStore) -> None:
-    tables = PolicyTables(fleet_store)
+    tables = PolicyRepository(fleet_store)
     east = {"priority": 1, "nodeSelector": {"zone": "east"}, "powerCapWatts": 300}
     row, created = tables.put_policy("east", east, "api", 1.0)
     assert created and row["generation"] == 1

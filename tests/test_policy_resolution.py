@@ -1,4 +1,4 @@
-"""cloud/policy_resolution.py: validation, which policy a node gets, its version, the status.
+"""cloud/policies/resolution.py: validation, which policy a node gets, its version, the status.
 
 Table-driven for the rules, hypothesis for the properties that must hold for any input:
 deterministic (no dependence on listing order), the winner is the best matching valid policy,
@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cloud.policy_resolution import (
+from cloud.policies.resolution import (
     InvalidPolicy,
     NodeRecord,
     NodeView,

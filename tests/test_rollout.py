@@ -1,20 +1,16 @@
 """Rollouts end to end: a real `kgpu cloud run` against the Kubernetes emulator and a real mosquitto.
 
-The test plays the DaemonSet controller and the edges (`FleetSim`, a thread): when the controller
-deletes a daemon pod, a new pod appears on that node from the DaemonSet's current template, and
-the node (if online and responsive) publishes a retained status with the version of that image's
-tag, exactly as a restarted edge daemon would. Light simulated edges, not 200 daemon processes.
+The test plays the DaemonSet controller (the lab's ClusterPlayer, kgpu/lab/cluster.py) and the
+edges (`FleetSim`): when the controller deletes a daemon pod, a new pod appears on that node from
+the DaemonSet's current template, and the node (if online and responsive) publishes a retained
+status with the version of that image's tag, exactly as a restarted edge daemon would. Light
+simulated edges, not 200 daemon processes.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
-import itertools
-import json
-import threading
 import time
 import uuid
-from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,18 +18,18 @@ from typing import Any
 import pydantic
 import pytest
 import sqlalchemy as sa
-from kubernetes import client
 
-from cloud.rollout import RolloutRequest, rollout_nodes_table
-from kgpu.demo import daemon_pod_manifest, daemonset_manifest
+from cloud.rollout import RolloutRequest
+from cloud.store.schema import rollout_nodes_table
+from kgpu.lab.broker import Mosquitto, mosquitto_binary
+from kgpu.lab.cluster import ClusterPlayer, Replaced
+from kgpu.lab.kube import KubeEmulator
+from kgpu.lab.processes import wait_for
 from shared.mqtt import MqttLink, parse_broker_url
 from shared.protocol import Kind, StatusBody, make_envelope
 from shared.topics import edge_topic
 from tests.helpers.cloud_process import CloudProcess
-from tests.helpers.edge_process import wait_for
 from tests.helpers.fault_report import Tally, record
-from tests.helpers.kube import KubeEmulator
-from tests.helpers.mosquitto import Mosquitto, mosquitto_binary
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(mosquitto_binary() is None, reason="mosquitto not installed (scripts/test.sh installs it)")]
@@ -49,94 +45,51 @@ def node_names(count: int) -> list[str]:
 
 
 class FleetSim:
-    """The DaemonSet controller and the edges, for `nodes`; `online` and `responsive` are live sets."""
+    """The DaemonSet controller (the lab's ClusterPlayer, in its thread) and the edges, for `nodes`;
+    `online` and `responsive` are live sets."""
 
     def __init__(self, kube: KubeEmulator, broker: Mosquitto, nodes: list[str], *, online: set[str] | None = None,
                  report_delay: float = 0.0) -> None:
-        configuration = client.Configuration()
-        configuration.host = kube.url
-        api = client.ApiClient(configuration)
-        self.core, self.apps = client.CoreV1Api(api), client.AppsV1Api(api)
         self.nodes = nodes
         self.online = set(nodes) if online is None else set(online)
         self.responsive = set(nodes)  # a node whose new daemon reports after a restart
         self.report_delay = report_delay
-        self.deleted: dict[str, list[str]] = defaultdict(list)  # node -> daemon pods that disappeared
-        self.live: dict[str, str] = {}  # pod name -> node
-        self.max_down = 0  # most nodes at once without a live pod or not yet reporting
-        self._counter = itertools.count()
-        self._stop = threading.Event()
-        self._pool = concurrent.futures.ThreadPoolExecutor(16)
+        self.player = ClusterPlayer(kube, nodes, namespace=NS, daemonset=DS, labels=LABELS, forget_requests=True,
+                                    narrate=lambda line: print(f"fleet sim: {line}"))
         self.link = MqttLink(parse_broker_url(broker.url), f"test-edges-{uuid.uuid4().hex[:6]}")
         self.link.start()
         assert self.link.connected.wait(15), "test MQTT link did not connect"
-        self._thread = threading.Thread(target=self._run, name="fleet-sim", daemon=True)
 
     # -- seeding ---------------------------------------------------------------------------------
 
     def seed(self) -> FleetSim:
-        self.apps.create_namespaced_daemon_set(NS, daemonset_manifest(NS, DS, LABELS, OLD_IMAGE))
-        list(self._pool.map(self._add_node, self.nodes))
+        self.player.seed(OLD_IMAGE, offline=set(self.nodes) - self.online)
         for node in self.nodes:
             self.publish(node, "online" if node in self.online else "offline", "0.1.0")
         assert self.link.flush(20)
-        self._thread.start()
+        self.player.start(self._restarted, interval=0.2)
         return self
-
-    def _add_node(self, name: str) -> None:
-        ready = "True" if name in self.online else "False"
-        self.core.create_node({"apiVersion": "v1", "kind": "Node", "metadata": {"name": name},
-                               "status": {"conditions": [{"type": "Ready", "status": ready}]}})
-        self._create_pod(name, OLD_IMAGE)
-
-    def _create_pod(self, node: str, image: str) -> str:
-        name = f"{DS}-{node}-{next(self._counter)}"
-        self.core.create_namespaced_pod(NS, daemon_pod_manifest(NS, DS, LABELS, name, node, image))
-        return name
 
     def publish(self, node: str, state: str, version: str) -> None:
         envelope = make_envelope(node, StatusBody(state=state, version=version), Kind.STATUS)  # type: ignore[arg-type]
         assert self.link.publish(edge_topic(node, "status"), envelope.to_json(), qos=1, retain=True)
 
-    # -- playing the DaemonSet controller and the restarted daemons ------------------------------
+    # -- the restarted daemons -------------------------------------------------------------------
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self._react()
-            except Exception as exc:  # noqa: BLE001 - keep simulating; the test's waits report what is missing
-                print(f"fleet sim: {exc!r}")
-            self._stop.wait(0.2)
-
-    def _react(self) -> None:
-        listed = json.loads(self.core.list_namespaced_pod(NS, _preload_content=False).data)
-        live = {p["metadata"]["name"]: p["spec"]["nodeName"] for p in listed["items"]}
-        for name in set(self.live) - set(live):
-            self.deleted[self.live[name]].append(name)
-        self.live = live
-        missing = sorted(set(self.nodes) - set(live.values()))
-        self.max_down = max(self.max_down, len(missing))
-        if not missing:
-            return
-        ds = json.loads(self.apps.read_namespaced_daemon_set(DS, NS, _preload_content=False).data)
-        image = ds["spec"]["template"]["spec"]["containers"][0]["image"]
-        for node, name in zip(missing, self._pool.map(lambda n: self._create_pod(n, image), missing)):
-            self.live[name] = node
+    def _restarted(self, replaced: list[Replaced]) -> None:
+        """A new daemon pod on each of these nodes: the ones online and responsive report its version."""
         if self.report_delay:
             time.sleep(self.report_delay)
-        for node in missing:
-            if node in self.online and node in self.responsive:
-                self.publish(node, "online", image.rsplit(":", 1)[1])
+        for r in replaced:
+            if r.node in self.online and r.node in self.responsive:
+                self.publish(r.node, "online", r.version)
 
     def deletions(self) -> dict[str, int]:
-        return {node: len(self.deleted.get(node, [])) for node in self.nodes}
+        return self.player.deletions()
 
     def stop(self) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(10)
+        self.player.stop()
         self.link.stop()
-        self._pool.shutdown()
 
 
 @pytest.fixture

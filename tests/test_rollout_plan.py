@@ -1,4 +1,4 @@
-"""cloud/rollout_plan.py: the pure rollout planner, table by table, then hypothesis invariants.
+"""cloud/rollout/plan.py: the pure rollout planner, table by table, then hypothesis invariants.
 
 `Sim` plays the executor (stores transitions, deletes pods), the DaemonSet controller (a deleted
 pod comes back from the current template) and the edges (a responsive online node reports the
@@ -15,7 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cloud.rollout_plan import (
+from cloud.rollout.plan import (
     FINAL,
     IN_FLIGHT,
     Action,

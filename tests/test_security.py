@@ -19,13 +19,14 @@ from typing import Any
 
 import pytest
 
+from kgpu.lab.broker import mosquitto_binary
+from kgpu.lab.processes import wait_for
 from shared.mqtt import MqttLink, Received, TlsOptions, parse_broker_url
 from shared.policy import PowerPolicy
 from shared.protocol import CommandBody, DecisionBody, Kind, PolicyBody, StatusBody, make_envelope
 from shared.topics import cloud_topic, edge_topic
 from tests.helpers.cloud_process import CloudProcess
-from tests.helpers.edge_process import EdgeProcess, wait_for
-from tests.helpers.mosquitto import mosquitto_binary
+from tests.helpers.edge_process import EdgeProcess
 from tests.helpers.shipped_broker import ShippedBroker
 
 pytestmark = [

@@ -1,4 +1,4 @@
-"""cloud/workload_migration.py: the pure decisions (table-driven), then the whole path with real
+"""cloud/migration/: the pure decisions (table-driven), then the whole path with real
 processes: edges and a controller over a real mosquitto, Kubernetes emulated by kmock over HTTP."""
 
 from __future__ import annotations
@@ -12,31 +12,30 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from cloud.placement import PodNeeds, gpu_model
-from cloud.store import Incoming
-from cloud.workload_migration import (
-    MAX_POD_ERRORS,
-    OFFLINE_SUBJECT,
+from cloud.migration import MigrationManager
+from cloud.migration.manifests import (
     TAINT_KEY,
+    candidates,
+    recreate_manifest,
+    recreated_name,
+    with_our_taint,
+    without_our_taint,
+)
+from cloud.migration.model import (
+    OFFLINE_SUBJECT,
     GpuView,
     Migration,
-    MigrationManager,
     RequestEvent,
     Rules,
     Step,
     World,
-    candidates,
-    find_triggers,
-    plan_pods,
-    reconcile,
-    record_error,
-    recreate_manifest,
-    recreated_name,
-    to_recover,
-    unhealthy_since,
-    with_our_taint,
-    without_our_taint,
 )
+from cloud.migration.placement import PodNeeds, gpu_model
+from cloud.migration.planner import MAX_POD_ERRORS, plan_pods, record_error
+from cloud.migration.triggers import find_triggers, reconcile, to_recover, unhealthy_since
+from cloud.store import Incoming
+from kgpu.lab.broker import mosquitto_binary
+from kgpu.lab.processes import wait_for
 from shared.gpu import Health
 from shared.protocol import (
     GpuSummary,
@@ -48,14 +47,13 @@ from shared.protocol import (
 )
 from shared.wire import WireModel
 from tests.helpers.cloud_process import CloudProcess
-from tests.helpers.edge_process import EdgeProcess, wait_for
+from tests.helpers.edge_process import EdgeProcess
 from tests.helpers.fault_report import Tally, record
-from tests.helpers.mosquitto import mosquitto_binary
 from tests.helpers.postgres import create_database, drop_database, pg_url  # noqa: F401
 
 if TYPE_CHECKING:
-    from tests.helpers.kube import KubeEmulator
-    from tests.helpers.mosquitto import Mosquitto
+    from kgpu.lab.broker import Mosquitto
+    from kgpu.lab.kube import KubeEmulator
 
 NOW = 1_800_000_000.0
 RULES = Rules(grace_s=60, offline_threshold_s=300, max_concurrent=2, cooldown_s=600, has_kube=True)
@@ -439,13 +437,21 @@ def edge_status(health: Health, ts: float) -> Incoming:
 
 
 def test_the_manager_records_consumes_and_cancels_on_a_real_store(db_url: str) -> None:
+    from cloud.commands import EdgeCommands
     from cloud.config import CloudSettings
-    from cloud.controller import Controller
+    from cloud.services import BatchBus
+    from cloud.store import FleetStore
+
+    def link_down(topic: str, payload: bytes, *, retain: bool = False) -> bool:
+        return False  # no broker in this test: the outbox keeps commands for later
 
     async def scenario() -> list[dict[str, Any]]:
-        controller = Controller(CloudSettings(db=db_url, no_kube=True, migration_grace=1))
-        manager = MigrationManager(controller)
-        store = controller.store
+        settings = CloudSettings(db=db_url, no_kube=True, migration_grace=1)
+        store = FleetStore(settings.db, history_resolution_s=settings.history_resolution)
+        batches = BatchBus()
+        commands = EdgeCommands(settings=settings, store=store, publish=link_down, batches=batches)
+        manager = MigrationManager(settings=settings, store=store, kube=None, commands=commands,
+                                   batches=batches)
         t0 = time.time()
         try:
             store.ingest([

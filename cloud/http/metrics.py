@@ -1,0 +1,92 @@
+"""Prometheus exposition of the controller, read at scrape time from the ingestor's counters, the
+MQTT link, the leader flag and the command outbox: each handed in, nothing reached through a
+controller."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Iterator
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from cloud.ingest import Ingestor
+from cloud.link import EdgeLink
+from shared import __version__
+
+
+class ControllerCollector(Collector):
+    def __init__(self, *, ingestor: Ingestor, link: EdgeLink, leading: asyncio.Event,
+                 command_resends: Callable[[], int]) -> None:
+        self.ingestor = ingestor
+        self.link = link
+        self.leading = leading
+        self.command_resends = command_resends
+
+    def collect(self) -> Iterator[Metric]:
+        ingest = self.ingestor
+        accepted = CounterMetricFamily("kgpu_ingest_messages", "Valid messages received, by kind.", labels=["kind"])
+        for kind, count in sorted(ingest.accepted.items()):
+            accepted.add_metric([kind], count)
+        yield accepted
+        rejected = CounterMetricFamily("kgpu_ingest_rejected", "Messages refused, by reason.", labels=["reason"])
+        for reason, count in sorted(ingest.rejected.items()):
+            rejected.add_metric([reason], count)
+        yield rejected
+        yield CounterMetricFamily("kgpu_ingest_events_stored", "Edge events stored (first copies).",
+                                  value=ingest.stored)
+        yield CounterMetricFamily("kgpu_ingest_duplicates", "Edge events received again and ignored.",
+                                  value=ingest.duplicates)
+        yield CounterMetricFamily("kgpu_ingest_seq_gaps", "Events received beyond a hole in a node's seq.",
+                                  value=ingest.gaps)
+        yield CounterMetricFamily("kgpu_ingest_stale_epoch", "Events of an outbox epoch the node left.",
+                                  value=ingest.stale)
+        yield CounterMetricFamily("kgpu_ingest_batches", "Batches written to the fleet store.", value=ingest.batches)
+        yield CounterMetricFamily("kgpu_ingest_store_errors", "Failed fleet-store writes (retried).",
+                                  value=ingest.store_errors)
+        yield GaugeMetricFamily("kgpu_ingest_queue_depth", "Messages waiting to be written.",
+                                value=ingest.queue.qsize())
+        yield GaugeMetricFamily("kgpu_ingest_last_batch_seconds", "Time to write the last batch.",
+                                value=ingest.last_batch_seconds)
+        lag = GaugeMetricFamily(
+            "kgpu_node_lag_seconds", "Arrival minus the edge's timestamp of its last message, with the "
+            "node's estimated clock skew taken out (an old outbox event shows as lag, a wrong clock does not).",
+            labels=["node"])
+        for node, seconds in sorted(ingest.lag_seconds.items()):
+            lag.add_metric([node], seconds)
+        yield lag
+        skew = GaugeMetricFamily(
+            "kgpu_node_clock_skew_seconds", "The edge's clock minus the controller's, estimated from its "
+            "telemetry's arrival (positive: the edge is ahead; 0 within 2 s).", labels=["node"])
+        for node, seconds in sorted(ingest.clock.skew.items()):
+            skew.add_metric([node], seconds)
+        yield skew
+        seen = GaugeMetricFamily(
+            "kgpu_node_last_seen_timestamp_seconds", "When this replica last received a message from the node "
+            "(unix time; with replicas sharing the ingest, take the max by node).", labels=["node"])
+        for node, ts in sorted(ingest.last_seen.items()):
+            seen.add_metric([node], ts)
+        yield seen
+        online = GaugeMetricFamily("kgpu_node_online", "1 if the node's last status said online, 0 after its "
+                                   "offline status or last will.", labels=["node"])
+        for node, up in sorted(ingest.online.items()):
+            online.add_metric([node], 1.0 if up else 0.0)
+        yield online
+        yield CounterMetricFamily("kgpu_edge_commands_resent", "Edge commands published again for want of a result.",
+                                  value=self.command_resends())
+        yield GaugeMetricFamily("kgpu_mqtt_connected", "1 while the controller's MQTT link is up.",
+                                value=1.0 if self.link.connected else 0.0)
+        yield GaugeMetricFamily("kgpu_controller_leader", "1 while this replica holds the leader Lease.",
+                                value=1.0 if self.leading.is_set() else 0.0)
+        info = GaugeMetricFamily("kgpu_controller_info", "The controller's version.", labels=["version"])
+        info.add_metric([__version__], 1.0)
+        yield info
+
+
+def make_registry(*, ingestor: Ingestor, link: EdgeLink, leading: asyncio.Event,
+                  command_resends: Callable[[], int]) -> CollectorRegistry:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(ControllerCollector(ingestor=ingestor, link=link, leading=leading,
+                                          command_resends=command_resends))
+    return registry

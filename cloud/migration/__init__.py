@@ -1,0 +1,85 @@
+"""Task migration: move GPU work off a failing node, through the Kubernetes API.
+
+Triggers (found by the leader's periodic scan, woken early by ingested requests and health
+events):
+
+* `edge-request`: a `migration_request` event from an edge (XID 48/79/94/95, double-bit ECC,
+  critical temperature ...). Each event is consumed once (`migration_triggers` remembers it).
+* `gpu-unhealthy`: a GPU unhealthy or lost for longer than `migration_grace`, timed from the
+  health events (cloud clock), or from when this controller first saw it unhealthy.
+* `node-offline`: a node offline for longer than `offline_threshold` while GPU pods are still
+  bound to it (pods from the API; this trigger needs a cluster).
+
+One migration is open per node at a time: a trigger for a node with an open migration is merged
+into it (a "trigger merged" step; the GPU joins its subjects). The Kubernetes API does not say
+which GPU a pod holds, so a migration moves every GPU pod of the node.
+
+States: `needs-cluster` (recorded with --no-kube; pending once a controller with a cluster
+leads), `deferred` (cool-down: the node had a migration start less than
+`migration_node_cooldown` ago; pending when it ends), `pending` (waiting for one of
+`migration_max_concurrent` slots), `in-progress`, `completed` (every GPU pod moved; the node keeps
+the taint while its GPU is unhealthy), `failed` (a pod could not be moved after repeated errors;
+taint kept), `recovered` (the GPUs are healthy again and the taint is gone), `cancelled` (healthy
+again before the migration started). A started migration always finishes: an XID 79 GPU that
+comes back has already killed the work on it.
+
+Steps of an in-progress migration, each recorded in the row's `steps` right after it happens:
+taint the node `kgpu.io/gpu-unhealthy=<uuid>:NoSchedule` (the full taint list is patched; ours is
+added once), tell the edge `migrate_away`, find the node's GPU pods, pick a target per pod
+(placement.py), evict controller-owned pods (a 429 from a PodDisruptionBudget is retried
+with backoff), recreate bare pods on the target (required node affinity on
+`kubernetes.io/hostname`, deterministic name `<name>-m<id>`, so a repeat is a 409, not a second
+copy) and delete the originals. The row is the truth across restarts: a pod recorded as evicted
+is never evicted again. Each step is recorded right after its API call (shielded from a loss of
+leadership); a crash between the two replays the call, which a real API server makes harmless:
+an evicted pod is terminating (skipped), a recreated copy answers 409, a deleted original 404.
+
+Modules, the pure core beside the I/O shell:
+
+* `model`: the data (a migration's row, the fleet view, triggers, steps) and the str enums of
+  states (`MigrationState`), triggers, step kinds (`StepKind`) and pod states.
+* `triggers`: which fleet state starts, merges, defers, cancels or starts a migration (pure).
+* `planner`: the next steps of an in-progress migration (pure).
+* `placement`: the target scorer (pure).
+* `manifests`: which pods move, and the Kubernetes objects sent (pure).
+* `repository`: the `migrations` and `migration_triggers` tables and the fleet view (store).
+* `manager`: `MigrationManager`, the leader's scan and one method per step kind (I/O).
+* `http`: `GET /api/v1/migrations[/{id}]`.
+"""
+
+from cloud.migration.manager import MigrationManager
+from cloud.migration.manifests import TAINT_EFFECT, TAINT_KEY
+from cloud.migration.model import (
+    OFFLINE_SUBJECT,
+    GpuView,
+    Migration,
+    MigrationState,
+    PodState,
+    RequestEvent,
+    Rules,
+    Step,
+    StepKind,
+    Trigger,
+    TriggerKind,
+    World,
+)
+from cloud.migration.repository import MigrationRepository
+
+__all__ = [
+    "OFFLINE_SUBJECT",
+    "TAINT_EFFECT",
+    "TAINT_KEY",
+    "GpuView",
+    "Migration",
+    "MigrationManager",
+    "MigrationRepository",
+    "MigrationState",
+    "PodState",
+    "RequestEvent",
+    "Rules",
+    "Step",
+    "StepKind",
+    "Trigger",
+    "TriggerKind",
+    "World",
+]

@@ -1,0 +1,372 @@
+"""The migration part's I/O shell: the leader's scan, and the Kubernetes calls of each step.
+
+One scan (`tick`) loads the fleet view and the open migrations (repository), finds triggers and
+reconciles them (triggers.py, pure), saves what changed, then advances every in-progress
+migration by the steps the planner gives (planner.py, pure) and untaints the recovered ones.
+Each step kind has one method here, found through `_handlers`; each step is recorded right
+after its API call, shielded from a loss of leadership.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import replace
+from typing import Any
+
+from aiohttp import web
+
+from cloud.config import CloudSettings
+from cloud.kube import Kube, KubeError
+from cloud.migration import http
+from cloud.migration.manifests import (
+    TAINT_KEY,
+    candidates,
+    eviction_body,
+    gpu_pods_by_node,
+    source_gpu,
+    taints_patch,
+    without_our_taint,
+)
+from cloud.migration.model import (
+    OFFLINE_SUBJECT,
+    Lifecycle,
+    Migration,
+    MigrationState,
+    PodState,
+    Rules,
+    Step,
+    StepKind,
+    World,
+    gpu_healthy,
+    with_samples,
+)
+from cloud.migration.placement import HOSTNAME_LABEL, ZONE_LABEL
+from cloud.migration.planner import NO_TARGET_RETRY_S, backoff, plan_pods, record_error
+from cloud.migration.repository import MigrationRepository
+from cloud.migration.triggers import find_triggers, reconcile, to_recover
+from cloud.services import BatchBus, CommandSender, Periodic
+from cloud.store import FleetStore, FleetStoreError, Incoming
+from shared.logs import get_logger
+from shared.protocol import CommandBody, Kind
+
+log = get_logger(__name__)
+
+OFFLINE_CHECK_EVERY_S = 30.0  # how often offline nodes are checked for bound GPU pods
+SETTLE_S = 0.2  # after a wake-up: let the rest of a burst land in the store
+
+Handler = Callable[[Kube, Migration, Step, float], Awaitable[Migration]]
+
+
+class MigrationManager:
+    """The controller's migration part (see cloud/migration/__init__.py)."""
+
+    name = "migration"
+
+    def __init__(self, *, settings: CloudSettings, store: FleetStore, kube: Kube | None,
+                 commands: CommandSender, batches: BatchBus) -> None:
+        self.settings = settings
+        self.store = store
+        self.kube = kube
+        self.commands = commands
+        self.repo = MigrationRepository(store)
+        self._wake = asyncio.Event()
+        self._first_unhealthy: dict[tuple[str, str], float] = {}
+        self._offline_checked_at = 0.0
+        self.ticks = 0
+        self.scan_interval_s = max(0.5, min(5.0, settings.migration_grace / 2))
+        self._handlers: dict[StepKind, Handler] = {
+            StepKind.TAINT: self._taint,
+            StepKind.NOTIFY_EDGE: self._notify_edge,
+            StepKind.FIND_PODS: self._find_pods,
+            StepKind.TARGET: self._target,
+            StepKind.NO_TARGET: self._no_target,
+            StepKind.EVICT: self._evict,
+            StepKind.RECREATE: self._recreate,
+            StepKind.DELETE_ORIGINAL: self._delete_original,
+            StepKind.COMPLETE: self._complete,
+        }
+        batches.subscribe(self._on_batch)
+
+    # -- wiring --------------------------------------------------------------------------------
+
+    def add_routes(self, app: web.Application) -> None:
+        http.add_routes(app, self.repo, has_kube=self.kube is not None)
+
+    def periodic(self) -> Sequence[Periodic]:
+        return [Periodic("migration scan", self.tick, self.scan_interval_s, wake=self._wake,
+                         settle_s=SETTLE_S, expected=(FleetStoreError,))]
+
+    async def _on_batch(self, batch: list[Incoming]) -> None:
+        """Wake the scan early for a request or a health change (statuses, which come all the
+        time from every node, wait for the periodic scan)."""
+        if any(i.envelope.kind in (Kind.MIGRATION_REQUEST, Kind.HEALTH) for i in batch):
+            self._wake.set()
+
+    @property
+    def rules(self) -> Rules:
+        s = self.settings
+        return Rules(grace_s=s.migration_grace, offline_threshold_s=s.offline_threshold,
+                     max_concurrent=s.migration_max_concurrent,
+                     cooldown_s=s.migration_node_cooldown, has_kube=self.kube is not None)
+
+    def migrations(self, node: str | None = None, state: str | None = None,
+                   limit: int = 100) -> list[dict[str, Any]]:
+        """Rows for the API, newest first."""
+        return self.repo.migrations(node, state, limit)
+
+    def migration(self, mid: int) -> dict[str, Any] | None:
+        return self.repo.migration(mid)
+
+    # -- one scan ------------------------------------------------------------------------------
+
+    async def tick(self) -> None:
+        now = time.time()
+        kube = self.kube
+        world, migrations, last_started = await asyncio.to_thread(self.repo.load, now)
+        self._remember_unhealthy(world, now)
+        kube_nodes: list[dict[str, Any]] | None = None
+        pods: list[dict[str, Any]] | None = None
+        offline_long = [n for n, (online, seen) in world.nodes.items()
+                        if not online and now - seen > self.settings.offline_threshold]
+        check_offline = now - self._offline_checked_at >= OFFLINE_CHECK_EVERY_S
+        if kube is not None and offline_long and check_offline:
+            self._offline_checked_at = now  # listing every pod is not free: not on every scan
+            kube_nodes, pods = await self._read_cluster(kube)
+            world = replace(world, gpu_pods=gpu_pods_by_node(pods))
+        triggers = find_triggers(world, self.rules, now, self._first_unhealthy)
+        new, changed = reconcile(world, migrations, last_started, triggers, self.rules, now)
+        if new or changed:
+            await asyncio.to_thread(self.repo.save, new, changed, now)
+            if any(m.state == MigrationState.PENDING for m in new):
+                self._wake.set()  # start it on the next scan, right away
+            for m in new:
+                log.info("migration %s for %s: %s (%s)", m.state, m.node, m.trigger, m.reason,
+                         extra={"node": m.node})
+            world, migrations, last_started = await asyncio.to_thread(self.repo.load, now)
+        self.ticks += 1
+        if kube is None:
+            return
+        work = [m for m in migrations if m.state == MigrationState.IN_PROGRESS]
+        healing = to_recover(world, migrations)
+        if not work and not healing:
+            return
+        if kube_nodes is None or pods is None:
+            kube_nodes, pods = await self._read_cluster(kube)
+        if work:
+            world = with_samples(world, await asyncio.to_thread(self.repo.samples))
+        for m in work:
+            await self._advance(kube, m, world, kube_nodes, pods)
+        for m in healing:
+            await self._recover(kube, m)
+
+    async def _read_cluster(self, kube: Kube) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        serialize = kube.api_client.sanitize_for_serialization
+        nodes = await kube.call(kube.core.list_node)
+        pods = await kube.call(kube.core.list_pod_for_all_namespaces)
+        return [serialize(n) for n in nodes.items], [serialize(p) for p in pods.items]
+
+    def _remember_unhealthy(self, world: World, now: float) -> None:
+        seen = set()
+        for node, gpus in world.gpus.items():
+            for g in gpus:
+                if not gpu_healthy(g) and g.health is not None:
+                    seen.add((node, g.uuid))
+                    self._first_unhealthy.setdefault((node, g.uuid), now)
+        for key in list(self._first_unhealthy):
+            if key not in seen:
+                del self._first_unhealthy[key]
+
+    # -- one migration -------------------------------------------------------------------------
+
+    async def _advance(self, kube: Kube, m: Migration, world: World,
+                       kube_nodes: list[dict[str, Any]], pods: list[dict[str, Any]]) -> None:
+        """Run the planned steps of one in-progress migration, recording each as it happens."""
+        node = next((n for n in kube_nodes
+                     if (n.get("metadata") or {}).get("name") == m.node), None)
+        if node is not None:  # read it fresh: the taint list must not be stale when we patch it
+            try:
+                node = kube.api_client.sanitize_for_serialization(
+                    await kube.call(kube.core.read_node, m.node))
+            except KubeError as exc:
+                if not exc.not_found:
+                    raise
+                node = None
+        zone = (((node or {}).get("metadata") or {}).get("labels") or {}).get(ZONE_LABEL)
+        cands = candidates(kube_nodes, pods, world)
+        source = source_gpu(world, m.node, m.subjects, node)
+        now = time.time()
+        plan = plan_pods(m, node, pods, cands, zone, source, now, edge_known=m.node in world.nodes)
+        held: set[str] = set()  # pods whose step failed or must wait: their later steps wait too
+        for step in plan:
+            if step.pod in held:
+                continue
+            # A step and its record go together: losing leadership does not cut between them.
+            m, ok, go_on = await asyncio.shield(self._step(kube, m, step))
+            if not go_on:
+                return
+            waiting = (((m.pods.get(step.pod) or {}).get("next_at") or 0) > time.time()
+                       if step.pod else False)
+            if step.pod and (not ok or waiting):
+                held.add(step.pod)
+
+    async def _step(self, kube: Kube, m: Migration, step: Step) -> tuple[Migration, bool, bool]:
+        """Do one step and record it: (the migration, whether it worked, whether to go on)."""
+        now = time.time()
+        ok = go_on = True
+        try:
+            m = await self._handlers[step.kind](kube, m, step, now)
+        except KubeError as exc:
+            ok = False
+            if exc.status == 0:
+                log.warning("API server unreachable during migration %s: %s", m.id, exc)
+                go_on = False
+            m = record_error(m, step, str(exc), now)
+        await asyncio.to_thread(self.repo.update, m)
+        return m, ok, go_on
+
+    # -- the steps, one method per StepKind: each returns the migration with its outcome -------
+
+    async def _taint(self, kube: Kube, m: Migration, step: Step, now: float) -> Migration:
+        if step.body is None:
+            return m.step(StepKind.TAINT, "skipped", step.detail, now)
+        await kube.call(kube.core.patch_node, m.node, taints_patch(step.body))
+        log.info("tainted %s with %s", m.node, step.detail, extra={"node": m.node})
+        return m.step(StepKind.TAINT, "applied", step.detail, now)
+
+    async def _notify_edge(self, kube: Kube, m: Migration, step: Step, now: float) -> Migration:
+        sent = [uuid for uuid in step.body if await self._command(m, "migrate_away", uuid)]
+        outcome = "sent" if len(sent) == len(step.body) else "not-sent"
+        note = "" if outcome == "sent" else " (MQTT link down; the taint and evictions go on)"
+        return m.step(StepKind.NOTIFY_EDGE, outcome,
+                      f"migrate_away for {', '.join(step.body)}{note}", now)
+
+    async def _find_pods(self, kube: Kube, m: Migration, step: Step, now: float) -> Migration:
+        return m.step(StepKind.FIND_PODS, "found", step.detail, now)
+
+    async def _complete(self, kube: Kube, m: Migration, step: Step, now: float) -> Migration:
+        state = MigrationState.FAILED if step.body else MigrationState.COMPLETED
+        log.info("migration %s %s on %s", m.id, state, m.node, extra={"node": m.node})
+        return replace(m.step(StepKind.COMPLETE, state, step.detail, now), state=state,
+                       next_attempt_at=None)
+
+    async def _target(self, kube: Kube, m: Migration, step: Step, now: float) -> Migration:
+        key, _, _, _ = _pod_ref(step)
+        target = step.target.node if step.target else None
+        m = m.with_pod(key, now, target=target)
+        return m.step(StepKind.TARGET, "chosen" if step.target else "none", step.detail, now,
+                      pod=key, target=target)
+
+    async def _no_target(self, kube: Kube, m: Migration, step: Step, now: float) -> Migration:
+        key, _, _, uid = _pod_ref(step)
+        attempts = int((m.pods.get(key) or {}).get("attempts") or 0) + 1
+        # Nothing to back off from (no API call failed): look again soon, capacity may appear.
+        m = m.with_pod(key, now, state=PodState.WAITING, attempts=attempts,
+                       next_at=now + NO_TARGET_RETRY_S, uid=uid, owned=False)
+        m = replace(m, next_attempt_at=now + NO_TARGET_RETRY_S)
+        return m.step(StepKind.RECREATE, "retry", f"no node fits the bare pod yet; looking again "
+                                                  f"every {NO_TARGET_RETRY_S:g} s", now, pod=key)
+
+    async def _evict(self, kube: Kube, m: Migration, step: Step, now: float) -> Migration:
+        key, namespace, name, uid = _pod_ref(step)
+        target = step.target.node if step.target else None
+        try:
+            await kube.call(kube.core.create_namespaced_pod_eviction, name, namespace,
+                            eviction_body(name, namespace))
+        except KubeError as exc:
+            if exc.not_found:
+                m = m.with_pod(key, now, state=PodState.GONE, uid=uid, owned=True, next_at=None)
+                return m.step(StepKind.EVICT, "gone", "the pod was already gone", now, pod=key)
+            if not exc.too_many_requests:
+                raise
+            attempts = int((m.pods.get(key) or {}).get("attempts") or 0) + 1
+            wait = backoff(attempts)
+            m = m.with_pod(key, now, state=PodState.WAITING, attempts=attempts, next_at=now + wait,
+                           uid=uid, owned=True)
+            m = replace(m, next_attempt_at=now + wait)
+            return m.step(StepKind.EVICT, "retry", f"refused (429, a PodDisruptionBudget): "
+                          f"retry in {wait:g} s (attempt {attempts})", now, pod=key)
+        m = m.with_pod(key, now, state=PodState.EVICTED, uid=uid, owned=True, next_at=None,
+                       target=target)
+        log.info("evicted %s from %s", key, m.node, extra={"node": m.node})
+        return m.step(StepKind.EVICT, "evicted", "eviction accepted; its controller recreates it"
+                      + (f", expected on {target}" if target else ""), now, pod=key, target=target)
+
+    async def _recreate(self, kube: Kube, m: Migration, step: Step, now: float) -> Migration:
+        key, namespace, _, uid = _pod_ref(step)
+        target = step.target.node if step.target else None
+        new_name = step.body["metadata"]["name"]
+        try:
+            await kube.call(kube.core.create_namespaced_pod, namespace, step.body)
+        except KubeError as exc:
+            if not exc.conflict:
+                raise
+            # made by us before a restart: the same deterministic name
+        m = m.with_pod(key, now, state=PodState.RECREATED, new_name=new_name, uid=uid, owned=False,
+                       next_at=None, target=target)
+        log.info("recreated %s as %s/%s on %s", key, namespace, new_name, target,
+                 extra={"node": m.node})
+        return m.step(StepKind.RECREATE, "created", f"{namespace}/{new_name} with required node "
+                      f"affinity {HOSTNAME_LABEL} In [{target}]", now, pod=key, target=target)
+
+    async def _delete_original(self, kube: Kube, m: Migration, step: Step, now: float) -> Migration:
+        key, namespace, name, _ = _pod_ref(step)
+        detail = "original deleted"
+        if step.body is not None:
+            grace = 0 if OFFLINE_SUBJECT in m.subjects else None
+            try:
+                await kube.call(kube.core.delete_namespaced_pod, name, namespace,
+                                grace_period_seconds=grace)
+            except KubeError as exc:
+                if not exc.not_found:
+                    raise
+                detail = "the original was already gone"
+        else:
+            detail = step.detail or detail
+        m = m.with_pod(key, now, state=PodState.DELETED, next_at=None)
+        return m.step(StepKind.DELETE_ORIGINAL, "deleted", detail, now, pod=key)
+
+    # -- recovery and the edge -----------------------------------------------------------------
+
+    async def _recover(self, kube: Kube, m: Migration) -> None:
+        """The GPUs are healthy again: remove our taint (only ours) and close the migration."""
+        now = time.time()
+        try:
+            node = await kube.call(kube.core.read_node, m.node)
+            serialized = kube.api_client.sanitize_for_serialization(node)
+            taints = serialized.get("spec", {}).get("taints") or []
+            kept = without_our_taint(taints)
+            if kept is not None:
+                await kube.call(kube.core.patch_node, m.node, taints_patch(kept))
+                m = m.step(Lifecycle.UNTAINT, "removed",
+                           f"{TAINT_KEY} removed; other taints kept ({len(kept)})", now)
+                log.info("untainted %s: GPUs healthy again", m.node, extra={"node": m.node})
+            else:
+                m = m.step(Lifecycle.UNTAINT, "absent", f"{TAINT_KEY} was not on the node", now)
+        except KubeError as exc:
+            if not exc.not_found:
+                log.warning("untainting %s failed, retrying: %s", m.node, exc)
+                return
+            m = m.step(Lifecycle.UNTAINT, "skipped", "the node is not in the cluster", now)
+        for uuid in [s for s in m.subjects if s != OFFLINE_SUBJECT]:
+            await self._command(m, "undrain", uuid)
+        m = replace(m, state=MigrationState.RECOVERED, next_attempt_at=None)
+        await asyncio.to_thread(self.repo.update, m)
+
+    async def _command(self, m: Migration, command: str, uuid: str) -> bool:
+        """Tell the edge, through the command outbox (sent again until the edge answers; applied
+        at most once: the id is derived from the migration and the GPU)."""
+        digest = hashlib.sha1(uuid.encode()).hexdigest()[:12]
+        body = CommandBody(command=command, gpu_uuid=uuid, args={"migration": m.id})
+        return await self.commands.send(m.node, body, f"migration-{m.id}-{command}-{digest}")
+
+
+def _pod_ref(step: Step) -> tuple[str, str, str, str | None]:
+    """A pod step's (key, namespace, name, uid of the pod as listed)."""
+    assert step.pod is not None
+    namespace, name = step.pod.split("/", 1)
+    uid = ((step.body.get("metadata") or {}).get("uid")
+           if isinstance(step.body, Mapping) else None)
+    return step.pod, namespace, name, uid

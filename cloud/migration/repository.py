@@ -1,0 +1,126 @@
+"""The migration part's storage: its own tables (`migrations`, `migration_triggers`) and the
+fleet view a scan decides on, read through the store's methods in one transaction.
+
+The row is the truth across restarts (steps and pods are recorded right after each API call), so
+every write is one transaction through `store.writing()`; the fleet's tables are read through
+`FleetQueries` (cloud/store/queries.py), never directly.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import sqlalchemy as sa
+
+from cloud.migration.model import (
+    ACTIVE_STATES,
+    GpuView,
+    Migration,
+    RequestEvent,
+    World,
+)
+from cloud.migration.triggers import unhealthy_since
+from cloud.store import FleetStore
+from cloud.store.schema import migration_triggers_table, migrations_table
+from shared.gpu import Health
+
+REQUEST_MAX_AGE_S = 3600.0  # older migration_request events are left to the gpu-unhealthy trigger
+REQUEST_BATCH = 500  # requests taken per scan
+
+
+class MigrationRepository:
+    """Reads and writes of the migration part (blocking: the manager calls it in a thread)."""
+
+    def __init__(self, store: FleetStore) -> None:
+        self.store = store
+
+    def load(self, now: float) -> tuple[World, list[Migration], dict[str, float]]:
+        """The fleet view, the open migrations and each node's last start, in one read."""
+        t = migrations_table
+        active = [str(s) for s in ACTIVE_STATES]
+        with self.store.reading("migration scan") as conn:
+            migrations = [Migration.from_row(dict(r._mapping)) for r in conn.execute(
+                sa.select(t).where(t.c.state.in_(active)).order_by(t.c.id))]
+            last_started = {r.node: float(r.started) for r in conn.execute(
+                sa.select(t.c.node, sa.func.max(t.c.started_at).label("started"))
+                .where(t.c.started_at.is_not(None)).group_by(t.c.node))}
+            nodes = self.store.node_liveness(conn)
+            # Not the samples: at thousands of nodes, decoding every GPU's JSON each scan cost as
+            # much as the ingest. Only placement needs them (`samples`, when a migration runs).
+            gpu_rows = self.store.gpu_states(conn)
+            requests = [_request(r) for r in self.store.migration_requests(
+                now - REQUEST_MAX_AGE_S, REQUEST_BATCH, conn)]
+            watched = ({g["node"] for g in gpu_rows if g["health"] not in (None, Health.HEALTHY)}
+                       | {m.node for m in migrations} | {r.node for r in requests})
+            health = self.store.gpu_health_history(sorted(watched), conn=conn)
+        gpus: dict[str, list[GpuView]] = defaultdict(list)
+        for g in gpu_rows:
+            events = health.get((g["node"], g["uuid"]), [])
+            healthy_ts = next((ts for ts, _, cur in events if cur == Health.HEALTHY), None)
+            gpus[g["node"]].append(GpuView(
+                node=g["node"], uuid=g["uuid"], index=int(g["index"]), name=g["name"],
+                health=g["health"], unhealthy_since=unhealthy_since(events),
+                last_event=(events[0][0], events[0][2]) if events else None,
+                healthy_event_ts=healthy_ts))
+        world = World(nodes=nodes, gpus={k: tuple(v) for k, v in gpus.items()},
+                      requests=tuple(requests))
+        return world, migrations, last_started
+
+    def samples(self) -> dict[tuple[str, str], Mapping[str, Any]]:
+        """The latest sample of every GPU, by (node, uuid): what placement scores targets by."""
+        return self.store.gpu_samples()
+
+    def save(self, new: Sequence[Migration], changed: Sequence[Migration], now: float) -> None:
+        """New rows, changed rows and consumed request events, in one transaction."""
+        t, trig = migrations_table, migration_triggers_table
+        with self.store.writing("save migrations") as conn:
+            for m in new:
+                mid = conn.execute(t.insert().values(m.row()).returning(t.c.id)).scalar_one()
+                for event_id in m.consumed:
+                    conn.execute(trig.insert().values(event_id=event_id, migration_id=mid, at=now))
+            for m in changed:
+                conn.execute(t.update().where(t.c.id == m.id).values(m.row()))
+                for event_id in m.consumed:
+                    conn.execute(trig.insert().values(event_id=event_id, migration_id=m.id, at=now))
+
+    def update(self, m: Migration) -> None:
+        """One migration's row as it is now (a step was just recorded)."""
+        t = migrations_table
+        with self.store.writing("update migration") as conn:
+            conn.execute(t.update().where(t.c.id == m.id).values(m.row()))
+
+    def migrations(self, node: str | None = None, state: str | None = None,
+                   limit: int = 100) -> list[dict[str, Any]]:
+        """Rows for the API, newest first."""
+        t = migrations_table
+        query = sa.select(t).order_by(t.c.id.desc()).limit(limit)
+        if node is not None:
+            query = query.where(t.c.node == node)
+        if state is not None:
+            query = query.where(t.c.state == state)
+        with self.store.reading("migrations") as conn:
+            return [_out(dict(r._mapping)) for r in conn.execute(query)]
+
+    def migration(self, mid: int) -> dict[str, Any] | None:
+        """One row for the API, or None."""
+        t = migrations_table
+        with self.store.reading("migration") as conn:
+            row = conn.execute(sa.select(t).where(t.c.id == mid)).first()
+        return _out(dict(row._mapping)) if row is not None else None
+
+
+def _request(r: Mapping[str, Any]) -> RequestEvent:
+    body = r["body"] or {}
+    return RequestEvent(int(r["id"]), r["node"], float(r["ts"]), float(r["received_at"]),
+                        body.get("gpu_uuid"), str(body.get("trigger") or "request"),
+                        str(body.get("reason") or ""))
+
+
+def _out(row: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(row)
+    out["subjects"] = list(out.get("subjects") or [])
+    out["pods"] = dict(out.get("pods") or {})
+    out["steps"] = list(out.get("steps") or [])
+    return out

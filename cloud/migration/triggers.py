@@ -1,0 +1,202 @@
+"""Which fleet state starts, merges, defers, starts or cancels a migration: pure, no I/O, no clock.
+
+`find_triggers` turns the fleet store's view (`World`) into reasons to move work: an edge's
+`migration_request`, a GPU unhealthy or lost past the grace, a node offline past the threshold
+with GPU pods still bound. `reconcile` turns those triggers and the open migrations into rows:
+new migrations, merged triggers, cool-downs, cancellations and starts within the concurrency
+limit. `to_recover` says which finished migrations can have their taint removed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import replace
+
+from cloud.migration.model import (
+    ACTIVE_STATES,
+    HOLDING,
+    NOT_STARTED,
+    OFFLINE_SUBJECT,
+    Lifecycle,
+    Migration,
+    MigrationState,
+    Rules,
+    Trigger,
+    TriggerKind,
+    World,
+    gpu_healthy,
+)
+from shared.gpu import Health
+
+# ---- the pure part: health ------------------------------------------------------------------
+
+
+def unhealthy_since(events: Sequence[tuple[float, float, str]]) -> float | None:
+    """Start (cloud clock) of the current non-healthy run, from one GPU's health events given as
+    (edge ts, received_at, current), newest first; None if the newest says healthy."""
+    since = None
+    for _ts, received_at, current in events:
+        if current == Health.HEALTHY:
+            break
+        since = received_at
+    return since
+
+
+def recovered(world: World, node: str, subjects: Iterable[str]) -> bool:
+    """Whether every subject of a migration is fine again (no subject: every GPU of the node)."""
+    subjects = list(subjects)
+    if not subjects:
+        gpus = world.gpus.get(node, ())
+        return bool(gpus) and all(gpu_healthy(g) for g in gpus)
+    for subject in subjects:
+        if subject == OFFLINE_SUBJECT:
+            if not world.nodes.get(node, (False, 0.0))[0]:
+                return False
+        elif not gpu_healthy(world.gpu(node, subject)):
+            return False
+    return True
+
+
+def find_triggers(world: World, rules: Rules, now: float,
+                  first_seen_unhealthy: Mapping[tuple[str, str], float] | None = None) -> list[Trigger]:
+    """Every reason to move work that the fleet shows now (duplicates are `reconcile`'s job)."""
+    triggers: list[Trigger] = []
+    for request in world.requests:
+        uuid = request.gpu_uuid
+        triggers.append(Trigger(request.node, TriggerKind.EDGE_REQUEST, uuid,
+                                f"{request.trigger}: {request.reason}", request))
+    first_seen = first_seen_unhealthy or {}
+    for node, gpus in sorted(world.gpus.items()):
+        for gpu in gpus:
+            if gpu_healthy(gpu) or gpu.health is None:
+                continue
+            since = gpu.unhealthy_since if gpu.unhealthy_since is not None else first_seen.get((node, gpu.uuid))
+            if since is None or now - since < rules.grace_s:
+                continue
+            triggers.append(Trigger(node, TriggerKind.GPU_UNHEALTHY, gpu.uuid,
+                                    f"GPU {gpu.index} ({gpu.uuid}) {gpu.health} for {now - since:.0f} s "
+                                    f"(grace {rules.grace_s:g} s)"))
+    if world.gpu_pods is not None:
+        for node, (online, last_seen) in sorted(world.nodes.items()):
+            if online or now - last_seen <= rules.offline_threshold_s or not world.gpu_pods.get(node):
+                continue
+            triggers.append(Trigger(node, TriggerKind.NODE_OFFLINE, OFFLINE_SUBJECT,
+                                    f"node offline for {now - last_seen:.0f} s (threshold "
+                                    f"{rules.offline_threshold_s:g} s) with {world.gpu_pods[node]} GPU pod(s) bound"))
+    return triggers
+
+
+# ---- the pure part: reconcile ---------------------------------------------------------------
+
+
+def reconcile(world: World, migrations: Sequence[Migration], last_started: Mapping[str, float],
+              triggers: Sequence[Trigger], rules: Rules, now: float) -> tuple[list[Migration], list[Migration]]:
+    """Triggers and lifecycle in, rows out: (new migrations, changed migrations).
+
+    Merges triggers into a node's open migration, defers new ones in the node's cool-down,
+    records them as needs-cluster without a cluster, cancels ones not started whose GPUs
+    recovered, ends cool-downs, and starts pending ones while slots are free. Completed ones
+    whose GPUs recovered are left to the caller (untainting is I/O); see `to_recover`."""
+    open_by_node: dict[str, Migration] = {}
+    changed: dict[int, Migration] = {}
+    for m in migrations:
+        if m.state in ACTIVE_STATES and m.id is not None:
+            open_by_node.setdefault(m.node, m)
+    new: list[Migration] = []
+
+    def current(m: Migration) -> Migration:
+        return changed.get(m.id, m) if m.id is not None else m
+
+    for t in triggers:
+        if t.event is not None and t.subject and _stale_request(world, t):
+            fresh = _new(t, MigrationState.CANCELLED, now,
+                         "the GPU reported healthy after this request was made")
+            new.append(fresh)
+            continue
+        existing = open_by_node.get(t.node)
+        if existing is not None:
+            m = current(existing)
+            covered = t.subject is None or t.subject in m.subjects
+            if covered and t.event is None:
+                continue  # the same condition seen again: nothing to record
+            if t.subject is not None and not covered:
+                m = replace(m, subjects=(*m.subjects, t.subject))
+            m = m.step(Lifecycle.TRIGGER, "merged", f"{t.kind}: {t.reason}", now, subject=t.subject)
+            if t.event is not None:
+                m = replace(m, consumed=(*m.consumed, t.event.event_id))
+            if m.id is not None:
+                changed[m.id] = m
+                open_by_node[t.node] = m
+            else:
+                new[new.index(existing)] = m
+                open_by_node[t.node] = m
+            continue
+        started = last_started.get(t.node)
+        if started is not None and now - started < rules.cooldown_s:
+            until = started + rules.cooldown_s
+            m = _new(t, MigrationState.DEFERRED, now,
+                     f"cool-down: a migration from {t.node} started {now - started:.0f} s ago; "
+                     f"waits {until - now:.0f} s more", outcome="deferred (cool-down)")
+            m = replace(m, next_attempt_at=until)
+        elif not rules.has_kube:
+            m = _new(t, MigrationState.NEEDS_CLUSTER, now,
+                     "the controller runs with --no-kube: recorded, nothing moved", outcome="needs-cluster")
+        else:
+            m = _new(t, MigrationState.PENDING, now, "recorded")
+        new.append(m)
+        open_by_node[t.node] = m
+
+    # lifecycle of the open ones
+    for m0 in migrations:
+        if m0.id is None:
+            continue
+        mid, m = m0.id, current(m0)
+        if m.state in NOT_STARTED and recovered(world, m.node, m.subjects):
+            changed[mid] = replace(
+                m.step(Lifecycle.CANCEL, "cancelled", "healthy again before the migration started", now),
+                state=MigrationState.CANCELLED, next_attempt_at=None)
+        elif (m.state == MigrationState.DEFERRED and m.next_attempt_at is not None
+              and now >= m.next_attempt_at):
+            state = MigrationState.PENDING if rules.has_kube else MigrationState.NEEDS_CLUSTER
+            changed[mid] = replace(m.step(Lifecycle.COOL_DOWN, "ended", f"now {state}", now),
+                                   state=state, next_attempt_at=None)
+        elif m.state == MigrationState.NEEDS_CLUSTER and rules.has_kube:
+            changed[mid] = replace(
+                m.step(Lifecycle.CLUSTER, "available", "a controller with a cluster leads: pending", now),
+                state=MigrationState.PENDING)
+
+    # start pending ones, oldest first, while slots are free
+    everything = [current(m) for m in migrations if m.id is not None]
+    running = sum(1 for m in everything if m.state == MigrationState.IN_PROGRESS)
+    pending = sorted((m for m in everything if m.state == MigrationState.PENDING),
+                     key=lambda m: (m.created_at, m.id or 0))
+    for m in pending:
+        if running >= rules.max_concurrent:
+            break
+        running += 1
+        assert m.id is not None
+        changed[m.id] = replace(m.step(Lifecycle.START, "started", f"slot {running} of {rules.max_concurrent}", now),
+                                state=MigrationState.IN_PROGRESS, started_at=now)
+    return new, list(changed.values())
+
+
+def to_recover(world: World, migrations: Sequence[Migration]) -> list[Migration]:
+    """Migrations that moved the work (or gave up) and whose GPUs/node are fine again: untaint."""
+    return [m for m in migrations if m.state in HOLDING and recovered(world, m.node, m.subjects)]
+
+
+def _stale_request(world: World, t: Trigger) -> bool:
+    """A replayed request the edge has already taken back (a newer health event says healthy)."""
+    assert t.event is not None and t.subject is not None
+    gpu = world.gpu(t.node, t.subject)
+    return gpu is not None and gpu.healthy_event_ts is not None and gpu.healthy_event_ts > t.event.ts \
+        and gpu_healthy(gpu)
+
+
+def _new(t: Trigger, state: MigrationState, now: float, detail: str, *, outcome: str = "recorded") -> Migration:
+    subjects = (t.subject,) if t.subject else ()
+    m = Migration(id=None, node=t.node, gpu_uuid=t.subject if t.subject != OFFLINE_SUBJECT else None,
+                  subjects=subjects, trigger=t.kind, reason=t.reason, state=state, created_at=now, updated_at=now,
+                  consumed=(t.event.event_id,) if t.event else ())
+    return m.step(Lifecycle.TRIGGER, outcome, detail, now, subject=t.subject)
+

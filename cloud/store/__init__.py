@@ -1,0 +1,48 @@
+"""The cloud's fleet store: every node's state, its GPUs, telemetry history, events and decisions,
+and the tables of the controller's parts.
+
+The package is split by role: `schema` (every table, on one metadata), `base` (engine, write lock,
+error translation, Alembic), `ingest` (the exactly-once ingest core), `queries` (reads), and
+`alembic/` (the schema's revisions). `FleetStore` puts them together; parts receive it from the
+composition root (cloud/app.py) and use its methods, never its engine.
+"""
+
+from __future__ import annotations
+
+from cloud.store.base import DEFAULT_BUSY_TIMEOUT_MS, DEFAULT_HISTORY_RESOLUTION_S, FleetStoreError
+from cloud.store.ingest import UNKNOWN_EPOCH, Incoming, IngestCore, IngestResult, epoch_key
+from cloud.store.queries import FleetQueries
+from cloud.store.schema import (
+    JsonType,
+    RowId,
+    decisions_table,
+    events_table,
+    gpus_table,
+    metadata,
+    nodes_table,
+    samples_table,
+)
+
+
+class FleetStore(IngestCore, FleetQueries):
+    """The controller's database: ingest core and reads over one engine (see the modules)."""
+
+
+__all__ = [
+    "DEFAULT_BUSY_TIMEOUT_MS",
+    "DEFAULT_HISTORY_RESOLUTION_S",
+    "UNKNOWN_EPOCH",
+    "FleetStore",
+    "FleetStoreError",
+    "Incoming",
+    "IngestResult",
+    "JsonType",
+    "RowId",
+    "decisions_table",
+    "epoch_key",
+    "events_table",
+    "gpus_table",
+    "metadata",
+    "nodes_table",
+    "samples_table",
+]

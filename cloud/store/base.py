@@ -1,0 +1,199 @@
+"""The fleet store's plumbing: the engine, the write lock, error translation and the schema's
+Alembic upgrade on open.
+
+One SQLAlchemy 2 (Core) schema that runs on SQLite (a single controller, a lab) and PostgreSQL
+(the fleet, several controller replicas). The schema is versioned with Alembic from the first
+table on: the store runs `upgrade head` when it opens, so a newer kgpu migrates the database
+and an older one refuses a database it does not know.
+
+Every read and write of every part goes through `reading()` / `writing()`: one transaction, the
+process-wide write mutex on SQLite (one writer anyway: threads queue on it, not on SQLite's busy
+handler), and any database error turned into a `FleetStoreError` with the driver's reason.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Self
+
+import sqlalchemy as sa
+from alembic import command as alembic_command
+from alembic.config import Config as AlembicConfig
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from alembic.util import CommandError
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.engine import Connection, Engine, make_url
+from sqlalchemy.exc import SQLAlchemyError
+
+from shared.logs import get_logger
+from shared.sqlite import db_error_reason, durable_sqlite_engine
+
+log = get_logger(__name__)
+
+ALEMBIC_DIR = Path(__file__).parent / "alembic"
+DEFAULT_HISTORY_RESOLUTION_S = 60.0
+DEFAULT_BUSY_TIMEOUT_MS = 10_000
+_MIGRATION_LOCK_KEY = 0x6B677075  # "kgpu": PostgreSQL advisory lock around `upgrade head`
+
+
+class FleetStoreError(RuntimeError):
+    """The database could not do what was asked; `reason` is the driver's short message."""
+
+    def __init__(self, message: str, reason: str | None = None) -> None:
+        super().__init__(message)
+        self.reason = reason or message
+
+
+class StoreBase:
+    """The controller's database connection. One instance per process; safe to share between
+    threads."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        history_resolution_s: float = DEFAULT_HISTORY_RESOLUTION_S,
+        busy_timeout_ms: int = DEFAULT_BUSY_TIMEOUT_MS,
+    ) -> None:
+        if history_resolution_s < 0:
+            raise ValueError("history_resolution_s must not be negative")
+        self.history_resolution_s = history_resolution_s
+        self._busy_timeout_ms = busy_timeout_ms
+        self._closed = False
+        # SQLite has one writer anyway: queue threads on a mutex, not on its busy handler.
+        self._write_lock = threading.Lock()
+        self._url_for_logs = "?"
+        with self._errors("open"):
+            self._engine = self._make_engine(url)
+        self._dialect = self._engine.dialect.name
+        self._write_engine = self._engine.execution_options(kgpu_begin="IMMEDIATE")
+        try:
+            with self._errors("migrate"):
+                self._migrate()
+        except BaseException:
+            self._engine.dispose()
+            raise
+
+    @property
+    def engine(self) -> Engine:
+        """The SQLAlchemy engine (for tests and diagnostics: parts use `reading`/`writing`)."""
+        return self._engine
+
+    def _make_engine(self, url: str) -> Engine:
+        parsed = make_url(url)
+        self._url_for_logs = parsed.render_as_string(hide_password=True)
+        backend = parsed.get_backend_name()
+        if backend == "postgresql":
+            if parsed.get_driver_name() != "psycopg":
+                parsed = parsed.set(drivername="postgresql+psycopg")  # the driver we ship
+            return sa.create_engine(
+                parsed, pool_pre_ping=True, connect_args={"connect_timeout": 10}
+            )
+        if backend != "sqlite":
+            raise ValueError(f"fleet store: unsupported database {backend!r} (sqlite, postgresql)")
+        if not parsed.database or parsed.database == ":memory:":
+            raise ValueError("fleet store: SQLite needs a file (sqlite:///path/fleet.db)")
+        path = Path(parsed.database)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise FleetStoreError(
+                f"fleet store: cannot create {path.parent}: {exc.strerror or exc}",
+                reason=str(exc.strerror or exc),
+            ) from exc
+        # An ack goes out right after the commit: the commit must survive power loss.
+        return durable_sqlite_engine(parsed, self._busy_timeout_ms)
+
+    @contextmanager
+    def _errors(self, op: str) -> Iterator[None]:
+        """Turn every database error into a FleetStoreError with the driver's reason."""
+        try:
+            yield
+        except FleetStoreError:
+            raise
+        except (SQLAlchemyError, sqlite3.Error, OSError, CommandError) as exc:
+            reason = db_error_reason(exc)
+            log.error("fleet store %s failed: %s", op, reason, extra={"db": self._url_for_logs})
+            raise FleetStoreError(f"fleet store: {op} failed: {reason}", reason=reason) from exc
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise FleetStoreError("fleet store: the store is closed", reason="closed")
+
+    @contextmanager
+    def reading(self, op: str) -> Iterator[Connection]:
+        """One read transaction; `op` names it in errors and logs."""
+        self._check_open()
+        with self._errors(op), self._engine.connect() as conn, conn.begin():
+            yield conn
+
+    @contextmanager
+    def writing(self, op: str) -> Iterator[Connection]:
+        """One write transaction: committed on exit, rolled back on any exception."""
+        self._check_open()
+        lock = self._write_lock if self._dialect == "sqlite" else _NO_LOCK
+        with self._errors(op), lock, self._write_engine.connect() as conn, conn.begin():
+            yield conn
+
+    def insert(self, table: sa.Table) -> Any:
+        """The dialect's INSERT, which has ON CONFLICT."""
+        return pg_insert(table) if self._dialect == "postgresql" else sqlite_insert(table)
+
+    def _migrate(self) -> None:
+        """`alembic upgrade head`, in one transaction; refuse a schema newer than this code."""
+        config = AlembicConfig()
+        config.set_main_option("script_location", str(ALEMBIC_DIR))
+        script = ScriptDirectory.from_config(config)
+        with self.writing("migrate") as conn:
+            if self._dialect == "postgresql":
+                # Two replicas starting together must not both create the tables.
+                conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_MIGRATION_LOCK_KEY)))
+            current = MigrationContext.configure(conn).get_current_heads()
+            known = {rev.revision for rev in script.walk_revisions()}
+            unknown = [rev for rev in current if rev not in known]
+            if unknown:
+                raise FleetStoreError(
+                    f"fleet store: the database schema is at revision {', '.join(unknown)}, "
+                    "which this kgpu does not know (written by a newer version); upgrade kgpu",
+                    reason="schema too new",
+                )
+            if set(current) == set(script.get_heads()):
+                return
+            config.attributes["connection"] = conn
+            alembic_command.upgrade(config, "head")
+            log.info(
+                "fleet store schema migrated",
+                extra={"db": self._url_for_logs, "from": list(current), "to": script.get_heads()},
+            )
+
+    def close(self) -> None:
+        """Release every connection."""
+        if not self._closed:
+            self._closed = True
+            self._engine.dispose()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+
+
+class _NoLock:
+    """PostgreSQL serialises on row locks; no process-wide mutex needed."""
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *_exc: object) -> None:
+        return None
+
+
+_NO_LOCK = _NoLock()

@@ -1,0 +1,268 @@
+"""Every table of the fleet store, on one metadata.
+
+The ingest core's tables (nodes, gpus, samples, events, decisions) and each cloud part's own
+(policies, rollouts, migrations, edge commands) are declared here, in one module, so that the
+schema is complete wherever `metadata` is imported (Alembic's env, the tests that compare it with
+the migrations) instead of depending on which parts happen to be imported. A part reads and
+writes its own tables through the store's transactions (`FleetStore.reading`/`writing`); the
+core tables are the store's: parts go through its methods.
+
+Kept identical to the Alembic revisions in `alembic/versions` (a test compares the two).
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import JSONB
+
+JsonType = sa.JSON().with_variant(JSONB(), "postgresql")
+# SQLite only auto-increments an `INTEGER PRIMARY KEY`, PostgreSQL wants BIGINT for big tables.
+RowId = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+
+metadata = sa.MetaData()
+
+nodes_table = sa.Table(
+    "nodes",
+    metadata,
+    sa.Column("name", sa.String(253), primary_key=True),
+    sa.Column("online", sa.Boolean, nullable=False),
+    sa.Column("first_seen", sa.Float, nullable=False),  # cloud clock
+    sa.Column("last_seen", sa.Float, nullable=False),  # cloud clock: liveness is judged here
+    sa.Column("daemon_version", sa.String),
+    sa.Column("policy_name", sa.String),
+    sa.Column("policy_version", sa.Integer),
+    sa.Column("outbox_depth", sa.Integer),
+    sa.Column("outbox_epoch", sa.String(64)),  # NULL until a status names it
+    sa.Column("acked_seq", sa.BigInteger, nullable=False),
+    sa.Column("gaps", sa.BigInteger, nullable=False),
+    sa.Column("degraded", JsonType, nullable=False),
+    sa.Column("labels", JsonType, nullable=False),
+    sa.Column("status_ts", sa.Float),  # edge ts of the newest status applied, less the clock skew
+)
+
+gpus_table = sa.Table(
+    "gpus",
+    metadata,
+    sa.Column(
+        "node",
+        sa.String(253),
+        sa.ForeignKey("nodes.name", name="fk_gpus_node", ondelete="CASCADE"),
+        primary_key=True,
+    ),
+    sa.Column("uuid", sa.String, primary_key=True),
+    sa.Column("index", sa.Integer, nullable=False),
+    sa.Column("name", sa.String),  # NULL when only telemetry has been seen
+    sa.Column("health", sa.String),
+    sa.Column("power_limit_w", sa.Float),
+    sa.Column("sample", JsonType),  # the latest GpuSample
+    sa.Column("sample_ts", sa.Float),  # its ts less the clock skew, so a late sample cannot win
+    sa.Column("updated_at", sa.Float, nullable=False),  # cloud clock
+)
+
+samples_table = sa.Table(
+    "samples",
+    metadata,
+    sa.Column("id", RowId, primary_key=True, autoincrement=True),
+    sa.Column(
+        "node",
+        sa.String(253),
+        sa.ForeignKey("nodes.name", name="fk_samples_node", ondelete="CASCADE"),
+        nullable=False,
+    ),
+    sa.Column("uuid", sa.String, nullable=False),
+    sa.Column("ts", sa.Float, nullable=False),
+    sa.Column("temperature_c", sa.Float),
+    sa.Column("power_w", sa.Float),
+    sa.Column("power_limit_w", sa.Float),
+    sa.Column("utilization_pct", sa.Float),
+    sa.Column("memory_used_bytes", sa.BigInteger),
+    sa.Index("ix_samples_node_uuid_ts", "node", "uuid", "ts"),
+    sa.Index("ix_samples_ts", "ts"),
+)
+
+events_table = sa.Table(
+    "events",
+    metadata,
+    sa.Column("id", RowId, primary_key=True, autoincrement=True),
+    sa.Column(
+        "node",
+        sa.String(253),
+        sa.ForeignKey("nodes.name", name="fk_events_node", ondelete="CASCADE"),
+        nullable=False,
+    ),
+    sa.Column("epoch", sa.String(64), nullable=False),
+    sa.Column("seq", sa.BigInteger, nullable=False),
+    sa.Column("msg_id", sa.String(64), nullable=False),
+    sa.Column("kind", sa.String(32), nullable=False),
+    sa.Column("ts", sa.Float, nullable=False),  # edge clock
+    sa.Column("received_at", sa.Float, nullable=False),  # cloud clock
+    sa.Column("body", JsonType, nullable=False),
+    sa.UniqueConstraint("node", "epoch", "seq", name="uq_events_node_epoch_seq"),
+    sa.Index("ix_events_node_ts", "node", "ts"),
+    sa.Index("ix_events_kind_ts", "kind", "ts"),
+    sa.Index("ix_events_ts", "ts"),
+)
+
+decisions_table = sa.Table(
+    "decisions",
+    metadata,
+    sa.Column("id", RowId, primary_key=True, autoincrement=True),
+    sa.Column(
+        "node",
+        sa.String(253),
+        sa.ForeignKey("nodes.name", name="fk_decisions_node", ondelete="CASCADE"),
+        nullable=False,
+    ),
+    sa.Column("epoch", sa.String(64), nullable=False),
+    sa.Column("seq", sa.BigInteger, nullable=False),
+    sa.Column("ts", sa.Float, nullable=False),
+    sa.Column("gpu_uuid", sa.String),
+    sa.Column("rule", sa.String, nullable=False),
+    sa.Column("action", sa.String, nullable=False),
+    sa.Column("value", sa.Float),
+    sa.Column("outcome", sa.String(16), nullable=False),
+    sa.Column("reason", sa.Text, nullable=False),
+    sa.Column("policy_version", sa.Integer),
+    sa.UniqueConstraint("node", "epoch", "seq", name="uq_decisions_node_epoch_seq"),
+    sa.Index("ix_decisions_node_ts", "node", "ts"),
+    sa.Index("ix_decisions_ts", "ts"),
+)
+
+
+# ---- policies ------------------------------------------------------------------------------
+
+policies_table = sa.Table(
+    "policies",
+    metadata,
+    sa.Column("name", sa.String(253), primary_key=True),
+    sa.Column("source", sa.String(16), nullable=False),
+    sa.Column("spec", JsonType, nullable=False),
+    sa.Column("generation", sa.BigInteger, nullable=False),
+    sa.Column("status", JsonType, nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("updated_at", sa.Float, nullable=False),
+)
+
+policy_nodes_table = sa.Table(
+    "policy_nodes",
+    metadata,
+    sa.Column("node", sa.String(253), primary_key=True),
+    sa.Column("labels", JsonType, nullable=False),
+    sa.Column("present", sa.Boolean, nullable=False),
+    sa.Column("policy_name", sa.String(253)),
+    sa.Column("version", sa.Integer, nullable=False),
+    sa.Column("content_hash", sa.String(64)),
+    sa.Column("policy", JsonType),
+    sa.Column("published_version", sa.Integer),
+    sa.Column("published_at", sa.Float),
+    sa.Column("updated_at", sa.Float, nullable=False),
+    sa.Index("ix_policy_nodes_policy_name", "policy_name"),
+)
+
+
+# ---- rollouts ------------------------------------------------------------------------------
+
+rollouts_table = sa.Table(
+    "rollouts",
+    metadata,
+    sa.Column("id", RowId, primary_key=True, autoincrement=True),
+    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("active", sa.Integer),  # 1 while running or rolling back, else NULL: the UNIQUE allows one
+    sa.Column("target_version", sa.String(128), nullable=False),
+    sa.Column("image", sa.String(512)),
+    sa.Column("container", sa.String(253)),
+    sa.Column("template_patch", JsonType),
+    sa.Column("request", JsonType, nullable=False),  # as accepted, defaults filled in (camelCase)
+    sa.Column("max_unavailable", sa.Integer, nullable=False),  # resolved against the node count
+    sa.Column("failure_threshold", sa.Integer, nullable=False),
+    sa.Column("health_timeout", sa.Float, nullable=False),
+    sa.Column("wave", sa.Integer, nullable=False),  # highest wave opened (0: canaries)
+    sa.Column("wave_count", sa.Integer, nullable=False),
+    sa.Column("previous_template", JsonType, nullable=False),  # the pod template before: rollback target
+    sa.Column("new_template", JsonType, nullable=False),
+    sa.Column("template_applied", sa.String(16)),  # "new" | "previous": the template last written
+    sa.Column("rollback_requested", sa.Boolean, nullable=False),
+    sa.Column("reason", sa.Text),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("updated_at", sa.Float, nullable=False),
+    sa.Column("finished_at", sa.Float),
+    sa.UniqueConstraint("active", name="uq_rollouts_active"),
+)
+
+rollout_nodes_table = sa.Table(
+    "rollout_nodes",
+    metadata,
+    sa.Column(
+        "rollout_id",
+        RowId,
+        sa.ForeignKey("rollouts.id", name="fk_rollout_nodes_rollout", ondelete="CASCADE"),
+        primary_key=True,
+        autoincrement=False,
+    ),
+    sa.Column("node", sa.String(253), primary_key=True),  # no FK: a node may never have reported
+    sa.Column("wave", sa.Integer, nullable=False),
+    sa.Column("canary", sa.Boolean, nullable=False),
+    sa.Column("state", sa.String(32), nullable=False),
+    sa.Column("since", sa.Float, nullable=False),  # cloud clock
+    sa.Column("marked_pod", sa.String(253)),  # uid of the pod to delete, then of the pod deleted
+    sa.Column("deleted", sa.Boolean, nullable=False),  # pod deleted in the current direction
+    sa.Column("reverting", sa.Boolean, nullable=False),  # rollback: goes back to the previous template
+    sa.Column("from_version", sa.String(128)),  # what it reported before its restart
+    sa.Column("reason", sa.Text),  # why it is in its state
+    sa.Index("ix_rollout_nodes_rollout_state", "rollout_id", "state"),
+)
+
+
+# ---- workload migrations -------------------------------------------------------------------
+
+migrations_table = sa.Table(
+    "migrations",
+    metadata,
+    sa.Column("id", RowId, primary_key=True, autoincrement=True),
+    sa.Column("node", sa.String(253), nullable=False),
+    sa.Column("gpu_uuid", sa.String),  # the GPU of the first trigger; NULL for a node trigger
+    sa.Column("subjects", JsonType, nullable=False),  # every GPU uuid covered, or "node-offline"
+    sa.Column("trigger", sa.String(32), nullable=False),
+    sa.Column("reason", sa.Text, nullable=False),
+    sa.Column("state", sa.String(32), nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False),  # cloud clock
+    sa.Column("updated_at", sa.Float, nullable=False),
+    sa.Column("started_at", sa.Float),  # when it went in-progress: the node's cool-down runs from it
+    sa.Column("next_attempt_at", sa.Float),  # deferred: end of the cool-down; in-progress: next retry
+    sa.Column("pods", JsonType, nullable=False),  # "ns/name" -> what was done to that pod
+    sa.Column("steps", JsonType, nullable=False),  # [{step, outcome, detail, at, ...}]
+    sa.Index("ix_migrations_node_created", "node", "created_at"),
+    sa.Index("ix_migrations_state", "state"),
+)
+
+migration_triggers_table = sa.Table(
+    "migration_triggers",
+    metadata,
+    sa.Column("event_id", sa.BigInteger, primary_key=True, autoincrement=False),  # events.id
+    sa.Column(
+        "migration_id",
+        RowId,
+        sa.ForeignKey("migrations.id", name="fk_migration_triggers_migration", ondelete="CASCADE"),
+        nullable=False,
+    ),
+    sa.Column("at", sa.Float, nullable=False),
+)
+
+
+# ---- edge commands -------------------------------------------------------------------------
+
+edge_commands_table = sa.Table(
+    "edge_commands",
+    metadata,
+    sa.Column("id", sa.String(64), primary_key=True),  # the envelope id: the edge applies it once
+    sa.Column("node", sa.String(253), nullable=False),
+    sa.Column("command", sa.String(32), nullable=False),
+    sa.Column("payload", sa.Text, nullable=False),  # the envelope, exactly as published each time
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("sent_at", sa.Float),  # last publish the broker took; NULL: not yet
+    sa.Column("sends", sa.Integer, nullable=False),
+    sa.Column("result_at", sa.Float),  # when the edge's command_result was stored
+    sa.Column("ok", sa.Boolean),
+    sa.Column("detail", sa.Text),
+    sa.Index("ix_edge_commands_result_at_created_at", "result_at", "created_at"),
+)
