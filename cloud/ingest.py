@@ -24,7 +24,7 @@ from cloud.services import BatchBus
 from cloud.store import FleetStore, Incoming, IngestResult
 from shared.logs import get_logger
 from shared.mqtt import Received
-from shared.protocol import Direction, Kind, RejectedMessage, decode_and_check
+from shared.protocol import Direction, Kind, Reason, RejectedMessage, decode_and_check
 
 log = get_logger(__name__)
 
@@ -35,6 +35,12 @@ def validate(topic: str, payload: bytes, received_at: float) -> Incoming:
     checked = decode_and_check(topic, payload, direction=Direction.EDGE_TO_CLOUD)
     return Incoming(envelope=checked.envelope, body=checked.body, received_at=received_at)
 
+
+# Every reason a message can be refused for: decode_and_check's, and a batch the store refuses.
+# kgpu_ingest_rejected_total exposes each from 0, so a rate over it reads 0, not nothing, before
+# the first rejection (dashboards and rules read it).
+REFUSED_BY_STORE = "refused_by_store"
+REJECTION_REASONS: tuple[str, ...] = (*(reason.value for reason in Reason), REFUSED_BY_STORE)
 
 GC_GEN0_THRESHOLD = 20_000
 
@@ -141,7 +147,7 @@ class Ingestor:
                 self.failing = False
                 break
             except ValueError as exc:  # a batch the store refuses will never succeed: say so, go on
-                self.rejected["refused_by_store"] += len(batch)
+                self.rejected[REFUSED_BY_STORE] += len(batch)
                 log.error("fleet store refused a batch of %d messages: %s", len(batch), exc)
                 return []
             except Exception as exc:  # noqa: BLE001 - the database is down: keep the batch, retry with backoff

@@ -1,11 +1,14 @@
 """Prometheus exposition of the edge daemon's state, read at scrape time.
 
-GPU figures use dcgm-exporter's metric and label names (`DCGM_FI_DEV_*`, labels `gpu`, `UUID`,
-`device`, `modelName`, `Hostname`) so that existing dashboards and alerts work unchanged.
-promtool's linter flags those camelCase label names; they are kept on purpose and are the only
-lint findings (see tests/test_metrics.py). `DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION` is exposed as a
-gauge: Prometheus' text format gives counters a `_total` suffix, which would break the name.
-Energy per pod follows Kepler's shape; everything else is `kgpu_*`.
+GPU figures are dcgm-exporter's series, built by shared/dcgm.py (the same builder a cloud
+exporter can use): its metric names, types and labels (`gpu`, `UUID`, `pci_bus_id`, `device`,
+`modelName`, `Hostname`, `DCGM_FI_DRIVER_VERSION`, and `pod`/`namespace`/`container` for a GPU
+a pod's process runs on) so that existing dashboards and alerts work unchanged. promtool's
+linter flags those camelCase label names and dcgm-exporter's counters without `_total`; they are
+kept on purpose and are the only lint findings (see tests/test_metrics.py); `render` writes those
+counters under their own names. The per-GPU `kgpu_gpu_*` series carry `Hostname` too, so a
+dashboard's node selector filters them. Energy per pod follows Kepler's shape; everything else
+is `kgpu_*`.
 """
 
 from __future__ import annotations
@@ -13,81 +16,67 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from edge.kepler_metrics import KeplerCollector
 from shared import __version__
+from shared.dcgm import DcgmGpu, PodOnGpu, dcgm_families, exposition
 from shared.gpu import Health
 
 if TYPE_CHECKING:
     from edge.daemon import EdgeDaemon
-
-DCGM_LABELS = ["gpu", "UUID", "device", "modelName", "Hostname"]
-MIB = 1024 * 1024
 
 
 class EdgeCollector(Collector):
     def __init__(self, daemon: EdgeDaemon) -> None:
         self.daemon = daemon
 
+    def _dcgm_gpus(self) -> list[DcgmGpu]:
+        """Each GPU's view, with the pods whose processes run on it (dcgm-exporter's mapping)."""
+        d = self.daemon
+        # pid -> pod of the GPU processes the energy accounting has resolved (edge/energy.py); a
+        # pid seen in two pods (reused) maps to the one that had GPU time last
+        seen = d.energy.processes.last_active
+        pods = {key.pid: key.pod for key in sorted(seen, key=seen.__getitem__) if key.pod is not None}
+        gpus = []
+        for view in d.gpus.values():
+            sample = view.sample
+            on_gpu = [] if sample is None else [pods[p.pid] for p in sample.processes if p.pid in pods]
+            gpus.append(DcgmGpu(view.inventory, sample, view.last_xid,
+                                tuple(PodOnGpu(r.namespace, r.pod, r.container) for r in on_gpu)))
+        return gpus
+
     def collect(self) -> Iterator[Metric]:
         d = self.daemon
         node = d.node
 
-        def gauge(name: str, doc: str, labels: list[str] | None = None, unit: str = "") -> GaugeMetricFamily:
-            return GaugeMetricFamily(name, doc, labels=labels if labels is not None else DCGM_LABELS, unit=unit)
+        def gauge(name: str, doc: str, labels: list[str]) -> GaugeMetricFamily:
+            return GaugeMetricFamily(name, doc, labels=labels)
 
-        temp = gauge("DCGM_FI_DEV_GPU_TEMP", "GPU temperature (in C).")
-        power = gauge("DCGM_FI_DEV_POWER_USAGE", "Power draw (in W).")
-        util = gauge("DCGM_FI_DEV_GPU_UTIL", "GPU utilization (in %).")
-        mem_util = gauge("DCGM_FI_DEV_MEM_COPY_UTIL", "Memory utilization (in %).")
-        fb_used = gauge("DCGM_FI_DEV_FB_USED", "Framebuffer memory used (in MiB).")
-        fb_free = gauge("DCGM_FI_DEV_FB_FREE", "Framebuffer memory free (in MiB).")
-        sm_clock = gauge("DCGM_FI_DEV_SM_CLOCK", "SM clock frequency (in MHz).")
-        mem_clock = gauge("DCGM_FI_DEV_MEM_CLOCK", "Memory clock frequency (in MHz).")
-        energy = gauge("DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION", "Total energy consumption since boot (in mJ).")
-        xid = gauge("DCGM_FI_DEV_XID_ERRORS", "Value of the last XID error encountered.")
-        ecc_dbe = gauge("DCGM_FI_DEV_ECC_DBE_VOL_TOTAL", "Total number of double-bit volatile ECC errors.")
-        ecc_sbe = gauge("DCGM_FI_DEV_ECC_SBE_VOL_TOTAL", "Total number of single-bit volatile ECC errors.")
-        limit = gauge("kgpu_gpu_power_limit_watts", "Enforced power limit.", ["gpu", "uuid"])
-        throttle = gauge("kgpu_gpu_throttle_reasons", "NVML clocks-event reason bit mask.", ["gpu", "uuid"])
-        health = gauge("kgpu_gpu_health", "1 for the GPU's current health state.", ["gpu", "uuid", "state"])
-        steps = gauge("kgpu_gpu_thermal_steps", "Thermal step-downs currently applied.", ["gpu", "uuid"])
-        saving = gauge("kgpu_gpu_power_saving_active", "1 while power saving lowers the limit.", ["gpu", "uuid"])
+        yield from dcgm_families(node, self._dcgm_gpus())
+        short_labels = ["gpu", "uuid", "Hostname"]
+        limit = gauge("kgpu_gpu_power_limit_watts", "Enforced power limit.", short_labels)
+        throttle = gauge("kgpu_gpu_throttle_reasons", "NVML clocks-event reason bit mask.", short_labels)
+        health = gauge("kgpu_gpu_health", "1 for the GPU's current health state.", [*short_labels, "state"])
+        steps = gauge("kgpu_gpu_thermal_steps", "Thermal step-downs currently applied.", short_labels)
+        saving = gauge("kgpu_gpu_power_saving_active", "1 while power saving lowers the limit.", short_labels)
 
         for index, view in sorted(d.gpus.items()):
-            inv, sample = view.inventory, view.sample
-            dcgm = [str(index), inv.uuid, f"nvidia{index}", inv.name, node]
-            short = [str(index), inv.uuid]
+            sample = view.sample
+            short = [str(index), view.inventory.uuid, node]
             for state in Health:
                 health.add_metric([*short, state.value], 1.0 if view.health.health is state else 0.0)
             steps.add_metric(short, view.policy_state.thermal_steps)
             saving.add_metric(short, 1.0 if view.policy_state.saving_active else 0.0)
-            xid.add_metric(dcgm, float(view.last_xid or 0))
             if sample is None or sample.lost:
                 continue
-            for family, value in (
-                (temp, sample.temperature_c),
-                (power, sample.power_w),
-                (util, sample.utilization_pct),
-                (mem_util, sample.memory_util_pct),
-                (fb_used, None if sample.memory_used_bytes is None else sample.memory_used_bytes / MIB),
-                (fb_free, None if sample.memory_free_bytes is None else sample.memory_free_bytes / MIB),
-                (sm_clock, sample.sm_clock_mhz),
-                (mem_clock, sample.memory_clock_mhz),
-                (energy, sample.energy_mj),
-                (ecc_dbe, sample.ecc_dbe_volatile),
-                (ecc_sbe, sample.ecc_sbe_volatile),
-            ):
-                if value is not None:
-                    family.add_metric(dcgm, float(value))
             if sample.power_limit_w is not None:
                 limit.add_metric(short, sample.power_limit_w)
             if sample.throttle_reasons is not None:
                 throttle.add_metric(short, float(sample.throttle_reasons))
-        yield from (temp, power, util, mem_util, fb_used, fb_free, sm_clock, mem_clock, energy, xid,
-                    ecc_dbe, ecc_sbe, limit, throttle, health, steps, saving)
+        yield from (limit, throttle, health, steps, saving)
 
         xids = CounterMetricFamily("kgpu_xid_errors", "XID errors seen, by GPU and XID.", labels=["gpu", "xid"])
         for (index, code), count in sorted(d.counters.xids.items()):
@@ -162,8 +151,10 @@ class EdgeCollector(Collector):
 def make_registry(daemon: EdgeDaemon) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(EdgeCollector(daemon))
+    registry.register(KeplerCollector(daemon))  # Kepler's GPU families: edge/kepler_metrics.py
     return registry
 
 
 def render(registry: CollectorRegistry) -> bytes:
-    return generate_latest(registry)
+    """The text format, with dcgm-exporter's counters under their own names (shared/dcgm.py)."""
+    return exposition(registry.collect())

@@ -15,15 +15,34 @@ from shared import __version__
 from shared.logs import scrub, setup_logging
 from shared.settings import ConfigError, load_settings
 
+# Help texts are plain text: rich markup off, so that a default shown as `[/var/lib/kgpu/edge.db]`
+# is printed as written and not parsed as a closing tag (tests/test_cli.py runs every --help).
+_PLAIN: dict[str, Any] = {"rich_markup_mode": None, "no_args_is_help": True}
+
 app = typer.Typer(
     name="kgpu",
     help="GPU manager for KubeEdge edge fleets.",
-    no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    **_PLAIN,
 )
-edge_app = typer.Typer(help="The edge daemon (one per GPU edge node).", no_args_is_help=True)
+edge_app = typer.Typer(help="The edge daemon (one per GPU edge node).", **_PLAIN)
 app.add_typer(edge_app, name="edge")
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"kgpu {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[bool, typer.Option(
+        "--version", help="Print the version and exit", is_eager=True, callback=_print_version)] = False,
+) -> None:
+    """GPU manager for KubeEdge edge fleets."""
+
 
 ConfigOpt = Annotated[
     Path | None, typer.Option("--config", "-c", help="YAML or TOML settings file", envvar="KGPU_CONFIG")
@@ -100,7 +119,7 @@ def edge_run(
     )
 
 
-cloud_app = typer.Typer(help="The cloud controller (central cluster).", no_args_is_help=True)
+cloud_app = typer.Typer(help="The cloud controller (central cluster).", **_PLAIN)
 app.add_typer(cloud_app, name="cloud")
 
 

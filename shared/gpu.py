@@ -70,6 +70,20 @@ class GpuSample(WireModel):
     remapped_rows_uncorrectable: int | None = None
     remap_pending: bool | None = None
     remap_failure: bool | None = None
+    # dcgm-exporter's other default counters (all optional: an older edge sends none of them).
+    memory_temperature_c: float | None = None  # HBM boards only (NVML_FI_DEV_MEMORY_TEMP)
+    memory_reserved_bytes: int | None = None  # framebuffer the driver and firmware keep
+    pcie_replays: int | None = None  # PCIe replay counter since driver load
+    encoder_util_pct: float | None = None
+    decoder_util_pct: float | None = None
+    nvlink_kib: int | None = None  # NVLink traffic since driver load, all links, TX + RX, KiB
+    vgpu_license_status: int | None = None  # 1 licensed, 0 not (or not a vGPU guest)
+    # GPM (Hopper and later): over the sampling interval; None on a board's first sample.
+    gr_engine_active: float | None = None  # ratio 0-1
+    tensor_active: float | None = None  # ratio 0-1
+    dram_active: float | None = None  # ratio 0-1
+    pcie_tx_bytes_per_s: float | None = None
+    pcie_rx_bytes_per_s: float | None = None
     processes: list[ProcessSample] = Field(default_factory=list)
     missing: list[str] = Field(default_factory=list)
 

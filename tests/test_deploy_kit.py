@@ -229,7 +229,7 @@ def test_xid_alert_fires_on_a_counter_born_at_one() -> None:
         fired = {tuple(sorted(a["exp_labels"].items())) for case in t.get("alert_rule_test", [])
                  if case["alertname"] == "KgpuXidErrors" for a in case.get("exp_alerts", [])}
         for name, values in series.items():
-            if name.startswith("kgpu_xid_errors_total") and re.match(r"_x\d+ 1\b", values):
+            if name.startswith("kgpu_xid_errors_total") and re.match(r"_x\d+ 1(?![\d.])", values):
                 labels = dict(re.findall(r'(\w+)="([^"]*)"', name))
                 if any(dict(f).items() >= labels.items() for f in fired):
                     born_at_one += 1
@@ -252,7 +252,7 @@ def test_scrape_config_gives_every_edge_series_the_node() -> None:
 
 @needs_promtool
 def test_promtool_check_config() -> None:
-    out = subprocess.run([PROMTOOL, "check", "config", SCRAPE_CONFIG.name], cwd=SCRAPE_CONFIG.parent,
+    out = subprocess.run([str(PROMTOOL), "check", "config", SCRAPE_CONFIG.name], cwd=SCRAPE_CONFIG.parent,
                          capture_output=True, text=True, timeout=60, check=False)
     if "field kubernetes_sd_configs not found" in out.stdout + out.stderr:
         pytest.skip("this promtool is built without Kubernetes service discovery (Debian's is)")
@@ -262,6 +262,7 @@ def test_promtool_check_config() -> None:
 # ---- metric names: dashboard and rules use only what the code exposes --------------------------
 
 FAMILY_RE = re.compile(r'(Gauge|Counter)MetricFamily\(\s*"([A-Za-z_:][A-Za-z0-9_:]*)"')
+DCGM_FIELD_RE = re.compile(r'DcgmField\(\s*"([A-Za-z_:][A-Za-z0-9_:]*)"')  # shared/dcgm.py: names as written
 HELPER_GAUGE_RE = re.compile(r'\bgauge\(\s*"([A-Za-z_:][A-Za-z0-9_:]*)"')
 # Series Prometheus itself makes for every target.
 PROMETHEUS_SERIES = {"up", "scrape_duration_seconds", "scrape_samples_scraped"}
@@ -272,12 +273,13 @@ PROMQL_WORDS = {"and", "or", "unless", "by", "without", "on", "ignoring", "group
 def exposed_metric_names() -> set[str]:
     names: set[str] = set()
     sources = [*sorted((ROOT / "edge").glob("*metrics*.py")), *sorted((ROOT / "cloud/http").glob("*.py")),
-               ROOT / "shared/http.py"]  # edge/metrics.py, the fleet exporter, kgpu_http_rejected_total
+               *sorted((ROOT / "shared").glob("*.py"))]  # the dcgm and Kepler builders, kgpu_http_rejected_total
     for source in sources:
         text = source.read_text()
         for kind, name in FAMILY_RE.findall(text):
             names.add(name + "_total" if kind == "Counter" else name)
         names.update(HELPER_GAUGE_RE.findall(text))
+        names.update(DCGM_FIELD_RE.findall(text))
     return names
 
 

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edge.energy import EnergyAccountant, PodKey
+from edge.energy import EnergyAccountant, KeplerPodKey, PodKey, ProcessKey
 from edge.pods import PodRef
 from shared.gpu import GpuSample, ProcessSample
 
@@ -35,6 +35,7 @@ def sample(
     power_w: float | None = None,
     uuid: str = GPU0,
     lost: bool = False,
+    util: float | None = None,
 ) -> GpuSample:
     return GpuSample(
         index=0 if uuid == GPU0 else 1,
@@ -43,6 +44,7 @@ def sample(
         lost=lost,
         energy_mj=energy_mj,
         power_w=power_w,
+        utilization_pct=util,
         processes=[ProcessSample(pid=pid, sm_util_pct=util) for pid, util in procs],
     )
 
@@ -164,6 +166,77 @@ def test_no_processes_all_idle() -> None:
     assert acc.idle_power_w == {}  # no power reading: nothing learned, energy still booked
 
 
+# --- idle as Kepler means it, per GPU ------------------------------------------------------------
+
+
+def test_busy_gpu_without_processes_is_active_not_idle() -> None:
+    """The issue's case: a board that idles at 140 W, kept busy at 229.8 W by work NVML lists no
+    process for. Idle is 140 W of it; the rest is active, attributed to no pod."""
+    acc = EnergyAccountant()
+    acc.update([sample(0.0, 0, power_w=140.0, util=0.0)], resolve)
+    acc.update([sample(10.0, 2_298_000, power_w=229.8, util=100.0)], resolve)
+    gpu = acc.gpus[GPU0]
+    assert acc.idle_power_w == {GPU0: 140.0}  # the busy reading taught nothing
+    assert gpu.idle_joules == pytest.approx(1400.0) and acc.idle_joules == pytest.approx(1400.0)
+    assert gpu.unattributed_joules == pytest.approx(898.0) and gpu.attributed_joules == 0.0
+    assert gpu.active_joules == pytest.approx(898.0)
+    assert (gpu.power_w, gpu.idle_power_w, gpu.active_power_w) == (229.8, 140.0, pytest.approx(89.8))
+    assert acc.pod_joules == {}
+
+
+def test_busy_without_processes_teaches_no_idle_and_is_all_active() -> None:
+    acc = EnergyAccountant()
+    acc.update([sample(0.0, 0, power_w=229.8, util=90.0)], resolve)
+    acc.update([sample(1.0, 229_800, power_w=229.8, util=90.0)], resolve)
+    assert acc.idle_power_w == {}  # never seen idle: idle power 0, as Kepler's fallback
+    assert acc.idle_joules == 0.0 and acc.unattributed_joules == pytest.approx(229.8)
+    assert acc.gpus[GPU0].idle_power_w == 0.0
+
+
+def test_idle_is_kept_per_gpu() -> None:
+    acc = EnergyAccountant()
+    acc.update([sample(0.0, 0, power_w=70.0), sample(0.0, 0, power_w=60.0, uuid=GPU1)], resolve)
+    acc.update([sample(1.0, 70_000, power_w=70.0),
+                sample(1.0, 300_000, (1, 50.0), power_w=300.0, uuid=GPU1)], resolve)
+    g0, g1 = acc.gpus[GPU0], acc.gpus[GPU1]
+    assert (g0.idle_joules, g0.active_joules) == (pytest.approx(70.0), 0.0)
+    assert (g1.idle_joules, g1.active_joules) == (pytest.approx(60.0), pytest.approx(240.0))
+    assert g1.attributed_joules == pytest.approx(240.0)
+    assert (g0.idle_power_w, g1.idle_power_w) == (70.0, 60.0)  # idling: all of it; busy: the learned
+    assert (g0.index, g1.index) == (0, 1)
+    assert acc.idle_joules == pytest.approx(130.0)
+
+
+def test_idle_power_in_force() -> None:
+    acc = EnergyAccountant()
+    acc.update([sample(0.0, 0, power_w=50.0)], resolve)
+    assert acc.idle_power_for(sample(1.0, 0, power_w=55.0)) == 55.0  # idling: all it draws
+    assert acc.idle_power_for(sample(1.0, 0, (1, 9.0), power_w=300.0)) == 50.0
+    assert acc.idle_power_for(sample(1.0, 0, power_w=40.0, util=5.0)) == 40.0  # never above the reading
+    assert acc.idle_power_for(sample(1.0, 0, power_w=None)) is None
+    assert acc.idle_power_for(sample(1.0, 0, power_w=60.0, lost=True)) is None
+
+
+def test_process_container_and_pod_levels() -> None:
+    acc = EnergyAccountant()
+    procs = ((1, 30.0), (2, 30.0), (4, 20.0), (5, 20.0))
+    acc.update([sample(0.0, 0, *procs)], resolve)
+    acc.update([sample(2.0, 200_000, *procs)], resolve)  # 200 J over 2 s, no idle known
+    assert acc.processes.joules == {
+        ProcessKey(1, TRAIN): pytest.approx(60.0), ProcessKey(2, TRAIN): pytest.approx(60.0),
+        ProcessKey(4, TRAIN_SIDECAR): pytest.approx(40.0), ProcessKey(5, None): pytest.approx(40.0),
+    }
+    assert acc.containers.joules == {TRAIN: pytest.approx(120.0), TRAIN_SIDECAR: pytest.approx(40.0)}
+    assert acc.kepler_pods.joules == {KeplerPodKey("uid-a", "ml", "train-0"): pytest.approx(160.0)}
+    assert acc.kepler_pods.power_w == {KeplerPodKey("uid-a", "ml", "train-0"): pytest.approx(80.0)}
+    assert acc.processes.power_w[ProcessKey(5, None)] == pytest.approx(20.0)
+    assert acc.gpus[GPU0].unattributed_joules == pytest.approx(40.0)
+    acc.update([sample(3.0, 200_000)], resolve)  # idle round: no power for anyone
+    assert acc.processes.power_w == {} and acc.pod_power_w == {}
+    assert acc.forget_idle_pods(0.0, now=float("inf")) == 2
+    assert acc.processes.joules == {} and acc.containers.joules == {} and acc.kepler_pods.joules == {}
+
+
 def test_counter_reset_rebaselines() -> None:
     acc = EnergyAccountant()
     acc.update([sample(0.0, 9_000_000, (1, None))], resolve)
@@ -258,6 +331,7 @@ class Step:
     amount_mj: int
     power_w: float | None
     procs: list[tuple[int, float | None]]
+    util: float | None = None
 
 
 steps = st.builds(
@@ -270,6 +344,7 @@ steps = st.builds(
     procs=st.lists(
         st.tuples(st.integers(1, 6), st.none() | st.floats(0.0, 100.0)), max_size=4
     ),
+    util=st.none() | st.sampled_from([0.0, 0.0, 35.0, 100.0]),
 )
 
 
@@ -317,12 +392,15 @@ def test_energy_conserved_and_counters_monotonic(rounds: list[tuple[Step, Step]]
                 power_w=None if step.lost else step.power_w,
                 uuid=uuid,
                 lost=step.lost,
+                util=step.util,
             )
             history[uuid].append(s)
             batch.append(s)
 
         before_pods = dict(acc.pod_joules)
         before_idle, before_unattr = acc.idle_joules, acc.unattributed_joules
+        before_gpus = {u: (g.joules, g.idle_joules, g.attributed_joules, g.unattributed_joules)
+                       for u, g in acc.gpus.items()}
         acc.update(batch, resolve)
 
         assert acc.idle_joules >= before_idle
@@ -335,6 +413,35 @@ def test_energy_conserved_and_counters_monotonic(rounds: list[tuple[Step, Step]]
         assert math.isclose(total(acc), expected, rel_tol=1e-9, abs_tol=1e-6)
         counted = math.fsum(acc.gpu_joules.values())
         assert math.isclose(counted, expected, rel_tol=1e-9, abs_tol=1e-6)
+
+        # per GPU: its own oracle, idle + attributed + unattributed = its total, all monotonic
+        for uuid, gpu in acc.gpus.items():
+            assert math.isclose(gpu.joules, expected_joules(history[uuid], 60.0), rel_tol=1e-9, abs_tol=1e-6)
+            parts = gpu.idle_joules + gpu.attributed_joules + gpu.unattributed_joules
+            assert math.isclose(parts, gpu.joules, rel_tol=1e-9, abs_tol=1e-6)
+            now = (gpu.joules, gpu.idle_joules, gpu.attributed_joules, gpu.unattributed_joules)
+            assert all(b <= a for a, b in zip(now, before_gpus.get(uuid, (0.0,) * 4), strict=True))
+            assert min(now) >= 0
+            if gpu.power_w is not None:
+                assert 0 <= gpu.idle_power_w <= gpu.power_w
+        # the levels agree: every process share is in one container and one pod, or unattributed
+        attributed = math.fsum(g.attributed_joules for g in acc.gpus.values())
+        for level in (acc.pod_joules, acc.containers.joules, acc.kepler_pods.joules):
+            assert math.isclose(math.fsum(level.values()), attributed, rel_tol=1e-9, abs_tol=1e-6)
+        by_process = math.fsum(acc.processes.joules.values())  # pods' and host processes' shares
+        unattributed = math.fsum(g.unattributed_joules for g in acc.gpus.values())
+        assert attributed - 1e-6 <= by_process <= attributed + unattributed + 1e-6
+        # a busy GPU (processes, or utilisation without any) is idle for its learned idle power
+        # only: never more idle energy than that power over the interval
+        for uuid in (GPU0, GPU1):
+            s, prev = history[uuid][-1], history[uuid][-2] if len(history[uuid]) > 1 else None
+            if s.lost or not (s.processes or (s.utilization_pct or 0) > 0):
+                continue
+            learned = acc.idle_power_w.get(uuid, 0.0)
+            assert acc.gpus[uuid].idle_power_w <= learned
+            if prev is not None and not prev.lost and s.ts > prev.ts:
+                idle_delta = acc.gpus[uuid].idle_joules - before_gpus.get(uuid, (0.0,) * 4)[1]
+                assert idle_delta <= learned * (s.ts - prev.ts) * (1 + 1e-9) + 1e-6
 
 
 def test_counters_of_long_idle_pods_are_forgotten() -> None:

@@ -491,3 +491,61 @@ def test_concurrent_readers_and_injections(make_sim) -> None:
         reader.join()
     assert errors == []
     assert sim.state(1)["utilization_pct"] == 95
+
+
+def test_field_values_answer_one_by_one(make_sim) -> None:
+    """The call succeeds; each field carries its own return code, as libnvidia-ml does."""
+    make_sim(2, ["H100", "T4"])
+    wanted = [pynvml.NVML_FI_DEV_MEMORY_TEMP, pynvml.NVML_FI_DEV_PCIE_REPLAY_COUNTER,
+              pynvml.NVML_FI_DEV_ECC_CURRENT]  # the last one is not simulated
+    h100, t4 = (pynvml.nvmlDeviceGetFieldValues(pynvml.nvmlDeviceGetHandleByIndex(i), wanted) for i in (0, 1))
+    assert [v.nvmlReturn for v in h100] == [pynvml.NVML_SUCCESS, pynvml.NVML_SUCCESS,
+                                            pynvml.NVML_ERROR_NOT_SUPPORTED]
+    assert [v.nvmlReturn for v in t4] == [pynvml.NVML_ERROR_NOT_SUPPORTED, pynvml.NVML_SUCCESS,
+                                          pynvml.NVML_ERROR_NOT_SUPPORTED]
+    assert 20 < h100[0].value.uiVal < 60 and h100[0].valueType == pynvml.NVML_VALUE_TYPE_UNSIGNED_INT
+    bad_link = pynvml.nvmlDeviceGetFieldValues(pynvml.nvmlDeviceGetHandleByIndex(0),
+                                               [(pynvml.NVML_FI_DEV_NVLINK_THROUGHPUT_RAW_TX, 18)])
+    assert bad_link[0].nvmlReturn == pynvml.NVML_ERROR_INVALID_ARGUMENT  # links 0-17 only
+
+
+def test_nvlink_traffic_follows_load(make_sim, clock: FakeClock) -> None:
+    sim = make_sim(1, "H100")
+    handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+    fields = [(pynvml.NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_TX, link) for link in range(18)]
+
+    def kib() -> int:
+        return sum(v.value.ullVal for v in pynvml.nvmlDeviceGetFieldValues(handle, fields))
+
+    start = kib()
+    clock.advance(10)
+    assert kib() == start  # no load, no NVLink traffic
+    sim.inject(0, {"utilization": 100})
+    start = kib()
+    clock.advance(10)
+    # a quarter of 18 links x 25 GB/s per direction, over 10 s
+    assert (kib() - start) * 1024 == pytest.approx(0.25 * 18 * 25e9 * 10, rel=0.01)
+
+
+def test_gpm_refuses_what_the_real_library_refuses(make_sim, clock: FakeClock) -> None:
+    make_sim(2, ["H100", "H100"])
+    first, second = pynvml.nvmlGpmSampleAlloc(), pynvml.nvmlGpmSampleAlloc()
+    request = pynvml.c_nvmlGpmMetricsGet_t()
+    request.version = pynvml.NVML_GPM_METRICS_GET_VERSION
+    request.numMetrics = 1
+    request.metrics[0].metricId = pynvml.NVML_GPM_METRIC_ANY_TENSOR_UTIL
+    request.sample1, request.sample2 = first, second
+    with pytest.raises(pynvml.NVMLError_InvalidArgument):  # samples never filled
+        pynvml.nvmlGpmMetricsGet(request)
+    pynvml.nvmlGpmSampleGet(pynvml.nvmlDeviceGetHandleByIndex(0), first)
+    clock.advance(1)
+    pynvml.nvmlGpmSampleGet(pynvml.nvmlDeviceGetHandleByIndex(1), second)
+    with pytest.raises(pynvml.NVMLError_InvalidArgument):  # two different GPUs
+        pynvml.nvmlGpmMetricsGet(request)
+    request.version = 99
+    with pytest.raises(pynvml.NVMLError_ArgumentVersionMismatch):
+        pynvml.nvmlGpmMetricsGet(request)
+    pynvml.nvmlGpmSampleFree(first)
+    pynvml.nvmlGpmSampleFree(second)
+    with pytest.raises(pynvml.NVMLError_InvalidArgument):  # freed twice
+        pynvml.nvmlGpmSampleFree(first)

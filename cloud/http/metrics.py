@@ -11,7 +11,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from cloud.ingest import Ingestor
+from cloud.ingest import REJECTION_REASONS, Ingestor
 from cloud.link import EdgeLink
 from shared import __version__
 
@@ -30,8 +30,9 @@ class ControllerCollector(Collector):
         for kind, count in sorted(ingest.accepted.items()):
             accepted.add_metric([kind], count)
         yield accepted
-        rejected = CounterMetricFamily("kgpu_ingest_rejected", "Messages refused, by reason.", labels=["reason"])
-        for reason, count in sorted(ingest.rejected.items()):
+        rejected = CounterMetricFamily("kgpu_ingest_rejected", "Messages refused, by reason (every reason from 0).",
+                                       labels=["reason"])
+        for reason, count in sorted(({reason: 0 for reason in REJECTION_REASONS} | dict(ingest.rejected)).items()):
             rejected.add_metric([reason], count)
         yield rejected
         yield CounterMetricFamily("kgpu_ingest_events_stored", "Edge events stored (first copies).",

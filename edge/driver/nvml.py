@@ -12,6 +12,10 @@ the daemon can act on:
 Setters raise `DriverRefused` for what the driver legitimately refuses (the caller records its
 decision as advisory, with the reason) and `DriverError` for anything else.
 
+The figures behind dcgm-exporter's other default counters are read by edge/driver/fields.py
+(field values, reserved memory, PCIe replays, encoder/decoder, vGPU licence) and edge/driver/gpm.py
+(the profiling metrics, between this cycle's GPM sample and the previous one).
+
 Synchronous and not thread-safe: the daemon calls it from one worker thread (`DriverRunner`).
 """
 
@@ -23,6 +27,9 @@ from typing import Any, TypeVar
 
 import pynvml
 
+from edge.driver.fields import read_extras
+from edge.driver.gpm import FIGURES as GPM_FIGURES
+from edge.driver.gpm import GpmReader
 from shared.gpu import GpuInventory, GpuSample, ProcessSample
 from shared.logs import get_logger
 
@@ -134,6 +141,7 @@ class NvmlDriver:
         self._uuids: dict[int, str] = {}
         self._reported_missing: set[tuple[int, str]] = set()
         self._process_seen_us: dict[int, int] = {}  # newest process-utilisation sample per GPU
+        self._gpm = GpmReader()  # the previous GPM sample per GPU
         self._open = False
         self.reinits = 0
 
@@ -154,6 +162,7 @@ class NvmlDriver:
         if not self._open:
             return
         self._open = False
+        self._gpm.forget()
         self._handles.clear()
         try:
             pynvml.nvmlShutdown()
@@ -163,6 +172,7 @@ class NvmlDriver:
     def _reinit(self, cause: Exception) -> None:
         log.warning("NVML answered %s; re-initialising", code_name(cause))
         self._handles.clear()
+        self._gpm.discard()
         try:
             pynvml.nvmlInit()
         except NVMLError as error:
@@ -406,6 +416,9 @@ class NvmlDriver:
         remapped = read(["remapped_rows_correctable", "remapped_rows_uncorrectable",
                          "remap_pending", "remap_failure"], pynvml.nvmlDeviceGetRemappedRows)
         processes = self._processes(index, missing)
+        extras = read_extras(read, lambda figures, error: self._note_missing(index, figures, error,
+                                                                              missing))
+        extras.update(self._gpm_figures(index, missing))
         return GpuSample(
             index=index,
             uuid=uuid,
@@ -429,7 +442,20 @@ class NvmlDriver:
             remap_failure=bool(remapped[3]) if remapped is not None else None,
             processes=processes,
             missing=missing,
+            **extras,
         )
+
+    def _gpm_figures(self, index: int, missing: list[str]) -> dict[str, float | None]:
+        """GPM's profiling figures over the interval since this GPU's previous sample."""
+        try:
+            return self._gpm.read(index, lambda fn, *args: self._device_call(index, fn, *args))
+        except _LOST as error:
+            self._gpm.forget(index)
+            self._handles.pop(index, None)
+            raise _GpuLost from error
+        except NVMLError as error:
+            self._note_missing(index, GPM_FIGURES, error, missing)
+            return {}
 
     def _processes(self, index: int, missing: list[str]) -> list[ProcessSample]:
         running = self._read(index, ["processes"], missing,

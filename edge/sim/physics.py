@@ -47,6 +47,16 @@ MAX_STEPS_PER_READ = 4000  # a very long gap is integrated in coarser steps
 SW_THERMAL_CLOCK_CUT = 0.3  # clocks fall by up to 30 % between max-operating and slowdown
 HW_THERMAL_CLOCK_FACTOR = 0.5
 
+# What moves over the buses per unit of SM load (a data-parallel training step: inputs in over
+# PCIe, gradients out over NVLink), as fractions of the link's bandwidth per direction.
+PCIE_RX_PER_LOAD = 0.08
+PCIE_TX_PER_LOAD = 0.04
+PCIE_IDLE_BYTES_S = 2.0e5  # the driver's own housekeeping traffic
+NVLINK_PER_LOAD = 0.25
+MEMORY_TEMP_OFFSET_C = -3.0  # HBM runs a little cooler than the GPU die when idle
+MEMORY_TEMP_PER_LOAD_C = 6.0  # and warms with memory traffic
+KIB = 1024
+
 # Realistic bus ids of an 8-GPU HGX board; more GPUs get made-up ones.
 _HGX_BUSES = (0x18, 0x2A, 0x3A, 0x5D, 0x9A, 0xAB, 0xBA, 0xDB)
 
@@ -77,6 +87,9 @@ class SimFault(WireModel):
     ecc_dbe: int | None = Field(default=None, ge=0, le=1_000_000)
     ecc_sbe: int | None = Field(default=None, ge=0, le=1_000_000)
     remap_failure: bool | None = None
+    pcie_replays: int | None = Field(default=None, ge=0, le=1_000_000)  # added to the counter
+    encoder_utilization: float | None = Field(default=None, ge=0, le=100)  # video load
+    decoder_utilization: float | None = Field(default=None, ge=0, le=100)
     lost: bool | None = None
     processes: list[SimProcess] | None = None
     driver_unloaded: bool | None = None
@@ -121,6 +134,15 @@ class SimGpu:
         self.pci_bus_id = _bus_id(index)
         self.serial = f"1654{int(self.uuid[4:12], 16) % 10**9:09d}"
         self.energy_mj = 0.0  # survives a reset: the counter runs since driver load
+        # Counters since driver load, read by NVML field values and GPM samples.
+        self.pcie_replays = 0
+        self.pcie_tx_bytes = 0.0
+        self.pcie_rx_bytes = 0.0
+        self.nvlink_tx_kib = 0.0
+        self.nvlink_rx_kib = 0.0
+        self.gr_active_s = 0.0  # time the graphics/compute engine was busy
+        self.tensor_active_s = 0.0
+        self.dram_active_s = 0.0
         self._fresh()
 
     def _fresh(self) -> None:
@@ -143,6 +165,8 @@ class SimGpu:
         self.remapped_uncorrectable = 0
         self.remap_pending = False
         self.remap_failure = False
+        self.encoder_pct = 0.0
+        self.decoder_pct = 0.0
         self.lost = False
         # A test may clear bits here to model a board that refuses event registration.
         self.supported_event_types = SUPPORTED_EVENT_TYPES
@@ -210,6 +234,21 @@ class SimGpu:
         )
         self.sm_clock_mhz = clock
         self.throttle_reasons = reasons
+        self._count_activity(h)
+
+    def _count_activity(self, h: float) -> None:
+        """Engine busy time and bus traffic over `h` seconds at the present load."""
+        p = self.profile
+        load = self.load_pct / 100.0
+        self.gr_active_s += h * load
+        self.tensor_active_s += h * load * p.tensor_per_load
+        self.dram_active_s += h * min(1.0, load * p.memory_util_per_load)
+        pcie = p.pcie_gb_s * 1e9
+        self.pcie_rx_bytes += h * (PCIE_IDLE_BYTES_S + pcie * PCIE_RX_PER_LOAD * load)
+        self.pcie_tx_bytes += h * (PCIE_IDLE_BYTES_S + pcie * PCIE_TX_PER_LOAD * load)
+        nvlink_kib_s = p.nvlink_links * p.nvlink_gb_s_per_link * 1e9 * NVLINK_PER_LOAD * load / KIB
+        self.nvlink_tx_kib += h * nvlink_kib_s
+        self.nvlink_rx_kib += h * nvlink_kib_s
 
     # ----- what NVML reports ---------------------------------------------------------------
 
@@ -238,6 +277,10 @@ class SimGpu:
         return round(self.load_pct * self.profile.memory_util_per_load)
 
     @property
+    def memory_temperature_c(self) -> float:
+        return self.temperature_c + MEMORY_TEMP_OFFSET_C + MEMORY_TEMP_PER_LOAD_C * self.load_pct / 100
+
+    @property
     def enforced_power_limit_w(self) -> float:
         return self.power_limit_w
 
@@ -257,6 +300,10 @@ class SimGpu:
 
     def apply(self, fault: SimFault) -> None:
         """Apply the per-GPU part of a fault (not `xid` or `driver_unloaded`)."""
+        if fault.encoder_utilization and not self.profile.nvenc:
+            raise ValueError(f"a {self.profile.key} has no video encoder (NVENC)")
+        if fault.decoder_utilization and not self.profile.nvdec:
+            raise ValueError(f"a {self.profile.key} has no video decoder (NVDEC)")
         self.advance()
         if fault.reset:
             self._fresh()
@@ -290,6 +337,12 @@ class SimGpu:
                 self.remap_pending = True
         if fault.remap_failure is not None:
             self.remap_failure = fault.remap_failure
+        if fault.pcie_replays:
+            self.pcie_replays += fault.pcie_replays
+        if fault.encoder_utilization is not None:
+            self.encoder_pct = fault.encoder_utilization
+        if fault.decoder_utilization is not None:
+            self.decoder_pct = fault.decoder_utilization
         if fault.lost is not None:
             self.lost = fault.lost
         # Recompute clocks and reason bits now, so a read right after an injection sees them.
@@ -317,6 +370,11 @@ class SimGpu:
             "energy_mj": int(self.energy_mj),
             "memory_used_mib": self.memory_used_mib,
             "memory_total_mib": self.profile.memory_total_mib,
+            "memory_temperature_c": (round(self.memory_temperature_c, 2) if self.profile.hbm
+                                     else None),
+            "encoder_utilization_pct": self.encoder_pct,
+            "decoder_utilization_pct": self.decoder_pct,
+            "pcie_replays": self.pcie_replays,
             "ecc_sbe_volatile": self.ecc_sbe_volatile,
             "ecc_dbe_volatile": self.ecc_dbe_volatile,
             "remapped_rows": (

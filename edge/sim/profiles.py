@@ -44,6 +44,15 @@ class GpuProfile:
     mig: bool
     numa_from_nvml: bool  # SXM boards on NUMA-aware platforms; PCIe cards: NotSupported
     memory_util_per_load: float  # memory controller busy fraction per unit of SM load
+    # --- what dcgm-exporter's default counters need (edge/sim/nvml/fields.py, gpm.py) ---
+    hbm: bool = False  # HBM boards report a memory temperature (NVML_FI_DEV_MEMORY_TEMP)
+    nvenc: int = 0  # video encoder engines (NVIDIA's video encode/decode support matrix)
+    nvdec: int = 0  # video decoder engines
+    nvlink_links: int = 0  # 0: a PCIe card without NVLink
+    nvlink_gb_s_per_link: float = 0.0  # per direction
+    pcie_gb_s: float = 16.0  # the slot's bandwidth per direction (Gen3 x16 16, Gen4 32, Gen5 64)
+    gpm: bool = False  # GPU performance monitoring (nvmlGpm*): Hopper and later
+    tensor_per_load: float = 0.6  # tensor pipe busy fraction per unit of SM load
 
     @property
     def max_sm_clock_mhz(self) -> int:
@@ -81,6 +90,14 @@ H100 = GpuProfile(
     mig=True,
     numa_from_nvml=True,
     memory_util_per_load=0.55,
+    hbm=True,
+    nvenc=0,  # H100 has no NVENC; 7 NVDEC and 7 NVJPG
+    nvdec=7,
+    nvlink_links=18,  # NVLink 4: 18 links x 25 GB/s per direction = 900 GB/s both ways
+    nvlink_gb_s_per_link=25.0,
+    pcie_gb_s=64.0,  # Gen5 x16
+    gpm=True,
+    tensor_per_load=0.7,
 )
 
 A100 = GpuProfile(
@@ -105,6 +122,13 @@ A100 = GpuProfile(
     mig=True,
     numa_from_nvml=True,
     memory_util_per_load=0.5,
+    hbm=True,
+    nvenc=0,  # A100 has no NVENC; 5 NVDEC
+    nvdec=5,
+    nvlink_links=12,  # NVLink 3 on the SXM4 board: 12 links x 25 GB/s per direction
+    nvlink_gb_s_per_link=25.0,
+    pcie_gb_s=32.0,  # Gen4 x16
+    gpm=False,  # GPM is Hopper and later
 )
 
 A10 = GpuProfile(
@@ -129,6 +153,11 @@ A10 = GpuProfile(
     mig=False,
     numa_from_nvml=False,
     memory_util_per_load=0.4,
+    hbm=False,  # GDDR6: no memory temperature sensor in NVML
+    nvenc=1,
+    nvdec=2,
+    pcie_gb_s=32.0,  # Gen4 x16, no NVLink
+    tensor_per_load=0.5,
 )
 
 T4 = GpuProfile(
@@ -153,6 +182,11 @@ T4 = GpuProfile(
     mig=False,
     numa_from_nvml=False,
     memory_util_per_load=0.45,
+    hbm=False,  # GDDR6: no memory temperature sensor in NVML
+    nvenc=1,
+    nvdec=2,
+    pcie_gb_s=16.0,  # Gen3 x16, no NVLink
+    tensor_per_load=0.5,
 )
 
 PROFILES: dict[str, GpuProfile] = {p.key: p for p in (H100, A100, A10, T4)}

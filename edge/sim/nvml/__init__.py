@@ -5,7 +5,8 @@ Each C function pynvml calls is a ctypes `CFUNCTYPE` callback over the simulated
 looking for how power limits or XID events are simulated finds them together, and a new symbol
 goes next to its neighbours: `device` (library, finding devices, identity, memory and
 utilisation), `power` (power, energy, temperature, clocks), `events` (ECC and event sets, through
-which XID and ECC faults arrive) and `processes`. `abi` holds what they share (return codes,
+which XID and ECC faults arrive), `processes`, `fields` (NVML field values, PCIe replays,
+encoder/decoder, vGPU) and `gpm` (the profiling metrics). `abi` holds what they share (return codes,
 writing into C pointers, the callback wrapper).
 """
 
@@ -17,6 +18,8 @@ from edge.sim.nvml.abi import Exports
 from edge.sim.nvml.device import export_device
 from edge.sim.nvml.driver import SimDriver
 from edge.sim.nvml.events import export_events
+from edge.sim.nvml.fields import export_fields
+from edge.sim.nvml.gpm import export_gpm
 from edge.sim.nvml.power import export_power
 from edge.sim.nvml.processes import export_processes
 
@@ -24,6 +27,7 @@ from edge.sim.nvml.processes import export_processes
 def build_symbols(driver: SimDriver) -> dict[str, Any]:
     """C symbol name -> callback, for every NVML function the simulation implements."""
     exports = Exports(driver.lock, driver.answering, driver.gpu)
-    for area in (export_device, export_power, export_events, export_processes):
+    for area in (export_device, export_power, export_events, export_processes, export_fields,
+                 export_gpm):
         area(driver, exports)
     return exports.table
