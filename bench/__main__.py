@@ -3,7 +3,7 @@
 Each benchmark runs against real processes (mosquitto, `kgpu cloud run`, `kgpu edge run`, the
 Kubernetes emulator, PostgreSQL where installed) with the sizes below, prints its own report on
 stderr as it goes, and hands back rows; the table on stdout has one line per figure with the
-command that reproduces it. The full run takes about 6 minutes on 2 cores; `--quick` runs the same
+command that reproduces it. The full run takes about 7 minutes on 2 cores; `--quick` runs the same
 code with tiny sizes (a smoke test, about a minute: its figures mean nothing).
 
     python -m bench                       # full sizes, < 10 minutes
@@ -48,16 +48,20 @@ class Sizes:
     catchup_event_every: float
     rollout_nodes: int
     rollout_offline: float
+    exporter_nodes: int
+    exporter_gpus: int
 
 
 FULL = Sizes(edge_seconds=30, edge_warmup=5, ingest_nodes=20, ingest_events=500, fault_rounds=3,
              fleet_nodes=2000, fleet_gpus=8, fleet_interval=10, fleet_seconds=60, fleet_warmup=None,
              fleet_event_every=60, replica_seconds=30, catchup_nodes=500, catchup_outage=30,
-             catchup_event_every=0.25, rollout_nodes=500, rollout_offline=0.1)
+             catchup_event_every=0.25, rollout_nodes=500, rollout_offline=0.1, exporter_nodes=2000,
+             exporter_gpus=8)
 QUICK = Sizes(edge_seconds=2, edge_warmup=1, ingest_nodes=5, ingest_events=40, fault_rounds=1,
               fleet_nodes=20, fleet_gpus=2, fleet_interval=1, fleet_seconds=4, fleet_warmup=2,
               fleet_event_every=2, replica_seconds=4, catchup_nodes=10, catchup_outage=2,
-              catchup_event_every=0.5, rollout_nodes=20, rollout_offline=0.2)
+              catchup_event_every=0.5, rollout_nodes=20, rollout_offline=0.2, exporter_nodes=20,
+              exporter_gpus=2)
 
 
 def say(text: str) -> None:
@@ -139,6 +143,15 @@ def rollout(s: Sizes) -> list[Row]:
                                       f"--offline {s.rollout_offline:g}")
 
 
+def exporter(s: Sizes) -> list[Row]:
+    from bench import fleet_exporter
+
+    result = fleet_exporter.measure(s.exporter_nodes, s.exporter_gpus, scrapes=3)
+    say(fleet_exporter.describe(result))
+    return fleet_exporter.table_rows(
+        result, f"{PY} bench.fleet_exporter --nodes {s.exporter_nodes} --gpus {s.exporter_gpus}")
+
+
 BENCHMARKS: dict[str, Callable[[Sizes], list[Row]]] = {
     "edge": edge,
     "ingest": ingest,
@@ -147,6 +160,7 @@ BENCHMARKS: dict[str, Callable[[Sizes], list[Row]]] = {
     "replicas": replicas,
     "catchup": catchup,
     "rollout": rollout,
+    "exporter": exporter,
 }
 
 

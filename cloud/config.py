@@ -40,6 +40,9 @@ class CloudSettings(KgpuSettings):
     batch_interval: Seconds = Field(0.1, ge=0.0, le=10.0, description="Longest wait to fill a batch")
     history_resolution: Seconds = Field(60.0, ge=0.0, description="One stored sample per GPU per this long")
     history_retention: Seconds = Field(7 * 24 * 3600.0, description="Sample history older than this is dropped")
+    fleet_metrics_max_age: Seconds = Field(
+        30.0, gt=0.0, le=86400.0, description="GET /metrics/fleet leaves out a GPU whose latest sample is older "
+        "than this (a few telemetry intervals; an offline node's GPUs are left out whatever their age)")
     kubeconfig: Path | None = Field(None, description="kubeconfig file (default: $KUBECONFIG or ~/.kube/config)")
     in_cluster: bool = Field(False, description="Use the pod's service account instead of a kubeconfig")
     no_kube: bool = Field(

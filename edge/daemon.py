@@ -530,7 +530,8 @@ class EdgeDaemon:
             version=self.settings.sim_daemon_version or __version__,
             gpus=[
                 GpuSummary(index=i, uuid=v.inventory.uuid, name=v.inventory.name, health=v.health.health,
-                           power_limit_w=v.sample.power_limit_w if v.sample else None, draining=v.draining)
+                           power_limit_w=v.sample.power_limit_w if v.sample else None, draining=v.draining,
+                           pci_bus_id=v.inventory.pci_bus_id, driver_version=v.inventory.driver_version)
                 for i, v in sorted(self.gpus.items())
             ],
             policy_name=self.policy.name,

@@ -79,6 +79,10 @@ class GpuSummary(WireModel):
     health: Health
     power_limit_w: float | None = None
     draining: bool = False  # the cloud asked for work to be moved off this GPU
+    # inventory the cloud's fleet exporter labels series with (dcgm-exporter's `pci_bus_id` and
+    # `DCGM_FI_DRIVER_VERSION`); None from an edge older than the fleet exporter
+    pci_bus_id: str | None = None
+    driver_version: str | None = None
 
 
 class StatusBody(WireModel):

@@ -264,7 +264,8 @@ def test_real_responses_match_the_description(tmp_path: Path, broker: Any) -> No
                  what="the drain answered")
         for template, path in [
             ("/api/v1/commands", "/api/v1/commands"), ("/api/v1/commands", "/api/v1/commands?node=edge-a&limit=1"),
-            ("/healthz", "/healthz"), ("/metrics", "/metrics"), (SPEC_PATH, SPEC_PATH),
+            ("/healthz", "/healthz"), ("/metrics", "/metrics"), ("/metrics/fleet", "/metrics/fleet"),
+            (SPEC_PATH, SPEC_PATH),
             ("/api/v1/nodes", "/api/v1/nodes"), ("/api/v1/nodes/{node}", "/api/v1/nodes/edge-a"),
             ("/api/v1/nodes/{node}", "/api/v1/nodes/nobody"),
             ("/api/v1/nodes/{node}/samples", "/api/v1/nodes/edge-a/samples?limit=5"),

@@ -14,6 +14,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from cloud.auth import AUTH, ApiAuth, auth_middleware
 from cloud.commands.model import OperatorCommand
 from cloud.http.dashboard import add_dashboard_routes
+from cloud.http.fleet_metrics import add_fleet_metrics_route
 from cloud.http.metrics import make_registry
 from cloud.ingest import Ingestor
 from cloud.link import EdgeLink
@@ -91,6 +92,7 @@ def make_app(services: Services, *, ingestor: Ingestor, link: EdgeLink, parts: S
 
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)
+    add_fleet_metrics_route(app, store=services.store, max_age=services.settings.fleet_metrics_max_age)
     app.router.add_get("/api/v1/nodes", nodes)
     app.router.add_get("/api/v1/nodes/{node}", node)
     app.router.add_get("/api/v1/nodes/{node}/samples", samples)

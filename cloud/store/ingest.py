@@ -401,7 +401,8 @@ class IngestCore(StoreBase):
                 summaries[(w.name, s.uuid)] = {
                     "node": w.name, "uuid": s.uuid, "index": s.index, "name": s.name,
                     "health": str(s.health), "power_limit_w": s.power_limit_w, "sample": None,
-                    "sample_ts": None, "updated_at": now,
+                    "sample_ts": None, "updated_at": now, "pci_bus_id": s.pci_bus_id,
+                    "driver_version": s.driver_version,
                 }
             for sample in sorted(w.samples, key=lambda x: x.ts):  # the newest of the batch wins
                 newest[(w.name, sample.uuid)] = sample
@@ -528,7 +529,8 @@ _NODE_MUTABLE = (
     "online", "last_seen", "daemon_version", "policy_name", "policy_version", "outbox_depth",
     "outbox_epoch", "acked_seq", "gaps", "degraded", "status_ts",
 )
-_GPU_SUMMARY_COLUMNS = ("index", "name", "health", "power_limit_w", "updated_at")  # what a status sets
+_GPU_SUMMARY_COLUMNS = (  # what a status sets
+    "index", "name", "health", "power_limit_w", "updated_at", "pci_bus_id", "driver_version")
 
 
 def _check_batch(batch: Sequence[Incoming]) -> None:

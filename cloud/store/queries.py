@@ -9,7 +9,7 @@ see the same snapshot as their own tables."""
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Collection, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -208,6 +208,39 @@ class FleetQueries(StoreBase):
         with self._using("gpu samples", conn) as c:
             return {(r.node, r.uuid): r.sample for r in c.execute(
                 sa.select(g.c.node, g.c.uuid, g.c.sample).where(g.c.sample.is_not(None)))}
+
+    def fleet_latest_samples(self, newer_than: float,
+                             keep: Callable[[str], bool] | None = None) -> list[dict[str, Any]]:
+        """The fleet exporter's read: every GPU of an online node whose latest sample is at least
+        as new as `newer_than` (its `sample_ts`, the edge's ts less the clock skew), ordered by
+        node and index: `node`, `uuid`, `index`, `name`, `pci_bus_id`, `driver_version`,
+        `health`, `sample`, and `last_xid`, the XID of its newest stored XID event (None: none).
+        With `keep`, only the nodes it keeps (their names are read first, so the other nodes'
+        samples are never decoded). One read transaction of two queries (plus one per 1,000
+        nodes kept), whatever the fleet's size."""
+        g, n, e = gpus_table, nodes_table, events_table
+        query = (sa.select(g.c.node, g.c.uuid, g.c.index, g.c.name, g.c.pci_bus_id, g.c.driver_version, g.c.health,
+                           g.c.sample)
+                 .join(n, n.c.name == g.c.node)
+                 .where(n.c.online.is_(True), g.c.sample.is_not(None), g.c.sample_ts >= newer_than)
+                 .order_by(g.c.node, g.c.index, g.c.uuid))
+        xids = sa.select(e.c.node, e.c.body).where(e.c.kind == str(Kind.XID)).order_by(e.c.id)
+        with self.reading("fleet latest samples") as conn:
+            if keep is None:
+                rows = [dict(r._mapping) for r in conn.execute(query)]
+            else:
+                names = sorted(name for name in conn.execute(
+                    sa.select(n.c.name).where(n.c.online.is_(True))).scalars() if keep(name))
+                rows = [dict(r._mapping) for start in range(0, len(names), 1000)
+                        for r in conn.execute(query.where(g.c.node.in_(names[start:start + 1000])))]
+            last_xid: dict[tuple[str, str], int] = {}
+            for r in conn.execute(xids):  # XIDs are rare: the newest per GPU wins
+                body = r.body or {}
+                if body.get("gpu_uuid") and isinstance(body.get("xid"), int):
+                    last_xid[(r.node, body["gpu_uuid"])] = body["xid"]
+        for row in rows:
+            row["last_xid"] = last_xid.get((row["node"], row["uuid"]))
+        return rows
 
     def migration_requests(self, received_since: float, limit: int = 500,
                            conn: Connection | None = None) -> list[dict[str, Any]]:

@@ -57,6 +57,8 @@ gpus_table = sa.Table(
     sa.Column("sample", JsonType),  # the latest GpuSample
     sa.Column("sample_ts", sa.Float),  # its ts less the clock skew, so a late sample cannot win
     sa.Column("updated_at", sa.Float, nullable=False),  # cloud clock
+    sa.Column("pci_bus_id", sa.String(32)),  # from the status (fleet exporter's labels); NULL: not told
+    sa.Column("driver_version", sa.String(64)),
 )
 
 samples_table = sa.Table(

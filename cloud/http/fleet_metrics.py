@@ -1,0 +1,212 @@
+"""`GET /metrics/fleet`: every node's latest GPU sample as dcgm-exporter's series, from the store.
+
+For sites whose Prometheus cannot reach the edges. The series are the edge's own DCGM series
+(`shared/dcgm.py`, the one builder both sides use), with `Hostname` = the node. A GPU is left
+out when its node is offline (its offline status or last will) or its latest sample is older
+than `fleet_metrics_max_age` (cloud clock: the sample's ts less the node's clock skew), so a
+dead node's last figures do not stand in Prometheus as if live.
+
+What the cloud knows of a GPU: its latest sample as the edge sent it (every figure of
+`GpuSample`), its name, index, PCI bus id and driver version from the node's status
+(`GpuSummary`; an edge older than the exporter sends no PCI bus id or driver version, and those
+labels are then empty), and its last XID from the stored XID events (the edge's
+`DCGM_FI_DEV_XID_ERRORS` is the last XID since the daemon started; the cloud's, the last one it
+stored: 0 when none). Pod labels are not served from the cloud: the sample does not carry the
+pod mapping. Beside them, `kgpu_gpu_health` from the health of the node's last status, so that
+`KgpuGpuUnhealthy` works from this source too.
+
+Every replica reads the shared store and serves the whole fleet, so any replica answers alike:
+scrape one of them through the Service, not every pod (docs/metrics.md, "Fleet exporter"). A
+large fleet can be split into parts scraped as separate targets (`?shard=I&shards=N`, a node
+always in the same part). The store read and the rendering run in a thread, never on the event
+loop; scrapes that arrive while one is being rendered share its result.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import time
+import zlib
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from itertools import groupby
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.utils import floatToGoString
+
+from cloud.store import FleetStore
+from shared.dcgm import DcgmGpu, dcgm_families, exposition
+from shared.gpu import GpuInventory, GpuSample, Health
+from shared.http import bad_query, int_query
+from shared.logs import get_logger
+
+log = get_logger(__name__)
+
+FLEET_METRICS_PATH = "/metrics/fleet"
+HEALTH_STATES = tuple(str(h) for h in Health)
+MAX_SHARDS = 1024
+
+
+@dataclass(frozen=True)
+class FleetExposition:
+    """One rendering: the text, and what is in it."""
+
+    body: bytes
+    nodes: int
+    gpus: int
+    series: int
+    read_seconds: float
+    render_seconds: float
+
+
+def health_family(node: str, rows: Iterable[Mapping[str, Any]]) -> GaugeMetricFamily:
+    """`kgpu_gpu_health{gpu,uuid,Hostname,state}` as the edge serves it (edge/metrics.py), from
+    the health the node's last status reported: what `KgpuGpuUnhealthy` reads. A GPU whose
+    health the cloud has not been told yet (telemetry only) has no series."""
+    family = GaugeMetricFamily("kgpu_gpu_health", "1 for the GPU's current health state.",
+                               labels=["gpu", "uuid", "Hostname", "state"])
+    for row in rows:
+        if row.get("health") in HEALTH_STATES:
+            for state in HEALTH_STATES:
+                family.add_metric([str(row["index"]), str(row["uuid"]), node, state],
+                                  1.0 if row["health"] == state else 0.0)
+    return family
+
+
+def node_families(node: str, gpus: Sequence[DcgmGpu], rows: Sequence[Mapping[str, Any]]) -> list[Metric]:
+    """Every family the exporter serves for one node: dcgm-exporter's, then `kgpu_gpu_health`."""
+    return [*dcgm_families(node, gpus), health_family(node, rows)]
+
+
+def _gpu(row: Mapping[str, Any]) -> DcgmGpu:
+    sample = GpuSample.model_validate(row["sample"])
+    inventory = GpuInventory(index=row["index"], uuid=row["uuid"], name=row["name"] or "",
+                             pci_bus_id=row["pci_bus_id"] or "", memory_total_bytes=0,
+                             driver_version=row["driver_version"] or "")
+    return DcgmGpu(inventory, sample, row.get("last_xid"))
+
+
+class _Writer:
+    """The Prometheus text of DCGM families, node after node, family by family.
+
+    Byte for byte what `shared.dcgm.exposition` writes for the same families (a test checks it),
+    written faster for a whole fleet: each family's `# HELP`/`# TYPE` lines are
+    `exposition()`'s own, and a GPU's label text, the same on each of its ~27 series, is made
+    once per label set (by prometheus_client, through `exposition()`), not once per series. Only
+    the text is kept, not the fleet's sample objects."""
+
+    def __init__(self) -> None:
+        empty = node_families("", [], [])
+        self.headers = [exposition([family]) for family in empty]
+        self.chunks: list[list[str]] = [[] for _ in empty]
+        self._labels: dict[tuple[tuple[str, str], ...], str] = {}
+
+    def label_text(self, labels: Mapping[str, str]) -> str:
+        key = tuple(labels.items())
+        text = self._labels.get(key)
+        if text is None:
+            probe = Metric("x", "", "gauge")
+            probe.add_sample("x", dict(labels), 0.0)
+            line = exposition([probe]).decode().splitlines()[-1]  # x{...} 0.0
+            text = self._labels[key] = line[1:line.rindex(" ")]
+        return text
+
+    def add(self, families: Sequence[Metric]) -> None:
+        for chunk, family in zip(self.chunks, families, strict=True):
+            for s in family.samples:
+                chunk.append(f"{s.name}{self.label_text(s.labels)} {floatToGoString(s.value)}\n")
+
+    def body(self) -> bytes:
+        return b"".join(header + "".join(chunk).encode() for header, chunk in zip(self.headers, self.chunks,
+                                                                                   strict=True))
+
+
+def fleet_families(rows: Iterable[Mapping[str, Any]]) -> Iterator[tuple[str, list[Metric], int]]:
+    """(node, its families (`node_families`), GPUs) for every node of the GPU rows
+    (`FleetQueries.fleet_latest_samples`, ordered by node). A row whose stored sample no longer
+    validates is left out (and logged) rather than failing the scrape."""
+    for node, node_rows in groupby(rows, key=lambda r: str(r["node"])):
+        built, kept = [], []
+        for row in node_rows:
+            try:
+                built.append(_gpu(row))
+                kept.append(row)
+            except ValueError as exc:
+                log.warning("fleet exporter: GPU %s of %s left out: %s", row.get("uuid"), node, exc)
+        if built:
+            yield node, node_families(node, built, kept), len(built)
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Part `index` of `count` of the fleet: the nodes whose CRC-32 of the name is `index` modulo
+    `count` (stable across replicas and restarts, so a node is always in the same part)."""
+
+    index: int = 0
+    count: int = 1
+
+    def __contains__(self, node: str) -> bool:
+        return self.count == 1 or zlib.crc32(node.encode()) % self.count == self.index
+
+
+def render(store: FleetStore, max_age: float, now: Callable[[], float] = time.time,
+           shard: Shard = Shard()) -> FleetExposition:
+    """Read the store and render the exposition of `shard`'s nodes (blocking: run it in a thread)."""
+    started = time.perf_counter()
+    rows = store.fleet_latest_samples(now() - max_age, None if shard.count == 1 else shard.__contains__)
+    read = time.perf_counter()
+    writer = _Writer()
+    nodes = gpus = series = 0
+    for _, families, count in fleet_families(rows):
+        writer.add(families)
+        nodes, gpus, series = nodes + 1, gpus + count, series + sum(len(f.samples) for f in families)
+    body = writer.body()
+    done = time.perf_counter()
+    return FleetExposition(body=body, nodes=nodes, gpus=gpus, series=series,
+                           read_seconds=read - started, render_seconds=done - read)
+
+
+class FleetExporter:
+    """The route's state: the store, the age limit, and the rendering in flight (shared)."""
+
+    def __init__(self, store: FleetStore, max_age: float, now: Callable[[], float] = time.time) -> None:
+        self.store = store
+        self.max_age = max_age
+        self.now = now
+        self._rendering: dict[Shard, asyncio.Future[FleetExposition]] = {}
+
+    async def exposition(self, shard: Shard = Shard()) -> FleetExposition:
+        """A fresh rendering; one of the same shard started by a concurrent scrape is shared."""
+        rendering = self._rendering.get(shard)
+        if rendering is None:
+            rendering = asyncio.ensure_future(asyncio.to_thread(render, self.store, self.max_age, self.now, shard))
+            self._rendering[shard] = rendering
+            rendering.add_done_callback(lambda _: self._rendering.pop(shard, None))
+        return await asyncio.shield(rendering)
+
+    async def handle(self, request: web.Request) -> web.Response:
+        count = int_query(request, "shards", 1, lo=1, hi=MAX_SHARDS) or 1
+        index = int_query(request, "shard", 0, lo=0, hi=MAX_SHARDS - 1) or 0
+        if index >= count:
+            raise bad_query("query parameter 'shard' must be below 'shards'", index)
+        result = await self.exposition(Shard(index, count))
+        headers = {"Content-Type": CONTENT_TYPE_LATEST}
+        body = result.body
+        if "gzip" in request.headers.get("Accept-Encoding", "").lower():
+            body = await asyncio.to_thread(gzip.compress, body, 1)
+            headers["Content-Encoding"] = "gzip"
+        return web.Response(body=body, headers=headers)
+
+
+def add_fleet_metrics_route(app: web.Application, *, store: FleetStore, max_age: float) -> FleetExporter:
+    exporter = FleetExporter(store, max_age)
+    app.router.add_get(FLEET_METRICS_PATH, exporter.handle)
+    return exporter
+
+
+__all__: Sequence[str] = ("FLEET_METRICS_PATH", "FleetExporter", "FleetExposition", "Shard",
+                          "add_fleet_metrics_route", "fleet_families", "render")
