@@ -57,7 +57,7 @@ def h100_sample(n: int, i: int, ts: float) -> GpuSample:
         memory_temperature_c=45.0 + k / 4, memory_reserved_bytes=512 * 1024 * 1024, pcie_replays=0,
         encoder_util_pct=0.0, decoder_util_pct=0.0, nvlink_kib=123_456_789 + k, vgpu_license_status=0,
         gr_engine_active=k / 100, tensor_active=k / 200, dram_active=k / 150, pcie_tx_bytes_per_s=1.5e9 + k,
-        pcie_rx_bytes_per_s=2.5e9 + k,
+        pcie_rx_bytes_per_s=2.5e9 + k, idle_power_w=120.0, idle_joules=3_600_000.0 + k, active_joules=9_000_000.0 + k,
     )
 
 

@@ -452,6 +452,12 @@ class EdgeDaemon:
         if pids:
             refs = await asyncio.to_thread(lambda: {pid: self.pods.resolve(pid) for pid in pids})
         self.energy.update(present, refs.get)
+        for index, sample in samples.items():  # the split travels with the telemetry (the fleet exporter)
+            if sample is not None:
+                samples[index] = split = self.energy.with_split(sample)
+                view = self.gpus.get(index)
+                if view is not None and view.sample is sample:
+                    view.sample = split
 
     # ---- policy ---------------------------------------------------------------------------
 

@@ -177,6 +177,16 @@ class EnergyAccountant:
             return sample.power_w
         return min(self.idle_power_w.get(sample.uuid, 0.0), sample.power_w)
 
+    def with_split(self, sample: GpuSample) -> GpuSample:
+        """`sample` with its GPU's idle/active split (`idle_power_w`, `idle_joules`, `active_joules`),
+        as the telemetry carries it to the controller's fleet exporter; unchanged for a GPU not
+        yet accounted. Call after `update` with the same round."""
+        gpu = self.gpus.get(sample.uuid)
+        if gpu is None:
+            return sample
+        return sample.model_copy(update={"idle_power_w": self.idle_power_for(sample),
+                                         "idle_joules": gpu.idle_joules, "active_joules": gpu.active_joules})
+
     def update(
         self, samples: Sequence[GpuSample], resolve: Callable[[int], PodRef | None]
     ) -> None:

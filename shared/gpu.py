@@ -84,6 +84,11 @@ class GpuSample(WireModel):
     dram_active: float | None = None  # ratio 0-1
     pcie_tx_bytes_per_s: float | None = None
     pcie_rx_bytes_per_s: float | None = None
+    # Kepler's idle/active split, from the edge's energy accountant (edge/energy.py), so that the
+    # controller's fleet exporter can serve `kepler_node_gpu_*` (None from an older edge).
+    idle_power_w: float | None = None  # idle power in force at this reading; None without a power reading
+    idle_joules: float | None = None  # idle energy since the edge daemon started
+    active_joules: float | None = None  # active energy since the edge daemon started
     processes: list[ProcessSample] = Field(default_factory=list)
     missing: list[str] = Field(default_factory=list)
 

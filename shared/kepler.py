@@ -9,7 +9,9 @@ samples) can serve the same series with this builder.
 Per GPU are the node families (`gpu`, `gpu_uuid`, `gpu_name`, `vendor`); the pod, container and
 process families carry no GPU label, as in Kepler: a pod on two GPUs is one series. Kepler's
 constant label `node_name` is on every series. As in Kepler, a pod, container or process series
-is only written while its value is above 0.
+is only written while its value is above 0. With `hostname` (the controller's fleet exporter, one
+target for every node) every series also carries dcgm-exporter's `Hostname` = the node, the label
+an edge scrape adds from the pod's node name, so that rules and dashboards select nodes alike.
 """
 
 from __future__ import annotations
@@ -105,11 +107,15 @@ class KeplerProcess:
     state: str = RUNNING
 
 
-def _family(name: str) -> CounterMetricFamily | GaugeMetricFamily:
+HOSTNAME = "Hostname"
+NODE_FAMILIES = tuple(name for name in FAMILIES if name.startswith("kepler_node_gpu_"))
+
+
+def _family(name: str, extra: Sequence[str] = ()) -> CounterMetricFamily | GaugeMetricFamily:
     kind, doc, labels = FAMILIES[name]
     if kind == "counter":
-        return CounterMetricFamily(name, doc, labels=[*labels, NODE_NAME])
-    return GaugeMetricFamily(name, doc, labels=[*labels, NODE_NAME])
+        return CounterMetricFamily(name, doc, labels=[*labels, NODE_NAME, *extra])
+    return GaugeMetricFamily(name, doc, labels=[*labels, NODE_NAME, *extra])
 
 
 def kepler_families(
@@ -118,12 +124,19 @@ def kepler_families(
     pods: Iterable[KeplerPod] = (),
     containers: Iterable[KeplerContainer] = (),
     processes: Iterable[KeplerProcess] = (),
+    *,
+    hostname: bool = False,
+    only: Sequence[str] = tuple(FAMILIES),
 ) -> list[Metric]:
-    """Every Kepler GPU family (each one, even when it has no series yet), for one node."""
-    fam = {name: _family(name) for name in FAMILIES}
+    """Every Kepler GPU family (each one, even when it has no series yet), for one node; with
+    `only`, those families (e.g. `NODE_FAMILIES`), in Kepler's order. `hostname`: every series
+    also carries `Hostname` = `node`."""
+    extra = (node,) if hostname else ()
+    fam = {name: _family(name, (HOSTNAME,) if hostname else ()) for name in FAMILIES if name in only}
 
     def add(name: str, labels: Sequence[str], value: float) -> None:
-        fam[name].add_metric([*labels, node], value)
+        if name in fam:
+            fam[name].add_metric([*labels, node, *extra], value)
 
     for g in sorted(gpus, key=lambda g: g.index):
         labels: tuple[str, ...] = (str(g.index), g.uuid, g.name, g.vendor)

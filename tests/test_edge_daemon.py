@@ -61,6 +61,11 @@ def test_inventory_and_every_sampled_figure(edge_factory: Callable[..., EdgeProc
              what="per-process utilisation")
     energy_before = sample["energy_mj"]
     wait_for(lambda: edge.gpu(0)["sample"]["energy_mj"] > energy_before, what="energy counter to grow")
+    # the energy accountant's idle/active split rides on the sample (telemetry, for the fleet exporter)
+    split = edge.gpu(0)["sample"]
+    energy = edge.get("/api/v1/energy")  # read after: at least the sample's cycle
+    assert split["idle_joules"] >= 0 and split["active_joules"] > 0 and split["idle_power_w"] is not None
+    assert split["idle_joules"] + split["active_joules"] <= energy["gpu_joules"][inv["uuid"]] * (1 + 1e-9) + 1e-9
 
 
 def test_xid_marks_unhealthy_requests_migration_then_recovers(edge_factory: Callable[..., EdgeProcess]) -> None:

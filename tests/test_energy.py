@@ -217,6 +217,26 @@ def test_idle_power_in_force() -> None:
     assert acc.idle_power_for(sample(1.0, 0, power_w=60.0, lost=True)) is None
 
 
+def test_the_split_travels_with_the_sample() -> None:
+    """What the telemetry carries to the fleet exporter: the idle power in force at the sample
+    and the GPU's cumulative idle and active joules; a GPU not yet accounted is left as it is."""
+    acc = EnergyAccountant()
+    assert acc.with_split(sample(0.0, 0, power_w=50.0)).idle_joules is None
+    acc.update([sample(0.0, 0, power_w=50.0)], resolve)
+    acc.update([sample(1.0, 50_000, power_w=50.0)], resolve)
+    busy = sample(2.0, 350_000, (1, 90.0), power_w=300.0)
+    acc.update([busy], resolve)
+    split = acc.with_split(busy)
+    assert (split.idle_power_w, split.idle_joules, split.active_joules) == (50.0, pytest.approx(100.0),
+                                                                          pytest.approx(250.0))
+    assert split.idle_joules + split.active_joules == pytest.approx(acc.gpus[GPU0].joules)  # type: ignore[operator]
+    assert split.model_copy(update={"idle_power_w": None, "idle_joules": None, "active_joules": None}) == busy
+    assert busy.idle_joules is None  # a copy: the sample itself is unchanged
+    lost = acc.with_split(sample(3.0, None, lost=True))
+    assert lost.idle_power_w is None and lost.idle_joules == split.idle_joules  # no reading: counters only
+    assert GpuSample.model_validate_json(split.model_dump_json()) == split  # crosses the wire as it is
+
+
 def test_process_container_and_pod_levels() -> None:
     acc = EnergyAccountant()
     procs = ((1, 30.0), (2, 30.0), (4, 20.0), (5, 20.0))

@@ -27,6 +27,8 @@ from kgpu.lab.broker import Mosquitto
 from kgpu.lab.processes import wait_for
 from shared.dcgm import FIELDS
 from shared.gpu import GpuSample, Health
+from shared.kepler import FAMILIES as KEPLER_FAMILIES
+from shared.kepler import GPU_LABELS as KEPLER_GPU_LABELS
 from shared.protocol import GpuSummary, Kind, StatusBody, TelemetryBody, XidBody, make_envelope
 from shared.wire import WireModel
 from tests.helpers.cloud_process import CloudProcess
@@ -34,6 +36,8 @@ from tests.helpers.edge_process import EdgeProcess
 
 T0 = 1_700_000_000.0
 DCGM_LABELS = {"gpu", "UUID", "pci_bus_id", "device", "modelName", "Hostname", "DCGM_FI_DRIVER_VERSION"}
+KEPLER_NODE = [name for name in KEPLER_FAMILIES if name.startswith("kepler_node_gpu_")]
+KEPLER_LABELS = {*KEPLER_GPU_LABELS, "node_name"}  # Kepler's; the fleet adds Hostname
 # the findings promtool has for dcgm-exporter's own names (tests/test_metrics.py keeps them on purpose)
 INHERITED_FINDING = re.compile(
     r"^DCGM_FI_\w+ (label names should be written in 'snake_case' not 'camelCase'"
@@ -58,20 +62,29 @@ def status(node: str, *, state: str = "online", ts: float = T0, inventory: bool 
     return incoming(node, body, Kind.STATUS, ts=ts)
 
 
-def telemetry(node: str, ts: float) -> Incoming:
-    samples = [GpuSample(index=i, uuid=f"GPU-{node}-{i}", ts=ts, temperature_c=60.0 + i, power_w=300.0,
-                         utilization_pct=50.0, memory_used_bytes=1 << 30, memory_free_bytes=79 << 30,
-                         sm_clock_mhz=1980, energy_mj=123_456_789) for i in range(2)]
+def telemetry(node: str, ts: float, split: tuple[float, float] | None = None, **update: Any) -> Incoming:
+    """Two GPUs' samples; with `split` = (idle, active) joules, the edge's Kepler split too (GPU i:
+    i x 10 J more of each, idle power 120 W); `update` overrides figures of both."""
+    kepler: dict[str, Any] = {}
+    samples = []
+    for i in range(2):
+        if split is not None:
+            kepler = {"idle_power_w": 120.0, "idle_joules": split[0] + 10 * i, "active_joules": split[1] + 10 * i}
+        figures = {"temperature_c": 60.0 + i, "power_w": 300.0, "utilization_pct": 50.0,
+                   "memory_used_bytes": 1 << 30, "memory_free_bytes": 79 << 30, "sm_clock_mhz": 1980,
+                   "energy_mj": 123_456_789}
+        samples.append(GpuSample(index=i, uuid=f"GPU-{node}-{i}", ts=ts, **(figures | kepler | update)))
     return incoming(node, TelemetryBody(samples=samples), Kind.TELEMETRY, ts=ts)
 
 
-def by_node(text: str, name: str) -> dict[str, dict[str, float]]:
-    """Hostname -> gpu -> value of family `name` in the exposition `text`."""
+def by_node(text: str, name: str, host: str = "Hostname") -> dict[str, dict[str, float]]:
+    """Hostname (or label `host`) -> gpu -> value of the series `name` in the exposition `text`
+    (a counter by its family's or its sample's name)."""
     found: dict[str, dict[str, float]] = {}
     for family in text_string_to_metric_families(text):
-        if family.name == name:
-            for s in family.samples:
-                found.setdefault(s.labels["Hostname"], {})[s.labels["gpu"]] = s.value
+        for s in family.samples:
+            if name in (family.name, s.name):
+                found.setdefault(s.labels[host], {})[s.labels["gpu"]] = s.value
     return found
 
 
@@ -119,6 +132,50 @@ def test_every_fresh_gpu_of_every_online_node_is_served(store: FleetStore) -> No
     assert labels["edge-b/0"]["pci_bus_id"] == "" and labels["edge-b/0"]["DCGM_FI_DRIVER_VERSION"] == ""
 
 
+def test_kepler_node_families_from_the_edges_split(store: FleetStore) -> None:
+    """Kepler's node-level GPU families per GPU, with Kepler's labels (and Hostname), from the
+    split the sample carries; none for an older edge's sample; watts left out for a lost GPU."""
+    lost = {"lost": True, "power_w": None, "idle_power_w": None}
+    store.ingest([status("edge-a"), status("edge-b"), status("edge-c"), telemetry("edge-a", T0 + 5, (100.0, 50.0)),
+                  telemetry("edge-b", T0 + 5), telemetry("edge-c", T0 + 5, (7.0, 0.0), **lost)])
+    text = render(store, max_age=30, now=lambda: T0 + 10).body.decode()
+    for name in KEPLER_FAMILIES:  # the node families, in Kepler's order, with Kepler's type; no others
+        kind, doc, _ = KEPLER_FAMILIES[name]
+        assert (f"# TYPE {name} {kind}\n" in text) == (name in KEPLER_NODE), name
+        assert (f"# HELP {name} {doc}\n" in text) == (name in KEPLER_NODE), name
+    assert [line.split()[2] for line in text.splitlines() if line.startswith("# TYPE kepler_")] == KEPLER_NODE
+    assert "kepler_pod_" not in text and "kepler_container_" not in text and "kepler_process_" not in text
+    info = [s.labels for f in text_string_to_metric_families(text) if f.name == "kepler_node_gpu_info"
+            for s in f.samples]
+    assert len(info) == 4 and all(set(labels) == KEPLER_LABELS | {"Hostname"} for labels in info)
+    assert {(i["node_name"], i["gpu"]) for i in info} == {("edge-a", "0"), ("edge-a", "1"), ("edge-c", "0"),
+                                                           ("edge-c", "1")}  # edge-b: an older edge, no split
+    a1 = next(i for i in info if i["Hostname"] == "edge-a" and i["gpu"] == "1")
+    assert a1 == {"gpu": "1", "gpu_uuid": "GPU-edge-a-1", "gpu_name": "NVIDIA H100 80GB HBM3", "vendor": "nvidia",
+                  "node_name": "edge-a", "Hostname": "edge-a"}
+    assert by_node(text, "kepler_node_gpu_watts") == {"edge-a": {"0": 300.0, "1": 300.0}}  # lost: no watts
+    assert by_node(text, "kepler_node_gpu_watts", "node_name") == by_node(text, "kepler_node_gpu_watts")
+    assert by_node(text, "kepler_node_gpu_idle_watts")["edge-a"] == {"0": 120.0, "1": 120.0}
+    assert by_node(text, "kepler_node_gpu_active_watts")["edge-a"] == {"0": 180.0, "1": 180.0}
+    assert by_node(text, "DCGM_FI_DEV_POWER_USAGE")["edge-a"] == by_node(text, "kepler_node_gpu_watts")["edge-a"]
+    idle = by_node(text, "kepler_node_gpu_idle_joules_total")
+    active = by_node(text, "kepler_node_gpu_active_joules_total")
+    total = by_node(text, "kepler_node_gpu_joules_total")
+    assert idle == {"edge-a": {"0": 100.0, "1": 110.0}, "edge-c": {"0": 7.0, "1": 17.0}}
+    assert active == {"edge-a": {"0": 50.0, "1": 60.0}, "edge-c": {"0": 0.0, "1": 10.0}}
+    assert total == {node: {gpu: idle[node][gpu] + active[node][gpu] for gpu in gpus} for node, gpus in idle.items()}
+    # the edge's counters grow, and so do the fleet's
+    store.ingest([telemetry("edge-a", T0 + 15, (104.0, 80.0))])
+    later = render(store, max_age=30, now=lambda: T0 + 20).body.decode()
+    assert by_node(later, "kepler_node_gpu_joules_total")["edge-a"] == {"0": 184.0, "1": 204.0}
+    assert all(by_node(later, name)["edge-a"][gpu] > by_node(text, name)["edge-a"][gpu] for gpu in ("0", "1")
+               for name in ("kepler_node_gpu_idle_joules_total", "kepler_node_gpu_active_joules_total"))
+    # dropped with the node's DCGM series
+    store.ingest([status("edge-a", state="offline", ts=T0 + 16)])
+    assert "edge-a" not in by_node(render(store, max_age=30, now=lambda: T0 + 20).body.decode(),
+                                   "kepler_node_gpu_joules_total")
+
+
 def test_old_samples_and_offline_nodes_are_dropped(store: FleetStore) -> None:
     store.ingest([status("edge-a"), status("edge-b"), telemetry("edge-a", T0 + 5), telemetry("edge-b", T0 + 50)])
     out = render(store, max_age=30, now=lambda: T0 + 60)  # edge-a's sample is 55 s old
@@ -131,6 +188,7 @@ def test_old_samples_and_offline_nodes_are_dropped(store: FleetStore) -> None:
     empty = render(store, max_age=60, now=lambda: T0 + 60)
     assert (empty.nodes, empty.gpus, empty.series) == (0, 0, 0)
     assert empty.body.decode().count("# TYPE DCGM_FI_") == len(FIELDS)  # every family, no series
+    assert empty.body.decode().count("# TYPE kepler_node_gpu_") == len(KEPLER_NODE)
     assert "# TYPE kgpu_gpu_health gauge" in empty.body.decode()
 
 
@@ -161,6 +219,60 @@ def fleet(cloud: CloudProcess, query: str = "") -> str:
 
 def hostnames(text: str) -> set[str]:
     return set(by_node(text, "DCGM_FI_DEV_GPU_TEMP"))
+
+
+KEPLER_COUNTERS = ("kepler_node_gpu_idle_joules_total", "kepler_node_gpu_active_joules_total",
+                   "kepler_node_gpu_joules_total")
+
+
+def check_kepler_against_the_edge(cloud: CloudProcess, edge: EdgeProcess, before: str) -> None:
+    """Kepler's node families in /metrics/fleet for `edge`'s GPUs (GPU 0 idle, GPU 1 busy with no
+    process listed): Kepler's labels as the edge serves them, plus Hostname; counters that grow,
+    idle + active = total, and the edge's own counters bracketing the fleet's (the edge's before
+    the fleet scrape <= the fleet's <= the edge's after)."""
+    node = edge.node
+    for index in (0, 1):
+        edge.inject(index, utilization=0)
+    wait_for(lambda: len(edge.get("/api/v1/energy")["idle_power_w"]) == 2, what="idle power learned on both GPUs")
+    edge.inject(1, utilization=80)
+    wait_for(lambda: by_node(fleet(cloud), "kepler_node_gpu_active_joules_total")[node]["1"] > 0, timeout=20,
+             what="GPU 1's active energy in /metrics/fleet")
+    edge_before = edge.get("/metrics")
+
+    def caught_up() -> str | None:
+        text = fleet(cloud)
+        return text if all(by_node(text, name)[node][gpu] >= by_node(edge_before, name, "node_name")[node][gpu]
+                           for name in KEPLER_COUNTERS[:2] for gpu in ("0", "1")) else None
+
+    text = wait_for(caught_up, timeout=20, what="the fleet's Kepler counters at the edge's")
+    edge_after = edge.get("/metrics")
+    assert isinstance(edge_before, str) and isinstance(edge_after, str)
+    info = {s.labels["gpu"]: s.labels for f in text_string_to_metric_families(text) if f.name == "kepler_node_gpu_info"
+            for s in f.samples if s.labels["Hostname"] == node}
+    edge_info = {s.labels["gpu"]: s.labels for f in text_string_to_metric_families(edge_after)
+                 if f.name == "kepler_node_gpu_info" for s in f.samples}
+    assert set(info) == {"0", "1"} and set(edge_info) == {"0", "1"}
+    for gpu in ("0", "1"):
+        assert set(edge_info[gpu]) == KEPLER_LABELS and info[gpu] == edge_info[gpu] | {"Hostname": node}
+    served = {name: by_node(text, name)[node] for name in KEPLER_COUNTERS}
+    for gpu in ("0", "1"):
+        assert served["kepler_node_gpu_joules_total"][gpu] > by_node(before, "kepler_node_gpu_joules_total")[node][gpu]
+        assert served[KEPLER_COUNTERS[0]][gpu] + served[KEPLER_COUNTERS[1]][gpu] == pytest.approx(
+            served["kepler_node_gpu_joules_total"][gpu], rel=1e-12)
+        for name in KEPLER_COUNTERS:
+            low = by_node(edge_before, name, "node_name")[node][gpu]
+            high = by_node(edge_after, name, "node_name")[node][gpu]
+            assert low * (1 - 1e-12) <= served[name][gpu] <= high * (1 + 1e-12), (name, gpu, low, high)
+    assert served["kepler_node_gpu_active_joules_total"]["0"] == 0  # idle: all its energy is idle
+    assert served["kepler_node_gpu_active_joules_total"]["1"] > 0
+    # watts: the sample's power, the idle power in force at it (GPU 1: the edge's learned one)
+    watts, power = by_node(text, "kepler_node_gpu_watts")[node], by_node(text, "DCGM_FI_DEV_POWER_USAGE")[node]
+    idle_w, active_w = (by_node(text, f"kepler_node_gpu_{k}_watts")[node] for k in ("idle", "active"))
+    learned = edge.get("/api/v1/energy")["idle_power_w"]
+    assert idle_w["1"] == pytest.approx(learned[info["1"]["gpu_uuid"]]) and active_w["1"] > 0
+    assert idle_w["0"] == watts["0"] and active_w["0"] == 0
+    for gpu in ("0", "1"):
+        assert watts[gpu] == power[gpu] and idle_w[gpu] + active_w[gpu] == pytest.approx(watts[gpu])
 
 
 @pytest.mark.slow
@@ -197,6 +309,7 @@ def test_two_edges_through_a_real_controller(tmp_path: Path, broker: Mosquitto, 
         healthy = {s.labels["Hostname"] + "/" + s.labels["gpu"] for f in text_string_to_metric_families(text)
                      if f.name == "kgpu_gpu_health" for s in f.samples if s.labels["state"] == "healthy" and s.value}
         assert healthy == {"edge-a/0", "edge-a/1", "edge-b/0", "edge-b/1"}
+        check_kepler_against_the_edge(cloud, edges[0], text)
         # a part of the fleet, and a part that does not exist
         parts = [hostnames(fleet(cloud, f"?shard={i}&shards=2")) for i in range(2)]
         assert parts[0] | parts[1] == {"edge-a", "edge-b"} and not parts[0] & parts[1]
@@ -239,7 +352,8 @@ def test_the_fleet_text_is_byte_for_byte_the_shared_exposition(store: FleetStore
     from shared.dcgm import exposition
 
     odd = 'NVIDIA "H100"\\ \n80GB'
-    store.ingest([status("edge-a"), status("edge-b"), telemetry("edge-a", T0 + 5), telemetry("edge-b", T0 + 5)])
+    store.ingest([status("edge-a"), status("edge-b"), telemetry("edge-a", T0 + 5, (1.5, 0.1)),
+                  telemetry("edge-b", T0 + 5, (2.0, 1e-9))])
     store.ingest([incoming("edge-b", StatusBody(state="online", gpus=[GpuSummary(
         index=i, uuid=f"GPU-edge-b-{i}", name=odd, health=Health.HEALTHY, pci_bus_id="0:0", driver_version="1")
         for i in range(2)], outbox_epoch="epoch-1"), Kind.STATUS, ts=T0 + 6)])
@@ -254,6 +368,8 @@ def test_the_fleet_text_is_byte_for_byte_the_shared_exposition(store: FleetStore
     assert out.body == exposition(merged)
     assert out.series == sum(len(f.samples) for f in merged) > 0
     assert 'modelName="NVIDIA \\"H100\\"\\\\ \\n80GB"' in out.body.decode()
+    assert 'gpu="1",gpu_name="NVIDIA \\"H100\\"\\\\ \\n80GB",gpu_uuid="GPU-edge-b-1",node_name="edge-b"' \
+        in out.body.decode().split("# TYPE kepler_node_gpu_joules_total counter\n")[1]
 
 
 def test_shards_split_the_fleet_without_overlap(store: FleetStore) -> None:

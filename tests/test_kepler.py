@@ -19,7 +19,15 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
 from kgpu.lab.processes import wait_for
-from shared.kepler import FAMILIES, KeplerContainer, KeplerGpu, KeplerPod, KeplerProcess, kepler_families
+from shared.kepler import (
+    FAMILIES,
+    NODE_FAMILIES,
+    KeplerContainer,
+    KeplerGpu,
+    KeplerPod,
+    KeplerProcess,
+    kepler_families,
+)
 from tests.helpers.edge_process import EdgeProcess
 
 REFERENCE = json.loads(
@@ -105,6 +113,24 @@ def test_builder_series_labels_and_keplers_positive_rule() -> None:
     (process,) = series["kepler_process_gpu_joules_total"]  # pid 7 has 0 J: no series, as in Kepler
     assert process.labels["pid"] == "42" and process.labels["type"] == "container"
     assert process.labels["vm_id"] == "" and process.labels["state"] == "running"
+    promtool_check(text)
+
+
+def test_builder_node_families_with_hostname_for_the_fleet_exporter() -> None:
+    """What the controller's fleet exporter asks for: the node families only, in Kepler's order,
+    every series with `Hostname` = the node beside Kepler's labels (promtool lints it clean)."""
+    gpu = KeplerGpu(index=0, uuid="GPU-a", name="NVIDIA H100 80GB HBM3", joules=30.0, idle_joules=10.0,
+                    active_joules=20.0, watts=300.0, idle_watts=70.0, active_watts=230.0)
+    pod = KeplerPod(uid="uid-1", name="infer", namespace="vision", joules=12.0, watts=100.0)
+    families = kepler_families("edge-1", [gpu], [pod], hostname=True, only=NODE_FAMILIES)
+    names = [f.name if f.type != "counter" else f"{f.name}_total" for f in families]
+    assert names == [name for name in FAMILIES if name.startswith("kepler_node_gpu_")] == list(NODE_FAMILIES)
+    text = scrape_text(families)
+    for name, found in samples_of(text).items():
+        assert len(found) == 1 and found[0].labels == {"gpu": "0", "gpu_uuid": "GPU-a", "gpu_name":
+                                                       "NVIDIA H100 80GB HBM3", "vendor": "nvidia",
+                                                       "node_name": "edge-1", "Hostname": "edge-1"}, name
+    assert "kepler_pod_" not in text
     promtool_check(text)
 
 

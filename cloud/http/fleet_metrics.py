@@ -1,7 +1,8 @@
-"""`GET /metrics/fleet`: every node's latest GPU sample as dcgm-exporter's series, from the store.
+"""`GET /metrics/fleet`: every node's latest GPU sample as dcgm-exporter's and Kepler's series.
 
 For sites whose Prometheus cannot reach the edges. The series are the edge's own DCGM series
-(`shared/dcgm.py`, the one builder both sides use), with `Hostname` = the node. A GPU is left
+(`shared/dcgm.py`) and Kepler node-level GPU series (`kepler_node_gpu_*`, `shared/kepler.py`):
+the builders both sides use, with `Hostname` (and Kepler's `node_name`) = the node. A GPU is left
 out when its node is offline (its offline status or last will) or its latest sample is older
 than `fleet_metrics_max_age` (cloud clock: the sample's ts less the node's clock skew), so a
 dead node's last figures do not stand in Prometheus as if live.
@@ -11,9 +12,11 @@ What the cloud knows of a GPU: its latest sample as the edge sent it (every figu
 (`GpuSummary`; an edge older than the exporter sends no PCI bus id or driver version, and those
 labels are then empty), and its last XID from the stored XID events (the edge's
 `DCGM_FI_DEV_XID_ERRORS` is the last XID since the daemon started; the cloud's, the last one it
-stored: 0 when none). Pod labels are not served from the cloud: the sample does not carry the
-pod mapping. Beside them, `kgpu_gpu_health` from the health of the node's last status, so that
-`KgpuGpuUnhealthy` works from this source too.
+stored: 0 when none). Kepler's figures are the edge's idle/active split as the sample carries it
+(`idle_power_w`, `idle_joules`, `active_joules`; a sample from an older edge has none, and its GPU
+no Kepler series). Pod labels and Kepler's pod, container and process families are not served
+from the cloud: the sample does not carry the pod mapping. Beside them, `kgpu_gpu_health` from
+the health of the node's last status, so that `KgpuGpuUnhealthy` works from this source too.
 
 Every replica reads the shared store and serves the whole fleet, so any replica answers alike:
 scrape one of them through the Service, not every pod (docs/metrics.md, "Fleet exporter"). A
@@ -42,6 +45,7 @@ from cloud.store import FleetStore
 from shared.dcgm import DcgmGpu, dcgm_families, exposition
 from shared.gpu import GpuInventory, GpuSample, Health
 from shared.http import bad_query, int_query
+from shared.kepler import NODE_FAMILIES, KeplerGpu, kepler_families
 from shared.logs import get_logger
 
 log = get_logger(__name__)
@@ -77,9 +81,30 @@ def health_family(node: str, rows: Iterable[Mapping[str, Any]]) -> GaugeMetricFa
     return family
 
 
+def kepler_gpu(gpu: DcgmGpu) -> KeplerGpu | None:
+    """Kepler's node-level figures of one GPU, as the edge's `/metrics` serves them
+    (edge/kepler_metrics.py), from its stored sample: None for a sample without the split (an
+    edge older than the exporter). Watts only with a power reading and the idle power in force
+    at it (none for a lost GPU); the counters are the edge's since its daemon started."""
+    s = gpu.sample
+    if s is None or s.idle_joules is None or s.active_joules is None:
+        return None
+    watts = idle = active = None
+    if not s.lost and s.power_w is not None and s.idle_power_w is not None:
+        watts, idle = s.power_w, s.idle_power_w
+        active = max(watts - idle, 0.0)
+    inv = gpu.inventory
+    return KeplerGpu(index=inv.index, uuid=inv.uuid, name=inv.name, joules=s.idle_joules + s.active_joules,
+                     idle_joules=s.idle_joules, active_joules=s.active_joules,
+                     watts=watts, idle_watts=idle, active_watts=active)
+
+
 def node_families(node: str, gpus: Sequence[DcgmGpu], rows: Sequence[Mapping[str, Any]]) -> list[Metric]:
-    """Every family the exporter serves for one node: dcgm-exporter's, then `kgpu_gpu_health`."""
-    return [*dcgm_families(node, gpus), health_family(node, rows)]
+    """Every family the exporter serves for one node: dcgm-exporter's, `kgpu_gpu_health`, then
+    Kepler's node-level GPU families (with `Hostname` too, as an edge scrape adds it)."""
+    kepler = [k for k in map(kepler_gpu, gpus) if k is not None]
+    return [*dcgm_families(node, gpus), health_family(node, rows),
+            *kepler_families(node, kepler, hostname=True, only=NODE_FAMILIES)]
 
 
 def _gpu(row: Mapping[str, Any]) -> DcgmGpu:
@@ -91,7 +116,7 @@ def _gpu(row: Mapping[str, Any]) -> DcgmGpu:
 
 
 class _Writer:
-    """The Prometheus text of DCGM families, node after node, family by family.
+    """The Prometheus text of the node families, node after node, family by family.
 
     Byte for byte what `shared.dcgm.exposition` writes for the same families (a test checks it),
     written faster for a whole fleet: each family's `# HELP`/`# TYPE` lines are
