@@ -21,6 +21,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from edge.kepler_metrics import KeplerCollector
+from edge.pods import PodRef
 from shared import __version__
 from shared.dcgm import DcgmGpu, PodOnGpu, dcgm_families, exposition
 from shared.gpu import Health
@@ -33,13 +34,15 @@ class EdgeCollector(Collector):
     def __init__(self, daemon: EdgeDaemon) -> None:
         self.daemon = daemon
 
-    def _dcgm_gpus(self) -> list[DcgmGpu]:
+    def _pods_by_pid(self) -> dict[int, PodRef]:
+        """pid -> pod of the GPU processes the energy accounting has resolved (edge/energy.py); a
+        pid seen in two pods (reused) maps to the one that had GPU time last."""
+        seen = self.daemon.energy.processes.last_active
+        return {key.pid: key.pod for key in sorted(seen, key=seen.__getitem__) if key.pod is not None}
+
+    def _dcgm_gpus(self, pods: dict[int, PodRef]) -> list[DcgmGpu]:
         """Each GPU's view, with the pods whose processes run on it (dcgm-exporter's mapping)."""
         d = self.daemon
-        # pid -> pod of the GPU processes the energy accounting has resolved (edge/energy.py); a
-        # pid seen in two pods (reused) maps to the one that had GPU time last
-        seen = d.energy.processes.last_active
-        pods = {key.pid: key.pod for key in sorted(seen, key=seen.__getitem__) if key.pod is not None}
         gpus = []
         for view in d.gpus.values():
             sample = view.sample
@@ -48,6 +51,34 @@ class EdgeCollector(Collector):
                                 tuple(PodOnGpu(r.namespace, r.pod, r.container) for r in on_gpu)))
         return gpus
 
+    def _per_pod(self, node: str, pods: dict[int, PodRef]) -> Iterator[Metric]:
+        """Each container's share of each GPU: its processes' SM utilisation and memory, summed
+        (NVML's per-process figures; a process outside any pod is in neither)."""
+        labels = ["gpu", "uuid", "Hostname", "pod", "namespace", "container"]
+        util = GaugeMetricFamily("kgpu_pod_gpu_utilization_percent",
+                                 "SM utilisation of a container's processes on a GPU, summed (in %).", labels=labels)
+        memory = GaugeMetricFamily("kgpu_pod_gpu_memory_used_bytes",
+                                   "GPU memory used by a container's processes.", labels=labels)
+        for index, view in sorted(self.daemon.gpus.items()):
+            sample = view.sample
+            if sample is None or sample.lost:
+                continue
+            util_of: dict[PodRef, float] = {}
+            memory_of: dict[PodRef, int] = {}
+            for process in sample.processes:
+                pod = pods.get(process.pid)
+                if pod is None:
+                    continue
+                if process.sm_util_pct is not None:
+                    util_of[pod] = util_of.get(pod, 0.0) + process.sm_util_pct
+                if process.used_memory_bytes is not None:
+                    memory_of[pod] = memory_of.get(pod, 0) + process.used_memory_bytes
+            for family, values in ((util, util_of), (memory, memory_of)):
+                for pod, value in sorted(values.items(), key=lambda kv: (kv[0].namespace, kv[0].pod, kv[0].container)):
+                    family.add_metric([str(index), view.inventory.uuid, node, pod.pod, pod.namespace, pod.container],
+                                      float(value))
+        yield from (util, memory)
+
     def collect(self) -> Iterator[Metric]:
         d = self.daemon
         node = d.node
@@ -55,7 +86,9 @@ class EdgeCollector(Collector):
         def gauge(name: str, doc: str, labels: list[str]) -> GaugeMetricFamily:
             return GaugeMetricFamily(name, doc, labels=labels)
 
-        yield from dcgm_families(node, self._dcgm_gpus())
+        pods_by_pid = self._pods_by_pid()
+        yield from dcgm_families(node, self._dcgm_gpus(pods_by_pid))
+        yield from self._per_pod(node, pods_by_pid)
         short_labels = ["gpu", "uuid", "Hostname"]
         limit = gauge("kgpu_gpu_power_limit_watts", "Enforced power limit.", short_labels)
         throttle = gauge("kgpu_gpu_throttle_reasons", "NVML clocks-event reason bit mask.", short_labels)

@@ -246,6 +246,16 @@ def test_kepler_families_from_the_real_daemon(edge_factory: Callable[..., EdgePr
                container_id=cid) > 0
     assert one(first, "kepler_process_gpu_joules_total", pid="5151", type="regular", container_id="") > 0
 
+    # the pod's own share of GPU 1 (NVML's per-process figures): its process only, not the host's
+    per_pod = {f.name: f.samples for f in text_string_to_metric_families(text)
+               if f.name in ("kgpu_pod_gpu_utilization_percent", "kgpu_pod_gpu_memory_used_bytes")}
+    for name, expected in (("kgpu_pod_gpu_utilization_percent", 60.0),
+                           ("kgpu_pod_gpu_memory_used_bytes", 1000.0 * 1024 * 1024)):
+        (s,) = per_pod[name]
+        assert s.labels == {"gpu": "1", "uuid": uuid1, "Hostname": "edge-test", "pod": "infer",
+                            "namespace": "vision", "container": "worker"}, s.labels
+        assert s.value == pytest.approx(expected), (name, s.value)
+
     # counters grow; then GPU 0 busy with no process NVML lists: active, not idle
     edge.inject(0, utilization=80)
 
