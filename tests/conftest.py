@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from tests.helpers.edge_process import EdgeProcess
+from tests.helpers.pod_list import PodListServer
 
 if TYPE_CHECKING:
     from kgpu.lab.broker import Mosquitto
@@ -30,6 +31,13 @@ def edge_factory(tmp_path: Path) -> Iterator[Callable[..., EdgeProcess]]:
         if process.proc is not None and process.proc.poll() is None:
             process.proc.kill()
             process.proc.wait(timeout=10)
+
+
+@pytest.fixture
+def pod_list_server() -> Iterator[PodListServer]:
+    """The kubelet's pod list on loopback; set `.body` to what it lists, give `.url` to the edge."""
+    with PodListServer() as server:
+        yield server
 
 
 @pytest.fixture

@@ -7,9 +7,7 @@ The daemon runs the real pynvml bindings over the simulated libnvidia-ml; faults
 from __future__ import annotations
 
 import json
-import threading
-from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from kgpu.lab.processes import wait_for
 from tests.helpers.edge_process import EdgeProcess
 from tests.helpers.faketime import faketime_library, offset_file_env
+from tests.helpers.pod_list import PodListServer
 
 pytestmark = pytest.mark.slow
 
@@ -189,30 +188,8 @@ def test_probe_command_failure_makes_the_node_unhealthy(edge_factory: Callable[.
     assert any("exit status 3" in r for r in body["reasons"]), body
 
 
-class _PodList(BaseHTTPRequestHandler):
-    payload = b""
-
-    def do_GET(self) -> None:
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.end_headers()
-        self.wfile.write(self.payload)
-
-    def log_message(self, *args: Any) -> None:
-        pass
-
-
-@pytest.fixture
-def pod_list_server() -> Iterator[str]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _PodList)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/api/v1/pods"
-    server.shutdown()
-
-
 def test_energy_is_attributed_to_pods(edge_factory: Callable[..., EdgeProcess], tmp_path: Path,
-                                      pod_list_server: str) -> None:
+                                      pod_list_server: PodListServer) -> None:
     proc = tmp_path / "proc"
     pods = {4242: ("infer", "aaaaaaaa-1111-2222-3333-444444444444", "a" * 64),
             4343: ("train", "bbbbbbbb-1111-2222-3333-444444444444", "b" * 64)}
@@ -225,8 +202,8 @@ def test_energy_is_attributed_to_pods(edge_factory: Callable[..., EdgeProcess], 
             f"cri-containerd-{cid}.scope\n")
         items.append({"metadata": {"name": name, "namespace": "vision", "uid": uid},
                       "status": {"containerStatuses": [{"name": "worker", "containerID": f"containerd://{cid}"}]}})
-    _PodList.payload = json.dumps({"items": items}).encode()
-    edge = edge_factory(gpus=1, config={"proc_root": str(proc), "pod_list_url": pod_list_server})
+    pod_list_server.body = json.dumps({"items": items}).encode()
+    edge = edge_factory(gpus=1, config={"proc_root": str(proc), "pod_list_url": pod_list_server.url})
     edge.inject(0, utilization=0)
     wait_for(lambda: edge.get("/api/v1/energy")["idle_power_w"], what="idle power learned")
     edge.inject(0, processes=[{"pid": 4242, "used_memory_mib": 1000, "sm_util": 75},

@@ -7,9 +7,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import threading
 from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +27,7 @@ from shared.kepler import (
     kepler_families,
 )
 from tests.helpers.edge_process import EdgeProcess
+from tests.helpers.pod_list import PodListServer
 
 REFERENCE = json.loads(
     (Path(__file__).resolve().parent.parent / "deploy/reference/kepler/gpu-metrics.json").read_text()
@@ -137,28 +136,6 @@ def test_builder_node_families_with_hostname_for_the_fleet_exporter() -> None:
 # --- through the real daemon ---------------------------------------------------------------------
 
 
-class _PodList(BaseHTTPRequestHandler):
-    payload = b""
-
-    def do_GET(self) -> None:
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.end_headers()
-        self.wfile.write(self.payload)
-
-    def log_message(self, *args: Any) -> None:
-        pass
-
-
-@pytest.fixture
-def pod_list_server() -> Iterator[str]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _PodList)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/api/v1/pods"
-    server.shutdown()
-
-
 def one(series: dict[str, list[Sample]], name: str, **labels: str) -> float:
     found = [s for s in series.get(name, []) if all(s.labels.get(k) == v for k, v in labels.items())]
     assert len(found) == 1, (name, labels, found)
@@ -175,18 +152,18 @@ def dcgm_power(text: str, gpu: str) -> float:
 
 @pytest.mark.slow
 def test_kepler_families_from_the_real_daemon(edge_factory: Callable[..., EdgeProcess], tmp_path: Path,
-                                              pod_list_server: str) -> None:
+                                              pod_list_server: PodListServer) -> None:
     proc = tmp_path / "proc"
     uid, cid = "aaaaaaaa-1111-2222-3333-444444444444", "a" * 64
     (proc / "4242").mkdir(parents=True)
     (proc / "4242" / "cgroup").write_text(
         f"0::/kubepods.slice/kubepods-pod{uid.replace('-', '_')}.slice/cri-containerd-{cid}.scope\n")
     (proc / "4242" / "comm").write_text("python3\n")
-    _PodList.payload = json.dumps({"items": [{
+    pod_list_server.body = json.dumps({"items": [{
         "metadata": {"name": "infer", "namespace": "vision", "uid": uid},
         "status": {"containerStatuses": [{"name": "worker", "containerID": f"containerd://{cid}"}]},
     }]}).encode()
-    edge = edge_factory(gpus=2, config={"proc_root": str(proc), "pod_list_url": pod_list_server})
+    edge = edge_factory(gpus=2, config={"proc_root": str(proc), "pod_list_url": pod_list_server.url})
     for index in (0, 1):
         edge.inject(index, utilization=0)
     wait_for(lambda: len(edge.get("/api/v1/energy")["idle_power_w"]) == 2, what="idle power learned on both GPUs")

@@ -22,7 +22,6 @@ import hashlib
 import json
 import math
 import re
-import shutil
 import time
 import urllib.parse
 from collections.abc import Iterator
@@ -31,16 +30,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from kgpu.lab.broker import Mosquitto
-from kgpu.lab.processes import Child, LabError, TimedOut, free_port, get_json, wait_for, wait_listening
+from kgpu.lab.processes import Child, TimedOut, get_json, wait_for
+from kgpu.lab.prometheus import PROMETHEUS
+from kgpu.lab.prometheus import start_prometheus as lab_prometheus
 from tests.helpers.cloud_process import CloudProcess
 from tests.helpers.edge_process import EdgeProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 DASHBOARD = ROOT / "deploy/reference/dcgm-exporter/dcgm-exporter-dashboard.json"
-PROMETHEUS = shutil.which("prometheus")
 needs_prometheus = pytest.mark.skipif(
     PROMETHEUS is None, reason="prometheus not installed (scripts/test.sh installs Debian's prometheus package)")
 SCRAPE_S = 1
@@ -176,30 +175,11 @@ def filled(series: list[dict[str, Any]]) -> bool:
 
 def start_prometheus(workdir: Path, job: str, port: int, metrics_path: str) -> Prometheus:
     """A Prometheus scraping the one target every second, with the target's own labels kept."""
-    assert PROMETHEUS is not None
-    workdir.mkdir(parents=True, exist_ok=True)
     config = {"global": {"scrape_interval": f"{SCRAPE_S}s", "evaluation_interval": f"{SCRAPE_S}s"},
               "scrape_configs": [{"job_name": job, "honor_labels": True, "metrics_path": metrics_path,
                                   "static_configs": [{"targets": [f"127.0.0.1:{port}"]}]}]}
-    (workdir / "prometheus.yml").write_text(yaml.safe_dump(config))
-    listen = free_port()
     started = time.time()
-    child = Child(f"prometheus-{job}", [PROMETHEUS, f"--config.file={workdir / 'prometheus.yml'}",
-                                         f"--storage.tsdb.path={workdir / 'tsdb'}",
-                                         f"--web.listen-address=127.0.0.1:{listen}"],
-                  workdir / "prometheus.log").start()
-
-    def ready() -> Any:
-        if not child.alive():
-            raise LabError(f"prometheus exited: {child.log_tail()}")
-        return get_json(f"http://127.0.0.1:{listen}/api/v1/status/runtimeinfo")
-
-    try:
-        wait_listening(child, listen, timeout=30)
-        wait_for(ready, timeout=30, ignore=(OSError, ValueError), what="Prometheus to answer")
-    except BaseException:
-        child.stop()
-        raise
+    listen, child = lab_prometheus(workdir, config, name=f"prometheus-{job}")
     return Prometheus(listen, child, started, port)
 
 

@@ -4,13 +4,13 @@ import json
 import logging
 import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
 from edge.pods import PodRef, PodResolver, build_index, parse_cgroup
 from kgpu.lab.processes import free_port
+from tests.helpers.pod_list import PodListServer
 
 UID = "1234abcd-5678-90ef-1234-567890abcdef"
 UID_US = UID.replace("-", "_")
@@ -192,46 +192,10 @@ def pod_list(*, with_second_container: bool = True) -> dict:
 # --- a real HTTP server --------------------------------------------------------------------------
 
 
-class PodListServer:
-    """A local HTTP server whose body can be swapped; counts GETs so the cache can be checked."""
-
-    def __init__(self) -> None:
-        self.body: bytes = json.dumps(pod_list()).encode()
-        self.status = 200
-        self.requests = 0
-        owner = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                owner.requests += 1
-                self.send_response(owner.status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(owner.body)))
-                self.end_headers()
-                self.wfile.write(owner.body)
-
-            def log_message(self, format: str, *args: object) -> None:
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/api/v1/pods"
-        self.thread = threading.Thread(
-            target=self.httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True
-        )
-
-    def __enter__(self) -> "PodListServer":
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-        self.thread.join(timeout=5)
-
-
 @pytest.fixture
 def server() -> Iterator[PodListServer]:
     with PodListServer() as s:
+        s.body = json.dumps(pod_list()).encode()
         yield s
 
 
@@ -370,6 +334,7 @@ def test_recovers_when_server_returns(proc: Path) -> None:
 def test_stale_index_kept_when_server_goes_down(proc: Path) -> None:
     clock = Clock()
     with PodListServer() as s:
+        s.body = json.dumps(pod_list()).encode()
         resolver = PodResolver(proc, s.url, cache_ttl_s=10.0, clock=clock)
         assert resolver.resolve(POD_PID) == PodRef("ml", "train-0", "trainer", UID, CID)
     clock.now += 60  # expired, and the server is gone: the old names still hold

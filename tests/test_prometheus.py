@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import threading
 import time
 import urllib.parse
@@ -30,7 +29,9 @@ from typing import Any, cast
 import pytest
 import yaml
 
-from kgpu.lab.processes import Child, LabError, free_port, get_json, wait_for, wait_listening
+from kgpu.lab.processes import Child, free_port, get_json, wait_for
+from kgpu.lab.prometheus import PROMETHEUS
+from kgpu.lab.prometheus import start_prometheus as lab_prometheus
 from tests.helpers.edge_process import EdgeProcess
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -73,7 +74,6 @@ def test_http_rejections_exist_for_every_reason_from_zero() -> None:
 
 # ---- a real Prometheus ------------------------------------------------------------------------------
 
-PROMETHEUS = shutil.which("prometheus")
 needs_prometheus = pytest.mark.skipif(
     PROMETHEUS is None, reason="prometheus not installed (scripts/test.sh installs Debian's prometheus package)")
 
@@ -135,9 +135,6 @@ def start_prometheus(workdir: Path, targets: dict[int, str], rules: str) -> Prom
     """A real Prometheus evaluating `rules` every second and scraping each loopback port of
     `targets` every second as the edge job of kgpu-scrape.example.yaml would: honor_labels, and the
     node's name (the value) as Hostname on the target. Stop its `child` when done."""
-    assert PROMETHEUS is not None
-    workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / RULES.name).write_text(rules)
     config = {
         "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
         "rule_files": [RULES.name],
@@ -147,23 +144,7 @@ def start_prometheus(workdir: Path, targets: dict[int, str], rules: str) -> Prom
                                for port, node in targets.items()],
         }],
     }
-    (workdir / "prometheus.yml").write_text(yaml.safe_dump(config))
-    port = free_port()
-    child = Child("prometheus", [PROMETHEUS, f"--config.file={workdir / 'prometheus.yml'}",
-                                 f"--storage.tsdb.path={workdir / 'tsdb'}", f"--web.listen-address=127.0.0.1:{port}"],
-                  workdir / "prometheus.log").start()
-
-    def ready() -> Any:
-        if not child.alive():  # e.g. a rules file it refuses: the log says why
-            raise LabError(f"prometheus exited: {child.log_tail()}")
-        return get_json(f"http://127.0.0.1:{port}/api/v1/status/runtimeinfo")
-
-    try:
-        wait_listening(child, port, timeout=30)
-        wait_for(ready, timeout=30, ignore=(OSError, ValueError), what="Prometheus to answer")
-    except BaseException:
-        child.stop()
-        raise
+    port, child = lab_prometheus(workdir, config, files={RULES.name: rules})
     return Prometheus(port, child)
 
 
