@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -31,6 +32,15 @@ def edge_factory(tmp_path: Path) -> Iterator[Callable[..., EdgeProcess]]:
         if process.proc is not None and process.proc.poll() is None:
             process.proc.kill()
             process.proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def promtool() -> str:
+    """Prometheus' promtool (its linter and rule tester), or a skip that says how to get it."""
+    path = shutil.which("promtool")
+    if path is None:
+        pytest.skip("promtool not installed (scripts/test.sh installs Debian's prometheus package)")
+    return path
 
 
 @pytest.fixture

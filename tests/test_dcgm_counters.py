@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 import re
-import shutil
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -102,13 +101,6 @@ def test_every_default_counter_on_a_simulated_h100(edge_factory: Callable[..., E
     assert value["DCGM_FI_DEV_FB_RESERVED"] == 530
     assert value["DCGM_FI_DEV_VGPU_LICENSE_STATUS"] == 0  # bare metal
 
-
-@pytest.fixture
-def promtool() -> str:
-    path = shutil.which("promtool")
-    if path is None:
-        pytest.skip("promtool not installed (scripts/test.sh installs Debian's prometheus package)")
-    return path
 
 
 @pytest.mark.slow

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import gzip
 import re
-import shutil
 import signal
 import subprocess
 import urllib.request
@@ -203,12 +202,6 @@ def test_the_max_age_setting_has_a_flag_env_and_default() -> None:
 
 # ---- end to end: a real controller, two real edges, a real broker -------------------------------
 
-@pytest.fixture
-def promtool() -> str:
-    path = shutil.which("promtool")
-    if path is None:
-        pytest.skip("promtool not installed (scripts/test.sh installs Debian's prometheus package)")
-    return path
 
 
 def fleet(cloud: CloudProcess, query: str = "") -> str:

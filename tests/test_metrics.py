@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
 from collections.abc import Callable
 
@@ -28,13 +27,6 @@ INHERITED_FINDING = re.compile(
 )
 DCGM_LABELS = {"gpu", "UUID", "pci_bus_id", "device", "modelName", "Hostname", "DCGM_FI_DRIVER_VERSION"}
 
-
-@pytest.fixture(scope="module")
-def promtool() -> str:
-    path = shutil.which("promtool")
-    if path is None:
-        pytest.skip("promtool not installed (scripts/test.sh installs Debian's prometheus package)")
-    return path
 
 
 def test_metrics_pass_promtool(edge_factory: Callable[..., EdgeProcess], promtool: str) -> None:
