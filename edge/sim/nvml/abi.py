@@ -74,17 +74,23 @@ def unsupported_unless(ok: bool) -> None:
         raise Fail(NOT_SUPPORTED)
 
 
-def write_list(values: Sequence[int], count: int | None, out: int | None) -> int:
-    """The NVML two-call protocol: too small (or no) buffer -> size it, then fill it."""
+def room_for(count: int | None, out: int | None, needed: int) -> bool:
+    """The sizing half of NVML's two-call protocol: `*count` says how many entries the caller's
+    buffer holds and is set to how many there are; True when `out` can take them all (fill it),
+    False when the caller must ask again with a bigger buffer (INSUFFICIENT_SIZE, unless none)."""
     if not count:
         raise Fail(INVALID_ARGUMENT)
     room = c_uint.from_address(count).value
-    c_uint.from_address(count).value = len(values)
-    if not values:
-        return SUCCESS
-    if not out or room < len(values):
-        return INSUFFICIENT_SIZE
-    (c_uint * len(values)).from_address(out)[:] = list(values)
+    c_uint.from_address(count).value = needed
+    return bool(out) and room >= needed
+
+
+def write_list(values: Sequence[int], count: int | None, out: int | None) -> int:
+    """The NVML two-call protocol: too small (or no) buffer -> size it, then fill it."""
+    if not room_for(count, out, len(values)):
+        return INSUFFICIENT_SIZE if values else SUCCESS
+    if values and out:  # `out` is set whenever room_for said yes to some values
+        (c_uint * len(values)).from_address(out)[:] = list(values)
     return SUCCESS
 
 

@@ -6,7 +6,6 @@ edge/sim/nvml: see its __init__.
 from __future__ import annotations
 
 from collections.abc import Callable
-from ctypes import c_uint
 
 import pynvml
 
@@ -25,6 +24,7 @@ from edge.sim.nvml.abi import (
     U,
     as_uint,
     put_text,
+    room_for,
 )
 from edge.sim.nvml.driver import SimDriver
 
@@ -44,14 +44,10 @@ def _process_lists(driver: SimDriver, x: Exports) -> None:
         def impl(handle: int | None, count: int | None, out: int | None) -> int:
             gpu = driver.gpu(handle)
             procs = gpu.processes if compute else []
-            if not count:
-                raise Fail(INVALID_ARGUMENT)
-            room = c_uint.from_address(count).value
-            c_uint.from_address(count).value = len(procs)
+            if not room_for(count, out, len(procs)):
+                return INSUFFICIENT_SIZE if procs else SUCCESS
             if not procs:
                 return SUCCESS
-            if not out or room < len(procs):
-                return INSUFFICIENT_SIZE
             infos = (pynvml.c_nvmlProcessInfo_v3_t * len(procs)).from_address(out)
             for info, proc in zip(infos, procs):
                 info.pid = proc.pid
@@ -70,9 +66,7 @@ def _process_lists(driver: SimDriver, x: Exports) -> None:
         if not gpu.processes or now_us <= last_seen_us:
             raise Fail(NOT_FOUND)  # what NVML says when nothing was sampled since then
         procs = gpu.processes
-        room = c_uint.from_address(count).value
-        c_uint.from_address(count).value = len(procs)
-        if not out or room < len(procs):
+        if not room_for(count, out, len(procs)):
             return INSUFFICIENT_SIZE
         samples = (pynvml.c_nvmlProcessUtilizationSample_t * len(procs)).from_address(out)
         mem_ratio = gpu.profile.memory_util_per_load
