@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.engine import URL, Connection, Engine
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
 from shared.logs import get_logger
 
@@ -56,3 +59,22 @@ def db_error_reason(exc: BaseException) -> str:
         return text.splitlines()[0] if text else type(exc.orig).__name__
     lines = str(exc).strip().splitlines()
     return lines[0] if lines else type(exc).__name__
+
+
+@contextmanager
+def store_errors(
+    what: str, op: str, error: type[Exception], *, logger: logging.Logger, db: str,
+    also: tuple[type[BaseException], ...] = (),
+) -> Iterator[None]:
+    """Turn every database or disk error (and those in `also`) met by `op` into the store's
+    error class, `error(message, reason)` with the driver's short reason, logged once as
+    `<what> <op> failed`. An error already of the store's own type passes through unchanged."""
+    caught: tuple[type[BaseException], ...] = (SQLAlchemyError, sqlite3.Error, OSError, *also)
+    try:
+        yield
+    except caught as exc:
+        if isinstance(exc, error):
+            raise
+        reason = db_error_reason(exc)
+        logger.error("%s %s failed: %s", what, op, reason, extra={"db": db})
+        raise error(f"{what}: {op} failed: {reason}", reason) from exc

@@ -13,10 +13,9 @@ handler), and any database error turned into a `FleetStoreError` with the driver
 
 from __future__ import annotations
 
-import sqlite3
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any, Self
 
@@ -29,10 +28,9 @@ from alembic.util import CommandError
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Connection, Engine, make_url
-from sqlalchemy.exc import SQLAlchemyError
 
 from shared.logs import get_logger
-from shared.sqlite import db_error_reason, durable_sqlite_engine
+from shared.sqlite import durable_sqlite_engine, store_errors
 
 log = get_logger(__name__)
 
@@ -110,17 +108,10 @@ class StoreBase:
         # An ack goes out right after the commit: the commit must survive power loss.
         return durable_sqlite_engine(parsed, self._busy_timeout_ms)
 
-    @contextmanager
-    def _errors(self, op: str) -> Iterator[None]:
-        """Turn every database error into a FleetStoreError with the driver's reason."""
-        try:
-            yield
-        except FleetStoreError:
-            raise
-        except (SQLAlchemyError, sqlite3.Error, OSError, CommandError) as exc:
-            reason = db_error_reason(exc)
-            log.error("fleet store %s failed: %s", op, reason, extra={"db": self._url_for_logs})
-            raise FleetStoreError(f"fleet store: {op} failed: {reason}", reason=reason) from exc
+    def _errors(self, op: str) -> AbstractContextManager[None]:
+        """Every database error (Alembic's too) as a FleetStoreError with the driver's reason."""
+        return store_errors("fleet store", op, FleetStoreError, logger=log, db=self._url_for_logs,
+                            also=(CommandError,))
 
     def _check_open(self) -> None:
         if self._closed:

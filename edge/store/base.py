@@ -7,18 +7,16 @@ edge/store/local.py (what the node keeps for itself).
 
 from __future__ import annotations
 
-import sqlite3
 import threading
 import time
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Self
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.exc import SQLAlchemyError
 
 from edge.store.schema import (
     DEFAULT_BUSY_TIMEOUT_MS,
@@ -35,7 +33,7 @@ from edge.store.schema import (
     metadata,
 )
 from shared.logs import get_logger
-from shared.sqlite import db_error_reason, durable_sqlite_engine
+from shared.sqlite import durable_sqlite_engine, store_errors
 from shared.topics import NODE_NAME_RE
 
 log = get_logger("edge.store")
@@ -116,17 +114,9 @@ class StoreBase:
         # edge nodes lose power: durable commits (shared/sqlite.py)
         return durable_sqlite_engine(f"sqlite:///{self.path}", self._busy_timeout_ms)
 
-    @contextmanager
-    def _errors(self, op: str) -> Iterator[None]:
-        """Turn every database/disk error into a StoreError with SQLite's reason."""
-        try:
-            yield
-        except StoreError:
-            raise
-        except (SQLAlchemyError, sqlite3.Error, OSError) as exc:
-            reason = db_error_reason(exc)
-            log.error("edge store %s failed: %s", op, reason, extra={"db": str(self.path)})
-            raise StoreError(f"edge store: {op} failed: {reason}", reason=reason) from exc
+    def _errors(self, op: str) -> AbstractContextManager[None]:
+        """Every database/disk error as a StoreError with SQLite's reason."""
+        return store_errors("edge store", op, StoreError, logger=log, db=str(self.path))
 
     def _check_open(self) -> None:
         if self._closed:
