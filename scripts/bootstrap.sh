@@ -18,6 +18,10 @@ if ((${#need_apt[@]})); then
   if [[ " ${need_apt[*]} " == *" mosquitto "* ]] && command -v systemctl >/dev/null 2>&1; then
     $SUDO systemctl disable --now mosquitto >/dev/null 2>&1 || true
   fi
+  # Likewise rabbitmq-server: the broker tests run their own, on free ports, with its own epmd.
+  if [[ " ${need_apt[*]} " == *" rabbitmq-server "* ]] && command -v systemctl >/dev/null 2>&1; then
+    $SUDO systemctl disable --now rabbitmq-server >/dev/null 2>&1 || true
+  fi
 fi
 
 PYTHON=${PYTHON:-python3}

@@ -6,7 +6,12 @@ cd "$(dirname "$0")/.."
 if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && ! command -v initdb >/dev/null 2>&1; then
   extra_pg=postgresql-server:postgresql  # no such command: always installs the package
 fi
-KGPU_EXTRAS=test scripts/bootstrap.sh ${extra_pg:-} promtool:prometheus mosquitto:mosquitto mosquitto_sub:mosquitto-clients chromium:chromium faketime:faketime
+# RabbitMQ (the second broker of the broker tests, tests/test_brokers.py) is started by the tests
+# from its own script, outside PATH: check there too.
+if [ ! -x /usr/lib/rabbitmq/bin/rabbitmq-server ]; then
+  extra_rabbitmq=rabbitmq-server-script:rabbitmq-server  # no such command: always installs the package
+fi
+KGPU_EXTRAS=test scripts/bootstrap.sh ${extra_pg:-} ${extra_rabbitmq:-} promtool:prometheus mosquitto:mosquitto mosquitto_sub:mosquitto-clients chromium:chromium faketime:faketime
 echo "==> ruff (rules in pyproject.toml)"
 .venv/bin/ruff check shared edge cloud kgpu bench tests
 echo "==> mypy (files and options in pyproject.toml)"

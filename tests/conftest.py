@@ -11,7 +11,7 @@ from tests.helpers.edge_process import EdgeProcess
 from tests.helpers.pod_list import PodListServer
 
 if TYPE_CHECKING:
-    from kgpu.lab.broker import Mosquitto
+    from kgpu.lab.broker import Mosquitto, RabbitMQ, RabbitVhost
     from kgpu.lab.kube import KubeEmulator
 
 
@@ -50,11 +50,53 @@ def pod_list_server() -> Iterator[PodListServer]:
         yield server
 
 
+# The broker matrix: these tests (file, function) run on mosquitto and on RabbitMQ's MQTT plugin,
+# a broker that differs where brokers differ most (retained messages and wildcards, $share, dots in
+# topics; docs/broker.md section 8). They are the ones about online/offline, telemetry, an outage
+# delivered once, the last will and the retained policy, and touch the broker only through
+# `url`, `stop()` and `start()`. New broker tests take the `rabbitmq` fixture directly.
+BROKER_MATRIX = {
+    ("test_sync.py", "test_events_status_and_telemetry_reach_the_cloud"),
+    ("test_sync.py", "test_broker_down_for_a_while_edge_keeps_deciding_then_replays"),
+    ("test_sync.py", "test_last_will_marks_a_killed_edge_offline"),
+    ("test_sync.py", "test_policy_from_the_cloud_applies_caches_and_survives_restart_offline"),
+    ("test_mqtt_link.py", "test_last_will_marks_a_dead_client"),
+}
+BROKERS = ("mosquitto", "rabbitmq")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Run the BROKER_MATRIX tests once per broker (test ids `[mosquitto]`, `[rabbitmq]`)."""
+    if "broker" in metafunc.fixturenames and (
+            Path(metafunc.definition.fspath).name, metafunc.function.__name__) in BROKER_MATRIX:
+        metafunc.parametrize("broker", BROKERS, indirect=True)
+
+
+@pytest.fixture(scope="session")
+def rabbitmq(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RabbitMQ]:
+    """One real RabbitMQ (MQTT plugin) for the whole session: it takes seconds to start. Give each
+    test its own virtual host (`rabbitmq.vhost()`), as the `broker` fixture does."""
+    from kgpu.lab.broker import RabbitMQ, rabbitmq_binary
+
+    if rabbitmq_binary() is None:
+        pytest.skip("RabbitMQ not installed (scripts/test.sh installs Debian's rabbitmq-server package)")
+    server = RabbitMQ(tmp_path_factory.mktemp("rabbitmq")).start()
+    yield server
+    server.stop()
+
+
 @pytest.fixture
-def broker(tmp_path: Path) -> Iterator[Mosquitto]:
-    """A real mosquitto on a free loopback port, for one test."""
+def broker(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Mosquitto | RabbitVhost]:
+    """A real mosquitto on a free loopback port, for one test; for the BROKER_MATRIX tests also
+    a virtual host of its own on the session's RabbitMQ (`stop()` takes it away, `start()` gives
+    it back empty)."""
     from kgpu.lab.broker import Mosquitto, mosquitto_binary
 
+    if getattr(request, "param", "mosquitto") == "rabbitmq":
+        vhost = request.getfixturevalue("rabbitmq").vhost()
+        yield vhost
+        vhost.stop()
+        return
     if mosquitto_binary() is None:
         pytest.skip("mosquitto not installed (scripts/test.sh installs Debian's mosquitto package)")
     server = Mosquitto(tmp_path / "broker").start()

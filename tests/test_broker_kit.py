@@ -175,8 +175,8 @@ def test_shipped_acl_rules() -> None:
     rules = [line.strip() for line in SHIPPED_ACL.read_text().splitlines()
              if line.strip() and not line.lstrip().startswith("#")]
     assert rules == [
-        "pattern write kgpu/v1/edge/%u/#",
-        "pattern read kgpu/v1/cloud/%u/#",
+        "pattern write kgpu/v1/edge/%u/+",
+        "pattern read kgpu/v1/cloud/%u/+",
         "user kgpu-controller",
         "topic read kgpu/v1/edge/#",
         "topic readwrite kgpu/v1/cloud/#",
@@ -235,6 +235,8 @@ def test_node_cannot_speak_for_another_node(kit: ShippedBroker, clients) -> None
         "kgpu/v1/cloud/edge-b/commands": unique("forged-command"),
         "kgpu/v1/cloud/edge-a/ack": unique("forged-ack-to-self"),
         "kgpu/v1/edge": unique("outside-its-subtree"),
+        # read as node `edge-a.site-2` by the controller (dots carried as levels): one level only
+        "kgpu/v1/edge/edge-a/site-2/status": unique("spoofed-dotted-node"),
     }
     for topic, payload in spoofs.items():
         edge_a.publish(topic, payload, retain=topic.endswith("status"))  # PUBACKed, yet dropped

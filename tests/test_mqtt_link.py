@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import queue
+import threading
 import time
 from pathlib import Path
 
@@ -10,7 +12,7 @@ import pytest
 
 from kgpu.lab.broker import Mosquitto, TlsFiles, mosquitto_binary
 from kgpu.lab.processes import wait_for
-from shared.mqtt import MqttLink, Received, TlsOptions, Will, parse_broker_url, redact
+from shared.mqtt import AsyncMqtt, MqttLink, Received, TlsOptions, Will, parse_broker_url, redact
 
 pytestmark = pytest.mark.skipif(mosquitto_binary() is None, reason="mosquitto not installed (scripts/test.sh installs it)")
 
@@ -147,3 +149,40 @@ def test_a_rotated_password_file_is_read_again_on_reconnect(tmp_path: Path) -> N
     finally:
         client.stop()
         server.stop()
+
+
+def test_accept_drops_on_the_network_thread_and_bursts_arrive_whole_and_in_order(broker: Mosquitto) -> None:
+    """`AsyncMqtt(accept=...)`: what it refuses never reaches the loop; the rest arrives complete
+    and in order although the loop is woken once per burst, not once per message."""
+    refused_on: set[str] = set()
+
+    def accept(message: Received) -> bool:
+        if message.topic != "t/drop":
+            return True
+        refused_on.add(threading.current_thread().name)
+        return False
+
+    async def scenario() -> tuple[list[bytes], int, set[str]]:
+        sub = AsyncMqtt(asyncio.get_running_loop(), parse_broker_url(broker.url), "burst-sub",
+                        subscriptions=[("t/#", 1)], accept=accept, max_received=50)
+        sub.start()
+        pub = link(broker.url, "burst-pub")
+        pub.start()
+        try:
+            await asyncio.to_thread(wait_for, lambda: sub.connected and pub.connected.is_set(), 20, 0.1,
+                                    "both connected")
+            for i in range(500):  # more than max_received: the network thread waits for room meanwhile
+                pub.publish("t/drop", b"x")
+                pub.publish("t/keep", str(i).encode())
+            got: list[bytes] = []
+            async with asyncio.timeout(60):
+                while len(got) < 500:
+                    got.append((await sub.messages.get()).payload)
+            return got, sub.not_accepted, refused_on
+        finally:
+            pub.stop()
+            await sub.stop()
+
+    got, not_accepted, threads = asyncio.run(scenario())
+    assert got == [str(i).encode() for i in range(500)]
+    assert not_accepted == 500 and threads == {"mqtt-burst-sub"}

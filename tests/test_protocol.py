@@ -317,7 +317,7 @@ def test_each_rejection_reason() -> None:
     assert decode_and_check(_topic("status"), _payload(Kind.STATUS, seq=None)).envelope.seq is None
     # every reason is a plain string label, and the set is closed
     assert {r.value for r in Reason} == {"oversize", "not_json", "schema", "version", "bad_topic",
-                                         "node_mismatch", "kind_mismatch", "missing_seq"}
+                                         "bad_topic_node", "node_mismatch", "kind_mismatch", "missing_seq"}
     assert type(_reason("x", b"").reason) is str
 
 

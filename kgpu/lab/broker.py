@@ -1,6 +1,8 @@
 """MQTT brokers for the lab: a real mosquitto on a free loopback port (its own config, persistence
-and log; optional users, ACL and TLS), the embedded Python broker amqtt where mosquitto is not
-installed, and `Uplinks`, loopback relays that take one node off the network on demand.
+and log; optional users, ACL and TLS), RabbitMQ with its MQTT plugin (the tests' second broker:
+it differs from mosquitto where brokers differ most, docs/broker.md section 8), the embedded
+Python broker amqtt where mosquitto is not installed, and `Uplinks`, loopback relays that take
+one node off the network on demand.
 
 Why here: the demo and the tests each started mosquitto their own way; one starter means one
 config to get right (persistence for restart tests, `user root` when run as root, queue limits).
@@ -146,6 +148,142 @@ class Mosquitto(BrokerProcess):
             log = self.log_path.read_text(errors="replace")[-2000:] if self.log_path.exists() else ""
             raise LabError(f"{exc} {log}") from None
         return self
+
+
+RABBITMQ_HINT = ("RabbitMQ is not installed: `sudo apt-get install rabbitmq-server` (Debian/Ubuntu; "
+                 "scripts/test.sh does it)")
+RABBITMQ_SERVER = "/usr/lib/rabbitmq/bin/rabbitmq-server"  # Debian's; /usr/sbin's wrapper would su to rabbitmq
+
+
+def rabbitmq_binary() -> str | None:
+    """RabbitMQ's own start script (not Debian's wrapper, which switches to the rabbitmq user), or None."""
+    if os.path.exists(RABBITMQ_SERVER) and shutil.which("epmd"):
+        return RABBITMQ_SERVER
+    return None
+
+
+class RabbitMQ(BrokerProcess):
+    """A real RabbitMQ (Debian's 3.10) with only its MQTT plugin, run as our own process: its
+    own node name, ports (MQTT `port`, AMQP, Erlang distribution, and an epmd of its own),
+    data, log, config and plugins file under `workdir`, so it never meets a system RabbitMQ.
+
+    It takes seconds to start: start one per test session and give each test its own virtual
+    host (`vhost`), whose retained messages, sessions and queues no other test sees. Anonymous
+    clients land in the default vhost `/`."""
+
+    def __init__(self, workdir: Path, *, output: Path | None = None, name: str = "rabbitmq") -> None:
+        binary = rabbitmq_binary()
+        if binary is None:
+            raise LabError(RABBITMQ_HINT)
+        self.workdir = workdir
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        amqp_port, dist_port, epmd_port = free_port(), free_port(), free_port()
+        self.log_path = output or workdir / "rabbitmq.out"
+        (workdir / "mnesia").mkdir(exist_ok=True)
+        (workdir / "log").mkdir(exist_ok=True)
+        config = workdir / "rabbitmq.conf"
+        config.write_text("\n".join([
+            f"listeners.tcp.default = 127.0.0.1:{amqp_port}",
+            f"mqtt.listeners.tcp.default = 127.0.0.1:{self.port}",
+            "mqtt.allow_anonymous = true",
+            "loopback_users = none",
+            "disk_free_limit.absolute = 10MB",
+            "log.console = true", "log.console.level = warning", "log.file = false",
+        ]) + "\n")
+        plugins = workdir / "enabled_plugins"
+        plugins.write_text("[rabbitmq_mqtt].\n")
+        env_file = workdir / "rabbitmq-env.conf"
+        env_file.write_text("")  # not the system's /etc/rabbitmq/rabbitmq-env.conf
+        self.env = {
+            "HOME": str(workdir),  # the Erlang cookie
+            "RABBITMQ_NODENAME": f"kgpu-{self.port}@localhost", "RABBITMQ_NODE_IP_ADDRESS": "127.0.0.1",
+            "RABBITMQ_NODE_PORT": str(amqp_port), "RABBITMQ_DIST_PORT": str(dist_port),
+            "ERL_EPMD_PORT": str(epmd_port), "ERL_EPMD_ADDRESS": "127.0.0.1",
+            "RABBITMQ_MNESIA_BASE": str(workdir / "mnesia"), "RABBITMQ_LOG_BASE": str(workdir / "log"),
+            "RABBITMQ_CONFIG_FILE": str(config), "RABBITMQ_ENABLED_PLUGINS_FILE": str(plugins),
+            "RABBITMQ_CONF_ENV_FILE": str(env_file),
+        }
+        self.epmd = Child(f"{name}-epmd", ["epmd", "-port", str(epmd_port), "-address", "127.0.0.1"],
+                          workdir / "epmd.out", env={"ERL_EPMD_ADDRESS": "127.0.0.1"})
+        self.epmd_port = epmd_port
+        self.child = Child(name, [binary], self.log_path, env=self.env)
+        self._vhosts = 0
+
+    def start(self, timeout: float = 90.0) -> RabbitMQ:
+        if not self.epmd.alive():
+            self.epmd.start()
+            wait_listening(self.epmd, self.epmd_port, 10)
+        super().start(timeout)
+        return self
+
+    def stop(self, timeout: float = 20.0) -> None:
+        self.child.stop(timeout)  # the start script passes SIGTERM on to the Erlang VM and waits for it
+        self._group_signal(signal.SIGKILL)  # whatever of the group outlived it (the VM, if the script was killed)
+        self.epmd.stop()
+
+    def kill(self) -> None:
+        """kill -9 of the whole process group (the script and the Erlang VM)."""
+        self._group_signal(signal.SIGKILL)
+        self.child.kill()
+
+    def pause(self) -> None:
+        self._group_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        self._group_signal(signal.SIGCONT)
+
+    def _group_signal(self, signum: int) -> None:
+        try:
+            os.killpg(self.pid, signum)  # Child starts it in a process group of its own
+        except ProcessLookupError:
+            pass
+
+    def eval(self, expression: str) -> str:
+        """An Erlang expression evaluated in the broker (rabbitmqctl eval): for set-up only."""
+        ctl = str(Path(RABBITMQ_SERVER).with_name("rabbitmqctl"))
+        done = subprocess.run([ctl, "-q", "eval", expression], env={**os.environ, **self.env},
+                              capture_output=True, text=True, timeout=60)
+        if done.returncode != 0:
+            raise LabError(f"rabbitmqctl eval failed: {done.stdout}{done.stderr}")
+        return done.stdout.strip()
+
+    def vhost(self) -> RabbitVhost:
+        """A new, empty virtual host for one test (`stop()`/`start()` it as if it were a broker)."""
+        self._vhosts += 1
+        return RabbitVhost(self, f"t{self._vhosts}").start()
+
+
+class RabbitVhost:
+    """One test's virtual host on a shared `RabbitMQ`, reached with MQTT username `<vhost>:guest`
+    (`url`). `stop()` deletes it: the broker closes its clients' connections and refuses them
+    until `start()` makes it again, empty (a broker that lost its data)."""
+
+    def __init__(self, server: RabbitMQ, name: str) -> None:
+        self.server = server
+        self.name = name
+        self.port = server.port
+        self.workdir = server.workdir
+        self.up = False
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://{self.name}%3Aguest:guest@127.0.0.1:{self.port}"
+
+    def start(self) -> RabbitVhost:
+        vhost = f'<<"{self.name}">>'
+        self.server.eval(f'rabbit_vhost:add({vhost}, <<"kgpu">>), rabbit_auth_backend_internal:set_permissions('
+                         f'<<"guest">>, {vhost}, <<".*">>, <<".*">>, <<".*">>, <<"kgpu">>).')
+        self.up = True
+        return self
+
+    def stop(self) -> None:
+        if self.up:
+            self.server.eval(f'rabbit_vhost:delete(<<"{self.name}">>, <<"kgpu">>).')
+            self.up = False
+
+    def alive(self) -> bool:
+        return self.up and self.server.alive()
 
 
 class TlsFiles:
