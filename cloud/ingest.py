@@ -8,23 +8,46 @@ broker's ACL additionally ties the topic to the MQTT user).
 Batches are written in one transaction (by count or by time, whichever comes first); only after
 the commit does the cloud publish each node's cumulative ack, so a crash between the two replays
 as duplicates, which the store turns into no-ops.
+
+Bounded (docs/robustness.md): each node's messages are weighed against its budget
+(cloud/budget.py) before they are queued, and its excess is dropped and counted there (`accept`,
+called on the MQTT link's network threads, so that a flood's excess never wakes the event loop;
+the budget state is shared with the loop under `_budget_lock`); the queue
+holds at most `queue_max` messages and `queue_max_bytes` of payload, and `put` waits for room, so
+a store that falls behind slows the MQTT link down (back-pressure to the broker) instead of
+growing memory. The writes run on the ingest's own thread, never on the pool that HTTP reads use.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import gc
+import queue
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable
+from concurrent.futures import Executor, Future
+from typing import Any, Protocol
 
+from cloud.budget import BUDGETS, Budget, BudgetLimits, NodeBudgets, Verdict
 from cloud.clock_skew import ClockSkewEstimator
 from cloud.services import BatchBus
 from cloud.store import FleetStore, Incoming, IngestResult
-from shared.logs import get_logger
+from shared.logs import ThrottledLog, get_logger
 from shared.mqtt import Received
-from shared.protocol import Direction, Kind, Reason, RejectedMessage, decode_and_check
+from shared.protocol import (
+    Direction,
+    Kind,
+    Reason,
+    RejectedMessage,
+    StatusBody,
+    TelemetryBody,
+    decode_and_check,
+)
+from shared.topics import BadTopic, parse_topic
 
 log = get_logger(__name__)
 
@@ -41,6 +64,14 @@ def validate(topic: str, payload: bytes, received_at: float) -> Incoming:
 # the first rejection (dashboards and rules read it).
 REFUSED_BY_STORE = "refused_by_store"
 REJECTION_REASONS: tuple[str, ...] = (*(reason.value for reason in Reason), REFUSED_BY_STORE)
+
+# kgpu_ingest_dropped_total{reason}: a node's excess over its budget (cloud/budget.py), each from 0
+DROP_REASONS: tuple[str, ...] = BUDGETS
+
+DEFAULT_QUEUE_MAX = 10_000
+DEFAULT_QUEUE_MAX_BYTES = 32 * 1024 * 1024
+TOPIC_CACHE_MAX = 100_000  # three topics per node
+SWEEP_EVERY_S = 1.0  # budget flags of nodes back within budget are cleared at most this often
 
 GC_GEN0_THRESHOLD = 20_000
 
@@ -61,22 +92,111 @@ def tune_gc_for_ingest() -> None:
                                                               "frozen": gc.get_freeze_count()})
 
 
+class WriterThread(Executor):
+    """The ingest's own writer: ONE daemon thread running the fleet-store writes in order, apart
+    from the pool that HTTP reads use. A daemon, so that a write stuck in a database that is gone
+    cannot hold up the controller's exit (SQLite and PostgreSQL roll back a transaction cut short)."""
+
+    def __init__(self, name: str = "kgpu-ingest") -> None:
+        self._jobs: queue.SimpleQueue[tuple[Future[Any], Callable[[], Any]] | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._work, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
+        future: Future[Any] = Future()
+        self._jobs.put((future, lambda: fn(*args, **kwargs)))
+        return future
+
+    def _work(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            future, call = job
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(call())
+            except BaseException as exc:  # noqa: BLE001 - handed to the awaiting coroutine
+                future.set_exception(exc)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        self._jobs.put(None)  # after the jobs already queued
+        if wait:
+            self._thread.join()
+
+
+@dataclasses.dataclass(frozen=True)
+class Queued:
+    """A message waiting to be written: its payload size (the queue's byte bound) and when it
+    was queued (`Ingestor.backlog_age_s`)."""
+
+    incoming: Incoming
+    size: int
+    at: float  # time.monotonic()
+
+
+class IngestQueue(asyncio.Queue[Queued]):
+    """An asyncio queue bounded by messages AND by payload bytes (a message is let in whenever
+    the queue is empty, however large). `put` waits for room; `put_nowait` raises QueueFull."""
+
+    def __init__(self, max_messages: int, max_bytes: int) -> None:
+        super().__init__(maxsize=max_messages)
+        self.max_bytes = max_bytes
+        self.bytes = 0
+
+    def _init(self, maxsize: int) -> None:
+        self._queue: collections.deque[Queued] = collections.deque()
+
+    def _put(self, item: Queued) -> None:
+        self._queue.append(item)
+        self.bytes += item.size
+
+    def _get(self) -> Queued:
+        item = self._queue.popleft()
+        self.bytes -= item.size
+        return item
+
+    def full(self) -> bool:
+        return super().full() or (self.max_bytes > 0 and self.bytes >= self.max_bytes and bool(self._queue))
+
+    def oldest(self) -> float | None:
+        """When the oldest queued message was queued (monotonic), None when empty."""
+        return self._queue[0].at if self._queue else None
+
+
+class PublishAck(Protocol):
+    """The link's `publish_ack`: a node's cumulative ack; `conflict` as in shared.protocol.AckBody."""
+
+    def __call__(self, node: str, upto: int, epoch: str | None, *, conflict: bool = False) -> None: ...
+
+
 class Ingestor:
-    def __init__(self, store: FleetStore, publish_ack: Callable[[str, int, str | None], None], *,
+    def __init__(self, store: FleetStore, publish_ack: PublishAck, *,
                  batches: BatchBus | None = None, batch_size: int = 500, batch_interval_s: float = 0.1,
-                 tune_gc: bool = False) -> None:
+                 tune_gc: bool = False, budget: BudgetLimits | None = None,
+                 queue_max: int = DEFAULT_QUEUE_MAX, queue_max_bytes: int = DEFAULT_QUEUE_MAX_BYTES,
+                 reject_log_every_s: float = 10.0) -> None:
         self.store = store
         self.tune_gc = tune_gc  # the controller's ingest is its hot loop: see tune_gc_for_ingest()
         self.publish_ack = publish_ack
         self.batch_size = batch_size
         self.batch_interval_s = batch_interval_s
-        self.queue: asyncio.Queue[Incoming] = asyncio.Queue()
+        self.queue = IngestQueue(queue_max, queue_max_bytes)
         self.accepted: Counter[str] = Counter()  # by envelope kind
         self.rejected: Counter[str] = Counter()  # by reason
+        self.dropped: Counter[str] = Counter()  # by budget: messages (GPU samples/summaries for "gpus")
+        self.budgets = NodeBudgets(budget if budget is not None else BudgetLimits())
+        self._episode_drops: Counter[str] = Counter()  # node -> dropped since it went over
+        # budgets, dropped, _episode_drops and _topics are touched by `accept` on the MQTT network
+        # threads and by the loop: always under this lock
+        self._budget_lock = threading.Lock()
+        self._swept_at = 0.0
+        self._topics: dict[str, tuple[str, str] | None] = {}  # topic -> (node, kind), see _sender
+        self._reject_log = ThrottledLog(log, reject_log_every_s)
         self.stored = 0
         self.duplicates = 0
         self.gaps = 0
         self.stale = 0
+        self.conflicts = 0  # events refused: their seq holds another event (the edge went back in time)
+        self.restored_floors = 0  # acked_seq moved up to what an edge says was acked (fleet DB went back)
         self.deferred = 0  # messages put back because another replica held their node's row
         self.batches = 0
         self.store_errors = 0
@@ -90,16 +210,74 @@ class Ingestor:
         self.last_seen: dict[str, float] = {}  # node -> arrival time (cloud clock) of its last message
         self.online: dict[str, bool] = {}  # node -> from its last status (online, or the last will)
         self.last_batch_seconds = 0.0
+        self._writing: list[Queued] = []  # the batch being written (or retried) now
+        self._executor: WriterThread | None = None  # the ingest's own writer thread, while run() runs
 
-    def offer(self, message: Received) -> None:
-        """Called on the event loop for every message from the broker."""
+    # -- reads for /metrics, /healthz and the API ------------------------------------------------
+
+    @property
+    def budget_flags(self) -> dict[str, str]:
+        """node -> the budget it is over right now ("messages_per_second", "bytes_per_second",
+        "events_per_minute", "gpus"); absent when within budget."""
+        with self._budget_lock:
+            return dict(self.budgets.flags)  # a copy: safe to read from another thread
+
+    def backlog_age_s(self) -> float:
+        """Age in seconds of the oldest message waiting to be written (queued, or in the batch
+        being written), 0.0 when none."""
+        times = [t for t in (self.queue.oldest(), self._writing[0].at if self._writing else None) if t is not None]
+        return max(0.0, time.monotonic() - min(times)) if times else 0.0
+
+    def pending(self) -> int:
+        """Messages accepted and not yet written (queued, or in the batch being written)."""
+        return self.queue.qsize() + len(self._writing)
+
+    # -- in ---------------------------------------------------------------------------------------
+
+    def accept(self, message: Received) -> bool:
+        """The budget check alone: False when the message's node is over its budget (the message
+        is dropped and counted). Thread-safe and cheap (a cached topic split, token buckets): the
+        MQTT link calls it on its network thread (`AsyncMqtt(accept=...)`); such messages then go
+        through `admit(..., budgeted=True)`."""
+        with self._budget_lock:
+            return self._within_budget(message, time.monotonic())
+
+    def _within_budget(self, message: Received, now: float) -> bool:
+        sender = self._sender(message.topic)
+        if sender is None:
+            return True  # not an edge topic: validate() rejects it
+        node, kind = sender
+        verdict = self.budgets.admit(node, len(message.payload), event=kind == "events", status=kind == "status",
+                                     now=now)
+        if verdict.refused is None:
+            return True
+        self._drop(node, verdict, 1)
+        return False
+
+    def admit(self, message: Received, *, budgeted: bool = False) -> Queued | None:
+        """Budget (unless `accept` did already: `budgeted`), validate and account one message from
+        the broker; what to queue, or None when it was dropped (over its node's budget) or rejected
+        (invalid)."""
+        now = time.monotonic()
+        size = len(message.payload)
+        if not budgeted:
+            with self._budget_lock:
+                if not self._within_budget(message, now):
+                    return None
+        if now - self._swept_at >= SWEEP_EVERY_S:
+            self._sweep(now)
         received_at = time.time()
         try:
             incoming = validate(message.topic, message.payload, received_at)
         except RejectedMessage as exc:
             self.rejected[exc.reason] += 1
-            log.warning("rejected message: %s: %s", exc.reason, exc.detail[:300], extra={"topic": message.topic[:200]})
-            return
+            self._reject_log.log(exc.reason, "rejected message: %s: %s", exc.reason, exc.detail[:300],
+                                 extra={"topic": message.topic[:200]})
+            return None
+        within = self._within_gpu_budget(incoming, now)
+        if within is None:
+            return None
+        incoming = within
         envelope = incoming.envelope
         self.accepted[envelope.kind.value] += 1
         skew = self.clock.observe(envelope.node, envelope.ts, received_at,
@@ -110,40 +288,154 @@ class Ingestor:
         self.last_seen[envelope.node] = received_at
         if envelope.kind is Kind.STATUS:
             self.online[envelope.node] = incoming.body.state == "online"  # type: ignore[attr-defined]
-        self.queue.put_nowait(incoming)
+        return Queued(incoming, size, now)
+
+    def _sender(self, topic: str) -> tuple[str, str] | None:
+        """(node, kind) of an edge topic, None for anything else (validate() rejects it). Cached:
+        a flood's excess is dropped for the cost of a dict lookup and a token bucket."""
+        try:
+            return self._topics[topic]
+        except KeyError:
+            pass
+        try:
+            parts = parse_topic(topic)
+            sender = (parts.node, parts.kind) if parts.side == "edge" else None
+        except BadTopic:
+            sender = None
+        if len(self._topics) >= TOPIC_CACHE_MAX:
+            self._topics.clear()
+        self._topics[topic] = sender
+        return sender
+
+    async def put(self, message: Received, *, budgeted: bool = False) -> None:
+        """The controller's receive loop: admit one message and wait for room in the queue (the
+        MQTT link stops reading meanwhile: back-pressure to the broker, not memory). `budgeted`:
+        the link's network thread has called `accept` for it already."""
+        queued = self.admit(message, budgeted=budgeted)
+        if queued is not None:
+            await self.queue.put(queued)
+
+    def offer(self, message: Received) -> None:
+        """Admit and queue one message without waiting (in-process use and tests: the caller
+        keeps within the queue's bound; raises asyncio.QueueFull otherwise)."""
+        queued = self.admit(message)
+        if queued is not None:
+            self.queue.put_nowait(queued)
+
+    def _within_gpu_budget(self, incoming: Incoming, now: float) -> Incoming | None:
+        """Leave out the samples (telemetry) or summaries (status) of GPUs beyond the node's
+        budget; its known GPUs are kept. None when nothing is left of a telemetry message."""
+        body, node = incoming.body, incoming.envelope.node
+        if isinstance(body, TelemetryBody):
+            with self._budget_lock:
+                kept, verdict = self.budgets.admit_gpus(node, (s.uuid for s in body.samples), now)
+                if verdict.refused is None:
+                    return incoming
+                samples = [s for s in body.samples if s.uuid in kept]
+                self._drop(node, verdict, len(body.samples) - len(samples))
+            if not samples:
+                return None
+            return dataclasses.replace(incoming, body=body.model_copy(update={"samples": samples}))
+        if isinstance(body, StatusBody) and body.gpus:
+            with self._budget_lock:
+                kept, verdict = self.budgets.admit_gpus(node, (g.uuid for g in body.gpus), now, inventory=True)
+                if verdict.refused is None:
+                    return incoming
+                gpus = [g for g in body.gpus if g.uuid in kept]
+                self._drop(node, verdict, len(body.gpus) - len(gpus))
+            return dataclasses.replace(incoming, body=body.model_copy(update={"gpus": gpus}))
+        return incoming
+
+    def _drop(self, node: str, verdict: Verdict, count: int) -> None:
+        """Count (and log once per episode) what a node lost to its budget; under `_budget_lock`."""
+        assert verdict.refused is not None
+        self.dropped[verdict.refused.value] += count
+        self._episode_drops[node] += count
+        if verdict.went_over:
+            limits = self.budgets.limits
+            log.warning(
+                "node over its ingest budget (%s): its excess is dropped until it is back within it "
+                "(unacked events are sent again by the edge)", verdict.refused.value,
+                extra={"node": node, "budget": verdict.refused.value,
+                       "limit": _limit_of(limits, verdict.refused)})
+
+    def _sweep(self, now: float) -> None:
+        self._swept_at = now
+        if not self.budgets.flags:
+            return
+        with self._budget_lock:
+            back = [(node, self._episode_drops.pop(node, 0)) for node in self.budgets.sweep(now)]
+        for node, dropped in back:
+            log.warning("node back within its ingest budget", extra={"node": node, "dropped": dropped})
+
+    # -- out --------------------------------------------------------------------------------------
 
     async def run(self) -> None:
         """Write batches until cancelled; a failing batch is retried, never dropped."""
         if self.tune_gc:
             tune_gc_for_ingest()
         queue = self.queue
-        carried: list[Incoming] = []  # deferred by the last write: they go first, in order
-        while True:
-            batch = carried or [await queue.get()]
-            deadline = time.monotonic() + self.batch_interval_s
-            while len(batch) < self.batch_size:
-                # what is already queued is taken at once: no timer per message
-                while not queue.empty() and len(batch) < self.batch_size:
-                    batch.append(queue.get_nowait())
-                remaining = deadline - time.monotonic()
-                if remaining <= 0 or len(batch) >= self.batch_size:
-                    break
-                try:
-                    batch.append(await asyncio.wait_for(queue.get(), timeout=remaining))
-                except TimeoutError:
-                    break
-            carried = await self._write(batch)
-            if carried and len(carried) == len(batch):
-                await asyncio.sleep(0.02)  # every node was held by another replica: let it commit
+        self._executor = WriterThread()
+        carried: list[Queued] = []  # deferred by the last write: they go first, in order
+        try:
+            while True:
+                batch = carried or [await self._next()]
+                deadline = time.monotonic() + self.batch_interval_s
+                while len(batch) < self.batch_size:
+                    # what is already queued is taken at once: no timer per message
+                    while not queue.empty() and len(batch) < self.batch_size:
+                        batch.append(queue.get_nowait())
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0 or len(batch) >= self.batch_size:
+                        break
+                    try:
+                        batch.append(await asyncio.wait_for(queue.get(), timeout=remaining))
+                    except TimeoutError:
+                        break
+                self._writing = batch
+                carried = await self._write(batch)
+                self._writing = []
+                if carried and len(carried) == len(batch):
+                    self._writing = carried
+                    await asyncio.sleep(0.02)  # every node was held by another replica: let it commit
+        finally:
+            executor, self._executor = self._executor, None
+            # a write in progress finishes on its own; nothing waits for it here (bounded shutdown)
+            executor.shutdown(wait=False)
 
-    async def _write(self, batch: list[Incoming]) -> list[Incoming]:
+    async def _next(self) -> Queued:
+        """The next queued message; while nodes are flagged, their flags are looked at every
+        SWEEP_EVERY_S meanwhile (a node that went quiet is cleared without new traffic)."""
+        while True:
+            if not self.budgets.flags:
+                return await self.queue.get()
+            try:
+                return await asyncio.wait_for(self.queue.get(), SWEEP_EVERY_S)
+            except TimeoutError:
+                self._sweep(time.monotonic())
+
+    async def drain(self, timeout_s: float) -> int:
+        """Wait up to `timeout_s` for what was accepted to be written; returns how many messages
+        were still unwritten at the end (0: all written). Those are lost from the controller only:
+        events are not acked, so their edges send them again."""
+        deadline = time.monotonic() + timeout_s
+        while self.pending() and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if not self.pending():
+            await asyncio.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
+        return self.pending()
+
+    async def _write(self, queued: list[Queued]) -> list[Queued]:
         """Store a batch (retrying while the database is down); returns the messages deferred
         because another replica held their node (offered again first in the next batch)."""
+        batch = [q.incoming for q in queued]
+        loop = asyncio.get_running_loop()
         delay = 0.5
         while True:
             started = time.perf_counter()
             try:
-                result: IngestResult = await asyncio.to_thread(self.store.ingest, batch, skip_locked=True)
+                result: IngestResult = await loop.run_in_executor(
+                    self._executor, lambda: self.store.ingest(batch, skip_locked=True))
                 self.failing = False
                 break
             except ValueError as exc:  # a batch the store refuses will never succeed: say so, go on
@@ -163,10 +455,21 @@ class Ingestor:
         self.stale += result.stale
         self.gaps += sum(result.gaps.values())
         self.deferred += len(result.deferred)
+        self.conflicts += result.conflicts
+        self.restored_floors += len(result.restored)
         for node, (upto, epoch) in result.acks.items():
-            self.publish_ack(node, upto, epoch)
-        if result.deferred:
-            waiting = {id(item) for item in result.deferred}
-            batch = [item for item in batch if id(item) not in waiting]
-        await self.bus.deliver(batch)
-        return result.deferred
+            if node in result.conflicted:  # the node's database went back in time: cloud/store/epochs.py
+                self.publish_ack(node, upto, epoch, conflict=True)
+            else:
+                self.publish_ack(node, upto, epoch)
+        if not result.deferred:
+            await self.bus.deliver(batch)
+            return []
+        waiting = {id(item) for item in result.deferred}
+        await self.bus.deliver([item for item in batch if id(item) not in waiting])
+        return [q for q in queued if id(q.incoming) in waiting]
+
+
+def _limit_of(limits: BudgetLimits, budget: Budget) -> float:
+    return {Budget.MESSAGES: limits.messages_per_second, Budget.BYTES: limits.bytes_per_second,
+            Budget.EVENTS: limits.events_per_minute, Budget.GPUS: float(limits.gpus)}[budget]

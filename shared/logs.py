@@ -81,3 +81,40 @@ def setup_logging(level: str = "info", json_lines: bool | None = None) -> None:
 
 def get_logger(name: str) -> logging.Logger:
     return logging.getLogger(name)
+
+
+class ThrottledLog:
+    """At most one line per key per `every_s` seconds; the lines held back in between are counted
+    and named in the next one ("... (and 12,345 more since 19:40:01)", field `suppressed`).
+
+    For what arrives per message from the network (rejections, refusals): a flood of bad messages
+    makes one line every `every_s` per reason, not one per message. Keys must come from a small
+    set (reasons, not node names or message ids); past `max_keys` the oldest are forgotten."""
+
+    def __init__(self, logger: logging.Logger, every_s: float = 10.0, *, level: int = logging.WARNING,
+                 max_keys: int = 1000) -> None:
+        self.logger = logger
+        self.every_s = every_s
+        self.level = level
+        self.max_keys = max_keys
+        self._last: dict[str, tuple[float, float, int]] = {}  # key -> (monotonic, wall time, held back)
+
+    def log(self, key: str, msg: str, *args: object, extra: dict[str, Any] | None = None,
+            now: float | None = None) -> bool:
+        """Log `msg % args` unless a line for `key` went out less than `every_s` ago; True if logged."""
+        at = time.monotonic() if now is None else now
+        last = self._last.get(key)
+        if last is not None and at - last[0] < self.every_s:
+            self._last[key] = (last[0], last[1], last[2] + 1)
+            return False
+        fields = dict(extra or {})
+        if last is not None and last[2]:
+            msg = f"{msg} (and %s more since %s)"
+            args = (*args, f"{last[2]:,}", time.strftime("%H:%M:%S", time.localtime(last[1])))
+            fields["suppressed"] = last[2]
+        if last is None and len(self._last) >= self.max_keys:
+            del self._last[next(iter(self._last))]
+        self._last.pop(key, None)
+        self._last[key] = (at, time.time(), 0)
+        self.logger.log(self.level, msg, *args, extra=fields)
+        return True

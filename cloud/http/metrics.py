@@ -11,7 +11,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from cloud.ingest import REJECTION_REASONS, Ingestor
+from cloud.ingest import DROP_REASONS, REJECTION_REASONS, Ingestor
 from cloud.link import EdgeLink
 from shared import __version__
 
@@ -35,6 +35,17 @@ class ControllerCollector(Collector):
         for reason, count in sorted(({reason: 0 for reason in REJECTION_REASONS} | dict(ingest.rejected)).items()):
             rejected.add_metric([reason], count)
         yield rejected
+        dropped = CounterMetricFamily(
+            "kgpu_ingest_dropped", "A node's excess over its ingest budget, dropped before queueing, by budget "
+            "(messages; GPU samples or summaries for gpus; every budget from 0).", labels=["reason"])
+        for reason, count in sorted(({reason: 0 for reason in DROP_REASONS} | dict(ingest.dropped)).items()):
+            dropped.add_metric([reason], count)
+        yield dropped
+        over = GaugeMetricFamily("kgpu_node_over_budget", "1 while the node is over its ingest budget "
+                                 "(the budget it went over last).", labels=["node", "budget"])
+        for node, budget in sorted(ingest.budget_flags.items()):
+            over.add_metric([node, budget], 1.0)
+        yield over
         yield CounterMetricFamily("kgpu_ingest_events_stored", "Edge events stored (first copies).",
                                   value=ingest.stored)
         yield CounterMetricFamily("kgpu_ingest_duplicates", "Edge events received again and ignored.",
@@ -43,11 +54,22 @@ class ControllerCollector(Collector):
                                   value=ingest.gaps)
         yield CounterMetricFamily("kgpu_ingest_stale_epoch", "Events of an outbox epoch the node left.",
                                   value=ingest.stale)
-        yield CounterMetricFamily("kgpu_ingest_batches", "Batches written to the fleet store.", value=ingest.batches)
+        yield CounterMetricFamily("kgpu_ingest_seq_conflicts",
+                                  "Events refused: their seq holds another event (the edge's database went back).",
+                                  value=ingest.conflicts)
+        yield CounterMetricFamily("kgpu_ingest_restored_floors",
+                                  "Acked seqs moved up to what the edge had acked (fleet database went back).",
+                                  value=ingest.restored_floors)
+        yield CounterMetricFamily("kgpu_ingest_batches", "Batches written to the fleet store.",
+                                  value=ingest.batches)
         yield CounterMetricFamily("kgpu_ingest_store_errors", "Failed fleet-store writes (retried).",
                                   value=ingest.store_errors)
         yield GaugeMetricFamily("kgpu_ingest_queue_depth", "Messages waiting to be written.",
                                 value=ingest.queue.qsize())
+        yield GaugeMetricFamily("kgpu_ingest_queue_bytes", "Payload bytes of the messages waiting to be written.",
+                                value=ingest.queue.bytes)
+        yield GaugeMetricFamily("kgpu_ingest_backlog_age_seconds", "Age of the oldest message waiting to be "
+                                "written (0 when none).", value=ingest.backlog_age_s())
         yield GaugeMetricFamily("kgpu_ingest_last_batch_seconds", "Time to write the last batch.",
                                 value=ingest.last_batch_seconds)
         lag = GaugeMetricFamily(

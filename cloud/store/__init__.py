@@ -12,6 +12,7 @@ from __future__ import annotations
 from cloud.store.base import DEFAULT_BUSY_TIMEOUT_MS, DEFAULT_HISTORY_RESOLUTION_S, FleetStoreError
 from cloud.store.ingest import UNKNOWN_EPOCH, Incoming, IngestCore, IngestResult, epoch_key
 from cloud.store.queries import FleetQueries
+from cloud.store.retention import RetentionMixin, RetentionPolicy, RetentionResult
 from cloud.store.schema import (
     JsonType,
     RowId,
@@ -24,8 +25,8 @@ from cloud.store.schema import (
 )
 
 
-class FleetStore(IngestCore, FleetQueries):
-    """The controller's database: ingest core and reads over one engine (see the modules)."""
+class FleetStore(IngestCore, FleetQueries, RetentionMixin):
+    """The controller's database: ingest core, reads and retention over one engine (see the modules)."""
 
 
 __all__ = [
@@ -36,6 +37,8 @@ __all__ = [
     "FleetStoreError",
     "Incoming",
     "IngestResult",
+    "RetentionPolicy",
+    "RetentionResult",
     "JsonType",
     "RowId",
     "decisions_table",

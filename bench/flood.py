@@ -1,0 +1,295 @@
+"""One node flooding the controller at full speed while honest nodes go on: bounded memory, and
+the honest nodes' events still acked within seconds (issue 12's done-when).
+
+A real mosquitto and a real `kgpu cloud run` (SQLite, the shipped defaults). Honest nodes (the
+fleet simulator, kgpu/lab/fleetsim/) send status, telemetry and an event a second each. One
+flooder, a separate process writing raw MQTT 3.1.1 PUBLISH packets (QoS 0) to its own topic as
+fast as its socket takes them, sends valid messages for `seconds`:
+
+- `telemetry`: the same 8 GPUs in every sample (the messages and bytes budgets);
+- `uuids`: a new GPU UUID in every sample (the GPUs budget);
+- `events`: decisions with ever higher seqs (the events budget).
+
+Printed: the controller's peak resident memory (VmHWM; and VmRSS sampled through the flood)
+against the shipped 1 GiB limit, the honest nodes' event-to-ack lag (p50 / max) during the flood
+against the 5 s target and against the same fleet without the flood, what the flooder sent, what
+the controller dropped by budget, and the flag on the flooding node.
+
+    python -m bench.flood --mode telemetry --seconds 30
+    python -m bench.flood --mode all --seconds 30     # the three, one after the other
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench.common import Row, metric_sum
+from kgpu.lab.broker import Mosquitto
+from kgpu.lab.fleetsim import FleetOptions, FleetSim
+from kgpu.lab.fleetsim.node import percentile
+from kgpu.lab.processes import wait_for
+from shared.gpu import GpuSample
+from shared.mqtt import parse_broker_url
+from shared.protocol import ActionOutcome, DecisionBody, Kind, TelemetryBody, make_envelope
+from tests.helpers.cloud_process import CloudProcess
+
+MODES = ("telemetry", "uuids", "events")
+FLOODER = "flood-00000"
+LIMIT_MIB = 1024.0  # the controller's memory limit in deploy/cloud/deployment.yaml
+LAG_TARGET_S = 5.0
+SEQ_MARK = 987_654_321  # replaced by each message's own seq
+
+
+# ---- the flooder: raw MQTT over a blocking socket (the fastest a client can publish) ------------
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        n, digit = n >> 7, n & 0x7F
+        out.append(digit | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _utf8(text: str) -> bytes:
+    data = text.encode()
+    return len(data).to_bytes(2, "big") + data
+
+
+def publish_packet(topic: str, payload: bytes) -> bytes:
+    """One MQTT 3.1.1 PUBLISH, QoS 0, not retained."""
+    body = _utf8(topic) + payload
+    return b"\x30" + _varint(len(body)) + body
+
+
+def connect(mqtt: str, client_id: str) -> socket.socket:
+    """A connected MQTT 3.1.1 session (clean, keepalive 0: we never go quiet)."""
+    address = parse_broker_url(mqtt)
+    sock = socket.create_connection((address.host, address.port), timeout=10)
+    flags = 0x02
+    payload = _utf8(client_id)
+    if address.username:
+        flags |= 0x80
+        payload += _utf8(address.username)
+        if address.password:
+            flags |= 0x40
+            payload += _utf8(address.password)
+    variable = _utf8("MQTT") + bytes([4, flags]) + (0).to_bytes(2, "big")
+    sock.sendall(b"\x10" + _varint(len(variable) + len(payload)) + variable + payload)
+    connack = sock.recv(4)
+    if len(connack) < 4 or connack[0] != 0x20 or connack[3] != 0:
+        raise SystemExit(f"broker refused the flooder: {connack!r}")
+    return sock
+
+
+def _telemetry(node: str, uuids: list[str], ts: float) -> bytes:
+    samples = [GpuSample(index=i, uuid=uuid, ts=ts, temperature_c=60.0, power_w=250.0, power_limit_w=700.0,
+                         utilization_pct=80.0, memory_used_bytes=1 << 34) for i, uuid in enumerate(uuids)]
+    envelope = make_envelope(node, TelemetryBody(samples=samples), Kind.TELEMETRY)
+    envelope.ts = ts
+    return envelope.to_json()
+
+
+def payloads(node: str, mode: str) -> tuple[bytes, str, str]:
+    """(a template payload, the placeholder to make unique per message, its topic)."""
+    now = time.time()
+    if mode == "telemetry":
+        uuids = [f"GPU-{node}-{i}" for i in range(8)]
+        return _telemetry(node, uuids, now), "", f"kgpu/v1/edge/{node}/telemetry"
+    if mode == "uuids":
+        return _telemetry(node, ["GPU-NEWUUIDMARK"], now), "NEWUUIDMARK", f"kgpu/v1/edge/{node}/telemetry"
+    body = DecisionBody(gpu_index=0, gpu_uuid=f"GPU-{node}-0", rule="thermal_step_down", action="set_power_limit",
+                        value=600.0, outcome=ActionOutcome.APPLIED, reason="flood", inputs={}, policy_version=1)
+    envelope = make_envelope(node, body, Kind.DECISION, seq=SEQ_MARK)
+    return envelope.to_json(), str(SEQ_MARK), f"kgpu/v1/edge/{node}/events"
+
+
+def flood(mqtt: str, node: str, mode: str, seconds: float, rate: float = 0.0) -> int:
+    """Publish for `seconds` at `rate` messages a second (0: as fast as the socket takes them);
+    returns how many were sent."""
+    sock = connect(mqtt, f"{node}-flooder")
+    template, marker, topic = payloads(node, mode)
+    sent, chunk = 0, 100
+    started = time.monotonic()
+    deadline = started + seconds
+    plain = publish_packet(topic, template)
+    while (now := time.monotonic()) < deadline:
+        if rate > 0 and sent > rate * (now - started):
+            time.sleep(min(chunk / rate, deadline - now))
+            continue
+        if marker:  # the n-th message: seq n, or GPU UUID n (no leading zeros: a seq is a JSON number)
+            packets = b"".join(
+                publish_packet(topic, template.replace(marker.encode(), str(sent + i + 1).encode()))
+                for i in range(chunk))
+        else:
+            packets = plain * chunk
+        sock.sendall(packets)
+        sent += chunk
+    sock.sendall(b"\xe0\x00")  # DISCONNECT
+    sock.close()
+    return sent
+
+
+# ---- the measurement ------------------------------------------------------------------------------
+
+
+@dataclass
+class FloodResult:
+    mode: str
+    seconds: float
+    honest_nodes: int
+    flood_sent: int
+    rss_before_mib: float
+    rss_peak_mib: float  # VmHWM: the process's peak resident set
+    rss_max_sampled_mib: float
+    rss_after_mib: float
+    dropped: dict[str, float]
+    flagged: dict[str, str]  # node -> budget, as /metrics showed it during the flood
+    baseline_lag_p50_s: float
+    baseline_lag_max_s: float
+    lag_p50_s: float
+    lag_max_s: float
+    honest_events: int  # acked during the flood
+    honest_unacked_after: int
+    gpu_rows_flooder: int
+    flooder_events_stored: float  # all stored less the honest nodes' acked
+
+
+def _status_kib(pid: int, field: str) -> float:
+    match = re.search(rf"{field}:\s+(\d+) kB", Path(f"/proc/{pid}/status").read_text())
+    return int(match.group(1)) / 1024 if match else float("nan")
+
+
+def _flags(base: str) -> dict[str, str]:
+    text = urllib.request.urlopen(f"{base}/metrics", timeout=10).read().decode()
+    flags: dict[str, str] = {}
+    for labels in re.findall(r"^kgpu_node_over_budget\{([^}]*)\} 1", text, re.MULTILINE):
+        found = dict(re.findall(r'(\w+)="([^"]*)"', labels))
+        flags[found["node"]] = found["budget"]
+    return flags
+
+
+async def run(mode: str, seconds: float, honest: int = 5, warmup_s: float = 8.0, rate: float = 0.0) -> FloodResult:
+    with ExitStack() as stack:
+        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        broker = Mosquitto(tmp / "broker").start()
+        stack.callback(broker.stop)
+        cloud = CloudProcess(tmp / "cloud", broker.url, env={"KGPU_LOG_LEVEL": "warning"})
+        cloud.start()
+        stack.callback(_stop, cloud)
+        assert cloud.proc is not None
+        pid = cloud.proc.pid
+        wait_for(lambda: metric_sum(cloud.base, "kgpu_mqtt_connected") == 1, timeout=30, what="controller connected")
+        sim = FleetSim(FleetOptions(mqtt=broker.url, nodes=honest, gpus=8, interval_s=2.0, event_every_s=1.0,
+                                    status_interval_s=25.0, prefix="honest", ack_timeout_s=15.0))
+        await sim.start()
+        try:
+            if not await sim.wait_connected(timeout_s=30):
+                raise SystemExit("the honest nodes did not connect")
+            await asyncio.sleep(warmup_s)
+            baseline = sim.event_lag.window(since=time.monotonic() - warmup_s / 2)
+            rss_before = _status_kib(pid, "VmRSS")
+            started = time.monotonic()
+            flooder = subprocess.Popen(
+                [sys.executable, "-m", "bench.flood", "--flooder", mode, "--mqtt", broker.url, "--seconds", str(seconds), "--rate", str(rate)],
+                stdout=subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            rss_max, flagged = 0.0, {}
+            while flooder.poll() is None:
+                await asyncio.sleep(0.5)
+                rss_max = max(rss_max, _status_kib(pid, "VmRSS"))
+                try:
+                    flagged.update(await asyncio.to_thread(_flags, cloud.base))
+                except OSError:
+                    pass  # a scrape that timed out under the flood is a figure too: see the lag
+            out, _ = flooder.communicate()
+            ended = time.monotonic()
+            sent = int(json.loads(out.decode().strip().splitlines()[-1])["sent"])
+            during = sim.event_lag.window(since=started, until=ended + 2.0)
+            await asyncio.sleep(5.0)  # what the flood left queued is written; honest outboxes drain
+            dropped = {reason: metric_sum(cloud.base, "kgpu_ingest_dropped_total", reason=reason)
+                       for reason in ("messages_per_second", "bytes_per_second", "events_per_minute", "gpus")}
+            node = cloud.node_state(FLOODER) or {}
+            gpu_rows = len(node.get("gpus") or [])
+            result = FloodResult(
+                mode=mode, seconds=ended - started, honest_nodes=honest, flood_sent=sent,
+                rss_before_mib=rss_before, rss_peak_mib=_status_kib(pid, "VmHWM"), rss_max_sampled_mib=rss_max,
+                rss_after_mib=_status_kib(pid, "VmRSS"), dropped=dropped, flagged=flagged,
+                baseline_lag_p50_s=percentile(baseline, 50), baseline_lag_max_s=baseline[-1] if baseline else float("nan"),
+                lag_p50_s=percentile(during, 50), lag_max_s=during[-1] if during else float("nan"),
+                honest_events=len(during), honest_unacked_after=sim.outbox_depth(), gpu_rows_flooder=gpu_rows,
+                flooder_events_stored=metric_sum(cloud.base, "kgpu_ingest_events_stored_total")
+                - sim.counters.events_acked)
+        finally:
+            await sim.stop()
+    return result
+
+
+def _stop(cloud: CloudProcess) -> None:
+    if cloud.proc is not None and cloud.proc.poll() is None:
+        cloud.stop()
+
+
+def describe(r: FloodResult) -> str:
+    dropped = ", ".join(f"{k} {v:,.0f}" for k, v in r.dropped.items() if v) or "none"
+    return (f"flood ({r.mode}): {r.flood_sent:,} messages in {r.seconds:.1f} s "
+            f"({r.flood_sent / max(r.seconds, 1e-9):,.0f}/s) from {FLOODER}, {r.honest_nodes} honest nodes\n"
+            f"  controller memory: {r.rss_before_mib:.0f} MiB before, peak {r.rss_peak_mib:.0f} MiB (VmHWM; "
+            f"{r.rss_peak_mib / LIMIT_MIB:.0%} of the 1 GiB limit), {r.rss_after_mib:.0f} MiB after\n"
+            f"  dropped by budget: {dropped}; flagged: {r.flagged or 'nothing'}\n"
+            f"  honest event-to-ack lag: p50 {r.lag_p50_s:.2f} s, max {r.lag_max_s:.2f} s over {r.honest_events} "
+            f"events (without the flood: p50 {r.baseline_lag_p50_s:.2f} s, max {r.baseline_lag_max_s:.2f} s); "
+            f"{r.honest_unacked_after} unacked 5 s after\n"
+            f"  flooder: {r.gpu_rows_flooder} GPU rows"
+            + (f", {r.flooder_events_stored:,.0f} events stored" if r.mode == "events" else ""))
+
+
+def rows(r: FloodResult, command: str) -> list[Row]:
+    name = f"flood ({r.mode})"
+    within = "met" if r.rss_peak_mib < LIMIT_MIB / 2 else "NOT met"
+    lag_ok = "met" if r.lag_max_s < LAG_TARGET_S else "NOT met"
+    return [
+        Row(name, "flooder's messages per second", r.flood_sent / max(r.seconds, 1e-9), "msg/s",
+            f"{sum(r.dropped.values()):,.0f} dropped by budget", command),
+        Row(name, "controller peak memory (VmHWM)", r.rss_peak_mib, "MiB",
+            f"{r.rss_peak_mib / LIMIT_MIB:.0%} of the 1 GiB limit; < 512 MiB {within}", command),
+        Row(name, "honest nodes' event-to-ack lag, p50", r.lag_p50_s, "s",
+            f"{r.lag_p50_s / r.baseline_lag_p50_s:.1f}x without the flood" if r.baseline_lag_p50_s > 0 else "", command),
+        Row(name, "honest nodes' event-to-ack lag, max", r.lag_max_s, "s", f"< {LAG_TARGET_S:g} s {lag_ok}", command),
+    ]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.flood", description=__doc__.splitlines()[0])
+    parser.add_argument("--mode", default="telemetry", choices=(*MODES, "all"))
+    parser.add_argument("--seconds", type=float, default=30.0)
+    parser.add_argument("--honest", type=int, default=5, help="honest nodes (an event a second each)")
+    parser.add_argument("--rate", type=float, default=0.0,
+                        help="the flooder's messages a second (default 0: as fast as it can)")
+    parser.add_argument("--flooder", choices=MODES, help=argparse.SUPPRESS)  # the flooding child process
+    parser.add_argument("--mqtt", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.flooder:
+        print(json.dumps({"sent": flood(args.mqtt, FLOODER, args.flooder, args.seconds, args.rate)}))
+        return 0
+    os.environ.setdefault("KGPU_LOG_LEVEL", "warning")
+    for mode in MODES if args.mode == "all" else (args.mode,):
+        print(describe(asyncio.run(run(mode, args.seconds, args.honest, rate=args.rate))), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
