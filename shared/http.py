@@ -1,6 +1,12 @@
 """aiohttp pieces both HTTP servers use: JSON errors `{"error": ..., "detail": ...}`, strict JSON
 request bodies, query parameters checked, and every refused request counted by reason.
 
+Both servers are bounded the same way (`handler_args`, `REQUEST_TIMEOUT`): a request's headers
+must arrive within a few seconds of the connection opening (or of the previous response on a
+kept-alive connection), a handler that runs too long is cancelled and answered with a JSON 503,
+and a handler is cancelled when its client goes away. List endpoints page with an opaque cursor
+(`page_query`, `encode_cursor`), and blocking reads run in a pool of their own (`ReadPool`).
+
 A request is *rejected* when it is malformed or not allowed: a body too large, not UTF-8, not
 JSON, nested too deeply, of the wrong content type or failing validation; a bad query or path
 parameter; a missing or wrong token; an unknown route or method. Each rejection is answered with
@@ -11,16 +17,21 @@ exist (an unknown node) is an answer, not a rejection, and is not counted.
 
 from __future__ import annotations
 
+import asyncio
+import base64
+import binascii
 import itertools
 import json
 import math
 import re
+import threading
 from collections.abc import Awaitable, Callable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from enum import StrEnum
-from typing import Any, TypeVar
+from typing import Any, ParamSpec, TypeVar, cast
 
 from aiohttp import web
-from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from pydantic import BaseModel, ValidationError
 
@@ -29,13 +40,37 @@ from shared.logs import get_logger
 log = get_logger(__name__)
 
 M = TypeVar("M", bound=BaseModel)
+P = ParamSpec("P")
+T = TypeVar("T")
 
 MAX_BODY_BYTES = 64 * 1024
 MAX_JSON_DEPTH = 32  # the deepest real body (a rollout's templatePatch) is far below this
 MAX_QUERY_VALUE_CHARS = 512
-# aiohttp answers a request line over 8190 bytes itself, in text/plain; a longer line is allowed
-# so that an over-long (percent-encoded) query reaches error_middleware and gets a JSON 400.
-HANDLER_ARGS = {"max_line_size": 64 * 1024}
+DEFAULT_HEADER_TIMEOUT_S = 10.0
+DEFAULT_REQUEST_TIMEOUT_S = 30.0
+
+
+def handler_args(header_timeout_s: float = DEFAULT_HEADER_TIMEOUT_S) -> dict[str, Any]:
+    """aiohttp's per-connection settings for `web.Application(handler_args=...)`, the same on both
+    servers.
+
+    - `max_line_size`: aiohttp answers a request line over 8190 bytes itself, in text/plain; a
+      longer line is allowed so that an over-long (percent-encoded) query reaches
+      error_middleware and gets a JSON 400.
+    - `keepalive_timeout`: aiohttp (3.14) arms this timer when a connection opens and again after
+      each response, and closes the connection if no complete request head has arrived by then.
+      So it is the header-read timeout (a client that sends its headers a byte a second is cut
+      after `header_timeout_s`) and the idle keep-alive time alike.
+    - `handler_cancellation`: a request whose client went away is cancelled rather than run to the
+      end for nobody (its queued thread work is dropped too: `ReadPool`)."""
+    return {"max_line_size": 64 * 1024, "keepalive_timeout": header_timeout_s, "handler_cancellation": True}
+
+
+HANDLER_ARGS = handler_args()
+
+REQUEST_TIMEOUT: web.AppKey[float] = web.AppKey("request_timeout_s", float)
+"""Seconds a handler may run before it is cancelled and answered 503 (`error_middleware`);
+DEFAULT_REQUEST_TIMEOUT_S when the app does not set it."""
 _CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
 _JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.DOTALL)
 _BRACKETS = re.compile(r"[\[\]{}]")
@@ -148,9 +183,19 @@ async def error_middleware(
     """Every error leaves as JSON; an unexpected exception is a logged 500, never a crash; every
     rejected request is counted by reason (when the app tracks rejections)."""
     reason: Rejection | None = None
+    limit_s = request.app.get(REQUEST_TIMEOUT, DEFAULT_REQUEST_TIMEOUT_S)
+    deadline = asyncio.timeout(limit_s)
     try:
         _check_parameters(request)
-        response = await handler(request)
+        async with deadline:
+            response = await handler(request)
+    except TimeoutError:
+        if not deadline.expired():
+            log.exception("unhandled error serving %s %s", request.method, request.path[:200])
+            return json_error(500, "internal error", None)
+        log.warning("HTTP request timed out: %s %s after %g s", request.method, request.path[:200], limit_s,
+                    extra={"timeout_s": limit_s, "remote": request.remote})
+        return json_error(503, "request timed out", {"timeout_s": limit_s}, {"Retry-After": "5"})
     except ApiError as exc:
         response = json_error(exc.status, exc.error, exc.detail, exc.headers or None)
         reason = exc.rejection
@@ -302,3 +347,117 @@ def float_query(request: web.Request, name: str, *, lo: float = 0.0, hi: float =
         raise bad_query(f"query parameter {name!r} must be a finite number within {lo:g}..{hi:g}", value[:100])
     return number
 
+
+
+# ---- pages ------------------------------------------------------------------------------------
+
+
+def encode_cursor(kind: str, *key: Any) -> str:
+    """An opaque cursor: where the next page of a `kind` listing starts (JSON scalars, base64url)."""
+    raw = json.dumps([kind, *key], separators=(",", ":"), allow_nan=False).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(kind: str, value: str) -> list[Any]:
+    """The key of a cursor made by `encode_cursor(kind, ...)`, or a counted 400 for anything else
+    (a cursor of another listing, an edited or truncated one)."""
+    try:
+        decoded = json.loads(base64.urlsafe_b64decode(value + "=" * (-len(value) % 4)),
+                             parse_constant=_no_constants)
+    except (binascii.Error, ValueError, UnicodeDecodeError, RecursionError):
+        decoded = None
+    if not (isinstance(decoded, list) and decoded and decoded[0] == kind
+            and all(isinstance(v, (str, int, float)) and not isinstance(v, bool) for v in decoded[1:])):
+        raise bad_query("not a valid cursor", "pass the next_cursor of the previous page unchanged")
+    return decoded[1:]
+
+
+def page_query(request: web.Request, kind: str, *, default: int, maximum: int) -> tuple[int, list[Any] | None]:
+    """(`limit`, the decoded `cursor` key or None) of a paged listing; a limit outside 1..maximum
+    or a cursor that is not one of this listing's is a counted 400."""
+    limit = int_query(request, "limit", default, lo=1, hi=maximum)
+    value = request.query.get("cursor")
+    return limit if limit is not None else default, (decode_cursor(kind, value) if value else None)
+
+
+# ---- blocking work ------------------------------------------------------------------------------
+
+
+class ReadPool:
+    """A thread pool of its own for an HTTP server's blocking reads, so that readers queue on it
+    and never on the threads that write (the ingest has its own). A read whose request is
+    cancelled (its client left, or it timed out) before a thread took it is dropped, never run
+    (`dropped`); one already running finishes its current transaction, which a page keeps short.
+    `waiting`: reads queued for a thread now; `running`: reads running now."""
+
+    def __init__(self, threads: int, name: str = "http-read") -> None:
+        self.threads = threads
+        self.waiting = 0
+        self.running = 0
+        self.dropped = 0
+        self._lock = threading.Lock()
+        self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix=name)
+
+    async def run(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        state = {"started": False, "abandoned": False}
+
+        def call() -> T:
+            with self._lock:
+                if state["abandoned"]:
+                    return cast(T, None)  # its request is gone (nobody awaits this): never run
+                state["started"] = True
+                self.waiting -= 1
+                self.running += 1
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                with self._lock:
+                    self.running -= 1
+
+        with self._lock:
+            self.waiting += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._executor, call)
+        except asyncio.CancelledError:
+            with self._lock:
+                if not state["started"]:
+                    state["abandoned"] = True
+                    self.waiting -= 1
+                    self.dropped += 1
+            raise
+
+    def close(self) -> None:
+        """Stop taking work; what is queued is dropped."""
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def json_bytes(payload: Any) -> bytes:
+    """`payload` as a JSON body: for a handler to encode a large answer in a ReadPool thread rather
+    than on the event loop (`web.Response(body=..., content_type="application/json")`)."""
+    return json.dumps(payload, separators=(",", ":")).encode()
+
+
+def json_response(body: bytes, status: int = 200) -> web.Response:
+    """A JSON body made by `json_bytes`."""
+    return web.Response(body=body, status=status, content_type="application/json")
+
+
+READ_POOL: web.AppKey[ReadPool] = web.AppKey("read_pool", ReadPool)
+"""The app's ReadPool, where it has one (the controller's): a part's route runs its store reads
+with `request.app[READ_POOL].run(...)` rather than in the default thread pool."""
+
+
+class ReadPoolCollector(Collector):
+    """kgpu_http_reads_waiting and kgpu_http_reads_dropped_total of a ReadPool."""
+
+    def __init__(self, pool: ReadPool) -> None:
+        self.pool = pool
+
+    def collect(self) -> Iterator[Metric]:
+        waiting = GaugeMetricFamily("kgpu_http_reads_waiting", "HTTP API reads waiting for one of the read threads.")
+        waiting.add_metric([], self.pool.waiting)
+        yield waiting
+        dropped = CounterMetricFamily("kgpu_http_reads_dropped", "HTTP API reads never run: their request was "
+                                      "cancelled (client gone, or timed out) while they waited for a thread.")
+        dropped.add_metric([], self.pool.dropped)
+        yield dropped

@@ -150,7 +150,8 @@ def test_the_description_follows_the_code() -> None:
     from shared.policy import PowerPolicy
 
     cloud = cloud_spec().document["components"]["schemas"]
-    assert set(cloud["Node"]["properties"]) == {c.name for c in nodes_table.columns} | {"gpu_summary", "clockSkewSeconds"}
+    assert set(cloud["Node"]["properties"]) == {c.name for c in nodes_table.columns} | {"gpu_summary", "clockSkewSeconds",
+                                                                                           "over_budget"}
     assert set(cloud["Event"]["required"]) == {c.name for c in events_table.columns}
     assert set(cloud["RolloutRequest"]["properties"]) == {f.alias or n for n, f in RolloutRequest.model_fields.items()}
     spec_fields = set(cloud["PolicySpec"]["properties"])

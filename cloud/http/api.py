@@ -1,10 +1,11 @@
 """The controller's HTTP API over the fleet store, and `make_app`, which puts it together with
-the dashboard, /metrics and every part's routes. Store reads run in a thread; errors are JSON."""
+the dashboard, /metrics and every part's routes. Store reads run in the API's own thread pool
+(`ReadPool`, `--http-read-threads`), apart from the ingest's writer, and list endpoints page
+(`limit`, `cursor`), so that readers never hold the store for long; errors are JSON."""
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,14 +35,22 @@ from cloud.store.schema import (
 )
 from shared import __version__
 from shared.http import (
-    HANDLER_ARGS,
     MAX_BODY_BYTES,
+    READ_POOL,
+    REQUEST_TIMEOUT,
+    ReadPool,
+    ReadPoolCollector,
     RejectionCollector,
     bad_query,
+    encode_cursor,
     error_middleware,
     float_query,
+    handler_args,
     int_query,
+    json_bytes,
     json_error,
+    json_response,
+    page_query,
     track_rejections,
 )
 from shared.openapi import OpenApi, add_spec_route, load
@@ -51,6 +60,12 @@ from shared.topics import NODE_NAME_RE
 STORE: web.AppKey[FleetStore] = web.AppKey("store", FleetStore)
 INGESTOR: web.AppKey[Ingestor] = web.AppKey("ingestor", Ingestor)
 LINK: web.AppKey[EdgeLink] = web.AppKey("link", EdgeLink)
+READS = READ_POOL  # the API's own read threads (shared.http.ReadPool)
+LAG_UNHEALTHY_S: web.AppKey[float] = web.AppKey("ingest_lag_unhealthy_s", float)
+
+NODES_PAGE = (500, 2000)  # (default, maximum) nodes a page of /api/v1/nodes
+NODE_GPUS = (1024, 1024)  # GPUs listed in one node's view
+ROWS_PAGE = (100, 10_000)  # events and decisions
 
 OPENAPI_FILE = Path(__file__).parent.parent / "openapi.yaml"
 
@@ -72,20 +87,29 @@ def make_app(services: Services, *, ingestor: Ingestor, link: EdgeLink, parts: S
     """The API, the dashboard, /metrics and every part's routes. Changes need the bearer token
     (cloud.auth); the description of every route is cloud/openapi.yaml, served at
     /api/v1/openapi.json."""
+    settings = services.settings
     app = web.Application(middlewares=[error_middleware, auth_middleware], client_max_size=MAX_BODY_BYTES,
-                          handler_args=HANDLER_ARGS)
+                          handler_args=handler_args(settings.http_header_timeout))
+    app[REQUEST_TIMEOUT] = settings.http_request_timeout
+    app[LAG_UNHEALTHY_S] = settings.ingest_lag_unhealthy_s
+    app[READS] = reads = ReadPool(settings.http_read_threads)
     app[STORE] = services.store
     app[INGESTOR] = ingestor
     app[LINK] = link
     app[AUTH] = auth = ApiAuth.from_settings(services.settings, services.kube)
     registry = make_registry(ingestor=ingestor, link=link, leading=services.leading, command_resends=command_resends)
     registry.register(RejectionCollector(track_rejections(app)))
+    registry.register(ReadPoolCollector(reads))
     add_spec_route(app, openapi_spec())
 
     async def announce_auth(_: web.Application) -> None:
         await auth.log_start()
 
+    async def close_reads(_: web.Application) -> None:
+        reads.close()
+
     app.on_startup.append(announce_auth)
+    app.on_cleanup.append(close_reads)
 
     async def metrics(_: web.Request) -> web.Response:
         return web.Response(body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
@@ -100,7 +124,7 @@ def make_app(services: Services, *, ingestor: Ingestor, link: EdgeLink, parts: S
     app.router.add_get("/api/v1/decisions", decisions)
     for part in parts:
         part.add_routes(app)
-    add_dashboard_routes(app, store=services.store)
+    add_dashboard_routes(app, store=services.store, reads=reads, over_budget=lambda: ingestor.budget_flags)
     return app
 
 
@@ -112,34 +136,64 @@ def _node_query(request: web.Request) -> str | None:
 
 
 async def healthz(request: web.Request) -> web.Response:
-    link = request.app[LINK]
+    """503 with the reasons while the link is down, the store is not writable or the ingest lags
+    (its oldest waiting message older than `--ingest-lag-unhealthy-s`)."""
+    link, ingestor = request.app[LINK], request.app[INGESTOR]
     reasons = []
     if not link.connected:
         reasons.append("MQTT link down" + (f": {link.last_error}" if link.last_error else ""))
-    if request.app[INGESTOR].failing:
+    if ingestor.failing:
         reasons.append("fleet store not writable (retrying)")
-    body = {"status": "ok" if not reasons else "unhealthy", "version": __version__, "reasons": reasons}
+    lag, threshold = ingestor.backlog_age_s(), request.app[LAG_UNHEALTHY_S]
+    if lag > threshold:
+        reasons.append(f"ingest lagging: the oldest message has waited {lag:.1f} s to be written "
+                       f"(unhealthy past {threshold:g} s)")
+    body = {"status": "ok" if not reasons else "unhealthy", "version": __version__, "reasons": reasons,
+            "ingest_lag_s": round(lag, 3)}
     return web.json_response(body, status=200 if not reasons else 503)
 
 
-def _with_clock(ingestor: Ingestor, row: dict[str, Any]) -> dict[str, Any]:
-    """A node row plus its clock skew as this replica's ingest measures it: the node's clock
-    minus ours (0 when in step, null before its first telemetry; cloud/clock_skew.py)."""
-    return {**row, "clockSkewSeconds": ingestor.clock.skew.get(row["name"])}
+def _with_ingest(skew: Mapping[str, float | None], flags: Mapping[str, str],
+                 rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Node rows plus what this replica's ingest knows of each: its clock skew (`skew`), the
+    node's clock minus ours (0 when in step, null before its first telemetry;
+    cloud/clock_skew.py), and `over_budget` (`flags`), the budget it is over right now (null:
+    within budget; cloud/budget.py)."""
+    return [{**row, "clockSkewSeconds": skew.get(row["name"]), "over_budget": flags.get(row["name"])} for row in rows]
+
+
+def _next(kind: str, key: tuple[Any, ...] | str | None) -> str | None:
+    if key is None:
+        return None
+    return encode_cursor(kind, *(key if isinstance(key, tuple) else (key,)))
 
 
 async def nodes(request: web.Request) -> web.Response:
-    rows = await asyncio.to_thread(request.app[STORE].nodes)
-    ingestor = request.app[INGESTOR]
-    return web.json_response({"nodes": [_with_clock(ingestor, row) for row in rows]})
+    limit, cursor = page_query(request, "nodes", default=NODES_PAGE[0], maximum=NODES_PAGE[1])
+    after = None
+    if cursor is not None:
+        if len(cursor) != 1 or not isinstance(cursor[0], str):
+            raise bad_query("not a valid cursor", "pass the next_cursor of the previous page unchanged")
+        after = cursor[0]
+    ingestor, store = request.app[INGESTOR], request.app[STORE]
+    skew, flags = dict(ingestor.clock.skew), dict(ingestor.budget_flags)  # copies: read in a thread below
+
+    def page() -> bytes:  # the read and its JSON, in a read thread: the event loop is the ingest's too
+        rows, last = store.nodes_page(after, limit)
+        return json_bytes({"nodes": _with_ingest(skew, flags, rows), "next_cursor": _next("nodes", last)})
+
+    return json_response(await request.app[READS].run(page))
 
 
 async def node(request: web.Request) -> web.Response:
     name = request.match_info["node"]
-    found = await asyncio.to_thread(request.app[STORE].node, name) if NODE_NAME_RE.match(name) else None
+    gpu_limit = int_query(request, "gpu_limit", NODE_GPUS[0], lo=0, hi=NODE_GPUS[1])
+    found = (await request.app[READS].run(request.app[STORE].node, name, gpu_limit or 0)
+             if NODE_NAME_RE.match(name) else None)
     if found is None:
         return json_error(404, "no such node", name)
-    return web.json_response(_with_clock(request.app[INGESTOR], found))
+    ingestor = request.app[INGESTOR]
+    return web.json_response(_with_ingest(ingestor.clock.skew, ingestor.budget_flags, [found])[0])
 
 
 async def samples(request: web.Request) -> web.Response:
@@ -149,22 +203,37 @@ async def samples(request: web.Request) -> web.Response:
     since = float_query(request, "since")
     limit = int_query(request, "limit", 2000, lo=1, hi=100_000) or 2000
     uuid = request.query.get("gpu") or None
-    rows = await asyncio.to_thread(request.app[STORE].samples, name, uuid, since, limit)
+    rows = await request.app[READS].run(request.app[STORE].samples, name, uuid, since, limit)
     return web.json_response({"node": name, "samples": rows})
 
 
 async def events(request: web.Request) -> web.Response:
-    limit = int_query(request, "limit", 100, lo=1, hi=10_000) or 100
-    rows = await asyncio.to_thread(
-        request.app[STORE].events, _node_query(request), request.query.get("kind") or None,
-        float_query(request, "since"), limit,
-    )
-    return web.json_response({"events": rows})
+    limit, cursor = page_query(request, "events", default=ROWS_PAGE[0], maximum=ROWS_PAGE[1])
+    node, kind, since = _node_query(request), request.query.get("kind") or None, float_query(request, "since")
+    store = request.app[STORE]
+
+    def page() -> bytes:
+        rows, last = store.events_page(node, kind, since, limit, cursor)
+        return json_bytes({"events": rows, "next_cursor": _next("events", last)})
+
+    try:
+        return json_response(await request.app[READS].run(page))
+    except ValueError:
+        raise bad_query("not a valid cursor", "pass the next_cursor of the previous page unchanged, "
+                        "with the same node filter") from None
 
 
 async def decisions(request: web.Request) -> web.Response:
-    limit = int_query(request, "limit", 100, lo=1, hi=10_000) or 100
-    rows = await asyncio.to_thread(
-        request.app[STORE].decisions, _node_query(request), float_query(request, "since"), limit
-    )
-    return web.json_response({"decisions": rows})
+    limit, cursor = page_query(request, "decisions", default=ROWS_PAGE[0], maximum=ROWS_PAGE[1])
+    node, since = _node_query(request), float_query(request, "since")
+    store = request.app[STORE]
+
+    def page() -> bytes:
+        rows, last = store.decisions_page(node, since, limit, cursor)
+        return json_bytes({"decisions": rows, "next_cursor": _next("decisions", last)})
+
+    try:
+        return json_response(await request.app[READS].run(page))
+    except ValueError:
+        raise bad_query("not a valid cursor", "pass the next_cursor of the previous page unchanged, "
+                        "with the same node filter") from None

@@ -9,7 +9,7 @@ from typing import Any
 from aiohttp import web
 
 from cloud.migration.repository import MigrationRepository
-from shared.http import int_query, json_error
+from shared.http import bad_query, encode_cursor, json_error, page_query
 from shared.topics import NODE_NAME_RE
 
 NO_CLUSTER_DETAIL = ("this controller runs with --no-kube: migration triggers are recorded as "
@@ -25,9 +25,15 @@ def add_routes(app: web.Application, repository: MigrationRepository, *, has_kub
         if node is not None and not NODE_NAME_RE.match(node):
             return json_error(400, "not a valid node name", node)
         state = request.query.get("state") or None
-        limit = int_query(request, "limit", 100, lo=1, hi=10_000) or 100
-        rows = await asyncio.to_thread(repository.migrations, node, state, limit)
-        return web.json_response({**note, "migrations": rows})
+        limit, cursor = page_query(request, "migrations", default=100, maximum=10_000)
+        if cursor is not None and not (len(cursor) == 1 and isinstance(cursor[0], int)):
+            raise bad_query("not a valid cursor", "pass the next_cursor of the previous page unchanged")
+        rows = await asyncio.to_thread(repository.migrations, node, state, limit + 1,
+                                       cursor[0] if cursor is not None else None)
+        more = len(rows) > limit
+        rows = rows[:limit]
+        next_cursor = encode_cursor("migrations", rows[-1]["id"]) if more else None
+        return web.json_response({**note, "migrations": rows, "next_cursor": next_cursor})
 
     async def one_migration(request: web.Request) -> web.Response:
         raw = request.match_info["id"]

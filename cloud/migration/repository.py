@@ -92,14 +92,16 @@ class MigrationRepository:
             conn.execute(t.update().where(t.c.id == m.id).values(m.row()))
 
     def migrations(self, node: str | None = None, state: str | None = None,
-                   limit: int = 100) -> list[dict[str, Any]]:
-        """Rows for the API, newest first."""
+                   limit: int = 100, before_id: int | None = None) -> list[dict[str, Any]]:
+        """Rows for the API, newest first (by id); with `before_id`, those older than it (a page)."""
         t = migrations_table
         query = sa.select(t).order_by(t.c.id.desc()).limit(limit)
         if node is not None:
             query = query.where(t.c.node == node)
         if state is not None:
             query = query.where(t.c.state == state)
+        if before_id is not None:
+            query = query.where(t.c.id < before_id)
         with self.store.reading("migrations") as conn:
             return [_out(dict(r._mapping)) for r in conn.execute(query)]
 

@@ -8,6 +8,7 @@ see the same snapshot as their own tables."""
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -42,25 +43,60 @@ class FleetQueries(StoreBase):
             with self.reading(op) as own:
                 yield own
 
-    def _nodes_with_gpus(self, op: str) -> list[tuple[dict[str, Any], list[dict[str, Any]]]]:
-        """Every node by name with its GPU rows: two queries, whatever the fleet's size."""
-        with self.reading(op) as conn:
-            nodes = [dict(r._mapping) for r in conn.execute(
-                sa.select(nodes_table).order_by(nodes_table.c.name))]
-            gpus: dict[str, list[dict[str, Any]]] = defaultdict(list)
-            for row in conn.execute(sa.select(gpus_table).order_by(gpus_table.c.index)):
-                gpus[row.node].append(dict(row._mapping))
-        return [(n, gpus.get(n["name"], [])) for n in nodes]
-
     def nodes(self) -> list[dict[str, Any]]:
-        """Every node, by name, each with a summary of its GPUs."""
-        return [{**n, "gpu_summary": _gpu_summary(gpus)} for n, gpus in self._nodes_with_gpus("nodes")]
+        """Every node, by name, each with a summary of its GPUs (in pages: see `nodes_page`)."""
+        found: list[dict[str, Any]] = []
+        after: str | None = None
+        while True:
+            page, after = self.nodes_page(after, 1000)
+            found += page
+            if after is None:
+                return found
 
-    def fleet(self) -> list[dict[str, Any]]:
-        """Every node as `node()` shows it (GPUs and their latest samples): the dashboard's
-        overview, in one read transaction of two queries rather than one per node."""
-        return [{**n, "gpu_summary": _gpu_summary(gpus), "gpus": [_gpu_out(g) for g in gpus]}
-                for n, gpus in self._nodes_with_gpus("fleet")]
+    def nodes_page(self, after: str | None, limit: int, *, gpu_limit: int = 0, compact: bool = False,
+                   ) -> tuple[list[dict[str, Any]], str | None]:
+        """Up to `limit` nodes by name after `after`, each with `gpu_summary` (over all its GPUs)
+        and, with `gpu_limit`, `gpus`: its first `gpu_limit` GPUs by index with their latest
+        samples (with `compact`, only the figures of COMPACT_SAMPLE, extracted by the database:
+        no sample is decoded), and `gpus_truncated`. Returns (rows, the name the next page starts after, or None
+        when this is the last). One read transaction of three queries, each bounded by the page
+        (the GPUs of one node by `gpu_limit`, however many it has)."""
+        n = nodes_table
+        query = sa.select(n).order_by(n.c.name).limit(max(0, limit) + 1)
+        if after is not None:
+            query = query.where(n.c.name > after)
+        with self.reading("nodes page") as conn:
+            nodes = [dict(r._mapping) for r in conn.execute(query)]
+            more = len(nodes) > limit
+            nodes = nodes[:limit]
+            names = [row["name"] for row in nodes]
+            summaries = _gpu_summaries(conn, names) if names else {}
+            gpus = _first_gpus(conn, names, gpu_limit, compact) if names and gpu_limit > 0 else {}
+        for row in nodes:
+            row["gpu_summary"] = summaries.get(row["name"]) or _empty_summary()
+            if gpu_limit > 0:
+                listed = gpus.get(row["name"], [])
+                row["gpus"] = listed
+                row["gpus_truncated"] = row["gpu_summary"]["count"] > len(listed)
+        return nodes, (names[-1] if more and names else None)
+
+    def fleet_summary(self) -> dict[str, Any]:
+        """The fleet in figures, computed by the database (two aggregate queries, no row read):
+        `nodes`, `online`, `gpus`, `unhealthy_gpus` (unhealthy or lost) and `power_w`, the latest
+        power of the online nodes' GPUs summed (None when none reports power)."""
+        n, g = nodes_table, gpus_table
+        power = g.c.sample["power_w"].as_float()
+        with self.reading("fleet summary") as conn:
+            nodes = conn.execute(sa.select(sa.func.count(), sa.func.sum(sa.case((n.c.online.is_(True), 1), else_=0)))
+                                 .select_from(n)).one()
+            gpus = conn.execute(sa.select(
+                sa.func.count(),
+                sa.func.sum(sa.case((g.c.health.in_([str(Health.UNHEALTHY), str(Health.LOST)]), 1), else_=0)),
+                sa.func.sum(sa.case((n.c.online.is_(True), power), else_=None)),
+            ).select_from(g.join(n, n.c.name == g.c.node))).one()
+        return {"nodes": int(nodes[0] or 0), "online": int(nodes[1] or 0), "gpus": int(gpus[0] or 0),
+                "unhealthy_gpus": int(gpus[1] or 0),
+                "power_w": round(float(gpus[2]), 3) if gpus[2] is not None else None}
 
     def node_names(self, conn: Connection | None = None) -> list[str]:
         """The name of every node the fleet store knows, sorted."""
@@ -100,19 +136,17 @@ class FleetQueries(StoreBase):
             changed += int(conn.execute(n.update().where(n.c.name == name).values(labels=dict(shown))).rowcount or 0)
         return changed
 
-    def node(self, name: str) -> dict[str, Any] | None:
-        """One node with its GPUs (and their latest samples), or None."""
+    def node(self, name: str, gpu_limit: int = 1024) -> dict[str, Any] | None:
+        """One node with its first `gpu_limit` GPUs by index (and their latest samples), its
+        `gpu_summary` over all of them and `gpus_truncated`; or None. Three queries."""
         with self.reading("node") as conn:
-            row = conn.execute(
-                sa.select(nodes_table).where(nodes_table.c.name == name)
-            ).first()
+            row = conn.execute(sa.select(nodes_table).where(nodes_table.c.name == name)).first()
             if row is None:
                 return None
-            gpus = [dict(r._mapping) for r in conn.execute(
-                sa.select(gpus_table).where(gpus_table.c.node == name).order_by(gpus_table.c.index)
-            )]
-        return {**dict(row._mapping), "gpu_summary": _gpu_summary(gpus),
-                "gpus": [_gpu_out(g) for g in gpus]}
+            summary = _gpu_summaries(conn, [name]).get(name) or _empty_summary()
+            gpus = _first_gpus(conn, [name], gpu_limit).get(name, []) if gpu_limit > 0 else []
+        return {**dict(row._mapping), "gpu_summary": summary, "gpus": gpus,
+                "gpus_truncated": summary["count"] > len(gpus)}
 
     def events(
         self,
@@ -123,44 +157,76 @@ class FleetQueries(StoreBase):
     ) -> list[dict[str, Any]]:
         """Stored events, newest first: one node's by seq (`_newest_first`), all nodes' by edge
         time; `since` (edge time) is inclusive."""
+        return self.events_page(node, kind, since, limit)[0]
+
+    def events_page(self, node: str | None = None, kind: str | None = None, since: float | None = None,
+                    limit: int = 100, after: Sequence[Any] | None = None) -> tuple[list[dict[str, Any]], Key | None]:
+        """One page of `events`: (rows, the key the next page starts after, or None at the end).
+        `after` is a key this method returned (a ValueError if it is not one)."""
         t = events_table
         where = [t.c.kind == str(kind)] if kind is not None else []
         if since is not None:
             where.append(t.c.ts >= since)
-        rows = self._newest_first("events", t, node, where, limit)
-        for row in rows:
-            row["epoch"] = _epoch_out(row["epoch"])
-        return rows
+        return self._newest_first("events", t, node, where, limit, after)
 
     def decisions(
         self, node: str | None = None, since: float | None = None, limit: int = 100
     ) -> list[dict[str, Any]]:
         """Decisions of the edges' policies and health checks, newest first (as `events`)."""
-        t = decisions_table
-        rows = self._newest_first("decisions", t, node, [t.c.ts >= since] if since is not None else [], limit)
-        for row in rows:
-            row["epoch"] = _epoch_out(row["epoch"])
-        return rows
+        return self.decisions_page(node, since, limit)[0]
 
-    def _newest_first(self, op: str, t: sa.Table, node: str | None, where: list[Any],
-                      limit: int) -> list[dict[str, Any]]:
-        """Rows of `t` newest first. For one node the order is its `seq`, not its clock, which
-        may have jumped: the current outbox epoch's rows by seq, then older epochs' by ts."""
-        limit = max(0, limit)
-        by_time = sa.select(t).where(*where).order_by(t.c.ts.desc(), t.c.id.desc())
+    def decisions_page(self, node: str | None = None, since: float | None = None, limit: int = 100,
+                       after: Sequence[Any] | None = None) -> tuple[list[dict[str, Any]], Key | None]:
+        """One page of `decisions` (as `events_page`)."""
+        t = decisions_table
+        return self._newest_first("decisions", t, node, [t.c.ts >= since] if since is not None else [], limit, after)
+
+    def _newest_first(self, op: str, t: sa.Table, node: str | None, where: list[Any], limit: int,
+                      after: Sequence[Any] | None) -> tuple[list[dict[str, Any]], Key | None]:
+        """Rows of `t` newest first, a page of `limit` after the key `after`. All nodes' rows by
+        (ts, id) (key `("all", ts, id)`); one node's by its `seq`, not its clock, which may have
+        jumped: its current outbox epoch's rows by seq (key `("seq", epoch, seq)`), then older
+        epochs' by time (keys `("older", epoch)` for their start, `("time", epoch, ts, id)`),
+        `epoch` being the one current on the first page, so that a walk stays consistent when the
+        node changes epoch meanwhile."""
+        phase, current, position = _check_key(after, node is not None)
+        if limit <= 0:
+            return [], None
+
+        def by_time(conn: Connection, extra: list[Any], start: Sequence[Any] | None,
+                    count: int) -> list[dict[str, Any]]:
+            query = sa.select(t).where(*where, *extra).order_by(t.c.ts.desc(), t.c.id.desc()).limit(count)
+            if start is not None:
+                ts, row_id = start
+                query = query.where(sa.or_(t.c.ts < ts, sa.and_(t.c.ts == ts, t.c.id < row_id)))
+            return [dict(r._mapping) for r in conn.execute(query)]
+
         with self.reading(op) as conn:
             if node is None:
-                return [dict(r._mapping) for r in conn.execute(by_time.limit(limit))]
-            current = epoch_key(conn.execute(
-                sa.select(nodes_table.c.outbox_epoch).where(nodes_table.c.name == node)
-            ).scalar_one_or_none())
-            rows = [dict(r._mapping) for r in conn.execute(
-                sa.select(t).where(t.c.node == node, t.c.epoch == current, *where)
-                .order_by(t.c.seq.desc()).limit(limit))]
-            if len(rows) < limit:
-                rows += [dict(r._mapping) for r in conn.execute(
-                    by_time.where(t.c.node == node, t.c.epoch != current).limit(limit - len(rows)))]
-        return rows
+                rows = by_time(conn, [], position, limit + 1)
+                key: Key | None = ("all", rows[limit - 1]["ts"], rows[limit - 1]["id"]) if len(rows) > limit else None
+                return _epochs_out(rows[:limit]), key
+            if current is None:
+                current = epoch_key(conn.execute(
+                    sa.select(nodes_table.c.outbox_epoch).where(nodes_table.c.name == node)
+                ).scalar_one_or_none())
+            rows = []
+            if phase == "seq":
+                query = (sa.select(t).where(t.c.node == node, t.c.epoch == current, *where)
+                         .order_by(t.c.seq.desc()).limit(limit + 1))
+                if position is not None:
+                    query = query.where(t.c.seq < position[0])
+                rows = [dict(r._mapping) for r in conn.execute(query)]
+                if len(rows) > limit:
+                    return _epochs_out(rows[:limit]), ("seq", current, rows[limit - 1]["seq"])
+                position = None
+            older = by_time(conn, [t.c.node == node, t.c.epoch != current], position, limit - len(rows) + 1)
+        if len(rows) + len(older) <= limit:
+            return _epochs_out(rows + older), None
+        if len(rows) == limit:  # a page of the current epoch's rows only: the older ones come next
+            return _epochs_out(rows), ("older", current)
+        last = older[limit - len(rows) - 1]
+        return _epochs_out((rows + older)[:limit]), ("time", current, last["ts"], last["id"])
 
     def samples(
         self, node: str, uuid: str | None = None, since: float | None = None, limit: int = 2000
@@ -284,6 +350,40 @@ class FleetQueries(StoreBase):
                 for key, rows in found.items()}
 
 
+Key = tuple[Any, ...]
+"""Where a page of a listing ends: JSON scalars, for the API to hand back as an opaque cursor."""
+
+
+def _check_key(after: Sequence[Any] | None, one_node: bool) -> tuple[str, str | None, list[Any] | None]:
+    """(phase, epoch, position) of a newest-first key, or a ValueError for anything else."""
+    if after is None:
+        return "seq", None, None
+    key = list(after)
+    if not one_node:
+        if len(key) == 3 and key[0] == "all" and _is_number(key[1]) and _is_int(key[2]):
+            return "time", None, [float(key[1]), key[2]]
+    elif len(key) == 3 and key[0] == "seq" and isinstance(key[1], str) and _is_int(key[2]):
+        return "seq", key[1], [key[2]]
+    elif len(key) == 2 and key[0] == "older" and isinstance(key[1], str):
+        return "time", key[1], None
+    elif len(key) == 4 and key[0] == "time" and isinstance(key[1], str) and _is_number(key[2]) and _is_int(key[3]):
+        return "time", key[1], [float(key[2]), key[3]]
+    raise ValueError("not a key of this listing")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _epochs_out(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    for row in rows:
+        row["epoch"] = _epoch_out(row["epoch"])
+    return rows
+
 
 def _epoch_out(epoch: str) -> str | None:
     return None if epoch == UNKNOWN_EPOCH else epoch
@@ -293,23 +393,56 @@ def _gpu_out(row: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in row.items() if k != "node"}
 
 
-def _gpu_summary(gpus: list[dict[str, Any]]) -> dict[str, Any]:
-    """Counts by health and fleet-view figures from the latest samples."""
-    by_health = {str(h): 0 for h in Health}
-    by_health["unknown"] = 0
-    power: list[float] = []
-    temperatures: list[float] = []
-    for gpu in gpus:
-        health = gpu["health"] if gpu["health"] in by_health else "unknown"
-        by_health[health] += 1
-        sample = gpu["sample"] or {}
-        if sample.get("power_w") is not None:
-            power.append(float(sample["power_w"]))
-        if sample.get("temperature_c") is not None:
-            temperatures.append(float(sample["temperature_c"]))
-    return {
-        "count": len(gpus),
-        **by_health,
-        "power_w": round(sum(power), 3) if power else None,
-        "max_temperature_c": max(temperatures) if temperatures else None,
-    }
+def _empty_summary() -> dict[str, Any]:
+    by_health: dict[str, int] = {str(h): 0 for h in Health}
+    return {"count": 0, **by_health, "unknown": 0, "power_w": None, "max_temperature_c": None}
+
+
+def _gpu_summaries(conn: Connection, names: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """node -> its GPUs' counts by health and the fleet-view figures of their latest samples
+    (`power_w` summed, `max_temperature_c`): one aggregate query over every GPU of `names`,
+    computed by the database (no sample is decoded here)."""
+    g = gpus_table
+    healths = [str(h) for h in Health]
+    query = (sa.select(g.c.node, sa.func.count(),
+                       *[sa.func.sum(sa.case((g.c.health == h, 1), else_=0)) for h in healths],
+                       sa.func.sum(g.c.sample["power_w"].as_float()),
+                       sa.func.max(g.c.sample["temperature_c"].as_float()))
+             .where(g.c.node.in_(list(names))).group_by(g.c.node))
+    found: dict[str, dict[str, Any]] = {}
+    for row in conn.execute(query):
+        count, by_health = int(row[1]), {h: int(row[2 + i] or 0) for i, h in enumerate(healths)}
+        power, temperature = row[2 + len(healths)], row[3 + len(healths)]
+        found[row[0]] = {"count": count, **by_health, "unknown": count - sum(by_health.values()),
+                         "power_w": round(float(power), 3) if power is not None else None,
+                         "max_temperature_c": float(temperature) if temperature is not None else None}
+    return found
+
+
+COMPACT_SAMPLE = ("ts", "temperature_c", "power_w", "power_limit_w", "utilization_pct")
+"""The figures of a GPU's latest sample that the dashboard's overview shows."""
+
+
+def _first_gpus(conn: Connection, names: Sequence[str], limit: int,
+                compact: bool = False) -> dict[str, list[dict[str, Any]]]:
+    """node -> its first `limit` GPU rows by index (then uuid), with their latest samples (or,
+    `compact`, the COMPACT_SAMPLE figures of them): one query, bounded by `limit` per node
+    however many GPUs a node has."""
+    g = gpus_table
+    rank = sa.func.row_number().over(partition_by=g.c.node, order_by=(g.c.index, g.c.uuid)).label("rank")
+    ranked = sa.select(g.c.node, g.c.uuid, rank).where(g.c.node.in_(list(names))).subquery()
+    columns: list[Any] = [g]
+    if compact:
+        columns = [c for c in g.c if c.name != "sample"]
+        columns += [g.c.sample[name].as_float().label(f"compact_{name}") for name in COMPACT_SAMPLE]
+        columns.append((g.c.sample.is_not(None)).label("has_sample"))
+    query = (sa.select(*columns).join(ranked, sa.and_(ranked.c.node == g.c.node, ranked.c.uuid == g.c.uuid))
+             .where(ranked.c.rank <= limit).order_by(g.c.node, g.c.index, g.c.uuid))
+    found: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for row in conn.execute(query):
+        gpu = dict(row._mapping)
+        if compact:
+            figures = {name: gpu.pop(f"compact_{name}") for name in COMPACT_SAMPLE}
+            gpu["sample"] = figures if gpu.pop("has_sample") else None
+        found[row.node].append(_gpu_out(gpu))
+    return found

@@ -4,6 +4,7 @@
 
 (() => {
   const POLL_MS = 2500;
+  const PAGE_NODES = 100; // nodes a page of the overview
   const SVGNS = "http://www.w3.org/2000/svg";
   const NODE_STATES = ["upgrade-required", "pod-deletion-required", "validation-required",
     "upgrade-done", "upgrade-failed", "offline-deferred"];
@@ -213,32 +214,59 @@
 
   // ---- views -------------------------------------------------------------------------------
 
+  // The overview shows one page of nodes at a time (the fleet call pages; its figures cover the
+  // whole fleet): the cursors of the pages visited, so that "previous" can go back.
+  const fleetCursors = [null];
+  let fleetPage = 0;
+
+  function pager(shown, nextCursor, total) {
+    if (fleetPage === 0 && !nextCursor) return null;
+    const go = (page) => { fleetPage = page; refresh(); };
+    const first = fleetPage * PAGE_NODES + 1;
+    const button = (label, id, enabled, page) => {
+      const b = el("button", { type: "button", id, disabled: !enabled }, label);
+      b.addEventListener("click", () => go(page));
+      return b;
+    };
+    return el("nav", { class: "pager", id: "fleet-pager", "aria-label": "pages of nodes" },
+      button("« first", "page-first", fleetPage > 0, 0),
+      button("‹ previous", "page-prev", fleetPage > 0, fleetPage - 1),
+      el("span", { class: "muted" }, `nodes ${first}–${first + shown - 1} of ${total}`),
+      button("next ›", "page-next", Boolean(nextCursor), fleetPage + 1));
+  }
+
   async function overview() {
-    const data = await api("/api/v1/dashboard/fleet");
+    fleetPage = Math.min(fleetPage, fleetCursors.length - 1);
+    const cursor = fleetCursors[fleetPage];
+    const data = await api(`/api/v1/dashboard/fleet?limit=${PAGE_NODES}${cursor ? `&cursor=${encodeURIComponent(cursor)}` : ""}`);
     const nodes = data.nodes || [];
+    fleetCursors.length = fleetPage + 1;
+    if (data.next_cursor) fleetCursors.push(data.next_cursor);
     const now = isNum(data.generated_at) ? data.generated_at : nowS();
-    const gpus = nodes.flatMap((n) => n.gpus || []);
-    const online = nodes.filter((n) => n.online).length;
-    const bad = gpus.filter((g) => g.health === "unhealthy" || g.health === "lost").length;
-    const power = nodes.filter((n) => n.online).flatMap((n) => n.gpus || [])
-      .map((g) => (g.sample || {}).power_w).filter(isNum).reduce((a, b) => a + b, 0);
+    const sum = data.summary || {};
+    const total = sum.nodes ?? nodes.length;
+    const online = sum.online ?? 0;
+    const bad = sum.unhealthy_gpus ?? 0;
+    const overBudget = sum.over_budget ?? 0;
     const stat = (label, value, cls) => el("div", { class: `stat ${cls || ""}` },
       el("div", { class: "stat-value" }, value), el("div", { class: "stat-label" }, label));
     const view = [
       el("h1", {}, "Fleet"),
       el("section", { class: "stats" },
-        stat("nodes", nodes.length),
+        stat("nodes", total),
         stat("online", online, online ? "good" : ""),
-        stat("offline", nodes.length - online, nodes.length - online ? "bad" : ""),
-        stat("GPUs", gpus.length),
+        stat("offline", total - online, total - online ? "bad" : ""),
+        stat("GPUs", sum.gpus ?? 0),
         stat("unhealthy GPUs", bad, bad ? "bad" : "good"),
-        stat("fleet power", `${power.toFixed(0)} W`)),
+        stat("fleet power", `${num(sum.power_w ?? 0, 0)} W`),
+        overBudget ? stat("over budget", overBudget, "bad") : null),
     ];
-    if (!nodes.length) {
+    if (!nodes.length && fleetPage === 0) {
       view.push(empty("No nodes have reported yet.",
         "Nodes appear here once an edge daemon (kgpu edge run --mqtt …) sends its first status."));
       return view;
     }
+    view.push(pager(nodes.length, data.next_cursor, total));
     view.push(el("table", { class: "nodes", id: "nodes-table" },
       el("thead", {}, el("tr", {}, ["Node", "State", "GPUs", "Last seen", "Outbox", "Policy", "Version"]
         .map((h) => el("th", {}, h)))),
@@ -246,10 +274,12 @@
         const degraded = Array.isArray(n.degraded) ? n.degraded : n.degraded ? Object.keys(n.degraded) : [];
         return el("tr", { class: n.online ? "online" : "offline", dataset: { node: n.name } },
           el("td", { class: "node-name" }, nodeLink(n.name),
+            n.over_budget ? el("div", { class: "chips" }, pill(`over budget: ${short(n.over_budget, 40)}`, "bad over-budget")) : null,
             degraded.length ? el("div", { class: "chips" }, degraded.map((d) => pill(short(d, 60), "warn"))) : null),
           el("td", {}, pill(n.online ? "online" : "offline", n.online ? "good" : "bad")),
           el("td", {}, (n.gpus || []).length
-            ? el("div", { class: "gpus" }, n.gpus.map((g) => gpuTile(g, n.online)))
+            ? el("div", { class: "gpus" }, n.gpus.map((g) => gpuTile(g, n.online)),
+              n.gpus_truncated ? el("span", { class: "muted small" }, `+${(n.gpu_summary || {}).count - n.gpus.length} more`) : null)
             : el("span", { class: "muted" }, "no GPUs reported")),
           el("td", { title: clock(n.last_seen) }, ago(now - n.last_seen)),
           el("td", { class: n.outbox_depth > 0 ? "warn-text" : "" }, n.outbox_depth ?? "—"),
@@ -299,7 +329,8 @@
     const labels = Object.entries(node.labels || {});
     const view = [
       el("p", { class: "crumbs" }, el("a", { href: "#/" }, "Fleet"), " / ", name),
-      el("h1", {}, name, " ", pill(node.online ? "online" : "offline", node.online ? "good" : "bad")),
+      el("h1", {}, name, " ", pill(node.online ? "online" : "offline", node.online ? "good" : "bad"),
+        node.over_budget ? pill(`over budget: ${short(node.over_budget, 40)}`, "bad over-budget") : null),
       el("dl", { class: "facts" },
         [["last seen", `${ago(nowS() - node.last_seen)} (${clock(node.last_seen)})`],
           ["daemon", node.daemon_version || "—"],
@@ -313,6 +344,7 @@
     ];
     const gpus = node.gpus || [];
     if (!gpus.length) view.push(empty("No GPUs reported yet."));
+    if (node.gpus_truncated) view.push(el("p", { class: "note" }, `showing the first ${gpus.length} of ${(node.gpu_summary || {}).count} GPUs`));
     const grid = el("div", { class: "gpu-cards" });
     for (const g of gpus) {
       const rows = (byGpu.get(g.uuid) || []).slice();
