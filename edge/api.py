@@ -19,10 +19,11 @@ from edge.store import StoreError, decisions_table, events_table
 from shared import __version__
 from shared.gpu import GpuInventory, GpuSample, Health
 from shared.http import (
-    HANDLER_ARGS,
     MAX_BODY_BYTES,
+    REQUEST_TIMEOUT,
     RejectionCollector,
     error_middleware,
+    handler_args,
     int_query,
     json_error,
     read_model,
@@ -56,7 +57,8 @@ def make_app(daemon: EdgeDaemon) -> web.Application:
     """Every route is described in edge/openapi.yaml, served at /api/v1/openapi.json (the fault
     endpoint, and its description, only with the simulated driver)."""
     app = web.Application(middlewares=[error_middleware], client_max_size=MAX_BODY_BYTES,
-                          handler_args=HANDLER_ARGS)
+                          handler_args=handler_args(daemon.settings.http_header_timeout))
+    app[REQUEST_TIMEOUT] = daemon.settings.http_request_timeout
     app[DAEMON] = daemon
     registry = make_registry(daemon)
     registry.register(RejectionCollector(track_rejections(app)))
@@ -122,7 +124,7 @@ async def gpus(request: web.Request) -> web.Response:
 async def decisions(request: web.Request) -> web.Response:
     daemon = request.app[DAEMON]
     limit = int_query(request, "limit", 100, lo=1, hi=10_000)
-    before = int_query(request, "before", None, lo=0, hi=2**62)
+    before = int_query(request, "before", None, lo=-(2**62), hi=2**62)  # <= 0 after a new epoch
     gpu = request.query.get("gpu") or None
     rule = request.query.get("rule") or None
     try:

@@ -31,11 +31,42 @@ class EdgeSettings(KgpuSettings):
     mqtt_password_file: Path | None = Field(
         None, description="File holding the MQTT password (e.g. a mounted Secret); overrides the URL's"
     )
-    outbox_window: int = Field(100, ge=1, le=10_000, description="Events published but not yet acked, at most")
+    outbox_window: int = Field(1000, ge=1, le=10_000, description="Events published but not yet acked, at most")
     ack_timeout: Seconds = Field(15.0, ge=1.0, description="Re-send unacked events after this long")
     status_interval: Seconds = Field(30.0, ge=1.0, description="Re-publish the retained status at least this often")
     db: Path = Field(Path("/var/lib/kgpu/edge.db"), description="SQLite file of the edge store")
+    # -- the edge store's bounds, retention and shutdown (edge/store/, docs/operations.md) --
+    outbox_max_bytes: int = Field(
+        1024 * 1024 * 1024, ge=0,
+        description="Bound on the size of the unacked events (0: none); past it the oldest offline summaries "
+        "are shrunk, nothing is dropped",
+    )
+    outbox_max_events: int = Field(
+        1_000_000, ge=0,
+        description="Bound on the number of unacked events (0: none); past it events are still recorded, "
+        "counted and reported as outbox_over_bound",
+    )
+    log_retention: Seconds = Field(
+        7 * 24 * 3600.0, ge=3600.0,
+        description="Decisions and local event copies older than this are pruned (once the cloud acked them)",
+    )
+    log_max_rows: int = Field(
+        100_000, ge=100, description="At most this many decisions, and local event copies, kept once acked"
+    )
+    shutdown_timeout: Seconds = Field(
+        10.0, ge=1.0, le=300.0,
+        description="On SIGTERM, stop within this long; the outbox is on disk, events still held in memory are "
+        "lost (and logged)",
+    )
     http: HostPort = Field("0.0.0.0:9410", description="HOST:PORT of the HTTP API and /metrics")
+    # -- HTTP limits (docs/api.md), as on the controller --
+    http_header_timeout: Seconds = Field(
+        10.0, gt=0.0, le=300.0, description="A request's headers must arrive within this long of the "
+        "connection opening or of the previous response, else the connection is closed (also the "
+        "idle keep-alive time)")
+    http_request_timeout: Seconds = Field(
+        30.0, gt=0.0, le=3600.0, description="A request still running after this long is cancelled and "
+        "answered 503 with a JSON error")
     backend: Literal["nvml", "sim"] = Field("nvml", description="nvml: the real libnvidia-ml; sim: simulated GPUs")
     sim_gpus: int = Field(2, ge=1, le=64, description="Number of simulated GPUs (backend sim)")
     sim_model: Literal["H100", "A100", "A10", "T4"] = Field("H100", description="Simulated GPU model")

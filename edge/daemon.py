@@ -7,7 +7,9 @@ the I/O around them.
 
 If the store cannot be written (disk full, read-only), the daemon keeps enforcing its policy,
 holds the events it could not write in memory and writes them once the store accepts writes
-again; `/healthz` reports it degraded meanwhile.
+again; `/healthz` reports it degraded meanwhile. A broken database file is moved aside and a
+fresh store starts; a file that cannot be opened at all leaves the daemon on a temporary store
+(edge/store/recovery.py): either way enforcement goes on and `degraded` says what happened.
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ from edge.driver.runner import DriverRunner, DriverTimeout
 from edge.driver.xid import XidWatcher
 from edge.energy import EnergyAccountant
 from edge.pods import PodRef, PodResolver
-from edge.store import EdgeStore, StoreError
+from edge.probe import run_probe
+from edge.store import StoreError, open_edge_store
 from shared import __version__
 from shared.aio import wait_event
 from shared.gpu import GpuInventory, GpuSample, Health, XidEvent
@@ -86,10 +89,12 @@ class EdgeDaemon:
         self.node: str = settings.node or ""
         self.sim = sim  # the SimulatedNvml when --backend sim: enables the fault endpoint
         self.runner = DriverRunner(NvmlDriver(), timeout_s=settings.nvml_timeout)
-        self.store = EdgeStore(settings.db, self.node)
+        self.store, self.store_recovery = open_edge_store(settings.db, self.node)
+        self.store.set_outbox_bound(settings.outbox_max_bytes, settings.outbox_max_events)
         self.energy = EnergyAccountant()
         self.pods = PodResolver(settings.proc_root, settings.pod_list_url)
         self.counters = DaemonCounters()
+        self.log_rows_pruned = 0
         self.gpus: dict[int, GpuView] = {}
         self.driver_reachable = False
         self.driver_version: str | None = None
@@ -412,6 +417,11 @@ class EdgeDaemon:
         self.outbox_changed.set()
         await self._refresh_outbox_depth()
 
+    @property
+    def held_events(self) -> int:
+        """Events kept in memory because the store refused them (written once it accepts)."""
+        return len(self._held)
+
     async def _flush_held(self) -> None:
         if self._held:
             await self._record([])
@@ -421,7 +431,7 @@ class EdgeDaemon:
 
     async def _refresh_outbox_depth(self) -> None:
         try:
-            self.outbox_depth = await asyncio.to_thread(self.store.outbox_depth)
+            self.outbox_depth = self.store.outbox_depth()  # a counter in memory, no query
         except StoreError as exc:
             self.store_problem = str(exc)
 
@@ -430,10 +440,13 @@ class EdgeDaemon:
         try:
             if present:
                 await asyncio.to_thread(self.store.add_samples, present)
+            await asyncio.to_thread(self.store.note_generation)
             if now - self._last_prune >= PRUNE_EVERY_S:
                 self._last_prune = now
                 self.energy.forget_idle_pods(POD_ENERGY_IDLE_S)
                 await asyncio.to_thread(self.store.prune_samples, now - self.settings.telemetry_retention)
+                self.log_rows_pruned += await asyncio.to_thread(
+                    self.store.prune_logs, now - self.settings.log_retention, self.settings.log_max_rows)
         except StoreError as exc:
             self.counters.store_errors += 1
             if self.store_problem is None:
@@ -519,7 +532,7 @@ class EdgeDaemon:
         )
         if self.probe_ok is False and self.probe_detail:
             reasons = [*reasons, f"probe: {self.probe_detail}"]
-        degraded = []
+        degraded = self.degraded_conditions()
         if self.store_problem:
             held = f"; {len(self._held)} events held in memory" if self._held else ""
             degraded.append(f"store not writable: {self.store_problem}{held}")
@@ -528,6 +541,22 @@ class EdgeDaemon:
             last = self.runner.last_timeout.message if self.runner.last_timeout else ""
             degraded.append(f"GPU driver not answering: {last} ({self.runner.timeouts} NVML calls timed out)")
         return healthy, reasons, degraded
+
+    def degraded_conditions(self) -> list[str]:
+        """What opening the store had to do, a subscription the broker refused, the outbox bound:
+        `degraded` entries that start with a fixed word (store_recovered, store_unavailable,
+        store_repaired, store_rolled_back, mqtt_subscription_refused, outbox_over_bound) and do not
+        change with every event (the status is re-sent on every change)."""
+        found = [self.store_recovery.summary()] if self.store_recovery is not None else []
+        found += self.store.notices
+        mqtt = self.sync.mqtt if self.sync is not None else None
+        if mqtt is not None and mqtt.refused_subscriptions:  # shared/mqtt.py: the SUBACKs that said no
+            refused = ", ".join(f"{topic} ({code})" for topic, code in sorted(mqtt.refused_subscriptions.items()))
+            found.append(f"mqtt_subscription_refused: the broker refused {refused}; nothing arrives on it")
+        if self.store.outbox_over_bound():
+            found.append("outbox_over_bound: the unacked events exceed outbox_max_events or outbox_max_bytes; "
+                         "still recording (kgpu_outbox_over_bound_events_total counts them)")
+        return found
 
     def status_body(self) -> StatusBody:
         _, _, degraded = self.health_report()
@@ -545,24 +574,6 @@ class EdgeDaemon:
             outbox_depth=self.outbox_depth,
             outbox_epoch=self.store.epoch,
             degraded=degraded,
+            # every seq up to here was stored by a cloud: a restored fleet database resumes from it
+            outbox_acked=self.sync.acked_upto if self.sync is not None else None,
         )
-
-
-async def run_probe(command: str, timeout_s: float) -> tuple[bool, str]:
-    """Run the operator's probe command; exit status 0 within the timeout means healthy."""
-    try:
-        process = await asyncio.create_subprocess_shell(
-            command, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
-        )
-    except OSError as exc:
-        return False, f"cannot start: {exc}"
-    try:
-        output, _ = await asyncio.wait_for(process.communicate(), timeout=timeout_s)
-    except TimeoutError:
-        process.kill()
-        await process.wait()
-        return False, f"timed out after {timeout_s:g} s"
-    text = output.decode(errors="replace").strip()[-200:]
-    if process.returncode != 0:
-        return False, f"exit status {process.returncode}: {text}"
-    return True, text

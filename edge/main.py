@@ -1,9 +1,14 @@
-"""`kgpu edge run`: build the daemon from settings, serve HTTP, stop cleanly on SIGINT/SIGTERM."""
+"""`kgpu edge run`: build the daemon from settings, serve HTTP, stop cleanly on SIGINT/SIGTERM,
+within `shutdown_timeout` seconds (the outbox is on disk at every commit; what a stop cut short
+loses is only what was still held in memory, and it is logged)."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
 import signal
+from typing import Any
 
 from aiohttp import web
 
@@ -51,13 +56,38 @@ async def serve(settings: EdgeSettings, *, ready: asyncio.Event | None = None) -
         from edge.sync import EdgeSync
 
         sync_task = asyncio.create_task(EdgeSync(daemon, settings).run(stop), name="sync")
+    run_task = asyncio.create_task(daemon.run(stop), name="daemon")
+    stopping = asyncio.ensure_future(stop.wait())
     try:
-        await daemon.run(stop)
+        await asyncio.wait([run_task, stopping], return_when=asyncio.FIRST_COMPLETED)
     finally:
-        if sync_task is not None:
-            await asyncio.gather(sync_task, return_exceptions=True)
+        stopping.cancel()
+        stop.set()
+        # the bound starts with the signal: a cycle stuck on a dead disk is inside it too
+        await shut_down(daemon, runner, [run_task, sync_task], simulated, settings.shutdown_timeout)
+    if run_task.done() and not run_task.cancelled() and run_task.exception() is not None:
+        raise run_task.exception()  # type: ignore[misc]
+
+
+async def shut_down(daemon: EdgeDaemon, runner: web.AppRunner, tasks: list[asyncio.Task[None] | None],
+                    simulated: Any, timeout_s: float) -> None:
+    """Let the loop and the sync end, stop the HTTP server and the daemon, all within `timeout_s`;
+    past it, say what is lost and exit at once (a thread stuck on a dead disk or driver would
+    otherwise hold the process for good)."""
+
+    async def steps() -> None:
+        await asyncio.gather(*(task for task in tasks if task is not None), return_exceptions=True)
         log.info("stopping")
         await runner.cleanup()
         await daemon.stop()
         if simulated is not None:
             simulated.uninstall()
+
+    try:
+        await asyncio.wait_for(steps(), timeout_s)
+    except TimeoutError:
+        log.error("shutdown took longer than %g s (shutdown_timeout); exiting now. Every event in the outbox "
+                  "is on disk and is sent after the restart; %d events held in memory (never written: the "
+                  "store was failing) are lost", timeout_s, daemon.held_events)
+        logging.shutdown()
+        os._exit(1)

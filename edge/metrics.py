@@ -79,6 +79,30 @@ class EdgeCollector(Collector):
                                       float(value))
         yield from (util, memory)
 
+    def _store_families(self) -> Iterator[Metric]:
+        """The store's recovery, the outbox bound and the log pruning (edge/store/)."""
+        d = self.daemon
+        store, recovery = d.store, d.store_recovery
+        yield GaugeMetricFamily(
+            "kgpu_store_recovered", "1 when this run started on a fresh store: the database file was broken and "
+            "moved aside, or cannot be opened (then kgpu_store_persistent is 0).",
+            value=1.0 if recovery is not None else 0.0)
+        yield GaugeMetricFamily("kgpu_store_persistent", "0 while the daemon runs on a temporary store (its "
+                                "database cannot be opened): nothing recorded survives a restart.",
+                                value=0.0 if recovery is not None and not recovery.persistent else 1.0)
+        yield GaugeMetricFamily("kgpu_store_repairs", "Problems found and repaired at open (a damaged last_seq, a "
+                                "database older than its generation file: a new epoch).", value=len(store.notices))
+        yield GaugeMetricFamily("kgpu_outbox_bytes", "Size of the events not yet acknowledged by the cloud.",
+                                value=store.outbox_bytes())
+        yield GaugeMetricFamily("kgpu_outbox_over_bound", "1 while the unacked events exceed outbox_max_events "
+                                "or outbox_max_bytes.", value=1.0 if store.outbox_over_bound() else 0.0)
+        yield CounterMetricFamily("kgpu_outbox_over_bound_events", "Events recorded while the outbox was over "
+                                  "its bound (kept: nothing is dropped).", value=store.outbox_over_bound_events)
+        yield CounterMetricFamily("kgpu_outbox_summaries_shrunk", "Offline summaries shrunk in place to keep the "
+                                  "outbox within outbox_max_bytes.", value=store.summaries_shrunk)
+        yield CounterMetricFamily("kgpu_store_log_rows_pruned", "Decisions and local event copies pruned by age "
+                                  "or count (acked ones only).", value=d.log_rows_pruned)
+
     def collect(self) -> Iterator[Metric]:
         d = self.daemon
         node = d.node
@@ -160,6 +184,7 @@ class EdgeCollector(Collector):
         )
         yield GaugeMetricFamily("kgpu_store_degraded", "1 while the edge store cannot be written.",
                                 value=1.0 if d.store_problem else 0.0)
+        yield from self._store_families()
         yield CounterMetricFamily("kgpu_sampling_cycles", "Sampling cycles run.", value=d.counters.cycles)
         yield CounterMetricFamily(
             "kgpu_sampling_cycle_seconds", "Time spent in sampling cycles.", value=d.counters.cycle_seconds_sum

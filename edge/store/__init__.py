@@ -17,15 +17,23 @@ store stays usable once the condition clears.
 
 Split by role, so that the exactly-once outbox reads apart from the caches: schema.py (tables,
 meta keys), base.py (engine, transactions, errors, opening), outbox.py (outbox, decision and
-event logs, applied commands), local.py (policy cache, inventory, telemetry history). `EdgeStore`
-puts them together.
+event logs, applied commands), local.py (policy cache, inventory, telemetry history), epoch.py
+(a new outbox epoch when the database went back in time), maintenance.py (the outbox bound, log
+pruning), generation.py (the generation sidecar file) and recovery.py (opening a broken or
+unopenable file without stopping enforcement). `EdgeStore` puts them together.
 """
 
 from __future__ import annotations
 
-from edge.store.base import StoreBase, StoreError, StoreSchemaError
+from pathlib import Path
+from typing import Any
+
+from edge.store.base import StoreBase, StoreCorrupt, StoreError, StoreSchemaError
+from edge.store.epoch import EpochStore
 from edge.store.local import LocalStateStore
+from edge.store.maintenance import MaintenanceStore
 from edge.store.outbox import OutboxStore
+from edge.store.recovery import Recovery, open_store
 from edge.store.schema import (
     DEFAULT_BUSY_TIMEOUT_MS,
     DEFAULT_EVENTS_RETENTION,
@@ -42,14 +50,26 @@ __all__ = [
     "DEFAULT_SAMPLES_RETENTION",
     "STORE_SCHEMA_VERSION",
     "EdgeStore",
+    "Recovery",
     "StoreBase",
+    "StoreCorrupt",
     "StoreError",
     "StoreSchemaError",
     "decisions_table",
     "events_table",
     "metadata",
+    "open_edge_store",
 ]
 
 
-class EdgeStore(OutboxStore, LocalStateStore):
+class EdgeStore(EpochStore, MaintenanceStore, OutboxStore, LocalStateStore):
     """The edge daemon's SQLite database. One instance per process; share it between threads."""
+
+
+def open_edge_store(path: str | Path, node: str, **options: Any) -> tuple[EdgeStore, Recovery | None]:
+    """The daemon's way in: an EdgeStore on `path`, or, when that file is broken, a fresh one (the
+    broken file moved aside), or a temporary one when nothing can be opened there; with what
+    had to be done (edge/store/recovery.py)."""
+    store, recovery = open_store(EdgeStore, Path(path), node, **options)
+    assert isinstance(store, EdgeStore)
+    return store, recovery

@@ -58,10 +58,20 @@ class OutboxStore(StoreBase):
                     f"{kind} expects {BODY_MODELS[kind].__name__}, got {type(body).__name__}"
                 )
         with self._write("record") as conn:
-            return self._record_in(conn, items)
+            envelopes = self._record_in(conn, items)
+        self._recorded(len(envelopes))
+        return envelopes
+
+    def _recorded(self, count: int) -> None:
+        """After the commit: the generation sidecar when due, the outbox bound."""
+        if count:
+            self._note_generation()
+            self._after_record(count)
 
     def _record_in(self, conn: Connection, items: list[tuple[Kind, WireModel]]) -> list[Envelope]:
+        """Insert in the caller's transaction (the counters move with it: see StoreBase._write)."""
         last = int(meta_get(conn, META_LAST_SEQ) or 0)
+        size = 0
         envelopes: list[Envelope] = []
         rows: list[dict[str, Any]] = []
         for i, (kind, body) in enumerate(items):
@@ -76,6 +86,7 @@ class OutboxStore(StoreBase):
                             MAX_PAYLOAD_BYTES, extra={"node": self.node, "msg_id": envelope.id})
                 payload = envelope.to_json()
             envelopes.append(envelope)
+            size += len(payload)
             rows.append({"seq": envelope.seq, "id": envelope.id, "kind": str(kind), "ts": envelope.ts,
                          "payload": payload.decode()})
         conn.execute(outbox_table.insert(), rows)
@@ -119,6 +130,10 @@ class OutboxStore(StoreBase):
                 events_table.delete().where(events_table.c.n <= newest - self.events_retention)
             )
         meta_set(conn, META_LAST_SEQ, str(last + len(envelopes)))
+        with self._counter_lock:
+            self._last_seq = last + len(envelopes)
+            self._depth += len(envelopes)
+            self._outbox_bytes += size
         return envelopes
 
     def outbox_pending(self, limit: int = 100, after_seq: int = 0) -> list[Envelope]:
@@ -133,9 +148,14 @@ class OutboxStore(StoreBase):
             return [Envelope.model_validate_json(payload) for payload in rows]
 
     def outbox_depth(self) -> int:
-        """How many events the cloud has not acked yet."""
-        with self._read("outbox_depth") as conn:
-            return conn.execute(sa.select(sa.func.count()).select_from(outbox_table)).scalar_one()
+        """How many events the cloud has not acked yet (a counter kept with every add and ack:
+        no query, safe to call after every ack)."""
+        self._check_open()
+        return self._depth
+
+    def outbox_bytes(self) -> int:
+        """Size of the unacked envelopes, in bytes (kept like the depth)."""
+        return self._outbox_bytes
 
     def oldest_pending_ts(self) -> float | None:
         """When the longest-waiting unacked event was recorded (lowest seq), None if none."""
@@ -159,8 +179,17 @@ class OutboxStore(StoreBase):
                     extra={"ack_upto": upto, "last_seq": last},
                 )
                 upto = last
-            result = conn.execute(outbox_table.delete().where(outbox_table.c.seq <= upto))
-            return int(result.rowcount or 0)
+            gone = outbox_table.c.seq <= upto
+            count, size = conn.execute(sa.select(sa.func.count(), sa.func.coalesce(
+                sa.func.sum(sa.func.length(sa.cast(outbox_table.c.payload, sa.LargeBinary))), 0)).where(gone)).one()
+            if count:
+                conn.execute(outbox_table.delete().where(gone))
+            with self._counter_lock:
+                self._depth -= int(count)
+                self._outbox_bytes -= int(size)
+        if count:
+            self._note_generation()
+        return int(count)
 
     @property
     def epoch(self) -> str:
@@ -265,7 +294,8 @@ class OutboxStore(StoreBase):
             if draining is not None:
                 meta_set(conn, META_DRAINING, json.dumps(sorted(draining)))
             (envelope,) = self._record_in(conn, [(Kind.COMMAND_RESULT, result)])
-            return envelope
+        self._recorded(1)
+        return envelope
 
     def draining(self) -> set[str]:
         """The GPUs the cloud asked to drain and has not undrained: kept across restarts."""
