@@ -8,6 +8,9 @@
 - `events`: the outbox, drained in `seq` order with QoS 1 and at most `outbox_window` events in
   flight. An event is deleted only when the cloud's cumulative ack covers it; unacked events are
   sent again after a reconnect or after `ack_timeout` (the cloud deduplicates by node and seq).
+  The status carries `outbox_acked` (what a cloud acked before: a restored fleet database resumes
+  from it); an ack with `conflict` (the cloud holds other events under seqs we reused: our
+  database went back in time) starts a new outbox epoch, announced by a status before any event.
 - `policy` (retained) and `commands` from the cloud: validated; a policy not newer than ours is
   ignored; a command is applied at most once per id and its result goes back as an event.
 """
@@ -42,12 +45,14 @@ from shared.protocol import (
     decode_and_check,
     make_envelope,
 )
-from shared.topics import cloud_topic, cloud_wildcard_for, edge_topic
+from shared.topics import BadTopic, cloud_topic, cloud_topics_for, cloud_wildcard_for, edge_topic, parse_topic
 
 if TYPE_CHECKING:
     from edge.daemon import EdgeDaemon
 
 log = get_logger(__name__)
+
+NEW_EPOCH_REASON = "the cloud holds different events under seqs we reused: the edge database went back in time"
 
 # How each of our topics is published (the one contract: shared.protocol.ROUTES)
 STATUS, TELEMETRY, EVENTS = ROUTES["status"], ROUTES["telemetry"], ROUTES["events"]
@@ -119,6 +124,7 @@ class EdgeSync:
         self.settings = settings
         self.node = daemon.node
         self.rejected: dict[str, int] = {}
+        self.conflicts = 0  # acks that said `conflict`: new outbox epochs started because of them
         self.acked_upto = 0
         self._highest_sent = 0
         # The highest seq this process has published. An ack beyond it cannot be for events the
@@ -128,6 +134,13 @@ class EdgeSync:
         self._oldest_unacked_sent_at: float | None = None
         self._last_status_key: tuple | None = None
         self._last_status_at = 0.0
+        # The outbox epoch of the last status handed to the broker: no event is sent before the
+        # cloud has been told the epoch it belongs to (it files events under the epoch it knows).
+        self._announced_epoch: str | None = None
+        self._left_epoch: str | None = None  # the epoch a conflict made us leave: its late acks are expected
+        # Held while events are read and published, and while a new epoch renumbers them: an
+        # event read under the old epoch is never published after the new epoch's status.
+        self._send_lock = asyncio.Lock()
         self._offline: OfflineSummary | None = OfflineSummary(since=time.time())
         self._link_ever_up = False
         self.mqtt: AsyncMqtt | None = None
@@ -145,10 +158,18 @@ class EdgeSync:
                          settings.mqtt_tls_insecure)
         return AsyncMqtt(
             asyncio.get_running_loop(), address, f"kgpu-edge-{self.node}",
-            subscriptions=[(cloud_wildcard_for(self.node), 1)],
+            # the exact topics, not .../#: RabbitMQ sends retained messages (our policy) only to those
+            subscriptions=[(topic, 1) for topic in cloud_topics_for(self.node)],
+            retired_subscriptions=[cloud_wildcard_for(self.node)],  # older releases' filter, kept by durable sessions
             will=Will(edge_topic(self.node, "status"), offline.to_json(), qos=STATUS.qos, retain=STATUS.retained),
             tls=tls, clean_session=False, password_file=settings.mqtt_password_file,
         )
+
+    @property
+    def refused_subscriptions(self) -> dict[str, str]:
+        """filter -> the SUBACK code the broker refused it with (empty when all were granted): what
+        /healthz shows, since a refused filter means policies, acks or commands never arrive."""
+        return dict(self.mqtt.link.refused_subscriptions) if self.mqtt is not None else {}
 
     async def run(self, stop: asyncio.Event) -> None:
         self.mqtt = self._make_client()
@@ -186,10 +207,13 @@ class EdgeSync:
 
     async def _on_link_up(self) -> None:
         self._link_ever_up = True
-        self._publish_status(force=True)
-        # everything not yet acked goes again, from the oldest (the cloud deduplicates)
-        self._highest_sent = self.acked_upto
-        self._oldest_unacked_sent_at = None
+        async with self._send_lock:
+            # The status first: it names our epoch and `outbox_acked` (a restored fleet database
+            # moves its acked_seq up to it) before any event arrives.
+            self._publish_status(force=True)
+            # everything not yet acked goes again, from the oldest (the cloud deduplicates)
+            self._highest_sent = self.acked_upto
+            self._oldest_unacked_sent_at = None
         if self._offline is not None:
             summary, self._offline = self._offline, None
             if summary.samples:
@@ -228,6 +252,8 @@ class EdgeSync:
         if self.mqtt.publish(edge_topic(self.node, "status"), envelope.to_json(), qos=STATUS.qos,
                              retain=STATUS.retained):
             self._last_status_key, self._last_status_at = key, now
+            if body.state == "online":
+                self._announced_epoch = body.outbox_epoch
 
     # ---- the outbox --------------------------------------------------------------------------
 
@@ -240,34 +266,44 @@ class EdgeSync:
             changed.clear()
             if not self.mqtt.connected:
                 continue
-            now = time.monotonic()
-            if (self._oldest_unacked_sent_at is not None and self._highest_sent > self.acked_upto
-                    and now - self._oldest_unacked_sent_at > self.settings.ack_timeout):
-                log.warning("no ack for seq %d..%d within %.0f s; sending them again",
-                            self.acked_upto + 1, self._highest_sent, self.settings.ack_timeout)
-                self._highest_sent = self.acked_upto
-                self._oldest_unacked_sent_at = None
-            room = self.settings.outbox_window - (self._highest_sent - self.acked_upto)
-            if room <= 0:
-                continue
-            try:
-                pending: list[Envelope] = await asyncio.to_thread(
-                    self.daemon.store.outbox_pending, room, self._highest_sent
-                )
-            except Exception as exc:  # noqa: BLE001 - a store error must not end the send loop: retry next round
-                log.error("cannot read the outbox: %s", exc)
-                continue
-            for envelope in pending:
-                if not self.mqtt.publish(edge_topic(self.node, "events"), envelope.to_json(), qos=EVENTS.qos,
-                                         retain=EVENTS.retained):
-                    break
-                assert envelope.seq is not None
-                self._highest_sent = envelope.seq
-                self.max_published = max(self.max_published, envelope.seq)
-                if self._oldest_unacked_sent_at is None:
-                    self._oldest_unacked_sent_at = time.monotonic()
-            if len(pending) == room:
-                changed.set()  # more waiting: go round again once acks make room
+            async with self._send_lock:
+                if await self._send_some():
+                    changed.set()  # more waiting: go round again once acks make room
+
+    async def _send_some(self) -> bool:
+        """One round of the drain (under the send lock); True when more events are waiting."""
+        assert self.mqtt is not None
+        if self._announced_epoch != self.daemon.store.epoch:
+            self._publish_status(force=True)  # the cloud must know the epoch before its events
+            if self._announced_epoch != self.daemon.store.epoch:
+                return False
+        now = time.monotonic()
+        if (self._oldest_unacked_sent_at is not None and self._highest_sent > self.acked_upto
+                and now - self._oldest_unacked_sent_at > self.settings.ack_timeout):
+            log.warning("no ack for seq %d..%d within %.0f s; sending them again",
+                        self.acked_upto + 1, self._highest_sent, self.settings.ack_timeout)
+            self._highest_sent = self.acked_upto
+            self._oldest_unacked_sent_at = None
+        room = self.settings.outbox_window - (self._highest_sent - self.acked_upto)
+        if room <= 0:
+            return False
+        try:
+            pending: list[Envelope] = await asyncio.to_thread(
+                self.daemon.store.outbox_pending, room, self._highest_sent
+            )
+        except Exception as exc:  # noqa: BLE001 - a store error must not end the send loop: retry next round
+            log.error("cannot read the outbox: %s", exc)
+            return False
+        for envelope in pending:
+            if not self.mqtt.publish(edge_topic(self.node, "events"), envelope.to_json(), qos=EVENTS.qos,
+                                     retain=EVENTS.retained):
+                break
+            assert envelope.seq is not None
+            self._highest_sent = envelope.seq
+            self.max_published = max(self.max_published, envelope.seq)
+            if self._oldest_unacked_sent_at is None:
+                self._oldest_unacked_sent_at = time.monotonic()
+        return len(pending) == room
 
     # ---- from the cloud ----------------------------------------------------------------------
 
@@ -285,7 +321,7 @@ class EdgeSync:
                 log.exception("failed to handle a message on %s", message.topic)
 
     async def _handle(self, message: Received) -> None:
-        if not message.payload and message.topic == cloud_topic(self.node, "policy"):
+        if not message.payload and _is_policy_topic(message.topic, self.node):
             # The cloud cleared its retained policy (no policy selects this node any more): keep
             # enforcing the one we have; the config's applies again only after a fresh install.
             log.info("the cloud no longer holds a policy for this node; keeping the current one")
@@ -306,9 +342,15 @@ class EdgeSync:
             await self._on_command(envelope, body)
 
     async def _on_ack(self, ack: AckBody) -> None:
+        if ack.epoch is not None and ack.epoch == self._left_epoch:
+            log.debug("ack for the epoch we left after a conflict (up to %d): ignored", ack.upto)
+            return
         if ack.epoch is not None and ack.epoch != self.daemon.store.epoch:
             self._reject("ack_epoch", f"ack for outbox epoch {ack.epoch}, ours is {self.daemon.store.epoch}",
                          cloud_topic(self.node, "ack"))
+            return
+        if ack.conflict:
+            await self._start_new_epoch(ack)
             return
         upto = min(ack.upto, self.max_published)
         if upto < ack.upto:
@@ -325,6 +367,36 @@ class EdgeSync:
             self._highest_sent = self.acked_upto
         self._oldest_unacked_sent_at = time.monotonic() if self._highest_sent > self.acked_upto else None
         log.debug("cloud acked up to seq %d (%d deleted)", upto, deleted)
+        await self.daemon.refresh_outbox_depth()
+        self.daemon.outbox_changed.set()
+
+    async def _start_new_epoch(self, ack: AckBody) -> None:
+        """The cloud holds other events under seqs we sent in this epoch: our database went back
+        in time (a restored backup, a lost WAL). Apply the ack (it stops before the first such
+        seq), renumber what is left in a new epoch, tell the cloud the epoch, then send again."""
+        async with self._send_lock:
+            store = self.daemon.store
+            if ack.epoch is not None and ack.epoch != store.epoch:
+                return  # another conflict ack of the old epoch got here first
+            upto = min(ack.upto, self.max_published)
+            try:
+                if upto > self.acked_upto:
+                    await asyncio.to_thread(store.ack, upto)
+                    self.acked_upto = upto
+                old = store.epoch
+                await asyncio.to_thread(store.start_new_epoch, NEW_EPOCH_REASON)
+            except StoreError as exc:  # the events stay; the cloud says conflict again at the re-send
+                log.error("the cloud reports a seq conflict (our database went back in time), but the "
+                          "outbox cannot start a new epoch now: %s", exc)
+                return
+            log.warning("the cloud holds other events under seqs we sent in epoch %s: started epoch %s, "
+                        "sending the unacked events again under it", old, store.epoch,
+                        extra={"old_epoch": old, "epoch": store.epoch, "acked_upto": upto})
+            self.conflicts += 1
+            self._left_epoch = old
+            self.acked_upto = self._highest_sent = self.max_published = 0
+            self._oldest_unacked_sent_at = None
+            self._publish_status(force=True)  # before any event of the new epoch (see _send_some)
         await self.daemon.refresh_outbox_depth()
         self.daemon.outbox_changed.set()
 
@@ -346,3 +418,11 @@ class EdgeSync:
             self.daemon.outbox_changed.set()
             await self.daemon.refresh_outbox_depth()
 
+
+def _is_policy_topic(topic: str, node: str) -> bool:
+    """Our policy topic, also as a broker that maps `.` to `/` delivers it (parse_topic)."""
+    try:
+        parts = parse_topic(topic)
+    except BadTopic:
+        return False
+    return parts.side == "cloud" and parts.node == node and parts.kind == "policy"

@@ -21,11 +21,11 @@ from enum import StrEnum
 from types import MappingProxyType
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, SerializerFunctionWrapHandler, ValidationError, field_validator, model_serializer
 
 from shared.gpu import GpuSample, Health
 from shared.policy import PowerPolicy
-from shared.topics import NODE_NAME_RE, BadTopic, TopicParts, parse_topic
+from shared.topics import NODE_NAME_RE, BadTopic, BadTopicNode, TopicParts, parse_topic
 from shared.wire import WireModel
 
 SCHEMA_VERSION: Literal[1] = 1
@@ -96,6 +96,18 @@ class StatusBody(WireModel):
     # re-created its seq starts again at 1; the epoch tells the cloud so, and acks name it.
     outbox_epoch: str | None = Field(None, max_length=64)
     degraded: list[str] = Field(default_factory=list)
+    # The edge's own acked_upto in `outbox_epoch`: every seq up to here was stored by a cloud
+    # before. A fleet database that holds less was restored or replaced: the cloud moves its
+    # acked_seq up to here instead of waiting forever for events the edge has deleted.
+    outbox_acked: int | None = Field(None, ge=0)
+
+    @model_serializer(mode="wrap")
+    def _omit_unset_outbox_acked(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # An edge without the figure (its last will) stays readable by an older controller.
+        data: dict[str, Any] = handler(self)
+        if data.get("outbox_acked") is None:
+            data.pop("outbox_acked", None)
+        return data
 
 
 class TelemetryBody(WireModel):
@@ -164,6 +176,18 @@ class OfflineSummaryBody(WireModel):
 class AckBody(WireModel):
     upto: int = Field(ge=0)  # every event with seq <= upto is stored by the cloud
     epoch: str | None = Field(None, max_length=64)  # the outbox epoch this ack is for
+    # The cloud holds different events (another envelope id) under seqs the edge just sent in
+    # this epoch: the edge's store went back in time. The edge starts a new epoch (renumbering
+    # what it has not had acked) before it sends again. Only `upto` is acked, never past them.
+    conflict: bool = False
+
+    @model_serializer(mode="wrap")
+    def _omit_no_conflict(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # Written only when true, so that an edge older than the field accepts every other ack.
+        data: dict[str, Any] = handler(self)
+        if not data.get("conflict"):
+            data.pop("conflict", None)
+        return data
 
 
 class PolicyBody(WireModel):
@@ -270,6 +294,7 @@ class Reason(StrEnum):
     SCHEMA = "schema"  # JSON, but not a valid envelope or not a valid body for its kind
     VERSION = "version"  # an envelope version this kgpu does not speak
     BAD_TOPIC = "bad_topic"  # not a kgpu/v1 topic, or a topic of the other direction
+    BAD_TOPIC_NODE = "bad_topic_node"  # the node spans several topic levels that form no node name
     NODE_MISMATCH = "node_mismatch"  # the payload's node is not the topic's (or not the receiver)
     KIND_MISMATCH = "kind_mismatch"  # a kind that does not travel on this topic
     MISSING_SEQ = "missing_seq"  # an event without the outbox seq it is deduplicated by
@@ -402,6 +427,9 @@ def decode_and_check(topic: str, payload: bytes, *, direction: Direction | None 
     (missing_seq)."""
     try:
         parts = parse_topic(topic)
+    except BadTopicNode as exc:  # a broker that rewrote the topic in a way parse_topic cannot undo
+        raise RejectedMessage(Reason.BAD_TOPIC_NODE, f"{exc}: the node cannot be recovered; does the broker "
+                              "rewrite topic levels (RabbitMQ maps '.' to '/')? docs/broker.md") from None
     except BadTopic as exc:
         raise RejectedMessage(Reason.BAD_TOPIC, str(exc)) from None
     route = ROUTES[parts.kind]

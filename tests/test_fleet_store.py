@@ -77,7 +77,9 @@ def incoming(
     node: str, body: WireModel, kind: Kind, *, seq: int | None = None, ts: float = T0,
     received_at: float | None = None,
 ) -> Incoming:
-    envelope = make_envelope(node, body, kind, seq).model_copy(update={"ts": ts})
+    # the same seq is the same envelope (its id): another id under a stored seq is a conflict
+    same_id = {"id": f"{node}-{kind}-{seq}"} if seq is not None else {}
+    envelope = make_envelope(node, body, kind, seq).model_copy(update={"ts": ts, **same_id})
     return Incoming(envelope=envelope, body=envelope.parsed_body(),
                     received_at=ts if received_at is None else received_at)
 

@@ -193,7 +193,8 @@ def wait_ingesting(cloud: CloudProcess, link: MqttLink) -> None:
 
 def decision(seq: int, node: str = "fake-1") -> bytes:
     body = DecisionBody(rule="test", action="record", outcome="recorded", reason=f"event {seq}")
-    return make_envelope(node, body, Kind.DECISION, seq=seq).to_json()
+    # a re-send is the same envelope (its id): another id under a stored seq is a conflict
+    return make_envelope(node, body, Kind.DECISION, seq=seq).model_copy(update={"id": f"{node}-{seq}"}).to_json()
 
 
 def test_duplicates_out_of_order_and_gaps_from_a_raw_publisher(stack: dict[str, Any]) -> None:

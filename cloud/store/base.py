@@ -67,6 +67,8 @@ class StoreBase:
         # SQLite has one writer anyway: queue threads on a mutex, not on its busy handler.
         self._write_lock = threading.Lock()
         self._url_for_logs = "?"
+        # What the SQLite file was before we opened it: absent, 0 bytes, or with data (size)
+        self._sqlite_file_before: tuple[Path, int | None] | None = None
         with self._errors("open"):
             self._engine = self._make_engine(url)
         self._dialect = self._engine.dialect.name
@@ -105,6 +107,12 @@ class StoreBase:
                 f"fleet store: cannot create {path.parent}: {exc.strerror or exc}",
                 reason=str(exc.strerror or exc),
             ) from exc
+        try:
+            self._sqlite_file_before = (path, path.stat().st_size)
+        except FileNotFoundError:
+            self._sqlite_file_before = (path, None)
+        except OSError:
+            pass  # SQLite says what is wrong with it when it opens it
         # An ack goes out right after the commit: the commit must survive power loss.
         return durable_sqlite_engine(parsed, self._busy_timeout_ms)
 
@@ -156,12 +164,38 @@ class StoreBase:
                 )
             if set(current) == set(script.get_heads()):
                 return
+            if not current:
+                self._say_new_database(conn)
             config.attributes["connection"] = conn
             alembic_command.upgrade(config, "head")
             log.info(
                 "fleet store schema migrated",
                 extra={"db": self._url_for_logs, "from": list(current), "to": script.get_heads()},
             )
+
+    def _say_new_database(self, conn: Connection) -> None:
+        """A database without kgpu's schema becomes a new, empty fleet database. Where a file was
+        there already (0 bytes, or data but no kgpu tables), that is more likely a restore gone
+        wrong than a first start: one clear WARNING, since every edge then re-sends only what it
+        has not had acked (docs/operations.md, "Fleet database")."""
+        before = self._sqlite_file_before
+        tables = sa.inspect(conn).get_table_names()
+        if before is not None and before[1] is not None:
+            path, size = before
+            holds = f" (it holds {', '.join(sorted(tables)[:5])})" if tables else ""
+            what = "is empty (0 bytes)" if size == 0 else f"has {size} bytes but no kgpu tables{holds}"
+            log.warning(
+                "fleet store: %s %s: starting a new fleet database; if you meant to restore, stop "
+                "and restore the backup", path, what, extra={"db": self._url_for_logs, "bytes": size},
+            )
+        elif before is None and tables:
+            log.warning(
+                "fleet store: the database has tables (%s) but no kgpu schema: creating kgpu's tables "
+                "beside them, as a new fleet database; if you meant to restore, stop and restore the "
+                "backup", ", ".join(sorted(tables)[:5]), extra={"db": self._url_for_logs},
+            )
+        else:
+            log.info("fleet store: a new fleet database; creating the schema", extra={"db": self._url_for_logs})
 
     def close(self) -> None:
         """Release every connection."""

@@ -12,19 +12,33 @@ is left for its next batch (`IngestResult.deferred`).
 
 An event whose node epoch is not yet known (no status seen) is stored under the epoch `""` and
 moved to the real epoch when a status names it: "unknown" matches whatever epoch comes first.
+
+A database that went back in time is told apart from a duplicate or a hole (cloud/store/epochs.py):
+an event stored under its (node, epoch, seq) with another envelope id is a *conflict* (the edge's
+database went back: the ack asks it for a new epoch), and a status whose `outbox_acked` is above
+the node's acked_seq raises it (the fleet database went back: delivery resumes at once).
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from cloud.store.base import StoreBase
+from cloud.store.batch import Incoming, IngestResult, NodeWork, chunks
+from cloud.store.epochs import (
+    UNKNOWN_EPOCH,
+    ConflictLedger,
+    advance_acked,
+    epoch_key,
+    relabel_unknown_epoch,
+    sort_already_stored,
+    switch_epoch,
+)
 from cloud.store.schema import decisions_table, events_table, gpus_table, nodes_table, samples_table
 from shared.gpu import GpuSample
 from shared.logs import get_logger
@@ -33,100 +47,25 @@ from shared.protocol import (
     EVENT_KINDS,
     DecisionBody,
     Envelope,
-    GpuSummary,
     Kind,
     StatusBody,
     TelemetryBody,
 )
 from shared.topics import NODE_NAME_RE
-from shared.wire import WireModel
 
 log = get_logger(__name__)
 
-UNKNOWN_EPOCH = ""
-"""Epoch stored for events of a node whose outbox epoch no status has named yet (NOT NULL keeps
-the unique constraint effective: NULLs never collide)."""
+__all__ = ["UNKNOWN_EPOCH", "Incoming", "IngestCore", "IngestResult", "epoch_key"]
 
 INGESTED_KINDS = frozenset({Kind.STATUS, Kind.TELEMETRY}) | EVENT_KINDS
-_CHUNK_ROWS = 500  # names per `IN (...)`: far below SQLite's and PostgreSQL's bind limits
-_ADVANCE_PAGE = 1000  # stored seqs read per step when walking acked_seq forward
-
-
-@dataclass(frozen=True)
-class Incoming:
-    """One validated message from the edge, with the cloud time it was received."""
-
-    envelope: Envelope
-    body: WireModel  # already validated for envelope.kind
-    received_at: float
-    # The node's clock minus ours as the ingest estimates it (cloud/clock_skew.py); 0 when in
-    # step. Status and sample times are kept as `ts - clock_skew`, so "a late one cannot win"
-    # still holds after the edge's clock jumped back by hours.
-    clock_skew: float = 0.0
-
-
-@dataclass
-class IngestResult:
-    """What one `ingest` did, and the acks the controller must publish because of it."""
-
-    # node -> (acked_seq, epoch): the cumulative ack for every node that sent events in the
-    # batch, duplicates included (a duplicate means the edge missed our previous ack).
-    acks: dict[str, tuple[int, str | None]] = field(default_factory=dict)
-    stored: int = 0
-    duplicates: int = 0
-    gaps: dict[str, int] = field(default_factory=dict)  # node -> events stored beyond a hole
-    stale: int = 0  # events sent before a status that changed the node's epoch: dropped
-    # With skip_locked: the messages of nodes another replica had locked, not applied (the
-    # caller offers them again in its next batch, before anything newer).
-    deferred: list[Incoming] = field(default_factory=list)
-
-
-# ---- per-batch working state ----------------------------------------------------------------
-
-
-@dataclass
-class _NodeWork:
-    """One node's row while a batch is applied to it (written back once at the end)."""
-
-    row: dict[str, Any]
-    epoch_before: str | None
-    adopted_epoch: bool = False  # a status named the epoch of a node that had none
-    epoch_changed: bool = False  # a status named a different epoch: acked_seq restarts
-    gpu_summaries: list[GpuSummary] | None = None  # from the newest status applied
-    samples: list[GpuSample] = field(default_factory=list)
-    # (epoch in effect when the event arrived, the event); the epoch decides stale or not
-    events: list[tuple[str | None, Incoming]] = field(default_factory=list)
-    sent_events: bool = False
-
-    @property
-    def name(self) -> str:
-        return str(self.row["name"])
-
-
-def _chunks(rows: Sequence[Any], size: int = _CHUNK_ROWS) -> Iterator[Sequence[Any]]:
-    for start in range(0, len(rows), size):
-        yield rows[start : start + size]
-
-
-def epoch_key(epoch: str | None) -> str:
-    """A node's outbox epoch as stored in the events and decisions tables."""
-    return UNKNOWN_EPOCH if epoch is None else epoch
-
-
-def _ranges(numbers: Iterable[int], limit: int = 5) -> str:
-    """`[3, 4, 5, 8]` -> "3-5,8" (the first `limit` ranges), for a readable log line."""
-    spans: list[tuple[int, int]] = []
-    for n in numbers:
-        if spans and n == spans[-1][1] + 1:
-            spans[-1] = (spans[-1][0], n)
-        else:
-            spans.append((n, n))
-    text = ",".join(f"{a}" if a == b else f"{a}-{b}" for a, b in spans[:limit])
-    return text + (",..." if len(spans) > limit else "")
 
 
 class IngestCore(StoreBase):
     """Writes what the edges send: node rows, GPUs, the sample history, events and decisions."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.conflict_ledger = ConflictLedger()
 
     def ingest(self, batch: Sequence[Incoming], *, skip_locked: bool = False) -> IngestResult:
         """Apply a batch of edge messages in ONE transaction; see the module docstring.
@@ -157,13 +96,18 @@ class IngestCore(StoreBase):
             self._store_samples(conn, work)
             self._write_nodes(conn, work)
         for w in work.values():
-            if w.sent_events:
-                result.acks[w.name] = (int(w.row["acked_seq"]), w.row["outbox_epoch"])
+            if w.sent_events or w.floor_from is not None:
+                upto, epoch = int(w.row["acked_seq"]), w.row["outbox_epoch"]
+                first_conflict = self.conflict_ledger.first(w.name, epoch)
+                if first_conflict is not None and w.sent_events:
+                    result.conflicted.add(w.name)
+                    upto = min(upto, first_conflict - 1)
+                result.acks[w.name] = (upto, epoch)
         return result
 
     def _lock_nodes(
         self, conn: Connection, by_node: dict[str, list[Incoming]], skip_locked: bool = False
-    ) -> dict[str, _NodeWork]:
+    ) -> dict[str, NodeWork]:
         """Create the batch's unknown nodes, then lock every node row, in name order (so two
         replicas never wait on each other in a circle); with skip_locked, only the rows no one
         else holds."""
@@ -185,8 +129,8 @@ class IngestCore(StoreBase):
         conn.execute(
             self.insert(nodes_table).on_conflict_do_nothing(index_elements=["name"]), fresh
         )
-        work: dict[str, _NodeWork] = {}
-        for chunk in _chunks(names):
+        work: dict[str, NodeWork] = {}
+        for chunk in chunks(names):
             rows = conn.execute(
                 sa.select(nodes_table)
                 .where(nodes_table.c.name.in_(chunk))
@@ -195,10 +139,10 @@ class IngestCore(StoreBase):
             )
             for row in rows:
                 values = dict(row._mapping)
-                work[values["name"]] = _NodeWork(row=values, epoch_before=values["outbox_epoch"])
+                work[values["name"]] = NodeWork(row=values, epoch_before=values["outbox_epoch"])
         return work
 
-    def _apply(self, w: _NodeWork, item: Incoming) -> None:
+    def _apply(self, w: NodeWork, item: Incoming) -> None:
         """Fold one message into the node's working state, in the order it arrived."""
         env, row = item.envelope, w.row
         row["last_seen"] = max(row["last_seen"], item.received_at)
@@ -215,7 +159,7 @@ class IngestCore(StoreBase):
             w.sent_events = True
             w.events.append((row["outbox_epoch"], item))
 
-    def _apply_status(self, w: _NodeWork, env: Envelope, body: StatusBody, made: float) -> None:
+    def _apply_status(self, w: NodeWork, env: Envelope, body: StatusBody, made: float) -> None:
         """`made`: the status's ts corrected by the node's clock skew (what status_ts keeps)."""
         row = w.row
         if body.state == "offline" and row["status_ts"] is not None and made < row["status_ts"]:
@@ -242,34 +186,30 @@ class IngestCore(StoreBase):
         )
         w.gpu_summaries = list(body.gpus)
         new_epoch = body.outbox_epoch
-        if new_epoch is None or new_epoch == row["outbox_epoch"]:
+        if new_epoch is None:
             return  # an edge that does not say keeps the epoch it had
-        if row["outbox_epoch"] is None:
-            # The first epoch named: events so far (stored under "unknown") belong to it.
-            w.adopted_epoch = True
-            w.events = [(new_epoch if tag is None else tag, item) for tag, item in w.events]
-        else:
-            log.warning(
-                "node outbox epoch changed (its database was re-created): acked_seq restarts",
-                extra={
-                    "node": w.name,
-                    "msg_id": env.id,
-                    "old_epoch": row["outbox_epoch"],
-                    "new_epoch": new_epoch,
-                    "old_acked_seq": row["acked_seq"],
-                },
-            )
-            w.epoch_changed = True
-            row["acked_seq"] = 0
-        row["outbox_epoch"] = new_epoch
+        if new_epoch != row["outbox_epoch"]:
+            switch_epoch(w, env, new_epoch, self.conflict_ledger)
+        if body.outbox_acked is not None and body.outbox_acked > row["acked_seq"]:
+            # A controller acked these before, and this database does not hold them: it was
+            # restored from a backup or replaced. The edge deleted them; waiting is forever.
+            if w.floor_from is None:
+                w.floor_from = int(row["acked_seq"])
+            row["acked_seq"] = body.outbox_acked
 
-    def _store_events(self, conn: Connection, work: dict[str, _NodeWork], out: IngestResult) -> None:
-        """Insert the new events of every node (one statement per chunk), then move acked_seq."""
-        candidates: list[tuple[_NodeWork, Incoming]] = []
+    def _store_events(self, conn: Connection, work: dict[str, NodeWork], out: IngestResult) -> None:
+        """Insert the new events of every node (one statement per chunk), then move acked_seq.
+
+        A seq already stored is a duplicate only if it is stored with the same envelope id;
+        under another id it is a conflict (cloud/store/epochs.py), and from the node's first
+        conflicting seq on nothing of its epoch is stored (the edge sends it again, renumbered)."""
+        candidates: list[tuple[NodeWork, Incoming]] = []
+        seen_before: list[tuple[NodeWork, Incoming]] = []  # at or below acked_seq: stored already?
         for w in work.values():
             if w.adopted_epoch:
-                self._relabel_unknown_epoch(conn, w)
+                relabel_unknown_epoch(conn, w)
             epoch = w.row["outbox_epoch"]
+            first_conflict = self.conflict_ledger.first(w.name, epoch)
             current: dict[int, Incoming] = {}
             for tag, item in w.events:
                 if tag != epoch:
@@ -281,8 +221,12 @@ class IngestCore(StoreBase):
                     )
                     continue
                 seq = int(item.envelope.seq or 0)
-                if seq in current or seq <= w.row["acked_seq"]:
+                if first_conflict is not None and seq >= first_conflict:
+                    out.conflicts += 1  # the edge's diverged history: it comes again, renumbered
+                elif seq in current:
                     out.duplicates += 1
+                elif seq <= w.row["acked_seq"]:
+                    seen_before.append((w, item))
                 else:
                     current[seq] = item
             candidates.extend((w, current[seq]) for seq in sorted(current))
@@ -309,8 +253,9 @@ class IngestCore(StoreBase):
                 rows,
             )
             stored.update((node, int(seq)) for node, seq in inserted)
+        seen_before += [(w, item) for w, item in candidates if (w.name, item.envelope.seq) not in stored]
+        sort_already_stored(conn, work, seen_before, stored, out, self.conflict_ledger)
         out.stored += len(stored)
-        out.duplicates += len(candidates) - len(stored)
 
         decisions = [
             _decision_row(w, item)
@@ -329,62 +274,10 @@ class IngestCore(StoreBase):
         for node, seq in stored:
             new_seqs[node].append(seq)
         for w in work.values():
-            if w.sent_events or w.epoch_changed or w.adopted_epoch:
-                self._advance_acked(conn, w, sorted(new_seqs.get(w.name, [])), out)
+            if w.sent_events or w.epoch_changed or w.adopted_epoch or w.floor_from is not None:
+                advance_acked(conn, w, sorted(new_seqs.get(w.name, [])), out)
 
-    def _relabel_unknown_epoch(self, conn: Connection, w: _NodeWork) -> None:
-        """Events stored before the node's epoch was known are moved to that epoch."""
-        for table in (events_table, decisions_table):
-            conn.execute(
-                table.update()
-                .where(table.c.node == w.name, table.c.epoch == UNKNOWN_EPOCH)
-                .values(epoch=w.row["outbox_epoch"])
-            )
-
-    def _advance_acked(
-        self, conn: Connection, w: _NodeWork, new_seqs: list[int], out: IngestResult
-    ) -> None:
-        """Move acked_seq over every consecutive stored seq; count new events beyond a hole."""
-        t = events_table
-        acked = int(w.row["acked_seq"])
-        epoch = epoch_key(w.row["outbox_epoch"])
-        beyond: list[int] = []
-        while True:
-            page = list(
-                conn.execute(
-                    sa.select(t.c.seq)
-                    .where(t.c.node == w.name, t.c.epoch == epoch, t.c.seq > acked)
-                    .order_by(t.c.seq)
-                    .limit(_ADVANCE_PAGE)
-                ).scalars()
-            )
-            for i, seq in enumerate(page):
-                if seq != acked + 1:
-                    beyond = page[i:]
-                    break
-                acked = seq
-            if beyond or len(page) < _ADVANCE_PAGE:
-                break
-        w.row["acked_seq"] = acked
-        past_hole = [seq for seq in new_seqs if seq > acked]
-        if not past_hole:
-            return
-        w.row["gaps"] = int(w.row["gaps"]) + len(past_hole)
-        out.gaps[w.name] = out.gaps.get(w.name, 0) + len(past_hole)
-        present = set(beyond)
-        missing = [s for s in range(acked + 1, beyond[-1]) if s not in present] if beyond else []
-        log.warning(
-            "events beyond a hole in seq: stored, not acked until the missing ones arrive",
-            extra={
-                "node": w.name,
-                "epoch": w.row["outbox_epoch"],
-                "acked_seq": acked,
-                "missing": _ranges(missing),
-                "beyond_hole": len(past_hole),
-            },
-        )
-
-    def _store_gpus(self, conn: Connection, work: dict[str, _NodeWork]) -> None:
+    def _store_gpus(self, conn: Connection, work: dict[str, NodeWork]) -> None:
         """Merge status summaries and latest samples into the `gpus` rows of the batch's nodes.
 
         Written without reading the rows first (the read was most of the cost of telemetry):
@@ -409,7 +302,7 @@ class IngestCore(StoreBase):
                 if sample.power_limit_w is not None:
                     power_limit[(w.name, sample.uuid)] = sample.power_limit_w
         with_status = [w.name for w in work.values() if w.gpu_summaries]
-        for chunk in _chunks(with_status):
+        for chunk in chunks(with_status):
             gone = [
                 (node, uuid)
                 for node, uuid in conn.execute(sa.select(g.c.node, g.c.uuid).where(g.c.node.in_(chunk)))
@@ -448,14 +341,14 @@ class IngestCore(StoreBase):
                 rows,
             )
 
-    def _store_samples(self, conn: Connection, work: dict[str, _NodeWork]) -> None:
+    def _store_samples(self, conn: Connection, work: dict[str, NodeWork]) -> None:
         """Downsample telemetry into `samples`: at most one row per GPU per resolution."""
         with_samples = [w for w in work.values() if w.samples]
         if not with_samples:
             return
         s = samples_table
         last: dict[tuple[str, str], float] = {}
-        for chunk in _chunks([w.name for w in with_samples]):
+        for chunk in chunks([w.name for w in with_samples]):
             query = (
                 sa.select(s.c.node, s.c.uuid, sa.func.max(s.c.ts))
                 .where(s.c.node.in_(chunk))
@@ -483,10 +376,10 @@ class IngestCore(StoreBase):
                         "memory_used_bytes": sample.memory_used_bytes,
                     }
                 )
-        for chunk in _chunks(rows):
+        for chunk in chunks(rows):
             conn.execute(s.insert(), list(chunk))
 
-    def _write_nodes(self, conn: Connection, work: dict[str, _NodeWork]) -> None:
+    def _write_nodes(self, conn: Connection, work: dict[str, NodeWork]) -> None:
         """Write every node row back (acked_seq in the same transaction as its events)."""
         t = nodes_table
         stmt = (
@@ -555,7 +448,7 @@ def _check_batch(batch: Sequence[Incoming]) -> None:
             )
 
 
-def _decision_row(w: _NodeWork, item: Incoming) -> dict[str, Any]:
+def _decision_row(w: NodeWork, item: Incoming) -> dict[str, Any]:
     body = item.body
     assert isinstance(body, DecisionBody)
     return {
