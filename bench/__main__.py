@@ -152,6 +152,33 @@ def exporter(s: Sizes) -> list[Row]:
         result, f"{PY} bench.fleet_exporter --nodes {s.exporter_nodes} --gpus {s.exporter_gpus}")
 
 
+def flood(s: Sizes) -> list[Row]:
+    from bench import flood as flood_bench
+
+    seconds = 30.0 if s is FULL else 3.0
+    rows: list[Row] = []
+    for mode in flood_bench.MODES:
+        result = asyncio.run(flood_bench.run(mode, seconds))
+        say(flood_bench.describe(result))
+        rows += flood_bench.rows(result, f"{PY} bench.flood --mode {mode} --seconds {seconds:g}")
+    return rows
+
+
+def reads(s: Sizes) -> list[Row]:
+    from bench import reads_vs_ingest
+
+    if s is FULL:
+        nodes, live, gpus, interval, event_every, seconds, warmup = 20_000, 2000, 8, 10.0, 60.0, 20.0, 15.0
+    else:
+        nodes, live, gpus, interval, event_every, seconds, warmup = 200, 20, 2, 1.0, 2.0, 3.0, 2.0
+    result = asyncio.run(reads_vs_ingest.run(nodes, live, gpus=gpus, interval_s=interval, event_every_s=event_every,
+                                             seconds=seconds, warmup_s=warmup))
+    say(reads_vs_ingest.describe(result))
+    return reads_vs_ingest.rows(result, f"{PY} bench.reads_vs_ingest --nodes {nodes} --live {live} --gpus {gpus} "
+                                        f"--interval {interval:g} --event-every {event_every:g} "
+                                        f"--seconds {seconds:g} --warmup {warmup:g}")
+
+
 BENCHMARKS: dict[str, Callable[[Sizes], list[Row]]] = {
     "edge": edge,
     "ingest": ingest,
@@ -161,6 +188,8 @@ BENCHMARKS: dict[str, Callable[[Sizes], list[Row]]] = {
     "catchup": catchup,
     "rollout": rollout,
     "exporter": exporter,
+    "reads": reads,
+    "flood": flood,
 }
 
 

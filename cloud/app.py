@@ -16,6 +16,7 @@ from collections.abc import Awaitable
 
 from aiohttp import web
 
+from cloud.budget import BudgetLimits
 from cloud.commands import EdgeCommands
 from cloud.config import CloudSettings
 from cloud.http.api import make_app
@@ -26,9 +27,8 @@ from cloud.link import EdgeLink
 from cloud.migration import MigrationManager
 from cloud.policies import PolicyManager
 from cloud.rollout import RolloutManager
-from cloud.services import BatchBus, Part, Services, run_periodically
-from cloud.store import FleetStore
-from shared.aio import wait_event
+from cloud.services import BatchBus, Part, Periodic, Services, run_periodically
+from cloud.store import FleetStore, FleetStoreError, RetentionPolicy
 from shared.logs import get_logger
 
 log = get_logger(__name__)
@@ -43,10 +43,13 @@ class ControllerApp:
         self.settings = settings
         self.kube = kube
         self.store = store
-        self.link = EdgeLink(settings)
+        self.link = EdgeLink(settings, known_nodes=store.node_names)  # their retained status after a connect
         self.batches = BatchBus()
         self.ingestor = Ingestor(store, self.link.publish_ack, batches=self.batches, batch_size=settings.batch_size,
-                                 tune_gc=True, batch_interval_s=settings.batch_interval)
+                                 tune_gc=True, batch_interval_s=settings.batch_interval,
+                                 budget=budget_limits(settings), queue_max=settings.ingest_queue_max,
+                                 queue_max_bytes=settings.ingest_queue_max_bytes,
+                                 reject_log_every_s=settings.reject_log_interval)
         self.identity = settings.client_id  # this replica's name in the leader Lease
         self.leading = asyncio.Event()  # set while this replica is the leader
         # every part sends its edge commands through the outbox
@@ -77,11 +80,11 @@ class ControllerApp:
     async def run(self, stop: asyncio.Event) -> None:
         """Until `stop`: receive, ingest, prune, elect, lead. Then write what was accepted, and close."""
         s = self.settings
-        self.link.start(asyncio.get_running_loop())
+        self.link.start(asyncio.get_running_loop(), accept=self.ingestor.accept)  # budgets on the network threads
         tasks = [
             asyncio.create_task(self._receive(), name="receive"),
             asyncio.create_task(self.ingestor.run(), name="ingest"),
-            asyncio.create_task(self._prune(stop), name="prune"),
+            asyncio.create_task(run_periodically(self._retention()), name="retention"),
             asyncio.create_task(self._lead_while_leader(stop), name="lead"),
         ]
         if self.kube is None:
@@ -91,11 +94,15 @@ class ControllerApp:
             tasks.append(asyncio.create_task(elector.run(stop), name="leader-election"))
         log.info("controller running", extra={"subscription": self.link.subscription(), "db": s.db.split("@")[-1]})
         await stop.wait()
-        # stop taking messages, then write what was already accepted before leaving
+        # stop taking messages, then write what was already accepted before leaving, for at most
+        # shutdown_timeout: a database that is gone cannot drain it, and what is not written was
+        # not acked either (the edges send it again), so it is lost from this process only
         tasks[0].cancel()
-        while not self.ingestor.queue.empty():
-            await asyncio.sleep(0.05)
-        await asyncio.sleep(s.batch_interval + 0.05)
+        abandoned = await self.ingestor.drain(s.shutdown_timeout)
+        if abandoned:
+            log.warning("shutdown: %d accepted messages not written within %.0f s are abandoned "
+                        "(events among them were not acked: their edges send them again)",
+                        abandoned, s.shutdown_timeout)
         for task in tasks[1:]:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -105,19 +112,30 @@ class ControllerApp:
             self.kube.close()
 
     async def _receive(self) -> None:
-        while True:
-            self.ingestor.offer(await self.link.receive())
+        while True:  # waits while the ingest queue is full: the link stops reading (back-pressure)
+            await self.ingestor.put(await self.link.receive(), budgeted=True)  # `accept` ran on the link
 
-    async def _prune(self, stop: asyncio.Event) -> None:
-        while not stop.is_set():
-            try:
-                cutoff = time.time() - self.settings.history_retention
-                removed = await asyncio.to_thread(self.store.prune_samples, cutoff)
+    def _retention(self) -> Periodic:
+        """Every PRUNE_EVERY_S: the sample history by age, then events and decisions by age and
+        count (cloud/store/retention.py), in small transactions; again at once while more is left."""
+        s, store = self.settings, self.store
+        policy = RetentionPolicy(max_age_s=s.event_retention, max_rows=s.event_retention_rows)
+        cursors: dict[str, int] = {}
+
+        async def step() -> bool:
+            if not cursors:  # a new round
+                removed = await asyncio.to_thread(store.prune_samples, time.time() - s.history_retention)
                 if removed:
                     log.info("pruned %d history samples", removed)
-            except Exception as exc:  # noqa: BLE001 - best effort: the next round tries again
-                log.error("pruning the sample history failed: %s", exc)
-            await wait_event(stop, PRUNE_EVERY_S)
+            result = await asyncio.to_thread(store.apply_retention, policy, cursors=cursors)
+            if result.events or result.decisions:
+                log.info("retention: deleted %d events and %d decisions", result.events, result.decisions)
+            cursors.clear()
+            if result.more and result.cursors:
+                cursors.update(result.cursors)
+            return result.more
+
+        return Periodic("retention", step, PRUNE_EVERY_S, expected=(FleetStoreError,))
 
     async def _lead_while_leader(self, stop: asyncio.Event) -> None:
         """Run every part's periodic work while `leading` is set; cancel it when it is cleared."""
@@ -149,6 +167,15 @@ async def _wait_any(*aws: Awaitable[object]) -> None:
 async def _cleared(event: asyncio.Event) -> None:
     while event.is_set():
         await asyncio.sleep(0.2)
+
+
+def budget_limits(settings: CloudSettings) -> BudgetLimits:
+    """Each node's ingest budget from the settings (cloud/budget.py)."""
+    return BudgetLimits(messages_per_second=settings.node_max_messages_per_second,
+                        bytes_per_second=settings.node_max_bytes_per_second,
+                        events_per_minute=settings.node_max_events_per_minute,
+                        event_burst=settings.node_event_burst, gpus=settings.node_max_gpus,
+                        burst_s=settings.node_burst)
 
 
 def build(settings: CloudSettings) -> ControllerApp:

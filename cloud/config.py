@@ -5,11 +5,11 @@ from __future__ import annotations
 import re
 import socket
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import BeforeValidator, Field, field_validator, model_validator
 
-from shared.policy import Seconds
+from shared.policy import Seconds, parse_duration
 from shared.settings import HostPort, KgpuSettings, MqttUrl, parse_host_port
 
 # [NAMESPACE/]NAME[:KEY]: a namespace (DNS label), a Secret name (DNS subdomain), a data key
@@ -33,6 +33,14 @@ class CloudSettings(KgpuSettings):
     mqtt_client_id: str | None = Field(None, description="MQTT client id [kgpu-controller-<hostname>]")
     shared_subscription: str | None = Field(
         None, description="Group name: subscribe as $share/<group>/... so that replicas split the ingest"
+    )
+    shared_subscription_check: Seconds = Field(
+        60.0, ge=1.0, le=3600.0,
+        description="Report a $share group that delivers nothing this long after connecting while nodes publish",
+    )
+    mqtt_receive_queue: int = Field(
+        10_000, ge=10, le=1_000_000,
+        description="Messages received and not yet handled, at most; beyond, the broker holds them (back-pressure)",
     )
     db: str = Field("sqlite:///kgpu-cloud.db", description="SQLAlchemy URL: sqlite:///path or postgresql+psycopg://...")
     http: HostPort = Field("0.0.0.0:9420", description="HOST:PORT of the API, dashboard and /metrics")
@@ -75,6 +83,57 @@ class CloudSettings(KgpuSettings):
     api_insecure: bool = Field(
         False, description="Without a token configured, allow changes to anyone who reaches the API "
         "(a lab only); otherwise changes are refused until a token is configured")
+    # -- ingest bounds (docs/robustness.md): queues, per-node budgets, retention, shutdown --------
+    ingest_queue_max: int = Field(
+        10_000, ge=1, le=1_000_000, description="Messages accepted and waiting to be written, at most; "
+        "when full the MQTT link stops reading (back-pressure to the broker)")
+    ingest_queue_max_bytes: int = Field(
+        32 * 1024 * 1024, ge=0, description="Payload bytes waiting to be written, at most (0: no byte bound); "
+        "about 6x this in controller memory")
+    node_max_messages_per_second: float = Field(
+        200.0, ge=0.0, description="Per-node budget: telemetry messages a second (events and statuses "
+        "have their own); the excess is dropped and counted, the node flagged (0: no limit)")
+    node_max_bytes_per_second: float = Field(
+        2 * 1024 * 1024, ge=0.0, description="Per-node budget: payload bytes a second (0: no limit)")
+    node_max_events_per_minute: float = Field(
+        60_000.0, ge=0.0, description="Per-node budget: outbox events a minute, after node_event_burst at "
+        "full speed; a dropped event is not acked, so the edge sends it again later (0: no limit)")
+    node_event_burst: int = Field(
+        100_000, ge=1, description="Events a node may send at full speed before node_max_events_per_minute "
+        "paces it (an edge catching up an outage)")
+    node_max_gpus: int = Field(
+        128, ge=0, description="Per-node budget: distinct GPU UUIDs (MIG instances included); samples of "
+        "further UUIDs are dropped, never those of the known GPUs (0: no limit)")
+    node_burst: Seconds = Field(
+        10.0, gt=0.0, le=3600.0, description="The message and byte budgets allow bursts of this many "
+        "seconds of their rate")
+    reject_log_interval: Seconds = Field(
+        10.0, ge=0.0, le=3600.0, description="At most one log line per rejection reason this often "
+        "(the others are counted in the next line)")
+    event_retention: Annotated[float, BeforeValidator(parse_duration)] = Field(
+        30 * 24 * 3600.0, gt=0.0, le=10 * 365 * 24 * 3600.0,
+        description="Stored edge events and decisions older than this are deleted (only those already acked)")
+    event_retention_rows: int = Field(
+        1_000_000, ge=1000, description="Stored edge events, and decisions, at most each: the oldest acked "
+        "ones are deleted beyond this")
+    shutdown_timeout: Seconds = Field(
+        10.0, ge=0.0, le=600.0, description="On SIGTERM, wait at most this long to write what was accepted "
+        "(the rest is not acked: the edges send it again)")
+    # -- HTTP reads (docs/api.md): their own threads, timeouts, and when ingest lag is unhealthy --
+    http_read_threads: int = Field(
+        2, ge=1, le=64, description="Threads that serve the HTTP API's database reads (apart from the "
+        "ingest's writer): at most this many reads run at once, the others wait for one (few: reads "
+        "share the process, and its interpreter lock, with the ingest)")
+    http_header_timeout: Seconds = Field(
+        10.0, gt=0.0, le=300.0, description="A request's headers must arrive within this long of the "
+        "connection opening or of the previous response, else the connection is closed (also the "
+        "idle keep-alive time)")
+    http_request_timeout: Seconds = Field(
+        30.0, gt=0.0, le=3600.0, description="A request still running after this long is cancelled and "
+        "answered 503 with a JSON error")
+    ingest_lag_unhealthy_s: Seconds = Field(
+        30.0, gt=0.0, le=86400.0, description="/healthz answers 503 while the oldest message waiting to "
+        "be written is older than this")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_json: bool | None = Field(None, description="JSON log lines; default: when stderr is not a terminal")
 
