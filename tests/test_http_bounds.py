@@ -35,6 +35,7 @@ from cloud.config import CloudSettings
 from cloud.http.api import READS
 from cloud.store import FleetStore
 from kgpu.lab.fleetsim.node import envelope_json, status_body
+from shared.mqtt import parse_broker_url
 from shared.protocol import Kind
 from tests.helpers.fleet_fill import fill, sim_nodes
 
@@ -248,3 +249,33 @@ async def test_healthz_turns_503_while_the_ingest_lags(tmp_path: Path, broker: A
 async def _health(port: int, wanted: int) -> tuple[int, Any] | None:
     status, body = await request(port, "/healthz")
     return (status, body) if status == wanted else None
+
+
+async def test_healthz_names_a_shared_subscription_the_broker_ignores(tmp_path: Path, rabbitmq: Any) -> None:
+    """RabbitMQ grants `$share/...` and delivers nothing through it: the controller is deaf to the
+    fleet's events, so /healthz says 503 with the likely cause instead of 200 (issue 12)."""
+    vhost = rabbitmq.vhost()
+    settings = CloudSettings(db=f"sqlite:///{tmp_path / 'fleet.db'}", no_kube=True, mqtt=vhost.url,
+                             shared_subscription="kgpu", shared_subscription_check=1.0)
+    app = ControllerApp(settings, kube=None, store=FleetStore(settings.db))
+    runner, port = await serve(app.http_app())
+    stop = asyncio.Event()
+    running = asyncio.create_task(app.run(stop))
+    node = sim_nodes(1, 1, prefix="deaf")[0]
+    address = parse_broker_url(vhost.url)
+    auth = {"username": address.username, "password": address.password}
+
+    async def deaf() -> tuple[int, Any] | None:
+        payload = envelope_json(node.name, Kind.STATUS, status_body(node, "0.1.0"))
+        await asyncio.to_thread(mqtt_publish.single, node.topics["status"], payload, qos=1,
+                                hostname=address.host, port=address.port, auth=auth)
+        return await _health(port, 503)
+
+    try:
+        status, body = await until(deaf, "/healthz naming the silent $share group", timeout=60)
+        assert any("shared subscriptions" in reason for reason in body["reasons"]), body
+    finally:
+        stop.set()
+        await asyncio.wait_for(running, 60)
+        await runner.cleanup()
+        vhost.stop()

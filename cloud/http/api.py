@@ -1,6 +1,6 @@
 """The controller's HTTP API over the fleet store, and `make_app`, which puts it together with
 the dashboard, /metrics and every part's routes. Store reads run in the API's own thread pool
-(`ReadPool`, `--http-read-threads`), apart from the ingest's writer, and list endpoints page
+(`ReadPool`, `http_read_threads`), apart from the ingest's writer, and list endpoints page
 (`limit`, `cursor`), so that readers never hold the store for long; errors are JSON."""
 
 from __future__ import annotations
@@ -136,12 +136,14 @@ def _node_query(request: web.Request) -> str | None:
 
 
 async def healthz(request: web.Request) -> web.Response:
-    """503 with the reasons while the link is down, the store is not writable or the ingest lags
-    (its oldest waiting message older than `--ingest-lag-unhealthy-s`)."""
+    """503 with the reasons while the link is down or deaf (docs/broker.md), the store is not
+    writable or the ingest lags
+    (its oldest waiting message older than `ingest_lag_unhealthy_s`)."""
     link, ingestor = request.app[LINK], request.app[INGESTOR]
     reasons = []
     if not link.connected:
         reasons.append("MQTT link down" + (f": {link.last_error}" if link.last_error else ""))
+    reasons.extend(link.broker_problems())  # a refused subscription, a $share group that delivers nothing
     if ingestor.failing:
         reasons.append("fleet store not writable (retrying)")
     lag, threshold = ingestor.backlog_age_s(), request.app[LAG_UNHEALTHY_S]
