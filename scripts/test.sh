@@ -16,5 +16,9 @@ echo "==> ruff (rules in pyproject.toml)"
 .venv/bin/ruff check shared edge cloud kgpu bench tests
 echo "==> mypy (files and options in pyproject.toml)"
 .venv/bin/mypy
-# the 25 slowest tests close the report: a test creeping toward its timeout shows here first
-exec .venv/bin/python -m pytest -q -p no:cacheprovider --durations=25 "$@"
+# Three workers (pytest-xdist), also on a 2-core CI machine: most tests wait on real processes
+# (brokers, daemons, Prometheus), so the cores are mostly idle in a serial run (14:58 serial,
+# 5:55 in three workers on the 2-core development machine), and every test must hold up on a
+# busy machine anyway. The 25 slowest tests close the report: one creeping toward its timeout
+# shows here first.
+exec .venv/bin/python -m pytest -q -p no:cacheprovider -n 3 --durations=25 "$@"

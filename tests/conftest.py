@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import dataclasses
+import os
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -112,6 +114,39 @@ def kube(tmp_path: Path) -> Iterator[KubeEmulator]:
     emulator = KubeEmulator(tmp_path / "kube")
     yield emulator
     emulator.stop()
+
+
+# pytest-xdist (scripts/test.sh) runs the fault tests in worker processes: their rows travel to the
+# controller, which prints the table, in the test report's user_properties.
+_FAULT_ROWS_FROM = pytest.StashKey[int]()
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    from tests.helpers import fault_report
+
+    item.stash[_FAULT_ROWS_FROM] = len(fault_report.ROWS)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    outcome = yield
+    if call.when != "teardown" or not os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    from tests.helpers import fault_report
+
+    rows = fault_report.ROWS[item.stash.get(_FAULT_ROWS_FROM, len(fault_report.ROWS)):]
+    if rows:
+        outcome.get_result().user_properties.append(("fault_rows", [dataclasses.asdict(r) for r in rows]))
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    from tests.helpers import fault_report
+
+    for name, rows in report.user_properties:
+        if name == "fault_rows":
+            fault_report.ROWS.extend(fault_report.Row(**row) for row in rows)
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, exitstatus: int,
