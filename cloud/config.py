@@ -10,7 +10,7 @@ from typing import Annotated, Literal
 from pydantic import BeforeValidator, Field, field_validator, model_validator
 
 from shared.policy import Seconds, parse_duration
-from shared.settings import HostPort, KgpuSettings, MqttUrl, parse_host_port
+from shared.settings import HostPort, HttpHeaderTimeout, HttpRequestTimeout, KgpuSettings, MqttUrl, parse_host_port
 
 # [NAMESPACE/]NAME[:KEY]: a namespace (DNS label), a Secret name (DNS subdomain), a data key
 SECRET_REF_RE = re.compile(
@@ -124,13 +124,8 @@ class CloudSettings(KgpuSettings):
         2, ge=1, le=64, description="Threads that serve the HTTP API's database reads (apart from the "
         "ingest's writer): at most this many reads run at once, the others wait for one (few: reads "
         "share the process, and its interpreter lock, with the ingest)")
-    http_header_timeout: Seconds = Field(
-        10.0, gt=0.0, le=300.0, description="A request's headers must arrive within this long of the "
-        "connection opening or of the previous response, else the connection is closed (also the "
-        "idle keep-alive time)")
-    http_request_timeout: Seconds = Field(
-        30.0, gt=0.0, le=3600.0, description="A request still running after this long is cancelled and "
-        "answered 503 with a JSON error")
+    http_header_timeout: HttpHeaderTimeout
+    http_request_timeout: HttpRequestTimeout
     ingest_lag_unhealthy_s: Seconds = Field(
         30.0, gt=0.0, le=86400.0, description="/healthz answers 503 while the oldest message waiting to "
         "be written is older than this")

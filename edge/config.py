@@ -10,7 +10,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from shared.policy import PowerPolicy, Seconds
-from shared.settings import HostPort, KgpuSettings, MqttUrl, parse_host_port
+from shared.settings import HostPort, HttpHeaderTimeout, HttpRequestTimeout, KgpuSettings, MqttUrl, parse_host_port
 from shared.topics import NODE_NAME_RE
 
 SIM_MODELS = ("H100", "A100", "A10", "T4")
@@ -60,13 +60,8 @@ class EdgeSettings(KgpuSettings):
     )
     http: HostPort = Field("0.0.0.0:9410", description="HOST:PORT of the HTTP API and /metrics")
     # -- HTTP limits (docs/api.md), as on the controller --
-    http_header_timeout: Seconds = Field(
-        10.0, gt=0.0, le=300.0, description="A request's headers must arrive within this long of the "
-        "connection opening or of the previous response, else the connection is closed (also the "
-        "idle keep-alive time)")
-    http_request_timeout: Seconds = Field(
-        30.0, gt=0.0, le=3600.0, description="A request still running after this long is cancelled and "
-        "answered 503 with a JSON error")
+    http_header_timeout: HttpHeaderTimeout
+    http_request_timeout: HttpRequestTimeout
     backend: Literal["nvml", "sim"] = Field("nvml", description="nvml: the real libnvidia-ml; sim: simulated GPUs")
     sim_gpus: int = Field(2, ge=1, le=64, description="Number of simulated GPUs (backend sim)")
     sim_model: Literal["H100", "A100", "A10", "T4"] = Field("H100", description="Simulated GPU model")

@@ -14,7 +14,7 @@ from typing import Annotated, Any, TypeVar
 from urllib.parse import urlsplit
 
 import yaml
-from pydantic import AfterValidator, ValidationError
+from pydantic import AfterValidator, Field, ValidationError
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -24,6 +24,7 @@ from pydantic_settings import (
 )
 
 from shared.logs import scrub
+from shared.policy import Seconds
 
 _config_file: contextvars.ContextVar[Path | None] = contextvars.ContextVar("kgpu_config_file", default=None)
 
@@ -96,6 +97,15 @@ def _check_host_port(value: str) -> str:
 
 HostPort = Annotated[str, AfterValidator(_check_host_port)]  # "HOST:PORT" of a listener
 MqttUrl = Annotated[str, AfterValidator(validate_mqtt_url)]  # mqtt://[user:pass@]host:port, mqtts://
+
+# The HTTP limits both servers take (shared/http.py, docs/api.md): one definition, one meaning.
+HttpHeaderTimeout = Annotated[Seconds, Field(
+    10.0, gt=0.0, le=300.0, description="A request's headers must arrive within this long of the "
+    "connection opening or of the previous response, else the connection is closed (also the "
+    "idle keep-alive time)")]
+HttpRequestTimeout = Annotated[Seconds, Field(
+    30.0, gt=0.0, le=3600.0, description="A request still running after this long is cancelled and "
+    "answered 503 with a JSON error")]
 
 
 S = TypeVar("S", bound=KgpuSettings)
