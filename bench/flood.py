@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench.common import Row, metric_sum
+from cloud.ingest import DROP_REASONS
 from kgpu.lab.broker import Mosquitto
 from kgpu.lab.fleetsim import FleetOptions, FleetSim
 from kgpu.lab.fleetsim.node import percentile
@@ -221,7 +222,7 @@ async def run(mode: str, seconds: float, honest: int = 5, warmup_s: float = 8.0,
             during = sim.event_lag.window(since=started, until=ended + 2.0)
             await asyncio.sleep(5.0)  # what the flood left queued is written; honest outboxes drain
             dropped = {reason: metric_sum(cloud.base, "kgpu_ingest_dropped_total", reason=reason)
-                       for reason in ("messages_per_second", "bytes_per_second", "events_per_minute", "gpus")}
+                       for reason in DROP_REASONS}
             node = cloud.node_state(FLOODER) or {}
             gpu_rows = len(node.get("gpus") or [])
             result = FloodResult(

@@ -175,7 +175,7 @@ def budget_limits(settings: CloudSettings) -> BudgetLimits:
                         bytes_per_second=settings.node_max_bytes_per_second,
                         events_per_minute=settings.node_max_events_per_minute,
                         event_burst=settings.node_event_burst, gpus=settings.node_max_gpus,
-                        burst_s=settings.node_burst)
+                        burst_s=settings.node_burst, backlog=settings.node_max_backlog)
 
 
 def build(settings: CloudSettings) -> ControllerApp:

@@ -9,7 +9,14 @@ every message is weighed against its node's budget BEFORE it is queued (cloud/in
   sends its backlog in windows of `outbox_window` events and is paced by the rate, not refused; a
   refused event is not acked, so the edge sends it again: paced, nothing lost);
 - distinct GPUs (UUIDs in status and telemetry): the first `gpus` UUIDs a node names are its GPUs;
-  the samples and summaries of any further UUID are left out, never those of its known GPUs.
+  the samples and summaries of any further UUID are left out, never those of its known GPUs;
+- a backlog: messages admitted and not yet written (`release`d by the ingest once written or
+  refused). The queues between the broker and the fleet store are first come, first served, so
+  a node whose messages are admitted faster than the store writes them would otherwise fill them,
+  and every other node's messages would wait behind its backlog. At `backlog` messages its
+  telemetry and events are dropped (the edge re-sends unacked events) until the store catches up:
+  another node's message never waits behind more than `backlog` of them. An honest edge has at
+  most one outbox window (1,000 events) and a few telemetry messages in flight.
 
 Statuses have a small bucket of their own (`STATUS_RATE` a second), so that a node's last will and
 its status after a flood are not refused for the flood it sent just before.
@@ -40,6 +47,7 @@ class Budget(enum.StrEnum):
     BYTES = "bytes_per_second"
     EVENTS = "events_per_minute"
     GPUS = "gpus"
+    BACKLOG = "backlog"
 
 
 BUDGETS: tuple[str, ...] = tuple(b.value for b in Budget)
@@ -55,6 +63,7 @@ class BudgetLimits:
     event_burst: float = 100_000.0
     gpus: int = 128
     burst_s: float = 10.0
+    backlog: int = 3_000
 
 
 @dataclass
@@ -99,6 +108,7 @@ class NodeState:
     events: TokenBucket
     statuses: TokenBucket
     gpus: set[str] = field(default_factory=set)
+    queued: int = 0  # admitted and not yet released (written or refused) by the ingest
     over: dict[Budget, float] = field(default_factory=dict)  # budget -> last refusal (time)
 
 
@@ -138,12 +148,17 @@ class NodeBudgets:
         return state
 
     def admit(self, node: str, size: int, *, event: bool, status: bool, now: float) -> Verdict:
-        """One message of `size` bytes from `node` (an outbox event, a status, or telemetry)."""
+        """One message of `size` bytes from `node` (an outbox event, a status, or telemetry). An
+        admitted message counts in the node's backlog until `release`d."""
         state = self._state(node, now)
-        if status:
+        if status:  # never refused for the backlog: a last will must not wait for a flood to drain
             if state.statuses.take(1.0, now):
+                state.queued += 1
                 return ADMIT
             return self._refuse(node, state, Budget.MESSAGES, now)
+        backlog = self.limits.backlog
+        if backlog > 0 and state.queued >= backlog:
+            return self._refuse(node, state, Budget.BACKLOG, now)
         if event:
             if not state.events.take(1.0, now):
                 return self._refuse(node, state, Budget.EVENTS, now)
@@ -151,7 +166,19 @@ class NodeBudgets:
             return self._refuse(node, state, Budget.MESSAGES, now)
         if not state.bytes.take(float(size), now):
             return self._refuse(node, state, Budget.BYTES, now)
+        state.queued += 1
         return ADMIT
+
+    def release(self, node: str, count: int = 1) -> None:
+        """`count` of the node's admitted messages were written, or refused after admission."""
+        state = self.nodes.get(node)
+        if state is not None:
+            state.queued = max(0, state.queued - count)
+
+    def backlog_of(self, node: str) -> int:
+        """The node's messages admitted and not yet released."""
+        state = self.nodes.get(node)
+        return state.queued if state is not None else 0
 
     def admit_gpus(self, node: str, uuids: Iterable[str], now: float, *, inventory: bool = False) -> tuple[
             set[str], Verdict]:

@@ -104,6 +104,10 @@ class CloudSettings(KgpuSettings):
     node_max_gpus: int = Field(
         128, ge=0, description="Per-node budget: distinct GPU UUIDs (MIG instances included); samples of "
         "further UUIDs are dropped, never those of the known GPUs (0: no limit)")
+    node_max_backlog: int = Field(
+        3_000, ge=0, description="Per-node budget: messages accepted and not yet written; beyond, the node's "
+        "telemetry and events are dropped until the store catches up, so that no other node's message waits "
+        "behind more of them (0: no limit; keep it above the edges' outbox_window)")
     node_burst: Seconds = Field(
         10.0, gt=0.0, le=3600.0, description="The message and byte budgets allow bursts of this many "
         "seconds of their rate")

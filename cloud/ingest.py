@@ -28,7 +28,7 @@ import queue
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Executor, Future
 from typing import Any, Protocol
 
@@ -131,6 +131,7 @@ class Queued:
     incoming: Incoming
     size: int
     at: float  # time.monotonic()
+    node: str  # the node whose budget backlog it counts in (its topic's)
 
 
 class IngestQueue(asyncio.Queue[Queued]):
@@ -270,12 +271,14 @@ class Ingestor:
         try:
             incoming = validate(message.topic, message.payload, received_at)
         except RejectedMessage as exc:
+            self._release_topic(message.topic)
             self.rejected[exc.reason] += 1
             self._reject_log.log(exc.reason, "rejected message: %s: %s", exc.reason, exc.detail[:300],
                                  extra={"topic": message.topic[:200]})
             return None
         within = self._within_gpu_budget(incoming, now)
         if within is None:
+            self._release_topic(message.topic)
             return None
         incoming = within
         envelope = incoming.envelope
@@ -288,7 +291,20 @@ class Ingestor:
         self.last_seen[envelope.node] = received_at
         if envelope.kind is Kind.STATUS:
             self.online[envelope.node] = incoming.body.state == "online"  # type: ignore[attr-defined]
-        return Queued(incoming, size, now)
+        return Queued(incoming, size, now, envelope.node)
+
+    def _release_topic(self, topic: str) -> None:
+        """A message admitted by the budget went no further: out of its node's backlog."""
+        sender = self._sender(topic)
+        if sender is not None:
+            self.release([sender[0]])
+
+    def release(self, nodes: Iterable[str]) -> None:
+        """These messages (one node name each) were written or refused: out of their nodes' backlogs."""
+        counts = Counter(nodes)
+        with self._budget_lock:
+            for node, count in counts.items():
+                self.budgets.release(node, count)
 
     def _sender(self, topic: str) -> tuple[str, str] | None:
         """(node, kind) of an edge topic, None for anything else (validate() rejects it). Cached:
@@ -439,6 +455,7 @@ class Ingestor:
                 self.failing = False
                 break
             except ValueError as exc:  # a batch the store refuses will never succeed: say so, go on
+                self.release(q.node for q in queued)
                 self.rejected[REFUSED_BY_STORE] += len(batch)
                 log.error("fleet store refused a batch of %d messages: %s", len(batch), exc)
                 return []
@@ -463,13 +480,16 @@ class Ingestor:
             else:
                 self.publish_ack(node, upto, epoch)
         if not result.deferred:
+            self.release(q.node for q in queued)
             await self.bus.deliver(batch)
             return []
         waiting = {id(item) for item in result.deferred}
+        self.release(q.node for q in queued if id(q.incoming) not in waiting)
         await self.bus.deliver([item for item in batch if id(item) not in waiting])
         return [q for q in queued if id(q.incoming) in waiting]
 
 
 def _limit_of(limits: BudgetLimits, budget: Budget) -> float:
     return {Budget.MESSAGES: limits.messages_per_second, Budget.BYTES: limits.bytes_per_second,
-            Budget.EVENTS: limits.events_per_minute, Budget.GPUS: float(limits.gpus)}[budget]
+            Budget.EVENTS: limits.events_per_minute, Budget.GPUS: float(limits.gpus),
+            Budget.BACKLOG: float(limits.backlog)}[budget]

@@ -83,6 +83,22 @@ def test_the_gpu_budget_drops_new_uuids_never_the_known_gpus() -> None:
     assert budgets.admit_gpus("n", ["GPU-3"], 3.0)[0] == set()
 
 
+def test_a_node_with_a_backlog_is_refused_until_it_is_written_and_the_others_pass() -> None:
+    budgets = NodeBudgets(BudgetLimits(backlog=3, messages_per_second=0, bytes_per_second=0, events_per_minute=0))
+    assert [budgets.admit("flood", 100, event=True, status=False, now=0.0).refused for _ in range(4)] == [
+        None, None, None, Budget.BACKLOG]
+    assert budgets.flags == {"flood": "backlog"} and budgets.backlog_of("flood") == 3
+    assert budgets.admit("flood", 100, event=False, status=False, now=0.1).refused is Budget.BACKLOG  # telemetry too
+    assert budgets.admit("flood", 100, event=False, status=True, now=0.2).refused is None  # never its status
+    assert budgets.admit("honest", 100, event=True, status=False, now=0.3).refused is None
+    budgets.release("flood", 2)  # written
+    assert budgets.backlog_of("flood") == 2  # 3 events + 1 status admitted, 2 written
+    assert budgets.admit("flood", 100, event=True, status=False, now=0.4).refused is None
+    budgets.release("flood", 10)
+    assert budgets.backlog_of("flood") == 0  # never below zero
+    assert budgets.sweep(0.4 + RECOVER_AFTER_S) == ["flood"]
+
+
 def catch_up(backlog: int, limits: BudgetLimits, window: int = 100, ack_timeout: float = 15.0,
              round_trip: float = 0.05) -> tuple[float, int, bool]:
     """An edge sending its outbox as edge/sync.py does (at most `window` unacked; after
@@ -99,6 +115,7 @@ def catch_up(backlog: int, limits: BudgetLimits, window: int = 100, ack_timeout:
                 continue
             if budgets.admit("edge", 400, event=True, status=False, now=now).refused is None:
                 stored.add(seq)
+                budgets.release("edge")  # written at once here
             else:
                 refusals += 1
         flagged = flagged or bool(budgets.flags)
@@ -163,7 +180,7 @@ def _event(node: str, seq: int) -> Received:
 def test_the_queue_is_bounded_by_bytes_and_put_waits_for_room() -> None:
     async def scenario() -> list[str]:
         queue = IngestQueue(max_messages=100, max_bytes=100)
-        item = Queued(incoming=None, size=60, at=0.0)  # type: ignore[arg-type]
+        item = Queued(incoming=None, size=60, at=0.0, node="n")  # type: ignore[arg-type]
         await queue.put(item)
         await queue.put(item)  # let in: the queue held less than max_bytes
         happened: list[str] = []
@@ -222,6 +239,41 @@ def test_ingest_budgets_gpus_writes_on_its_own_thread_and_drains_within_a_bound(
     reopened.close()
     assert gpus == ["GPU-n1-0", "GPU-n1-1"]  # the extra UUIDs never became rows
     assert set(DROP_REASONS) == {b.value for b in Budget}
+
+
+def test_the_ingest_backlog_of_a_node_is_bounded_and_released_once_written_or_refused(tmp_path: Path) -> None:
+    store = FleetStore(f"sqlite:///{tmp_path / 'fleet.db'}")
+    acks: list[tuple[str, int]] = []
+
+    async def scenario() -> dict[str, Any]:
+        ingestor = Ingestor(store, lambda node, upto, epoch: acks.append((node, upto)), batch_interval_s=0.01,
+                            budget=BudgetLimits(backlog=3))
+        out: dict[str, Any] = {}
+        for seq in range(1, 6):  # five events before anything is written: the last two are dropped
+            ingestor.offer(_event("flood", seq))
+        ingestor.offer(_event("honest", 1))
+        # an invalid message admitted by the budget gives its slot back at once
+        ingestor.offer(Received(edge_topic("honest", "events"), b"{not json", False))
+        out["queued"] = ingestor.pending()
+        out["backlogs"] = {n: ingestor.budgets.backlog_of(n) for n in ("flood", "honest")}
+        out["dropped"] = dict(ingestor.dropped)
+        out["flags"] = dict(ingestor.budget_flags)
+        runner = asyncio.create_task(ingestor.run())
+        out["abandoned"] = await ingestor.drain(30.0)
+        out["backlogs_after"] = {n: ingestor.budgets.backlog_of(n) for n in ("flood", "honest")}
+        ingestor.offer(_event("flood", 4))  # written: room again, and the edge's re-sent events are taken
+        ingestor.offer(_event("flood", 5))
+        await ingestor.drain(30.0)
+        runner.cancel()
+        await asyncio.gather(runner, return_exceptions=True)
+        return out
+
+    out = asyncio.run(scenario())
+    store.close()
+    assert out["queued"] == 4 and out["backlogs"] == {"flood": 3, "honest": 1}
+    assert out["dropped"] == {"backlog": 2} and out["flags"] == {"flood": "backlog"}
+    assert out["abandoned"] == 0 and out["backlogs_after"] == {"flood": 0, "honest": 0}
+    assert ("honest", 1) in acks and ("flood", 3) in acks and acks[-1] == ("flood", 5)
 
 
 # ---- retention -------------------------------------------------------------------------------------
