@@ -29,6 +29,7 @@ class GpuInventory(WireModel):
     driver_version: str
     cuda_version: str | None = None  # e.g. "12.4", from nvmlSystemGetCudaDriverVersion
     mig_mode: bool | None = None  # None: MIG not supported on this GPU
+    architecture: str | None = None  # hopper, ampere, ... (nvmlDeviceGetArchitecture; GFD's gpu.family)
     power_limit_min_w: float | None = None
     power_limit_max_w: float | None = None
     power_limit_default_w: float | None = None

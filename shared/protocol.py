@@ -24,6 +24,7 @@ from typing import Any, Literal
 from pydantic import Field, SerializerFunctionWrapHandler, ValidationError, field_validator, model_serializer
 
 from shared.gpu import GpuSample, Health
+from shared.partitioning import NodePartitioning
 from shared.policy import PowerPolicy
 from shared.topics import NODE_NAME_RE, BadTopic, BadTopicNode, TopicParts, parse_topic
 from shared.wire import WireModel
@@ -48,6 +49,7 @@ class Kind(StrEnum):
     ACK = "ack"
     POLICY = "policy"
     COMMAND = "command"
+    PARTITIONING = "partitioning"
 
 
 EVENT_KINDS = frozenset(
@@ -72,6 +74,17 @@ class ActionOutcome(StrEnum):
 # ---- bodies ---------------------------------------------------------------------------------
 
 
+class MigDeviceSummary(WireModel):
+    """One MIG device of a GPU (a GPU instance with its compute instance), as the edge made it."""
+
+    uuid: str  # MIG-... (what NVIDIA_VISIBLE_DEVICES and the device plugin name it by)
+    profile: str  # 1g.10gb (dcgm-exporter's GPU_I_PROFILE)
+    gi_id: int = Field(ge=0)  # GPU instance id (dcgm-exporter's GPU_I_ID)
+    ci_id: int = Field(0, ge=0)
+    memory_total_bytes: int | None = Field(None, ge=0)
+    health: Health = Health.HEALTHY
+
+
 class GpuSummary(WireModel):
     index: int
     uuid: str
@@ -83,6 +96,13 @@ class GpuSummary(WireModel):
     # `DCGM_FI_DRIVER_VERSION`); None from an edge older than the fleet exporter
     pci_bus_id: str | None = None
     driver_version: str | None = None
+    # for the GFD-style node labels and placement (None from an edge older than issue 13)
+    memory_total_bytes: int | None = Field(None, ge=0)
+    cuda_version: str | None = None
+    architecture: str | None = None  # hopper, ampere, ... (GFD's nvidia.com/gpu.family)
+    mig_mode: bool | None = None  # None: MIG not supported
+    mig_devices: list[MigDeviceSummary] = Field(default_factory=list)
+    replicas: int | None = Field(None, ge=1)  # time-slicing: devices advertised for this GPU
 
 
 class StatusBody(WireModel):
@@ -100,6 +120,11 @@ class StatusBody(WireModel):
     # before. A fleet database that holds less was restored or replaced: the cloud moves its
     # acked_seq up to here instead of waiting forever for events the edge has deleted.
     outbox_acked: int | None = Field(None, ge=0)
+    # The partitioning (shared.partitioning.NodePartitioning) the edge has applied: its name and
+    # version, and one line on where it stands (applied, waiting for a drain, refused: why).
+    partitioning_name: str | None = None
+    partitioning_version: int | None = None
+    partitioning_state: str | None = Field(None, max_length=1000)
 
     @model_serializer(mode="wrap")
     def _omit_unset_outbox_acked(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
@@ -194,6 +219,10 @@ class PolicyBody(WireModel):
     policy: PowerPolicy
 
 
+class PartitioningBody(WireModel):
+    partitioning: NodePartitioning
+
+
 class CommandBody(WireModel):
     command: Literal["drain", "migrate_away", "restart_check", "undrain"]
     gpu_uuid: str | None = None
@@ -212,6 +241,7 @@ BODY_MODELS: dict[Kind, type[WireModel]] = {
     Kind.ACK: AckBody,
     Kind.POLICY: PolicyBody,
     Kind.COMMAND: CommandBody,
+    Kind.PARTITIONING: PartitioningBody,
 }
 
 
@@ -392,6 +422,7 @@ ROUTES: Mapping[str, Route] = MappingProxyType({route.topic: route for route in 
     Route("ack", Direction.CLOUD_TO_EDGE, frozenset({Kind.ACK}), qos=1, retained=False),
     Route("policy", Direction.CLOUD_TO_EDGE, frozenset({Kind.POLICY}), qos=1, retained=True),
     Route("commands", Direction.CLOUD_TO_EDGE, frozenset({Kind.COMMAND}), qos=1, retained=False),
+    Route("partitioning", Direction.CLOUD_TO_EDGE, frozenset({Kind.PARTITIONING}), qos=1, retained=True),
 )})
 """Topic -> its route, for the topics of shared.topics (EDGE_KINDS + CLOUD_KINDS). Every kind
 travels on exactly one topic (`route_of`); tests/test_protocol.py holds the table to both."""

@@ -10,9 +10,9 @@ PREFIX = "kgpu/v1"
 NODE_NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
 
 EdgeTopicKind = Literal["status", "telemetry", "events"]
-CloudTopicKind = Literal["ack", "policy", "commands"]
+CloudTopicKind = Literal["ack", "policy", "commands", "partitioning"]
 EDGE_KINDS: tuple[str, ...] = ("status", "telemetry", "events")
-CLOUD_KINDS: tuple[str, ...] = ("ack", "policy", "commands")
+CLOUD_KINDS: tuple[str, ...] = ("ack", "policy", "commands", "partitioning")
 
 
 def edge_topic(node: str, kind: EdgeTopicKind) -> str:

@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from shared.gpu import GpuSample
+from shared.partitioning import NodePartitioning
 from shared.policy import PowerPolicy, XidAction
 from shared.protocol import (
     EVENT_KINDS,
@@ -24,6 +25,7 @@ from shared.protocol import (
     Kind,
     MigrationRequestBody,
     OfflineSummaryBody,
+    PartitioningBody,
     PolicyBody,
     Reason,
     RejectedMessage,
@@ -234,6 +236,9 @@ SAMPLE_BODIES: dict[Kind, WireModel] = {
     Kind.ACK: AckBody(upto=3, epoch="e1"),
     Kind.POLICY: PolicyBody(policy=PowerPolicy(name="p", version=2)),
     Kind.COMMAND: CommandBody(command="drain", gpu_uuid="GPU-0"),
+    Kind.PARTITIONING: PartitioningBody(partitioning=NodePartitioning.model_validate(
+        {"name": "a100-mig", "version": 3, "models": {"NVIDIA A100-SXM4-40GB": {"mig": {"mixed": {"1g.5gb": 2}}},
+                                                       "*": {"timeSlicing": {"replicas": 4}}}})),
 }
 
 
