@@ -24,6 +24,7 @@ from cloud.ingest import Ingestor
 from cloud.kube import Kube
 from cloud.leader import LeaderElector
 from cloud.link import EdgeLink
+from cloud.memory_share import MemoryShareEnforcer
 from cloud.migration import MigrationManager
 from cloud.policies import PolicyManager
 from cloud.rollout import RolloutManager
@@ -62,6 +63,7 @@ class ControllerApp:
             PolicyManager(store=s.store, kube=s.kube, publish=s.publish, batches=s.batches),
             MigrationManager(settings=s.settings, store=s.store, kube=s.kube, commands=s.commands, batches=s.batches),
             RolloutManager(settings=s.settings, store=s.store, kube=s.kube, batches=s.batches),
+            MemoryShareEnforcer(kube=s.kube, batches=s.batches, leading=s.leading),
         ]
 
     def http_app(self) -> web.Application:

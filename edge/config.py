@@ -13,7 +13,7 @@ from shared.policy import PowerPolicy, Seconds
 from shared.settings import HostPort, HttpHeaderTimeout, HttpRequestTimeout, KgpuSettings, MqttUrl, parse_host_port
 from shared.topics import NODE_NAME_RE
 
-SIM_MODELS = ("H100", "A100", "A10", "T4")
+SIM_MODELS = ("H100", "A100", "A100-40GB", "A10", "T4")
 
 
 class EdgeSettings(KgpuSettings):
@@ -64,7 +64,7 @@ class EdgeSettings(KgpuSettings):
     http_request_timeout: HttpRequestTimeout
     backend: Literal["nvml", "sim"] = Field("nvml", description="nvml: the real libnvidia-ml; sim: simulated GPUs")
     sim_gpus: int = Field(2, ge=1, le=64, description="Number of simulated GPUs (backend sim)")
-    sim_model: Literal["H100", "A100", "A10", "T4"] = Field("H100", description="Simulated GPU model")
+    sim_model: Literal["H100", "A100", "A100-40GB", "A10", "T4"] = Field("H100", description="Simulated GPU model")
     sim_permissions: Literal["root", "none"] = Field(
         "root", description="none: the simulated driver refuses setters, as in an unprivileged container"
     )
@@ -85,6 +85,16 @@ class EdgeSettings(KgpuSettings):
         None, description="Pod list for pod names (edgecore MetaServer, e.g. http://127.0.0.1:10550/api/v1/pods)"
     )
     proc_root: Path = Field(Path("/proc"), description="Where to read /proc/<pid>/cgroup (hostPID)")
+    # -- the kubelet device plugin (docs/device-plugin.md) --
+    device_plugin: bool = Field(
+        False, description="Also serve the kubelet device-plugin API v1beta1: the GPUs (their time-slicing "
+        "replicas, their MIG devices) with health that recovers")
+    kubelet_dir: Path = Field(
+        Path("/var/lib/kubelet/device-plugins"),
+        description="The kubelet's device-plugin directory: registers at DIR/kubelet.sock, serves a socket in it")
+    resource_name: str = Field(
+        "nvidia.com/gpu", pattern=r"^[a-z0-9.-]+/[a-z0-9.-]+$", max_length=253,
+        description="The resource whole GPUs are advertised as (another name runs beside NVIDIA's plugin)")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_json: bool | None = Field(None, description="JSON log lines; default: when stderr is not a terminal")
     policy: PowerPolicy = Field(

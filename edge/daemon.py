@@ -29,6 +29,7 @@ from edge.driver.nvml import DriverError, DriverRefused, DriverUnavailable, Nvml
 from edge.driver.runner import DriverRunner, DriverTimeout
 from edge.driver.xid import XidWatcher
 from edge.energy import EnergyAccountant
+from edge.partitioning.manager import PartitionManager
 from edge.pods import PodRef, PodResolver
 from edge.probe import run_probe
 from edge.store import StoreError, open_edge_store
@@ -118,6 +119,10 @@ class EdgeDaemon:
         # Called after every sampling cycle with its samples (the sync publishes telemetry).
         self.sync: Any = None  # the EdgeSync when --mqtt is given (read by metrics)
         self.cycle_listeners: list[Callable[[dict[int, GpuSample | None]], Awaitable[None]]] = []
+        # MIG layouts and time-slicing from the cloud; the device plugin's device list (edge/partitioning/)
+        self.partitions = PartitionManager(self.runner, self.store, self.record,
+                                           default_resource=settings.resource_name, resolve_pod=self.pods.resolve)
+        self.cycle_listeners.append(lambda _samples: self.partitions.after_cycle(self.gpus))
 
     # ---- set-up -------------------------------------------------------------------------
 
@@ -149,6 +154,7 @@ class EdgeDaemon:
 
     async def start(self) -> None:
         await self.runner.start()
+        await self.partitions.load()
         await self._open_driver()
         await self._refresh_outbox_depth()
         log.info(
@@ -566,9 +572,12 @@ class EdgeDaemon:
             gpus=[
                 GpuSummary(index=i, uuid=v.inventory.uuid, name=v.inventory.name, health=v.health.health,
                            power_limit_w=v.sample.power_limit_w if v.sample else None, draining=v.draining,
-                           pci_bus_id=v.inventory.pci_bus_id, driver_version=v.inventory.driver_version)
+                           pci_bus_id=v.inventory.pci_bus_id, driver_version=v.inventory.driver_version,
+                           memory_total_bytes=v.inventory.memory_total_bytes, cuda_version=v.inventory.cuda_version,
+                           architecture=v.inventory.architecture, **self.partitions.summary(i, v))
                 for i, v in sorted(self.gpus.items())
             ],
+            **self.partitions.status_fields(),
             policy_name=self.policy.name,
             policy_version=self.policy.version,
             outbox_depth=self.outbox_depth,

@@ -56,6 +56,12 @@ async def serve(settings: EdgeSettings, *, ready: asyncio.Event | None = None) -
         from edge.sync import EdgeSync
 
         sync_task = asyncio.create_task(EdgeSync(daemon, settings).run(stop), name="sync")
+    plugin_task = None
+    if settings.device_plugin:
+        from edge.deviceplugin import DevicePluginManager
+
+        plugin = DevicePluginManager(daemon.partitions, settings.kubelet_dir)
+        plugin_task = asyncio.create_task(plugin.run(stop), name="device-plugin")
     run_task = asyncio.create_task(daemon.run(stop), name="daemon")
     stopping = asyncio.ensure_future(stop.wait())
     try:
@@ -64,7 +70,7 @@ async def serve(settings: EdgeSettings, *, ready: asyncio.Event | None = None) -
         stopping.cancel()
         stop.set()
         # the bound starts with the signal: a cycle stuck on a dead disk is inside it too
-        await shut_down(daemon, runner, [run_task, sync_task], simulated, settings.shutdown_timeout)
+        await shut_down(daemon, runner, [run_task, sync_task, plugin_task], simulated, settings.shutdown_timeout)
     if run_task.done() and not run_task.cancelled() and run_task.exception() is not None:
         raise run_task.exception()  # type: ignore[misc]
 

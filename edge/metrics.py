@@ -48,7 +48,8 @@ class EdgeCollector(Collector):
             sample = view.sample
             on_gpu = [] if sample is None else [pods[p.pid] for p in sample.processes if p.pid in pods]
             gpus.append(DcgmGpu(view.inventory, sample, view.last_xid,
-                                tuple(PodOnGpu(r.namespace, r.pod, r.container) for r in on_gpu)))
+                                tuple(PodOnGpu(r.namespace, r.pod, r.container) for r in on_gpu),
+                                mig=d.partitions.mig_devices(view.inventory.index)))
         return gpus
 
     def _per_pod(self, node: str, pods: dict[int, PodRef]) -> Iterator[Metric]:
@@ -155,6 +156,25 @@ class EdgeCollector(Collector):
         for key, joules in by_pod:
             pods.add_metric([key.pod, key.namespace, key.container], joules)
         yield pods
+        mig_energy = CounterMetricFamily(
+            "kgpu_mig_device_joules", "GPU energy attributed to a MIG device: the board's, shared by compute "
+            "slices (an estimate: NVML measures power per board).",
+            labels=["gpu", "UUID", "GPU_I_PROFILE", "GPU_I_ID", "mig_uuid", "Hostname"])
+        for index, mig, joules in d.partitions.mig_energy():
+            parent = d.gpus[index].inventory.uuid if index in d.gpus else ""
+            mig_energy.add_metric([str(index), parent, mig.profile, str(mig.gi_id), mig.uuid, node], joules)
+        yield mig_energy
+        partitioned = GaugeMetricFamily("kgpu_gpu_devices_advertised", "Devices a GPU is advertised as (itself, "
+                                        "its time-slicing replicas or its MIG devices), by resource.",
+                                        labels=["gpu", "uuid", "Hostname", "resource"])
+        advertised: dict[tuple[str, str], int] = {}
+        for plugged in d.partitions.devices():
+            slot = (plugged.gpu_uuid, plugged.resource)
+            advertised[slot] = advertised.get(slot, 0) + 1
+        index_of = {view.inventory.uuid: str(i) for i, view in d.gpus.items()}
+        for (uuid, resource), count in sorted(advertised.items()):
+            partitioned.add_metric([index_of.get(uuid, ""), uuid, node, resource], count)
+        yield partitioned
         yield CounterMetricFamily("kgpu_node_gpu_idle_joules", "GPU idle energy of the node.",
                                   value=d.energy.idle_joules)
         yield CounterMetricFamily(

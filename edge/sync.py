@@ -38,6 +38,7 @@ from shared.protocol import (
     GpuOfflineStats,
     Kind,
     OfflineSummaryBody,
+    PartitioningBody,
     PolicyBody,
     RejectedMessage,
     StatusBody,
@@ -243,8 +244,10 @@ class EdgeSync:
         body = self.daemon.status_body()
         if state == "offline":
             body = body.model_copy(update={"state": "offline"})
-        key = (body.state, tuple((g.index, g.health, g.power_limit_w) for g in body.gpus),
-               body.policy_version, tuple(body.degraded), body.outbox_depth == 0)
+        key = (body.state, tuple((g.index, g.health, g.power_limit_w, g.draining, g.mig_mode,
+                                  tuple(d.uuid for d in g.mig_devices), g.replicas) for g in body.gpus),
+               body.policy_version, tuple(body.degraded), body.outbox_depth == 0,
+               body.partitioning_version, body.partitioning_state)
         now = time.monotonic()
         if not force and key == self._last_status_key and now - self._last_status_at < self.settings.status_interval:
             return
@@ -321,10 +324,11 @@ class EdgeSync:
                 log.exception("failed to handle a message on %s", message.topic)
 
     async def _handle(self, message: Received) -> None:
-        if not message.payload and _is_policy_topic(message.topic, self.node):
-            # The cloud cleared its retained policy (no policy selects this node any more): keep
-            # enforcing the one we have; the config's applies again only after a fresh install.
-            log.info("the cloud no longer holds a policy for this node; keeping the current one")
+        cleared = _retained_kind(message.topic, self.node) if not message.payload else None
+        if cleared is not None:
+            # The cloud cleared its retained policy or partitioning (nothing selects this node any
+            # more): keep the one we have; the config's policy applies again only after a fresh install.
+            log.info("the cloud no longer holds a %s for this node; keeping the current one", cleared)
             return
         try:
             checked = decode_and_check(message.topic, message.payload, direction=Direction.CLOUD_TO_EDGE,
@@ -340,6 +344,9 @@ class EdgeSync:
             self._publish_status(force=True)
         elif isinstance(body, CommandBody):
             await self._on_command(envelope, body)
+        elif isinstance(body, PartitioningBody):
+            if await self.daemon.partitions.accept(body.partitioning):
+                self._publish_status(force=True)
 
     async def _on_ack(self, ack: AckBody) -> None:
         if ack.epoch is not None and ack.epoch == self._left_epoch:
@@ -419,10 +426,12 @@ class EdgeSync:
             await self.daemon.refresh_outbox_depth()
 
 
-def _is_policy_topic(topic: str, node: str) -> bool:
-    """Our policy topic, also as a broker that maps `.` to `/` delivers it (parse_topic)."""
+def _retained_kind(topic: str, node: str) -> str | None:
+    """"policy" or "partitioning" for our retained topics (also as a broker that maps `.` to `/`
+    delivers them: parse_topic), None for any other."""
     try:
         parts = parse_topic(topic)
     except BadTopic:
-        return False
-    return parts.side == "cloud" and parts.node == node and parts.kind == "policy"
+        return None
+    retained = parts.side == "cloud" and parts.node == node and parts.kind in ("policy", "partitioning")
+    return parts.kind if retained else None

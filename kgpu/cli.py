@@ -50,7 +50,8 @@ ConfigOpt = Annotated[
 
 
 # The third-party libraries each side needs beyond the core install, and the extra that brings them.
-_EXTRA_OF = {"pynvml": "edge", "kubernetes": "cloud", "alembic": "cloud", "psycopg": "cloud"}
+_EXTRA_OF = {"pynvml": "edge", "grpc": "edge", "google": "edge",
+             "kubernetes": "cloud", "alembic": "cloud", "psycopg": "cloud"}
 
 
 @contextmanager
@@ -106,15 +107,23 @@ def edge_run(
     http: Annotated[str | None, typer.Option(help="HOST:PORT for the HTTP API [0.0.0.0:9410]")] = None,
     backend: Annotated[str | None, typer.Option(help="nvml (real GPUs) or sim (simulated) [nvml]")] = None,
     sim_gpus: Annotated[int | None, typer.Option(help="Simulated GPUs (backend sim) [2]")] = None,
-    sim_model: Annotated[str | None, typer.Option(help="H100, A100, A10 or T4 (backend sim) [H100]")] = None,
+    sim_model: Annotated[str | None, typer.Option(
+        help="H100, A100 (80 GB), A100-40GB, A10 or T4 (backend sim) [H100]")] = None,
     interval: Annotated[str | None, typer.Option(help="Sampling interval, seconds or e.g. '2s' [5]")] = None,
     log_level: Annotated[str | None, typer.Option(help="debug, info, warning or error [info]")] = None,
+    device_plugin: Annotated[bool | None, typer.Option(
+        "--device-plugin/--no-device-plugin", help="Also serve the kubelet device-plugin API v1beta1 [off]")] = None,
+    kubelet_dir: Annotated[Path | None, typer.Option(
+        help="The kubelet's device-plugin directory [/var/lib/kubelet/device-plugins]")] = None,
+    resource_name: Annotated[str | None, typer.Option(help="Resource whole GPUs are advertised as [nvidia.com/gpu]")]
+    = None,
     config: ConfigOpt = None,
 ) -> None:
     """Run the edge daemon: sample the GPUs, keep them healthy and inside their power policy."""
     _run_edge(
         {"node": node, "mqtt": mqtt, "db": db, "http": http, "backend": backend, "sim_gpus": sim_gpus,
-         "sim_model": sim_model, "interval": interval, "log_level": log_level},
+         "sim_model": sim_model, "interval": interval, "log_level": log_level, "device_plugin": device_plugin,
+         "kubelet_dir": kubelet_dir, "resource_name": resource_name},
         config,
     )
 

@@ -41,6 +41,17 @@ class PodOnGpu:
 
 
 @dataclass(frozen=True)
+class MigOnGpu:
+    """One MIG device of the GPU: dcgm-exporter exports its framebuffer figures as series of
+    their own, with the GPU's labels plus `GPU_I_PROFILE` and `GPU_I_ID`."""
+
+    profile: str  # 1g.10gb
+    gi_id: int
+    used_mib: float | None = None
+    total_mib: float | None = None
+
+
+@dataclass(frozen=True)
 class DcgmGpu:
     """What the builder needs about one GPU. `last_xid` is not in a sample: the edge keeps it."""
 
@@ -48,6 +59,18 @@ class DcgmGpu:
     sample: GpuSample | None
     last_xid: int | None = None
     pods: Sequence[PodOnGpu] = field(default_factory=tuple)
+    mig: Sequence[MigOnGpu] = field(default_factory=tuple)
+
+
+def _mig_free(mig: MigOnGpu) -> float | None:
+    return None if mig.used_mib is None or mig.total_mib is None else max(0.0, mig.total_mib - mig.used_mib)
+
+
+# The fields dcgm-exporter also exports per MIG device (GPU_I_PROFILE, GPU_I_ID)
+MIG_FIELDS: dict[str, Callable[[MigOnGpu], float | None]] = {
+    "DCGM_FI_DEV_FB_USED": lambda m: m.used_mib,
+    "DCGM_FI_DEV_FB_FREE": _mig_free,
+}
 
 
 @dataclass(frozen=True)
@@ -170,10 +193,15 @@ def dcgm_families(node: str, gpus: Iterable[DcgmGpu]) -> list[Metric]:
             spec.name, spec.help, "gauge")
         for gpu in gpus:
             value = spec.value(gpu)
-            if value is None:
-                continue
-            for labels in series_labels(node, gpu):
-                family.add_sample(spec.name, labels, value)
+            if value is not None:
+                for labels in series_labels(node, gpu):
+                    family.add_sample(spec.name, labels, value)
+            per_mig = MIG_FIELDS.get(spec.name)
+            for mig in (gpu.mig if per_mig is not None else ()):
+                mig_value = per_mig(mig) if per_mig is not None else None
+                if mig_value is not None:
+                    instance = {"GPU_I_PROFILE": mig.profile, "GPU_I_ID": str(mig.gi_id)}
+                    family.add_sample(spec.name, gpu_labels(node, gpu.inventory) | instance, mig_value)
         families.append(family)
     return families
 

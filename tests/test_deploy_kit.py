@@ -44,6 +44,13 @@ CRD_GROUPS = {
 }
 
 
+# Manifests used instead of one the kustomization lists (validated like the others, not listed), and the
+# manifest each one replaces.
+VARIANTS = {
+    "edge/daemonset-device-plugin.yaml": "edge/daemonset.yaml",  # the edge as device plugin (docs/device-plugin.md)
+}
+
+
 def _rel(path: Path) -> str:
     return path.relative_to(DEPLOY).as_posix()
 
@@ -58,7 +65,8 @@ def load_docs(path: Path) -> list[dict[str, Any]]:
 
 
 def all_objects() -> list[tuple[str, dict[str, Any]]]:
-    return [(_rel(p), d) for p in manifest_files() for d in load_docs(p)]
+    """The objects `kubectl apply -k deploy/` creates (the variants left out)."""
+    return [(_rel(p), d) for p in manifest_files() if _rel(p) not in VARIANTS for d in load_docs(p)]
 
 
 def find(kind: str, name: str) -> dict[str, Any]:
@@ -113,7 +121,9 @@ def test_kustomization_lists_existing_files_and_every_manifest() -> None:
     for path in listed:
         assert path.is_file(), f"kustomization.yaml lists {path}, which does not exist"
         assert DEPLOY.resolve() in path.parents, f"{path} is outside the kustomization root"
-    unlisted = [_rel(p) for p in manifest_files() if p.resolve() not in listed]
+    unlisted = [_rel(p) for p in manifest_files() if p.resolve() not in listed and _rel(p) not in VARIANTS]
+    variants_listed = [v for v in VARIANTS if (DEPLOY / v).resolve() in listed]
+    assert not variants_listed, f"a variant is deployed instead of its manifest, never beside it: {variants_listed}"
     assert not unlisted, f"manifests not in kustomization.yaml resources: {unlisted}"
     assert (DEPLOY / "crds/gpupowerpolicy.yaml").resolve() in listed
     for generator in k.get("configMapGenerator", []):
@@ -506,6 +516,31 @@ def test_controller_deployment() -> None:
     service = find("Service", "kgpu-controller")
     assert [p["port"] for p in service["spec"]["ports"]] == [9420]
     assert container["readinessProbe"]["httpGet"]["path"] == "/healthz"
+
+
+def test_device_plugin_daemonset_is_the_edge_daemonset_with_the_plugin() -> None:
+    """deploy/edge/daemonset-device-plugin.yaml = deploy/edge/daemonset.yaml + --device-plugin, the
+    kubelet's device-plugin directory mounted and its settings; nothing else differs."""
+    from edge.config import EdgeSettings
+
+    base = load_docs(DEPLOY / "edge/daemonset.yaml")[0]
+    variant = load_docs(DEPLOY / "edge/daemonset-device-plugin.yaml")[0]
+    pod = variant["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert container["args"] == ["edge", "run", "--device-plugin"]
+    env = {e["name"]: e["value"] for e in container["env"] if "value" in e}
+    directory = env["KGPU_KUBELET_DIR"]
+    assert directory == str(EdgeSettings.model_fields["kubelet_dir"].default) == "/var/lib/kubelet/device-plugins"
+    assert env["KGPU_RESOURCE_NAME"] == EdgeSettings.model_fields["resource_name"].default
+    assert {m["name"]: m["mountPath"] for m in container["volumeMounts"]}["device-plugins"] == directory
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["device-plugins"]["hostPath"]["path"] == directory
+    # take the additions away: what is left is the base DaemonSet
+    container["args"] = ["edge", "run"]
+    container["env"] = [e for e in container["env"] if e["name"] not in ("KGPU_KUBELET_DIR", "KGPU_RESOURCE_NAME")]
+    container["volumeMounts"] = [m for m in container["volumeMounts"] if m["name"] != "device-plugins"]
+    pod["volumes"] = [v for v in pod["volumes"] if v["name"] != "device-plugins"]
+    assert variant == base
 
 
 def test_edge_env_names_are_real_settings() -> None:

@@ -1,7 +1,7 @@
 """What `pip install kgpu` brings, and what each side imports.
 
 A bare install pulls no mock, no test library, no Kubernetes client and no database driver; the
-`edge` extra adds only NVML's bindings, so an edge image carries neither kubernetes, alembic,
+`edge` extra adds only NVML's bindings and gRPC (the kubelet device-plugin API), so an edge image carries neither kubernetes, alembic,
 psycopg nor kmock; the lab (kgpu/lab/: demo, tests, benchmarks) comes with the `lab` extra, and
 the product never imports it. The requirements are read from pyproject.toml (what the wheel's
 metadata is made of) and, when the editable install is current, from the installed metadata.
@@ -91,11 +91,12 @@ def test_a_bare_install_pulls_no_mock_test_library_cluster_client_or_database_dr
     assert {"paho-mqtt", "pydantic", "sqlalchemy", "aiohttp"} <= core, (where, core)  # both sides use them
 
     edge = _resolve(requirements, ("edge",))
-    assert edge - core == {"nvidia-ml-py"}, (where, edge - core)
+    assert edge - core == {"nvidia-ml-py", "grpcio", "protobuf"}, (where, edge - core)
     cloud = _resolve(requirements, ("cloud",))
     assert cloud - core == CLUSTER_AND_DATABASE, (where, cloud - core)
     lab = _resolve(requirements, ("lab",))
-    assert lab - core == {"nvidia-ml-py", "kmock", "amqtt"} | CLUSTER_AND_DATABASE, (where, lab - core)
+    assert lab - core == {"nvidia-ml-py", "grpcio", "protobuf", "kmock", "amqtt"} | CLUSTER_AND_DATABASE, (
+        where, lab - core)
     assert _resolve(requirements, ("demo",)) == lab, where
     test = _resolve(requirements, ("test",))
     assert lab < test and {"pytest", "pytest-asyncio", "pytest-timeout", "hypothesis", "kubernetes-validate",

@@ -67,6 +67,11 @@ _THROTTLE_READERS: list[Callable[..., int]] = [
 ]
 
 
+# nvmlDeviceGetArchitecture -> the family name GPU Feature Discovery writes (nvidia.com/gpu.family)
+_ARCHITECTURES = {2: "kepler", 3: "maxwell", 4: "pascal", 5: "volta", 6: "turing", 7: "ampere",
+                  8: "ada-lovelace", 9: "hopper", 10: "blackwell"}
+
+
 class DriverError(Exception):
     """An NVML call failed. `code_name` is NVML's name for it, e.g. "GpuIsLost"."""
 
@@ -321,6 +326,7 @@ class NvmlDriver:
         pci = read(["pci_bus_id"], pynvml.nvmlDeviceGetPciInfo)
         memory = read(["memory_total_bytes"], pynvml.nvmlDeviceGetMemoryInfo)
         mig = read(["mig_mode"], pynvml.nvmlDeviceGetMigMode)
+        architecture = read(["architecture"], pynvml.nvmlDeviceGetArchitecture)
         constraints = read(["power_limit_min_w", "power_limit_max_w"],
                            pynvml.nvmlDeviceGetPowerManagementLimitConstraints)
         default_limit = read(
@@ -346,6 +352,7 @@ class NvmlDriver:
             driver_version=driver_version,
             cuda_version=cuda_version,
             mig_mode=(mig[0] == pynvml.NVML_DEVICE_MIG_ENABLE) if mig is not None else None,
+            architecture=_ARCHITECTURES.get(architecture) if architecture is not None else None,
             power_limit_min_w=milliwatts_to_watts(constraints[0]) if constraints else None,
             power_limit_max_w=milliwatts_to_watts(constraints[1]) if constraints else None,
             power_limit_default_w=(

@@ -4,7 +4,7 @@ The figures are what NVML reports on real boards (driver 550), so code tested ag
 simulation sees realistic names, limits and clock tables rather than round made-up numbers.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 DRIVER_VERSION = "550.54.15"
 NVML_VERSION = "12.550.54.15"
@@ -53,6 +53,7 @@ class GpuProfile:
     pcie_gb_s: float = 16.0  # the slot's bandwidth per direction (Gen3 x16 16, Gen4 32, Gen5 64)
     gpm: bool = False  # GPU performance monitoring (nvmlGpm*): Hopper and later
     tensor_per_load: float = 0.6  # tensor pipe busy fraction per unit of SM load
+    architecture: str = ""  # nvmlDeviceGetArchitecture's family, lower case: hopper, ampere, turing
 
     @property
     def max_sm_clock_mhz(self) -> int:
@@ -98,6 +99,7 @@ H100 = GpuProfile(
     pcie_gb_s=64.0,  # Gen5 x16
     gpm=True,
     tensor_per_load=0.7,
+    architecture="hopper",
 )
 
 A100 = GpuProfile(
@@ -129,6 +131,19 @@ A100 = GpuProfile(
     nvlink_gb_s_per_link=25.0,
     pcie_gb_s=32.0,  # Gen4 x16
     gpm=False,  # GPM is Hopper and later
+    architecture="ampere",
+)
+
+# The 40 GB A100 (SXM4): the same board with half the HBM2 (not HBM2e) and its own MIG table.
+A100_40GB = replace(
+    A100,
+    key="A100-40GB",
+    name="NVIDIA A100-SXM4-40GB",
+    memory_total_mib=40960,
+    memory_reserved_mib=400,
+    pci_device_id=0x20B010DE,
+    memory_clocks_mhz=(1215,),
+    graphics_clocks_mhz={1215: _clock_table(1410, 210)},
 )
 
 A10 = GpuProfile(
@@ -158,6 +173,7 @@ A10 = GpuProfile(
     nvdec=2,
     pcie_gb_s=32.0,  # Gen4 x16, no NVLink
     tensor_per_load=0.5,
+    architecture="ampere",
 )
 
 T4 = GpuProfile(
@@ -187,9 +203,10 @@ T4 = GpuProfile(
     nvdec=2,
     pcie_gb_s=16.0,  # Gen3 x16, no NVLink
     tensor_per_load=0.5,
+    architecture="turing",
 )
 
-PROFILES: dict[str, GpuProfile] = {p.key: p for p in (H100, A100, A10, T4)}
+PROFILES: dict[str, GpuProfile] = {p.key: p for p in (H100, A100, A10, T4, A100_40GB)}
 
 
 def get_profile(model: str) -> GpuProfile:

@@ -12,9 +12,12 @@ import sqlalchemy as sa
 from pydantic import ValidationError
 
 from edge.store.base import StoreBase, log
-from edge.store.schema import inventory_table, policy_table, samples_table
+from edge.store.schema import inventory_table, meta_get, meta_set, policy_table, samples_table
 from shared.gpu import GpuInventory, GpuSample
+from shared.partitioning import NodePartitioning
 from shared.policy import PowerPolicy
+
+PARTITIONING_KEY = "partitioning"
 
 
 class LocalStateStore(StoreBase):
@@ -55,6 +58,23 @@ class LocalStateStore(StoreBase):
         except ValidationError as exc:
             log.warning("cached policy is unreadable; ignoring it", extra={"error": str(exc)[:300]})
             return None
+
+    # -- partitioning (MIG layouts, time-slicing) ------------------------------------------------
+
+    def cache_partitioning(self, partitioning: NodePartitioning) -> bool:
+        """Keep the cloud's partitioning, re-applied after a reboot with no cloud. The same
+        object at an older or equal version is ignored (False): a replayed message never rolls
+        a node back; another object (or none: name "") replaces it."""
+        with self._write("cache_partitioning") as conn:
+            cached = _parse_partitioning(meta_get(conn, PARTITIONING_KEY))
+            if cached is not None and cached.name == partitioning.name and partitioning.version <= cached.version:
+                return False
+            meta_set(conn, PARTITIONING_KEY, partitioning.model_dump_json(by_alias=True))
+            return True
+
+    def cached_partitioning(self) -> NodePartitioning | None:
+        with self._read("cached_partitioning") as conn:
+            return _parse_partitioning(meta_get(conn, PARTITIONING_KEY))
 
     # -- inventory -----------------------------------------------------------------------------
 
@@ -122,3 +142,13 @@ class LocalStateStore(StoreBase):
         with self._write("prune_samples") as conn:
             result = conn.execute(samples_table.delete().where(samples_table.c.ts < older_than))
             return int(result.rowcount or 0)
+
+
+def _parse_partitioning(text: str | None) -> NodePartitioning | None:
+    if text is None:
+        return None
+    try:
+        return NodePartitioning.model_validate_json(text)
+    except ValidationError as exc:
+        log.warning("cached partitioning is unreadable; ignoring it", extra={"error": str(exc)[:300]})
+        return None

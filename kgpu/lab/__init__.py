@@ -12,5 +12,7 @@ the `demo` and `test` extras include it), so a production node installs no mock.
     kube        KubeEmulator: kmock's emulated Kubernetes API on a background loop
     manifests   the Kubernetes objects the lab seeds (nodes, GPU pods, the DaemonSet and its pods)
     cluster     ClusterPlayer: kubelet, scheduler, ReplicaSet and DaemonSet controllers, played
+    kubelet     KubeletStandIn / KubeletThread: the kubelet's device-plugin Registration service
+                (the upstream proto), dialling plugins back, ListAndWatch, Allocate, restarts
     fleetsim    thousands of light simulated edges in one process (`kgpu fleet-sim`)
 """

@@ -1,6 +1,6 @@
 """The simulated libnvidia-ml's device and inventory symbols: the library itself (init,
 shutdown, error strings, versions), finding devices (by index, UUID, PCI bus id), each board's
-identity (name, UUID, serial, PCI, compute capability, NUMA, MIG mode) and its memory and
+identity (name, UUID, serial, PCI, compute capability, NUMA) and its memory and
 utilisation. One area of edge/sim/nvml: see its __init__ for why the symbols are split.
 """
 
@@ -32,8 +32,15 @@ from edge.sim.nvml.driver import SimDriver
 from edge.sim.physics import SimGpu
 from edge.sim.profiles import CUDA_DRIVER_VERSION, DRIVER_VERSION, NVML_VERSION
 
-_ARCHITECTURE = {9: pynvml.NVML_DEVICE_ARCH_HOPPER, 8: pynvml.NVML_DEVICE_ARCH_AMPERE,
-                 7: pynvml.NVML_DEVICE_ARCH_TURING}
+_ARCHITECTURE = {"hopper": pynvml.NVML_DEVICE_ARCH_HOPPER, "ampere": pynvml.NVML_DEVICE_ARCH_AMPERE,
+                 "turing": pynvml.NVML_DEVICE_ARCH_TURING}
+
+# What the real nvmlErrorString says for codes pynvml has no text of its own for.
+_ERROR_TEXTS = {
+    pynvml.NVML_ERROR_IN_USE: "In use by another client",
+    pynvml.NVML_ERROR_INSUFFICIENT_RESOURCES: "Insufficient resources",
+    pynvml.NVML_ERROR_NOT_FOUND: "Not Found",
+}
 
 
 def export_device(driver: SimDriver, x: Exports) -> None:
@@ -62,7 +69,7 @@ def _library(driver: SimDriver, x: Exports) -> None:
 
     def error_string(code: int) -> int:
         if code not in driver.error_strings:
-            text = pynvml.NVMLError._errcode_to_string.get(code, "Unknown Error")
+            text = pynvml.NVMLError._errcode_to_string.get(code) or _ERROR_TEXTS.get(code, "Unknown Error")
             driver.error_strings[code] = ctypes.create_string_buffer(text.encode())
         return ctypes.addressof(driver.error_strings[code])
 
@@ -128,7 +135,7 @@ def _finding_devices(driver: SimDriver, x: Exports) -> None:
 
 
 def _identity(driver: SimDriver, x: Exports) -> None:
-    """Each board's name, UUID, serial, PCI info, architecture, NUMA node and MIG mode."""
+    """Each board's name, UUID, serial, PCI info, architecture and NUMA node."""
 
     def device_text(
         read: Callable[[SimGpu], str],
@@ -171,21 +178,13 @@ def _identity(driver: SimDriver, x: Exports) -> None:
     x.scalar("nvmlDeviceGetIndex", c_uint, lambda g: g.index)
     x.scalar("nvmlDeviceGetMinorNumber", c_uint, lambda g: g.index)
     x.scalar("nvmlDeviceGetArchitecture", c_uint,
-             lambda g: _ARCHITECTURE.get(g.profile.compute_capability[0], 0xFFFFFFFF))
+             lambda g: _ARCHITECTURE.get(g.profile.architecture, pynvml.NVML_DEVICE_ARCH_UNKNOWN))
     x.scalar("nvmlDeviceGetNumaNodeId", c_int, numa_node)
     x.scalar("nvmlDeviceGetPersistenceMode", c_uint, lambda g: pynvml.NVML_FEATURE_ENABLED)
     x.scalar("nvmlDeviceGetComputeMode", c_uint, lambda g: pynvml.NVML_COMPUTEMODE_DEFAULT)
     x.scalar("nvmlDeviceGetFanSpeed", c_uint,
              lambda g: unsupported_unless(False))  # passively cooled data-centre boards
-
-    def mig_mode(handle: int | None, current: int | None, pending: int | None) -> int:
-        gpu = driver.gpu(handle)
-        unsupported_unless(gpu.profile.mig)
-        put(c_uint, current, pynvml.NVML_DEVICE_MIG_DISABLE)
-        put(c_uint, pending, pynvml.NVML_DEVICE_MIG_DISABLE)
-        return SUCCESS
-
-    x.export("nvmlDeviceGetMigMode", (H, P, P), mig_mode)
+    # MIG mode and the MIG device handles: edge/sim/nvml/mig.py
 
 
 def _memory_and_utilisation(driver: SimDriver, x: Exports) -> None:
