@@ -22,10 +22,12 @@ from cloud.config import CloudSettings
 from cloud.http.api import make_app
 from cloud.ingest import Ingestor
 from cloud.kube import Kube
+from cloud.labels import NodeLabeler
 from cloud.leader import LeaderElector
 from cloud.link import EdgeLink
 from cloud.memory_share import MemoryShareEnforcer
 from cloud.migration import MigrationManager
+from cloud.partitioning import PartitioningManager
 from cloud.policies import PolicyManager
 from cloud.rollout import RolloutManager
 from cloud.services import BatchBus, Part, Periodic, Services, run_periodically
@@ -64,6 +66,8 @@ class ControllerApp:
             MigrationManager(settings=s.settings, store=s.store, kube=s.kube, commands=s.commands, batches=s.batches),
             RolloutManager(settings=s.settings, store=s.store, kube=s.kube, batches=s.batches),
             MemoryShareEnforcer(kube=s.kube, batches=s.batches, leading=s.leading),
+            PartitioningManager(store=s.store, kube=s.kube, publish=s.publish, batches=s.batches),
+            NodeLabeler(kube=s.kube, batches=s.batches),
         ]
 
     def http_app(self) -> web.Application:

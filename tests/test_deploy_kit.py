@@ -562,8 +562,9 @@ GROUPS = {"core": "", "apps": "apps", "coordination": "coordination.k8s.io"}
 
 
 def required_permissions() -> set[tuple[str, str, str]]:
-    """(apiGroup, resource, verb) for every Kubernetes API call in cloud/ (every package)."""
-    from cloud.policies import GROUP, PLURAL
+    """(apiGroup, resource, verb) for every Kubernetes API call in cloud/ (every package); a custom
+    object call is for the plural of its own package (cloud/partitioning/ or cloud/policies/)."""
+    from cloud import partitioning, policies
 
     needed = set()
     sources = sorted((ROOT / "cloud").rglob("*.py"))
@@ -575,8 +576,9 @@ def required_permissions() -> set[tuple[str, str, str]]:
             rest = rest.replace("namespaced_", "").replace("_for_all_namespaces", "")
             if api == "custom":
                 assert rest in ("cluster_custom_object", "cluster_custom_object_status"), method
-                resource = PLURAL + ("/status" if rest.endswith("_status") else "")
-                needed.add((GROUP, resource, VERBS[verb_word]))
+                package = partitioning if "partitioning" in source.parts else policies
+                resource = package.PLURAL + ("/status" if rest.endswith("_status") else "")
+                needed.add((package.GROUP, resource, VERBS[verb_word]))
             else:
                 assert rest in RESOURCES, f"{source.name}: unknown resource in {api}.{method}: extend the test's map"
                 needed.add((GROUPS[api], RESOURCES[rest], VERBS[verb_word]))

@@ -112,7 +112,8 @@ def test_every_cloud_route_is_described_without_a_cluster(tmp_path: Path) -> Non
         spec = _assert_described(app)
         assert ("POST", "/api/v1/rollouts") in spec.operations() and ("PUT", "/api/v1/policies/{name}") in spec.operations()
         # every part added routes: commands, policies, migrations, rollouts, the dashboard
-        assert {s.name for s in controller.parts} == {"edge-commands", "policies", "migration", "rollouts"}
+        assert {s.name for s in controller.parts} == {"edge-commands", "policies", "migration", "rollouts",
+                                                      "memory-share", "partitioning", "node-labels"}
         assert {("GET", "/api/v1/migrations"), ("GET", "/api/v1/commands"), ("GET", "/api/v1/dashboard/fleet"),
                 ("GET", "/")} <= spec.operations()
     finally:
@@ -272,6 +273,9 @@ def test_real_responses_match_the_description(tmp_path: Path, broker: Any) -> No
             ("/api/v1/nodes/{node}/samples", "/api/v1/nodes/edge-a/samples?limit=5"),
             ("/api/v1/nodes/{node}/samples", "/api/v1/nodes/edge-a/samples?since=never"),
             ("/api/v1/nodes/{node}/policy", "/api/v1/nodes/edge-a/policy"),
+            ("/api/v1/partitioning", "/api/v1/partitioning"),
+            ("/api/v1/nodes/{node}/partitioning", "/api/v1/nodes/edge-a/partitioning"),
+            ("/api/v1/nodes/{node}/partitioning", "/api/v1/nodes/nobody/partitioning"),
             ("/api/v1/events", "/api/v1/events?node=edge-a&limit=50"), ("/api/v1/events", "/api/v1/events?limit=0"),
             ("/api/v1/decisions", "/api/v1/decisions?node=edge-a"),
             ("/api/v1/policies", "/api/v1/policies"), ("/api/v1/policies/{name}", "/api/v1/policies/zone-a"),

@@ -11,9 +11,16 @@ Hard rules (a candidate failing any is rejected, every failed rule is listed):
 * every NoSchedule/NoExecute taint tolerated by the pod;
 * the pod's `nodeSelector` and required node affinity (`matchExpressions` with In, NotIn, Exists,
   DoesNotExist, Gt, Lt; terms ORed, expressions ANDed) hold on the node's labels;
-* enough free GPUs: healthy GPUs of a compatible model, less the GPUs requested by the pods bound
-  there (counted against the healthy ones: we cannot tell which GPU a pod holds); MIG slices
-  (`nvidia.com/mig-*`) against the node's allocatable less what bound pods request.
+* enough free GPUs, counted as the scheduler counts `nvidia.com/gpu`: each healthy GPU of a
+  compatible model not in MIG mode is `replicas` devices (time-slicing: the GPU's own figure, else
+  the node's GFD label `nvidia.com/gpu.replicas`, else 1), less the devices requested by the pods
+  bound there (counted against the healthy ones: we cannot tell which GPU a pod holds), and never
+  more than the node's `nvidia.com/gpu` allocatable when known. A GPU in MIG mode advertises MIG
+  devices, not `nvidia.com/gpu` (the mixed strategy kgpu's device plugin uses).
+* MIG devices (`nvidia.com/mig-<profile>`) as the scheduler counts them: the node's allocatable
+  less what bound pods request (`mig_free`); without an allocatable for that profile, the healthy
+  MIG devices of that profile its GPUs report (or the node's GFD label
+  `nvidia.com/mig-<profile>.count`) less what bound pods request (`mig_requested`).
 
 Compatibility: the same model family (`FAMILIES`: H100/H200/H800/GH200 are Hopper, A100/A800 are
 one family, A10/A10G another, L40/L40S another, every other model is its own family) and at least
@@ -47,6 +54,7 @@ HOSTNAME_LABEL = "kubernetes.io/hostname"
 WORKLOAD_CLASS_LABEL = "kgpu.io/workload-class"
 PRODUCT_LABEL = "nvidia.com/gpu.product"  # GPU Feature Discovery, e.g. NVIDIA-H100-80GB-HBM3
 MEMORY_LABEL = "nvidia.com/gpu.memory"  # GPU Feature Discovery, MiB
+REPLICAS_LABEL = "nvidia.com/gpu.replicas"  # GPU Feature Discovery: devices per GPU (time-slicing)
 
 TEMP_REFERENCE_C = 85.0
 WEIGHT_ZONE = 40.0
@@ -278,6 +286,9 @@ class CandidateGpu:
     temperature_c: float | None = None
     power_w: float | None = None
     power_limit_w: float | None = None
+    replicas: int | None = None  # time-slicing: devices advertised per GPU (None: not reported)
+    mig_enabled: bool = False  # in MIG mode: no nvidia.com/gpu, only its MIG devices
+    mig_devices: Mapping[str, int] = field(default_factory=dict)  # profile (1g.10gb) -> healthy devices
 
 
 @dataclass(frozen=True)
@@ -289,9 +300,33 @@ class NodeCandidate:
     labels: Mapping[str, str] = field(default_factory=dict)
     gpus: tuple[CandidateGpu, ...] = ()
     gpus_requested: int = 0  # by the pods bound there
-    mig_free: Mapping[str, int] = field(default_factory=dict)
+    mig_free: Mapping[str, int] = field(default_factory=dict)  # from allocatable, less requests
     taints: tuple[Taint, ...] = ()
     unschedulable: bool = False
+    gpu_allocatable: int | None = None  # the kubelet's nvidia.com/gpu allocatable (None: unknown)
+    mig_requested: Mapping[str, int] = field(default_factory=dict)  # by the pods bound there
+
+
+def gpu_slots(gpu: CandidateGpu, labels: Mapping[str, str]) -> int:
+    """How many `nvidia.com/gpu` devices one GPU advertises: 0 in MIG mode, else its replicas."""
+    if gpu.mig_enabled:
+        return 0
+    if gpu.replicas is not None:
+        return max(1, gpu.replicas)
+    return max(1, quantity(labels.get(REPLICAS_LABEL, "1")))
+
+
+def mig_available(c: NodeCandidate, resource: str) -> int:
+    """Free MIG devices of `resource` (nvidia.com/mig-1g.10gb) on a node, as the scheduler counts."""
+    if resource in c.mig_free:
+        return c.mig_free[resource]
+    profile = resource.removeprefix(MIG_PREFIX)
+    reported = [g for g in c.gpus if g.mig_enabled]
+    if reported:
+        have = sum(g.mig_devices.get(profile, 0) for g in reported if g.healthy)
+    else:
+        have = quantity(c.labels.get(f"{resource}.count", "0"))
+    return max(0, have - c.mig_requested.get(resource, 0))
 
 
 @dataclass(frozen=True)
@@ -345,14 +380,22 @@ def _judge(pod: PodNeeds, c: NodeCandidate) -> ScoredTarget:
         model_notes.add(note)
         if ok:
             usable.append(gpu)
-    free = max(0, min(len(usable), len(healthy) - c.gpus_requested))
+    usable_slots = sum(gpu_slots(g, c.labels) for g in usable)
+    healthy_slots = sum(gpu_slots(g, c.labels) for g in healthy)
+    if c.gpu_allocatable is not None:
+        healthy_slots = min(healthy_slots, c.gpu_allocatable)
+    free = max(0, min(usable_slots, healthy_slots - c.gpus_requested))
     if pod.gpus > free:
-        detail = (f"needs {pod.gpus} GPU(s), {free} free: {len(usable)} healthy compatible of {len(c.gpus)}, "
-                  f"{c.gpus_requested} requested by pods bound there")
+        shared = usable_slots > len([g for g in usable if gpu_slots(g, c.labels)])
+        mig_mode = sum(1 for g in usable if g.mig_enabled)
+        detail = (f"needs {pod.gpus} GPU(s), {free} free: {len(usable)} healthy compatible of {len(c.gpus)}"
+                  + (f" ({usable_slots} time-sliced devices)" if shared else "")
+                  + (f" ({mig_mode} in MIG mode)" if mig_mode else "")
+                  + f", {c.gpus_requested} requested by pods bound there")
         incompatible = sorted(n for n in model_notes if " not " in n or "<" in n)
         why_not.append(detail + (f" ({'; '.join(incompatible)})" if incompatible else ""))
     for resource, amount in sorted(pod.mig.items()):
-        have = c.mig_free.get(resource, 0)
+        have = mig_available(c, resource)
         if amount > have:
             why_not.append(f"needs {amount} {resource}, {have} free")
     if why_not:
@@ -425,9 +468,13 @@ def assign(pods: Iterable[PodNeeds], candidates: Sequence[NodeCandidate]) -> lis
         target = ranked[0] if ranked and ranked[0].accepted else None
         if target is not None:
             chosen = pool[target.node]
-            mig = dict(chosen.mig_free)
+            mig, mig_requested = dict(chosen.mig_free), dict(chosen.mig_requested)
             for resource, amount in pod.mig.items():
-                mig[resource] = mig.get(resource, 0) - amount
-            pool[target.node] = replace(chosen, gpus_requested=chosen.gpus_requested + pod.gpus, mig_free=mig)
+                if resource in mig:
+                    mig[resource] -= amount
+                else:
+                    mig_requested[resource] = mig_requested.get(resource, 0) + amount
+            pool[target.node] = replace(chosen, gpus_requested=chosen.gpus_requested + pod.gpus, mig_free=mig,
+                                        mig_requested=mig_requested)
         out.append(Assignment(pod, target, tuple(ranked)))
     return out

@@ -220,7 +220,8 @@ class PartitionManager:
             else:
                 await self._apply(index, view, state, plan, events)
                 return
-        if state.plan is None or (state.plan.step, state.plan.reason) != (plan.step, plan.reason):
+        first_quiet = state.plan is None and plan.step is Step.NONE  # nothing asked, nothing done: no event
+        if not first_quiet and (state.plan is None or (state.plan.step, state.plan.reason) != (plan.step, plan.reason)):
             events.append(self._decision(index, view, plan, ActionOutcome.RECORDED))
             log.info("GPU %d: %s", index, plan.reason, extra={"gpu": view.inventory.uuid, "step": plan.step.value})
         fenced = plan.step is Step.WAIT_DRAIN

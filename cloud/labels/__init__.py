@@ -1,0 +1,7 @@
+"""GPU Feature Discovery-style labels on the Kubernetes Nodes, written by the controller from each
+node's status: `gfd` (the pure label rules), `writer` (`NodeLabeler`, the leader's patches)."""
+
+from cloud.labels.gfd import labels_for
+from cloud.labels.writer import GFD_MARKER, OWNED_ANNOTATION, NodeLabeler, label_patch
+
+__all__ = ["GFD_MARKER", "OWNED_ANNOTATION", "NodeLabeler", "label_patch", "labels_for"]
