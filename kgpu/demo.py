@@ -9,7 +9,8 @@ the lab (kgpu/lab/, the `lab` extra):
   seeded with the edge GPU nodes, a few GPU pods, the `kgpu-edge` DaemonSet (OnDelete, one pod per
   node) and a `GPUPowerPolicy`;
 * `kgpu cloud run --kubeconfig <the emulator's>` on SQLite, serving the API on --http (9420);
-* one `kgpu edge run --backend sim --mqtt ...` per node (2-4 simulated H100/A100 each). Each edge
+* one `kgpu edge run --backend sim --mqtt ... --device-plugin` per node (2-4 simulated H100/A100 each),
+  with a kubelet stand-in (lab/kubelet.py) in a thread for its device plugin. Each edge
   reaches the broker through its own loopback TCP relay (its "uplink", lab/broker.py), which the
   scenario cuts to take exactly one node off the network while its daemon keeps running and deciding;
 * the lab's ClusterPlayer (lab/cluster.py) in a thread, playing what a real cluster's kubelet,
@@ -20,7 +21,7 @@ the lab (kgpu/lab/, the `lab` extra):
   template's version (`KGPU_SIM_DAEMON_VERSION`).
 
 `--scenario` plays a narrated story (thermal spike, XID 79 migration, a node cut off, a rollout
-with that node offline, its return and replay) and exits 0 when every step succeeded. This module
+with that node offline, its return and replay, GPU partitioning: kgpu/demo_partitioning.py) and exits 0 when every step succeeded. This module
 holds only the demo's own parts: which nodes and pods, the processes' flags, the story.
 """
 
@@ -42,9 +43,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+from kgpu import demo_partitioning
 from kgpu.lab.broker import BrokerProcess, Uplinks, start_broker
 from kgpu.lab.cluster import ClusterPlayer, Replaced
 from kgpu.lab.kube import KubeEmulator
+from kgpu.lab.kubelet import KubeletThread
 from kgpu.lab.manifests import (
     EDGE_ROLE,
     EVICTION_OK,
@@ -130,6 +133,7 @@ class Demo:
         self.cluster: ClusterPlayer | None = None
         self.uplinks: Uplinks | None = None
         self.edges: dict[str, Child] = {}
+        self.kubelets: dict[str, KubeletThread] = {}  # one kubelet stand-in per node, for its device plugin
         self.edge_ports: dict[str, int] = {}
         self.uplink_ports: dict[str, int] = {}
         self.versions: dict[str, str] = {}
@@ -179,6 +183,8 @@ class Demo:
             # a demo on loopback: changes (the rollout below) without a token; a cluster sets one
             "KGPU_API_INSECURE": "true"}).start())
         for spec in self.specs:
+            self.kubelets[spec.name] = KubeletThread(demo_partitioning.plugin_dir(self.workdir / spec.name))
+            self.kubelets[spec.name].__enter__()
             self.uplink_ports[spec.name] = self.uplinks.add(spec.name)
             self.edge_ports[spec.name] = free_port()
             self._start_edge(spec, __version__)
@@ -207,7 +213,8 @@ class Demo:
             sys.executable, "-m", "kgpu", "edge", "run", "--node", spec.name, "--backend", "sim",
             "--sim-gpus", str(spec.gpus), "--sim-model", spec.model, "--db", str(node_dir / "edge.db"),
             "--http", f"127.0.0.1:{self.edge_ports[spec.name]}", "--interval", "1",
-            "--mqtt", f"mqtt://127.0.0.1:{self.uplink_ports[spec.name]}", "--config", str(config)],
+            "--mqtt", f"mqtt://127.0.0.1:{self.uplink_ports[spec.name]}", "--config", str(config),
+            "--device-plugin", "--kubelet-dir", str(demo_partitioning.plugin_dir(node_dir))],
             self.workdir / "logs" / f"{spec.name}.log",
             env={"KGPU_SIM_DAEMON_VERSION": version, "KGPU_LOG_JSON": "true", "PYTHONUNBUFFERED": "1"}).start()
         with self._lock:
@@ -292,6 +299,8 @@ class Demo:
         for child in [*edges, self.cloud, self.broker]:  # edges first, so they leave while the broker listens
             if child is not None:
                 child.stop()
+        for kubelet in self.kubelets.values():
+            kubelet.__exit__(None, None, None)
         if self.uplinks is not None:
             self.uplinks.stop()
         if self.kube is not None:
@@ -376,9 +385,16 @@ class Scenario:
         self.step(f"{self.cut} loses its uplink and keeps deciding", self.cut_off)
         self.step(f"rollout of {IMAGE_REPO}:0.2.0 with {self.cut} offline", self.rollout)
         self.step(f"{self.cut} comes back: it replays what it decided and is upgraded", self.come_back)
+        self.step("GPU partitioning: MIG on the A100s, time-slicing on the H100s, seen by each kubelet",
+                  self.partitioning)
         ok = not self.failures
         self.say(f"\n== scenario {'complete: every step succeeded' if ok else 'FAILED: ' + ', '.join(self.failures)}")
         return ok
+
+    def partitioning(self) -> str:
+        assert self.d.kube is not None
+        return demo_partitioning.run(self.d.kube, self.d.kubelets, list(self.d.specs), self.d.base, self.sick,
+                                     self.say, timeout=60)
 
     def policy(self) -> str:
         def applied() -> bool:

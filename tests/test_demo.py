@@ -156,13 +156,15 @@ def test_scenario_plays_every_step_to_the_end() -> None:
     out = demo.output
     assert code == 0, out
     steps_ok = re.findall(r"^== step (\d) OK", out, re.MULTILINE)
-    assert steps_ok == ["1", "2", "3", "4", "5", "6"], out
+    assert steps_ok == ["1", "2", "3", "4", "5", "6", "7"], out
     assert "FAILED" not in out and "== scenario complete: every step succeeded" in out
     assert "migration #1: complete completed" in out  # the XID 79's migration steps were narrated
     assert "kubelet stopped evicted pod default/llm-train" in out  # the demo played the cluster's part
     assert "ReplicaSet llm-train-6d8f9c7b5 recreated it" in out and "[cluster] error" not in out
     assert re.search(r"rollout #\d+ \w+: .*offline-deferred", out)  # the offline node did not block
     assert re.search(r"rollout #\d+ completed: \{'upgrade-done': 4\}", out)
+    assert re.search(r"edge-04 \(A100 x4\): kubelet sees 28 nvidia.com/mig-1g.10gb devices", out), out
+    assert re.search(r"labels: .*mig.strategy=mixed", out) and "gpu.replicas=4" in out
     assert "Traceback" not in out
     assert_nothing_left(demo)
     assert time.monotonic() - started < 100
