@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
+from edge.sim.nvml.mig_state import PERSISTED_MIG_MODE
 from tests.helpers.edge_process import EdgeProcess
 from tests.helpers.pod_list import PodListServer
 
@@ -163,3 +164,11 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, exitstatu
     factory = getattr(config, "_tmp_path_factory", None)  # what the tmp_path fixtures use
     if factory is not None:
         terminalreporter.write_line(f"(written to {fault_report.write(factory.getbasetemp())})")
+
+
+@pytest.fixture(autouse=True)
+def _mig_mode_forgotten_between_tests() -> Iterator[None]:
+    """The simulated driver keeps a board's MIG mode across a 'reboot' (a new simulated library in
+    the same process), as real A100/H100 boards do; one test's boards must not carry it into the next."""
+    yield
+    PERSISTED_MIG_MODE.clear()
