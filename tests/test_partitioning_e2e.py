@@ -4,7 +4,8 @@ service of the upstream proto.
 
 - the GPUs registered; one goes unhealthy on an XID and healthy again after the quiet period,
   with nothing restarted (the NVIDIA plugin's most repeated complaint);
-- a MIG layout sent (retained) while the node is offline reaches it when it starts, waits for the
+- a MIG layout set in a GPUPartitioning object (a real controller, the real kubernetes client
+  against kmock) while the node is offline reaches it when it starts, waits for the
   GPU's processes to leave (fenced meanwhile), is applied, survives a daemon restart and is
   advertised as `nvidia.com/mig-<profile>` devices; an impossible one is refused with its reason;
 - time-slicing replicas are advertised as `<UUID>::<n>` and a pod over its memory share is reported.
@@ -22,12 +23,14 @@ from typing import Any
 import pytest
 
 from kgpu.lab.broker import Mosquitto
+from kgpu.lab.kube import KubeEmulator
 from kgpu.lab.kubelet import KubeletThread
 from kgpu.lab.processes import wait_for
 from shared.mqtt import MqttLink, parse_broker_url
 from shared.partitioning import NodePartitioning
 from shared.protocol import Kind, PartitioningBody, make_envelope
 from shared.topics import cloud_topic
+from tests.helpers.cloud_process import CloudProcess
 from tests.helpers.edge_process import EdgeProcess
 
 pytestmark = pytest.mark.slow
@@ -98,11 +101,24 @@ def test_the_kubelet_sees_a_gpu_go_unhealthy_on_an_xid_and_healthy_again_without
         wait_for(lambda: not list(plugins.glob("kgpu-*.sock")), timeout=10, what="its socket removed on stop")
 
 
-def test_a_mig_layout_reaches_an_offline_node_waits_for_the_drain_survives_a_restart_and_is_advertised(
-        tmp_path: Path, broker: Mosquitto, plugins: Path) -> None:
-    publisher = _publisher(broker)
-    # sent while the node is not running: the broker keeps it (retained)
-    _send(publisher, {"NVIDIA A100-SXM4-40GB": {"mig": {"mixed": {"3g.20gb": 1, "2g.10gb": 1, "1g.5gb": 2}}}})
+def _partitioning_object(kube: KubeEmulator, mig: Any, generation: int) -> None:
+    body = {"apiVersion": "kgpu.io/v1alpha1", "kind": "GPUPartitioning",
+            "metadata": {"name": "site-mig", "generation": generation},
+            "spec": {"nodeSelector": {"site": "factory-3"}, "models": {"NVIDIA A100-SXM4-40GB": {"mig": mig}}}}
+    if generation == 1:
+        kube.custom.create_cluster_custom_object("kgpu.io", "v1alpha1", "gpupartitionings", body)
+    else:
+        kube.custom.patch_cluster_custom_object("kgpu.io", "v1alpha1", "gpupartitionings", "site-mig", body)
+
+
+def test_a_mig_layout_set_in_the_crd_reaches_an_offline_node_waits_for_the_drain_survives_a_restart(
+        tmp_path: Path, broker: Mosquitto, plugins: Path, kube: KubeEmulator) -> None:
+    kube.add_node(NODE, {"site": "factory-3"})
+    cloud = CloudProcess(tmp_path / "cloud", broker.url, kubeconfig=kube.kubeconfig).start()
+    # the layout is set while the node's edge is not running: the controller publishes it retained
+    _partitioning_object(kube, {"mixed": {"3g.20gb": 1, "2g.10gb": 1, "1g.5gb": 2}}, generation=1)
+    wait_for(lambda: cloud.get(f"/api/v1/nodes/{NODE}/partitioning")["published_at"], timeout=30,
+             what="the controller published the node's partitioning")
     with KubeletThread(plugins) as kubelet:
         edge = _edge(tmp_path, broker, plugins, "A100-40GB")
         try:
@@ -134,14 +150,16 @@ def test_a_mig_layout_reaches_an_offline_node_waits_for_the_drain_survives_a_res
             wait_for(lambda: len(kubelet.health("nvidia.com/mig-1g.5gb")) == 4 and
                      all(h == "Healthy" for h in kubelet.health("nvidia.com/mig-1g.5gb").values()), timeout=60,
                      what="the MIG devices advertised again after the restart")
+            wait_for(lambda: cloud.get(f"/api/v1/nodes/{NODE}/partitioning")["applied"], timeout=30,
+                     what="the controller sees the layout applied (the edge's status)")
             # an impossible layout is refused with its reason, nothing touched
-            _send(publisher, {"NVIDIA A100-SXM4-40GB": {"mig": {"mixed": {"4g.20gb": 1, "3g.20gb": 2}}}}, version=2)
+            _partitioning_object(kube, {"mixed": {"4g.20gb": 1, "3g.20gb": 2}}, generation=2)
             wait_for(lambda: any(d["action"] == "refuse_mig_layout" for d in _decisions(edge, "mig_layout")),
                      timeout=30, what="the impossible layout refused")
             assert len(kubelet.health("nvidia.com/mig-1g.5gb")) == 4
         finally:
             edge.stop()
-            publisher.stop()
+            cloud.stop()
 
 
 def test_time_slicing_replicas_are_advertised_and_a_pod_over_its_share_is_reported(
