@@ -21,7 +21,8 @@ the lab (kgpu/lab/, the `lab` extra):
   template's version (`KGPU_SIM_DAEMON_VERSION`).
 
 `--scenario` plays a narrated story (thermal spike, XID 79 migration, a node cut off, a rollout
-with that node offline, its return and replay, GPU partitioning: kgpu/demo_partitioning.py) and exits 0 when every step succeeded. This module
+with that node offline, its return and replay, GPU partitioning: kgpu/demo_partitioning.py) and
+exits 0 when every step succeeded. This module
 holds only the demo's own parts: which nodes and pods, the processes' flags, the story.
 """
 
