@@ -137,8 +137,8 @@ def test_a_mig_layout_set_in_the_crd_reaches_an_offline_node_waits_for_the_drain
                      what="GPU 0 partitioned after its drain: two 1g.5gb each")
             applied = [d for d in _decisions(edge, "mig_layout") if d["action"] == "apply_mig_layout"]
             assert {d["gpu_index"] for d in applied if d["outcome"] == "applied"} == {0, 1}
-            # whole GPUs are no longer allocatable: both are split into MIG devices
-            assert "Healthy" not in kubelet.health(GPU).values()
+            # whole GPUs are no longer allocatable: both are split into MIG devices (an empty list was sent)
+            wait_for(lambda: kubelet.health(GPU) == {}, timeout=30, what="nvidia.com/gpu emptied at the kubelet")
             # dcgm-exporter's per-instance series, and the energy shared by compute slices
             assert edge.metric("DCGM_FI_DEV_FB_FREE", GPU_I_PROFILE="3g.20gb", gpu="0") > 0
             wait_for(lambda: edge.metric("kgpu_mig_device_joules_total", GPU_I_PROFILE="3g.20gb", gpu="0") > 0,

@@ -79,7 +79,7 @@ class DevicePluginManager:
     async def _sync(self, groups: dict[str, list[PluginDevice]]) -> None:
         for resource in [r for r in self._plugins if r not in groups]:
             log.info("resource gone: removing its device plugin", extra={"resource": resource})
-            await self._remove(resource)
+            await self._remove(resource, announce_empty=True)
         for resource, devices in groups.items():
             plugin = self._plugins.get(resource)
             if plugin is None:
@@ -94,8 +94,14 @@ class DevicePluginManager:
                     "healthy": [d.id for d in devices if d.healthy],
                     "unhealthy": [d.id for d in devices if not d.healthy]})
 
-    async def _remove(self, resource: str) -> None:
+    async def _remove(self, resource: str, *, announce_empty: bool = False) -> None:
+        """Stop one resource's plugin. `announce_empty` (the resource is gone, e.g. its GPUs are now
+        split by MIG): its open ListAndWatch streams first send an empty list, so the kubelet takes
+        its capacity to 0 at once instead of keeping the devices as unhealthy until its grace period
+        ends. Not on the daemon's own stop: a restart must not empty the node's capacity."""
         plugin = self._plugins.pop(resource)
+        if announce_empty and plugin.socket.service.update([]):
+            await asyncio.sleep(0.2)  # the streams are woken; let them send before they end
         plugin.stop.set()
         if plugin.task is not None:
             await plugin.task
