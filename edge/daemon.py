@@ -533,8 +533,10 @@ class EdgeDaemon:
 
     def health_report(self) -> tuple[bool, list[str], list[str]]:
         """(healthy, reasons it is not, degraded conditions) for /healthz."""
+        # any NVML call that timed out (a sample, a MIG read) leaves the driver unreachable until one returns
+        reachable = self.driver_reachable and not self.runner.not_answering
         healthy, reasons = health_rules.node_health(
-            self.driver_reachable, {i: v.health for i, v in self.gpus.items()}, self.probe_ok
+            reachable, {i: v.health for i, v in self.gpus.items()}, self.probe_ok
         )
         if self.probe_ok is False and self.probe_detail:
             reasons = [*reasons, f"probe: {self.probe_detail}"]

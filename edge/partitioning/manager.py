@@ -24,6 +24,7 @@ from typing import Any, Protocol
 from edge.deviceplugin.devices import PluginDevice, replica_id
 from edge.driver.mig import MigDeviceInfo, MigDriver, MigState
 from edge.driver.nvml import DriverError
+from edge.driver.runner import DriverRunner
 from edge.partitioning.plan import (
     GpuMigFacts,
     GpuPlan,
@@ -69,6 +70,14 @@ class GpuLike(Protocol):
     def health(self) -> Any: ...
 
 
+class PartitioningStore(Protocol):
+    """The edge store's methods the manager uses (edge/store/local.py)."""
+
+    def cache_partitioning(self, partitioning: NodePartitioning) -> bool: ...
+
+    def cached_partitioning(self) -> NodePartitioning | None: ...
+
+
 Record = Callable[[list[tuple[Kind, WireModel]]], Awaitable[None]]
 Resolve = Callable[[int], PodRef | None]
 
@@ -87,8 +96,8 @@ class GpuPartition:
 
 
 class PartitionManager:
-    def __init__(self, runner: Any, store: Any, record: Record, *, default_resource: str = "nvidia.com/gpu",
-                 resolve_pod: Resolve | None = None) -> None:
+    def __init__(self, runner: DriverRunner, store: PartitioningStore, record: Record, *,
+                 default_resource: str = "nvidia.com/gpu", resolve_pod: Resolve | None = None) -> None:
         self.runner = runner
         self.mig = MigDriver(runner.driver)
         self.store = store
@@ -134,8 +143,9 @@ class PartitionManager:
         self._views = dict(views)
         events: list[tuple[Kind, WireModel]] = []
         pods = await self._pods_of_shared_gpus(views)
+        answering = not self.runner.not_answering  # no MIG call into a hung driver
         for index, view in sorted(views.items()):
-            if view.sample is None or view.sample.lost:
+            if not answering or view.sample is None or view.sample.lost:
                 continue
             state = self.gpus[index]
             if state.mig is None:
