@@ -19,6 +19,20 @@ SECRET_REF_RE = re.compile(
     r"(?::(?P<key>[-._a-zA-Z0-9]{1,253}))?$"
 )
 
+# an equality-based label selector term: key (optionally prefixed) = value
+_SELECTOR_TERM_RE = re.compile(r"^([A-Za-z0-9][-A-Za-z0-9_./]{0,252})\s*==?\s*([-A-Za-z0-9_.]{0,63})$")
+
+
+def parse_label_selector(text: str) -> dict[str, str]:
+    """`k=v,k2=v2` (equality terms only, `==` allowed) as a dict; ValueError otherwise."""
+    terms: dict[str, str] = {}
+    for part in text.split(","):
+        match = _SELECTOR_TERM_RE.match(part.strip())
+        if not match:
+            raise ValueError(f"not an equality label selector term: {part.strip()[:100]!r} (use k=v,k2=v2)")
+        terms[match[1]] = match[2]
+    return terms
+
 
 class CloudSettings(KgpuSettings):
     """Everything `kgpu cloud run` can be told. Field `foo_bar` is flag `--foo-bar` and env
@@ -64,7 +78,15 @@ class CloudSettings(KgpuSettings):
     lease_renew_interval: Seconds = Field(5.0, ge=0.5, le=300.0, description="How often the leader renews its lease")
     daemonset: str = Field("kgpu-edge", description="Name of the edge daemon's DaemonSet (for rollouts)")
     migration_grace: Seconds = Field(120.0, description="Migrate work off a GPU unhealthy longer than this")
-    offline_threshold: Seconds = Field(300.0, description="Migrate GPU work off a node offline longer than this")
+    offline_threshold: Seconds = Field(
+        300.0, description="A node offline longer than this is unreachable for migration: only its pods that opted in "
+        "(annotation kgpu.io/migrate-when-offline, or offline_migration_selector) move, each after its own wait too")
+    offline_migration_selector: str | None = Field(
+        None, description="Label selector (k=v,k2=v2) of pods moved off a node offline past offline_threshold "
+        "without the kgpu.io/migrate-when-offline annotation; default: none (pods stay on an unreachable node)")
+    offline_zone_max_share: float = Field(
+        0.5, ge=0.0, le=1.0, description="Zone guard: when more than this share of a zone's nodes "
+        "(topology.kubernetes.io/zone) are offline at once, nothing moves off that zone's offline nodes")
     migration_max_concurrent: int = Field(3, ge=1, le=1000, description="Migrations running at once, at most")
     migration_node_cooldown: Seconds = Field(600.0, description="No new migration from the same node within this")
     command_resend_interval: Seconds = Field(
@@ -162,6 +184,13 @@ class CloudSettings(KgpuSettings):
             raise ValueError("api_auth=all needs api_token_file or api_token_secret")
         return self
 
+    @field_validator("offline_migration_selector")
+    @classmethod
+    def _offline_selector(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_label_selector(value)  # a clear error at start, not at the first offline node
+        return value
+
     @field_validator("api_token_secret")
     @classmethod
     def _secret_ref(cls, value: str | None) -> str | None:
@@ -176,6 +205,13 @@ class CloudSettings(KgpuSettings):
         match = SECRET_REF_RE.match(self.api_token_secret)
         assert match is not None
         return match["namespace"] or self.namespace, match["name"], match["key"] or "token"
+
+    @property
+    def offline_selector(self) -> dict[str, str] | None:
+        """`offline_migration_selector` as label -> value (None: no pod selected)."""
+        if self.offline_migration_selector is None:
+            return None
+        return parse_label_selector(self.offline_migration_selector)
 
     @property
     def client_id(self) -> str:

@@ -71,14 +71,15 @@ def gpu(node: str, uuid: str, health: str = "healthy", *, since: float | None = 
 
 
 def world(*gpus: GpuView, offline: dict[str, float] | None = None, requests: tuple[RequestEvent, ...] = (),
-          gpu_pods: dict[str, int] | None = None) -> World:
+          gpu_pods: dict[str, int] | None = None, offline_ready: dict[str, int] | None = None) -> World:
     nodes: dict[str, tuple[bool, float]] = {g.node: (True, NOW) for g in gpus}
     for name, last_seen in (offline or {}).items():
         nodes[name] = (False, last_seen)
     by_node: dict[str, list[GpuView]] = {}
     for g in gpus:
         by_node.setdefault(g.node, []).append(g)
-    return World(nodes=nodes, gpus={k: tuple(v) for k, v in by_node.items()}, requests=requests, gpu_pods=gpu_pods)
+    return World(nodes=nodes, gpus={k: tuple(v) for k, v in by_node.items()}, requests=requests, gpu_pods=gpu_pods,
+                 offline_ready=offline_ready)
 
 
 def migration(mid: int, node: str = "bad", state: str = "in-progress", subjects: tuple[str, ...] = ("GPU-0",),
@@ -136,10 +137,15 @@ TRIGGER_CASES: list[tuple[str, World, list[tuple[str, str, str | None]]]] = [
      [("bad", "gpu-unhealthy", "GPU-0")]),
     ("lost past the grace", world(gpu("bad", "GPU-1", "lost", since=NOW - 500, last=(0, "lost"))),
      [("bad", "gpu-unhealthy", "GPU-1")]),
-    ("offline past the threshold with GPU pods",
-     world(gpu("ok", "GPU-0"), offline={"gone": NOW - 301}, gpu_pods={"gone": 2}), [("gone", "node-offline", OFFLINE_SUBJECT)]),
-    ("offline past the threshold, no GPU pods", world(offline={"gone": NOW - 301}, gpu_pods={}), []),
-    ("offline, not long enough", world(offline={"gone": NOW - 100}, gpu_pods={"gone": 1}), []),
+    # offline: only pods that opted in move (`offline_ready`; tests/test_offline_nodes.py has the rest)
+    ("offline past the threshold with GPU pods that opted in",
+     world(gpu("ok", "GPU-0"), offline={"gone": NOW - 301}, gpu_pods={"gone": 2}, offline_ready={"gone": 2}),
+     [("gone", "node-offline", OFFLINE_SUBJECT)]),
+    ("offline past the threshold, GPU pods that did not opt in",
+     world(gpu("ok", "GPU-0"), offline={"gone": NOW - 301}, gpu_pods={"gone": 2}, offline_ready={}), []),
+    ("offline past the threshold, no GPU pods", world(offline={"gone": NOW - 301}, gpu_pods={}, offline_ready={}), []),
+    ("offline, not long enough", world(offline={"gone": NOW - 100}, gpu_pods={"gone": 1}, offline_ready={"gone": 1}),
+     []),
     ("offline, no cluster to ask about pods", world(offline={"gone": NOW - 1000}, gpu_pods=None), []),
 ]
 

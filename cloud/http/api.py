@@ -99,6 +99,9 @@ def make_app(services: Services, *, ingestor: Ingestor, link: EdgeLink, parts: S
     app[AUTH] = auth = ApiAuth.from_settings(services.settings, services.kube)
     registry = make_registry(ingestor=ingestor, link=link, leading=services.leading, command_resends=command_resends)
     registry.register(RejectionCollector(track_rejections(app)))
+    for part in parts:  # a part with figures of its own is a Prometheus collector (`collect()`)
+        if callable(getattr(part, "collect", None)):
+            registry.register(part)  # type: ignore[arg-type]
     registry.register(ReadPoolCollector(reads))
     add_spec_route(app, openapi_spec())
 

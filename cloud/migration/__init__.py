@@ -7,8 +7,13 @@ events):
   critical temperature ...). Each event is consumed once (`migration_triggers` remembers it).
 * `gpu-unhealthy`: a GPU unhealthy or lost for longer than `migration_grace`, timed from the
   health events (cloud clock), or from when this controller first saw it unhealthy.
-* `node-offline`: a node offline for longer than `offline_threshold` while GPU pods are still
-  bound to it (pods from the API; this trigger needs a cluster).
+* `node-offline`: a node offline past `offline_threshold` with GPU pods that opted in to leave it
+  (annotation `kgpu.io/migrate-when-offline: "<duration>"`, moved once the node has been offline that
+  long, or selected by `offline_migration_selector`); never a pod tolerating
+  `node.kubernetes.io/unreachable` without `tolerationSeconds`; none in a zone with more than
+  `offline_zone_max_share` of its nodes offline (the zone guard). Originals are never
+  force-deleted. See docs/operations.md, "Offline nodes and split-brain". Pods waiting for their
+  duration keep the migration in progress with one `hold` step.
 
 One migration is open per node at a time: a trigger for a node with an open migration is merged
 into it (a "trigger merged" step; the GPU joins its subjects). The Kubernetes API does not say

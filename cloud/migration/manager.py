@@ -12,11 +12,13 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
 from aiohttp import web
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from cloud.config import CloudSettings
 from cloud.kube import Kube, KubeError
@@ -26,6 +28,11 @@ from cloud.migration.manifests import (
     candidates,
     eviction_body,
     gpu_pods_by_node,
+    movable_reason,
+    node_zones,
+    offline_ready_by_node,
+    offline_verdict,
+    pod_key,
     source_gpu,
     taints_patch,
     without_our_taint,
@@ -35,6 +42,7 @@ from cloud.migration.model import (
     Lifecycle,
     Migration,
     MigrationState,
+    OfflineView,
     PodState,
     Rules,
     Step,
@@ -46,7 +54,7 @@ from cloud.migration.model import (
 from cloud.migration.placement import HOSTNAME_LABEL, ZONE_LABEL
 from cloud.migration.planner import NO_TARGET_RETRY_S, backoff, plan_pods, record_error
 from cloud.migration.repository import MigrationRepository
-from cloud.migration.triggers import find_triggers, reconcile, to_recover
+from cloud.migration.triggers import find_triggers, reconcile, to_recover, zone_guards
 from cloud.services import BatchBus, CommandSender, Periodic
 from cloud.store import FleetStore, FleetStoreError, Incoming
 from shared.logs import get_logger
@@ -66,8 +74,9 @@ class MigrationManager:
     name = "migration"
 
     def __init__(self, *, settings: CloudSettings, store: FleetStore, kube: Kube | None,
-                 commands: CommandSender, batches: BatchBus) -> None:
+                 commands: CommandSender, batches: BatchBus, clock: Callable[[], float] = time.time) -> None:
         self.settings = settings
+        self._clock = clock  # wall clock (the fleet store's last_seen is wall time); a test moves it
         self.store = store
         self.kube = kube
         self.commands = commands
@@ -75,6 +84,10 @@ class MigrationManager:
         self._wake = asyncio.Event()
         self._first_unhealthy: dict[tuple[str, str], float] = {}
         self._offline_checked_at = 0.0
+        self._zones: dict[str, str] = {}  # node -> zone, from the last listing of the cluster
+        self.zone_guards: dict[str, str] = {}  # zone -> why no offline migration there now
+        self.offline_refusals: Counter[str] = Counter()  # opt-ins refused, by kind
+        self._refused: set[tuple[str, str]] = set()  # (pod key, refusal) logged this offline spell
         self.ticks = 0
         self.scan_interval_s = max(0.5, min(5.0, settings.migration_grace / 2))
         self._handlers: dict[StepKind, Handler] = {
@@ -87,10 +100,24 @@ class MigrationManager:
             StepKind.RECREATE: self._recreate,
             StepKind.DELETE_ORIGINAL: self._delete_original,
             StepKind.COMPLETE: self._complete,
+            StepKind.HOLD: self._hold,
         }
         batches.subscribe(self._on_batch)
 
     # -- wiring --------------------------------------------------------------------------------
+
+    def collect(self) -> Iterator[Metric]:
+        """The offline rules' figures for /metrics (cloud/http/api.py registers parts that have them)."""
+        guard = GaugeMetricFamily("kgpu_migration_zone_guard", "1 while a zone has too many nodes offline for "
+                                  "any offline migration there (offline_zone_max_share).", labels=["zone"])
+        for zone in sorted(self.zone_guards):
+            guard.add_metric([zone], 1.0)
+        yield guard
+        refusals = CounterMetricFamily("kgpu_migration_offline_refusals", "Opt-ins to leave an offline node "
+                                       "refused, by reason (each from 0).", labels=["reason"])
+        for reason in sorted({"bad-annotation", "tolerates-unreachable"} | set(self.offline_refusals)):
+            refusals.add_metric([reason], self.offline_refusals.get(reason, 0))
+        yield refusals
 
     def add_routes(self, app: web.Application) -> None:
         http.add_routes(app, self.repo, has_kube=self.kube is not None)
@@ -110,7 +137,8 @@ class MigrationManager:
         s = self.settings
         return Rules(grace_s=s.migration_grace, offline_threshold_s=s.offline_threshold,
                      max_concurrent=s.migration_max_concurrent,
-                     cooldown_s=s.migration_node_cooldown, has_kube=self.kube is not None)
+                     cooldown_s=s.migration_node_cooldown, has_kube=self.kube is not None,
+                     offline_zone_max_share=s.offline_zone_max_share, offline_selector=s.offline_selector)
 
     def migrations(self, node: str | None = None, state: str | None = None,
                    limit: int = 100) -> list[dict[str, Any]]:
@@ -123,19 +151,28 @@ class MigrationManager:
     # -- one scan ------------------------------------------------------------------------------
 
     async def tick(self) -> None:
-        now = time.time()
+        now = self._clock()
         kube = self.kube
         world, migrations, last_started = await asyncio.to_thread(self.repo.load, now)
         self._remember_unhealthy(world, now)
         kube_nodes: list[dict[str, Any]] | None = None
         pods: list[dict[str, Any]] | None = None
-        offline_long = [n for n, (online, seen) in world.nodes.items()
-                        if not online and now - seen > self.settings.offline_threshold]
+        offline = [n for n, (online, _seen) in world.nodes.items() if not online]
+        offline_long = [n for n in offline if now - world.nodes[n][1] > self.settings.offline_threshold]
         check_offline = now - self._offline_checked_at >= OFFLINE_CHECK_EVERY_S
-        if kube is not None and offline_long and check_offline:
-            self._offline_checked_at = now  # listing every pod is not free: not on every scan
+        if kube is not None and offline and check_offline:
+            # listing every pod is not free: not on every scan. Any node offline: the zone guard
+            # needs the zones (labels of the cluster's nodes) before the threshold passes.
+            self._offline_checked_at = now
             kube_nodes, pods = await self._read_cluster(kube)
-            world = replace(world, gpu_pods=gpu_pods_by_node(pods))
+            self._zones = node_zones(kube_nodes)
+            offline_for = {n: now - world.nodes[n][1] for n in offline_long}
+            self._note_refusals(pods, offline_for)
+            world = replace(world, gpu_pods=gpu_pods_by_node(pods), offline_ready=offline_ready_by_node(
+                pods, offline_for, self.settings.offline_threshold, self.settings.offline_selector))
+        world = replace(world, zones=self._zones)
+        if kube is not None and (offline or self.zone_guards):
+            self._update_zone_guards(world)
         triggers = find_triggers(world, self.rules, now, self._first_unhealthy)
         new, changed = reconcile(world, migrations, last_started, triggers, self.rules, now)
         if new or changed:
@@ -168,6 +205,36 @@ class MigrationManager:
         pods = await kube.call(kube.core.list_pod_for_all_namespaces)
         return [serialize(n) for n in nodes.items], [serialize(p) for p in pods.items]
 
+    def _update_zone_guards(self, world: World) -> None:
+        """The zone guard (triggers.zone_guards), logged when it starts and when it ends."""
+        guards = zone_guards(world.nodes, world.zones, self.settings.offline_zone_max_share)
+        for zone, why in guards.items():
+            if zone not in self.zone_guards:
+                log.warning("%s (a partition, not a failure: the pods run on, cut off)", why,
+                            extra={"zone": zone})
+        for zone in self.zone_guards.keys() - guards.keys():
+            log.info("zone guard lifted for zone %r", zone, extra={"zone": zone})
+        self.zone_guards = guards
+
+    def _note_refusals(self, pods: Sequence[Mapping[str, Any]], offline_for: Mapping[str, float]) -> None:
+        """Log and count, once per offline spell, each pod on an offline node whose opt-in is
+        refused (a bad annotation; a toleration of the unreachable taint forever)."""
+        seen: set[tuple[str, str]] = set()
+        for pod in pods:
+            node = str((pod.get("spec") or {}).get("nodeName") or "")
+            if node not in offline_for or movable_reason(pod, node) is not None:
+                continue
+            verdict = offline_verdict(pod, self.settings.offline_threshold, self.settings.offline_selector)
+            if verdict.refusal is None:
+                continue
+            key = (pod_key(pod), verdict.refusal)
+            seen.add(key)
+            if key not in self._refused:
+                self.offline_refusals[verdict.refusal] += 1
+                log.warning("%s stays on offline node %s: %s", key[0], node, verdict.reason,
+                            extra={"node": node, "pod": key[0], "refusal": verdict.refusal})
+        self._refused = seen
+
     def _remember_unhealthy(self, world: World, now: float) -> None:
         seen = set()
         for node, gpus in world.gpus.items():
@@ -197,8 +264,9 @@ class MigrationManager:
         zone = (((node or {}).get("metadata") or {}).get("labels") or {}).get(ZONE_LABEL)
         cands = candidates(kube_nodes, pods, world)
         source = source_gpu(world, m.node, m.subjects, node)
-        now = time.time()
-        plan = plan_pods(m, node, pods, cands, zone, source, now, edge_known=m.node in world.nodes)
+        now = self._clock()
+        plan = plan_pods(m, node, pods, cands, zone, source, now, edge_known=m.node in world.nodes,
+                         offline=self._offline_view(m, world, now))
         held: set[str] = set()  # pods whose step failed or must wait: their later steps wait too
         for step in plan:
             if step.pod in held:
@@ -207,14 +275,23 @@ class MigrationManager:
             m, ok, go_on = await asyncio.shield(self._step(kube, m, step))
             if not go_on:
                 return
-            waiting = (((m.pods.get(step.pod) or {}).get("next_at") or 0) > time.time()
+            waiting = (((m.pods.get(step.pod) or {}).get("next_at") or 0) > self._clock()
                        if step.pod else False)
             if step.pod and (not ok or waiting):
                 held.add(step.pod)
 
+    def _offline_view(self, m: Migration, world: World, now: float) -> OfflineView | None:
+        """For a migration off an offline node (no GPU subject): the node's state for the planner."""
+        if any(s != OFFLINE_SUBJECT for s in m.subjects) or OFFLINE_SUBJECT not in m.subjects:
+            return None
+        online, last_seen = world.nodes.get(m.node, (False, 0.0))
+        return OfflineView(offline_for_s=None if online else now - last_seen,
+                           threshold_s=self.settings.offline_threshold, selector=self.settings.offline_selector,
+                           zone_guard=self.zone_guards.get(self._zones.get(m.node, "")))
+
     async def _step(self, kube: Kube, m: Migration, step: Step) -> tuple[Migration, bool, bool]:
         """Do one step and record it: (the migration, whether it worked, whether to go on)."""
-        now = time.time()
+        now = self._clock()
         ok = go_on = True
         try:
             m = await self._handlers[step.kind](kube, m, step, now)
@@ -245,6 +322,9 @@ class MigrationManager:
 
     async def _find_pods(self, kube: Kube, m: Migration, step: Step, now: float) -> Migration:
         return m.step(StepKind.FIND_PODS, "found", step.detail, now)
+
+    async def _hold(self, kube: Kube, m: Migration, step: Step, now: float) -> Migration:
+        return m.step(StepKind.HOLD, "waiting", step.detail, now)
 
     async def _complete(self, kube: Kube, m: Migration, step: Step, now: float) -> Migration:
         state = MigrationState.FAILED if step.body else MigrationState.COMPLETED
@@ -315,10 +395,10 @@ class MigrationManager:
         key, namespace, name, _ = _pod_ref(step)
         detail = "original deleted"
         if step.body is not None:
-            grace = 0 if OFFLINE_SUBJECT in m.subjects else None
+            # Never grace 0: on an unreachable node the pod runs on (edge autonomy); a normal delete
+            # leaves it terminating, and the node's kubelet/edged ends it when the link returns.
             try:
-                await kube.call(kube.core.delete_namespaced_pod, name, namespace,
-                                grace_period_seconds=grace)
+                await kube.call(kube.core.delete_namespaced_pod, name, namespace)
             except KubeError as exc:
                 if not exc.not_found:
                     raise
@@ -332,7 +412,7 @@ class MigrationManager:
 
     async def _recover(self, kube: Kube, m: Migration) -> None:
         """The GPUs are healthy again: remove our taint (only ours) and close the migration."""
-        now = time.time()
+        now = self._clock()
         try:
             node = await kube.call(kube.core.read_node, m.node)
             serialized = kube.api_client.sanitize_for_serialization(node)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from cloud.migration import placement
@@ -18,17 +19,22 @@ from cloud.migration.placement import (
     HOSTNAME_LABEL,
     MEMORY_LABEL,
     PRODUCT_LABEL,
+    ZONE_LABEL,
     CandidateGpu,
     GpuModel,
     NodeCandidate,
     PodNeeds,
     Taint,
 )
+from shared.policy import parse_duration
 
 TAINT_KEY = "kgpu.io/gpu-unhealthy"
 TAINT_EFFECT = "NoSchedule"
 MIGRATION_ANNOTATION = "kgpu.io/migration"
 MIGRATED_FROM_ANNOTATION = "kgpu.io/migrated-from"
+# A pod's opt-in to leave a node offline at least this long (e.g. "600s"): see docs/operations.md
+MIGRATE_WHEN_OFFLINE = "kgpu.io/migrate-when-offline"
+UNREACHABLE_TAINT = "node.kubernetes.io/unreachable"
 
 
 def eviction_body(name: str, namespace: str) -> dict[str, Any]:
@@ -78,6 +84,76 @@ def gpu_pods_by_node(pods: Iterable[Mapping[str, Any]]) -> dict[str, int]:
         if node and movable_reason(pod, node) is None:
             counts[node] += 1
     return dict(counts)
+
+
+# ---- offline nodes: which pods may leave one, and when ---------------------------------------
+
+
+@dataclass(frozen=True)
+class OfflineVerdict:
+    """Whether (and after how long offline) one pod may be moved off an unreachable node."""
+
+    wait_s: float | None  # the node must be offline at least this long; None: never moved
+    reason: str
+    refusal: str | None = None  # an opt-in refused ("bad-annotation", "tolerates-unreachable"): logged, counted
+
+
+def tolerates_unreachable_forever(pod: Mapping[str, Any]) -> bool:
+    """A NoExecute toleration of the unreachable taint without tolerationSeconds: the pod asked to
+    stay on its node however long the node is cut off."""
+    for t in (pod.get("spec") or {}).get("tolerations") or []:
+        key, operator = t.get("key"), t.get("operator") or "Equal"
+        matches_key = key == UNREACHABLE_TAINT or (not key and operator == "Exists")
+        if matches_key and t.get("effect") in (None, "", "NoExecute") and t.get("tolerationSeconds") is None:
+            return True
+    return False
+
+
+def offline_verdict(pod: Mapping[str, Any], threshold_s: float,
+                    selector: Mapping[str, str] | None) -> OfflineVerdict:
+    """A pod stays on an unreachable node (edge autonomy keeps it running there) unless it opted in:
+    the `kgpu.io/migrate-when-offline` annotation (moved once the node is offline that long, and at
+    least `threshold_s`) or labels matching `selector` (moved after `threshold_s`). Never a pod
+    that tolerates the unreachable taint forever."""
+    meta = pod.get("metadata") or {}
+    annotation = (meta.get("annotations") or {}).get(MIGRATE_WHEN_OFFLINE)
+    labels = meta.get("labels") or {}
+    selected = bool(selector) and all(labels.get(k) == v for k, v in (selector or {}).items())
+    opted_in = annotation is not None or selected
+    if tolerates_unreachable_forever(pod):
+        return OfflineVerdict(None, f"tolerates {UNREACHABLE_TAINT} without tolerationSeconds"
+                              + (" (its opt-in is ignored)" if opted_in else ""),
+                              "tolerates-unreachable" if opted_in else None)
+    if annotation is not None:
+        try:
+            wait = parse_duration(str(annotation))
+        except ValueError as exc:
+            return OfflineVerdict(None, f"{MIGRATE_WHEN_OFFLINE}: {exc}", "bad-annotation")
+        assert isinstance(wait, float)
+        return OfflineVerdict(max(wait, threshold_s), f"{MIGRATE_WHEN_OFFLINE}={annotation}")
+    if selected:
+        return OfflineVerdict(threshold_s, "selected by offline_migration_selector")
+    return OfflineVerdict(None, f"did not opt in ({MIGRATE_WHEN_OFFLINE})")
+
+
+def offline_ready_by_node(pods: Iterable[Mapping[str, Any]], offline_for: Mapping[str, float],
+                          threshold_s: float, selector: Mapping[str, str] | None) -> dict[str, int]:
+    """Offline node -> its GPU pods allowed to move now (opted in, waited long enough)."""
+    counts: dict[str, int] = defaultdict(int)
+    for pod in pods:
+        node = (pod.get("spec") or {}).get("nodeName")
+        if not node or node not in offline_for or movable_reason(pod, node) is not None:
+            continue
+        wait = offline_verdict(pod, threshold_s, selector).wait_s
+        if wait is not None and offline_for[node] >= wait:
+            counts[node] += 1
+    return dict(counts)
+
+
+def node_zones(kube_nodes: Iterable[Mapping[str, Any]]) -> dict[str, str]:
+    """Node -> its `topology.kubernetes.io/zone` ("" without one)."""
+    return {str((n.get("metadata") or {}).get("name")):
+            str(((n.get("metadata") or {}).get("labels") or {}).get(ZONE_LABEL) or "") for n in kube_nodes}
 
 
 def source_gpu(world: World, node: str, subjects: Sequence[str],

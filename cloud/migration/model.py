@@ -65,6 +65,7 @@ class StepKind(StrEnum):
     RECREATE = "recreate"
     DELETE_ORIGINAL = "delete-original"
     NO_TARGET = "no-target"  # recorded as a "recreate" retry
+    HOLD = "hold"  # an offline node's pods wait: their own wait not over, or the zone guard
     COMPLETE = "complete"
 
 
@@ -133,6 +134,10 @@ class World:
     gpus: Mapping[str, tuple[GpuView, ...]] = field(default_factory=dict)  # node -> its GPUs
     requests: tuple[RequestEvent, ...] = ()
     gpu_pods: Mapping[str, int] | None = None  # node -> movable GPU pods there; None: no cluster
+    # node -> GPU pods allowed to move off it now that it is offline (opted in, waited long
+    # enough: manifests.offline_verdict); None: not checked this scan
+    offline_ready: Mapping[str, int] | None = None
+    zones: Mapping[str, str] = field(default_factory=dict)  # node -> topology zone (from the cluster)
 
     def gpu(self, node: str, uuid: str) -> GpuView | None:
         return next((g for g in self.gpus.get(node, ()) if g.uuid == uuid), None)
@@ -162,6 +167,18 @@ class Rules:
     max_concurrent: int
     cooldown_s: float
     has_kube: bool
+    offline_zone_max_share: float = 0.5  # the zone guard: above this share offline, nothing moves
+    offline_selector: Mapping[str, str] | None = None  # pods moved off an offline node without opting in
+
+
+@dataclass(frozen=True)
+class OfflineView:
+    """What the planner of an offline-node migration needs to know about the node now."""
+
+    offline_for_s: float | None  # None: the node is reachable again
+    threshold_s: float
+    selector: Mapping[str, str] | None = None
+    zone_guard: str | None = None  # why nothing may move in the node's zone now (None: free to)
 
 
 # ---- a migration ----------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from cloud.migration.manifests import (
     TAINT_KEY,
     is_controller_owned,
     movable_reason,
+    offline_verdict,
     pod_key,
     pod_needs,
     recreate_manifest,
@@ -27,6 +28,7 @@ from cloud.migration.model import (
     OFFLINE_SUBJECT,
     POD_DONE,
     Migration,
+    OfflineView,
     PodState,
     Step,
     StepKind,
@@ -44,12 +46,14 @@ def backoff(attempts: int) -> float:
 
 def plan_pods(m: Migration, node: Mapping[str, Any] | None, pods: Sequence[Mapping[str, Any]],
               cands: Sequence[NodeCandidate], source_zone: str | None, source: GpuModel | None,
-              now: float, edge_known: bool = True) -> list[Step]:
+              now: float, edge_known: bool = True, offline: OfflineView | None = None) -> list[Step]:
     """The next steps of an in-progress migration, from its row and the cluster as it is now.
 
     A pod recorded as evicted (or deleted, gone, failed) is never acted on again; a pod waiting
     out a backoff is left alone until its time; a bare pod already recreated only has its
-    original deleted. `complete` comes when no pod is left to act on."""
+    original deleted. `complete` comes when no pod is left to act on. With `offline` (a migration
+    off an unreachable node) only the pods that opted in move, once the node has been offline
+    their wait, and none while the zone guard holds (see `offline_hold`)."""
     assert m.id is not None
     steps: list[Step] = []
     done_steps = {s["step"] for s in m.steps}
@@ -67,15 +71,24 @@ def plan_pods(m: Migration, node: Mapping[str, Any] | None, pods: Sequence[Mappi
 
     on_node = {pod_key(p): p for p in pods if (p.get("spec") or {}).get("nodeName") == m.node}
     movable = {k: p for k, p in on_node.items() if movable_reason(p, m.node) is None}
+    staying: dict[str, str] = {}  # offline: pods left on the node, and why
+    held: dict[str, str] = {}  # offline: pods that opted in but wait, and why
+    if offline is not None:
+        movable, staying, held = offline_hold(m, movable, offline)
     if StepKind.FIND_PODS not in done_steps:
-        skipped = sorted(f"{k} ({movable_reason(p, m.node)})" for k, p in on_node.items()
-                         if k not in movable and movable_reason(p, m.node) != "no GPU request")
+        skipped = sorted([f"{k} ({movable_reason(p, m.node)})" for k, p in on_node.items()
+                          if k not in movable and k not in staying and k not in held
+                          and movable_reason(p, m.node) != "no GPU request"]
+                         + [f"{k} ({why})" for k, why in staying.items()])
         found = f"{len(movable)} GPU pod(s): {', '.join(sorted(movable)) or 'none'}"
         left = f"; left alone: {', '.join(skipped)}" if skipped else ""
-        steps.append(Step(StepKind.FIND_PODS, body=sorted(movable), detail=found + left))
+        later = f"; waiting: {', '.join(sorted(held))}" if held else ""
+        steps.append(Step(StepKind.FIND_PODS, body=sorted(movable), detail=found + left + later))
 
     todo: dict[str, Mapping[str, Any]] = {}
-    waiting = False
+    waiting = bool(held)
+    if held:  # one step, its detail stable across scans: recorded once, not on every scan
+        steps.append(Step(StepKind.HOLD, detail="; ".join(sorted(set(held.values())))))
     for key, pod in movable.items():
         rec = m.pods.get(key) or {}
         uid = (pod.get("metadata") or {}).get("uid")
@@ -119,6 +132,32 @@ def plan_pods(m: Migration, node: Mapping[str, Any] | None, pods: Sequence[Mappi
         steps.append(Step(StepKind.COMPLETE, body=failed,
                           detail=f"{len(m.pods)} pod(s) handled{given_up}"))
     return steps
+
+
+def offline_hold(m: Migration, movable: Mapping[str, Mapping[str, Any]], offline: OfflineView,
+                 ) -> tuple[dict[str, Mapping[str, Any]], dict[str, str], dict[str, str]]:
+    """Split an offline node's GPU pods: (those to move now, those that stay and why, those that
+    wait and why). A pod already moved (or copied, its original still to delete) by this
+    migration stays in the first group."""
+    go: dict[str, Mapping[str, Any]] = {}
+    staying: dict[str, str] = {}
+    held: dict[str, str] = {}
+    for key, pod in movable.items():
+        if (m.pods.get(key) or {}).get("state") in (*POD_DONE, PodState.RECREATED):
+            go[key] = pod
+            continue
+        verdict = offline_verdict(pod, offline.threshold_s, offline.selector)
+        if verdict.wait_s is None:
+            staying[key] = verdict.reason
+        elif offline.offline_for_s is None:
+            staying[key] = "the node is reachable again"
+        elif offline.zone_guard is not None:
+            held[key] = offline.zone_guard
+        elif offline.offline_for_s < verdict.wait_s:
+            held[key] = f"{key} waits until the node has been offline {verdict.wait_s:g} s ({verdict.reason})"
+        else:
+            go[key] = pod
+    return go, staying, held
 
 
 def record_error(m: Migration, step: Step, error: str, now: float) -> Migration:

@@ -2,9 +2,10 @@
 
 `find_triggers` turns the fleet store's view (`World`) into reasons to move work: an edge's
 `migration_request`, a GPU unhealthy or lost past the grace, a node offline past the threshold
-with GPU pods still bound. `reconcile` turns those triggers and the open migrations into rows:
-new migrations, merged triggers, cool-downs, cancellations and starts within the concurrency
-limit. `to_recover` says which finished migrations can have their taint removed.
+with GPU pods that opted in to leave it (unless the zone guard holds: `zone_guards`).
+`reconcile` turns those triggers and the open migrations into rows: new migrations, merged
+triggers, cool-downs, cancellations and starts within the concurrency limit.
+`to_recover` says which finished migrations can have their taint removed.
 """
 
 from __future__ import annotations
@@ -76,14 +77,54 @@ def find_triggers(world: World, rules: Rules, now: float,
             triggers.append(Trigger(node, TriggerKind.GPU_UNHEALTHY, gpu.uuid,
                                     f"GPU {gpu.index} ({gpu.uuid}) {gpu.health} for {now - since:.0f} s "
                                     f"(grace {rules.grace_s:g} s)"))
-    if world.gpu_pods is not None:
+    if world.offline_ready is not None:
+        guards = zone_guards(world.nodes, world.zones, rules.offline_zone_max_share)
         for node, (online, last_seen) in sorted(world.nodes.items()):
-            if online or now - last_seen <= rules.offline_threshold_s or not world.gpu_pods.get(node):
+            ready = world.offline_ready.get(node)
+            if online or now - last_seen <= rules.offline_threshold_s or not ready:
                 continue
+            zone = world.zones.get(node, "")
+            if zone in guards:
+                continue  # a partition, not a failure: the zone guard (logged by the manager)
             triggers.append(Trigger(node, TriggerKind.NODE_OFFLINE, OFFLINE_SUBJECT,
                                     f"node offline for {now - last_seen:.0f} s (threshold "
-                                    f"{rules.offline_threshold_s:g} s) with {world.gpu_pods[node]} GPU pod(s) bound"))
+                                    f"{rules.offline_threshold_s:g} s) with {ready} GPU pod(s) that opted in "
+                                    f"to move; {zone_share(world.nodes, world.zones, zone)}"))
     return triggers
+
+
+# ---- the pure part: the zone guard ----------------------------------------------------------
+
+
+def zone_counts(nodes: Mapping[str, tuple[bool, float]], zones: Mapping[str, str]) -> dict[str, tuple[int, int]]:
+    """Zone -> (offline nodes, nodes) over the nodes the fleet store knows; a node with no zone
+    label (or not in the cluster) is in zone ""."""
+    counts: dict[str, tuple[int, int]] = {}
+    for node, (online, _seen) in nodes.items():
+        zone = zones.get(node, "")
+        offline, total = counts.get(zone, (0, 0))
+        counts[zone] = (offline + (0 if online else 1), total + 1)
+    return counts
+
+
+def zone_guards(nodes: Mapping[str, tuple[bool, float]], zones: Mapping[str, str],
+                max_share: float) -> dict[str, str]:
+    """Zone -> why nothing moves off its offline nodes: more than `max_share` of its nodes are
+    offline together, which looks like a partition of the site (the pods run on, cut off), not a
+    failure of its nodes. A zone of one node is guarded whenever that node is offline."""
+    return {zone: f"zone guard: {_zone_text(zone)} has {offline} of {total} nodes offline (more than "
+                  f"{max_share:.0%}): nothing moves off its offline nodes"
+            for zone, (offline, total) in sorted(zone_counts(nodes, zones).items())
+            if total and offline / total > max_share}
+
+
+def zone_share(nodes: Mapping[str, tuple[bool, float]], zones: Mapping[str, str], zone: str) -> str:
+    offline, total = zone_counts(nodes, zones).get(zone, (0, 0))
+    return f"{_zone_text(zone)}: {offline} of {total} nodes offline"
+
+
+def _zone_text(zone: str) -> str:
+    return f"zone {zone!r}" if zone else "the nodes without a zone label"
 
 
 # ---- the pure part: reconcile ---------------------------------------------------------------
