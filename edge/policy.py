@@ -15,16 +15,32 @@ Rules, per GPU:
   - `t >= criticalTempC`: go to the minimum power limit at once (`thermal_critical`), without
     waiting for `stepInterval`. Already at the minimum: lock the SM clock at once.
   - `maxTempC <= t < criticalTempC`: at most once per `stepInterval` (since any thermal change),
-    step down (`thermal_step_down`). A step always bites: if the thermal limit does not bind yet
-    (power saving or powerCapWatts is lower), the step count jumps to the first one that lowers
-    the limit in force, so a hot GPU is never left waiting on steps that change nothing.
+    step down (`thermal_step_down`) in proportion to the excess: one step per
+    `0.5 °C x stepPercent` above the middle of the hold band (`maxTempC - hysteresisC / 2`), at
+    least one. A step always bites: if the thermal limit does not bind yet (power saving or
+    powerCapWatts is lower, or, once stepping, the GPU draws clearly less), the step count
+    jumps to the first one that lowers the limit in force, so a hot GPU is never left waiting
+    on steps that change nothing.
     Already at the minimum and still hot: lock the SM clock to a supported clock around the
     middle of the supported list (`LOCK_CLOCKS`, asked once, not repeated while locked).
+  - Waiting for the response: within `coolDownPeriod` (at least `stepInterval`) of the last
+    thermal change, a further step down comes only if the temperature rose above what it was
+    at that change (the limit in force cannot hold it) or the GPU draws clearly less than the
+    limit (the step bit nothing). A step that is working is given time to show.
   - `maxTempC - hysteresisC <= t < maxTempC`: hold; the cool-down clock is stopped.
   - `t < maxTempC - hysteresisC`: the cool-down clock runs (`cool_since`). The first restore
     comes only after `coolDownPeriod` of continuous cool, further ones every `stepInterval` while
     still cool. A restore first unlocks the clock (`RESET_CLOCKS`), then removes one step at a
     time (`thermal_restore`). A step that no longer binds is removed silently, at the same pace.
+  - Settling, while the limit binds (the GPU draws about the limit): a restore comes only if
+    `t + 1 + 0.5 °C x stepPercent x (1 + restores not yet shown)` stays below maxTempC (whole
+    degrees; the heat of this restore and of those within the last coolDownPeriod). And the
+    lowest limit at which a step down was taken is remembered as too hot: no restore goes back
+    up to it (nor unlocks the clock taken at the minimum) while going there would, by the same
+    estimate, end at or above maxTempC - hysteresisC. The memory ends after
+    max(600 s, 10 x coolDownPeriod), or as soon as the limit no longer binds (the load fell).
+    So a GPU under constant heat steps down, overshoots at most once, and holds just under
+    maxTempC instead of restoring into heat.
   - While `t >= maxTempC` the limit never rises, whatever else changed (power saving ending, a
     new policy): it holds until a step is due, which then goes below the held limit.
   - Thermal disabled: steps are dropped and a locked clock is reset (`policy_change`).
@@ -66,6 +82,10 @@ RULE_POWER_SAVING_EXIT = "power_saving_exit"
 RULE_POWER_CAP = "power_cap"
 RULE_POLICY_CHANGE = "policy_change"
 
+ASSUMED_C_PER_STEP_PERCENT = 0.5  # °C one step of 1 % of the default limit is assumed to make
+READING_RESOLUTION_C = 1.0  # NVML reports whole degrees: the GPU may be up to this much warmer
+HOT_LIMIT_MEMORY_S = 600.0  # a limit found too hot is not restored to for this long (at least)
+
 
 @dataclass(frozen=True)
 class GpuPolicyState:
@@ -78,6 +98,11 @@ class GpuPolicyState:
     low_util_since: float | None = None
     saving_active: bool = False
     target_limit_w: float | None = None  # the last limit we asked for; None = never touched
+    # What settles the thermal loop (see "Settling" above):
+    change_temp_c: float | None = None  # the temperature at the last thermal change
+    hot_limit_w: float | None = None  # the lowest limit the GPU was too hot at, remembered
+    hot_limit_at: float | None = None  # since when (it is forgotten after HOT_LIMIT_MEMORY_S)
+    unsettled_restores: int = 0  # restores whose heat has not shown yet (within the response wait)
 
 
 def initial_state() -> GpuPolicyState:
@@ -173,6 +198,10 @@ class _Thermal:
     cool_since: float | None
     event: str | None  # the thermal rule that acted this cycle, if any
     clock_action: Action | None
+    change_temp_c: float | None = None
+    hot_limit_w: float | None = None
+    hot_limit_at: float | None = None
+    unsettled_restores: int = 0
 
 
 @dataclass(frozen=True)
@@ -234,8 +263,53 @@ def _lock_clocks(ctx: _Context, rule: str, threshold_name: str, threshold: float
     return clock, _clock_action(ctx, ActionKind.LOCK_CLOCKS, rule, reason, steps, float(clock))
 
 
+def _response_wait(tt: ThermalThrottling) -> float:
+    """How long a thermal change takes to show in the temperature, as far as the policy knows:
+    the cool-down period (the operator's figure for the board's thermal lag), at least one
+    stepInterval."""
+    return max(tt.step_interval, tt.cool_down_period)
+
+
+def _c_per_step(tt: ThermalThrottling) -> float:
+    """The temperature change one step is assumed to make at full load: a little more than a
+    data-centre board's (about 40 °C over the inlet at its default limit, 0.4 °C per %), so that
+    a proportional step down errs on the small side and a restore on the cautious one."""
+    return ASSUMED_C_PER_STEP_PERCENT * tt.step_percent
+
+
+def _limit_binds(ctx: _Context) -> bool:
+    """False when the GPU draws clearly less than the limit in force: the heat then comes from
+    the load, not the limit, and raising the limit adds none (unknown draw: assume it binds)."""
+    if ctx.sample.power_w is None or ctx.reference_w is None:
+        return True
+    return ctx.sample.power_w >= ctx.reference_w - ctx.step_w / 2
+
+
+def _remembered_hot_limit(ctx: _Context, prev: GpuPolicyState, tt: ThermalThrottling,
+                          unsettled: int) -> float | None:
+    """The hot limit still worth respecting: None once it is old, once the limit no longer
+    binds (the load fell), or once the GPU is so cool that even going back up to it would stay
+    below maxTempC - hysteresisC (the cabinet cooled down). A locked clock, not the limit, holds
+    the draw down: unlocking it counts as the steps from the draw up to the limit (at least one)."""
+    if prev.hot_limit_w is None or prev.hot_limit_at is None:
+        return None
+    if ctx.now - prev.hot_limit_at >= max(HOT_LIMIT_MEMORY_S, 10 * tt.cool_down_period):
+        return None
+    locked = prev.clocks_locked_mhz is not None
+    if not locked and not _limit_binds(ctx):
+        return None
+    current = ctx.target_for(min(prev.thermal_steps, ctx.max_steps))
+    steps_to_hot = max(0.0, (prev.hot_limit_w - current) / ctx.step_w)
+    if locked:  # unlocking lets the draw rise back to the limit
+        below = 0.0 if ctx.sample.power_w is None else current - ctx.sample.power_w
+        steps_to_hot += max(1.0, below / ctx.step_w)
+    predicted = ctx.temperature + _c_per_step(tt) * (steps_to_hot + unsettled)
+    return prev.hot_limit_w if predicted >= tt.max_temp_c - tt.hysteresis_c else None
+
+
 def _next_thermal(ctx: _Context, prev: GpuPolicyState, tt: ThermalThrottling) -> _Thermal:
-    """Apply the thermal rules: step down when hot, hold in the band, restore after cool-down."""
+    """Apply the thermal rules: step down when hot (in proportion, waiting for the response),
+    hold in the band, restore after cool-down (paced, never back up to a remembered hot limit)."""
     if not tt.enabled:
         action = None
         if prev.clocks_locked_mhz is not None:
@@ -251,37 +325,55 @@ def _next_thermal(ctx: _Context, prev: GpuPolicyState, tt: ThermalThrottling) ->
     clocks = prev.clocks_locked_mhz
     last_change = prev.last_thermal_change_at
     interval_passed = last_change is None or now - last_change >= tt.step_interval
+    settled = last_change is None or now - last_change >= _response_wait(tt)
+    unsettled = 0 if settled else prev.unsettled_restores
+    in_force = ctx.target_for(steps)
+    if ctx.reference_w is not None:
+        in_force = min(in_force, ctx.reference_w)
 
     def held(cool_since: float | None = None) -> _Thermal:
         return _Thermal(steps=steps, clocks_locked_mhz=clocks, last_change_at=last_change,
-                        cool_since=cool_since, event=None, clock_action=None)
+                        cool_since=cool_since, event=None, clock_action=None,
+                        change_temp_c=prev.change_temp_c, hot_limit_w=prev.hot_limit_w,
+                        hot_limit_at=prev.hot_limit_at, unsettled_restores=unsettled)
 
-    def changed(rule: str, new_steps: int, new_clocks: int | None,
-                clock_action: Action | None = None, cool_since: float | None = None) -> _Thermal:
+    def cooled(rule: str, new_steps: int, new_clocks: int | None,
+               clock_action: Action | None = None) -> _Thermal:
+        """A change down: the limit in force was too hot; remember it."""
+        hot = in_force if prev.hot_limit_w is None else min(prev.hot_limit_w, in_force)
         return _Thermal(steps=new_steps, clocks_locked_mhz=new_clocks, last_change_at=now,
-                        cool_since=cool_since, event=rule, clock_action=clock_action)
+                        cool_since=None, event=rule, clock_action=clock_action,
+                        change_temp_c=temperature, hot_limit_w=hot, hot_limit_at=now)
 
     if temperature >= tt.critical_temp_c:  # no waiting for stepInterval
         if ctx.target_for(steps) > ctx.limits.lowest:
-            return changed(RULE_THERMAL_CRITICAL, ctx.max_steps, clocks)
+            return cooled(RULE_THERMAL_CRITICAL, ctx.max_steps, clocks)
         if clocks is None and (locked := _lock_clocks(
                 ctx, RULE_THERMAL_CRITICAL, "criticalTempC", tt.critical_temp_c, steps)):
-            return changed(RULE_THERMAL_CRITICAL, steps, locked[0], locked[1])
+            return cooled(RULE_THERMAL_CRITICAL, steps, locked[0], locked[1])
         return held()
 
     if temperature >= tt.max_temp_c:
-        if not interval_passed:
+        # Until the last change has had time to show, step again only if the temperature still
+        # rises past where it was then (the limit in force cannot hold it, whatever the lag), or
+        # if the GPU draws clearly less than the limit (the step did not bite: nothing to wait for).
+        rising = prev.change_temp_c is None or temperature > prev.change_temp_c
+        if not interval_passed or not (settled or rising or not _limit_binds(ctx)):
             return held()
-        in_force = ctx.target_for(steps)
-        if ctx.reference_w is not None:
-            in_force = min(in_force, ctx.reference_w)
+        if steps > 0 and not _limit_binds(ctx):
+            # Already stepped and still drawing clearly less than the limit (a load change is
+            # over by now): steps above the draw would bite nothing, so step from the draw.
+            assert ctx.sample.power_w is not None
+            in_force = max(min(in_force, ctx.sample.power_w), ctx.limits.lowest)
         if in_force > ctx.limits.lowest:
+            goal = tt.max_temp_c - tt.hysteresis_c / 2  # the middle of the hold band
+            proportional = max(1, math.floor((temperature - goal) / _c_per_step(tt)))
             biting = _steps_to_go_below(in_force, ctx.limits.default, ctx.step_w)
-            return changed(RULE_THERMAL_STEP_DOWN, min(max(steps + 1, biting), ctx.max_steps),
-                           clocks)
+            new_steps = max(steps + proportional, biting + proportional - 1)
+            return cooled(RULE_THERMAL_STEP_DOWN, min(new_steps, ctx.max_steps), clocks)
         if clocks is None and (locked := _lock_clocks(
                 ctx, RULE_THERMAL_STEP_DOWN, "maxTempC", tt.max_temp_c, steps)):
-            return changed(RULE_THERMAL_STEP_DOWN, steps, locked[0], locked[1])
+            return cooled(RULE_THERMAL_STEP_DOWN, steps, locked[0], locked[1])
         return held()
 
     if temperature >= tt.max_temp_c - tt.hysteresis_c:  # the hysteresis band: hold
@@ -291,14 +383,34 @@ def _next_thermal(ctx: _Context, prev: GpuPolicyState, tt: ThermalThrottling) ->
     cooled_long_enough = now - cool_since >= tt.cool_down_period
     if (steps == 0 and clocks is None) or not cooled_long_enough or not interval_passed:
         return held(cool_since)
+    binds = _limit_binds(ctx)
+    if binds and (temperature + READING_RESOLUTION_C + _c_per_step(tt) * (unsettled + 1)
+                  >= tt.max_temp_c):
+        # A restore only while the heat of this one, and of those not yet shown, still fits
+        # below maxTempC: a restore never heads back into a step down.
+        return held(cool_since)
+    hot_limit = _remembered_hot_limit(ctx, prev, tt, unsettled)
+
+    def restored(new_steps: int, clock_action: Action | None = None) -> _Thermal:
+        return _Thermal(steps=new_steps, clocks_locked_mhz=None, last_change_at=now,
+                        cool_since=cool_since, event=RULE_THERMAL_RESTORE,
+                        clock_action=clock_action, change_temp_c=temperature,
+                        hot_limit_w=hot_limit,
+                        hot_limit_at=None if hot_limit is None else prev.hot_limit_at,
+                        unsettled_restores=unsettled + 1 if binds else 0)
+
     if clocks is not None:  # unlock the clock first, then give back steps
+        if hot_limit is not None:
+            return held(cool_since)  # the limit alone was too hot: keep the clock locked
         reason = (f"GPU {ctx.sample.index} at {temperature:.1f} °C, below "
                   f"{tt.max_temp_c - tt.hysteresis_c:.1f} °C (maxTempC {tt.max_temp_c:.1f} - "
                   f"hysteresis {tt.hysteresis_c:.1f}) for {now - cool_since:.0f} s: "
                   f"SM clock lock at {clocks} MHz removed")
         action = _clock_action(ctx, ActionKind.RESET_CLOCKS, RULE_THERMAL_RESTORE, reason, steps)
-        return changed(RULE_THERMAL_RESTORE, steps, None, action, cool_since)
-    return changed(RULE_THERMAL_RESTORE, steps - 1, None, cool_since=cool_since)
+        return restored(steps, action)
+    if hot_limit is not None and ctx.target_for(steps - 1) >= hot_limit - 0.5:
+        return held(cool_since)  # one step up would be the limit that was too hot: stay
+    return restored(steps - 1)
 
 
 def _binding_rule(ctx: _Context, steps: int, thermal_event: str | None,
@@ -392,7 +504,9 @@ def _evaluate_gpu(sample: GpuSample, inventory: GpuInventory | None, policy: Pow
         thermal_steps=thermal.steps, clocks_locked_mhz=thermal.clocks_locked_mhz,
         last_thermal_change_at=thermal.last_change_at, cool_since=thermal.cool_since,
         low_util_since=saving.low_util_since, saving_active=saving.active,
-        target_limit_w=prev.target_limit_w)
+        target_limit_w=prev.target_limit_w, change_temp_c=thermal.change_temp_c,
+        hot_limit_w=thermal.hot_limit_w, hot_limit_at=thermal.hot_limit_at,
+        unsettled_restores=thermal.unsettled_restores)
 
     if reference is not None and not _differs(target, reference):
         return actions, next_state

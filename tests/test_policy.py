@@ -92,9 +92,22 @@ SCENARIOS: dict[str, tuple[dict[str, Any], list[Row]]] = {
         (0, 85, 50, [(SET, "thermal_step_down", 630)]),
         (5, 85, 50, []),
         (9.9, 89, 50, []),
-        (10, 85, 50, [(SET, "thermal_step_down", 560)]),
+        (10, 86, 50, [(SET, "thermal_step_down", 560)]),  # still rising: step again at once
         (12, 88, 50, []),
         (20, 88, 50, [(SET, "thermal_step_down", 490)])]),
+    "a step that is working is given time to show (coolDownPeriod)": ({}, [
+        (0, 86, 50, [(SET, "thermal_step_down", 630)]),
+        (10, 86, 50, []),  # not rising any more: the step is taking hold, wait for it
+        (30, 85, 50, []),
+        (119.9, 84, 50, []),
+        (120, 84, 50, [(SET, "thermal_step_down", 560)]),  # shown, still hot: one more step
+        (130, 84, 50, []),
+        (140, 85, 50, [(SET, "thermal_step_down", 490)])]),  # rising past 84 again: no waiting
+    "far above maxTempC, the step is in proportion": (
+        {"thermal": {"maxTempC": 70, "criticalTempC": 95}}, [
+            (0, 88, 50, [(SET, "thermal_step_down", 420)]),  # (88 - 67.5) / 5 °C: 4 steps
+            (10, 80, 50, []),
+            (120, 72, 50, [(SET, "thermal_step_down", 350)])]),  # (72 - 67.5) / 5: at least 1
     "critical goes to the minimum at once, then locks the clock once": ({}, [
         (0, 60, 50, []),
         (1, 95, 50, [(SET, "thermal_critical", 200)]),
@@ -104,19 +117,39 @@ SCENARIOS: dict[str, tuple[dict[str, Any], list[Row]]] = {
         (0, 85, 50, [(SET, "thermal_step_down", 630)]),
         (1, 90, 50, [(SET, "thermal_critical", 200)])]),
     "at the minimum and still hot: lock the clock after stepInterval, once": ({}, [
-        *[(10.0 * i, 85, 50, [(SET, "thermal_step_down", w)])
+        *[(10.0 * i, 83 + 0.5 * i, 50, [(SET, "thermal_step_down", w)])  # rising all along
           for i, w in enumerate([630, 560, 490, 420, 350, 280, 210, 200])],
-        (75, 85, 50, []),
-        (80, 85, 50, [(LOCK, "thermal_step_down", MIDDLE_CLOCK)]),
+        (75, 87, 50, []),
+        (80, 87, 50, [(LOCK, "thermal_step_down", MIDDLE_CLOCK)]),
         (100, 88, 50, []), (200, 88, 50, [])]),
     "restore only after coolDownPeriod, then one step per stepInterval": ({}, [
         (0, 85, 50, [(SET, "thermal_step_down", 630)]),
-        (10, 85, 50, [(SET, "thermal_step_down", 560)]),
+        (10, 86, 50, [(SET, "thermal_step_down", 560)]),
         (20, 70, 50, []), (100, 70, 50, []), (139.9, 70, 50, []),
         (140, 70, 50, [(SET, "thermal_restore", 630)]),
         (145, 70, 50, []),
-        (150, 70, 50, [(SET, "thermal_restore", 700)]),
+        (150, 70, 50, [(SET, "thermal_restore", 700)]),  # 70 + 2 steps of 5 °C: 80 < 83
         (160, 70, 50, []), (500, 40, 50, [])]),
+    "a restore waits while it and those not yet shown could reach maxTempC": ({}, [
+        (0, 85, 50, [(SET, "thermal_step_down", 630)]),
+        (10, 86, 50, [(SET, "thermal_step_down", 560)]),
+        (20, 72, 50, []),
+        (140, 72, 50, [(SET, "thermal_restore", 630)]),  # 72 + 5 °C: 77, under the band even
+        (150, 74, 50, []),  # 74 + 2 x 5 °C would reach 84: wait for the first to show
+        (259.9, 75, 50, []),
+        (260, 75, 50, [(SET, "thermal_restore", 700)]),  # shown (coolDownPeriod): 80 fits
+        (270, 79, 50, [])]),
+    "no restore that the GPU's heat says would be hot again": ({}, [
+        (0, 85, 50, [(SET, "thermal_step_down", 630)]),
+        (10, 77, 50, []),
+        (200, 77.9, 50, [])]),  # cool since 10, but 77.9 + 5 °C reaches 83
+    "a limit found too hot is not restored to while it would still be too hot": ({}, [
+        (0, 85, 50, [(SET, "thermal_step_down", 630)]),  # 700 W was too hot
+        (120, 84, 50, [(SET, "thermal_step_down", 560)]),  # 630 W too
+        (180, 74, 50, []),  # an overshoot: 74 < 78, cool since here
+        (300, 74, 50, []),  # 74 + 5 °C for 630 W reaches 78: hold 560 W, just under the band
+        (900, 74, 50, []),
+        (1320, 74, 50, [(SET, "thermal_restore", 630)])]),  # forgotten after 10 x coolDown
     "the hysteresis band holds and restarts the cool-down": ({}, [
         (0, 85, 50, [(SET, "thermal_step_down", 630)]),
         (10, 70, 50, []),
@@ -134,10 +167,16 @@ SCENARIOS: dict[str, tuple[dict[str, Any], list[Row]]] = {
         (131, 60, 50, []),
         (132, 60, 50, [(SET, "thermal_restore", 210)]),
         (142, 60, 50, [(SET, "thermal_restore", 280)])]),
+    "a clock locked at the minimum stays locked while unlocking would heat it back": ({}, [
+        (0, 95, 50, [(SET, "thermal_critical", 200)]),
+        (1, 95, 50, [(LOCK, "thermal_critical", MIDDLE_CLOCK)]),  # 200 W alone was too hot
+        (2, 74, 50, []),
+        (200, 74, 50, []),  # 74 + 5 °C for the unlock reaches the band (78)
+        (1201, 74, 50, [(RESET, "thermal_restore", None)])]),  # forgotten after 10 x coolDown
     "heat during the cool-down stops the restore": ({}, [
         (0, 85, 50, [(SET, "thermal_step_down", 630)]),
         (10, 60, 50, []),
-        (100, 84, 50, [(SET, "thermal_step_down", 560)]),
+        (100, 86, 50, [(SET, "thermal_step_down", 560)]),  # hotter than at the last step
         (110, 60, 50, []),
         (200, 60, 50, []),
         (230, 60, 50, [(SET, "thermal_restore", 630)])]),
@@ -161,7 +200,7 @@ SCENARIOS: dict[str, tuple[dict[str, Any], list[Row]]] = {
     "a hot GPU under a cap steps below the cap at once": ({"cap": 300}, [
         (0, 60, 50, [(SET, "power_cap", 300)]),
         (10, 85, 50, [(SET, "thermal_step_down", 280)]),
-        (20, 85, 50, [(SET, "thermal_step_down", 210)]),
+        (20, 86, 50, [(SET, "thermal_step_down", 210)]),
         (30, 60, 50, []),
         (150, 60, 50, [(SET, "thermal_restore", 280)]),  # 7 -> 6 steps
         (160, 60, 50, [(SET, "thermal_restore", 300)]),  # 6 -> 5 steps: 350 W, the cap binds
@@ -170,7 +209,7 @@ SCENARIOS: dict[str, tuple[dict[str, Any], list[Row]]] = {
     "a hot GPU in power saving steps below the saving limit": ({"saving": SAVING}, [
         (0, 60, 5, []), (60, 60, 5, [(SET, "power_saving", 490)]),
         (70, 85, 5, [(SET, "thermal_step_down", 420)]),
-        (80, 85, 90, [(SET, "thermal_step_down", 350)]),  # busy and hot: no rise, a step down
+        (80, 86, 90, [(SET, "thermal_step_down", 350)]),  # busy and hot: no rise, a step down
         (85, 82, 90, []),
         (90, 82, 90, []),
     ]),
@@ -360,7 +399,7 @@ def test_gpus_are_independent_and_unsampled_gpus_keep_their_state() -> None:
 def test_steps_never_go_beyond_the_minimum() -> None:
     gpu = Gpu()
     for i in range(20):
-        gpu.step(10.0 * i, 88)
+        gpu.step(60.0 * i, 88)  # one step per response wait (half the cool-down)
     assert gpu.gpu_state.thermal_steps == 8  # 140 W, clamped to 200: the last useful step
     assert gpu.enforced == 200
 
