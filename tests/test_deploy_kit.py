@@ -563,7 +563,8 @@ GROUPS = {"core": "", "apps": "apps", "coordination": "coordination.k8s.io"}
 
 def required_permissions() -> set[tuple[str, str, str]]:
     """(apiGroup, resource, verb) for every Kubernetes API call in cloud/ (every package); a custom
-    object call is for the plural of its own package (cloud/partitioning/ or cloud/policies/)."""
+    object call is for the plural of its own package (cloud/partitioning/ or cloud/policies/), or of
+    both for the access they share (cloud/custom_resources.py)."""
     from cloud import partitioning, policies
 
     needed = set()
@@ -576,9 +577,12 @@ def required_permissions() -> set[tuple[str, str, str]]:
             rest = rest.replace("namespaced_", "").replace("_for_all_namespaces", "")
             if api == "custom":
                 assert rest in ("cluster_custom_object", "cluster_custom_object_status"), method
-                package = partitioning if "partitioning" in source.parts else policies
-                resource = package.PLURAL + ("/status" if rest.endswith("_status") else "")
-                needed.add((package.GROUP, resource, VERBS[verb_word]))
+                # cloud/custom_resources.py serves both CRDs' packages; any other caller its own
+                packages = [partitioning if "partitioning" in source.parts else policies] \
+                    if source.name != "custom_resources.py" else [partitioning, policies]
+                for package in packages:
+                    resource = package.PLURAL + ("/status" if rest.endswith("_status") else "")
+                    needed.add((package.GROUP, resource, VERBS[verb_word]))
             else:
                 assert rest in RESOURCES, f"{source.name}: unknown resource in {api}.{method}: extend the test's map"
                 needed.add((GROUPS[api], RESOURCES[rest], VERBS[verb_word]))
