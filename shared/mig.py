@@ -10,6 +10,7 @@ refuse an impossible layout before it reaches a node and the edge creates exactl
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -17,6 +18,19 @@ from shared.partitioning import MigLayout
 
 MEMORY_SLICES = 8
 COMPUTE_SLICES = 7
+MIG_RESOURCE_PREFIX = "nvidia.com/mig-"  # NVIDIA's `mixed` strategy: one resource per profile
+_COMPUTE_SLICES_RE = re.compile(r"^(\d+)g\.")
+
+
+def mig_resource(profile: str) -> str:
+    """The resource MIG devices of a profile are advertised as: nvidia.com/mig-1g.10gb."""
+    return f"{MIG_RESOURCE_PREFIX}{profile}"
+
+
+def compute_slices(profile: str) -> int | None:
+    """3 for 3g.40gb: the compute slices a profile's name says it holds; None for a name without."""
+    found = _COMPUTE_SLICES_RE.match(profile)
+    return int(found.group(1)) if found else None
 
 # NVML's profile indexes (pynvml.NVML_GPU_INSTANCE_PROFILE_* / NVML_COMPUTE_INSTANCE_PROFILE_*),
 # written out so that shared/ does not import pynvml.

@@ -19,7 +19,7 @@ import re
 from collections import Counter
 from collections.abc import Sequence
 
-from shared.mig import ImpossibleLayout, profile_named
+from shared.mig import ImpossibleLayout, compute_slices, mig_resource, profile_named
 from shared.protocol import GpuSummary
 
 PREFIX = "nvidia.com/"
@@ -30,7 +30,6 @@ MIB = 1024 * 1024
 _NAME_RE = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
 _VALUE_RE = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?$")
 _SANITISE_RE = re.compile(r"[^A-Za-z0-9\-_. ]")
-_SLICES_RE = re.compile(r"^(\d+)g\.")
 
 # NVML's architecture names as the edge reports them -> GFD's family names
 _FAMILIES = {"ada": "ada-lovelace", "ada lovelace": "ada-lovelace", "ada-lovelace": "ada-lovelace"}
@@ -124,15 +123,15 @@ def labels_for(gpus: Sequence[GpuSummary]) -> dict[str, str]:
         for device in g.mig_devices:
             profiles.setdefault(device.profile, []).append((g, device.memory_total_bytes))
     for profile, devices in sorted(profiles.items()):
-        key = f"nvidia.com/mig-{profile}"
+        key = mig_resource(profile)
         parent, memory = devices[0]
-        found = _SLICES_RE.match(profile)
+        slices = compute_slices(profile)
         values = {"count": str(len(devices)), "product": f"{sanitise(parent.name)}-MIG-{sanitise(profile)}",
                   "replicas": "1", "sharing-strategy": "none"}
         if memory:
             values["memory"] = str(memory // MIB)
-        if found:
-            values["slices.gi"] = values["slices.ci"] = found.group(1)
+        if slices is not None:
+            values["slices.gi"] = values["slices.ci"] = str(slices)
         try:  # NVIDIA's profile table (shared/mig.py) knows the multiprocessors of a known model's profile
             values["multiprocessors"] = str(profile_named(parent.name, profile).multiprocessors)
         except ImpossibleLayout:

@@ -47,8 +47,10 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from shared.mig import MIG_RESOURCE_PREFIX
+
 GPU_RESOURCE = "nvidia.com/gpu"
-MIG_PREFIX = "nvidia.com/mig-"
+MIG_PREFIX = MIG_RESOURCE_PREFIX
 ZONE_LABEL = "topology.kubernetes.io/zone"
 HOSTNAME_LABEL = "kubernetes.io/hostname"
 WORKLOAD_CLASS_LABEL = "kgpu.io/workload-class"

@@ -30,7 +30,6 @@ from edge.partitioning.plan import (
     GpuPlan,
     Sharing,
     Step,
-    mig_resource,
     plan_gpu,
     sharing_for,
     wanted_layout,
@@ -40,21 +39,12 @@ from edge.pods import PodRef
 from shared.dcgm import MIB, MigOnGpu
 from shared.gpu import GpuInventory, GpuSample, Health
 from shared.logs import get_logger
-from shared.mig import ImpossibleLayout
+from shared.mig import COMPUTE_SLICES, ImpossibleLayout, compute_slices, mig_resource
 from shared.partitioning import NodePartitioning
 from shared.protocol import ActionOutcome, DecisionBody, Kind, MigDeviceSummary
 from shared.wire import WireModel
 
 log = get_logger(__name__)
-
-FULL_GPU_SLICES = 7  # compute slices of a whole A100 / H100
-
-
-def compute_slices(profile: str) -> int:
-    """3 for 3g.40gb: the compute slices a MIG profile holds (its name says so)."""
-    head = profile.split("g.", 1)[0]
-    return int(head) if head.isdigit() else 1
-
 
 MIG_CALL_TIMEOUT_S = 120.0  # creating seven instances takes seconds on a real A100
 
@@ -194,7 +184,7 @@ class PartitionManager:
             return
         joules = (energy - last) / 1000.0
         for device in mig.devices:
-            share = compute_slices(device.profile) / FULL_GPU_SLICES
+            share = (compute_slices(device.profile) or 1) / COMPUTE_SLICES
             state.mig_energy_j[device.uuid] = state.mig_energy_j.get(device.uuid, 0.0) + joules * share
 
     def mig_energy(self) -> list[tuple[int, MigDeviceInfo, float]]:

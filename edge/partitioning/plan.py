@@ -102,8 +102,3 @@ def sharing_for(partitioning: NodePartitioning | None, gpu_name: str, default_re
         return Sharing(1, default_resource, "event")
     resource = slicing.resource_name if slicing.resource_name else default_resource
     return Sharing(slicing.replicas, resource, slicing.memory_enforcement)
-
-
-def mig_resource(profile: str) -> str:
-    """The resource a MIG device is advertised as (NVIDIA's `mixed` strategy)."""
-    return f"nvidia.com/mig-{profile}"
