@@ -134,3 +134,12 @@ def test_bench_quick_runs_the_fleet_and_catch_up_benchmarks_end_to_end(tmp_path:
     assert catchup["events lost"]["value"] == 0
     [backlog] = [r for figure, r in catchup.items() if figure.startswith("backlog of")]
     assert int(backlog["figure"].split()[2]) > 0 and backlog["value"] > 0  # there was a backlog, and it took time
+
+
+def test_bench_thermal_settling_prints_each_case() -> None:
+    """The thermal bench runs (simulated time: a second or two) and reports every model and start."""
+    run = subprocess.run([sys.executable, "-m", "bench.thermal_settling"], capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 0, run.stderr
+    lines = [line for line in run.stdout.splitlines() if " now:" in line]
+    assert len(lines) == 4 and all("step-downs" in line and "restores" in line for line in lines), run.stdout
