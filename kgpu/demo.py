@@ -184,8 +184,7 @@ class Demo:
             # a demo on loopback: changes (the rollout below) without a token; a cluster sets one
             "KGPU_API_INSECURE": "true"}).start())
         for spec in self.specs:
-            self.kubelets[spec.name] = KubeletThread(demo_partitioning.plugin_dir(self.workdir / spec.name))
-            self.kubelets[spec.name].__enter__()
+            self.kubelets[spec.name] = KubeletThread(demo_partitioning.plugin_dir(self.workdir / spec.name)).start()
             self.uplink_ports[spec.name] = self.uplinks.add(spec.name)
             self.edge_ports[spec.name] = free_port()
             self._start_edge(spec, __version__)
@@ -301,7 +300,7 @@ class Demo:
             if child is not None:
                 child.stop()
         for kubelet in self.kubelets.values():
-            kubelet.__exit__(None, None, None)
+            kubelet.stop()
         if self.uplinks is not None:
             self.uplinks.stop()
         if self.kube is not None:

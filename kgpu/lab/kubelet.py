@@ -259,18 +259,24 @@ class KubeletThread:
 
         return asyncio.run_coroutine_threadsafe(run(), self._loop).result(timeout)
 
-    def __enter__(self) -> KubeletThread:
+    def start(self) -> KubeletThread:
         self._thread.start()
         self.call(self.kubelet.start)
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def stop(self) -> None:
         try:
             self.call(self.kubelet.stop)
         finally:
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(10)
             self._loop.close()
+
+    def __enter__(self) -> KubeletThread:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
 
     def restart(self) -> None:
         self.call(self.kubelet.restart)
