@@ -89,6 +89,14 @@ class CloudSettings(KgpuSettings):
         "(topology.kubernetes.io/zone) are offline at once, nothing moves off that zone's offline nodes")
     migration_max_concurrent: int = Field(3, ge=1, le=1000, description="Migrations running at once, at most")
     migration_node_cooldown: Seconds = Field(600.0, description="No new migration from the same node within this")
+    # -- node reboots the edges' remediation ladders ask for (cloud/reboots/) --
+    reboot_max_per_site: int = Field(
+        1, ge=0, le=1000, description="Reboots granted per site (topology.kubernetes.io/zone; a node without "
+        "one is its own site) within reboot_window; 0: none, every request stays advised")
+    reboot_window: Seconds = Field(3600.0, ge=60.0, description="The circuit breaker's window")
+    reboot_timeout: Seconds = Field(
+        900.0, ge=30.0, description="A granted reboot counts as in progress until the node is back online or "
+        "this long has passed")
     command_resend_interval: Seconds = Field(
         30.0, ge=1.0, le=3600.0, description="Send an edge command again after this long without its result"
     )

@@ -95,6 +95,36 @@ class EdgeSettings(KgpuSettings):
     resource_name: str = Field(
         "nvidia.com/gpu", pattern=r"^[a-z0-9.-]+/[a-z0-9.-]+$", max_length=253,
         description="The resource whole GPUs are advertised as (another name runs beside NVIDIA's plugin)")
+    # -- which pod uses which GPU (edge/podresources/) --
+    pod_resources_socket: Path | None = Field(
+        Path("/var/lib/kubelet/pod-resources/kubelet.sock"),
+        description="The kubelet's pod-resources API (unix socket); unset or absent: NVML's processes -> "
+        "cgroup -> pod. KubeEdge's edged serves it only behind its feature gate")
+    # -- the remediation ladder (edge/remediation/, docs/operations.md) --
+    remediation: bool = Field(
+        True, description="Bring faulty GPUs back: fence, drain, diagnose, reset, validate; reboot as the last step")
+    remediation_drain_timeout: Seconds = Field(
+        300.0, ge=1.0, description="How long a fenced GPU waits for its processes to leave before the ladder "
+        "goes on without a reset (reported, the GPU stays fenced)")
+    remediation_diag_timeout: Seconds = Field(
+        120.0, ge=1.0, description="Upper bound on each diagnostic command (CUDA probe, dcgmi diag)")
+    remediation_cuda_probe_command: str | None = Field(
+        None, description="A command that opens a CUDA context on the GPU ({index}, {uuid}, {pci_bus_id} are "
+        "filled in); exit 0 passes. Unset: not run")
+    remediation_dcgm_command: str | None = Field(
+        "dcgmi diag -r 1 -i {index}", description="DCGM's quick diagnostic; run only when its executable is on "
+        "PATH. Unset: not run")
+    remediation_reset_command: str | None = Field(
+        "nvidia-smi --gpu-reset -i {index}", description="Resets one GPU once no process holds it; unset: no "
+        "reset, a fault that needs one goes to the reboot step")
+    remediation_reset_timeout: Seconds = Field(120.0, ge=1.0, description="Upper bound on the reset command")
+    remediation_max_resets: int = Field(
+        2, ge=0, le=10, description="Resets tried for one fault before the ladder asks for a reboot")
+    remediation_reboot: Literal["request", "advise", "off"] = Field(
+        "request", description="request: ask the cloud, which grants under its circuit breaker; advise: only "
+        "record that a reboot is needed; off: neither")
+    remediation_reboot_command: str | None = Field(
+        "systemctl reboot", description="Run when the cloud grants a reboot this node asked for")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_json: bool | None = Field(None, description="JSON log lines; default: when stderr is not a terminal")
     policy: PowerPolicy = Field(

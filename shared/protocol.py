@@ -43,6 +43,7 @@ class Kind(StrEnum):
     HEALTH = "health"
     XID = "xid"
     MIGRATION_REQUEST = "migration_request"
+    REBOOT_REQUEST = "reboot_request"
     COMMAND_RESULT = "command_result"
     OFFLINE_SUMMARY = "offline_summary"
     # cloud -> edge
@@ -58,6 +59,7 @@ EVENT_KINDS = frozenset(
         Kind.HEALTH,
         Kind.XID,
         Kind.MIGRATION_REQUEST,
+        Kind.REBOOT_REQUEST,
         Kind.COMMAND_RESULT,
         Kind.OFFLINE_SUMMARY,
     }
@@ -103,6 +105,12 @@ class GpuSummary(WireModel):
     mig_mode: bool | None = None  # None: MIG not supported
     mig_devices: list[MigDeviceSummary] = Field(default_factory=list)
     replicas: int | None = Field(None, ge=1)  # time-slicing: devices advertised for this GPU
+    # The pods using this GPU (whole, one of its MIG devices or a time-slicing replica), as
+    # "namespace/name", from the kubelet's pod-resources API or NVML's processes (the status's
+    # `pod_map_source`); a fault moves only these (issue 14). Empty from an older edge.
+    pods: list[str] = Field(default_factory=list, max_length=1000)
+    # Where the remediation ladder stands for this GPU (edge/remediation/): None when in service.
+    remediation: str | None = Field(None, max_length=200)
 
 
 class StatusBody(WireModel):
@@ -125,6 +133,10 @@ class StatusBody(WireModel):
     partitioning_name: str | None = None
     partitioning_version: int | None = None
     partitioning_state: str | None = Field(None, max_length=1000)
+    # Where `GpuSummary.pods` came from: "pod-resources" (the kubelet's API: every allocated
+    # device), "processes" (NVML's processes -> cgroup -> pod: only pods running GPU work now);
+    # None: unknown, so the cloud moves every GPU pod of the node on a fault.
+    pod_map_source: Literal["pod-resources", "processes"] | None = None
 
     @model_serializer(mode="wrap")
     def _omit_unset_outbox_acked(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
@@ -176,6 +188,16 @@ class MigrationRequestBody(WireModel):
     reason: str
 
 
+class RebootRequestBody(WireModel):
+    """The remediation ladder's last step: the edge asks the cloud to reboot its node, which
+    grants it under the circuit breaker (cloud/reboots/) with a `reboot` command."""
+
+    gpu_index: int | None = None
+    gpu_uuid: str | None = None
+    reason: str = Field(max_length=2000)
+    attempt: int = Field(1, ge=1)  # the ladder's escalation count for this fault
+
+
 class CommandResultBody(WireModel):
     command_id: str
     command: str
@@ -224,7 +246,7 @@ class PartitioningBody(WireModel):
 
 
 class CommandBody(WireModel):
-    command: Literal["drain", "migrate_away", "restart_check", "undrain"]
+    command: Literal["drain", "migrate_away", "restart_check", "undrain", "reboot"]
     gpu_uuid: str | None = None
     args: dict[str, Any] = Field(default_factory=dict)
 
@@ -236,6 +258,7 @@ BODY_MODELS: dict[Kind, type[WireModel]] = {
     Kind.HEALTH: HealthBody,
     Kind.XID: XidBody,
     Kind.MIGRATION_REQUEST: MigrationRequestBody,
+    Kind.REBOOT_REQUEST: RebootRequestBody,
     Kind.COMMAND_RESULT: CommandResultBody,
     Kind.OFFLINE_SUMMARY: OfflineSummaryBody,
     Kind.ACK: AckBody,
