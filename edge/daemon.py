@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from edge import health as health_rules
-from edge import policy as policy_rules
 from edge.actions import DRIVER_ACTIONS, Action, ActionKind
 from edge.config import EdgeSettings
+from edge.cycle import GpuView, decide
 from edge.driver.nvml import DriverError, DriverRefused, DriverUnavailable, NvmlDriver
 from edge.driver.runner import DriverRunner, DriverTimeout
 from edge.driver.xid import XidWatcher
@@ -43,11 +43,8 @@ from shared.protocol import (
     CommandBody,
     DecisionBody,
     GpuSummary,
-    HealthBody,
     Kind,
-    MigrationRequestBody,
     StatusBody,
-    XidBody,
 )
 from shared.wire import WireModel
 
@@ -58,19 +55,6 @@ log = get_logger(__name__)
 MAX_HELD_EVENTS = 50_000
 PRUNE_EVERY_S = 60.0
 POD_ENERGY_IDLE_S = 24 * 3600.0  # a pod's energy counter is dropped after a day without GPU work
-
-
-@dataclass
-class GpuView:
-    """Everything the daemon currently knows about one GPU (read by the API and metrics)."""
-
-    inventory: GpuInventory
-    sample: GpuSample | None = None
-    health: health_rules.GpuHealthState = field(default_factory=health_rules.GpuHealthState)
-    policy_state: policy_rules.GpuPolicyState = field(default_factory=policy_rules.GpuPolicyState)
-    last_xid: int | None = None
-    next_probe_at: float = 0.0
-    draining: bool = False  # set by the cloud's drain / migrate_away commands
 
 
 @dataclass
@@ -251,7 +235,8 @@ class EdgeDaemon:
         self._wake.clear()  # before draining: an XID arriving after the drain wakes the next cycle
         samples = await self._sample_all(now)
         xids = self._drain_xids()
-        actions, events = self._decide(samples, xids, now)
+        actions, events = decide(self.gpus, samples, xids, self.policy, self.settings.health_quiet_period,
+                                 self.counters.xids, now)
         for action in actions:
             outcome, detail = await self._apply(action)
             events.append((Kind.DECISION, self._decision_body(action, outcome, detail)))
@@ -307,56 +292,6 @@ class EdgeDaemon:
         while not self._xids.empty():
             xids.append(self._xids.get_nowait())
         return xids
-
-    def _decide(
-        self, samples: dict[int, GpuSample | None], xids: list[XidEvent], now: float
-    ) -> tuple[list[Action], list[tuple[Kind, WireModel]]]:
-        """Run the pure health and policy rules; return the actions and the events they imply."""
-        events: list[tuple[Kind, WireModel]] = []
-        actions: list[Action] = []
-        for xid in xids:
-            self.counters.xids[(xid.index, xid.xid)] += 1
-            if xid.index in self.gpus:
-                self.gpus[xid.index].last_xid = xid.xid
-            taken = self.policy.xid_policy.action_for(xid.xid)
-            events.append(
-                (Kind.XID, XidBody(gpu_index=xid.index, gpu_uuid=xid.uuid, xid=xid.xid,
-                                   action=taken.value if taken else "ignored"))
-            )
-        for index, view in self.gpus.items():
-            previous = view.health
-            state, health_actions = health_rules.assess(
-                index, view.inventory.uuid, previous, samples.get(index),
-                [x for x in xids if x.index == index], self.policy, now,
-                self.settings.health_quiet_period,
-            )
-            view.health = state
-            actions.extend(health_actions)
-            if state.health is not previous.health:
-                events.append(
-                    (Kind.HEALTH, HealthBody(level="gpu", gpu_index=index, gpu_uuid=view.inventory.uuid,
-                                             previous=previous.health, current=state.health,
-                                             reasons=list(state.reasons)))
-                )
-                log.warning(
-                    "GPU %d %s -> %s: %s", index, previous.health, state.health, "; ".join(state.reasons),
-                    extra={"gpu": view.inventory.uuid},
-                )
-        usable = [s for s in samples.values() if s is not None]
-        inventory = {index: view.inventory for index, view in self.gpus.items()}
-        state_in = {index: view.policy_state for index, view in self.gpus.items()}
-        power_actions, state_out = policy_rules.evaluate(usable, inventory, self.policy, state_in, now)
-        for index, policy_state in state_out.items():
-            if index in self.gpus:
-                self.gpus[index].policy_state = policy_state
-        actions.extend(power_actions)
-        for action in actions:
-            if action.kind is ActionKind.REQUEST_MIGRATION:
-                events.append(
-                    (Kind.MIGRATION_REQUEST, MigrationRequestBody(gpu_index=action.gpu_index, gpu_uuid=action.gpu_uuid,
-                                                                  trigger=action.rule, reason=action.reason))
-                )
-        return actions, events
 
     async def _apply(self, action: Action) -> tuple[ActionOutcome, str]:
         """Carry out a driver action; health marks and requests are only recorded."""

@@ -55,6 +55,7 @@ class GpuLike(Protocol):
     inventory: GpuInventory
     sample: GpuSample | None
     draining: bool
+    remediation: str | None  # the remediation ladder's stage: fenced while set
 
     @property
     def health(self) -> Any: ...
@@ -294,7 +295,7 @@ class PartitionManager:
         devices: list[PluginDevice] = []
         for index, view in sorted(self._views.items()):
             state = self.gpus.get(index)
-            healthy = (view.health.health is Health.HEALTHY and not view.draining
+            healthy = (view.health.health is Health.HEALTHY and not view.draining and view.remediation is None
                        and not (state is not None and state.fenced))
             uuid, numa = view.inventory.uuid, view.inventory.numa_node
             mig = state.mig if state is not None else None
