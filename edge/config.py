@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import shlex
 import socket
+import sys
 from pathlib import Path
 from typing import Literal
 
@@ -144,6 +146,25 @@ class EdgeSettings(KgpuSettings):
     def _sim_only(self) -> EdgeSettings:
         if self.sim_daemon_version is not None and self.backend != "sim":
             raise ValueError("sim_daemon_version is only for --backend sim")
+        return self
+
+    @model_validator(mode="after")
+    def _sim_tools(self) -> EdgeSettings:
+        """With the simulated driver, the ladder's commands default to the simulator's stand-ins
+        (edge/sim/tools/), which act on the simulated GPUs through the daemon's sim API; a command
+        set explicitly is kept."""
+        if self.backend != "sim":
+            return self
+        python = shlex.quote(sys.executable)
+        sim_defaults = {
+            "remediation_reset_command": f"{python} -m edge.sim.tools.nvidia_smi --gpu-reset -i {{index}}",
+            "remediation_dcgm_command": f"{python} -m edge.sim.tools.dcgmi diag -r 1 -i {{index}}",
+            "remediation_cuda_probe_command": f"{python} -m edge.sim.tools.cuda_probe -i {{index}}",
+            "remediation_reboot_command": f"{python} -m edge.sim.tools.reboot",
+        }
+        for name, command in sim_defaults.items():
+            if name not in self.model_fields_set:
+                setattr(self, name, command)
         return self
 
     @property
