@@ -49,6 +49,7 @@ from cloud.migration.model import (
     StepKind,
     World,
     gpu_healthy,
+    gpu_subjects,
     with_samples,
 )
 from cloud.migration.placement import HOSTNAME_LABEL, ZONE_LABEL
@@ -266,7 +267,8 @@ class MigrationManager:
         source = source_gpu(world, m.node, m.subjects, node)
         now = self._clock()
         plan = plan_pods(m, node, pods, cands, zone, source, now, edge_known=m.node in world.nodes,
-                         offline=self._offline_view(m, world, now))
+                         offline=self._offline_view(m, world, now), gpus=world.gpus.get(m.node, ()),
+                         pod_map_source=world.pod_sources.get(m.node))
         held: set[str] = set()  # pods whose step failed or must wait: their later steps wait too
         for step in plan:
             if step.pod in held:
@@ -282,7 +284,7 @@ class MigrationManager:
 
     def _offline_view(self, m: Migration, world: World, now: float) -> OfflineView | None:
         """For a migration off an offline node (no GPU subject): the node's state for the planner."""
-        if any(s != OFFLINE_SUBJECT for s in m.subjects) or OFFLINE_SUBJECT not in m.subjects:
+        if gpu_subjects(m.subjects) or OFFLINE_SUBJECT not in m.subjects:
             return None
         online, last_seen = world.nodes.get(m.node, (False, 0.0))
         return OfflineView(offline_for_s=None if online else now - last_seen,
@@ -307,7 +309,7 @@ class MigrationManager:
     # -- the steps, one method per StepKind: each returns the migration with its outcome -------
 
     async def _taint(self, kube: Kube, m: Migration, step: Step, now: float) -> Migration:
-        if step.body is None:
+        if step.body is None:  # not in the cluster, or a healthy GPU is left (the edge fences the bad one)
             return m.step(StepKind.TAINT, "skipped", step.detail, now)
         await kube.call(kube.core.patch_node, m.node, taints_patch(step.body))
         log.info("tainted %s with %s", m.node, step.detail, extra={"node": m.node})
@@ -318,10 +320,10 @@ class MigrationManager:
         outcome = "sent" if len(sent) == len(step.body) else "not-sent"
         note = "" if outcome == "sent" else " (MQTT link down; the taint and evictions go on)"
         return m.step(StepKind.NOTIFY_EDGE, outcome,
-                      f"migrate_away for {', '.join(step.body)}{note}", now)
+                      f"migrate_away for {', '.join(step.body)}{note}", now, gpus=list(step.body))
 
     async def _find_pods(self, kube: Kube, m: Migration, step: Step, now: float) -> Migration:
-        return m.step(StepKind.FIND_PODS, "found", step.detail, now)
+        return m.step(StepKind.FIND_PODS, "found", step.detail, now, subjects=step.body["subjects"])
 
     async def _hold(self, kube: Kube, m: Migration, step: Step, now: float) -> Migration:
         return m.step(StepKind.HOLD, "waiting", step.detail, now)
@@ -430,7 +432,7 @@ class MigrationManager:
                 log.warning("untainting %s failed, retrying: %s", m.node, exc)
                 return
             m = m.step(Lifecycle.UNTAINT, "skipped", "the node is not in the cluster", now)
-        for uuid in [s for s in m.subjects if s != OFFLINE_SUBJECT]:
+        for uuid in gpu_subjects(m.subjects):
             await self._command(m, "undrain", uuid)
         m = replace(m, state=MigrationState.RECOVERED, next_attempt_at=None)
         await asyncio.to_thread(self.repo.update, m)

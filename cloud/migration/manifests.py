@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from cloud.migration import placement
-from cloud.migration.model import OFFLINE_SUBJECT, Migration, World, gpu_healthy
+from cloud.migration.model import OFFLINE_SUBJECT, Migration, World, in_service
 from cloud.migration.placement import (
     HOSTNAME_LABEL,
     MEMORY_LABEL,
@@ -219,7 +219,7 @@ def candidates(kube_nodes: Iterable[Mapping[str, Any]], pods: Iterable[Mapping[s
                 uuid=g.uuid,
                 model=placement.gpu_model(g.name or label_model or "unknown",
                                           _float(labels.get(MEMORY_LABEL)) if not g.name else None),
-                healthy=gpu_healthy(g),
+                healthy=in_service(g),
                 temperature_c=_float((g.sample or {}).get("temperature_c")),
                 power_w=_float((g.sample or {}).get("power_w")),
                 power_limit_w=_float((g.sample or {}).get("power_limit_w")),

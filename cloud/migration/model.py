@@ -8,7 +8,7 @@ is stored and served as the same string as before (`"in-progress"`, `"delete-ori
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Any
@@ -17,6 +17,11 @@ from cloud.migration.placement import ScoredTarget
 from shared.gpu import Health
 
 OFFLINE_SUBJECT = "node-offline"  # the subject (and taint value) of an offline-node migration
+# A node-level edge request (no GPU) merged into a migration that has GPU subjects: the whole node
+# is its subject from then on (a node-level migration of its own has no subject at all).
+NODE_SUBJECT = "node"
+NODE_SUBJECTS = (OFFLINE_SUBJECT, NODE_SUBJECT)
+POD_MAP_SOURCES = ("pod-resources", "processes")  # StatusBody.pod_map_source values we trust
 MAX_STEPS = 200  # a row keeps its newest steps
 
 
@@ -27,7 +32,7 @@ class MigrationState(StrEnum):
     DEFERRED = "deferred"  # the node's cool-down; pending when it ends
     PENDING = "pending"  # waiting for a slot
     IN_PROGRESS = "in-progress"
-    COMPLETED = "completed"  # every GPU pod moved; the taint stays while the GPU is unhealthy
+    COMPLETED = "completed"  # its pods moved; a node taint (if one was needed) stays until recovery
     FAILED = "failed"  # a pod could not be moved; the taint stays
     RECOVERED = "recovered"  # healthy again, taint removed
     CANCELLED = "cancelled"  # healthy again before it started
@@ -78,6 +83,7 @@ class Lifecycle(StrEnum):
     CLUSTER = "cluster"
     START = "start"
     UNTAINT = "untaint"
+    REOPEN = "reopen"  # a finished migration gained a subject: in progress again
 
 
 class PodState(StrEnum):
@@ -110,6 +116,10 @@ class GpuView:
     unhealthy_since: float | None = None  # cloud clock, start of the current non-healthy run
     last_event: tuple[float, str] | None = None  # (edge ts, health) of the newest health event
     healthy_event_ts: float | None = None  # edge ts of the newest health event saying healthy
+    # From the newest status: the pods using this GPU ("namespace/name"; see World.pod_sources
+    # for where the list came from) and where the edge's remediation ladder stands (None: in service).
+    pods: tuple[str, ...] = ()
+    remediation: str | None = None
 
 
 @dataclass(frozen=True)
@@ -138,6 +148,8 @@ class World:
     # enough: manifests.offline_verdict); None: not checked this scan
     offline_ready: Mapping[str, int] | None = None
     zones: Mapping[str, str] = field(default_factory=dict)  # node -> topology zone (from the cluster)
+    # node -> where its GPUs' `pods` came from ("pod-resources" | "processes"); absent: unknown
+    pod_sources: Mapping[str, str] = field(default_factory=dict)
 
     def gpu(self, node: str, uuid: str) -> GpuView | None:
         return next((g for g in self.gpus.get(node, ()) if g.uuid == uuid), None)
@@ -148,6 +160,23 @@ def gpu_healthy(gpu: GpuView | None) -> bool:
     if gpu is None or gpu.health != Health.HEALTHY:
         return False
     return gpu.last_event is None or gpu.last_event[1] == Health.HEALTHY
+
+
+def in_service(gpu: GpuView | None) -> bool:
+    """Healthy and not held by the edge's remediation ladder (fenced, draining, resetting ...):
+    what a node needs to keep taking GPU work, and what recovery waits for."""
+    return gpu_healthy(gpu) and gpu is not None and gpu.remediation is None
+
+
+def gpu_subjects(subjects: Sequence[str]) -> list[str]:
+    """The GPU uuids among a migration's subjects."""
+    return [s for s in subjects if s not in NODE_SUBJECTS]
+
+
+def node_level(subjects: Sequence[str]) -> bool:
+    """Whether a migration is about the whole node: offline, an edge request without a GPU (no
+    subject, or NODE_SUBJECT merged in). Such a migration taints the node and moves every GPU pod."""
+    return not gpu_subjects(subjects) or any(s in NODE_SUBJECTS for s in subjects)
 
 
 def with_samples(world: World, samples: Mapping[tuple[str, str], Mapping[str, Any]]) -> World:

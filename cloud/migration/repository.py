@@ -47,6 +47,7 @@ class MigrationRepository:
                 sa.select(t.c.node, sa.func.max(t.c.started_at).label("started"))
                 .where(t.c.started_at.is_not(None)).group_by(t.c.node))}
             nodes = self.store.node_liveness(conn)
+            pod_sources = self.store.pod_map_sources(conn)
             # Not the samples: at thousands of nodes, decoding every GPU's JSON each scan cost as
             # much as the ingest. Only placement needs them (`samples`, when a migration runs).
             gpu_rows = self.store.gpu_states(conn)
@@ -63,9 +64,10 @@ class MigrationRepository:
                 node=g["node"], uuid=g["uuid"], index=int(g["index"]), name=g["name"],
                 health=g["health"], unhealthy_since=unhealthy_since(events),
                 last_event=(events[0][0], events[0][2]) if events else None,
-                healthy_event_ts=healthy_ts))
+                healthy_event_ts=healthy_ts, pods=tuple(g.get("pods") or ()),
+                remediation=g.get("remediation")))
         world = World(nodes=nodes, gpus={k: tuple(v) for k, v in gpus.items()},
-                      requests=tuple(requests))
+                      requests=tuple(requests), pod_sources=pod_sources)
         return world, migrations, last_started
 
     def samples(self) -> dict[tuple[str, str], Mapping[str, Any]]:

@@ -5,7 +5,8 @@
 with GPU pods that opted in to leave it (unless the zone guard holds: `zone_guards`).
 `reconcile` turns those triggers and the open migrations into rows: new migrations, merged
 triggers, cool-downs, cancellations and starts within the concurrency limit.
-`to_recover` says which finished migrations can have their taint removed.
+`to_recover` says which finished migrations can have their taint removed: every subject GPU
+healthy and out of the edge's remediation ladder.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from dataclasses import replace
 from cloud.migration.model import (
     ACTIVE_STATES,
     HOLDING,
+    NODE_SUBJECT,
     NOT_STARTED,
     OFFLINE_SUBJECT,
     Lifecycle,
@@ -26,6 +28,8 @@ from cloud.migration.model import (
     TriggerKind,
     World,
     gpu_healthy,
+    in_service,
+    node_level,
 )
 from shared.gpu import Health
 
@@ -44,18 +48,33 @@ def unhealthy_since(events: Sequence[tuple[float, float, str]]) -> float | None:
 
 
 def recovered(world: World, node: str, subjects: Iterable[str]) -> bool:
-    """Whether every subject of a migration is fine again (no subject: every GPU of the node)."""
+    """Whether every subject of a migration is back in service (`in_service`: healthy, and the
+    edge's remediation ladder done with it); no subject or NODE_SUBJECT: every GPU of the node."""
     subjects = list(subjects)
-    if not subjects:
-        gpus = world.gpus.get(node, ())
-        return bool(gpus) and all(gpu_healthy(g) for g in gpus)
-    for subject in subjects:
+    for subject in subjects or [NODE_SUBJECT]:
         if subject == OFFLINE_SUBJECT:
             if not world.nodes.get(node, (False, 0.0))[0]:
                 return False
-        elif not gpu_healthy(world.gpu(node, subject)):
+        elif subject == NODE_SUBJECT:
+            gpus = world.gpus.get(node, ())
+            if not gpus or not all(in_service(g) for g in gpus):
+                return False
+        elif not in_service(world.gpu(node, subject)):
             return False
     return True
+
+
+def subjects_added(subjects: Sequence[str], subject: str | None) -> tuple[str, ...]:
+    """The subjects a trigger for `subject` adds to an open migration of the same node (none: it
+    is covered). A node-level request (None) makes a GPU migration node-level (NODE_SUBJECT); a
+    GPU joining a node-level request's migration (no subject) keeps it node-level."""
+    if subject is None:
+        return () if node_level(subjects) else (NODE_SUBJECT,)
+    if subject in subjects:
+        return ()
+    if not subjects and subject != OFFLINE_SUBJECT:
+        return (NODE_SUBJECT, subject)
+    return (subject,)
 
 
 def find_triggers(world: World, rules: Rules, now: float,
@@ -157,12 +176,18 @@ def reconcile(world: World, migrations: Sequence[Migration], last_started: Mappi
         existing = open_by_node.get(t.node)
         if existing is not None:
             m = current(existing)
-            covered = t.subject is None or t.subject in m.subjects
-            if covered and t.event is None:
+            added = subjects_added(m.subjects, t.subject)
+            if not added and t.event is None:
                 continue  # the same condition seen again: nothing to record
-            if t.subject is not None and not covered:
-                m = replace(m, subjects=(*m.subjects, t.subject))
+            if added:
+                m = replace(m, subjects=(*m.subjects, *added))
             m = m.step(Lifecycle.TRIGGER, "merged", f"{t.kind}: {t.reason}", now, subject=t.subject)
+            if added and m.state in HOLDING:
+                # Its pods were moved, but the new subject has pods of its own, and the node may
+                # have no healthy GPU left now (the node taint): the planner has work again.
+                m = replace(m.step(Lifecycle.REOPEN, "in-progress", f"new subject {', '.join(added)}: its "
+                                   "pods to move, the node taint to check", now),
+                            state=MigrationState.IN_PROGRESS, next_attempt_at=None)
             if t.event is not None:
                 m = replace(m, consumed=(*m.consumed, t.event.event_id))
             if m.id is not None:

@@ -183,6 +183,7 @@ class IngestCore(StoreBase):
             policy_version=body.policy_version,
             outbox_depth=body.outbox_depth,
             degraded=list(body.degraded),
+            pod_map_source=body.pod_map_source,
         )
         w.gpu_summaries = list(body.gpus)
         new_epoch = body.outbox_epoch
@@ -295,7 +296,7 @@ class IngestCore(StoreBase):
                     "node": w.name, "uuid": s.uuid, "index": s.index, "name": s.name,
                     "health": str(s.health), "power_limit_w": s.power_limit_w, "sample": None,
                     "sample_ts": None, "updated_at": now, "pci_bus_id": s.pci_bus_id,
-                    "driver_version": s.driver_version,
+                    "driver_version": s.driver_version, "pods": list(s.pods), "remediation": s.remediation,
                 }
             for sample in sorted(w.samples, key=lambda x: x.ts):  # the newest of the batch wins
                 newest[(w.name, sample.uuid)] = sample
@@ -420,10 +421,11 @@ class IngestCore(StoreBase):
 
 _NODE_MUTABLE = (
     "online", "last_seen", "daemon_version", "policy_name", "policy_version", "outbox_depth",
-    "outbox_epoch", "acked_seq", "gaps", "degraded", "status_ts",
+    "outbox_epoch", "acked_seq", "gaps", "degraded", "status_ts", "pod_map_source",
 )
 _GPU_SUMMARY_COLUMNS = (  # what a status sets
-    "index", "name", "health", "power_limit_w", "updated_at", "pci_bus_id", "driver_version")
+    "index", "name", "health", "power_limit_w", "updated_at", "pci_bus_id", "driver_version", "pods",
+    "remediation")
 
 
 def _check_batch(batch: Sequence[Incoming]) -> None:

@@ -261,6 +261,14 @@ class FleetQueries(StoreBase):
             return {r.name: (bool(r.online), float(r.last_seen))
                     for r in c.execute(sa.select(n.c.name, n.c.online, n.c.last_seen))}
 
+    def pod_map_sources(self, conn: Connection | None = None) -> dict[str, str]:
+        """name -> where the node's newest status took its GPUs' `pods` from ("pod-resources" |
+        "processes"), for the nodes whose status said (the migration part's fleet view)."""
+        n = nodes_table
+        with self._using("pod map sources", conn) as c:
+            return {r.name: str(r.pod_map_source) for r in c.execute(
+                sa.select(n.c.name, n.c.pod_map_source).where(n.c.pod_map_source.is_not(None)))}
+
     def gpu_states(self, conn: Connection | None = None) -> list[dict[str, Any]]:
         """Every GPU row by index, without its latest sample (see `gpu_samples`)."""
         g = gpus_table

@@ -38,6 +38,8 @@ nodes_table = sa.Table(
     sa.Column("degraded", JsonType, nullable=False),
     sa.Column("labels", JsonType, nullable=False),
     sa.Column("status_ts", sa.Float),  # edge ts of the newest status applied, less the clock skew
+    # where the newest status took its GPUs' `pods` from ("pod-resources" | "processes"); NULL: unknown
+    sa.Column("pod_map_source", sa.String(16)),
 )
 
 gpus_table = sa.Table(
@@ -59,6 +61,8 @@ gpus_table = sa.Table(
     sa.Column("updated_at", sa.Float, nullable=False),  # cloud clock
     sa.Column("pci_bus_id", sa.String(32)),  # from the status (fleet exporter's labels); NULL: not told
     sa.Column("driver_version", sa.String(64)),
+    sa.Column("pods", JsonType),  # from the status: "namespace/name" of the pods using this GPU; NULL: not told
+    sa.Column("remediation", sa.String(200)),  # from the status: the edge's remediation stage; NULL: in service
 )
 
 samples_table = sa.Table(
@@ -267,4 +271,32 @@ edge_commands_table = sa.Table(
     sa.Column("ok", sa.Boolean),
     sa.Column("detail", sa.Text),
     sa.Index("ix_edge_commands_result_at_created_at", "result_at", "created_at"),
+)
+
+
+# ---- node reboots (cloud/reboots/: the circuit breaker over the edges' reboot requests) ----
+
+reboots_table = sa.Table(
+    "reboots",
+    metadata,
+    sa.Column("event_id", sa.BigInteger, primary_key=True, autoincrement=False),  # events.id of the request
+    sa.Column("node", sa.String(253), nullable=False),
+    sa.Column("seq", sa.BigInteger, nullable=False),  # the request's seq in the edge's outbox
+    sa.Column("gpu_index", sa.Integer),
+    sa.Column("gpu_uuid", sa.String),
+    sa.Column("reason", sa.Text, nullable=False),
+    sa.Column("attempt", sa.Integer, nullable=False),
+    sa.Column("requested_at", sa.Float, nullable=False),  # edge clock
+    sa.Column("received_at", sa.Float, nullable=False),  # cloud clock
+    sa.Column("site", sa.String(253), nullable=False),  # zone, or the node itself
+    sa.Column("verdict", sa.String(16), nullable=False),  # grant | hold | deny
+    sa.Column("why", sa.Text, nullable=False),
+    sa.Column("decided_at", sa.Float, nullable=False),  # when the verdict (and why) was first given
+    sa.Column("granted_at", sa.Float),
+    sa.Column("command_id", sa.String(64)),  # the grant's reboot command (edge_commands.id)
+    sa.Column("down_at", sa.Float),  # the node first seen offline after the grant
+    sa.Column("ended_at", sa.Float),  # the grant stopped counting as in progress
+    sa.Column("ended", sa.String(16)),  # back | refused | timed-out
+    sa.Index("ix_reboots_verdict", "verdict"),
+    sa.Index("ix_reboots_granted_at", "granted_at"),
 )
