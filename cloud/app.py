@@ -29,6 +29,7 @@ from cloud.memory_share import MemoryShareEnforcer
 from cloud.migration import MigrationManager
 from cloud.partitioning import PartitioningManager
 from cloud.policies import PolicyManager
+from cloud.reboots import RebootManager
 from cloud.rollout import RolloutManager
 from cloud.services import BatchBus, Part, Periodic, Services, run_periodically
 from cloud.store import FleetStore, FleetStoreError, RetentionPolicy
@@ -68,6 +69,7 @@ class ControllerApp:
             MemoryShareEnforcer(kube=s.kube, batches=s.batches, leading=s.leading),
             PartitioningManager(store=s.store, kube=s.kube, publish=s.publish, batches=s.batches),
             NodeLabeler(kube=s.kube, batches=s.batches),
+            RebootManager(settings=s.settings, store=s.store, kube=s.kube, commands=s.commands, batches=s.batches),
         ]
 
     def http_app(self) -> web.Application:

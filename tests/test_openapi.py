@@ -113,7 +113,7 @@ def test_every_cloud_route_is_described_without_a_cluster(tmp_path: Path) -> Non
         assert ("POST", "/api/v1/rollouts") in spec.operations() and ("PUT", "/api/v1/policies/{name}") in spec.operations()
         # every part added routes: commands, policies, migrations, rollouts, the dashboard
         assert {s.name for s in controller.parts} == {"edge-commands", "policies", "migration", "rollouts",
-                                                      "memory-share", "partitioning", "node-labels"}
+                                                      "memory-share", "partitioning", "node-labels", "reboots"}
         assert {("GET", "/api/v1/migrations"), ("GET", "/api/v1/commands"), ("GET", "/api/v1/dashboard/fleet"),
                 ("GET", "/")} <= spec.operations()
     finally:
@@ -284,6 +284,8 @@ def test_real_responses_match_the_description(tmp_path: Path, broker: Any) -> No
             ("/api/v1/migrations", "/api/v1/migrations?node=edge-a"),
             ("/api/v1/migrations/{id}", f"/api/v1/migrations/{migration_id}"),
             ("/api/v1/migrations/{id}", "/api/v1/migrations/x"),
+            ("/api/v1/reboots", "/api/v1/reboots"), ("/api/v1/reboots", "/api/v1/reboots?node=edge-a&verdict=hold"),
+            ("/api/v1/reboots", "/api/v1/reboots?verdict=maybe"),
             ("/api/v1/dashboard/fleet", "/api/v1/dashboard/fleet"), ("/", "/"), ("/static/{name}", "/static/nope"),
         ]:
             c.check(cloud, "GET", template, path)
@@ -298,6 +300,11 @@ def test_real_responses_match_the_description(tmp_path: Path, broker: Any) -> No
         e.check(edge, "POST", "/api/v1/sim/gpus/{index}", "/api/v1/sim/gpus/1", {"utilization": 90})
         e.check(edge, "POST", "/api/v1/sim/gpus/{index}", "/api/v1/sim/gpus/9", {"utilization": 90})
         e.check(edge, "POST", "/api/v1/sim/gpus/{index}", "/api/v1/sim/gpus/1", {"utilization": "high"})
+        e.check(edge, "POST", "/api/v1/sim/gpus/{index}/diag", "/api/v1/sim/gpus/1/diag?level=2")
+        e.check(edge, "POST", "/api/v1/sim/gpus/{index}/diag", "/api/v1/sim/gpus/1/diag?level=9")
+        e.check(edge, "POST", "/api/v1/sim/gpus/{index}/reset", "/api/v1/sim/gpus/9/reset")
+        e.check(edge, "POST", "/api/v1/sim/gpus/{index}/reset", "/api/v1/sim/gpus/1/reset")
+        e.check(edge, "POST", "/api/v1/sim/reboot", "/api/v1/sim/reboot")
         for template, path in [
             ("/healthz", "/healthz"), ("/metrics", "/metrics"), (SPEC_PATH, SPEC_PATH), ("/api/v1/gpus", "/api/v1/gpus"),
             ("/api/v1/decisions", "/api/v1/decisions?limit=5"), ("/api/v1/decisions", "/api/v1/decisions?before=x"),
