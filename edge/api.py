@@ -14,7 +14,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from edge.metrics import make_registry, render
-from edge.sim import SimFault
+from edge.sim import SimFault, SimRefused
 from edge.store import StoreError, decisions_table, events_table
 from shared import __version__
 from shared.gpu import GpuInventory, GpuSample, Health
@@ -77,6 +77,9 @@ def make_app(daemon: EdgeDaemon) -> web.Application:
     app.router.add_get("/api/v1/energy", energy)
     if daemon.sim is not None:
         app.router.add_post("/api/v1/sim/gpus/{index}", sim_inject)
+        app.router.add_post("/api/v1/sim/gpus/{index}/reset", sim_reset)
+        app.router.add_post("/api/v1/sim/gpus/{index}/diag", sim_diag)
+        app.router.add_post("/api/v1/sim/reboot", sim_reboot)
     return app
 
 
@@ -157,12 +160,64 @@ async def energy(request: web.Request) -> web.Response:
     return web.json_response({"node": daemon.node, **daemon.energy.snapshot()})
 
 
-async def sim_inject(request: web.Request) -> web.Response:
-    daemon = request.app[DAEMON]
-    simulated = daemon.sim
-    assert simulated is not None  # the route exists only with the simulated driver
+def _sim(request: web.Request) -> Any:
+    simulated = request.app[DAEMON].sim
+    assert simulated is not None  # the sim routes exist only with the simulated driver
+    return simulated
+
+
+def _sim_index(request: web.Request) -> int | None:
+    """The {index} of a sim route; None when it is not a GPU index at all (404)."""
     raw_index = request.match_info["index"]
     if not (raw_index.isascii() and raw_index.isdigit() and len(raw_index) <= 4):
+        return None
+    return int(raw_index)
+
+
+async def sim_reset(request: web.Request) -> web.Response:
+    """What `nvidia-smi --gpu-reset -i <index>` does to the simulated GPU (edge/sim/tools)."""
+    simulated = _sim(request)
+    index = _sim_index(request)
+    if index is None:
+        return json_error(404, "no such GPU", request.match_info["index"][:100])
+    try:
+        result = await asyncio.to_thread(simulated.gpu_reset, index)
+    except IndexError:
+        return json_error(404, "no such GPU", index)
+    except SimRefused as exc:
+        return json_error(409, "reset refused", {"reason": exc.reason, "message": str(exc),
+                                                 "pci_bus_id": simulated.gpus[index].pci_bus_id})
+    log.info("simulated GPU %s reset (effective: %s)", index, result["effective"])
+    return web.json_response(result)
+
+
+async def sim_diag(request: web.Request) -> web.Response:
+    """What `dcgmi diag -r <level> -i <index>` finds on the simulated GPU (edge/sim/tools)."""
+    simulated = _sim(request)
+    level = int_query(request, "level", 1, lo=1, hi=4) or 1
+    index = _sim_index(request)
+    if index is None:
+        return json_error(404, "no such GPU", request.match_info["index"][:100])
+    try:
+        result = await asyncio.to_thread(simulated.diagnose, index, level)
+    except IndexError:
+        return json_error(404, "no such GPU", index)
+    return web.json_response(result)
+
+
+async def sim_reboot(request: web.Request) -> web.Response:
+    """Reboot the simulated node: every GPU fresh, the driver reloaded (the daemon keeps running
+    and initialises NVML again, as a restarted daemon would)."""
+    simulated = _sim(request)
+    result = await asyncio.to_thread(simulated.reboot)
+    log.warning("simulated node rebooted (boot %s)", result["boots"])
+    return web.json_response(result)
+
+
+async def sim_inject(request: web.Request) -> web.Response:
+    simulated = _sim(request)
+    raw_index = request.match_info["index"]
+    if _sim_index(request) is None:
         return json_error(404, "no such GPU", raw_index[:100])
     fault = await read_model(request, SimFault)
     try:

@@ -5,7 +5,7 @@ boards whose power, temperature and clocks follow a small physical model, and in
 load and faults can be injected (`SimulatedNvml.inject`). Tests and the `--sim` daemon use it.
 """
 
-from edge.sim.lib import SimulatedLib, SimulatedNvml, install
+from edge.sim.lib import SimRefused, SimulatedLib, SimulatedNvml, install
 from edge.sim.physics import SimFault, SimGpu, SimProcess
 from edge.sim.profiles import PROFILES, GpuProfile, get_profile
 
@@ -15,6 +15,7 @@ __all__ = [
     "SimFault",
     "SimGpu",
     "SimProcess",
+    "SimRefused",
     "SimulatedLib",
     "SimulatedNvml",
     "get_profile",

@@ -9,8 +9,14 @@ AttributeError, which pynvml turns into NVMLError_FunctionNotFound, as with an o
 Handles are the addresses of small buffers we own, one per GPU and one per event set, so a
 pynvml handle is a genuine non-null pointer that maps back to its simulated object.
 
-This module is the simulation's public face (install, inject faults, read state); the driver's
-state and the symbols, one module per area of the NVML API, are in edge/sim/nvml/.
+This module is the simulation's public face (install, inject faults, read state, and what a
+remediation does: reset a GPU, reboot the node, run diagnostics); the driver's state and the
+symbols, one module per area of the NVML API, are in edge/sim/nvml/.
+
+A GPU reset is atomic under the simulation's lock: an NVML call made meanwhile waits for it (as
+calls wait on a real driver busy resetting) and then sees the reset board. It is refused, as
+nvidia-smi refuses it, while a process holds the GPU or MIG instances exist ("In use by another
+client"), and while the driver is unloaded or hung.
 """
 
 import time
@@ -19,18 +25,28 @@ from typing import Any, Literal, Self
 
 import pynvml
 
+from edge.sim.diagnostics import diagnose
 from edge.sim.nvml import build_symbols
 from edge.sim.nvml.abi import SimulatedLib
 from edge.sim.nvml.driver import SimDriver
 from edge.sim.physics import SimFault, SimGpu
-from edge.sim.profiles import get_profile
+from edge.sim.profiles import DRIVER_VERSION, get_profile
 from shared.logs import get_logger
 
 log = get_logger(__name__)
 
 Permissions = Literal["root", "none"]
 
-__all__ = ["Permissions", "SimulatedLib", "SimulatedNvml", "install"]
+__all__ = ["Permissions", "SimRefused", "SimulatedLib", "SimulatedNvml", "install"]
+
+
+class SimRefused(Exception):
+    """The simulated device refused a reset: `reason` is a short code ("in-use",
+    "driver-not-loaded", "driver-not-answering"), the message what nvidia-smi says."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class SimulatedNvml:
@@ -62,6 +78,7 @@ class SimulatedNvml:
             if functions.pop(name, None) is None:
                 raise ValueError(f"{name} is not a symbol the simulation implements")
         self.lib = SimulatedLib(functions)
+        self.boots = 1  # the node's boot count: a reboot adds one
 
     # ----- public API ----------------------------------------------------------------------
 
@@ -101,6 +118,15 @@ class SimulatedNvml:
     def fail_init_with(self, code: int | None) -> None:
         self.driver.fail_init_with = code
 
+    @property
+    def recovery_action_field(self) -> bool:
+        """False: an NVML older than R565, which does not know NVML_FI_DEV_GET_GPU_RECOVERY_ACTION."""
+        return self.driver.recovery_action_field
+
+    @recovery_action_field.setter
+    def recovery_action_field(self, supported: bool) -> None:
+        self.driver.recovery_action_field = supported
+
     def install(self) -> Self:
         """Make pynvml talk to this simulation from its next call on."""
         with pynvml.libLoadLock:
@@ -132,8 +158,7 @@ class SimulatedNvml:
         if not isinstance(fault, SimFault):
             fault = SimFault.model_validate(fault)
         driver = self.driver
-        if not 0 <= index < len(driver.gpus):
-            raise IndexError(f"no simulated GPU {index}; this node has {len(driver.gpus)}")
+        self._check_index(index)
         with driver.lock:
             gpu = driver.gpus[index]
             if fault.reset:
@@ -158,10 +183,59 @@ class SimulatedNvml:
             return self._state(gpu)
 
     def state(self, index: int) -> dict[str, Any]:
-        if not 0 <= index < len(self.driver.gpus):
-            raise IndexError(f"no simulated GPU {index}; this node has {len(self.driver.gpus)}")
+        self._check_index(index)
         with self.driver.lock:
             return self._state(self.driver.gpus[index])
+
+    def gpu_reset(self, index: int) -> dict[str, Any]:
+        """Reset GPU `index` as `nvidia-smi --gpu-reset -i <index>` does; raises SimRefused when
+        the device refuses. `effective` False: the reset ran, but the fault needs a reboot."""
+        self._check_index(index)
+        driver = self.driver
+        with driver.lock:
+            gpu = driver.gpus[index]
+            if driver.unloaded:
+                raise SimRefused("driver-not-loaded", "NVIDIA driver is not loaded")
+            if not self.answering:
+                raise SimRefused("driver-not-answering", "the NVIDIA driver is not answering")
+            if gpu.processes or (driver.mig is not None and driver.mig.has_instances(index)):
+                raise SimRefused("in-use", "In use by another client")
+            effective = gpu.gpu_reset()
+            if effective and driver.mig is not None:
+                driver.mig.after_reset(index)
+            log.warning("simulated GPU %s reset%s", index,
+                        "" if effective else "; its fault needs a reboot, the GPU stays faulty")
+            return {"index": index, "uuid": gpu.uuid, "pci_bus_id": gpu.pci_bus_id,
+                    "effective": effective, "state": self._state(gpu)}
+
+    def reboot(self) -> dict[str, Any]:
+        """Reboot the node: every GPU freshly booted (a fault that needs a reboot is gone, what the
+        hardware keeps stays: edge/sim/physics.py SimGpu.reboot), processes gone, the driver
+        reloaded: every client must nvmlInit again."""
+        driver = self.driver
+        with driver.lock:
+            for gpu in driver.gpus:
+                gpu.reboot()
+            if driver.mig is not None:
+                driver.mig.after_reboot()
+            driver.answering.set()
+            driver.reload()
+            self.boots += 1
+            log.warning("simulated node rebooted (boot %s): the driver was reloaded", self.boots)
+            return {"boots": self.boots, "gpus": [self._state(gpu) for gpu in driver.gpus]}
+
+    def diagnose(self, index: int, level: int = 1) -> dict[str, Any]:
+        """What `dcgmi diag -r <level> -i <index>` finds (edge/sim/diagnostics.py): `passed`, each
+        test with its result and reason, and whether a CUDA context can be made."""
+        self._check_index(index)
+        with self.driver.lock:
+            gpu = self.driver.gpus[index]
+            gpu.advance()
+            return diagnose(gpu, level, DRIVER_VERSION)
+
+    def _check_index(self, index: int) -> None:
+        if not 0 <= index < len(self.driver.gpus):
+            raise IndexError(f"no simulated GPU {index}; this node has {len(self.driver.gpus)}")
 
     def _state(self, gpu: SimGpu) -> dict[str, Any]:
         return gpu.state() | {"driver_loaded": not self.driver.unloaded,

@@ -13,7 +13,7 @@ import math
 import time
 import uuid as uuid_lib
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
@@ -57,6 +57,22 @@ MEMORY_TEMP_OFFSET_C = -3.0  # HBM runs a little cooler than the GPU die when id
 MEMORY_TEMP_PER_LOAD_C = 6.0  # and warms with memory traffic
 KIB = 1024
 
+Recovery = Literal["reset", "reboot"]
+_RECOVERY_RANK: dict[Recovery | None, int] = {None: 0, "reset": 1, "reboot": 2}
+
+# XIDs after which the board reports NVML_GPU_RECOVERY_ACTION_GPU_RESET by default (double-bit ECC,
+# internal micro-controller halt, row-remap failure, NVLink, fallen off the bus, uncontained ECC,
+# GSP errors, unrecovered ECC); others (13, 31, 43, 94, ...: the application's own errors, or
+# contained ones) ask for no recovery action. An injection's `recovery` overrides this. What the
+# remediation ladder does about an XID is its own catalogue (edge/remediation), not this table.
+RESET_XIDS = frozenset({48, 62, 64, 74, 79, 95, 119, 120, 140})
+
+
+def worse(a: Recovery | None, b: Recovery | None) -> Recovery | None:
+    """The heavier of two recovery actions (a reboot covers a reset)."""
+    return a if _RECOVERY_RANK[a] >= _RECOVERY_RANK[b] else b
+
+
 # Realistic bus ids of an 8-GPU HGX board; more GPUs get made-up ones.
 _HGX_BUSES = (0x18, 0x2A, 0x3A, 0x5D, 0x9A, 0xAB, 0xBA, 0xDB)
 
@@ -78,6 +94,13 @@ class SimFault(WireModel):
 
     `hung: true` models a driver that stops answering (a GPU stuck in a reset, a wedged kernel
     module): every NVML call blocks, without returning an error, until `hung: false`.
+
+    `recovery` says what clears the injected `xid`, `lost` and `ecc_dbe` faults (and what the
+    board reports in NVML's recovery-action field): "reset" (a GPU reset clears them) or "reboot"
+    (they survive a reset; only a node reboot clears them). Left out, each fault takes its own
+    default: "reset" for `lost`, for `ecc_dbe` and for the XIDs in RESET_XIDS (79 among them),
+    none for other XIDs. `diag_fails: true` is a latent fault only diagnostics find: it survives
+    both unless `recovery` says which clears it (`diag_fails: false` removes it).
     """
 
     utilization: float | None = Field(default=None, ge=0, le=100)
@@ -95,9 +118,14 @@ class SimFault(WireModel):
     driver_unloaded: bool | None = None
     hung: bool | None = None
     reset: bool | None = None
+    recovery: Recovery | None = None
+    diag_fails: bool | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> "SimFault":
+        if self.recovery is not None and not (self.xid is not None or self.lost or self.ecc_dbe
+                                              or self.diag_fails):
+            raise ValueError("recovery applies to an xid, lost, ecc_dbe or diag_fails fault: give one")
         if self.utilization is not None and self.processes is not None:
             raise ValueError("give either utilization or processes (their sm_util sum is the load)")
         if self.processes is not None:
@@ -168,6 +196,11 @@ class SimGpu:
         self.encoder_pct = 0.0
         self.decoder_pct = 0.0
         self.lost = False
+        # The recovery action the board reports (NVML_FI_DEV_GET_GPU_RECOVERY_ACTION): None, or
+        # what clears its present fault.
+        self.recovery: Recovery | None = None
+        self.diag_fault = False  # a latent fault that fails diagnostics
+        self.diag_fault_cleared_by: Recovery | None = None  # None: neither reset nor reboot
         # A test may clear bits here to model a board that refuses event registration.
         self.supported_event_types = SUPPORTED_EVENT_TYPES
         self.last_t = self.clock()
@@ -345,9 +378,67 @@ class SimGpu:
             self.decoder_pct = fault.decoder_utilization
         if fault.lost is not None:
             self.lost = fault.lost
+        self._note_recovery(fault)
         # Recompute clocks and reason bits now, so a read right after an injection sees them.
         _, clock, reasons = self._operating_point()
         self.sm_clock_mhz, self.throttle_reasons = clock, reasons
+
+    def _note_recovery(self, fault: SimFault) -> None:
+        """Raise the pending recovery action for the faults of `fault` (see SimFault)."""
+        needs: Recovery | None = None
+        if fault.xid is not None:
+            needs = worse(needs, fault.recovery or ("reset" if fault.xid in RESET_XIDS else None))
+        if fault.lost or fault.ecc_dbe:
+            needs = worse(needs, fault.recovery or "reset")
+        self.recovery = worse(self.recovery, needs)
+        if fault.diag_fails is not None:
+            self.diag_fault = fault.diag_fails
+            self.diag_fault_cleared_by = fault.recovery if fault.diag_fails else None
+
+    # ----- recovery --------------------------------------------------------------------------
+
+    def gpu_reset(self) -> bool:
+        """What a GPU reset does (the caller checked that nothing holds the GPU). Always: volatile
+        ECC counters to 0, clocks and power limit back to default, no load. When the fault needs
+        no more than a reset: no longer lost, pending row remaps applied, the recovery action
+        cleared. Answers False when the fault needs a reboot: the reset ran, the GPU stays faulty."""
+        self.advance()
+        p = self.profile
+        self.ecc_sbe_volatile = self.ecc_dbe_volatile = 0
+        self.locked_clocks = None
+        self.power_limit_w = p.power_default_w
+        self.processes = []
+        self.load_pct = self.encoder_pct = self.decoder_pct = 0.0
+        effective = self.recovery != "reboot"
+        if effective:
+            self.lost = False
+            self.remap_pending = False  # the retired rows take effect
+            self.recovery = None
+            if self.diag_fault and self.diag_fault_cleared_by == "reset":
+                self.diag_fault = False
+        _, clock, reasons = self._operating_point()
+        self.sm_clock_mhz, self.throttle_reasons = clock, reasons
+        return effective
+
+    def reboot(self) -> None:
+        """The node rebooted: a freshly booted board. What the hardware keeps survives: its
+        remapped rows (pending ones applied), aggregate ECC counters, a remap failure, a latent
+        fault that no reboot clears, and the cabinet's temperature."""
+        kept = (self.ecc_sbe_aggregate, self.ecc_dbe_aggregate, self.remapped_correctable,
+                self.remapped_uncorrectable, self.remap_failure, self.ambient_c,
+                self.diag_fault and self.diag_fault_cleared_by is None, self.supported_event_types)
+        self.advance()
+        self._fresh()
+        (self.ecc_sbe_aggregate, self.ecc_dbe_aggregate, self.remapped_correctable,
+         self.remapped_uncorrectable, self.remap_failure, self.ambient_c, self.diag_fault,
+         self.supported_event_types) = kept
+        self.temperature_c = self.ambient_c + self.profile.thermal_k_c_per_w * self.power_w
+        # counters since driver load start again
+        self.energy_mj = 0.0
+        self.pcie_replays = 0
+        self.pcie_tx_bytes = self.pcie_rx_bytes = 0.0
+        self.nvlink_tx_kib = self.nvlink_rx_kib = 0.0
+        self.gr_active_s = self.tensor_active_s = self.dram_active_s = 0.0
 
     def state(self) -> dict[str, Any]:
         """A JSON-able picture of the GPU, for an HTTP answer or a test failure message."""
@@ -388,4 +479,6 @@ class SimGpu:
                 else None
             ),
             "processes": [p.model_dump() for p in self.processes],
+            "recovery_action": self.recovery or "none",
+            "diag_fails": self.diag_fault,
         }

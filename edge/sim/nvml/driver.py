@@ -12,10 +12,19 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from ctypes import c_void_p
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from edge.sim.nvml.abi import GPU_IS_LOST, INVALID_ARGUMENT, UNINITIALIZED, Fail, put
 from edge.sim.physics import SimGpu
 from edge.sim.profiles import GpuProfile
+
+
+class MigSide(Protocol):
+    """What a GPU reset and a reboot need of the MIG state (edge/sim/nvml/mig.py MigHandles)."""
+
+    def has_instances(self, index: int) -> bool: ...
+    def after_reset(self, index: int) -> None: ...
+    def after_reboot(self) -> None: ...
 
 
 @dataclass
@@ -56,6 +65,9 @@ class SimDriver:
         self.answering.set()
         self.epoch_offset = epoch_offset  # process samples carry epoch microseconds
         self.error_strings: dict[int, ctypes.Array] = {}
+        # False: an NVML older than R565, without NVML_FI_DEV_GET_GPU_RECOVERY_ACTION
+        self.recovery_action_field = True
+        self.mig: MigSide | None = None  # set by the MIG symbols (edge/sim/nvml/mig.py)
 
     @property
     def initialised(self) -> bool:
@@ -64,6 +76,13 @@ class SimDriver:
     def unload(self) -> None:
         """Every client must nvmlInit again; their event sets are gone."""
         self.unloaded = True
+        self.init_count = 0
+        self.invalidate_event_sets()
+
+    def reload(self) -> None:
+        """The driver came back (a reboot): loaded, but every client must nvmlInit again and
+        its event sets are gone."""
+        self.unloaded = False
         self.init_count = 0
         self.invalidate_event_sets()
 

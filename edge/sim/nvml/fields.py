@@ -12,6 +12,13 @@ Per model (edge/sim/profiles.py), as the real boards answer:
   encoder. Unsure: whether a real A100/H100 answers 0 % or NOT_SUPPORTED for the encoder
   (nvidia-smi -q prints "Encoder: 0 %" on the A100 listings we know of); docs/gpu-hardware.md
   lists it among what the first session with a real GPU should compare;
+- GPU recovery action (NVML_FI_DEV_GET_GPU_RECOVERY_ACTION, added to NVML in R565): what the board
+  needs after its present fault, NONE / GPU_RESET / NODE_REBOOT (edge/sim/physics.py: SimFault's
+  `recovery`). Answered on every model; a simulation built with `recovery_action_field=False`
+  models an older driver, which answers the field with NOT_SUPPORTED in its nvmlReturn (unsure:
+  whether a pre-R565 driver says NOT_SUPPORTED or INVALID_ARGUMENT for a field id it does not
+  know; docs/gpu-hardware.md's list for the first real GPU should include it). The simulated
+  driver still reports version 550 (other tests pin it), though the field needs R565;
 - vGPU: every simulated board runs bare metal (virtualization mode NONE), and the grid licence
   query answers NOT_SUPPORTED there, as on a bare-metal data-centre board.
 """
@@ -46,6 +53,9 @@ _THROUGHPUT_FIELDS = {
 }
 _RAW_OVERHEAD = 1.06  # protocol headers on top of the payload
 _ALL_LINKS = 0xFFFFFFFF
+_RECOVERY_ACTIONS = {None: pynvml.NVML_GPU_RECOVERY_ACTION_NONE,
+                     "reset": pynvml.NVML_GPU_RECOVERY_ACTION_GPU_RESET,
+                     "reboot": pynvml.NVML_GPU_RECOVERY_ACTION_NODE_REBOOT}
 
 
 def export_fields(driver: SimDriver, x: Exports) -> None:
@@ -55,9 +65,13 @@ def export_fields(driver: SimDriver, x: Exports) -> None:
     _virtualization(driver, x)
 
 
-def _field_value(gpu: SimGpu, field_id: int, scope: int) -> tuple[int, int | float]:
+def _field_value(driver: SimDriver, gpu: SimGpu, field_id: int, scope: int) -> tuple[int, int | float]:
     """(NVML value type, value) of one field; raises Fail(NOT_SUPPORTED) like the board does."""
     p = gpu.profile
+    if field_id == pynvml.NVML_FI_DEV_GET_GPU_RECOVERY_ACTION:
+        if not driver.recovery_action_field:
+            raise Fail(NOT_SUPPORTED)
+        return pynvml.NVML_VALUE_TYPE_UNSIGNED_INT, _RECOVERY_ACTIONS[gpu.recovery]
     if field_id == pynvml.NVML_FI_DEV_MEMORY_TEMP:
         if not p.hbm:
             raise Fail(NOT_SUPPORTED)
@@ -95,7 +109,7 @@ def _field_values(driver: SimDriver, x: Exports) -> None:
             value.timestamp = now_us
             value.latencyUsec = 0
             try:
-                kind, figure = _field_value(gpu, value.fieldId, value.scopeId)
+                kind, figure = _field_value(driver, gpu, value.fieldId, value.scopeId)
             except Fail as failure:
                 value.nvmlReturn = failure.code
                 continue

@@ -50,6 +50,20 @@ class MigHandles:
         self.driver = driver
         self.boards = [SimMigBoard.after_boot(gpu.uuid, gpu.profile.name, gpu.profile.mig)
                        for gpu in driver.gpus]
+        driver.mig = self  # a GPU reset or a reboot acts on the MIG side too
+
+    def has_instances(self, index: int) -> bool:
+        return bool(self.boards[index].instances)
+
+    def after_reset(self, index: int) -> None:
+        """A GPU reset makes a pending MIG mode current (the caller checked no instance exists)."""
+        board = self.boards[index]
+        board.enabled = board.pending
+
+    def after_reboot(self) -> None:
+        """Every board as it powers up: the MIG mode it kept, no instances."""
+        self.boards = [SimMigBoard.after_boot(gpu.uuid, gpu.profile.name, gpu.profile.mig)
+                       for gpu in self.driver.gpus]
 
     def board(self, handle: int | None) -> tuple[SimGpu, SimMigBoard]:
         """A GPU handle's board; NOT_SUPPORTED when its model has no MIG."""
