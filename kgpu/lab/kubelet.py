@@ -10,7 +10,13 @@ It does what the kubelet's device manager does with a plugin, over real unix soc
   `wait_until`), as the kubelet keeps allocatable up to date from it;
 - `allocate()` and `preferred_allocation()` call the plugin as the kubelet does at pod admission;
 - `restart()` does what a kubelet restart does to the directory: every socket in it is deleted,
-  the plugins' included, a fresh kubelet.sock is served and every registration is forgotten.
+  the plugins' included, a fresh kubelet.sock is served and every registration is forgotten;
+- with `pod_resources_socket`, the kubelet's pod-resources API v1 (edge/podresources/proto/api.proto)
+  on that socket: `List` answers from the allocations made through `allocate(..., pod="ns/name")`
+  (the pod the test says the kubelet admitted; `release()` when it is gone), and
+  `GetAllocatableResources` from the devices the plugins listed. Allocations survive `restart()`,
+  as the kubelet's device-manager checkpoint does. `pod_resources_fault` makes every call fail,
+  `pod_resources_delay_s` answer late.
 
 Use it from asyncio (`async with KubeletStandIn(dir) as kubelet`) or from blocking code
 (`with KubeletThread(dir) as kubelet`, the same stand-in on its own loop in a thread).
@@ -32,6 +38,8 @@ import grpc
 
 from edge.deviceplugin.devices import API_VERSION, KUBELET_SOCKET
 from edge.deviceplugin.v1beta1 import api_pb2, api_pb2_grpc
+from edge.podresources.v1 import api_pb2 as podresources_pb2
+from edge.podresources.v1 import api_pb2_grpc as podresources_grpc
 from kgpu.lab.processes import TimedOut
 from shared.logs import get_logger
 
@@ -66,6 +74,17 @@ class Allocated:
     cdi_devices: list[str]
 
 
+@dataclass(frozen=True)
+class PodAllocation:
+    """Devices of one resource that one Allocate gave one container of a pod."""
+
+    namespace: str
+    pod: str
+    container: str
+    resource: str
+    device_ids: tuple[str, ...]
+
+
 @dataclass
 class _Plugin:
     registration: Registration
@@ -74,11 +93,20 @@ class _Plugin:
 
 
 class KubeletStandIn:
-    """The kubelet's side of the device-plugin API, on `directory/kubelet.sock`."""
+    """The kubelet's side of the device-plugin API, on `directory/kubelet.sock`, and with
+    `pod_resources_socket` its pod-resources API on that socket."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, pod_resources_socket: Path | None = None) -> None:
         self.directory = Path(directory).absolute()
+        self.pod_resources_socket = Path(pod_resources_socket).absolute() if pod_resources_socket else None
         self._server: grpc.aio.Server | None = None
+        self._pod_resources_server: grpc.aio.Server | None = None
+        # what List answers: replaced whole, never changed in place (read from the server's loop)
+        self.allocations: tuple[PodAllocation, ...] = ()
+        # set by a test: every pod-resources call fails with this code and message
+        self.pod_resources_fault: tuple[grpc.StatusCode, str] | None = None
+        self.pod_resources_delay_s = 0.0  # set by a test: a kubelet that answers late
+        self.pod_resources_calls = 0  # List and GetAllocatableResources calls answered or failed
         self._plugins: dict[str, _Plugin] = {}
         # Read from any thread: replaced whole, never changed in place.
         self._devices: dict[str, tuple[SeenDevice, ...]] = {}
@@ -101,6 +129,19 @@ class KubeletStandIn:
         await server.start()
         self._server = server
         log.info("kubelet stand-in serving", extra={"socket": str(self.socket)})
+        if self.pod_resources_socket is not None:
+            await self._serve_pod_resources(self.pod_resources_socket)
+
+    async def _serve_pod_resources(self, socket: Path) -> None:
+        socket.parent.mkdir(parents=True, exist_ok=True)
+        socket.unlink(missing_ok=True)
+        server = grpc.aio.server()
+        podresources_grpc.add_PodResourcesListerServicer_to_server(_PodResourcesService(self), server)
+        if server.add_insecure_port(f"unix://{socket}") == 0:
+            raise OSError(f"cannot listen on {socket}")
+        await server.start()
+        self._pod_resources_server = server
+        log.info("kubelet stand-in serving pod-resources", extra={"socket": str(socket)})
 
     async def stop(self) -> None:
         for resource in list(self._plugins):
@@ -110,6 +151,11 @@ class KubeletStandIn:
             await self._server.stop(grace=None)
             self._server = None
         self.socket.unlink(missing_ok=True)
+        if self._pod_resources_server is not None:
+            await self._pod_resources_server.stop(grace=None)
+            self._pod_resources_server = None
+        if self.pod_resources_socket is not None:
+            self.pod_resources_socket.unlink(missing_ok=True)
 
     async def restart(self) -> None:
         """What a kubelet restart does: every socket in the directory deleted (the plugins' too),
@@ -165,11 +211,25 @@ class KubeletStandIn:
             raise LookupError(f"no device plugin registered for {resource}")
         return api_pb2_grpc.DevicePluginStub(plugin.channel)
 
-    async def allocate(self, resource: str, device_ids: list[str]) -> Allocated:
+    async def allocate(self, resource: str, device_ids: list[str], pod: str | None = None,
+                       container: str = "main") -> Allocated:
+        """Allocate as at pod admission; with `pod` ("namespace/name"), the devices are the pod's
+        container's from then on, in what pod-resources' List answers."""
+        if pod is not None and pod.count("/") != 1:
+            raise ValueError(f"pod must be namespace/name, not {pod!r}")
         request = api_pb2.AllocateRequest(container_requests=[api_pb2.ContainerAllocateRequest(devices_ids=device_ids)])
         response = await self._stub(resource).Allocate(request, timeout=CALL_TIMEOUT_S)
-        container = response.container_responses[0]
-        return Allocated(envs=dict(container.envs), cdi_devices=[c.name for c in container.cdi_devices])
+        answer = response.container_responses[0]
+        if pod is not None:
+            namespace, name = pod.split("/")
+            self.allocations = (*self.allocations,
+                                PodAllocation(namespace, name, container, resource, tuple(device_ids)))
+        return Allocated(envs=dict(answer.envs), cdi_devices=[c.name for c in answer.cdi_devices])
+
+    def release(self, pod: str) -> None:
+        """The pod is gone: its devices leave List (the kubelet lists active pods only)."""
+        namespace, _, name = pod.partition("/")
+        self.allocations = tuple(a for a in self.allocations if (a.namespace, a.pod) != (namespace, name))
 
     async def preferred_allocation(self, resource: str, available: list[str], must_include: list[str],
                                    size: int) -> list[str]:
@@ -242,12 +302,57 @@ class _RegistrationService(api_pb2_grpc.RegistrationServicer):
         return api_pb2.Empty()
 
 
+class _PodResourcesService(podresources_grpc.PodResourcesListerServicer):
+    """The kubelet's pod-resources API v1: List and GetAllocatableResources. Get is not served
+    (kgpu does not call it): the stand-in answers UNIMPLEMENTED."""
+
+    def __init__(self, kubelet: KubeletStandIn) -> None:
+        self._kubelet = kubelet
+
+    async def _check(self, context: Any) -> None:
+        self._kubelet.pod_resources_calls += 1
+        if self._kubelet.pod_resources_delay_s:
+            await asyncio.sleep(self._kubelet.pod_resources_delay_s)
+        fault = self._kubelet.pod_resources_fault
+        if fault is not None:
+            await context.abort(fault[0], fault[1])
+
+    def _numa(self, resource: str, device_ids: tuple[str, ...]) -> podresources_pb2.TopologyInfo | None:
+        seen = {d.id: d for d in self._kubelet.devices(resource)}
+        nodes = sorted({n for i in device_ids if i in seen for n in seen[i].numa_nodes})
+        return podresources_pb2.TopologyInfo(nodes=[podresources_pb2.NUMANode(ID=n) for n in nodes]) if nodes else None
+
+    async def List(self, request: podresources_pb2.ListPodResourcesRequest,
+                   context: Any) -> podresources_pb2.ListPodResourcesResponse:
+        await self._check(context)
+        pods: dict[tuple[str, str], dict[str, list[podresources_pb2.ContainerDevices]]] = {}
+        for a in self._kubelet.allocations:
+            devices = podresources_pb2.ContainerDevices(resource_name=a.resource, device_ids=list(a.device_ids),
+                                                        topology=self._numa(a.resource, a.device_ids))
+            pods.setdefault((a.namespace, a.pod), {}).setdefault(a.container, []).append(devices)
+        return podresources_pb2.ListPodResourcesResponse(pod_resources=[
+            podresources_pb2.PodResources(namespace=namespace, name=name, containers=[
+                podresources_pb2.ContainerResources(name=container, devices=devices)
+                for container, devices in containers.items()])
+            for (namespace, name), containers in pods.items()])
+
+    async def GetAllocatableResources(self, request: podresources_pb2.AllocatableResourcesRequest,
+                                      context: Any) -> podresources_pb2.AllocatableResourcesResponse:
+        """Every device the plugins list, healthy or not (the device manager's allDevices)."""
+        await self._check(context)
+        kubelet = self._kubelet
+        return podresources_pb2.AllocatableResourcesResponse(devices=[
+            podresources_pb2.ContainerDevices(resource_name=resource, device_ids=[d.id],
+                                              topology=self._numa(resource, (d.id,)))
+            for resource in kubelet.resources() for d in kubelet.devices(resource)])
+
+
 class KubeletThread:
     """The stand-in on its own event loop in a background thread, for blocking tests:
     `with KubeletThread(dir) as kubelet: kubelet.wait_for(...); kubelet.allocate(...)`."""
 
-    def __init__(self, directory: Path) -> None:
-        self.kubelet = KubeletStandIn(directory)
+    def __init__(self, directory: Path, pod_resources_socket: Path | None = None) -> None:
+        self.kubelet = KubeletStandIn(directory, pod_resources_socket)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="kubelet-stand-in", daemon=True)
 
@@ -281,8 +386,12 @@ class KubeletThread:
     def restart(self) -> None:
         self.call(self.kubelet.restart)
 
-    def allocate(self, resource: str, device_ids: list[str]) -> Allocated:
-        return self.call(lambda: self.kubelet.allocate(resource, device_ids))
+    def allocate(self, resource: str, device_ids: list[str], pod: str | None = None,
+                 container: str = "main") -> Allocated:
+        return self.call(lambda: self.kubelet.allocate(resource, device_ids, pod, container))
+
+    def release(self, pod: str) -> None:
+        self.kubelet.release(pod)
 
     def preferred_allocation(self, resource: str, available: list[str], must_include: list[str],
                              size: int) -> list[str]:
