@@ -30,6 +30,7 @@ from edge.driver.runner import DriverRunner, DriverTimeout
 from edge.driver.xid import XidWatcher
 from edge.energy import EnergyAccountant
 from edge.partitioning.manager import PartitionManager
+from edge.podresources import GpuPodMap
 from edge.pods import PodRef, PodResolver
 from edge.probe import run_probe
 from edge.store import StoreError, open_edge_store
@@ -107,6 +108,10 @@ class EdgeDaemon:
         self.partitions = PartitionManager(self.runner, self.store, self.record,
                                            default_resource=settings.resource_name, resolve_pod=self.pods.resolve)
         self.cycle_listeners.append(lambda _samples: self.partitions.after_cycle(self.gpus))
+        # which pod uses which GPU (the kubelet's pod-resources API, else NVML's processes): the
+        # status lists them, so that a fault moves only that GPU's pods (edge/podresources/)
+        self.pod_map = GpuPodMap(settings.pod_resources_socket, self.pods.resolve)
+        self.cycle_listeners.append(lambda _samples: self._refresh_pod_map())
 
     # ---- set-up -------------------------------------------------------------------------
 
@@ -413,6 +418,15 @@ class EdgeDaemon:
                 if view is not None and view.sample is sample:
                     view.sample = split
 
+    async def _refresh_pod_map(self) -> None:
+        """Every device the node advertises (MIG devices, time-slicing replicas) folded into its GPU;
+        a GPU not read this cycle (lost) keeps its last known pods."""
+        devices = {v.inventory.uuid: v.inventory.uuid for v in self.gpus.values()}
+        devices.update({d.id: d.gpu_uuid for d in self.partitions.devices()})
+        processes = {v.inventory.uuid: None if v.sample is None or v.sample.lost
+                     else [p.pid for p in v.sample.processes] for v in self.gpus.values()}
+        await self.pod_map.refresh(devices, processes)
+
     # ---- policy ---------------------------------------------------------------------------
 
     async def apply_policy(self, policy: PowerPolicy, source: str) -> bool:
@@ -511,10 +525,12 @@ class EdgeDaemon:
                            power_limit_w=v.sample.power_limit_w if v.sample else None, draining=v.draining,
                            pci_bus_id=v.inventory.pci_bus_id, driver_version=v.inventory.driver_version,
                            memory_total_bytes=v.inventory.memory_total_bytes, cuda_version=v.inventory.cuda_version,
-                           architecture=v.inventory.architecture, **self.partitions.summary(i, v))
+                           architecture=v.inventory.architecture, pods=self.pod_map.pods_of(v.inventory.uuid),
+                           remediation=v.remediation, **self.partitions.summary(i, v))
                 for i, v in sorted(self.gpus.items())
             ],
             **self.partitions.status_fields(),
+            pod_map_source=self.pod_map.source,
             policy_name=self.policy.name,
             policy_version=self.policy.version,
             outbox_depth=self.outbox_depth,

@@ -205,6 +205,7 @@ class EdgeCollector(Collector):
         yield GaugeMetricFamily("kgpu_store_degraded", "1 while the edge store cannot be written.",
                                 value=1.0 if d.store_problem else 0.0)
         yield from self._store_families()
+        yield from d.pod_map.collect()
         yield CounterMetricFamily("kgpu_sampling_cycles", "Sampling cycles run.", value=d.counters.cycles)
         yield CounterMetricFamily(
             "kgpu_sampling_cycle_seconds", "Time spent in sampling cycles.", value=d.counters.cycle_seconds_sum

@@ -124,6 +124,17 @@ def test_processes_moves_the_failing_gpus_pods_and_those_seen_on_no_gpu() -> Non
     assert "default/b (on healthy GPU 2)" in found.detail
 
 
+def test_an_edge_without_a_pod_list_names_pods_by_uid_and_they_are_matched() -> None:
+    """Without a pod list the edge names a pod "unknown/<pod uid>" (edge/pods.py): matched by uid."""
+    pods = [{**p, "metadata": {**p["metadata"], "uid": f"{p['metadata']['name']}-0000-uid"}} for p in PODS]
+    w = four_gpus("processes", gpu(0), gpu(1, "unhealthy", ("unknown/a-0000-uid",)), gpu(2, pods=("unknown/b-0000-uid",)),
+                  gpu(3))
+    steps = plan_pods(migration(), NODES[0], pods, candidates(NODES, pods, w), "z1", gpu_model(H100), NOW,
+                      gpus=w.gpus["bad"], pod_map_source="processes")
+    assert "default/a" in evicted(steps) and "default/b" not in evicted(steps)
+    assert "default/b (on healthy GPU 2)" in step(steps, "find-pods").detail
+
+
 def test_a_pod_on_a_gpu_outside_the_migration_is_not_called_healthy() -> None:
     w = four_gpus("pod-resources", *FOUR[:2], gpu(2, "unhealthy", ("default/b",)), FOUR[3])
     found = step(plan(migration(), w), "find-pods")
@@ -293,8 +304,6 @@ def evictions(kube: KubeEmulator, pod: str) -> int:
 
 @needs_broker
 @pytest.mark.slow
-@pytest.mark.xfail(reason="edge wiring pending: the daemon does not put pods / pod_map_source in its status yet",
-                   strict=False)
 def test_an_xid_on_one_gpu_of_four_moves_only_its_pod(tmp_path: Path, broker: Mosquitto, kube: KubeEmulator) -> None:
     for name in ("edge-a", "edge-b"):
         kube.add_node(name, {**LABELS, "kubernetes.io/hostname": name})

@@ -42,6 +42,7 @@ from cloud.migration.model import (
 )
 from cloud.migration.placement import HOSTNAME_LABEL, GpuModel, NodeCandidate, ScoredTarget
 
+UNKNOWN_NAMESPACE = "unknown"  # an edge without a pod list names a pod "unknown/<pod uid>" (edge/pods.py)
 MAX_POD_ERRORS = 5  # API errors (not 429s) on one pod before it is given up
 BACKOFF_CAP_S = 60.0
 NO_TARGET_RETRY_S = 5.0  # a bare pod with no target: look again this often
@@ -91,7 +92,8 @@ def plan_pods(m: Migration, node: Mapping[str, Any] | None, pods: Sequence[Mappi
     held: dict[str, str] = {}  # offline: pods that opted in but wait, and why
     if offline is not None:
         movable, staying, held = offline_hold(m, movable, offline)
-    scope = pod_scope(m, gpus, pod_map_source)
+    uid_keys = {str((p.get("metadata") or {}).get("uid")): k for k, p in on_node.items()}
+    scope = pod_scope(m, gpus, pod_map_source, uid_keys)
     unseen = sorted(k for k in movable if scope.unseen(k) and k not in m.pods)
     staying.update({k: scope.elsewhere(k) for k in movable if not scope.moves(k) and k not in m.pods})
     movable = {k: p for k, p in movable.items() if scope.moves(k) or k in m.pods}
@@ -185,7 +187,8 @@ class PodScope:
         return f"holds no failing GPU per {self.source}"
 
 
-def pod_scope(m: Migration, gpus: Sequence[GpuView], source: str | None) -> PodScope:
+def pod_scope(m: Migration, gpus: Sequence[GpuView], source: str | None,
+              uid_keys: Mapping[str, str] | None = None) -> PodScope:
     """The pods a migration moves. A node-level one (offline, an edge request without a GPU):
     every GPU pod of the node. A GPU one: the pods the node's newest status lists on its subject
     GPUs (MIG devices and time-slicing replicas are folded into their GPU by the edge) when that
@@ -193,8 +196,15 @@ def pod_scope(m: Migration, gpus: Sequence[GpuView], source: str | None) -> PodS
     holds is not known. A pod listed on a subject GPU moves even if it also holds a healthy one; a
     pod listed only on other GPUs never moves. pod-resources lists every device allocated, so a
     GPU pod it does not list on a failing GPU stays; processes lists only the pods running GPU
-    work now, so a GPU pod it lists on no GPU at all moves too (`PodScope.unseen`)."""
+    work now, so a GPU pod it lists on no GPU at all moves too (`PodScope.unseen`). An edge
+    without a pod list names a pod "unknown/<pod uid>": `uid_keys` (uid -> namespace/name of
+    the node's pods) turns it into the pod's key."""
     subjects = gpu_subjects(m.subjects)
+
+    def key(listed: str) -> str:
+        namespace, _, rest = listed.partition("/")
+        return (uid_keys or {}).get(rest, listed) if namespace == UNKNOWN_NAMESPACE else listed
+
     if node_level(m.subjects):
         return PodScope(None, "(the whole node: a node-level trigger)")
     if source not in POD_MAP_SOURCES:
@@ -206,12 +216,12 @@ def pod_scope(m: Migration, gpus: Sequence[GpuView], source: str | None) -> PodS
         return PodScope(None, f"(every GPU pod of the node: GPU {', '.join(missing)} is not in its "
                               "newest status, so its pods are not known)")
     failing = [by_uuid[s] for s in subjects]
-    pods = frozenset(p for g in failing for p in g.pods)
+    pods = frozenset(key(p) for g in failing for p in g.pods)
     healthy: dict[str, list[str]] = {}
     for g in gpus:
         if g.uuid not in subjects:
             for p in g.pods:
-                healthy.setdefault(p, []).append(f"healthy GPU {g.index}" if in_service(g) else
+                healthy.setdefault(key(p), []).append(f"healthy GPU {g.index}" if in_service(g) else
                                                  f"GPU {g.index} (not a subject of this migration)")
     where = "on " + ", ".join(f"GPU {g.index} ({g.uuid})" for g in failing) + f" per {source}"
     return PodScope(pods, where, {p: ", ".join(ix) for p, ix in healthy.items()}, source)
