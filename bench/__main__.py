@@ -179,6 +179,15 @@ def reads(s: Sizes) -> list[Row]:
                                         f"--seconds {seconds:g} --warmup {warmup:g}")
 
 
+def remediation(s: Sizes) -> list[Row]:
+    from bench import remediation as ladder
+
+    classes = ["xid-reset"] if s is QUICK else list(ladder.FAULTS)
+    outcomes = ladder.measure(classes)
+    say(ladder.describe(outcomes))
+    return ladder.table_rows(outcomes, f"{PY} bench.remediation --classes {','.join(classes)}")
+
+
 BENCHMARKS: dict[str, Callable[[Sizes], list[Row]]] = {
     "edge": edge,
     "ingest": ingest,
@@ -190,6 +199,7 @@ BENCHMARKS: dict[str, Callable[[Sizes], list[Row]]] = {
     "exporter": exporter,
     "reads": reads,
     "flood": flood,
+    "remediation": remediation,
 }
 
 

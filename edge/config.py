@@ -125,6 +125,9 @@ class EdgeSettings(KgpuSettings):
     remediation_reboot: Literal["request", "advise", "off"] = Field(
         "request", description="request: ask the cloud, which grants under its circuit breaker; advise: only "
         "record that a reboot is needed; off: neither")
+    remediation_reboot_settle: Seconds = Field(
+        60.0, ge=1.0, description="A node still up this long after the reboot command is validated as it is "
+        "(a reboot that did not happen; the simulator's, which keeps the daemon running)")
     remediation_reboot_command: str | None = Field(
         "systemctl reboot", description="Run when the cloud grants a reboot this node asked for")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
@@ -166,6 +169,13 @@ class EdgeSettings(KgpuSettings):
             if name not in self.model_fields_set:
                 setattr(self, name, command)
         return self
+
+    @property
+    def local_api_url(self) -> str:
+        """This daemon's HTTP API as a command run on the node reaches it (the simulator's tools)."""
+        host, port = self.http_address
+        host = "127.0.0.1" if host in ("", "0.0.0.0", "::") else host
+        return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
     @property
     def http_address(self) -> tuple[str, int]:

@@ -33,6 +33,7 @@ from edge.partitioning.manager import PartitionManager
 from edge.podresources import GpuPodMap
 from edge.pods import PodRef, PodResolver
 from edge.probe import run_probe
+from edge.remediation.manager import RemediationManager
 from edge.store import StoreError, open_edge_store
 from shared import __version__
 from shared.aio import wait_event
@@ -105,12 +106,19 @@ class EdgeDaemon:
         self.sync: Any = None  # the EdgeSync when --mqtt is given (read by metrics)
         self.cycle_listeners: list[Callable[[dict[int, GpuSample | None]], Awaitable[None]]] = []
         # MIG layouts and time-slicing from the cloud; the device plugin's device list (edge/partitioning/)
+        # the remediation ladder: fence, drain, diagnose, reset, validate, reboot (edge/remediation/);
+        # before the partitions' listener, which notices the fence and tells the device plugin
+        self.pod_map = GpuPodMap(settings.pod_resources_socket, self.pods.resolve)
+        self.remediation = RemediationManager(
+            settings, self.runner, self.store, self.record, pods_of=self.pod_map.pods_of,
+            api_url=settings.local_api_url, policy_of=lambda: self.policy, clock=self.steady_now)
+        if settings.remediation:
+            self.cycle_listeners.append(lambda _samples: self.remediation.after_cycle(self.gpus))
         self.partitions = PartitionManager(self.runner, self.store, self.record,
                                            default_resource=settings.resource_name, resolve_pod=self.pods.resolve)
         self.cycle_listeners.append(lambda _samples: self.partitions.after_cycle(self.gpus))
         # which pod uses which GPU (the kubelet's pod-resources API, else NVML's processes): the
         # status lists them, so that a fault moves only that GPU's pods (edge/podresources/)
-        self.pod_map = GpuPodMap(settings.pod_resources_socket, self.pods.resolve)
         self.cycle_listeners.append(lambda _samples: self._refresh_pod_map())
 
     # ---- set-up -------------------------------------------------------------------------
@@ -144,6 +152,7 @@ class EdgeDaemon:
     async def start(self) -> None:
         await self.runner.start()
         await self.partitions.load()
+        await self.remediation.load()
         await self._open_driver()
         await self._refresh_outbox_depth()
         log.info(
@@ -188,6 +197,7 @@ class EdgeDaemon:
 
     async def stop(self) -> None:
         self._stop.set()
+        await self.remediation.stop()  # a running diagnostic or reset command is ended
         if self._xid_watcher is not None:
             await asyncio.to_thread(self._xid_watcher.stop)
         await self._flush_held()
@@ -240,6 +250,7 @@ class EdgeDaemon:
         self._wake.clear()  # before draining: an XID arriving after the drain wakes the next cycle
         samples = await self._sample_all(now)
         xids = self._drain_xids()
+        self.remediation.note_xids(xids)
         actions, events = decide(self.gpus, samples, xids, self.policy, self.settings.health_quiet_period,
                                  self.counters.xids, now)
         for action in actions:
@@ -446,6 +457,8 @@ class EdgeDaemon:
 
     async def execute_command(self, command: CommandBody) -> tuple[bool, str]:
         """Carry out a cloud command; returns (ok, detail) for the result event."""
+        if command.command == "reboot":  # refused unless this node asked for it (edge/remediation/)
+            return await self.remediation.on_reboot_granted(command)
         targets = [v for v in self.gpus.values() if command.gpu_uuid in (None, v.inventory.uuid)]
         if not targets:
             return False, f"no GPU {command.gpu_uuid} on this node"
@@ -526,7 +539,7 @@ class EdgeDaemon:
                            pci_bus_id=v.inventory.pci_bus_id, driver_version=v.inventory.driver_version,
                            memory_total_bytes=v.inventory.memory_total_bytes, cuda_version=v.inventory.cuda_version,
                            architecture=v.inventory.architecture, pods=self.pod_map.pods_of(v.inventory.uuid),
-                           remediation=v.remediation, **self.partitions.summary(i, v))
+                           remediation=self.remediation.stage(v.inventory.uuid), **self.partitions.summary(i, v))
                 for i, v in sorted(self.gpus.items())
             ],
             **self.partitions.status_fields(),

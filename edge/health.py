@@ -44,6 +44,7 @@ RULE_CRITICAL_TEMPERATURE = "critical_temperature"
 RULE_LOST = "lost"
 RULE_RETURNED_AFTER_LOSS = "returned_after_loss"
 RULE_RECOVERED = "recovered"
+RULE_VALIDATED = "validated"
 
 REASON_LOST = "lost"
 REASON_RETURNED = "returned after loss"
@@ -226,6 +227,22 @@ def assess(index: int, uuid: str, prev: GpuHealthState, sample: GpuSample | None
             state = replace(state, health=Health.HEALTHY, reasons=(), since=now,
                             migration_requested=False)
     return state, actions
+
+
+def validated(state: GpuHealthState, now: float, *, index: int | None = None,
+              uuid: str | None = None) -> tuple[GpuHealthState, Action]:
+    """The remediation ladder validated the GPU (reset or reboot, then every check passed): it is
+    back in service at once, without the quiet period, which is for faults nobody repaired. The
+    DBE baseline is dropped (a reset clears the volatile counters; the next sample sets it) and the
+    migration request is re-armed. An already healthy GPU only gets a RECORD."""
+    if state.health is Health.HEALTHY:
+        return state, Action(kind=ActionKind.RECORD, gpu_index=index, gpu_uuid=uuid, rule=RULE_VALIDATED,
+                             reason="validated by the remediation ladder; already healthy", inputs={})
+    reasons = ", ".join(state.reasons) or state.health.value
+    action = Action(kind=ActionKind.MARK_HEALTHY, gpu_index=index, gpu_uuid=uuid, rule=RULE_VALIDATED,
+                    reason=f"validated by the remediation ladder after: {reasons}; healthy again without "
+                           f"the quiet period", inputs={"reasons": list(state.reasons), "was": state.health.value})
+    return GpuHealthState(health=Health.HEALTHY, since=now), action
 
 
 def node_health(driver_reachable: bool, gpu_states: Mapping[int, GpuHealthState],

@@ -49,6 +49,8 @@ async def serve(settings: EdgeSettings, *, ready: asyncio.Event | None = None) -
         await daemon.stop()
         raise SystemExit(1) from None
     log.info("HTTP API listening", extra={"http": settings.http})
+    if port == 0 and runner.addresses:  # the port the system chose: the ladder's commands reach it
+        daemon.remediation.set_api_url(f"http://127.0.0.1:{runner.addresses[0][1]}")
     if ready is not None:
         ready.set()
     sync_task = None

@@ -18,6 +18,7 @@ from shared.partitioning import NodePartitioning
 from shared.policy import PowerPolicy
 
 PARTITIONING_KEY = "partitioning"
+REMEDIATION_KEY = "remediation"
 
 
 class LocalStateStore(StoreBase):
@@ -75,6 +76,18 @@ class LocalStateStore(StoreBase):
     def cached_partitioning(self) -> NodePartitioning | None:
         with self._read("cached_partitioning") as conn:
             return _parse_partitioning(meta_get(conn, PARTITIONING_KEY))
+
+    # -- the remediation ladders ------------------------------------------------------------------
+
+    def save_remediation(self, state: str) -> None:
+        """The remediation ladders (edge/remediation/), JSON: resumed after a restart or the reboot
+        a ladder asked for."""
+        with self._write("save_remediation") as conn:
+            meta_set(conn, REMEDIATION_KEY, state)
+
+    def saved_remediation(self) -> str | None:
+        with self._read("saved_remediation") as conn:
+            return meta_get(conn, REMEDIATION_KEY)
 
     # -- inventory -----------------------------------------------------------------------------
 
