@@ -34,6 +34,36 @@ def parse_label_selector(text: str) -> dict[str, str]:
     return terms
 
 
+_HISTORY_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d)?\s*$")
+_HISTORY_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86_400.0, None: 1.0}
+
+
+def _history_seconds(text: str) -> float:
+    """"10m" or "30d" or "600" as seconds (the history tiers reach past Seconds' 7 days)."""
+    match = _HISTORY_DURATION_RE.match(text)
+    if not match:
+        raise ValueError(f"not a duration: {text.strip()[:50]!r} (seconds, or e.g. '90s', '10m', '1h', '30d')")
+    return float(match[1]) * _HISTORY_UNITS[match[2]]
+
+
+def _parse_history_tiers(text: str) -> list[tuple[int, float]]:
+    """"1m:1d,10m:30d" as [(60, 86400.0), (600, 2592000.0)]; ValueError with the reason."""
+    tiers: list[tuple[int, float]] = []
+    for term in filter(None, (t.strip() for t in text.split(","))):
+        resolution_text, sep, retention_text = term.partition(":")
+        if not sep:
+            raise ValueError(f"history tier {term[:50]!r}: write RESOLUTION:RETENTION, e.g. 1m:1d")
+        resolution, retention = _history_seconds(resolution_text), _history_seconds(retention_text)
+        if resolution < 1 or not resolution.is_integer():
+            raise ValueError(f"history tier {term[:50]!r}: the resolution is whole seconds, at least 1")
+        if tiers and resolution <= tiers[-1][0]:
+            raise ValueError(f"history tier {term[:50]!r}: list the tiers finest first, each coarser")
+        if retention <= 0:
+            raise ValueError(f"history tier {term[:50]!r}: the retention must be positive")
+        tiers.append((int(resolution), retention))
+    return tiers
+
+
 class CloudSettings(KgpuSettings):
     """Everything `kgpu cloud run` can be told. Field `foo_bar` is flag `--foo-bar` and env
     `KGPU_FOO_BAR`; the config file uses the field names as keys."""
@@ -57,11 +87,45 @@ class CloudSettings(KgpuSettings):
         description="Messages received and not yet handled, at most; beyond, the broker holds them (back-pressure)",
     )
     db: str = Field("sqlite:///kgpu-cloud.db", description="SQLAlchemy URL: sqlite:///path or postgresql+psycopg://...")
-    http: HostPort = Field("0.0.0.0:9420", description="HOST:PORT of the API, dashboard and /metrics")
+    http: HostPort = Field("0.0.0.0:9420", description="HOST:PORT (or PORT) of the API, dashboard and /metrics")
     batch_size: int = Field(500, ge=1, le=100_000, description="Messages written in one transaction, at most")
     batch_interval: Seconds = Field(0.1, ge=0.0, le=10.0, description="Longest wait to fill a batch")
-    history_resolution: Seconds = Field(60.0, ge=0.0, description="One stored sample per GPU per this long")
-    history_retention: Seconds = Field(7 * 24 * 3600.0, description="Sample history older than this is dropped")
+    # -- the sample history, in tiers (cloud/store/history.py): raw, then means of coarser buckets --
+    history_resolution: Seconds = Field(
+        0.0, ge=0.0, description="Raw history: at most one stored sample per GPU per this long "
+        "(0: every sample, at the edges' sampling interval)")
+    history_raw_retention: Seconds = Field(
+        3600.0, ge=60.0, description="Every sample is kept this long (the raw tier of the history)")
+    history_tiers: str = Field(
+        "1m:1d,10m:30d", description="The history's coarser tiers, RESOLUTION:RETENTION,... finest first: "
+        "per GPU, the mean of every RESOLUTION bucket kept RETENTION (units s, m, h, d); empty: none")
+    history_retention: Annotated[float, BeforeValidator(lambda v: _history_seconds(v) if isinstance(v, str) else v)] \
+        = Field(30 * 86_400.0, gt=0.0, description="No tier keeps history longer than this (an upper bound "
+                "over history_raw_retention and history_tiers; kept from before the tiers)")
+
+    @field_validator("history_tiers")
+    @classmethod
+    def _history_tiers(cls, value: str) -> str:
+        _parse_history_tiers(value)  # a clear error now rather than when the store opens
+        return value
+
+    @model_validator(mode="after")
+    def _history_tiers_keep_longer(self) -> CloudSettings:
+        keep = self.history_raw_retention
+        for resolution, retention in _parse_history_tiers(self.history_tiers):
+            if retention < keep:
+                raise ValueError(f"history_tiers: the {resolution} s tier keeps {retention:g} s, less than a "
+                                 f"finer tier ({keep:g} s): each coarser tier keeps at least as long")
+            keep = retention
+        return self
+
+    @property
+    def history_tier_spec(self) -> tuple[float, tuple[tuple[int, float], ...]]:
+        """(raw retention, ((resolution, retention), ...)) with history_retention as the bound:
+        cloud.store.HistoryTiers(*settings.history_tier_spec)."""
+        cap = self.history_retention
+        tiers = tuple((res, min(keep, cap)) for res, keep in _parse_history_tiers(self.history_tiers))
+        return min(self.history_raw_retention, cap), tiers
     fleet_metrics_max_age: Seconds = Field(
         30.0, gt=0.0, le=86400.0, description="GET /metrics/fleet leaves out a GPU whose latest sample is older "
         "than this (a few telemetry intervals; an offline node's GPUs are left out whatever their age)")

@@ -10,6 +10,7 @@ composition root (cloud/app.py) and use its methods, never its engine.
 from __future__ import annotations
 
 from cloud.store.base import DEFAULT_BUSY_TIMEOUT_MS, DEFAULT_HISTORY_RESOLUTION_S, FleetStoreError
+from cloud.store.history import HistoryAnswer, HistoryMixin, HistoryResult
 from cloud.store.ingest import UNKNOWN_EPOCH, Incoming, IngestCore, IngestResult, epoch_key
 from cloud.store.queries import FleetQueries
 from cloud.store.retention import RetentionMixin, RetentionPolicy, RetentionResult
@@ -21,12 +22,15 @@ from cloud.store.schema import (
     gpus_table,
     metadata,
     nodes_table,
+    sample_rollups_table,
     samples_table,
 )
+from cloud.store.tiers import HistoryTiers, Tier
 
 
-class FleetStore(IngestCore, FleetQueries, RetentionMixin):
-    """The controller's database: ingest core, reads and retention over one engine (see the modules)."""
+class FleetStore(IngestCore, FleetQueries, RetentionMixin, HistoryMixin):
+    """The controller's database: ingest core, reads, retention and the tiered sample history over
+    one engine (see the modules)."""
 
 
 __all__ = [
@@ -35,6 +39,9 @@ __all__ = [
     "UNKNOWN_EPOCH",
     "FleetStore",
     "FleetStoreError",
+    "HistoryAnswer",
+    "HistoryResult",
+    "HistoryTiers",
     "Incoming",
     "IngestResult",
     "RetentionPolicy",
@@ -47,5 +54,7 @@ __all__ = [
     "gpus_table",
     "metadata",
     "nodes_table",
+    "sample_rollups_table",
     "samples_table",
+    "Tier",
 ]

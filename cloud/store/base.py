@@ -29,13 +29,14 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Connection, Engine, make_url
 
+from cloud.store.tiers import HistoryTiers
 from shared.logs import get_logger
 from shared.sqlite import durable_sqlite_engine, store_errors
 
 log = get_logger(__name__)
 
 ALEMBIC_DIR = Path(__file__).parent / "alembic"
-DEFAULT_HISTORY_RESOLUTION_S = 60.0
+DEFAULT_HISTORY_RESOLUTION_S = 0.0  # the raw tier keeps every sample (cloud/store/history.py)
 DEFAULT_BUSY_TIMEOUT_MS = 10_000
 _MIGRATION_LOCK_KEY = 0x6B677075  # "kgpu": PostgreSQL advisory lock around `upgrade head`
 
@@ -57,11 +58,13 @@ class StoreBase:
         url: str,
         *,
         history_resolution_s: float = DEFAULT_HISTORY_RESOLUTION_S,
+        history_tiers: HistoryTiers | None = None,
         busy_timeout_ms: int = DEFAULT_BUSY_TIMEOUT_MS,
     ) -> None:
         if history_resolution_s < 0:
             raise ValueError("history_resolution_s must not be negative")
-        self.history_resolution_s = history_resolution_s
+        self.history_resolution_s = history_resolution_s  # raw tier: at most one sample per GPU per this
+        self.history_tiers = history_tiers or HistoryTiers()
         self._busy_timeout_ms = busy_timeout_ms
         self._closed = False
         # SQLite has one writer anyway: queue threads on a mutex, not on its busy handler.

@@ -343,27 +343,31 @@ class IngestCore(StoreBase):
             )
 
     def _store_samples(self, conn: Connection, work: dict[str, NodeWork]) -> None:
-        """Downsample telemetry into `samples`: at most one row per GPU per resolution."""
+        """Every sample into the raw tier of the history (a sample stored already, delivered twice,
+        is left alone by the unique index: no read). With a `history_resolution_s`, at most one
+        per GPU per that long, which costs one read of the batch's nodes' newest rows."""
         with_samples = [w for w in work.values() if w.samples]
         if not with_samples:
             return
         s = samples_table
         last: dict[tuple[str, str], float] = {}
-        for chunk in chunks([w.name for w in with_samples]):
-            query = (
-                sa.select(s.c.node, s.c.uuid, sa.func.max(s.c.ts))
-                .where(s.c.node.in_(chunk))
-                .group_by(s.c.node, s.c.uuid)
-            )
-            for node, uuid, ts in conn.execute(query):
-                last[(node, uuid)] = float(ts)
+        spacing = self.history_resolution_s
+        if spacing > 0:
+            for chunk in chunks([w.name for w in with_samples]):
+                query = (
+                    sa.select(s.c.node, s.c.uuid, sa.func.max(s.c.ts))
+                    .where(s.c.node.in_(chunk))
+                    .group_by(s.c.node, s.c.uuid)
+                )
+                for node, uuid, ts in conn.execute(query):
+                    last[(node, uuid)] = float(ts)
         rows: list[dict[str, Any]] = []
         for w in with_samples:
             for sample in sorted(w.samples, key=lambda x: x.ts):
                 key = (w.name, sample.uuid)
                 previous = last.get(key)
-                if previous is not None and sample.ts - previous < self.history_resolution_s:
-                    continue
+                if previous is not None and (sample.ts == previous or sample.ts - previous < spacing):
+                    continue  # the same sample twice in the batch, or closer than the spacing
                 last[key] = sample.ts
                 rows.append(
                     {
@@ -377,8 +381,9 @@ class IngestCore(StoreBase):
                         "memory_used_bytes": sample.memory_used_bytes,
                     }
                 )
+        stmt = self.insert(s).on_conflict_do_nothing(index_elements=["node", "uuid", "ts"])
         for chunk in chunks(rows):
-            conn.execute(s.insert(), list(chunk))
+            conn.execute(stmt, list(chunk))
 
     def _write_nodes(self, conn: Connection, work: dict[str, NodeWork]) -> None:
         """Write every node row back (acked_seq in the same transaction as its events)."""

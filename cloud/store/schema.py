@@ -21,6 +21,9 @@ RowId = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
 
 metadata = sa.MetaData()
 
+# The figures of a sample that the history's coarser tiers keep the mean of.
+ROLLED_UP_FIGURES = ("temperature_c", "power_w", "power_limit_w", "utilization_pct", "memory_used_bytes")
+
 nodes_table = sa.Table(
     "nodes",
     metadata,
@@ -82,8 +85,41 @@ samples_table = sa.Table(
     sa.Column("power_limit_w", sa.Float),
     sa.Column("utilization_pct", sa.Float),
     sa.Column("memory_used_bytes", sa.BigInteger),
-    sa.Index("ix_samples_node_uuid_ts", "node", "uuid", "ts"),
+    # unique: a telemetry message delivered twice stores its samples once (ON CONFLICT DO NOTHING)
+    sa.Index("ix_samples_node_uuid_ts", "node", "uuid", "ts", unique=True),
     sa.Index("ix_samples_ts", "ts"),
+)
+
+# The coarser tiers of the sample history (cloud/store/history.py): per GPU and bucket of
+# `resolution_s` seconds starting at `bucket_ts`, the SUM and the COUNT of each figure (NULLs left
+# out), so that a roll-up pass adds a late sample to its bucket instead of recomputing it; the
+# API divides. WITHOUT ROWID on SQLite: the key is the row's only copy (a third less disk).
+sample_rollups_table = sa.Table(
+    "sample_rollups",
+    metadata,
+    sa.Column(
+        "node",
+        sa.String(253),
+        sa.ForeignKey("nodes.name", name="fk_sample_rollups_node", ondelete="CASCADE"),
+        primary_key=True,
+    ),
+    sa.Column("resolution_s", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("uuid", sa.String, primary_key=True),
+    sa.Column("bucket_ts", sa.Float, primary_key=True, autoincrement=False),
+    sa.Column("n", sa.Integer, nullable=False),  # samples in the bucket
+    *[sa.Column(f"{name}_sum", sa.Float) for name in ROLLED_UP_FIGURES],
+    *[sa.Column(f"{name}_n", sa.Integer) for name in ROLLED_UP_FIGURES],
+    sa.Index("ix_sample_rollups_resolution_bucket", "resolution_s", "bucket_ts"),
+    sqlite_with_rowid=False,
+)
+
+# How far the roll-up has read `samples` (by id: a late sample is added to its old bucket).
+history_rollup_state_table = sa.Table(
+    "history_rollup_state",
+    metadata,
+    sa.Column("name", sa.String(32), primary_key=True),
+    sa.Column("rolled_id", sa.BigInteger, nullable=False),  # samples.id <= this are in every tier
+    sa.Column("updated_at", sa.Float, nullable=False),
 )
 
 events_table = sa.Table(
