@@ -284,6 +284,7 @@ def test_real_responses_match_the_description(tmp_path: Path, broker: Any) -> No
             ("/api/v1/migrations", "/api/v1/migrations?node=edge-a"),
             ("/api/v1/migrations/{id}", f"/api/v1/migrations/{migration_id}"),
             ("/api/v1/migrations/{id}", "/api/v1/migrations/x"),
+            ("/api/v1/dashboard/stream", "/api/v1/dashboard/stream"),
             ("/api/v1/reboots", "/api/v1/reboots"), ("/api/v1/reboots", "/api/v1/reboots?node=edge-a&verdict=hold"),
             ("/api/v1/reboots", "/api/v1/reboots?verdict=maybe"),
             ("/api/v1/dashboard/fleet", "/api/v1/dashboard/fleet"), ("/", "/"), ("/static/{name}", "/static/nope"),

@@ -127,7 +127,8 @@ def make_app(services: Services, *, ingestor: Ingestor, link: EdgeLink, parts: S
     app.router.add_get("/api/v1/decisions", decisions)
     for part in parts:
         part.add_routes(app)
-    add_dashboard_routes(app, store=services.store, reads=reads, over_budget=lambda: ingestor.budget_flags)
+    add_dashboard_routes(app, store=services.store, reads=reads, over_budget=lambda: ingestor.budget_flags,
+                         health=lambda: health_report(app))
     return app
 
 
@@ -138,24 +139,30 @@ def _node_query(request: web.Request) -> str | None:
     return value
 
 
-async def healthz(request: web.Request) -> web.Response:
-    """503 with the reasons while the link is down or deaf (docs/broker.md), the store is not
-    writable or the ingest lags
-    (its oldest waiting message older than `ingest_lag_unhealthy_s`)."""
-    link, ingestor = request.app[LINK], request.app[INGESTOR]
+def health_report(app: web.Application) -> dict[str, Any]:
+    """What /healthz answers (and the dashboard's banner shows): the reasons the controller is
+    unhealthy, if any."""
+    link, ingestor = app[LINK], app[INGESTOR]
     reasons = []
     if not link.connected:
         reasons.append("MQTT link down" + (f": {link.last_error}" if link.last_error else ""))
     reasons.extend(link.broker_problems())  # a refused subscription, a $share group that delivers nothing
     if ingestor.failing:
         reasons.append("fleet store not writable (retrying)")
-    lag, threshold = ingestor.backlog_age_s(), request.app[LAG_UNHEALTHY_S]
+    lag, threshold = ingestor.backlog_age_s(), app[LAG_UNHEALTHY_S]
     if lag > threshold:
         reasons.append(f"ingest lagging: the oldest message has waited {lag:.1f} s to be written "
                        f"(unhealthy past {threshold:g} s)")
-    body = {"status": "ok" if not reasons else "unhealthy", "version": __version__, "reasons": reasons,
+    return {"status": "ok" if not reasons else "unhealthy", "version": __version__, "reasons": reasons,
             "ingest_lag_s": round(lag, 3)}
-    return web.json_response(body, status=200 if not reasons else 503)
+
+
+async def healthz(request: web.Request) -> web.Response:
+    """503 with the reasons while the link is down or deaf (docs/broker.md), the store is not
+    writable or the ingest lags
+    (its oldest waiting message older than `ingest_lag_unhealthy_s`)."""
+    body = health_report(request.app)
+    return web.json_response(body, status=200 if body["status"] == "ok" else 503)
 
 
 def _with_ingest(skew: Mapping[str, float | None], flags: Mapping[str, str],
@@ -202,14 +209,26 @@ async def node(request: web.Request) -> web.Response:
 
 
 async def samples(request: web.Request) -> web.Response:
+    """A node's sample history from the tier that holds [since, until] in at most `limit`
+    points (cloud/store/history.py); `resolution_s` says how far apart they are."""
     name = request.match_info["node"]
     if not NODE_NAME_RE.match(name):
         return json_error(404, "no such node", name)
-    since = float_query(request, "since")
+    since, until = float_query(request, "since"), float_query(request, "until")
+    if since is not None and until is not None and since > until:
+        raise bad_query("'since' is after 'until'", {"since": since, "until": until})
     limit = int_query(request, "limit", 2000, lo=1, hi=100_000) or 2000
-    uuid = request.query.get("gpu") or None
-    rows = await request.app[READS].run(request.app[STORE].samples, name, uuid, since, limit)
-    return web.json_response({"node": name, "samples": rows})
+    uuid = request.query.get("uuid") or request.query.get("gpu") or None  # `gpu`: its name before `uuid`
+    if uuid is not None and len(uuid) > 512:
+        raise bad_query("not a GPU uuid", uuid[:100])
+    store = request.app[STORE]
+
+    def read() -> bytes:
+        answer = store.history(name, uuid, since, until, limit)
+        return json_bytes({"node": name, "tier": answer.tier, "resolution_s": answer.resolution_s,
+                           "samples": answer.rows})
+
+    return json_response(await request.app[READS].run(read))
 
 
 async def events(request: web.Request) -> web.Response:

@@ -11,7 +11,15 @@
   `next_cursor`) with their first GPUs and the figures of their latest samples that the overview
   shows (`FleetQueries.COMPACT_SAMPLE`), read with a fixed number of queries
   (`FleetQueries.nodes_page`, `fleet_summary`) whatever the fleet's size, and shared by every tab
-  for a few seconds (`_Shared`): a poll never serialises the whole fleet.
+  for a few seconds (`_Shared`): a poll never serialises the whole fleet;
+- `GET /api/v1/dashboard/stream` (given the fleet store) — server push (Server-Sent Events): a
+  `snapshot` event with what the overview shows (the fleet's figures, a trend of them, the hottest
+  GPUs, those that need attention, the throttled ones, the first `STREAM_NODES` nodes) and the
+  controller's own health (its broker link and database, from what /healthz knows). One snapshot is
+  computed for every open page together (`_FleetStream`), every `STREAM_INTERVAL_S` while pages
+  watch (less often when it is costly), never one query per page per node. A stream ends before
+  the request timeout (`http_request_timeout` less 5 s) and the page reconnects at once; a client
+  that does not send `Accept: text/event-stream` gets one snapshot and the end.
 
 Files are read once and served from memory with an ETag and `Cache-Control: no-cache` (the browser
 revalidates, so an upgraded controller never serves a stale app), plus a strict
@@ -21,17 +29,34 @@ Content-Security-Policy: the app needs nothing but its own origin.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
+import logging
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import sqlalchemy as sa
 from aiohttp import web
 
-from cloud.store import FleetQueries
-from shared.http import ReadPool, bad_query, encode_cursor, int_query, json_bytes, json_response, page_query
+from cloud.store import FleetQueries, FleetStoreError
+from cloud.store.schema import gpus_table, nodes_table
+from shared.gpu import Health
+from shared.http import (
+    DEFAULT_REQUEST_TIMEOUT_S,
+    REQUEST_TIMEOUT,
+    ReadPool,
+    bad_query,
+    encode_cursor,
+    int_query,
+    json_bytes,
+    json_response,
+    page_query,
+)
+
+log = logging.getLogger(__name__)
 
 STATIC_DIR = Path(__file__).with_name("dashboard_static")
 
@@ -49,6 +74,18 @@ FLEET_PAGE = (100, 500)  # (default, maximum) nodes a page of the dashboard's fl
 FLEET_GPUS = (16, 64)  # (default, maximum) GPUs listed per node in it
 SHARE_TTL_S = 2.0  # the fleet's figures, and a page, are computed at most this often, whatever the tabs open
 SHARE_OF_THREAD = 0.1  # ... and take at most this share of one read thread's time
+
+STREAM_INTERVAL_S = 2.0  # a snapshot at most this often while a page watches
+STREAM_IDLE_INTERVAL_S = 15.0  # ... and this often with no page open (the trend keeps going)
+STREAM_NODES = 500  # nodes a snapshot lists (the overview filters, sorts and searches these)
+STREAM_TOP = 8  # GPUs in the hottest and needs-attention lists
+STREAM_THROTTLED = 500  # throttled GPUs listed at most
+TREND_STEP_S = 5.0  # one point of the fleet's trend per this many seconds ...
+TREND_POINTS = 720  # ... kept for this many points (an hour), in memory
+STREAM_HEARTBEAT_S = 10.0  # a comment line this often, so that proxies keep the stream open
+# NVML clocks-event reasons that mean the GPU runs slower than asked: software power cap, hardware
+# slowdown, software and hardware thermal slowdown, power brake (idle and app clocks are not).
+THROTTLE_MASK = 0x4 | 0x8 | 0x20 | 0x40 | 0x80
 
 SECURITY_HEADERS = {
     "Content-Security-Policy": (
@@ -123,11 +160,169 @@ class _Shared:
             return value
 
 
+def _gpu_rows(store: FleetQueries, *, order: str, limit: int) -> list[dict[str, Any]]:
+    """GPUs across the whole fleet with the figures the overview's lists show, read by the database
+    (no sample decoded): `order` "hottest" (online nodes, by temperature), "attention" (unhealthy
+    or lost first) or "throttled" (a slowdown reason set in the latest sample)."""
+    g, n = gpus_table, nodes_table
+    temp = g.c.sample["temperature_c"].as_float()
+    reasons = g.c.sample["throttle_reasons"].as_integer()
+    query = sa.select(g.c.node, g.c.uuid, g.c.index, g.c.name, g.c.health, n.c.online,
+                      temp.label("temperature_c"), g.c.sample["power_w"].as_float().label("power_w"),
+                      g.c.sample["power_limit_w"].as_float().label("power_limit_w"),
+                      g.c.sample["utilization_pct"].as_float().label("utilization_pct"),
+                      reasons.label("throttle_reasons")).select_from(g.join(n, n.c.name == g.c.node))
+    if order == "hottest":
+        query = query.where(n.c.online.is_(True), temp.is_not(None)).order_by(temp.desc(), g.c.node, g.c.index)
+    elif order == "attention":
+        query = query.where(g.c.health.in_([str(Health.UNHEALTHY), str(Health.LOST)])).order_by(g.c.node, g.c.index)
+    else:
+        query = query.where(n.c.online.is_(True), reasons.op("&")(THROTTLE_MASK) != 0).order_by(g.c.node, g.c.index)
+    with store.reading(f"dashboard {order}") as conn:
+        return [dict(row._mapping) for row in conn.execute(query.limit(limit))]
+
+
+def link_state(health: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """The controller's own state as the banner shows it, from /healthz's body (`reasons`):
+    whether the broker link and the database are up, and every reason. None: not known here."""
+    if health is None:
+        return None
+    reasons = [str(r) for r in health.get("reasons") or []]
+    return {"ok": not reasons, "reasons": reasons,
+            "broker": not any(r.startswith("MQTT") or "broker" in r or "$share" in r for r in reasons),
+            "database": not any("store" in r or "database" in r for r in reasons)}
+
+
+class _FleetStream:
+    """The server-push side of the overview: one snapshot for every open page. A background task,
+    started by the first page (a controller nobody watches reads nothing for it), computes it every
+    STREAM_INTERVAL_S while pages watch (STREAM_IDLE_INTERVAL_S otherwise, so the fleet's trend
+    has no holes), spaced further when it is costly (SHARE_OF_THREAD), and hands
+    the same bytes to every page; a slow page only ever misses intermediate snapshots."""
+
+    def __init__(self, store: FleetQueries, pool: ReadPool, over_budget: Callable[[], Mapping[str, str]],
+                 health: Callable[[], Mapping[str, Any]] | None) -> None:
+        self.store, self.pool, self.over_budget, self.health = store, pool, over_budget, health
+        self.latest: bytes | None = None
+        self.trend: deque[list[float | None]] = deque(maxlen=TREND_POINTS)
+        self.pages: set[asyncio.Queue[bytes]] = set()
+        self.wake = asyncio.Event()
+        self.closing = asyncio.Event()
+        self.task: asyncio.Task[None] | None = None
+
+    def _read(self) -> dict[str, Any]:  # in a read thread
+        summary = self.store.fleet_summary()
+        nodes, last = self.store.nodes_page(None, STREAM_NODES, gpu_limit=FLEET_GPUS[1], compact=True)
+        return {"summary": summary, "nodes": nodes, "nodes_truncated": last is not None,
+                "hottest": _gpu_rows(self.store, order="hottest", limit=STREAM_TOP),
+                "attention": _gpu_rows(self.store, order="attention", limit=STREAM_TOP),
+                "throttled": _gpu_rows(self.store, order="throttled", limit=STREAM_THROTTLED)}
+
+    async def snapshot(self) -> bytes:
+        now = time.time()
+        health = link_state(self.health()) if self.health is not None else None
+        flags = dict(self.over_budget())
+        try:
+            body = await self.pool.run(self._read)
+        except (FleetStoreError, sa.exc.SQLAlchemyError) as exc:  # the page says so and keeps its figures
+            log.warning("dashboard snapshot failed: %s", exc)
+            reason = f"fleet store not readable: {str(exc)[:200]}"
+            health = {"ok": False, "broker": health["broker"] if health else True, "database": False,
+                      "reasons": [*(health["reasons"] if health else []), reason]}
+            return json_bytes({"generated_at": now, "health": health, "stale": True})
+        summary = body["summary"]
+        summary["over_budget"] = len(flags)
+        summary["throttled"] = len(body["throttled"])
+        hottest = body["hottest"][0]["temperature_c"] if body["hottest"] else None
+        if not self.trend or now - (self.trend[-1][0] or 0) >= TREND_STEP_S:
+            self.trend.append([round(now, 1), summary["online"], summary["nodes"] - summary["online"],
+                               summary["unhealthy_gpus"], summary["power_w"], hottest, summary["throttled"]])
+        for row in body["nodes"]:
+            row["over_budget"] = flags.get(row["name"])
+        return json_bytes({"generated_at": now, "health": health, **body, "summary": summary,
+                           "trend": {"fields": ["ts", "online", "offline", "unhealthy_gpus", "power_w",
+                                                "hottest_c", "throttled"], "points": list(self.trend)}})
+
+    async def run(self) -> None:
+        while not self.closing.is_set():
+            started = time.monotonic()
+            try:
+                self.latest = await self.snapshot()
+            except Exception:  # never let the stream die: the next round tries again
+                log.exception("dashboard snapshot failed")
+            cost = time.monotonic() - started
+            for page in list(self.pages):
+                if page.full():
+                    page.get_nowait()  # a slow page skips to the newest
+                page.put_nowait(self.latest or b"{}")
+            interval = STREAM_INTERVAL_S if self.pages else STREAM_IDLE_INTERVAL_S
+            self.wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.wake.wait(), max(interval, cost / SHARE_OF_THREAD) - cost)
+
+    def start(self) -> None:
+        if self.task is None:
+            self.task = asyncio.get_running_loop().create_task(self.run(), name="dashboard-stream")
+
+    async def stop(self) -> None:
+        self.closing.set()
+        for page in list(self.pages):  # wake every open stream so that it ends now
+            if page.full():
+                page.get_nowait()
+            page.put_nowait(b"")
+        if self.task is not None:
+            self.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.task
+
+    async def serve(self, request: web.Request) -> web.StreamResponse:
+        """One page's stream: the latest snapshot at once, then each new one, for a bounded time.
+        A client that does not ask for `text/event-stream` (curl, a script) gets one snapshot."""
+        self.start()
+        once = "text/event-stream" not in request.headers.get("Accept", "")
+        lifetime = max(2.0, request.app.get(REQUEST_TIMEOUT, DEFAULT_REQUEST_TIMEOUT_S) - 5.0)
+        response = web.StreamResponse(headers={
+            "Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-store",
+            "X-Accel-Buffering": "no", "X-Content-Type-Options": "nosniff"})
+        await response.prepare(request)
+        page: asyncio.Queue[bytes] = asyncio.Queue(maxsize=1)
+        if self.latest is not None:
+            page.put_nowait(self.latest)
+        else:
+            self.wake.set()
+        self.pages.add(page)
+        if len(self.pages) == 1:
+            self.wake.set()  # the first page: go to the fast interval now
+        ends = time.monotonic() + lifetime
+        try:
+            await response.write(f"retry: 1000\n: stream for {lifetime:g} s\n\n".encode())
+            while not self.closing.is_set() and (left := ends - time.monotonic()) > 0:
+                try:
+                    data = await asyncio.wait_for(page.get(), min(left, STREAM_HEARTBEAT_S))
+                except TimeoutError:
+                    await response.write(b": heartbeat\n\n")
+                    continue
+                if not data:
+                    break
+                await response.write(b"event: snapshot\ndata: " + data + b"\n\n")
+                if once:
+                    break
+        finally:
+            self.pages.discard(page)
+        with contextlib.suppress(ConnectionResetError):
+            await response.write_eof()
+        return response
+
+
 def add_dashboard_routes(app: web.Application, directory: Path = STATIC_DIR, *,
                          store: FleetQueries | None = None, reads: ReadPool | None = None,
-                         over_budget: Callable[[], Mapping[str, str]] = dict) -> None:
-    """The app's files, and with `store` (and `reads`, the pool its reads run in) the fleet call;
-    `over_budget` gives node -> the budget it is over right now (cloud/budget.py)."""
+                         over_budget: Callable[[], Mapping[str, str]] = dict,
+                         health: Callable[[], Mapping[str, Any]] | None = None) -> None:
+    """The app's files, and with `store` (and `reads`, the pool its reads run in) the fleet call
+    and its stream; `over_budget` gives node -> the budget it is over right now (cloud/budget.py);
+    `health` gives /healthz's body (its `reasons`), for the banner that says when the controller's
+    broker link or database is down (without it the banner only knows what the stream's own reads
+    tell)."""
     files = _load(directory)
 
     async def index(request: web.Request) -> web.StreamResponse:
@@ -174,6 +369,14 @@ def add_dashboard_routes(app: web.Application, directory: Path = STATIC_DIR, *,
         return json_response(await shared.get(("page", after, limit, gpu_limit), answer))
 
     app.router.add_get("/api/v1/dashboard/fleet", fleet)
+
+    stream = _FleetStream(store, pool, over_budget, health)
+
+    async def stop_stream(_: web.Application) -> None:
+        await stream.stop()
+
+    app.on_shutdown.append(stop_stream)
+    app.router.add_get("/api/v1/dashboard/stream", stream.serve)
 
 
 __all__ = ["STATIC_DIR", "add_dashboard_routes"]
