@@ -60,7 +60,7 @@ class EdgeSettings(KgpuSettings):
         description="On SIGTERM, stop within this long; the outbox is on disk, events still held in memory are "
         "lost (and logged)",
     )
-    http: HostPort = Field("0.0.0.0:9410", description="HOST:PORT of the HTTP API and /metrics")
+    http: HostPort = Field("0.0.0.0:9410", description="HOST:PORT (or PORT) of the HTTP API and /metrics")
     # -- HTTP limits (docs/api.md), as on the controller --
     http_header_timeout: HttpHeaderTimeout
     http_request_timeout: HttpRequestTimeout

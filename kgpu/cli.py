@@ -11,9 +11,12 @@ from typing import Annotated, Any
 
 import typer
 
+from kgpu.client.commands import register as register_client_commands
+from kgpu.client.options import flag as _flag
+from kgpu.client.policy_rollout import add_policy_and_rollout
 from shared import __version__
 from shared.logs import scrub, setup_logging
-from shared.settings import ConfigError, load_settings
+from shared.settings import ConfigError, load_settings, parse_host_port
 
 # Help texts are plain text: rich markup off, so that a default shown as `[/var/lib/kgpu/edge.db]`
 # is printed as written and not parsed as a closing tag (tests/test_cli.py runs every --help).
@@ -38,10 +41,15 @@ def _print_version(value: bool) -> None:
 
 @app.callback()
 def _main(
-    version: Annotated[bool, typer.Option(
+    version: Annotated[bool, _flag(
         "--version", help="Print the version and exit", is_eager=True, callback=_print_version)] = False,
 ) -> None:
     """GPU manager for KubeEdge edge fleets."""
+
+
+def _http_flag(value: str | None) -> str | None:
+    """`--http` means the same on every command: HOST:PORT, :PORT or a bare PORT (every interface)."""
+    return f":{value.strip()}" if value is not None and value.strip().isdigit() else value
 
 
 ConfigOpt = Annotated[
@@ -104,14 +112,14 @@ def edge_run(
     node: Annotated[str | None, typer.Option(help="Node name [env NODE_NAME, then hostname]")] = None,
     mqtt: Annotated[str | None, typer.Option(help="Broker URL mqtt://[user:pass@]host:port or mqtts://")] = None,
     db: Annotated[Path | None, typer.Option(help="SQLite file of the edge store [/var/lib/kgpu/edge.db]")] = None,
-    http: Annotated[str | None, typer.Option(help="HOST:PORT for the HTTP API [0.0.0.0:9410]")] = None,
+    http: Annotated[str | None, typer.Option(help="HOST:PORT or PORT for the HTTP API [0.0.0.0:9410]")] = None,
     backend: Annotated[str | None, typer.Option(help="nvml (real GPUs) or sim (simulated) [nvml]")] = None,
     sim_gpus: Annotated[int | None, typer.Option(help="Simulated GPUs (backend sim) [2]")] = None,
     sim_model: Annotated[str | None, typer.Option(
         help="H100, A100 (80 GB), A100-40GB, A10 or T4 (backend sim) [H100]")] = None,
     interval: Annotated[str | None, typer.Option(help="Sampling interval, seconds or e.g. '2s' [5]")] = None,
     log_level: Annotated[str | None, typer.Option(help="debug, info, warning or error [info]")] = None,
-    device_plugin: Annotated[bool | None, typer.Option(
+    device_plugin: Annotated[bool | None, _flag(
         "--device-plugin/--no-device-plugin", help="Also serve the kubelet device-plugin API v1beta1 [off]")] = None,
     kubelet_dir: Annotated[Path | None, typer.Option(
         help="The kubelet's device-plugin directory [/var/lib/kubelet/device-plugins]")] = None,
@@ -121,7 +129,7 @@ def edge_run(
 ) -> None:
     """Run the edge daemon: sample the GPUs, keep them healthy and inside their power policy."""
     _run_edge(
-        {"node": node, "mqtt": mqtt, "db": db, "http": http, "backend": backend, "sim_gpus": sim_gpus,
+        {"node": node, "mqtt": mqtt, "db": db, "http": _http_flag(http), "backend": backend, "sim_gpus": sim_gpus,
          "sim_model": sim_model, "interval": interval, "log_level": log_level, "device_plugin": device_plugin,
          "kubelet_dir": kubelet_dir, "resource_name": resource_name},
         config,
@@ -137,17 +145,17 @@ def cloud_run(
     mqtt: Annotated[str | None, typer.Option(help="Broker URL mqtt://[user:pass@]host:port or mqtts://")] = None,
     db: Annotated[str | None, typer.Option(
         help="sqlite:///path or postgresql+psycopg://... [sqlite:///kgpu-cloud.db]")] = None,
-    http: Annotated[str | None, typer.Option(help="HOST:PORT for the API [0.0.0.0:9420]")] = None,
+    http: Annotated[str | None, typer.Option(help="HOST:PORT or PORT for the API [0.0.0.0:9420]")] = None,
     shared_subscription: Annotated[str | None, typer.Option(
         help="Group for $share/GROUP/... so replicas split ingest")] = None,
     kubeconfig: Annotated[Path | None, typer.Option(help="kubeconfig file [$KUBECONFIG, ~/.kube/config]")] = None,
-    in_cluster: Annotated[bool | None, typer.Option("--in-cluster", help="Use the pod's service account")] = None,
-    no_kube: Annotated[bool | None, typer.Option("--no-kube", help="No cluster: REST policies only")] = None,
+    in_cluster: Annotated[bool | None, _flag("--in-cluster", help="Use the pod's service account")] = None,
+    no_kube: Annotated[bool | None, _flag("--no-kube", help="No cluster: REST policies only")] = None,
     api_token_file: Annotated[Path | None, typer.Option(help="File holding the API bearer token")] = None,
     api_token_secret: Annotated[str | None, typer.Option(
         help="[NAMESPACE/]NAME[:KEY] of a Secret holding the API bearer token")] = None,
     api_auth: Annotated[str | None, typer.Option(help="reads-open or all: what needs the token [reads-open]")] = None,
-    api_insecure: Annotated[bool | None, typer.Option(
+    api_insecure: Annotated[bool | None, _flag(
         "--api-insecure", help="No token configured: allow changes anyway (a lab only)")] = None,
     log_level: Annotated[str | None, typer.Option(help="debug, info, warning or error [info]")] = None,
     config: ConfigOpt = None,
@@ -158,7 +166,8 @@ def cloud_run(
     try:
         settings = load_settings(
             CloudSettings,
-            {"mqtt": mqtt, "db": db, "http": http, "shared_subscription": shared_subscription, "log_level": log_level,
+            {"mqtt": mqtt, "db": db, "http": _http_flag(http), "shared_subscription": shared_subscription,
+             "log_level": log_level,
              "kubeconfig": kubeconfig, "in_cluster": in_cluster, "no_kube": no_kube,
              "api_token_file": api_token_file, "api_token_secret": api_token_secret, "api_auth": api_auth,
              "api_insecure": api_insecure},
@@ -189,22 +198,40 @@ def cloud_run(
 @app.command("demo")
 def demo(
     nodes: Annotated[int, typer.Option(min=2, max=12, help="Simulated GPU edge nodes")] = 4,
-    http: Annotated[int, typer.Option(help="Port of the controller's API and dashboard on 127.0.0.1")] = 9420,
-    scenario: Annotated[bool, typer.Option(
+    http: Annotated[str, typer.Option(
+        help="PORT (or 127.0.0.1:PORT) of the controller's API and dashboard; the demo listens on loopback only")]
+    = "9420",
+    scenario: Annotated[bool, _flag(
         "--scenario",
         help="Play a narrated story (thermal spike, XID migration, a node cut off, a rollout), then exit")] = False,
-    fast: Annotated[bool, typer.Option("--fast", help="With --scenario: shorten the waits (for tests)")] = False,
-    keep: Annotated[bool, typer.Option("--keep", help="Keep the temp dir (databases, logs) on exit")] = False,
+    fast: Annotated[bool, _flag("--fast", help="With --scenario: shorten the waits (for tests)")] = False,
+    keep: Annotated[bool, _flag("--keep", help="Keep the temp dir (databases, logs) on exit")] = False,
 ) -> None:
     """Everything on one machine, no cluster: mosquitto, an emulated Kubernetes API, the controller and
     simulated GPU edge nodes. Ctrl-C stops it all."""
+    port = _demo_port(http)
     try:  # late: other commands need none of it; the lab's libraries come with the `lab` extra
         from kgpu.demo import DemoOptions, run_demo
     except ImportError as exc:
         typer.echo(f"kgpu: kgpu demo needs the lab extra ({exc.name} is missing): pip install 'kgpu[lab]'", err=True)
         raise typer.Exit(code=2) from None
 
-    raise typer.Exit(code=run_demo(DemoOptions(nodes=nodes, http=http, scenario=scenario, fast=fast, keep=keep)))
+    options = DemoOptions(nodes=nodes, http=port, scenario=scenario, fast=fast, keep=keep)
+    raise typer.Exit(code=run_demo(options))
+
+
+def _demo_port(value: str) -> int:
+    """The demo's `--http`: a bare PORT as before, or HOST:PORT as the other commands take it, with
+    a loopback host (the demo's controller runs without a token: it must not face a network)."""
+    try:
+        host, port = parse_host_port(_http_flag(value) or "", default_host="127.0.0.1")
+    except ValueError as exc:
+        typer.echo(f"kgpu: --http: {exc}", err=True)
+        raise typer.Exit(code=2) from None
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        typer.echo(f"kgpu: --http: the demo serves on 127.0.0.1 only, not {host!r}; give a PORT", err=True)
+        raise typer.Exit(code=2)
+    return port
 
 
 @app.command("watch")
@@ -215,7 +242,7 @@ def watch(
     kind: Annotated[str | None, typer.Option(
         help="Only this topic kind (status, telemetry, events, ack, policy, commands) or envelope kind "
              "(decision, health, xid, migration_request, command_result, offline_summary, command)")] = None,
-    json_lines: Annotated[bool, typer.Option(
+    json_lines: Annotated[bool, _flag(
         "--json", help="One JSON line per message on stdout, no table")] = False,
     events: Annotated[int, typer.Option(help="How many latest events the display keeps")] = 20,
     ca_file: Annotated[Path | None, typer.Option(
@@ -224,7 +251,7 @@ def watch(
         help="Client certificate for mutual TLS", envvar="KGPU_MQTT_CERT_FILE")] = None,
     key_file: Annotated[Path | None, typer.Option(
         help="Client key for mutual TLS", envvar="KGPU_MQTT_KEY_FILE")] = None,
-    tls_insecure: Annotated[bool, typer.Option(
+    tls_insecure: Annotated[bool, _flag(
         help="Skip the broker's hostname check (explicit opt-in only)",
         envvar="KGPU_MQTT_TLS_INSECURE")] = False,
     password_file: Annotated[Path | None, typer.Option(
@@ -293,6 +320,10 @@ def fleet_sim(
         typer.echo(f"kgpu: {exc}", err=True)
         raise typer.Exit(code=2) from None
     typer.echo(json.dumps(result, indent=2))
+
+
+register_client_commands(app)
+add_policy_and_rollout(app, _PLAIN)
 
 
 @app.command("version")

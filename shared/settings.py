@@ -69,7 +69,10 @@ class KgpuSettings(BaseSettings):
 
 
 def parse_host_port(value: str, *, default_host: str = "0.0.0.0") -> tuple[str, int]:
-    """'HOST:PORT', ':PORT' or '[::1]:PORT' → (host, port)."""
+    """'HOST:PORT', ':PORT', a bare 'PORT' or '[::1]:PORT' → (host, port)."""
+    value = str(value).strip()
+    if value.isdigit():
+        value = ":" + value
     host, sep, port = value.rpartition(":")
     if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise ValueError(f"expected HOST:PORT, got {value!r}")

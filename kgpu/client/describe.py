@@ -1,0 +1,87 @@
+"""`kgpu describe node NAME`: one node from every side the controller knows it (its row and GPUs,
+its resolved policy, the commands sent to it, its migrations and latest events), as kubectl's
+describe prints: `Key: value` lines, then a table per section."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from kgpu.client.http import Api, ClientError
+from kgpu.client.render import Column, age, table
+from kgpu.client.resources import EVENT_COLUMNS, MIGRATION_COLUMNS
+
+RECENT = 10
+
+
+def gather_node(api: Api, name: str) -> dict[str, Any]:
+    """Everything describe shows, as one document (what `-o json` prints)."""
+    node = api.get(f"/api/v1/nodes/{name}")
+    try:
+        policy = api.get(f"/api/v1/nodes/{name}/policy")
+    except ClientError:  # a node the policy part has not seen yet: describe the rest
+        policy = None
+    commands = api.get("/api/v1/commands", node=name, limit=RECENT).get("commands") or []
+    migrations = api.get("/api/v1/migrations", node=name, limit=RECENT).get("migrations") or []
+    events = api.get("/api/v1/events", node=name, limit=RECENT).get("events") or []
+    return {"node": node, "policy": policy, "commands": commands, "migrations": migrations, "events": events}
+
+
+def _fields(pairs: Sequence[tuple[str, Any]]) -> list[str]:
+    width = max(len(k) for k, _ in pairs) + 2
+    return [f"{(k + ':').ljust(width)}{'-' if v in (None, '', [], {}) else v}" for k, v in pairs]
+
+
+def _policy_line(policy: dict[str, Any] | None) -> str:
+    if not policy or not policy.get("policy_name"):
+        return "none selects this node"
+    applied = "applied" if policy.get("applied") else (
+        f"not applied yet (edge reports {policy.get('reported_name')}@{policy.get('reported_version')})")
+    return f"{policy['policy_name']}@{policy.get('version')}, {applied}"
+
+
+COMMAND_COLUMNS = [
+    Column("AGE", lambda c: age(c.get("created_at")), shrink=False, volatile=True),
+    Column("COMMAND", lambda c: c.get("command")),
+    Column("STATE", lambda c: c.get("state")),
+    Column("SENDS", lambda c: c.get("sends"), shrink=False),
+    Column("DETAIL", lambda c: c.get("detail"), text=True),
+]
+
+
+def describe_node(found: dict[str, Any], gpu_columns: Sequence[Column], width: int | None) -> list[str]:
+    node = found["node"]
+    summary = node.get("gpu_summary") or {}
+    lines = _fields([
+        ("Name", node.get("name")),
+        ("Status", ("Online" if node.get("online") else "Offline")
+         + (f", degraded: {', '.join(node['degraded'])}" if node.get("degraded") else "")),
+        ("Last seen", f"{age(node.get('last_seen'))} ago"),
+        ("First seen", f"{age(node.get('first_seen'))} ago"),
+        ("Daemon version", node.get("daemon_version")),
+        ("Policy", _policy_line(found.get("policy"))),
+        ("Labels", ", ".join(f"{k}={v}" for k, v in (node.get("labels") or {}).items())),
+        ("GPUs", f"{summary.get('count', 0)} ({summary.get('healthy', 0)} healthy, {summary.get('unhealthy', 0)} "
+                 f"unhealthy, {summary.get('lost', 0)} lost)"),
+        ("Outbox", f"depth {node.get('outbox_depth')}, acked seq {node.get('acked_seq')}, gaps {node.get('gaps')}"),
+        ("Clock skew", None if node.get("clockSkewSeconds") is None else f"{node['clockSkewSeconds']:+.1f} s"),
+        ("Over budget", node.get("over_budget")),
+    ])
+    inner = None if width is None else width - 2
+    sections: list[tuple[str, list[dict[str, Any]], Sequence[Column]]] = [
+        ("GPU devices", [{**g, "node": node.get("name")} for g in node.get("gpus") or []],
+         [c for c in gpu_columns if c.header != "NODE"]),
+        (f"Commands (latest {RECENT})", found.get("commands") or [], COMMAND_COLUMNS),
+        (f"Migrations (latest {RECENT})", found.get("migrations") or [],
+         [c for c in MIGRATION_COLUMNS if c.header != "NODE"]),
+        (f"Events (latest {RECENT})", found.get("events") or [],
+         [Column(c.header, c.value, shrink=c.shrink) for c in EVENT_COLUMNS if c.header not in ("NODE",)
+          and not c.wide_only]),
+    ]
+    for title, rows, columns in sections:
+        lines.append(f"{title}:")
+        if not rows:
+            lines.append("  <none>")
+            continue
+        lines.extend("  " + line for line in table(rows, columns, wide=False, width=inner))
+    return lines
