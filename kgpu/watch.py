@@ -5,8 +5,9 @@ Three layers, so the part worth testing is pure:
 * `WatchState` (kgpu/watch_state.py) is fed `(topic, payload, received_at)` and keeps what an
   operator asks about (per-node table, message rates, latest events, rejected messages). No I/O,
   no clock of its own: every time is passed in, so tests feed it real envelopes and fixed times.
-* `render()` (kgpu/watch_render.py) turns a state into rich renderables; `json_line()` turns one
-  observation into the `--json` line.
+* `render()` (kgpu/watch_render.py) turns a state into rich renderables, laid out for the
+  terminal's width (80 columns upward) and, with `--node NAME`, that node's GPUs one per row;
+  `json_line()` turns one observation into the `--json` line.
 * `run_watch()` (here) owns the MQTT link (shared.mqtt, never paho directly), the loop and the
   output.
 
@@ -20,6 +21,7 @@ import json
 import logging
 import os
 import queue
+import select
 import socket
 import threading
 import time
@@ -31,7 +33,7 @@ from typing import IO, Any
 from rich.console import Console
 from rich.live import Live
 
-from kgpu.watch_render import LinkView, render
+from kgpu.watch_render import LinkView, key_presses, move_focus, render
 from kgpu.watch_state import DEFAULT_MAX_EVENTS, WatchError, WatchState, json_line
 from shared.mqtt import MqttLink, Received, TlsOptions, parse_broker_url, redact
 from shared.topics import PREFIX
@@ -109,7 +111,9 @@ def run_watch(opts: WatchOptions, *, stdout: IO[str] | None = None, stderr: IO[s
         if opts.json_lines:
             _run_json(state, link, view, inbox, stdout, stderr, stop)
         else:
-            _run_live(state, link, view, inbox, console or Console(), stop, refresh_per_s)
+            # keys only for the real terminal: a console handed in (tests) has no keyboard
+            _run_live(state, link, view, inbox, console or Console(), stop, refresh_per_s,
+                      None if console is not None or opts.node is not None else sys.stdin)
     except KeyboardInterrupt:
         pass
     except BrokenPipeError:
@@ -164,18 +168,84 @@ def _run_json(state: WatchState, link: MqttLink, view: LinkView, inbox: queue.Qu
                 print(f"kgpu watch: lost {view.broker}; retrying", file=stderr, flush=True)
 
 
+def _in_foreground(fd: int) -> bool:
+    """False when this process is in the background of its terminal (`kgpu watch &`): changing
+    the terminal's mode from there would stop it (SIGTTOU)."""
+    try:
+        return os.tcgetpgrp(fd) == os.getpgrp()
+    except OSError:  # not our controlling terminal: no job control applies to us on it
+        return True
+
+
+class KeyReader:
+    """Single key presses from the terminal the watch runs in (cbreak mode: no Enter needed, and
+    Ctrl-C still interrupts), its settings restored on exit. Reads nothing when stdin is not a
+    terminal (a pipe, a test's in-process console)."""
+
+    def __init__(self, stdin: IO[str] | None) -> None:
+        self.fd: int | None = None
+        self._saved: list[Any] | None = None
+        try:
+            if stdin is not None and stdin.isatty() and _in_foreground(stdin.fileno()):
+                self.fd = stdin.fileno()
+        except (OSError, ValueError, AttributeError):
+            self.fd = None
+
+    @property
+    def active(self) -> bool:
+        return self._saved is not None
+
+    def __enter__(self) -> KeyReader:
+        if self.fd is not None:
+            import termios
+            import tty
+
+            try:
+                self._saved = termios.tcgetattr(self.fd)
+                tty.setcbreak(self.fd)
+            except (OSError, termios.error):
+                self._saved = None
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._saved is not None and self.fd is not None:
+            import termios
+
+            try:
+                termios.tcsetattr(self.fd, termios.TCSADRAIN, self._saved)
+            except (OSError, termios.error):
+                pass
+            self._saved = None
+
+    def typed(self) -> str:
+        """What was typed since the last call (never waits)."""
+        if not self.active or self.fd is None:
+            return ""
+        out = b""
+        while select.select([self.fd], [], [], 0)[0]:
+            chunk = os.read(self.fd, 64)
+            if not chunk:
+                break
+            out += chunk
+        return out.decode(errors="replace")
+
+
 def _run_live(state: WatchState, link: MqttLink, view: LinkView, inbox: queue.Queue[tuple[float, Received]],
-              console: Console, stop: threading.Event, refresh_per_s: float) -> None:
+              console: Console, stop: threading.Event, refresh_per_s: float, stdin: IO[str] | None = None) -> None:
     period = 1.0 / refresh_per_s
+    focus: str | None = None  # the node whose GPUs are shown, moved with n/p (a: all nodes)
     # We refresh from this thread ourselves (auto_refresh off): rich's refresh thread would read
     # the state while this one changes it.
-    with Live(render(state, time.time(), view), console=console, auto_refresh=False,
-              redirect_stdout=False, redirect_stderr=False) as live:
+    with KeyReader(stdin) as keys, Live(render(state, time.time(), view), console=console, auto_refresh=False,
+                                        redirect_stdout=False, redirect_stderr=False) as live:
         next_refresh = time.monotonic()
         while not stop.is_set():
             for received_at, message in _drain(inbox, next_refresh - time.monotonic()):
                 state.feed(message.topic, message.payload, received_at, retained=message.retain)
-            if time.monotonic() >= next_refresh:
+            moved = False
+            for key in key_presses(keys.typed()):
+                focus, moved = move_focus(list(state.nodes), focus, key), True
+            if moved or time.monotonic() >= next_refresh:
                 _link_changed(link, view)
-                live.update(render(state, time.time(), view), refresh=True)
+                live.update(render(state, time.time(), view, focus=focus, keys=keys.active), refresh=True)
                 next_refresh = time.monotonic() + period

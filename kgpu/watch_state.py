@@ -14,7 +14,7 @@ from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from shared.gpu import Health
+from shared.gpu import GpuSample, Health
 from shared.protocol import (
     EVENT_KINDS,
     ROUTES,
@@ -40,6 +40,15 @@ from shared.wire import WireModel
 RATE_WINDOW_S = 10.0
 DEFAULT_MAX_EVENTS = 20
 SUMMARY_MAX_CHARS = 160
+# A hostile or broken sender must not grow a node's GPU table without bound.
+MAX_GPUS_PER_NODE = 256
+
+# nvmlClocksEventReasons bits that mean the GPU is held back (idle, application clocks and
+# sync boost are not): the name an operator knows each by.
+THROTTLE_BITS: tuple[tuple[int, str], ...] = (
+    (0x04, "power cap"), (0x08, "hw slowdown"), (0x20, "sw thermal"), (0x40, "hw thermal"),
+    (0x80, "power brake"),
+)
 
 TOPIC_KINDS: tuple[str, ...] = tuple(ROUTES)  # every topic of the contract, edge's then cloud's
 
@@ -118,6 +127,34 @@ def json_line(obs: Observation) -> dict[str, Any]:
 # ---- state ----------------------------------------------------------------------------------
 
 
+def throttle_names(mask: int | None) -> list[str]:
+    """The throttling reasons set in an NVML clocks-event mask (empty when not throttled)."""
+    if not mask:
+        return []
+    return [name for bit, name in THROTTLE_BITS if mask & bit]
+
+
+@dataclass
+class GpuView:
+    """One GPU of a node: what the node's status says about it and its latest telemetry sample."""
+
+    index: int
+    uuid: str | None = None
+    model: str | None = None
+    status_limit_w: float | None = None  # the limit the last status reported
+    draining: bool = False
+    remediation: str | None = None
+    pods: int = 0
+    sample: GpuSample | None = None  # the latest by the edge's ts
+
+    @property
+    def power_limit_w(self) -> float | None:
+        """The enforced limit: the latest sample's when it has one (it is newer), else the status's."""
+        if self.sample is not None and self.sample.power_limit_w is not None:
+            return self.sample.power_limit_w
+        return self.status_limit_w
+
+
 @dataclass
 class NodeView:
     """What the watcher knows about one node, from its status and the traffic seen."""
@@ -131,6 +168,7 @@ class NodeView:
     policy_name: str | None = None
     policy_version: int | None = None
     gpu_health: dict[int, Health] = field(default_factory=dict)
+    gpus: dict[int, GpuView] = field(default_factory=dict)  # details for the per-node view
     degraded: list[str] = field(default_factory=list)
     last_lag_s: float | None = None
     max_event_seq: int | None = None
@@ -143,6 +181,29 @@ class NodeView:
     @property
     def unhealthy(self) -> int:
         return sum(1 for h in self.gpu_health.values() if h != Health.HEALTHY)
+
+    @property
+    def max_temperature_c(self) -> float | None:
+        temps = [g.sample.temperature_c for g in self.gpus.values()
+                 if g.sample is not None and g.sample.temperature_c is not None]
+        return max(temps) if temps else None
+
+    @property
+    def power_w(self) -> tuple[float, float | None] | None:
+        """(draw, limit) summed over the GPUs with a power reading; limit None when one lacks it."""
+        drawing = [g for g in self.gpus.values() if g.sample is not None and g.sample.power_w is not None]
+        if not drawing:
+            return None
+        limits = [g.power_limit_w for g in drawing]
+        draw = sum(g.sample.power_w or 0.0 for g in drawing if g.sample is not None)
+        return draw, (None if any(lim is None for lim in limits) else sum(lim or 0.0 for lim in limits))
+
+    def gpu(self, index: int) -> GpuView | None:
+        """This GPU's view, made on first sight (None past MAX_GPUS_PER_NODE GPUs)."""
+        view = self.gpus.get(index)
+        if view is None and len(self.gpus) < MAX_GPUS_PER_NODE:
+            view = self.gpus[index] = GpuView(index)
+        return view
 
 
 @dataclass(frozen=True)
@@ -260,15 +321,37 @@ class WatchState:
                 node.outbox_depth = body.outbox_depth
                 node.policy_name, node.policy_version = body.policy_name, body.policy_version
                 node.gpu_health = {g.index: g.health for g in body.gpus}
+                self._update_gpus(node, body)
             # an offline status (the last will) is minimal: keep what the last online one said
             node.outbox_epoch = body.outbox_epoch or node.outbox_epoch
         elif isinstance(body, HealthBody) and body.level == "gpu" and body.gpu_index is not None:
             node.gpu_health[body.gpu_index] = body.current
         elif isinstance(body, AckBody):
             node.ack_upto = body.upto
+        elif isinstance(body, TelemetryBody):
+            for sample in body.samples:
+                gpu = node.gpu(sample.index)
+                if gpu is None or sample.lost:
+                    continue
+                if gpu.sample is None or sample.ts >= gpu.sample.ts:
+                    gpu.sample = sample
+                gpu.uuid = gpu.uuid or sample.uuid
         if obs.parts.kind == "events" and env.seq is not None:
             node.max_event_seq = env.seq if node.max_event_seq is None else max(node.max_event_seq, env.seq)
         return status_changed
+
+    @staticmethod
+    def _update_gpus(node: NodeView, body: StatusBody) -> None:
+        listed = {g.index for g in body.gpus}
+        for index in [i for i in node.gpus if i not in listed]:  # a GPU the node no longer has
+            del node.gpus[index]
+        for summary in body.gpus:
+            gpu = node.gpu(summary.index)
+            if gpu is None:
+                continue
+            gpu.uuid, gpu.model = summary.uuid, summary.name
+            gpu.status_limit_w, gpu.draining = summary.power_limit_w, summary.draining
+            gpu.remediation, gpu.pods = summary.remediation, len(summary.pods)
 
     def _prune(self, arrivals: deque[float], now: float) -> None:
         horizon = now - self.rate_window_s
@@ -362,3 +445,67 @@ def _summary(kind: Kind, body: WireModel) -> str:
             target = f" {body.gpu_uuid}" if body.gpu_uuid else ""
             return f"command {body.command}{target}"
     return kind.value
+
+
+# ---- node names at a glance -----------------------------------------------------------------
+
+NAME_SEPARATORS = "-._"
+
+
+@dataclass(frozen=True)
+class NameDisplay:
+    """How the node names are shown: without the prefix and suffix they all share, each one
+    shortened from the middle if it must be. `short` maps every full name to what is shown."""
+
+    prefix: str
+    suffix: str
+    short: dict[str, str]
+
+    @property
+    def pattern(self) -> str:
+        """What was left out, e.g. "factory-berlin-line-*"; empty when nothing was."""
+        return f"{self.prefix}*{self.suffix}" if self.prefix or self.suffix else ""
+
+
+def _common_prefix(names: list[str]) -> str:
+    """The longest prefix of every name that ends on a separator and leaves each name something."""
+    first, last = min(names), max(names)  # the common prefix of all is that of these two
+    length = 0
+    while length < min(len(first), len(last)) and first[length] == last[length]:
+        length += 1
+    shortest = min(len(n) for n in names)
+    for end in range(min(length, shortest - 1), 0, -1):
+        if first[end - 1] in NAME_SEPARATORS:
+            return first[:end]
+    return ""
+
+
+def shorten_names(names: list[str], *, max_cells: int | None) -> NameDisplay:
+    """Names that stay apart in as few cells as can be: with two or more nodes, the prefix and the
+    suffix they all share (up to a separator) go; then, past `max_cells`, each name loses its
+    middle (an ellipsis), at the one cut that keeps them all different. Names that no cut keeps
+    apart are left whole: a long name that wraps is better than two that read the same."""
+    unique = sorted(set(names))
+    prefix = suffix = ""
+    if len(unique) >= 2:
+        prefix = _common_prefix(unique)
+        rest = [n[len(prefix):] for n in unique]
+        suffix = _common_prefix([n[::-1] for n in rest])[::-1]
+        if len(suffix) < 2:  # a lone "-" or "0" is noise, not a domain
+            suffix = ""
+    stripped = {n: n[len(prefix): len(n) - len(suffix)] for n in unique}
+    if max_cells is not None and any(len(s) > max_cells for s in stripped.values()):
+        stripped = _cut_middles(stripped, max(3, max_cells))
+    return NameDisplay(prefix, suffix, stripped)
+
+
+def _cut_middles(names: dict[str, str], cells: int) -> dict[str, str]:
+    keep = cells - 1  # the ellipsis takes one cell
+    # the tail first (node numbers live at the end), then the head; the first cut that keeps
+    # every name different wins
+    for head in sorted(range(1, keep), key=lambda h: (abs(h - keep // 2), h)):
+        tail = keep - head
+        cut = {full: (s if len(s) <= cells else f"{s[:head]}…{s[-tail:]}") for full, s in names.items()}
+        if len(set(cut.values())) == len(cut):
+            return cut
+    return names

@@ -1,5 +1,7 @@
 """`kgpu watch`: the pure WatchState fed real envelopes, then the real CLI against a real mosquitto
-(--json lines, --node filter, Ctrl-C, an unreachable broker, the rich display under a pty)."""
+(--json lines, --node filter, Ctrl-C, an unreachable broker, the rich display under a pty); the
+screen at 80 and 120 columns with many long, similar node names, and the per-node GPU view, also
+from real edges."""
 
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ import termios
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +33,8 @@ from kgpu.cli import app
 from kgpu.lab.broker import Mosquitto, mosquitto_binary
 from kgpu.lab.processes import wait_for
 from kgpu.watch import WatchOptions, make_link, run_watch
-from kgpu.watch_render import LinkView, render
-from kgpu.watch_state import WatchError, WatchState, json_line
+from kgpu.watch_render import LinkView, key_presses, move_focus, render
+from kgpu.watch_state import Accepted, WatchError, WatchState, json_line, shorten_names
 from shared.gpu import GpuSample, Health
 from shared.mqtt import MqttLink, parse_broker_url
 from shared.policy import PowerPolicy
@@ -50,6 +53,7 @@ from shared.protocol import (
     make_envelope,
 )
 from shared.topics import cloud_topic, edge_topic
+from tests.helpers.edge_process import EdgeProcess
 
 REPO = Path(__file__).resolve().parents[1]
 T0 = 1_700_000_000.0
@@ -280,6 +284,193 @@ def test_render_shows_nodes_rates_events_and_the_link() -> None:
     assert "waiting for messages" in text
 
 
+# ---- readable at 80 columns, and one node's GPUs ---------------------------------------------------
+
+FACTORY = "factory-berlin-line-"
+FLEET = [f"{FACTORY}{line:02d}-gpu-node-{n:02d}" for line in (7, 8, 12) for n in range(1, 17)]
+
+
+def gpu_status(node: str, n: int = 8, *, unhealthy: tuple[int, ...] = (), ts: float = T0, **kw: Any) -> Envelope:
+    summaries = [GpuSummary(index=i, uuid=f"GPU-{node[-5:]}-{i}", name="NVIDIA H100 80GB HBM3",
+                            health=Health.UNHEALTHY if i in unhealthy else Health.HEALTHY, power_limit_w=700.0,
+                            **kw.pop(f"gpu{i}", {})) for i in range(n)]
+    return status(node, version="0.3.0", policy_name="eco", policy_version=7, outbox_depth=0, gpus=summaries,
+                  ts=ts, **kw)
+
+
+def gpu_telemetry(node: str, n: int = 8, *, ts: float = T0, **per_gpu: dict[str, Any]) -> Envelope:
+    samples = [GpuSample(**{"index": i, "uuid": f"GPU-{node[-5:]}-{i}", "ts": ts, "temperature_c": 60.0 + i,
+                            "power_w": 300.0 + 10 * i, "power_limit_w": 700.0, "utilization_pct": 50.0,
+                            "memory_used_bytes": 20 * 2**30, "memory_free_bytes": 60 * 2**30,
+                            **per_gpu.get(f"gpu{i}", {})}) for i in range(n)]
+    return at(make_envelope(node, TelemetryBody(samples=samples), Kind.TELEMETRY), ts)
+
+
+def fleet_state(**kw: Any) -> WatchState:
+    state = WatchState(**kw)
+    for i, name in enumerate(FLEET):
+        feed(state, edge_topic(name, "status"), gpu_status(name, unhealthy=(1,) if i == 20 else ()), T0 + 0.1)
+        feed(state, edge_topic(name, "telemetry"), gpu_telemetry(name, ts=T0 + 1), T0 + 1.1)
+    return state
+
+
+def screen(state: WatchState, width: int, *, height: int | None = None, now: float = T0 + 2) -> list[str]:
+    """The display as the lines a terminal of `width` (and `height`, when given) shows."""
+    console = Console(record=True, width=width, height=height or 25, file=io.StringIO(),
+                      force_terminal=height is not None)
+    console.print(render(state, now, LinkView("mqtt://broker.plant.example:1883", connected=True)))
+    return [line.rstrip() for line in console.export_text().splitlines()]
+
+
+def node_rows(lines: list[str]) -> dict[str, str]:
+    """The node table's rows, by the name as shown (the rows before the rates line)."""
+    end = next(i for i, line in enumerate(lines) if line.startswith("msg/s"))
+    rows = [line for line in lines[:end] if re.match(r"\S+ +(online|offline)", line)]
+    return {row.split()[0]: row for row in rows}
+
+
+@pytest.mark.parametrize("width", [80, 120])
+def test_many_long_similar_names_stay_apart(width: int) -> None:
+    lines = screen(fleet_state(), width)
+    assert max(len(line) for line in lines) <= width
+    # the prefix all 48 share is said once; every row names its node by what sets it apart
+    assert f"nodes (48) named {FACTORY}*" in "\n".join(lines)
+    rows = node_rows(lines)
+    assert sorted(rows) == sorted(name.removeprefix(FACTORY) for name in FLEET)
+    assert "…" not in "".join(rows)  # nothing had to be cut from a name
+    assert "online  8 (1 unhealthy)" in rows["08-gpu-node-05"]
+    header = next(line for line in lines if line.startswith("node "))
+    kept = header.split()
+    assert kept[:3] == ["node", "state", "GPUs"] and "°C" in kept and "seen" in kept
+    assert re.search(r"\b67 ", rows["12-gpu-node-16"])  # the hottest GPU
+    assert "2680/5600 W" in rows["07-gpu-node-01"]  # power against the limits, in all
+    if width == 120:  # 120 columns have room for every column
+        assert kept[-4:] == ["policy", "seq/ack", "outbox", "version"] and "eco v7" in rows["07-gpu-node-01"]
+        assert "--node NAME" not in lines[1]
+    else:  # 80: what is left out is one --node away
+        assert "policy" not in kept and "version" not in kept and "(--node NAME: one node's GPUs)" in lines[1]
+    # the events name nodes the way the table does
+    events = lines[lines.index(next(line for line in lines if line.startswith("latest events"))):]
+    assert any(line.split()[1:3] == ["12-gpu-node-16", "status"] for line in events[3:])
+
+
+def test_names_lose_their_middle_only_when_they_must_and_never_collide() -> None:
+    # one node: nothing is shared with anyone, nothing goes
+    assert shorten_names([FLEET[0]], max_cells=None).short == {FLEET[0]: FLEET[0]}
+    # a shared domain goes like a shared prefix; a name that is the whole prefix keeps it
+    shown = shorten_names(["gpu-a.plant.example", "gpu-b.plant.example"], max_cells=None)
+    assert (shown.pattern, sorted(shown.short.values())) == ("gpu-*.plant.example", ["a", "b"])
+    assert shorten_names(["edge", "edge-a"], max_cells=None).short == {"edge": "edge", "edge-a": "edge-a"}
+    # 48 names in 9 cells: cut in the middle, each still its own
+    cut = shorten_names(FLEET, max_cells=9)
+    assert len(set(cut.short.values())) == 48 and all(len(v) <= 9 and "…" in v for v in cut.short.values())
+    assert cut.short[f"{FACTORY}12-gpu-node-16"] == "12-g…e-16"
+    # no cut keeps these apart in 5 cells: they stay whole (and wrap) rather than read the same
+    alike = [f"rack-{x}-node-{n}" for x in ("alpha", "alpine") for n in range(10, 30)]
+    assert shorten_names(alike, max_cells=5).short == {n: n.removeprefix("rack-") for n in alike}
+    # really long names in an 80-column table are shortened to the room left, still apart
+    sites = ("tempelhof-schoeneberg", "marienfelde-lichtenrade", "spandau-haselhorst-siemensstadt")
+    long = [f"{FACTORY}{site}-building-{h}-hall-{h}-rack-{r:02d}-gpu-node-{n:02d}.eu-central-1.compute.internal"
+            for site in sites for h in "ab" for r in (3, 17) for n in (1, 12)]
+    state = WatchState()
+    for name in long:
+        feed(state, edge_topic(name, "status"), gpu_status(name), T0)
+    lines = screen(state, 80)
+    rows = node_rows(lines)
+    assert len(rows) == len(long)  # all apart; only the names too long for the room lost their middle
+    assert {"…" in name for name in rows} == {True, False}
+    assert all("…" in name for name in rows if not name.startswith(("tempelhof", "marienfelde")))
+    assert max(len(line) for line in lines) <= 80
+
+
+def test_gpu_details_follow_status_and_the_newest_telemetry() -> None:
+    state = WatchState()
+    name = FLEET[0]
+    feed(state, edge_topic(name, "status"), gpu_status(name, 3), T0)
+    feed(state, edge_topic(name, "telemetry"), gpu_telemetry(name, 3, ts=T0 + 5), T0 + 5)
+    late = gpu_telemetry(name, 3, ts=T0 + 2, gpu0={"temperature_c": 20.0})  # older than what we have
+    feed(state, edge_topic(name, "telemetry"), late, T0 + 6)
+    lost = gpu_telemetry(name, 3, ts=T0 + 7, gpu1={"lost": True, "temperature_c": None})
+    feed(state, edge_topic(name, "telemetry"), lost, T0 + 7)
+    node = state.nodes[name]
+    assert [node.gpus[i].sample.temperature_c for i in range(3)] == [60.0, 61.0, 62.0]  # type: ignore[union-attr]
+    assert node.max_temperature_c == 62.0 and node.power_w == (930.0, 2100.0)
+    # a status without GPU 2 (it left the node): its row goes too
+    feed(state, edge_topic(name, "status"), gpu_status(name, 2), T0 + 8)
+    assert sorted(node.gpus) == [0, 1] and node.gpu_count == 2
+    # a sender making up GPU indexes cannot grow the table without bound
+    for first in range(0, 400, 100):  # in messages small enough to be accepted
+        flood = [GpuSample(index=i, uuid=f"GPU-{i}", ts=T0, temperature_c=50.0) for i in range(first, first + 100)]
+        envelope = make_envelope(name, TelemetryBody(samples=flood), Kind.TELEMETRY)
+        assert isinstance(feed(state, edge_topic(name, "telemetry"), envelope, T0 + 9), Accepted)
+    assert len(node.gpus) == 256
+
+
+def test_keys_move_the_focus_from_node_to_node() -> None:
+    assert key_presses("nj\x1b[B\x1b[Ax\x1b") == ["n", "j", "\x1b[B", "\x1b[A", "x", "\x1b"]
+    nodes = ["c", "a", "b"]
+    focus = None
+    seen = []
+    for key in ["n", "n", "\t", "n", "p", "p", "x", "\x1b[A"]:
+        focus = move_focus(nodes, focus, key)
+        seen.append(focus)
+    assert seen == ["a", "b", "c", "a", "c", "b", "b", "a"]
+    assert move_focus(nodes, "b", "a") is None and move_focus([], None, "n") is None
+    # the focused node's view: its GPUs, its events only; the rest of the fleet still watched
+    state = fleet_state()
+    feed(state, edge_topic(FLEET[3], "events"), xid(FLEET[3], 4), T0 + 1.5)
+    console = Console(record=True, width=80, file=io.StringIO())
+    console.print(render(state, T0 + 2, LinkView("mqtt://b:1883", connected=True), focus=FLEET[3], keys=True))
+    text = console.export_text()
+    assert "node 4 of 48 · n/p: next/previous node · a: all nodes" in text and f"{FLEET[3]}  online" in text
+    assert "xid 79 on GPU 1" in text and "12-gpu-node-16" not in text  # the latest other events are not
+    assert "12-gpu-node-16  status" in "\n".join(screen(state, 80))  # (they are in the fleet view)
+
+
+def test_a_short_window_lists_the_nodes_that_need_attention_first() -> None:
+    state = fleet_state()
+    feed(state, edge_topic(FLEET[-1], "status"), status(FLEET[-1], "offline", gpus=[], ts=T0 - 60), T0 + 1.5)
+    lines = screen(state, 80, height=24)
+    rows = node_rows(lines)
+    assert len(rows) == 24 - 14 - 1  # the rest of the window is the header, rates and events
+    assert "12-gpu-node-16" in rows and "offline" in rows["12-gpu-node-16"]
+    assert "8 (1 unhealthy)" in rows["08-gpu-node-05"]
+    assert any(line.startswith("… 39 more, all online and healthy") for line in lines)
+    assert len(screen(state, 80)) > 48  # printed to a file (not a window): every node
+
+
+def test_node_view_shows_each_gpu_health_temperature_power_and_limit() -> None:
+    node = FLEET[7]
+    state = WatchState(node=node)
+    feed(state, edge_topic(FLEET[8], "status"), gpu_status(FLEET[8]), T0)  # another node: not shown
+    feed(state, edge_topic(node, "status"),
+         gpu_status(node, gpu2={"draining": True, "pods": ["ml/train-0", "ml/train-1"]},
+                    gpu5={"remediation": "reset pending"}), T0 + 0.1)
+    feed(state, edge_topic(node, "telemetry"),
+         gpu_telemetry(node, ts=T0 + 1, gpu3={"temperature_c": 91.0, "power_w": 420.5, "power_limit_w": 450.0,
+                                               "throttle_reasons": 0x20 | 0x04}), T0 + 1.1)
+    feed(state, edge_topic(node, "events"), health(node, 12, index=6), T0 + 1.2)
+    for width in (80, 120):
+        lines = screen(state, width)
+        text = "\n".join(lines)
+        assert max(len(line) for line in lines) <= width
+        assert f"{node}  online  version 0.3.0" in text and "policy eco v7" in text
+        assert FLEET[8] not in text
+        assert "GPUs (8) — 2770/5350 W in all" in text
+        gpu = {int(line.split()[0]): line.split() for line in lines if re.match(r" *\d+  (healthy|unhealthy)", line)}
+        assert sorted(gpu) == list(range(8))
+        # GPU, health, °C, power W, limit W: the enforced limit from telemetry, else the status's
+        assert gpu[3][:5] == ["3", "healthy", "91", "420", "450"] and "throttled:" in gpu[3]
+        assert gpu[6][:5] == ["6", "unhealthy", "66", "360", "700"]
+        assert gpu[0][:5] == ["0", "healthy", "60", "300", "700"]
+        assert "draining;" in gpu[2] and "reset" in gpu[5]
+        assert ("NVIDIA" in gpu[0]) is (width == 120)  # the model only where there is room
+        assert "throttled: power cap" in text and "thermal" in text  # folded onto a second line at 80
+        assert not any(line.split()[1:2] == ["node"] for line in lines)  # events: all this node's
+    # before anything arrives about it
+    assert "waiting for messages about edge-q…" in "\n".join(screen(WatchState(node="edge-q"), 80))
+
+
 # ---- options --------------------------------------------------------------------------------
 
 
@@ -503,3 +694,66 @@ def test_live_display_under_a_pty_and_ctrl_c(broker: Mosquitto, publisher: MqttL
             proc.kill()
             proc.wait(timeout=10)
         os.close(master)
+
+
+REAL_FLEET = [f"{FACTORY}07-gpu-node-01", f"{FACTORY}07-gpu-node-12", f"{FACTORY}12-gpu-node-01"]
+
+
+@needs_mosquitto
+def test_real_edges_at_80_columns_then_one_nodes_gpus(broker: Mosquitto, tmp_path: Path) -> None:
+    edges = [EdgeProcess(tmp_path / name[-14:], node=name, gpus=2, mqtt=broker.url, config={"status_interval": 2})
+             for name in REAL_FLEET]
+    master = proc = None
+    try:
+        with ThreadPoolExecutor(len(edges)) as pool:  # side by side: each takes seconds to come up
+            list(pool.map(lambda edge: edge.start(), edges))
+        # the fleet in a real 80x24 terminal: each node by what sets it apart, the shared prefix once
+        master, slave = pty.openpty()
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
+        env = {**os.environ, "TERM": "xterm-256color", "COLUMNS": "80", "LINES": "24"}
+        proc = subprocess.Popen([sys.executable, "-m", "kgpu", "watch", "--mqtt", broker.url], cwd=REPO, env=env,
+                                stdin=slave, stdout=slave, stderr=slave, close_fds=True)
+        os.close(slave)
+        text = _read_pty(master, [f"nodes (3) named {FACTORY}*", "07-gpu-node-01  online", "07-gpu-node-12  online",
+                                  "12-gpu-node-01  online", "(n/p: each node's GPUs)"], timeout=40)
+        assert "edge-…" not in text and "factory-berlin-line-0…" not in text
+        # keys: n shows the first node's GPUs, arrow down the next one's, a all nodes again
+        os.write(master, b"n")
+        _read_pty(master, ["node 1 of 3 · n/p", f"{REAL_FLEET[0]}  online", "GPUs (2)", "limit W"], timeout=15)
+        os.write(master, b"\x1b[B")
+        _read_pty(master, ["node 2 of 3", f"{REAL_FLEET[1]}  online", "limit W"], timeout=15)
+        os.write(master, b"a")
+        _read_pty(master, [f"nodes (3) named {FACTORY}*", "12-gpu-node-01  online"], timeout=15)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=10) == 0
+
+        # one node's GPUs, from its real status and telemetry, at 80 columns
+        out = io.StringIO()
+        console = Console(file=out, record=True, force_terminal=True, width=80, height=40)
+        stop = threading.Event()
+        runner = threading.Thread(target=run_watch, args=(WatchOptions(mqtt=broker.url, node=REAL_FLEET[1]),),
+                                  kwargs={"console": console, "stop": stop, "refresh_per_s": 20})
+        runner.start()
+        row = r"^ +{} +healthy +(\d+) +(\d+) +(\d+) "
+        try:
+            wait_for(lambda: all(re.search(row.format(i), console.export_text(clear=False), re.M) for i in (0, 1)),
+                     timeout=30, what="both GPUs with temperature, power and limit")
+        finally:
+            stop.set()
+            runner.join(10)
+        text = console.export_text()
+        if os.environ.get("KGPU_SHOW_WATCH"):
+            print(text[-3000:])
+        assert f"{REAL_FLEET[1]}  online" in text and "GPUs (2)" in text
+        for i in (0, 1):
+            temperature, power, limit = map(int, re.findall(row.format(i), text, re.M)[-1])
+            assert 0 < temperature < 120 and 0 < power <= limit
+        assert REAL_FLEET[0] not in text and REAL_FLEET[2] not in text
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+        if master is not None:
+            os.close(master)
+        for edge in edges:
+            edge.stop()
