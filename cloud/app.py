@@ -10,11 +10,16 @@ only on the replica holding the leader Lease (`cloud/leader.py`).
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
-import time
+import sys
 from collections.abc import Awaitable
+from pathlib import Path
 
+import sqlalchemy as sa
 from aiohttp import web
+from kubernetes.config import ConfigException
+from urllib3.exceptions import HTTPError
 
 from cloud.budget import BudgetLimits
 from cloud.commands import EdgeCommands
@@ -32,8 +37,9 @@ from cloud.policies import PolicyManager
 from cloud.reboots import RebootManager
 from cloud.rollout import RolloutManager
 from cloud.services import BatchBus, Part, Periodic, Services, run_periodically
-from cloud.store import FleetStore, FleetStoreError, RetentionPolicy
+from cloud.store import FleetStore, FleetStoreError, HistoryTiers, RetentionPolicy
 from shared.logs import get_logger
+from shared.paths import directory_problem
 
 log = get_logger(__name__)
 
@@ -124,17 +130,19 @@ class ControllerApp:
             await self.ingestor.put(await self.link.receive(), budgeted=True)  # `accept` ran on the link
 
     def _retention(self) -> Periodic:
-        """Every PRUNE_EVERY_S: the sample history by age, then events and decisions by age and
-        count (cloud/store/retention.py), in small transactions; again at once while more is left."""
+        """Every PRUNE_EVERY_S: the sample history rolled up into its tiers and pruned per tier,
+        then events and decisions by age and count (cloud/store/retention.py), in small
+        transactions; again at once while more is left."""
         s, store = self.settings, self.store
         policy = RetentionPolicy(max_age_s=s.event_retention, max_rows=s.event_retention_rows)
         cursors: dict[str, int] = {}
 
         async def step() -> bool:
             if not cursors:  # a new round
-                removed = await asyncio.to_thread(store.prune_samples, time.time() - s.history_retention)
-                if removed:
-                    log.info("pruned %d history samples", removed)
+                done = await asyncio.to_thread(store.maintain_history)
+                if done.rolled_up or done.raw_deleted or any(done.rollups_deleted.values()):
+                    log.info("history: rolled up %d samples, deleted %d raw, %s", done.rolled_up,
+                             done.raw_deleted, done.rollups_deleted)
             result = await asyncio.to_thread(store.apply_retention, policy, cursors=cursors)
             if result.events or result.decisions:
                 log.info("retention: deleted %d events and %d decisions", result.events, result.decisions)
@@ -186,12 +194,42 @@ def budget_limits(settings: CloudSettings) -> BudgetLimits:
                         burst_s=settings.node_burst, backlog=settings.node_max_backlog)
 
 
+def check_kube_reachable(kube: Kube) -> None:
+    """One request to the API server at the start, no retries: a controller that cannot reach it
+    would otherwise run on, retrying its Lease with warnings only. Any HTTP answer will do (a 401
+    or 403 is for the parts to report); a later outage is retried, as before."""
+    host = kube.api_client.configuration.host
+    try:
+        kube.api_client.rest_client.pool_manager.request("GET", f"{host}/version", retries=False, timeout=10.0)
+    except (HTTPError, OSError) as exc:
+        reason = getattr(exc, "reason", None) or exc
+        raise ConfigException(f"the API server at {host} does not answer ({str(reason)[:200]})") from None
+
+
+def sqlite_problem(db: str) -> str | None:
+    """For a SQLite URL, why its file cannot be made or written where it is (a missing, read-only
+    or blocked directory), in words to act on; None otherwise."""
+    url = sa.engine.make_url(db)
+    if not url.drivername.startswith("sqlite") or url.database in (None, "", ":memory:"):
+        return None
+    path = Path(url.database)
+    problem = directory_problem(path)
+    return f"fleet database {path}: {problem}" if problem else None
+
+
 def build(settings: CloudSettings) -> ControllerApp:
     """Every object of one controller process, wired; nothing started yet."""
-    # Kubernetes first: a missing kubeconfig must fail before anything is written.
+    # Kubernetes first: a missing kubeconfig or an API server that does not answer must fail
+    # before anything is written.
     kube = None if settings.no_kube else Kube.connect(settings.kubeconfig, settings.in_cluster)
     try:
-        store = FleetStore(settings.db, history_resolution_s=settings.history_resolution)
+        if kube is not None:
+            check_kube_reachable(kube)
+        problem = sqlite_problem(settings.db)
+        if problem is not None:
+            raise FleetStoreError(problem)
+        store = FleetStore(settings.db, history_resolution_s=settings.history_resolution,
+                           history_tiers=HistoryTiers(*settings.history_tier_spec))
     except BaseException:
         if kube is not None:
             kube.close()
@@ -212,7 +250,11 @@ async def serve(settings: CloudSettings) -> None:
     try:
         await web.TCPSite(runner, host, port).start()
     except OSError as exc:
-        log.error("cannot listen on %s: %s", settings.http, exc.strerror)
+        await runner.cleanup()
+        controller.close()
+        reason = os.strerror(exc.errno).lower() if exc.errno else str(exc)
+        print(f"kgpu: cannot listen on {settings.http} for the API: {reason}; choose another with --http HOST:PORT",
+              file=sys.stderr, flush=True)
         raise SystemExit(1) from None
     log.info("HTTP API listening", extra={"http": settings.http})
     try:

@@ -85,6 +85,7 @@ class EdgeDaemon:
         self.gpus: dict[int, GpuView] = {}
         self.driver_reachable = False
         self.driver_version: str | None = None
+        self._driver_problem: str | None = None  # what the last failed open said (said once, not per retry)
         self.probe_ok: bool | None = None
         self.probe_detail = ""
         self.store_problem: str | None = None
@@ -167,8 +168,15 @@ class EdgeDaemon:
             inventory: list[GpuInventory] = await self.runner.call(self.runner.driver.inventory)
         except (DriverError, DriverUnavailable, DriverTimeout) as exc:
             self.driver_reachable = False
-            log.error("GPU driver not reachable: %s", exc)
+            if str(exc) != self._driver_problem:  # a new cause is said; the retries of the same one are quiet
+                log.error("GPU driver not reachable: %s; retrying every cycle", exc)
+            else:
+                log.debug("GPU driver still not reachable: %s", exc)
+            self._driver_problem = str(exc)
             return
+        if self._driver_problem is not None:
+            log.info("GPU driver reachable again")
+            self._driver_problem = None
         self.driver_reachable = True
         self.driver_version = inventory[0].driver_version if inventory else None
         self._start_xid_watcher()

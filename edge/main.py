@@ -1,6 +1,15 @@
 """`kgpu edge run`: build the daemon from settings, serve HTTP, stop cleanly on SIGINT/SIGTERM,
 within `shutdown_timeout` seconds (the outbox is on disk at every commit; what a stop cut short
-loses is only what was still held in memory, and it is logged)."""
+loses is only what was still held in memory, and it is logged).
+
+What stops the start is said in one line on stderr (`kgpu: ...`) with exit status 1, no traceback:
+the HTTP port is taken. `--backend nvml` without an NVML library does not stop it: the daemon
+serves its API without GPUs (`/healthz` 503, `kgpu_driver_up 0`) and retries, as it does when the
+driver goes away later (a driver loaded after the daemon, a GPU in reset); the missing library is
+said once at the start, with the hint to run `--backend sim` where there is no GPU. A database that
+cannot be opened does not stop it either: it enforces on a temporary store and says why
+(edge/store/recovery.py).
+"""
 
 from __future__ import annotations
 
@@ -8,7 +17,8 @@ import asyncio
 import logging
 import os
 import signal
-from typing import Any
+import sys
+from typing import Any, NoReturn
 
 from aiohttp import web
 
@@ -26,10 +36,51 @@ def install_backend(settings: EdgeSettings):  # -> SimulatedNvml | None
         return None
     from edge import sim
 
-    return sim.install(settings.sim_gpus, settings.sim_model, permissions=settings.sim_permissions)
+    # the node name seeds the UUIDs: simulated nodes sharing a fleet never share a GPU UUID
+    return sim.install(settings.sim_gpus, settings.sim_model, permissions=settings.sim_permissions,
+                       seed=settings.node or "")
+
+
+def fail(message: str, code: int = 1) -> NoReturn:
+    """Say why in one line on stderr, as the CLI says configuration errors, and exit with `code`."""
+    print(f"kgpu: {message}", file=sys.stderr, flush=True)
+    logging.shutdown()
+    raise SystemExit(code)
+
+
+NO_NVML_HINT = ("is the NVIDIA driver installed (in a container: does the NVIDIA container toolkit give it "
+                "libnvidia-ml.so.1)? The daemon runs without GPUs and retries; to try kgpu without a GPU, "
+                "run with --backend sim")
+
+
+def missing_nvml(settings: EdgeSettings) -> str | None:
+    """With `--backend nvml`, why the NVML library cannot be loaded at all; None when it loads (or
+    fails only later: a driver not answering yet is the daemon's to retry)."""
+    if settings.backend != "nvml":
+        return None
+    import pynvml
+
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError_LibraryNotFound as exc:
+        return str(exc)
+    except pynvml.NVMLError:
+        return None
+    pynvml.nvmlShutdown()
+    return None
+
+
+def listen_problem(settings: EdgeSettings, exc: OSError) -> str:
+    """One line for a port that cannot be bound (taken, or a privileged port, or no such address)."""
+    reason = os.strerror(exc.errno).lower() if exc.errno else str(exc)
+    return (f"cannot listen on {settings.http} for the HTTP API: {reason} (another kgpu edge or exporter on "
+            "that port?); choose another with --http HOST:PORT")
 
 
 async def serve(settings: EdgeSettings, *, ready: asyncio.Event | None = None) -> None:
+    absent = await asyncio.to_thread(missing_nvml, settings)
+    if absent is not None:  # said once here; the daemon's retries say only what changes
+        log.error("--backend nvml: the NVML library cannot be loaded (%s): %s", absent, NO_NVML_HINT)
     simulated = install_backend(settings)
     daemon = EdgeDaemon(settings, sim=simulated)
     stop = asyncio.Event()
@@ -45,9 +96,10 @@ async def serve(settings: EdgeSettings, *, ready: asyncio.Event | None = None) -
     try:
         await site.start()
     except OSError as exc:
-        log.error("cannot listen on %s: %s", settings.http, exc.strerror)
         await daemon.stop()
-        raise SystemExit(1) from None
+        if simulated is not None:
+            simulated.uninstall()
+        fail(listen_problem(settings, exc))
     log.info("HTTP API listening", extra={"http": settings.http})
     if port == 0 and runner.addresses:  # the port the system chose: the ladder's commands reach it
         daemon.remediation.set_api_url(f"http://127.0.0.1:{runner.addresses[0][1]}")

@@ -18,7 +18,11 @@ the lab (kgpu/lab/, the `lab` extra):
   deleted (an owned one is recreated on another node, as its ReplicaSet would), a pod with no node
   is bound to the node its affinity names, and a deleted daemon pod is recreated from the
   DaemonSet's current template; here its node's edge process is then restarted reporting the
-  template's version (`KGPU_SIM_DAEMON_VERSION`).
+  template's version (`KGPU_SIM_DAEMON_VERSION`);
+* the GPU pods' processes (lab/workloads.py): each seeded GPU pod runs one process per GPU on its
+  node's simulated GPUs, with a fake proc root and a pod list per node, so that the edges attribute
+  energy and per-pod metrics to the pods; a process leaves its GPU when its pod leaves the node.
+Each node's GPUs have their own UUIDs (the node name seeds them); printed commands name kgpu by path.
 
 `--scenario` plays a narrated story (thermal spike, XID 79 migration, a node cut off, a rollout
 with that node offline, its return and replay, GPU partitioning: kgpu/demo_partitioning.py) and
@@ -31,6 +35,7 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -47,7 +52,7 @@ from typing import Any, TextIO
 from kgpu import demo_partitioning
 from kgpu.lab.broker import BrokerProcess, Uplinks, start_broker
 from kgpu.lab.cluster import ClusterPlayer, Replaced
-from kgpu.lab.kube import KubeEmulator
+from kgpu.lab.kube import KubeEmulator, raw
 from kgpu.lab.kubelet import KubeletThread
 from kgpu.lab.manifests import (
     EDGE_ROLE,
@@ -71,6 +76,7 @@ from kgpu.lab.processes import (
     reserve_port,
     wait_for,
 )
+from kgpu.lab.workloads import PodListServer, Workloads
 from shared import __version__
 
 NS, DAEMONSET = "kgpu", "kgpu-edge"
@@ -78,6 +84,16 @@ DS_LABELS = {"app": "kgpu-edge"}
 IMAGE_REPO = "kgpu/edge"
 POLICY_NAME = "edge-fleet"
 PRODUCTS = {"H100": ("NVIDIA-H100-80GB-HBM3", 81559), "A100": ("NVIDIA-A100-SXM4-80GB", 81920)}
+HEALTH_QUIET_PERIOD_S = 90  # demo pace: a GPU recovers after 90 s without a fault (the product's default: 5 min)
+
+
+def kgpu_command() -> str:
+    """How to run this kgpu from a fresh shell: the venv's own `kgpu` script by its path (a fresh
+    shell has no venv on its PATH), else this interpreter with `-m kgpu`."""
+    script = Path(sys.executable).with_name("kgpu")
+    if script.is_file() and os.access(script, os.X_OK):
+        return shlex.quote(str(script))
+    return f"{shlex.quote(sys.executable)} -m kgpu"
 
 
 class DemoError(LabError):
@@ -139,6 +155,8 @@ class Demo:
         self.uplink_ports: dict[str, int] = {}
         self.versions: dict[str, str] = {}
         self.pids_seen: list[int] = []
+        self.pod_lists: PodListServer | None = None  # each node's pod list, as its kubelet would serve it
+        self.workloads = Workloads(self.proc_root, self.edge_url)  # the GPU pods' processes
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._pool = concurrent.futures.ThreadPoolExecutor(8, thread_name_prefix="kgpu-demo")
@@ -172,6 +190,7 @@ class Demo:
                                      labels=DS_LABELS, kubelet=True, scheduler=True, narrate=self.say,
                                      defer=self._restarting.__contains__, workers=8)
         self.seed()
+        self.pod_lists = PodListServer(self.all_pods).start()
         self.uplinks = Uplinks(broker_port)
         self.cluster.start(self._on_replaced, interval=0.5)
         self.cloud = self._spawned(Child("controller", [
@@ -190,6 +209,8 @@ class Demo:
             self._start_edge(spec, __version__)
         wait(self._controller_up, 30, "the controller's API")
         wait(self._all_online, 45, f"all {len(self.specs)} nodes online at the controller")
+        self.workloads.place_pods(self.all_pods())  # then taken off a GPU when their pod leaves its node
+        self.workloads.sweep_until(self.all_pods, self._stop, self.say)
 
     def _controller_up(self) -> bool:
         if self.cloud is not None and not self.cloud.alive():
@@ -208,7 +229,11 @@ class Demo:
         node_dir.mkdir(exist_ok=True)
         config = node_dir / "edge.yaml"
         # Demo pace: statuses every 2 s, a GPU recovers after 90 s quiet; the rest is the product default.
-        config.write_text("status_interval: 2\nhealth_quiet_period: 90\n")
+        # GPU processes map to the demo's pods through the node's fake proc root and pod list.
+        assert self.pod_lists is not None
+        config.write_text(f"status_interval: 2\nhealth_quiet_period: {HEALTH_QUIET_PERIOD_S}\n"
+                          f"proc_root: {json.dumps(str(self.proc_root(spec.name)))}\n"
+                          f"pod_list_url: {json.dumps(self.pod_lists.url(spec.name))}\n")
         child = Child(f"edge {spec.name} v{version}", [
             sys.executable, "-m", "kgpu", "edge", "run", "--node", spec.name, "--backend", "sim",
             "--sim-gpus", str(spec.gpus), "--sim-model", spec.model, "--db", str(node_dir / "edge.db"),
@@ -224,6 +249,14 @@ class Demo:
 
     def edge_url(self, node: str) -> str:
         return f"http://127.0.0.1:{self.edge_ports[node]}"
+
+    def proc_root(self, node: str) -> Path:
+        """The node's fake /proc: a `cgroup` and `comm` per simulated GPU process (kgpu/lab/workloads.py)."""
+        return self.workdir / node / "proc"
+
+    def all_pods(self) -> list[dict[str, Any]]:
+        assert self.kube is not None
+        return list(raw(self.kube.core.list_pod_for_all_namespaces)["items"])
 
     # -- seeding the emulated cluster -------------------------------------------------------------
 
@@ -303,6 +336,8 @@ class Demo:
             kubelet.stop()
         if self.uplinks is not None:
             self.uplinks.stop()
+        if self.pod_lists is not None:
+            self.pod_lists.stop()
         if self.kube is not None:
             self.kube.stop()
         if self.o.keep:
@@ -315,18 +350,26 @@ class Demo:
     def print_intro(self) -> None:
         first = self.specs[0].name
         e1 = self.edge_url(first)
+        kgpu, quiet = kgpu_command(), HEALTH_QUIET_PERIOD_S
         self.say(f"""
 kgpu demo — {len(self.specs)} simulated GPU edge nodes, a controller and an emulated Kubernetes API
+(the commands below work as they are in any shell on this machine)
 
   dashboard / API     {self.base}/        (the controller)
-  fleet               curl -s {self.base}/api/v1/nodes | python3 -m json.tool
+  fleet               {kgpu} get nodes --server {self.base}
+  fleet as JSON       curl -s {self.base}/api/v1/nodes | python3 -m json.tool
   events, decisions   curl -s '{self.base}/api/v1/events?limit=20'
   migrations          curl -s {self.base}/api/v1/migrations
   policies            curl -s {self.base}/api/v1/policies
-  live MQTT view      kgpu watch --mqtt mqtt://127.0.0.1:{self.uplink_ports[first]}
+  live MQTT view      {kgpu} watch --mqtt mqtt://127.0.0.1:{self.uplink_ports[first]}
+  health quiet period {quiet} s (demo pace: a GPU is healthy again {quiet} s after its last fault;
+                      the setting health_quiet_period, 5 min by default on a real node)
 """)
         for spec in self.specs:
             self.say(f"  {spec.name}  {spec.zone}  {spec.gpus}x {spec.model}   edge API {self.edge_url(spec.name)}")
+        for w in self.workloads.placed:
+            self.say(f"  pod {w.namespace}/{w.pod} on {w.node} GPU {w.gpu}: process {w.pid}")
+        self.say(f"  energy per pod      curl -s {e1}/metrics | grep kgpu_pod")
         post = "curl -s -H 'Content-Type: application/json'"
         self.say(f"""
   heat up a GPU       {post} {e1}/api/v1/sim/gpus/0 -d '{{"utilization": 100, "ambient_c": 55}}'

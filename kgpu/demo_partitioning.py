@@ -65,7 +65,7 @@ def run(kube: KubeEmulator, kubelets: dict[str, KubeletThread], specs: list[Node
         say(f"  {spec.name} ({spec.model} x{spec.gpus}): kubelet sees {len(health)} {resource} devices"
             + (f", {len(unhealthy)} unhealthy{why}" if unhealthy else ", all healthy"))
     for spec in specs[:2] + [s for s in specs if s.model == "A100"][:1]:
-        labels: dict[str, Any] = wait_for(_bind(lambda s: _labels(kube, s.name), spec), timeout=timeout,
+        labels: dict[str, Any] = wait_for(_bind(lambda s: _labels(kube, s), spec), timeout=timeout,
                                           what=f"GFD labels on {spec.name}")
         say(f"  node {spec.name} labels: " + ", ".join(f"{k.removeprefix('nvidia.com/')}={labels[k]}"
                                                       for k in SHOWN_LABELS if k in labels))
@@ -78,6 +78,9 @@ def _bind(check: Callable[[NodeLike], Any], spec: NodeLike) -> Callable[[], Any]
     return lambda: check(spec)
 
 
-def _labels(kube: KubeEmulator, node: str) -> dict[str, Any] | None:
-    labels: dict[str, Any] = kube.core.read_node(node).metadata.labels or {}
-    return labels if "nvidia.com/gpu.replicas" in labels or "nvidia.com/mig.strategy" in labels else None
+def _labels(kube: KubeEmulator, spec: NodeLike) -> dict[str, Any] | None:
+    """The node's labels once they show its share (the labeller may write them over two passes)."""
+    labels: dict[str, Any] = kube.core.read_node(spec.name).metadata.labels or {}
+    if spec.model == "A100":
+        return labels if labels.get("nvidia.com/mig.strategy") == "mixed" else None
+    return labels if labels.get("nvidia.com/gpu.replicas") == str(REPLICAS) else None

@@ -73,6 +73,35 @@ class DemoRun:
                 pass
 
 
+def get(url: str) -> Any:
+    with urllib.request.urlopen(url, timeout=3) as resp:
+        return json.load(resp)
+
+
+def metrics(edge_url: str) -> str:
+    with urllib.request.urlopen(edge_url + "/metrics", timeout=3) as resp:
+        return str(resp.read().decode())
+
+
+def fresh_shell(command: str) -> subprocess.CompletedProcess[str]:
+    """`command` in a shell with an empty environment: no venv on the PATH, as a new terminal."""
+    return subprocess.run(["/usr/bin/env", "-i", "/bin/sh", "-c", command], capture_output=True, text=True,
+                          timeout=60)
+
+
+def the_printed_command_runs_in_a_fresh_shell(output: str) -> None:
+    """The printed `kgpu watch` line's program is found and answers; the printed `kgpu get nodes`
+    line, run as printed, lists the demo's nodes."""
+    watch = re.search(r"live MQTT view +(.+) watch --mqtt", output)
+    assert watch, output
+    result = fresh_shell(f"{watch.group(1)} version")
+    assert result.returncode == 0 and result.stdout.strip(), (watch.group(1), result)
+    fleet = re.search(r"^  fleet +(.+ get nodes .*)$", output, re.MULTILINE)
+    assert fleet, output
+    result = fresh_shell(fleet.group(1))
+    assert result.returncode == 0 and "edge-01" in result.stdout, (fleet.group(1), result)
+
+
 def alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -122,6 +151,18 @@ def test_demo_brings_up_the_fleet_and_ctrl_c_stops_every_process(broker: str) ->
         assert policy["policy"]["thermalThrottling"]["maxTempC"] == 80
         assert f"http://127.0.0.1:{demo.port}/" in demo.output and "kgpu watch --mqtt" in demo.output
         assert len(demo.pids()) == 6
+        assert "health quiet period 90 s" in demo.output
+        the_printed_command_runs_in_a_fresh_shell(demo.output)
+        edges = dict(re.findall(r"^  (edge-\d+) .*edge API (http://\S+)", demo.output, re.MULTILINE))
+        uuids = {node: {g["inventory"]["uuid"] for g in get(url + "/api/v1/gpus")["gpus"]}
+                 for node, url in edges.items()}
+        assert all(len(u) > 0 for u in uuids.values()) and len(set().union(*uuids.values())) == sum(
+            len(u) for u in uuids.values()), f"simulated nodes share GPU UUIDs: {uuids}"
+        # the seeded pods' processes run on their GPUs: energy and per-pod metrics name the pods
+        wait_for(lambda: 'pod_name="llm-train-6d8f9c7b5-x2lqp"' in metrics(edges["edge-01"]), timeout=30,
+                 what="energy attributed to the llm-train pod on edge-01")
+        assert re.search(r'kgpu_pod_gpu_utilization_percent\{[^}]*pod="vision-infer"[^}]*\} 35', metrics(
+            edges["edge-01"])), metrics(edges["edge-01"])
     finally:
         demo.proc.send_signal(signal.SIGINT)  # what Ctrl-C sends (the demo leads its own session here)
         code = demo.wait_exit(40)
@@ -161,6 +202,8 @@ def test_scenario_plays_every_step_to_the_end() -> None:
     assert "migration #1: complete completed" in out  # the XID 79's migration steps were narrated
     assert "kubelet stopped evicted pod default/llm-train" in out  # the demo played the cluster's part
     assert "ReplicaSet llm-train-6d8f9c7b5 recreated it" in out and "[cluster] error" not in out
+    # the evicted pod's processes left edge-01's GPUs with it, as the kubelet stopping it would
+    assert re.search(r"\[cluster\] default/llm-train-\S+ left edge-01: its process \d+ left GPU 0", out), out
     assert re.search(r"rollout #\d+ \w+: .*offline-deferred", out)  # the offline node did not block
     assert re.search(r"rollout #\d+ completed: \{'upgrade-done': 4\}", out)
     assert re.search(r"edge-04 \(A100 x4\): kubelet sees 28 nvidia.com/mig-1g.10gb devices", out), out

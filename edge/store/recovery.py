@@ -29,6 +29,7 @@ from sqlalchemy.pool import StaticPool
 
 from edge.store.base import StoreCorrupt, StoreError, StoreSchemaError, log
 from edge.store.generation import GenerationFile, fsync_directory
+from shared.paths import directory_problem
 
 SQLITE_HEADER = b"SQLite format 3\x00"
 SQLITE_HEADER_BYTES = 100  # the database header; a shorter file is truncated
@@ -174,6 +175,9 @@ def restore_from_backup(path: Path) -> None:
 def _temporary(store_class: type[Any], path: Path, node: str, options: dict[str, Any], reason: str,
                detail: str) -> tuple[Any, Recovery]:
     """A store that keeps the daemon enforcing when the real one cannot be opened."""
+    place = directory_problem(path)
+    if place is not None:  # the directory's fault: say that rather than SQLite's "unable to open"
+        reason = detail = place
     try:
         where = Path(tempfile.mkdtemp(prefix="kgpu-edge-store-")) / "edge.db"
         store = store_class(where, node, **options)
