@@ -167,11 +167,7 @@ def add_policy_and_rollout(app: typer.Typer, plain: dict[str, Any]) -> None:
         token_file: TokenFile = None,
     ) -> None:
         """Stop an active rollout where it is (the DaemonSet template stays as it is)."""
-        with one_line_errors():
-            api = api_for(server, token_file)
-            number = rollout_id if rollout_id is not None else newest_rollout(api, active_only=True)
-            api.request("POST", f"/api/v1/rollouts/{number}/cancel")
-            typer.echo(f"rollout {number} cancelled")
+        _act_on_rollout(rollout_id, server, token_file, "cancel", "rollout {} cancelled")
 
     @rollout_app.command("rollback")
     def rollback(
@@ -180,11 +176,17 @@ def add_policy_and_rollout(app: typer.Typer, plain: dict[str, Any]) -> None:
         token_file: TokenFile = None,
     ) -> None:
         """Roll an active rollout back: the nodes it restarted go back to the previous template."""
-        with one_line_errors():
-            api = api_for(server, token_file)
-            number = rollout_id if rollout_id is not None else newest_rollout(api, active_only=True)
-            api.request("POST", f"/api/v1/rollouts/{number}/rollback")
-            typer.echo(f"rollout {number}: rollback requested")
+        _act_on_rollout(rollout_id, server, token_file, "rollback", "rollout {}: rollback requested")
+
+
+def _act_on_rollout(rollout_id: int | None, server: str | None, token_file: Path | None, action: str,
+                    said: str) -> None:
+    """POST /api/v1/rollouts/{id}/<action> on the given rollout, or the active one."""
+    with one_line_errors():
+        api = api_for(server, token_file)
+        number = rollout_id if rollout_id is not None else newest_rollout(api, active_only=True)
+        api.request("POST", f"/api/v1/rollouts/{number}/{action}")
+        typer.echo(said.format(number))
 
 
 def _amount(value: str | None) -> int | str | None:
