@@ -3,7 +3,7 @@ the event's id, so a request is taken once whichever replica leads and however o
 sent it), and the fleet view the breaker decides on, read in one transaction.
 
 Blocking: the manager calls it in a thread. Node liveness and GPU health are read through the
-store's methods (`FleetQueries`); the requests are the stored events that have no row yet.
+store's methods (`FleetQueries`), and so are the requests: the stored events that have no row yet.
 """
 
 from __future__ import annotations
@@ -14,14 +14,12 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.engine import Connection
 
 from cloud.commands.repository import CommandRepository
 from cloud.reboots.breaker import Decision, Ended, Grant, NodeState, Verdict, command_id
-from cloud.store import FleetStore, events_table
+from cloud.store import FleetStore
 from cloud.store.schema import reboots_table
 from shared.gpu import Health
-from shared.protocol import Kind
 
 REQUEST_BATCH = 500  # new requests taken per scan
 OPEN_VERDICTS = (str(Verdict.HOLD), str(Verdict.DENY))  # decided again on every scan
@@ -68,7 +66,7 @@ class RebootRepository:
         r = reboots_table
         snap = Snapshot()
         with self.store.reading("reboot scan") as conn:
-            snap.new = _new_requests(conn)
+            snap.new = [_new_request(row) for row in self.store.reboot_requests(REQUEST_BATCH, conn)]
             snap.open = [_request(dict(row._mapping)) for row in conn.execute(
                 sa.select(r).where(r.c.verdict.in_(OPEN_VERDICTS)).order_by(r.c.event_id))]
             grants: dict[str, Grant] = {}  # one per reboot: a grant's rows share its command
@@ -144,25 +142,17 @@ class RebootRepository:
             return [dict(row._mapping) for row in conn.execute(query)]
 
 
-def _new_requests(conn: Connection) -> list[RequestRow]:
-    """`reboot_request` events that have no row yet, oldest first. (The one read of the events
-    table outside the store: it anti-joins our own table, in our transaction.)"""
-    e, r = events_table, reboots_table
-    taken = sa.select(r.c.event_id).where(r.c.event_id == e.c.id).exists()
-    query = (sa.select(e.c.id, e.c.node, e.c.seq, e.c.ts, e.c.received_at, e.c.body)
-             .where(e.c.kind == str(Kind.REBOOT_REQUEST), ~taken).order_by(e.c.id).limit(REQUEST_BATCH))
-    out = []
-    for row in conn.execute(query):
-        body = row.body if isinstance(row.body, Mapping) else {}
-        index, attempt = body.get("gpu_index"), body.get("attempt")
-        out.append(RequestRow(
-            event_id=int(row.id), node=row.node, seq=int(row.seq),
-            gpu_index=index if isinstance(index, int) else None,
-            gpu_uuid=str(body["gpu_uuid"])[:200] if body.get("gpu_uuid") else None,
-            reason=str(body.get("reason") or "")[:2000],
-            attempt=attempt if isinstance(attempt, int) and attempt >= 1 else 1,
-            requested_at=float(row.ts), received_at=float(row.received_at)))
-    return out
+def _new_request(row: Mapping[str, Any]) -> RequestRow:
+    """A stored `reboot_request` event (FleetQueries.reboot_requests) as a request to decide."""
+    body = row["body"] if isinstance(row["body"], Mapping) else {}
+    index, attempt = body.get("gpu_index"), body.get("attempt")
+    return RequestRow(
+        event_id=int(row["id"]), node=row["node"], seq=int(row["seq"]),
+        gpu_index=index if isinstance(index, int) else None,
+        gpu_uuid=str(body["gpu_uuid"])[:200] if body.get("gpu_uuid") else None,
+        reason=str(body.get("reason") or "")[:2000],
+        attempt=attempt if isinstance(attempt, int) and attempt >= 1 else 1,
+        requested_at=float(row["ts"]), received_at=float(row["received_at"]))
 
 
 def _request(row: Mapping[str, Any]) -> RequestRow:

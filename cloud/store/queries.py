@@ -25,6 +25,7 @@ from cloud.store.schema import (
     gpus_table,
     migration_triggers_table,
     nodes_table,
+    reboots_table,
     samples_table,
 )
 from shared.gpu import Health
@@ -328,6 +329,16 @@ class FleetQueries(StoreBase):
                  .order_by(e.c.id).limit(max(0, limit)))
         with self._using("migration requests", conn) as c:
             return [dict(r._mapping) for r in c.execute(query)]
+
+    def reboot_requests(self, limit: int = 500, conn: Connection | None = None) -> list[dict[str, Any]]:
+        """`reboot_request` events the reboot part has not taken yet (no `reboots` row), oldest
+        first: `id`, `node`, `seq`, `ts`, `received_at`, `body`."""
+        e, r = events_table, reboots_table
+        taken = sa.select(r.c.event_id).where(r.c.event_id == e.c.id).exists()
+        query = (sa.select(e.c.id, e.c.node, e.c.seq, e.c.ts, e.c.received_at, e.c.body)
+                 .where(e.c.kind == str(Kind.REBOOT_REQUEST), ~taken).order_by(e.c.id).limit(max(0, limit)))
+        with self._using("reboot requests", conn) as c:
+            return [dict(row._mapping) for row in c.execute(query)]
 
     def gpu_health_history(self, nodes: Sequence[str], limit: int = 5000,
                            conn: Connection | None = None) -> dict[tuple[str, str], list[tuple[float, float, str]]]:
