@@ -25,7 +25,8 @@ from edge import health as health_rules
 from edge.actions import DRIVER_ACTIONS, Action, ActionKind
 from edge.config import EdgeSettings
 from edge.cycle import GpuView, decide
-from edge.driver.nvml import DriverError, DriverRefused, DriverUnavailable, NvmlDriver
+from edge.devices.base import DriverError, DriverRefused, DriverUnavailable
+from edge.driver.nvml import NvmlDriver
 from edge.driver.runner import DriverRunner, DriverTimeout
 from edge.driver.xid import XidWatcher
 from edge.energy import EnergyAccountant

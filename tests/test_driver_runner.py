@@ -7,7 +7,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from edge.driver.nvml import DriverRefused, DriverTimeout, NvmlDriver
+from edge.devices.base import DriverRefused, DriverTimeout
+from edge.driver.nvml import NvmlDriver
 from edge.driver.runner import DriverRunner
 from edge.sim import SimulatedNvml, install
 

@@ -29,7 +29,8 @@ from typing import Any
 import pytest
 
 from cloud.clock_skew import ClockSkewEstimator
-from edge.driver.nvml import DriverTimeout, NvmlDriver
+from edge.devices.base import DriverTimeout
+from edge.driver.nvml import NvmlDriver
 from edge.driver.runner import DriverRunner
 from edge.sim import install
 from kgpu.lab.broker import Mosquitto, mosquitto_binary

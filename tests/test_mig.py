@@ -13,8 +13,9 @@ from pathlib import Path
 import pynvml
 import pytest
 
+from edge.devices.base import DriverRefused
 from edge.driver.mig import MigDriver, MigState
-from edge.driver.nvml import DriverRefused, NvmlDriver
+from edge.driver.nvml import NvmlDriver
 from edge.sim import SimulatedNvml
 from edge.sim.nvml.mig_state import PERSISTED_MIG_MODE
 from shared.mig import ImpossibleLayout, place, profiles_for

@@ -9,16 +9,8 @@ from pathlib import Path
 import pynvml
 import pytest
 
-from edge.driver.nvml import (
-    DriverError,
-    DriverRefused,
-    DriverUnavailable,
-    NvmlDriver,
-    cuda_version_text,
-    milliwatts_to_watts,
-    sysfs_bus_id,
-    watts_to_milliwatts,
-)
+from edge.devices.base import DriverError, DriverRefused, DriverUnavailable
+from edge.driver.nvml import NvmlDriver, cuda_version_text, milliwatts_to_watts, sysfs_bus_id, watts_to_milliwatts
 from edge.driver.xid import XidWatcher
 from edge.sim import SimulatedNvml, install
 from shared.gpu import XidEvent

@@ -20,7 +20,8 @@ from typing import Any, TypeVar
 
 import pynvml
 
-from edge.driver.nvml import DriverError, DriverRefused, NvmlDriver, code_name
+from edge.devices.base import DriverError, DriverRefused
+from edge.driver.nvml import NvmlDriver, code_name
 from shared.logs import get_logger
 from shared.mig import ImpossibleLayout, Placement, place, profiles_for
 from shared.partitioning import MigLayout

@@ -27,6 +27,7 @@ from typing import Any, TypeVar
 
 import pynvml
 
+from edge.devices.base import DriverError, DriverRefused, DriverUnavailable
 from edge.driver.fields import read_extras
 from edge.driver.gpm import FIGURES as GPM_FIGURES
 from edge.driver.gpm import GpmReader
@@ -70,27 +71,6 @@ _THROTTLE_READERS: list[Callable[..., int]] = [
 # nvmlDeviceGetArchitecture -> the family name GPU Feature Discovery writes (nvidia.com/gpu.family)
 _ARCHITECTURES = {2: "kepler", 3: "maxwell", 4: "pascal", 5: "volta", 6: "turing", 7: "ampere",
                   8: "ada-lovelace", 9: "hopper", 10: "blackwell"}
-
-
-class DriverError(Exception):
-    """An NVML call failed. `code_name` is NVML's name for it, e.g. "GpuIsLost"."""
-
-    def __init__(self, code_name: str, message: str) -> None:
-        super().__init__(f"{code_name}: {message}")
-        self.code_name = code_name
-        self.message = message
-
-
-class DriverRefused(DriverError):
-    """The driver refused a change (NoPermission, NotSupported, InvalidArgument): advisory."""
-
-
-class DriverUnavailable(DriverError):
-    """NVML is not usable, even after re-initialising it."""
-
-
-class DriverTimeout(DriverError):
-    """A driver call did not return in time (see DriverRunner)."""
 
 
 class _GpuLost(Exception):

@@ -18,7 +18,8 @@ import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from edge.driver.nvml import DriverTimeout, NvmlDriver
+from edge.devices.base import DriverTimeout
+from edge.driver.nvml import NvmlDriver
 from shared.gpu import GpuInventory, GpuSample
 from shared.logs import get_logger
 

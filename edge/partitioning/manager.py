@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from edge.deviceplugin.devices import PluginDevice, replica_id
+from edge.devices.base import DriverError
 from edge.driver.mig import MigDeviceInfo, MigDriver, MigState
-from edge.driver.nvml import DriverError
 from edge.driver.runner import DriverRunner
 from edge.partitioning.plan import (
     GpuMigFacts,

@@ -23,7 +23,7 @@ from typing import Protocol
 
 from edge import health as health_rules
 from edge.config import EdgeSettings
-from edge.driver.nvml import DriverError, DriverUnavailable
+from edge.devices.base import DriverError, DriverUnavailable
 from edge.driver.runner import DriverRunner, DriverTimeout
 from edge.remediation import diagnostics
 from edge.remediation.catalogue import Remedy
