@@ -6,6 +6,7 @@ reader can tell "not supported" from "zero".
 """
 
 from enum import StrEnum
+from typing import Literal
 
 from pydantic import Field
 
@@ -36,6 +37,14 @@ class GpuInventory(WireModel):
     supported_memory_clocks_mhz: list[int] = Field(default_factory=list)
     supported_sm_clocks_mhz: list[int] = Field(default_factory=list)  # for the highest memory clock
     numa_node: int | None = None
+    # The device layer (edge/devices/, issue 16): who made the device, which backend reads it, the
+    # platform within the vendor ("jetson-orin", "instinct", "flex", ...), the extended resource its
+    # device plugin advertises, and what it can do (edge/devices/base.py Capability values).
+    vendor: Literal["nvidia", "amd", "intel"] = "nvidia"
+    backend: Literal["nvml", "jetson", "amd", "intel"] = "nvml"
+    platform: str | None = Field(None, max_length=64)
+    resource_name: str | None = Field(None, max_length=253)
+    capabilities: list[str] = Field(default_factory=list, max_length=32)
     missing: list[str] = Field(default_factory=list)
 
 

@@ -111,6 +111,12 @@ class GpuSummary(WireModel):
     pods: list[str] = Field(default_factory=list, max_length=1000)
     # Where the remediation ladder stands for this GPU (edge/remediation/): None when in service.
     remediation: str | None = Field(None, max_length=200)
+    # The device layer (issue 16), from the inventory; None from an older edge (an NVIDIA GPU on NVML).
+    vendor: Literal["nvidia", "amd", "intel"] | None = None
+    backend: Literal["nvml", "jetson", "amd", "intel"] | None = None
+    platform: str | None = Field(None, max_length=64)
+    resource_name: str | None = Field(None, max_length=253)
+    capabilities: list[str] | None = Field(None, max_length=32)
 
 
 class StatusBody(WireModel):
