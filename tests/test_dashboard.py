@@ -364,9 +364,9 @@ def test_dashboard_in_a_real_browser(fleet: dict[str, Any], broker: Any, tmp_pat
             assert cards.count() == 2
             for i in range(2):
                 uuid = cards.nth(i).get_attribute("data-uuid") or ""
-                for chart in ("temperature", "power", "utilization", "memory"):
+                for chart in ("temperature", "power", "utilization", "memory", "clocks"):
                     assert _chart_points(page, uuid, chart) >= 4, (uuid, chart)
-            assert page.locator(".gpu-card figure[data-drawn='1']").count() >= 8
+            assert page.locator(".gpu-card figure[data-drawn='1']").count() >= 10
             legend = page.locator(".gpu-card figure[data-chart='temperature']").first.inner_text().lower()
             assert "maxtempc" in legend and "critical" in legend and "83 °c" in legend  # the default policy's line
             assert "limit" in page.locator(".gpu-card figure[data-chart='power']").first.inner_text().lower()

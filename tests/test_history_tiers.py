@@ -61,7 +61,8 @@ def gpu0(k: int, ts: float | None = None) -> GpuSample:
     """GPU-0's k-th sample (every 10 s): figures that make every bucket's mean different, and a
     power reading only every other sample (a mean over the samples that have the figure)."""
     return sample(0, T0 + 10 * k if ts is None else ts, temperature_c=40.0 + k,
-                  power_w=100.0 + k if k % 2 == 0 else None, memory_used_bytes=1000 * k)
+                  power_w=100.0 + k if k % 2 == 0 else None, memory_used_bytes=1000 * k,
+                  sm_clock_mhz=1000 + k, memory_clock_mhz=2619, memory_util_pct=float(k % 3))
 
 
 def fill(store: FleetStore, samples: int) -> None:
@@ -93,6 +94,7 @@ def test_every_sample_is_kept_raw_and_a_message_delivered_twice_once(store: Flee
     answer = store.history(NODE, now=T0 + 20)
     assert answer.tier == "raw"
     assert [(r["uuid"], r["ts"] - T0) for r in answer.rows] == [("GPU-0", 0), ("GPU-1", 0), ("GPU-0", 10)]
+    assert [r["sm_clock_mhz"] for r in answer.rows] == [1000, None, 1001]  # clocks kept at every sample
     assert answer.resolution_s == 10.0  # the spacing the edges sample at (the cloud is not told it)
     assert raw_count(store) == 3
 
@@ -119,6 +121,9 @@ def test_roll_up_means_late_samples_and_retention_per_tier(store: FleetStore) ->
         assert row["power_w"] == pytest.approx(100 + 6 * j + 2)  # the even k of the bucket only
         assert row["memory_used_bytes"] == 6000 * j + 2500 and isinstance(row["memory_used_bytes"], int)
         assert row["power_limit_w"] == 300.0 and row["utilization_pct"] == 50.0
+        # the clock chart's figures: means too, the clocks whole MHz
+        assert row["sm_clock_mhz"] == round(1000 + 6 * j + 2.5) and isinstance(row["sm_clock_mhz"], int)
+        assert row["memory_clock_mhz"] == 2619 and row["memory_util_pct"] == pytest.approx(1.0)
     tens = rollups(store, 600)
     assert {b: r.n for b, r in tens.items()} == {0.0: 60, 600.0: 30}
     assert tens[600.0].temperature_c_sum / tens[600.0].temperature_c_n == pytest.approx(40 + 74.5)
@@ -157,6 +162,8 @@ def test_the_finest_tier_that_fits_the_range_in_limit_points_answers(store: Flee
     assert [r["ts"] for r in rows] == sorted(r["ts"] for r in rows) and rows[0]["ts"] == now - 300
     tier, resolution, rows = read(now - 300, 20)  # 60 samples do not fit in 20 points: 1-minute means
     assert (tier, resolution, len(rows)) == ("60s", 60.0, 10)
+    tier, _, rows = read(now - 600 - 5, 5000)  # "the last 10 minutes", asked a moment before `now`
+    assert tier == "raw" and len(rows) == 120
     tier, _, rows = read(now - 1200, 5000)  # raw keeps 10 minutes only
     assert (tier, len(rows)) == ("60s", 40)
     tier, _, rows = read(now - 2000, 5000)  # 1-minute means keep 30 minutes

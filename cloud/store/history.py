@@ -245,10 +245,13 @@ class HistoryMixin(StoreBase):
         return [_bucket_row(r._mapping) for r in rows]
 
 
+_WHOLE_FIGURES = frozenset({"memory_used_bytes", "sm_clock_mhz", "memory_clock_mhz"})  # means rounded
+
+
 def _bucket_row(row: Any) -> dict[str, Any]:
     """A roll-up row in the shape of a raw sample: the bucket's start as `ts`, the means."""
     out: dict[str, Any] = {"node": row["node"], "uuid": row["uuid"], "ts": float(row["bucket_ts"])}
     for name in ROLLED_UP_FIGURES:
         mean = bucket_mean(row[f"{name}_sum"], row[f"{name}_n"])
-        out[name] = round(mean) if mean is not None and name == "memory_used_bytes" else mean
+        out[name] = round(mean) if mean is not None and name in _WHOLE_FIGURES else mean
     return out

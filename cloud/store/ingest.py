@@ -297,6 +297,9 @@ class IngestCore(StoreBase):
                     "health": str(s.health), "power_limit_w": s.power_limit_w, "sample": None,
                     "sample_ts": None, "updated_at": now, "pci_bus_id": s.pci_bus_id,
                     "driver_version": s.driver_version, "pods": list(s.pods), "remediation": s.remediation,
+                    "vendor": s.vendor, "backend": s.backend, "platform": s.platform,
+                    "resource_name": s.resource_name,
+                    "capabilities": list(s.capabilities) if s.capabilities is not None else None,
                 }
             for sample in sorted(w.samples, key=lambda x: x.ts):  # the newest of the batch wins
                 newest[(w.name, sample.uuid)] = sample
@@ -379,6 +382,9 @@ class IngestCore(StoreBase):
                         "power_limit_w": sample.power_limit_w,
                         "utilization_pct": sample.utilization_pct,
                         "memory_used_bytes": sample.memory_used_bytes,
+                        "memory_util_pct": sample.memory_util_pct,
+                        "sm_clock_mhz": sample.sm_clock_mhz,
+                        "memory_clock_mhz": sample.memory_clock_mhz,
                     }
                 )
         stmt = self.insert(s).on_conflict_do_nothing(index_elements=["node", "uuid", "ts"])
@@ -430,7 +436,7 @@ _NODE_MUTABLE = (
 )
 _GPU_SUMMARY_COLUMNS = (  # what a status sets
     "index", "name", "health", "power_limit_w", "updated_at", "pci_bus_id", "driver_version", "pods",
-    "remediation")
+    "remediation", "vendor", "backend", "platform", "resource_name", "capabilities")
 
 
 def _check_batch(batch: Sequence[Incoming]) -> None:

@@ -22,7 +22,8 @@ RowId = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
 metadata = sa.MetaData()
 
 # The figures of a sample that the history's coarser tiers keep the mean of.
-ROLLED_UP_FIGURES = ("temperature_c", "power_w", "power_limit_w", "utilization_pct", "memory_used_bytes")
+ROLLED_UP_FIGURES = ("temperature_c", "power_w", "power_limit_w", "utilization_pct", "memory_used_bytes",
+                     "memory_util_pct", "sm_clock_mhz", "memory_clock_mhz")
 
 nodes_table = sa.Table(
     "nodes",
@@ -66,6 +67,12 @@ gpus_table = sa.Table(
     sa.Column("driver_version", sa.String(64)),
     sa.Column("pods", JsonType),  # from the status: "namespace/name" of the pods using this GPU; NULL: not told
     sa.Column("remediation", sa.String(200)),  # from the status: the edge's remediation stage; NULL: in service
+    # the device layer (issue 16, alembic 0011), from the status; NULL: an older edge (NVIDIA on NVML)
+    sa.Column("vendor", sa.String(16)),  # nvidia | amd | intel
+    sa.Column("backend", sa.String(16)),  # nvml | jetson | amd | intel
+    sa.Column("platform", sa.String(64)),  # jetson-orin, instinct, flex, ...
+    sa.Column("resource_name", sa.String(253)),  # the device plugin's extended resource (amd.com/gpu, ...)
+    sa.Column("capabilities", JsonType),  # what the device can do (edge/devices/base.py Capability values)
 )
 
 samples_table = sa.Table(
@@ -85,6 +92,9 @@ samples_table = sa.Table(
     sa.Column("power_limit_w", sa.Float),
     sa.Column("utilization_pct", sa.Float),
     sa.Column("memory_used_bytes", sa.BigInteger),
+    sa.Column("memory_util_pct", sa.Float),  # the dashboard's memory and clock charts (alembic 0010)
+    sa.Column("sm_clock_mhz", sa.Integer),
+    sa.Column("memory_clock_mhz", sa.Integer),
     # unique: a telemetry message delivered twice stores its samples once (ON CONFLICT DO NOTHING)
     sa.Index("ix_samples_node_uuid_ts", "node", "uuid", "ts", unique=True),
     sa.Index("ix_samples_ts", "ts"),

@@ -55,14 +55,21 @@ class HistoryTiers:
         return (Tier(0, self.raw_retention_s), *(Tier(int(r), float(k)) for r, k in self.rollups))
 
 
+# A range that starts up to this fraction of a tier's retention before what the tier keeps is still
+# answered by it: a dashboard asking for "the last hour" computes `since` a moment before the
+# controller's `now`, and would otherwise get 1-minute means instead of every sample. The oldest
+# seconds of such a range may be blank (pruned); the rest keeps its resolution.
+REACH_SLACK = 0.05
+
+
 def candidate_tiers(tiers: HistoryTiers, *, now: float, since: float | None) -> list[Tier]:
     """The tiers that can answer a read starting at `since`, finest first: those that still keep
-    data that old. Without `since` (the newest points): every tier. Never empty: when no tier
-    reaches back that far, the coarsest (it holds what is left)."""
+    data that old (within REACH_SLACK). Without `since` (the newest points): every tier. Never
+    empty: when no tier reaches back that far, the coarsest (it holds what is left)."""
     every = list(tiers.tiers)
     if since is None:
         return every
-    reaching = [t for t in every if since >= now - t.retention_s]
+    reaching = [t for t in every if since >= now - t.retention_s * (1 + REACH_SLACK)]
     return reaching or every[-1:]
 
 

@@ -566,7 +566,7 @@
           { label: "used", color: COLORS.mem, values: column(rows, "memory_used_bytes", 2 ** 30), width: 2 },
           { label: "total", color: COLORS.total, values: flat(memTotal ? memTotal / 2 ** 30 : null), dash: [6, 4] }] }),
         timeChart({ id: "clocks", title: "Clocks", unit: "MHz", xs, yMin: 0, syncKey: key, series: clocks,
-          none: `no clock history in this range (the controller's history keeps none); now: SM ${num(s.sm_clock_mhz, 0, " MHz")}, ` +
+          none: `no clock readings in this range (an edge older than the clock history sends none); now: SM ${num(s.sm_clock_mhz, 0, " MHz")}, ` +
             `memory ${num(s.memory_clock_mhz, 0, " MHz")}` })));
   }
 
