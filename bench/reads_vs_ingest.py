@@ -6,8 +6,10 @@ simulator (kgpu/lab/fleetsim/) driving `live` of those nodes: telemetry every `i
 (acked after the commit) every `event-every` on average. Three windows of `seconds` each:
 
 - alone: ingest only;
-- tabs: plus `tabs` dashboard tabs, each polling `GET /api/v1/dashboard/fleet` (its first page, as
-  the dashboard does) every 2.5 s;
+- tabs: plus `tabs` readers, each polling `GET /api/v1/dashboard/fleet` (its first page) every
+  2.5 s, as the dashboard did before it followed the server push: a dashboard tab now holds one
+  `GET /api/v1/dashboard/stream` whose snapshot the controller builds once for every tab
+  (cloud/http/dashboard.py), so this window is an upper bound for `tabs` open dashboards;
 - hammer: plus `tabs` readers walking the WHOLE fleet back to back through the fleet call's pages
   (500 nodes a page) and `GET /api/v1/nodes` (2,000 a page): far more than any dashboard.
 
@@ -46,7 +48,7 @@ from kgpu.lab.processes import wait_for
 from tests.helpers.cloud_process import CloudProcess
 from tests.helpers.fleet_fill import fill
 
-POLL_S = 2.5  # the dashboard's poll interval (cloud/http/dashboard_static/app.js)
+POLL_S = 2.5  # the dashboard's poll interval before the server push (issue 15)
 
 
 @dataclass
