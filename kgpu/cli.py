@@ -238,7 +238,8 @@ def _demo_port(value: str) -> int:
 def watch(
     mqtt: Annotated[str | None, typer.Option(
         help="Broker URL mqtt://host:port or mqtts://, user:pass@ optional", envvar="KGPU_MQTT")] = None,
-    node: Annotated[str | None, typer.Option(help="Only messages about this node")] = None,
+    node: Annotated[str | None, typer.Option(
+        help="Only this node: its messages, and a per-GPU view (health, temperature, power and limit)")] = None,
     kind: Annotated[str | None, typer.Option(
         help="Only this topic kind (status, telemetry, events, ack, policy, commands) or envelope kind "
              "(decision, health, xid, migration_request, command_result, offline_summary, command)")] = None,
