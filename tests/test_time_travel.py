@@ -25,7 +25,7 @@ import pytest
 import sqlalchemy as sa
 
 from cloud.store import FleetStore, Incoming
-from kgpu.lab.processes import wait_for
+from kgpu.lab.processes import TimedOut, wait_for
 from shared.protocol import (
     AckBody,
     ActionOutcome,
@@ -307,8 +307,17 @@ def test_an_edge_database_restored_from_a_backup_loses_no_new_event(
     wait_for(lambda: query(edge.db, "SELECT count(*) FROM events_log WHERE kind = 'migration_request'")[0][0] == 2,
              timeout=30, what="two migration requests recorded")
     new = edge_event_ids(edge.db) - backed_up
-    wait_for(lambda: new <= {msg_id for _, _, msg_id, _ in cloud_events(cloud)}, timeout=60,
-             what="every event recorded after the restore stored in the cloud")
+    try:
+        wait_for(lambda: new <= {msg_id for _, _, msg_id, _ in cloud_events(cloud)}, timeout=60,
+                 what="every event recorded after the restore stored in the cloud")
+    except TimedOut as exc:  # name the missing events and what both sides said about epochs
+        missing = new - {msg_id for _, _, msg_id, _ in cloud_events(cloud)}
+        rows = query(edge.db, "SELECT id, seq, kind FROM events_log UNION ALL SELECT id, seq, 'decision' FROM decisions")
+        outbox = query(edge.db, "SELECT seq FROM outbox ORDER BY seq")
+        said = [line for process in (cloud, edge) for line in log_lines(process, "epoch")][-12:]
+        raise AssertionError(f"{exc}; missing (id, edge seq, kind): {[r for r in rows if r[0] in missing]}; "
+                             f"edge outbox seqs {[r[0] for r in outbox][:20]}; cloud acked_seq {acked_seq(cloud)}; "
+                             f"logs: {said}") from exc
 
     events = cloud_events(cloud)
     ids = [msg_id for _, _, msg_id, _ in events]
