@@ -139,6 +139,10 @@ class EdgeSync:
         # cloud has been told the epoch it belongs to (it files events under the epoch it knows).
         self._announced_epoch: str | None = None
         self._left_epoch: str | None = None  # the epoch a conflict made us leave: its late acks are expected
+        # True while a conflict renumbers the outbox into a new epoch: the store already names the
+        # new epoch while `acked_upto` still holds the old one's, and a status pairing the two would
+        # tell the cloud that the new epoch's first seqs were acked (it would then drop them).
+        self._switching_epoch = False
         # Held while events are read and published, and while a new epoch renumbers them: an
         # event read under the old epoch is never published after the new epoch's status.
         self._send_lock = asyncio.Lock()
@@ -241,6 +245,8 @@ class EdgeSync:
     def _publish_status(self, *, force: bool = False, state: str = "online") -> None:
         """Retained status when something an operator cares about changed, or periodically."""
         assert self.mqtt is not None
+        if self._switching_epoch:
+            return  # the switch publishes the new epoch's status itself, once acked_upto matches it
         body = self.daemon.status_body()
         if state == "offline":
             body = body.model_copy(update={"state": "offline"})
@@ -386,23 +392,27 @@ class EdgeSync:
             if ack.epoch is not None and ack.epoch != store.epoch:
                 return  # another conflict ack of the old epoch got here first
             upto = min(ack.upto, self.max_published)
+            old = store.epoch
+            self._switching_epoch = True
             try:
                 if upto > self.acked_upto:
                     await asyncio.to_thread(store.ack, upto)
                     self.acked_upto = upto
-                old = store.epoch
                 await asyncio.to_thread(store.start_new_epoch, NEW_EPOCH_REASON)
             except StoreError as exc:  # the events stay; the cloud says conflict again at the re-send
                 log.error("the cloud reports a seq conflict (our database went back in time), but the "
                           "outbox cannot start a new epoch now: %s", exc)
                 return
+            finally:
+                if store.epoch != old:  # the new epoch is in place (even if this task was cancelled)
+                    self.acked_upto = self._highest_sent = self.max_published = 0
+                    self._oldest_unacked_sent_at = None
+                self._switching_epoch = False
             log.warning("the cloud holds other events under seqs we sent in epoch %s: started epoch %s, "
                         "sending the unacked events again under it", old, store.epoch,
                         extra={"old_epoch": old, "epoch": store.epoch, "acked_upto": upto})
             self.conflicts += 1
             self._left_epoch = old
-            self.acked_upto = self._highest_sent = self.max_published = 0
-            self._oldest_unacked_sent_at = None
             self._publish_status(force=True)  # before any event of the new epoch (see _send_some)
         await self.daemon.refresh_outbox_depth()
         self.daemon.outbox_changed.set()
