@@ -11,7 +11,7 @@ fi
 if [ ! -x /usr/lib/rabbitmq/bin/rabbitmq-server ]; then
   extra_rabbitmq=rabbitmq-server-script:rabbitmq-server  # no such command: always installs the package
 fi
-KGPU_EXTRAS=test scripts/bootstrap.sh ${extra_pg:-} ${extra_rabbitmq:-} promtool:prometheus mosquitto:mosquitto mosquitto_sub:mosquitto-clients chromium:chromium faketime:faketime
+KGPU_EXTRAS=test scripts/bootstrap.sh ${extra_pg:-} ${extra_rabbitmq:-} promtool:prometheus mosquitto:mosquitto mosquitto_sub:mosquitto-clients chromium:chromium faketime:faketime gcc:gcc
 echo "==> ruff (rules in pyproject.toml)"
 .venv/bin/ruff check shared edge cloud kgpu bench tests
 echo "==> mypy (files and options in pyproject.toml)"

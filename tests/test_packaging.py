@@ -94,8 +94,9 @@ def test_a_bare_install_pulls_no_mock_test_library_cluster_client_or_database_dr
     assert edge - core == {"nvidia-ml-py", "grpcio", "protobuf"}, (where, edge - core)
     cloud = _resolve(requirements, ("cloud",))
     assert cloud - core == CLUSTER_AND_DATABASE, (where, cloud - core)
-    lab = _resolve(requirements, ("lab",))
-    assert lab - core == {"nvidia-ml-py", "grpcio", "protobuf", "kmock", "amqtt"} | CLUSTER_AND_DATABASE, (
+    assert _resolve(requirements, ("amd",)) - core == {"amdsmi"}, where  # AMD's bindings, nothing else
+    lab = _resolve(requirements, ("lab",))  # the demo's mixed fleet runs simulated AMD nodes
+    assert lab - core == {"nvidia-ml-py", "grpcio", "protobuf", "amdsmi", "kmock", "amqtt"} | CLUSTER_AND_DATABASE, (
         where, lab - core)
     assert _resolve(requirements, ("demo",)) == lab, where
     test = _resolve(requirements, ("test",))
