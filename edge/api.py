@@ -90,6 +90,8 @@ async def healthz(request: web.Request) -> web.Response:
         "status": "ok" if healthy else "unhealthy",
         "node": daemon.node,
         "version": __version__,
+        "backend": daemon.backend.backend,  # nvml, jetson, amd or intel (edge/devices/)
+        "vendor": daemon.backend.vendor,
         "reasons": reasons,
         "degraded": degraded,
         "uptime_s": round(time.time() - daemon.started_at, 1),
@@ -119,6 +121,7 @@ async def gpus(request: web.Request) -> web.Response:
                 },
                 "last_xid": view.last_xid,
                 "draining": view.draining,
+                "remediation": view.remediation,  # the ladder's stage (edge/remediation/); None: in service
             }
         )
     return web.json_response({"node": daemon.node, "gpus": out})

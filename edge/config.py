@@ -15,7 +15,18 @@ from shared.policy import PowerPolicy, Seconds
 from shared.settings import HostPort, HttpHeaderTimeout, HttpRequestTimeout, KgpuSettings, MqttUrl, parse_host_port
 from shared.topics import NODE_NAME_RE
 
-SIM_MODELS = ("H100", "A100", "A100-40GB", "A10", "T4")
+# The simulated models and which simulation (and backend) each is: NVML's libnvidia-ml (edge/sim/),
+# Jetson's sysfs tree (edge/sim/jetson/), AMD's libamd_smi (edge/sim/amd/), Intel's hwmon tree
+# (edge/sim/intel/).
+SIM_MODEL_BACKENDS: dict[str, Literal["nvml", "jetson", "amd", "intel"]] = {
+    "H100": "nvml", "A100": "nvml", "A100-40GB": "nvml", "A10": "nvml", "T4": "nvml",
+    "ORIN-NANO": "jetson", "ORIN-NX": "jetson", "AGX-ORIN": "jetson",
+    "MI210": "amd", "MI300X": "amd",
+    "FLEX170": "intel",
+}
+SIM_MODELS = tuple(SIM_MODEL_BACKENDS)
+SimModel = Literal["H100", "A100", "A100-40GB", "A10", "T4", "ORIN-NANO", "ORIN-NX", "AGX-ORIN", "MI210", "MI300X",
+                   "FLEX170"]
 
 
 class EdgeSettings(KgpuSettings):
@@ -64,9 +75,18 @@ class EdgeSettings(KgpuSettings):
     # -- HTTP limits (docs/api.md), as on the controller --
     http_header_timeout: HttpHeaderTimeout
     http_request_timeout: HttpRequestTimeout
-    backend: Literal["nvml", "sim"] = Field("nvml", description="nvml: the real libnvidia-ml; sim: simulated GPUs")
+    backend: Literal["nvml", "jetson", "amd", "intel", "auto", "sim"] = Field(
+        "nvml", description="nvml: NVIDIA GPUs through libnvidia-ml; jetson: a Jetson module's sysfs (devfreq, "
+        "thermal zones, power rails, nvpmodel); amd: AMD GPUs through amdsmi; intel: Intel GPUs through the "
+        "xe/i915 hwmon and sysfs files; auto: the first of jetson, nvml, amd, intel the node has; sim: "
+        "simulated GPUs (the backend of --sim-model's vendor, at its real interface). docs/devices.md")
     sim_gpus: int = Field(2, ge=1, le=64, description="Number of simulated GPUs (backend sim)")
-    sim_model: Literal["H100", "A100", "A100-40GB", "A10", "T4"] = Field("H100", description="Simulated GPU model")
+    sim_model: SimModel = Field(
+        "H100", description="Simulated GPU model: H100, A100, A100-40GB, A10, T4 (NVML); ORIN-NANO, ORIN-NX, "
+        "AGX-ORIN (Jetson); MI210, MI300X (AMD); FLEX170 (Intel)")
+    sysfs_root: Path = Field(
+        Path("/"), description="Where the host's sys/, proc/ and etc/ are read (backends jetson and intel; "
+        "in a container, the host's / mounted read-only, e.g. /host)")
     sim_permissions: Literal["root", "none"] = Field(
         "root", description="none: the simulated driver refuses setters, as in an unprivileged container"
     )
@@ -94,9 +114,11 @@ class EdgeSettings(KgpuSettings):
     kubelet_dir: Path = Field(
         Path("/var/lib/kubelet/device-plugins"),
         description="The kubelet's device-plugin directory: registers at DIR/kubelet.sock, serves a socket in it")
-    resource_name: str = Field(
-        "nvidia.com/gpu", pattern=r"^[a-z0-9.-]+/[a-z0-9.-]+$", max_length=253,
-        description="The resource whole GPUs are advertised as (another name runs beside NVIDIA's plugin)")
+    resource_name: str | None = Field(
+        None, pattern=r"^[a-z0-9.-]+/[a-z0-9.-]+$", max_length=253,
+        description="The resource whole GPUs are advertised as (another name runs beside the vendor's plugin); "
+        "default: the backend's: nvidia.com/gpu (NVML, Jetson), amd.com/gpu, gpu.intel.com/i915 or "
+        "gpu.intel.com/xe")
     # -- which pod uses which GPU (edge/podresources/) --
     pod_resources_socket: Path | None = Field(
         Path("/var/lib/kubelet/pod-resources/kubelet.sock"),
@@ -118,7 +140,8 @@ class EdgeSettings(KgpuSettings):
         "PATH. Unset: not run")
     remediation_reset_command: str | None = Field(
         "nvidia-smi --gpu-reset -i {index}", description="Resets one GPU once no process holds it; unset: no "
-        "reset, a fault that needs one goes to the reboot step")
+        "reset, a fault that needs one goes to the reboot step. Left at its default on --backend amd: "
+        "amd-smi reset --gpureset -g {index}; jetson and intel have no GPU reset (docs/devices.md)")
     remediation_reset_timeout: Seconds = Field(120.0, ge=1.0, description="Upper bound on the reset command")
     remediation_max_resets: int = Field(
         2, ge=0, le=10, description="Resets tried for one fault before the ladder asks for a reboot")
@@ -149,6 +172,17 @@ class EdgeSettings(KgpuSettings):
     def _sim_only(self) -> EdgeSettings:
         if self.sim_daemon_version is not None and self.backend != "sim":
             raise ValueError("sim_daemon_version is only for --backend sim")
+        return self
+
+    @model_validator(mode="after")
+    def _one_gpu_on_a_jetson(self) -> EdgeSettings:
+        """A Jetson module has one integrated GPU: a simulated one defaults to it, and asking for
+        more is a configuration error rather than a traceback at start-up."""
+        if self.backend != "sim" or SIM_MODEL_BACKENDS[self.sim_model] != "jetson":
+            return self
+        if "sim_gpus" in self.model_fields_set and self.sim_gpus != 1:
+            raise ValueError(f"a Jetson module ({self.sim_model}) has one GPU: --sim-gpus 1, not {self.sim_gpus}")
+        self.sim_gpus = 1
         return self
 
     @model_validator(mode="after")

@@ -38,6 +38,12 @@ class GpuView:
     # Where the remediation ladder stands (edge/remediation/); None: in service. While set, the
     # device plugin advertises the GPU unhealthy (fenced), whatever its health says.
     remediation: str | None = None
+    # The policy (name, version) whose powerCapWatts was put to a GPU that reports no power limit
+    # range (a Jetson): once per policy, the backend applies it its own way or refuses with its reason.
+    cap_put: tuple[str, int] | None = None
+    # AMD and Intel: the GPU's /dev/dri nodes (from sysfs at start-up), which the device plugin hands
+    # to a container (edge/deviceplugin/allocation.py); () for NVIDIA, whose runtime does that
+    device_nodes: tuple[str, ...] = ()
 
 
 def decide(views: Mapping[int, GpuView], samples: Mapping[int, GpuSample | None], xids: list[XidEvent],
@@ -75,8 +81,34 @@ def decide(views: Mapping[int, GpuView], samples: Mapping[int, GpuSample | None]
         if index in views:
             views[index].policy_state = policy_state
     actions.extend(power_actions)
+    actions.extend(caps_without_range(views, usable, policy))
     for action in actions:
         if action.kind is ActionKind.REQUEST_MIGRATION:
             events.append((Kind.MIGRATION_REQUEST, MigrationRequestBody(
                 gpu_index=action.gpu_index, gpu_uuid=action.gpu_uuid, trigger=action.rule, reason=action.reason)))
     return actions, events
+
+
+def caps_without_range(views: Mapping[int, GpuView], samples: list[GpuSample], policy: PowerPolicy) -> list[Action]:
+    """The policy's powerCapWatts for the GPUs the power rules cannot act on (the inventory has no
+    power limit range: a Jetson's integrated GPU), once per policy version: the backend applies it
+    its own way or refuses it, and the decision is advisory with the device's reason (issue 16)."""
+    cap = policy.power_cap_watts
+    if cap is None:
+        return []
+    actions = []
+    for sample in samples:
+        view = views.get(sample.index)
+        if view is None or sample.lost or (policy.name, policy.version) == view.cap_put:
+            continue
+        inventory = view.inventory
+        if None not in (inventory.power_limit_min_w, inventory.power_limit_max_w, inventory.power_limit_default_w):
+            continue  # the power rules act on it (edge/policy.py)
+        view.cap_put = (policy.name, policy.version)
+        actions.append(Action(
+            kind=ActionKind.SET_POWER_LIMIT, gpu_index=sample.index, gpu_uuid=sample.uuid,
+            rule=policy_rules.RULE_POWER_CAP, value=cap, inputs={"power_cap_w": cap, "policy_name": policy.name,
+                                                                 "policy_version": policy.version},
+            reason=f"GPU {sample.index}: powerCapWatts {cap:.0f} W of policy {policy.name!r} v{policy.version}; "
+                   f"the {inventory.backend} backend reports no power limit range"))
+    return actions

@@ -25,7 +25,9 @@ from edge import health as health_rules
 from edge.actions import DRIVER_ACTIONS, Action, ActionKind
 from edge.config import EdgeSettings
 from edge.cycle import GpuView, decide
-from edge.devices.base import DriverError, DriverRefused, DriverUnavailable
+from edge.deviceplugin.devices import drm_nodes
+from edge.devices.base import Capability, DeviceBackend, DriverError, DriverRefused, DriverUnavailable
+from edge.devices.select import make_backend
 from edge.driver.nvml import NvmlDriver
 from edge.driver.runner import DriverRunner, DriverTimeout
 from edge.driver.xid import XidWatcher
@@ -72,11 +74,13 @@ class DaemonCounters:
 
 
 class EdgeDaemon:
-    def __init__(self, settings: EdgeSettings, *, sim: Any | None = None) -> None:
+    def __init__(self, settings: EdgeSettings, *, sim: Any | None = None, backend: DeviceBackend | None = None) -> None:
         self.settings = settings
         self.node: str = settings.node or ""
-        self.sim = sim  # the SimulatedNvml when --backend sim: enables the fault endpoint
-        self.runner = DriverRunner(NvmlDriver(), timeout_s=settings.nvml_timeout)
+        self.sim = sim  # the simulation when --backend sim (SimulatedNvml or a vendor's): the fault endpoint
+        # the device backend (edge/devices/): NVML, Jetson, AMD or Intel; chosen by edge/devices/select.py
+        self.backend: DeviceBackend = backend if backend is not None else make_backend(settings, sim)
+        self.runner = DriverRunner(self.backend, timeout_s=settings.nvml_timeout)
         self.store, self.store_recovery = open_edge_store(settings.db, self.node)
         self.store.set_outbox_bound(settings.outbox_max_bytes, settings.outbox_max_events)
         self.energy = EnergyAccountant()
@@ -117,13 +121,18 @@ class EdgeDaemon:
         if settings.remediation:
             self.cycle_listeners.append(lambda _samples: self.remediation.after_cycle(self.gpus))
         self.partitions = PartitionManager(self.runner, self.store, self.record,
-                                           default_resource=settings.resource_name, resolve_pod=self.pods.resolve)
+                                           default_resource=self.resource_name, resolve_pod=self.pods.resolve)
         self.cycle_listeners.append(lambda _samples: self.partitions.after_cycle(self.gpus))
         # which pod uses which GPU (the kubelet's pod-resources API, else NVML's processes): the
         # status lists them, so that a fault moves only that GPU's pods (edge/podresources/)
         self.cycle_listeners.append(lambda _samples: self._refresh_pod_map())
 
     # ---- set-up -------------------------------------------------------------------------
+
+    @property
+    def resource_name(self) -> str:
+        """The extended resource whole GPUs are advertised as: --resource-name, else the backend's."""
+        return self.settings.resource_name or self.backend.resource_name
 
     def _initial_policy(self) -> tuple[PowerPolicy, str]:
         """The cached policy (last one from the cloud) wins over the config file's when newer."""
@@ -160,7 +169,8 @@ class EdgeDaemon:
         log.info(
             "edge daemon started",
             extra={"gpus": len(self.gpus), "policy": self.policy.name, "policy_version": self.policy.version,
-                   "policy_source": self.policy_source, "backend": self.settings.backend},
+                   "policy_source": self.policy_source, "backend": self.backend.backend,
+                   "resource": self.resource_name},
         )
 
     async def _open_driver(self) -> None:
@@ -180,28 +190,35 @@ class EdgeDaemon:
             self._driver_problem = None
         self.driver_reachable = True
         self.driver_version = inventory[0].driver_version if inventory else None
-        self._start_xid_watcher()
+        self.partitions.default_resource = self.resource_name  # a backend may learn its name on open (i915/xe)
+        self._start_xid_watcher(inventory)
+        nodes = await asyncio.to_thread(lambda: {gpu.index: drm_nodes(self.settings.sysfs_root, gpu.pci_bus_id)
+                                                 for gpu in inventory if gpu.vendor != "nvidia"})
         for gpu in inventory:
             view = self.gpus.get(gpu.index)
             if view is None:
-                self.gpus[gpu.index] = GpuView(inventory=gpu, draining=gpu.uuid in self._drained_at_start)
+                view = self.gpus[gpu.index] = GpuView(inventory=gpu, draining=gpu.uuid in self._drained_at_start)
             else:
                 view.inventory = gpu
+            view.device_nodes = nodes.get(gpu.index, ())
         try:
             await asyncio.to_thread(self.store.save_inventory, inventory)
         except StoreError as exc:
             log.warning("cannot save the inventory: %s", exc)
 
-    def _start_xid_watcher(self) -> None:
-        """XIDs arrive on the watcher's own thread; hand each to the loop's queue."""
-        if self._xid_watcher is not None:
+    def _start_xid_watcher(self, inventory: list[GpuInventory]) -> None:
+        """XIDs arrive on the watcher's own thread; hand each to the loop's queue. Only NVML has
+        them (Capability.XID_EVENTS); the other backends' faults show in their samples."""
+        if self._xid_watcher is not None or not isinstance(self.backend, NvmlDriver):
+            return
+        if inventory and not any(Capability.XID_EVENTS in gpu.capabilities for gpu in inventory):
             return
         loop = asyncio.get_running_loop()
         def on_xid(event: XidEvent) -> None:  # on the watcher's thread
             loop.call_soon_threadsafe(self._xids.put_nowait, event)
             loop.call_soon_threadsafe(self._wake.set)  # act on it now, not at the next interval
 
-        self._xid_watcher = XidWatcher(self.runner.driver, on_xid)
+        self._xid_watcher = XidWatcher(self.backend, on_xid)
         self._xid_watcher.start()
 
     async def stop(self) -> None:
@@ -518,7 +535,8 @@ class EdgeDaemon:
         if self.runner.not_answering:
             # until a call returns again; kgpu_driver_call_timeouts keeps the count for good
             last = self.runner.last_timeout.message if self.runner.last_timeout else ""
-            degraded.append(f"GPU driver not answering: {last} ({self.runner.timeouts} NVML calls timed out)")
+            degraded.append(f"GPU driver not answering: {last} ({self.runner.timeouts} "
+                            f"{'NVML' if self.backend.backend == 'nvml' else self.backend.backend} calls timed out)")
         return healthy, reasons, degraded
 
     def degraded_conditions(self) -> list[str]:
@@ -537,6 +555,12 @@ class EdgeDaemon:
                          "still recording (kgpu_outbox_over_bound_events_total counts them)")
         return found
 
+    def _device_fields(self, inventory: GpuInventory) -> dict[str, Any]:
+        """GpuSummary's device-layer fields (issue 16), from the inventory."""
+        return {"vendor": inventory.vendor, "backend": inventory.backend, "platform": inventory.platform,
+                "resource_name": self.settings.resource_name or inventory.resource_name or self.resource_name,
+                "capabilities": list(inventory.capabilities)}
+
     def status_body(self) -> StatusBody:
         _, _, degraded = self.health_report()
         return StatusBody(
@@ -548,7 +572,8 @@ class EdgeDaemon:
                            pci_bus_id=v.inventory.pci_bus_id, driver_version=v.inventory.driver_version,
                            memory_total_bytes=v.inventory.memory_total_bytes, cuda_version=v.inventory.cuda_version,
                            architecture=v.inventory.architecture, pods=self.pod_map.pods_of(v.inventory.uuid),
-                           remediation=self.remediation.stage(v.inventory.uuid), **self.partitions.summary(i, v))
+                           remediation=self.remediation.stage(v.inventory.uuid), **self._device_fields(v.inventory),
+                           **self.partitions.summary(i, v))
                 for i, v in sorted(self.gpus.items())
             ],
             **self.partitions.status_fields(),

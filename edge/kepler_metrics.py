@@ -45,7 +45,7 @@ class KeplerCollector(Collector):
                 if watts is not None and idle is not None:
                     active = max(watts - idle, 0.0)
             gpus.append(KeplerGpu(
-                index=index, uuid=inv.uuid, name=inv.name,
+                index=index, uuid=inv.uuid, name=inv.name, vendor=inv.vendor,  # Kepler's own `vendor` label
                 joules=g.joules if g else 0.0, idle_joules=g.idle_joules if g else 0.0,
                 active_joules=g.active_joules if g else 0.0,
                 watts=watts, idle_watts=idle, active_watts=active,

@@ -3,12 +3,13 @@ within `shutdown_timeout` seconds (the outbox is on disk at every commit; what a
 loses is only what was still held in memory, and it is logged).
 
 What stops the start is said in one line on stderr (`kgpu: ...`) with exit status 1, no traceback:
-the HTTP port is taken. `--backend nvml` without an NVML library does not stop it: the daemon
-serves its API without GPUs (`/healthz` 503, `kgpu_driver_up 0`) and retries, as it does when the
-driver goes away later (a driver loaded after the daemon, a GPU in reset); the missing library is
-said once at the start, with the hint to run `--backend sim` where there is no GPU. A database that
-cannot be opened does not stop it either: it enforces on a temporary store and says why
-(edge/store/recovery.py).
+the HTTP port is taken; `--backend auto` finds no accelerator (the line says what each probe found);
+a vendor backend (or its simulation) that is not installed. `--backend nvml` without an NVML
+library does not stop it: the daemon serves its API without GPUs (`/healthz` 503,
+`kgpu_driver_up 0`) and retries, as it does when the driver goes away later (a driver loaded after
+the daemon, a GPU in reset); the missing library is said once at the start, with the hint to run
+`--backend sim` where there is no GPU. A database that cannot be opened does not stop it either: it
+enforces on a temporary store and says why (edge/store/recovery.py).
 """
 
 from __future__ import annotations
@@ -25,20 +26,31 @@ from aiohttp import web
 from edge.api import make_app
 from edge.config import EdgeSettings
 from edge.daemon import EdgeDaemon
+from edge.devices.base import DeviceBackend
+from edge.devices.select import BackendNotFound, install_sim, make_backend, resolve
 from shared.logs import get_logger
 
 log = get_logger(__name__)
 
 
-def install_backend(settings: EdgeSettings):  # -> SimulatedNvml | None
-    """With `--backend sim`, put the simulated libnvidia-ml in place before anything calls NVML."""
+def install_backend(settings: EdgeSettings) -> Any:
+    """With `--backend sim`, put the simulation of `--sim-model` in place before anything calls the
+    device interface (the simulated libnvidia-ml, or a vendor's simulated interface); else None."""
     if settings.backend != "sim":
         return None
-    from edge import sim
+    return install_sim(settings)
 
-    # the node name seeds the UUIDs: simulated nodes sharing a fleet never share a GPU UUID
-    return sim.install(settings.sim_gpus, settings.sim_model, permissions=settings.sim_permissions,
-                       seed=settings.node or "")
+
+def choose_backend(settings: EdgeSettings) -> tuple[Any, DeviceBackend]:
+    """The simulation (with `--backend sim`) and the device backend; BackendNotFound says why none."""
+    name = resolve(settings)  # `auto` probes the node here
+    simulated = install_backend(settings)
+    try:
+        return simulated, make_backend(settings, simulated, backend=name)
+    except BaseException:
+        if simulated is not None:
+            simulated.uninstall()
+        raise
 
 
 def fail(message: str, code: int = 1) -> NoReturn:
@@ -81,8 +93,13 @@ async def serve(settings: EdgeSettings, *, ready: asyncio.Event | None = None) -
     absent = await asyncio.to_thread(missing_nvml, settings)
     if absent is not None:  # said once here; the daemon's retries say only what changes
         log.error("--backend nvml: the NVML library cannot be loaded (%s): %s", absent, NO_NVML_HINT)
-    simulated = install_backend(settings)
-    daemon = EdgeDaemon(settings, sim=simulated)
+    try:
+        simulated, backend = await asyncio.to_thread(choose_backend, settings)
+    except BackendNotFound as exc:
+        fail(str(exc))
+    log.info("device backend: %s (%s, resource %s)", backend.backend, backend.vendor,
+             settings.resource_name or backend.resource_name, extra={"backend": backend.backend})
+    daemon = EdgeDaemon(settings, sim=simulated, backend=backend)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):

@@ -3,7 +3,9 @@
 GPU figures are dcgm-exporter's series, built by shared/dcgm.py (the same builder a cloud
 exporter can use): its metric names, types and labels (`gpu`, `UUID`, `pci_bus_id`, `device`,
 `modelName`, `Hostname`, `DCGM_FI_DRIVER_VERSION`, and `pod`/`namespace`/`container` for a GPU
-a pod's process runs on) so that existing dashboards and alerts work unchanged. promtool's
+a pod's process runs on) so that existing dashboards and alerts work unchanged; those series are
+NVIDIA's (vendor nvidia: NVML and Jetson), never an AMD's or an Intel's. Every vendor's figures are
+the `kgpu_gpu_*` families, each with a `vendor` label (nvidia, amd, intel). promtool's
 linter flags those camelCase label names and dcgm-exporter's counters without `_total`; they are
 kept on purpose and are the only lint findings (see tests/test_metrics.py); `render` writes those
 counters under their own names. The per-GPU `kgpu_gpu_*` series carry `Hostname` too, so a
@@ -13,7 +15,7 @@ is `kgpu_*`.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry
@@ -24,7 +26,7 @@ from edge.kepler_metrics import KeplerCollector
 from edge.pods import PodRef
 from shared import __version__
 from shared.dcgm import DcgmGpu, PodOnGpu, dcgm_families, exposition
-from shared.gpu import Health
+from shared.gpu import GpuSample, Health
 
 if TYPE_CHECKING:
     from edge.daemon import EdgeDaemon
@@ -45,6 +47,8 @@ class EdgeCollector(Collector):
         d = self.daemon
         gpus = []
         for view in d.gpus.values():
+            if view.inventory.vendor != "nvidia":  # DCGM's names are NVIDIA's: another vendor's are kgpu_gpu_*
+                continue
             sample = view.sample
             on_gpu = [] if sample is None else [pods[p.pid] for p in sample.processes if p.pid in pods]
             gpus.append(DcgmGpu(view.inventory, sample, view.last_xid,
@@ -80,6 +84,34 @@ class EdgeCollector(Collector):
                                       float(value))
         yield from (util, memory)
 
+    def _figures(self, labels: list[str]) -> Iterator[Metric]:
+        """Every vendor's sample figures under one set of names (DCGM's are NVIDIA's only): a figure
+        the device does not give (None, in the sample's `missing`) has no series."""
+        families: list[tuple[GaugeMetricFamily | CounterMetricFamily, Callable[[GpuSample], float | None]]] = [
+            (GaugeMetricFamily("kgpu_gpu_utilization_percent", "GPU utilisation (in %).", labels=labels),
+             lambda s: s.utilization_pct),
+            (GaugeMetricFamily("kgpu_gpu_power_watts", "Power draw.", labels=labels), lambda s: s.power_w),
+            (GaugeMetricFamily("kgpu_gpu_temperature_celsius", "GPU temperature.", labels=labels),
+             lambda s: s.temperature_c),
+            (GaugeMetricFamily("kgpu_gpu_memory_used_bytes", "GPU memory used.", labels=labels),
+             lambda s: s.memory_used_bytes),
+            (GaugeMetricFamily("kgpu_gpu_clock_mhz", "GPU (SM, graphics) clock.", labels=labels),
+             lambda s: s.sm_clock_mhz),
+            (CounterMetricFamily("kgpu_gpu_energy_joules", "GPU energy since the driver loaded (the device's "
+                                 "counter, or its power integrated by the backend).", labels=labels),
+             lambda s: s.energy_mj / 1000.0 if s.energy_mj is not None else None),
+        ]
+        for index, view in sorted(self.daemon.gpus.items()):
+            sample = view.sample
+            if sample is None or sample.lost:
+                continue
+            short = [str(index), view.inventory.uuid, self.daemon.node, view.inventory.vendor]
+            for family, read in families:
+                value = read(sample)
+                if value is not None:
+                    family.add_metric(short, float(value))
+        yield from (family for family, _ in families)
+
     def _store_families(self) -> Iterator[Metric]:
         """The store's recovery, the outbox bound and the log pruning (edge/store/)."""
         d = self.daemon
@@ -112,9 +144,10 @@ class EdgeCollector(Collector):
             return GaugeMetricFamily(name, doc, labels=labels)
 
         pods_by_pid = self._pods_by_pid()
-        yield from dcgm_families(node, self._dcgm_gpus(pods_by_pid))
+        if d.backend.vendor == "nvidia":  # an AMD or Intel node serves no DCGM family at all, not even empty
+            yield from dcgm_families(node, self._dcgm_gpus(pods_by_pid))
         yield from self._per_pod(node, pods_by_pid)
-        short_labels = ["gpu", "uuid", "Hostname"]
+        short_labels = ["gpu", "uuid", "Hostname", "vendor"]
         limit = gauge("kgpu_gpu_power_limit_watts", "Enforced power limit.", short_labels)
         throttle = gauge("kgpu_gpu_throttle_reasons", "NVML clocks-event reason bit mask.", short_labels)
         health = gauge("kgpu_gpu_health", "1 for the GPU's current health state.", [*short_labels, "state"])
@@ -123,7 +156,7 @@ class EdgeCollector(Collector):
 
         for index, view in sorted(d.gpus.items()):
             sample = view.sample
-            short = [str(index), view.inventory.uuid, node]
+            short = [str(index), view.inventory.uuid, node, view.inventory.vendor]
             for state in Health:
                 health.add_metric([*short, state.value], 1.0 if view.health.health is state else 0.0)
             steps.add_metric(short, view.policy_state.thermal_steps)
@@ -135,6 +168,7 @@ class EdgeCollector(Collector):
             if sample.throttle_reasons is not None:
                 throttle.add_metric(short, float(sample.throttle_reasons))
         yield from (limit, throttle, health, steps, saving)
+        yield from self._figures(short_labels)
 
         xids = CounterMetricFamily("kgpu_xid_errors", "XID errors seen, by GPU and XID.", labels=["gpu", "xid"])
         for (index, code), count in sorted(d.counters.xids.items()):
@@ -166,14 +200,15 @@ class EdgeCollector(Collector):
         yield mig_energy
         partitioned = GaugeMetricFamily("kgpu_gpu_devices_advertised", "Devices a GPU is advertised as (itself, "
                                         "its time-slicing replicas or its MIG devices), by resource.",
-                                        labels=["gpu", "uuid", "Hostname", "resource"])
+                                        labels=["gpu", "uuid", "Hostname", "vendor", "resource"])
         advertised: dict[tuple[str, str], int] = {}
         for plugged in d.partitions.devices():
             slot = (plugged.gpu_uuid, plugged.resource)
             advertised[slot] = advertised.get(slot, 0) + 1
         index_of = {view.inventory.uuid: str(i) for i, view in d.gpus.items()}
+        vendor_of = {view.inventory.uuid: view.inventory.vendor for view in d.gpus.values()}
         for (uuid, resource), count in sorted(advertised.items()):
-            partitioned.add_metric([index_of.get(uuid, ""), uuid, node, resource], count)
+            partitioned.add_metric([index_of.get(uuid, ""), uuid, node, vendor_of.get(uuid, ""), resource], count)
         yield partitioned
         yield CounterMetricFamily("kgpu_node_gpu_idle_joules", "GPU idle energy of the node.",
                                   value=d.energy.idle_joules)
@@ -223,7 +258,8 @@ class EdgeCollector(Collector):
             yield rejected
         info = GaugeMetricFamily("kgpu_build_info", "The daemon's version.",
                                  labels=["version", "backend", "driver_version"])
-        info.add_metric([__version__, d.settings.backend, d.driver_version or ""], 1.0)
+        backend = "sim" if d.settings.backend == "sim" else d.backend.backend  # auto: the one it chose
+        info.add_metric([__version__, backend, d.driver_version or ""], 1.0)
         yield info
 
 

@@ -113,25 +113,29 @@ def edge_run(
     mqtt: Annotated[str | None, typer.Option(help="Broker URL mqtt://[user:pass@]host:port or mqtts://")] = None,
     db: Annotated[Path | None, typer.Option(help="SQLite file of the edge store [/var/lib/kgpu/edge.db]")] = None,
     http: Annotated[str | None, typer.Option(help="HOST:PORT or PORT for the HTTP API [0.0.0.0:9410]")] = None,
-    backend: Annotated[str | None, typer.Option(help="nvml (real GPUs) or sim (simulated) [nvml]")] = None,
-    sim_gpus: Annotated[int | None, typer.Option(help="Simulated GPUs (backend sim) [2]")] = None,
+    backend: Annotated[str | None, typer.Option(
+        help="nvml, jetson, amd, intel, auto (probe the node) or sim (simulated; docs/devices.md) [nvml]")] = None,
+    sim_gpus: Annotated[int | None, typer.Option(help="Simulated GPUs (backend sim; a Jetson has 1) [2]")] = None,
     sim_model: Annotated[str | None, typer.Option(
-        help="H100, A100 (80 GB), A100-40GB, A10 or T4 (backend sim) [H100]")] = None,
+        help="H100, A100 (80 GB), A100-40GB, A10, T4, ORIN-NANO, ORIN-NX, AGX-ORIN, MI210, MI300X or FLEX170 "
+             "(backend sim) [H100]")] = None,
+    sysfs_root: Annotated[Path | None, typer.Option(
+        help="Where the host's sys/, proc/ and etc/ are (backends jetson, intel, auto) [/]")] = None,
     interval: Annotated[str | None, typer.Option(help="Sampling interval, seconds or e.g. '2s' [5]")] = None,
     log_level: Annotated[str | None, typer.Option(help="debug, info, warning or error [info]")] = None,
     device_plugin: Annotated[bool | None, _flag(
         "--device-plugin/--no-device-plugin", help="Also serve the kubelet device-plugin API v1beta1 [off]")] = None,
     kubelet_dir: Annotated[Path | None, typer.Option(
         help="The kubelet's device-plugin directory [/var/lib/kubelet/device-plugins]")] = None,
-    resource_name: Annotated[str | None, typer.Option(help="Resource whole GPUs are advertised as [nvidia.com/gpu]")]
-    = None,
+    resource_name: Annotated[str | None, typer.Option(
+        help="Resource whole GPUs are advertised as [the backend's: nvidia.com/gpu, amd.com/gpu, ...]")] = None,
     config: ConfigOpt = None,
 ) -> None:
     """Run the edge daemon: sample the GPUs, keep them healthy and inside their power policy."""
     _run_edge(
         {"node": node, "mqtt": mqtt, "db": db, "http": _http_flag(http), "backend": backend, "sim_gpus": sim_gpus,
          "sim_model": sim_model, "interval": interval, "log_level": log_level, "device_plugin": device_plugin,
-         "kubelet_dir": kubelet_dir, "resource_name": resource_name},
+         "kubelet_dir": kubelet_dir, "resource_name": resource_name, "sysfs_root": sysfs_root},
         config,
     )
 

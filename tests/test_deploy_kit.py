@@ -48,6 +48,10 @@ CRD_GROUPS = {
 # manifest each one replaces.
 VARIANTS = {
     "edge/daemonset-device-plugin.yaml": "edge/daemonset.yaml",  # the edge as device plugin (docs/device-plugin.md)
+    # the other backends (docs/devices.md): Jetson modules, AMD and Intel GPU nodes
+    "edge/daemonset-jetson.yaml": "edge/daemonset.yaml",
+    "edge/daemonset-amd.yaml": "edge/daemonset.yaml",
+    "edge/daemonset-intel.yaml": "edge/daemonset.yaml",
 }
 
 
@@ -531,7 +535,11 @@ def test_device_plugin_daemonset_is_the_edge_daemonset_with_the_plugin() -> None
     env = {e["name"]: e["value"] for e in container["env"] if "value" in e}
     directory = env["KGPU_KUBELET_DIR"]
     assert directory == str(EdgeSettings.model_fields["kubelet_dir"].default) == "/var/lib/kubelet/device-plugins"
-    assert env["KGPU_RESOURCE_NAME"] == EdgeSettings.model_fields["resource_name"].default
+    from edge.driver.nvml import NvmlDriver
+
+    # the NVML backend's own resource (the setting's default is the backend's; this variant says it)
+    assert env["KGPU_RESOURCE_NAME"] == NvmlDriver.resource_name == "nvidia.com/gpu"
+    assert EdgeSettings.model_fields["resource_name"].default is None
     assert {m["name"]: m["mountPath"] for m in container["volumeMounts"]}["device-plugins"] == directory
     volumes = {v["name"]: v for v in pod["volumes"]}
     assert volumes["device-plugins"]["hostPath"]["path"] == directory
@@ -541,6 +549,39 @@ def test_device_plugin_daemonset_is_the_edge_daemonset_with_the_plugin() -> None
     container["volumeMounts"] = [m for m in container["volumeMounts"] if m["name"] != "device-plugins"]
     pod["volumes"] = [v for v in pod["volumes"] if v["name"] != "device-plugins"]
     assert variant == base
+
+
+@pytest.mark.parametrize("backend", ["jetson", "amd", "intel"])
+def test_vendor_daemonsets_run_their_backend_without_the_nvidia_runtime(backend: str) -> None:
+    """deploy/edge/daemonset-<backend>.yaml: the base DaemonSet with the backend, no nvidia runtime or
+    NVIDIA_* variables, scheduled on nodes labelled kgpu.io/backend=<backend>, with the host paths the
+    backend reads (and writes: devfreq, hwmon) mounted where KGPU_SYSFS_ROOT says."""
+    from edge.config import EdgeSettings
+
+    (ds,) = load_docs(DEPLOY / f"edge/daemonset-{backend}.yaml")
+    base = load_docs(DEPLOY / "edge/daemonset.yaml")[0]
+    assert ds["metadata"] == base["metadata"] and ds["spec"]["updateStrategy"] == {"type": "OnDelete"}
+    pod = ds["spec"]["template"]["spec"]
+    assert "runtimeClassName" not in pod and pod["hostPID"] is True
+    container = pod["containers"][0]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["KGPU_BACKEND"] == backend
+    assert not any(name.startswith("NVIDIA_") for name in env)
+    assert {k for k in env if k.startswith("KGPU_")} <= {f"KGPU_{n.upper()}" for n in EdgeSettings.model_fields}
+    terms = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+    expressions = {e["key"]: e for e in terms[0]["matchExpressions"]}
+    assert expressions["kgpu.io/backend"]["values"] == [backend] and "nvidia.com/gpu.present" not in expressions
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    sys_mount = mounts[f"{env.get('KGPU_SYSFS_ROOT', '')}/sys"] if backend != "amd" else mounts["/sys"]
+    assert volumes[sys_mount["name"]]["hostPath"]["path"] == "/sys"
+    assert not sys_mount.get("readOnly"), "the backend writes its caps through sysfs"
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    if backend == "amd":
+        assert mounts["/opt/rocm"]["readOnly"] and env["ROCM_PATH"] == "/opt/rocm"
+    else:
+        assert container["securityContext"]["privileged"] is False
+        assert mounts["/host/proc"]["readOnly"] is True
 
 
 def test_edge_env_names_are_real_settings() -> None:

@@ -3,17 +3,21 @@ kubelet allocated, and which devices to prefer when the kubelet asks.
 
 Replicas (`<UUID>::<n>`) and MIG devices carry `visible_id`, the ID the NVIDIA container runtime
 understands (the GPU UUID, or the MIG device UUID): several replicas of one GPU give that GPU once.
+A Jetson's one integrated GPU is `all` to the NVIDIA runtime (its CSV mode, and the CDI spec
+`nvidia-ctk cdi generate` writes there). An AMD or Intel GPU is given as its DRM device nodes (and
+AMD's /dev/kfd), as AMD's and Intel's own device plugins give them.
 """
 
 from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from edge.deviceplugin.devices import CDI_KIND, PluginDevice
 
 VISIBLE_DEVICES_ENV = "NVIDIA_VISIBLE_DEVICES"
+AMD_KFD = "/dev/kfd"  # ROCm's compute interface: every AMD GPU container needs it
 
 
 class UnknownDevice(ValueError):
@@ -24,14 +28,24 @@ class UnknownDevice(ValueError):
 class ContainerAllocation:
     envs: dict[str, str]
     cdi_devices: list[str]  # fully qualified CDI names, e.g. nvidia.com/gpu=GPU-8f6...
+    device_nodes: list[str] = field(default_factory=list)  # AMD, Intel: /dev paths given as they are
 
 
 def allocate(device_ids: Sequence[str], devices: Mapping[str, PluginDevice]) -> ContainerAllocation:
     """NVIDIA_VISIBLE_DEVICES = the sorted unique visible IDs of the devices asked for, and one CDI
-    device `nvidia.com/gpu=<visible id>` for each. Raises UnknownDevice naming the unknown IDs."""
+    device `nvidia.com/gpu=<visible id>` for each (a Jetson's: `all`); AMD and Intel GPUs: their
+    DRM nodes (and /dev/kfd for AMD) as device specs. Raises UnknownDevice naming the unknown IDs."""
     unknown = sorted(set(device_ids) - set(devices))
     if unknown:
         raise UnknownDevice(f"unknown device IDs: {', '.join(unknown)}")
+    backends = {devices[i].backend for i in device_ids}
+    if backends & {"amd", "intel"}:
+        nodes = {node for i in device_ids for node in devices[i].device_nodes}
+        if "amd" in backends:
+            nodes.add(AMD_KFD)
+        return ContainerAllocation(envs={}, cdi_devices=[], device_nodes=sorted(nodes))
+    if backends == {"jetson"}:
+        return ContainerAllocation(envs={VISIBLE_DEVICES_ENV: "all"}, cdi_devices=[f"{CDI_KIND}=all"])
     visible = sorted({devices[i].visible_id for i in device_ids})
     return ContainerAllocation(
         envs={VISIBLE_DEVICES_ENV: ",".join(visible)},

@@ -30,7 +30,11 @@ class PluginDevice:
     visible_id: str  # what NVIDIA_VISIBLE_DEVICES / CDI carry: the GPU UUID, or the MIG device UUID
     healthy: bool
     numa_node: int | None
-    resource: str  # nvidia.com/gpu, nvidia.com/gpu.shared, nvidia.com/mig-1g.10gb, ...
+    resource: str  # nvidia.com/gpu, nvidia.com/gpu.shared, nvidia.com/mig-1g.10gb, amd.com/gpu, ...
+    # the backend that reads the GPU (edge/devices/): what a container is given for it (allocation.py)
+    backend: str = "nvml"
+    # AMD and Intel: the GPU's DRM nodes (/dev/dri/cardN, /dev/dri/renderDN), handed to the container
+    device_nodes: tuple[str, ...] = ()
 
 
 class DeviceSource(Protocol):
@@ -39,6 +43,23 @@ class DeviceSource(Protocol):
     changed: asyncio.Event  # set by the daemon after any change of devices(); the plugin clears it
 
     def devices(self) -> list[PluginDevice]: ...
+
+
+def drm_nodes(sysfs_root: Path, pci_bus_id: str) -> tuple[str, ...]:
+    """The /dev/dri nodes of the GPU at `pci_bus_id` (its `drm/` directory in sysfs: card*,
+    renderD*), as a container needs them; () when it has none or sysfs cannot tell."""
+    if not pci_bus_id or ":" not in pci_bus_id:
+        return ()
+    domain, rest = pci_bus_id.split(":", 1)
+    try:
+        bdf = f"{int(domain, 16):04x}:{rest}".lower()  # NVML's 8-digit domain, sysfs's 4
+    except ValueError:
+        return ()
+    try:
+        names = sorted(entry.name for entry in (sysfs_root / "sys/bus/pci/devices" / bdf / "drm").iterdir())
+    except OSError:
+        return ()
+    return tuple(f"/dev/dri/{name}" for name in names if name.startswith(("card", "renderD")))
 
 
 def replica_id(gpu_uuid: str, n: int) -> str:

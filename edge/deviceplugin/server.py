@@ -97,9 +97,11 @@ class ResourceService(api_pb2_grpc.DevicePluginServicer):
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{self.resource}: {exc}")
                 raise  # abort raises; this keeps type checkers sure the loop does not go on
             responses.append(api_pb2.ContainerAllocateResponse(
-                envs=allocation.envs, cdi_devices=[api_pb2.CDIDevice(name=n) for n in allocation.cdi_devices]))
+                envs=allocation.envs, cdi_devices=[api_pb2.CDIDevice(name=n) for n in allocation.cdi_devices],
+                devices=[api_pb2.DeviceSpec(container_path=path, host_path=path, permissions="rw")
+                         for path in allocation.device_nodes]))
             log.info("allocated", extra={"resource": self.resource, "devices": list(container.devices_ids),
-                                         "visible": allocation.envs})
+                                         "visible": allocation.envs, "device_nodes": allocation.device_nodes})
         return api_pb2.AllocateResponse(container_responses=responses)
 
     async def GetPreferredAllocation(self, request: api_pb2.PreferredAllocationRequest,

@@ -16,6 +16,9 @@ The figures behind dcgm-exporter's other default counters are read by edge/drive
 (field values, reserved memory, PCIe replays, encoder/decoder, vGPU licence) and edge/driver/gpm.py
 (the profiling metrics, between this cycle's GPM sample and the previous one).
 
+It is the NVML backend of the device layer (edge/devices/base.py `DeviceBackend`): NVIDIA's
+data-centre and workstation GPUs, `nvidia.com/gpu`, every capability the board reports.
+
 Synchronous and not thread-safe: the daemon calls it from one worker thread (`DriverRunner`).
 """
 
@@ -27,7 +30,14 @@ from typing import Any, TypeVar
 
 import pynvml
 
-from edge.devices.base import DriverError, DriverRefused, DriverUnavailable
+from edge.devices.base import (
+    BackendName,
+    Capability,
+    DriverError,
+    DriverRefused,
+    DriverUnavailable,
+    Vendor,
+)
 from edge.driver.fields import read_extras
 from edge.driver.gpm import FIGURES as GPM_FIGURES
 from edge.driver.gpm import GpmReader
@@ -110,8 +120,29 @@ def sysfs_bus_id(nvml_bus_id: str) -> str:
     return f"{int(domain, 16):04x}:{rest}".lower()
 
 
+# What every NVIDIA GPU behind NVML has; the rest depends on what the board reports (inventory).
+_ALWAYS = frozenset({Capability.RESET, Capability.XID_EVENTS, Capability.ENERGY_COUNTER, Capability.ECC})
+
+
+def nvml_capabilities(entry: GpuInventory) -> frozenset[Capability]:
+    """What a GPU can do, from its inventory: a power cap where NVML gave its range, clock locks
+    where it listed the supported clocks, MIG where it reported a MIG mode."""
+    found = set(_ALWAYS)
+    if entry.power_limit_min_w is not None and entry.power_limit_max_w is not None:
+        found.add(Capability.POWER_LIMIT)
+    if entry.supported_sm_clocks_mhz:
+        found.add(Capability.CLOCK_LIMIT)
+    if entry.mig_mode is not None:
+        found.add(Capability.MIG)
+    return frozenset(found)
+
+
 class NvmlDriver:
-    """Synchronous access to the node's GPUs through pynvml."""
+    """Synchronous access to the node's GPUs through pynvml: the device layer's NVML backend."""
+
+    backend: BackendName = "nvml"
+    vendor: Vendor = "nvidia"
+    resource_name: str = "nvidia.com/gpu"
 
     def __init__(
         self,
@@ -323,7 +354,7 @@ class NvmlDriver:
                 max(memory_clocks),
             )
         pci_bus_id = _text(pci.busId) if pci is not None else ""
-        return GpuInventory(
+        entry = GpuInventory(
             index=index,
             uuid=_text(uuid) if uuid is not None else f"GPU-unknown-{index}",
             name=_text(name) if name is not None else "",
@@ -343,6 +374,8 @@ class NvmlDriver:
             numa_node=self._numa_node(index, pci_bus_id),
             missing=missing,
         )
+        return entry.model_copy(update={"resource_name": self.resource_name,
+                                        "capabilities": sorted(c.value for c in nvml_capabilities(entry))})
 
     def _numa_node(self, index: int, pci_bus_id: str) -> int | None:
         """From NVML where this pynvml and the platform have it, else from sysfs, else None."""
@@ -475,6 +508,11 @@ class NvmlDriver:
             seen_us = max(seen_us, sample.timeStamp)
         self._process_seen_us[index] = seen_us
         return {pid: sum(values) / len(values) for pid, values in per_pid.items()}
+
+    def capabilities(self, index: int) -> frozenset[Capability]:
+        """What GPU `index` can do, from its inventory (read by `inventory()`; none before)."""
+        known = self._inventory.get(index)
+        return nvml_capabilities(known) if known is not None else frozenset()
 
     def probe(self, index: int) -> bool:
         """Try to reach a lost GPU again: a fresh handle and its UUID."""

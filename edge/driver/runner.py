@@ -1,4 +1,5 @@
-"""Runs every driver call on one dedicated thread, so NVML never blocks the asyncio loop.
+"""Runs every driver call on one dedicated thread, so a device backend (NVML, sysfs, amdsmi)
+never blocks the asyncio loop.
 
 A driver call can hang (a GPU stuck in a reset, a wedged kernel module). Each call is bounded
 by a timeout; on timeout the caller gets `DriverTimeout` and the worker thread, which may be
@@ -18,8 +19,7 @@ import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from edge.devices.base import DriverTimeout
-from edge.driver.nvml import NvmlDriver
+from edge.devices.base import DeviceBackend, DriverTimeout
 from shared.gpu import GpuInventory, GpuSample
 from shared.logs import get_logger
 
@@ -58,9 +58,10 @@ class _Worker:
 
 
 class DriverRunner:
-    """Async front of an NvmlDriver: each method runs the driver's on the worker thread."""
+    """Async front of a device backend (NVML, Jetson, AMD, Intel): each method runs the backend's
+    on the worker thread."""
 
-    def __init__(self, driver: NvmlDriver, *, timeout_s: float = 5.0,
+    def __init__(self, driver: DeviceBackend, *, timeout_s: float = 5.0,
                  thread_name: str = "kgpu-nvml") -> None:
         self.driver = driver
         self.timeout_s = timeout_s

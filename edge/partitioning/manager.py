@@ -23,7 +23,8 @@ from typing import Any, Protocol
 
 from edge.deviceplugin.devices import PluginDevice, replica_id
 from edge.devices.base import DriverError
-from edge.driver.mig import MigDeviceInfo, MigDriver, MigState
+from edge.driver.mig import NOT_SUPPORTED, MigDeviceInfo, MigDriver, MigState
+from edge.driver.nvml import NvmlDriver
 from edge.driver.runner import DriverRunner
 from edge.partitioning.plan import (
     GpuMigFacts,
@@ -56,6 +57,7 @@ class GpuLike(Protocol):
     sample: GpuSample | None
     draining: bool
     remediation: str | None  # the remediation ladder's stage: fenced while set
+    device_nodes: tuple[str, ...]  # AMD, Intel: the GPU's /dev/dri nodes, for the device plugin's Allocate
 
     @property
     def health(self) -> Any: ...
@@ -90,7 +92,10 @@ class PartitionManager:
     def __init__(self, runner: DriverRunner, store: PartitioningStore, record: Record, *,
                  default_resource: str = "nvidia.com/gpu", resolve_pod: Resolve | None = None) -> None:
         self.runner = runner
-        self.mig = MigDriver(runner.driver)
+        # MIG is NVML's (NVIDIA data-centre GPUs); on another backend no MIG call is made and a MIG
+        # layout asked for is refused as "not on this backend" (time-slicing works on every backend)
+        self.mig = MigDriver(runner.driver) if isinstance(runner.driver, NvmlDriver) else None
+        self.backend_name = runner.driver.backend
         self.store = store
         self.record = record
         self.default_resource = default_resource
@@ -165,7 +170,7 @@ class PartitionManager:
         return await asyncio.to_thread(lambda: {pid: resolve(pid) for pid in pids})
 
     async def _read_mig_memory(self, index: int, state: GpuPartition) -> None:
-        if state.mig is None or not state.mig.enabled or not state.mig.devices:
+        if self.mig is None or state.mig is None or not state.mig.enabled or not state.mig.devices:
             state.mig_used = {}
             return
         try:
@@ -197,6 +202,8 @@ class PartitionManager:
         return out
 
     async def _read(self, index: int) -> MigState | None:
+        if self.mig is None:
+            return NOT_SUPPORTED
         try:
             return await self.runner.call(self.mig.read, index)
         except DriverError as exc:
@@ -212,6 +219,10 @@ class PartitionManager:
                             profiles=tuple(d.profile for d in mig.devices),
                             processes=len(view.sample.processes) if view.sample else 0)
         plan = plan_gpu(facts, wanted_layout(self.wanted, view.inventory.name))
+        if self.mig is None and plan.step is Step.REFUSE and plan.layout is None:
+            layout = wanted_layout(self.wanted, view.inventory.name)
+            plan = GpuPlan(Step.REFUSE, f"MIG is not on this backend ({self.backend_name}): layout "
+                                        f"{layout.label() if layout else '?'} refused; time-slicing works here")
         if plan.step is Step.APPLY and plan.layout is not None:
             if not state.fenced:  # fence for one cycle first: the kubelet must stop placing pods
                 state.fenced = True
@@ -233,7 +244,7 @@ class PartitionManager:
 
     async def _apply(self, index: int, view: GpuLike, state: GpuPartition, plan: GpuPlan,
                      events: list[tuple[Kind, WireModel]]) -> None:
-        assert plan.layout is not None
+        assert plan.layout is not None and self.mig is not None
         try:
             state.mig = await self.runner.call(self.mig.apply, index, view.inventory.name, plan.layout,
                                                timeout_s=MIG_CALL_TIMEOUT_S)
@@ -298,6 +309,7 @@ class PartitionManager:
             healthy = (view.health.health is Health.HEALTHY and not view.draining and view.remediation is None
                        and not (state is not None and state.fenced))
             uuid, numa = view.inventory.uuid, view.inventory.numa_node
+            backend, nodes = view.inventory.backend, view.device_nodes
             mig = state.mig if state is not None else None
             if mig is not None and mig.enabled:
                 devices += [PluginDevice(id=d.uuid, gpu_uuid=uuid, visible_id=d.uuid, healthy=healthy,
@@ -306,10 +318,13 @@ class PartitionManager:
             sharing = self.sharing(view)
             if sharing.replicas > 1:
                 devices += [PluginDevice(id=replica_id(uuid, n), gpu_uuid=uuid, visible_id=uuid, healthy=healthy,
-                                         numa_node=numa, resource=sharing.resource) for n in range(sharing.replicas)]
+                                         numa_node=numa, resource=sharing.resource, backend=backend,
+                                         device_nodes=nodes)
+                            for n in range(sharing.replicas)]
             else:
                 devices.append(PluginDevice(id=uuid, gpu_uuid=uuid, visible_id=uuid, healthy=healthy,
-                                            numa_node=numa, resource=self.default_resource))
+                                            numa_node=numa, resource=self.default_resource, backend=backend,
+                                            device_nodes=nodes))
         return devices
 
     def summary(self, index: int, view: GpuLike) -> dict[str, Any]:

@@ -101,4 +101,6 @@ def sharing_for(partitioning: NodePartitioning | None, gpu_name: str, default_re
     if slicing is None or slicing.replicas <= 1:
         return Sharing(1, default_resource, "event")
     resource = slicing.resource_name if slicing.resource_name else default_resource
+    if resource == DEFAULT_RESOURCE:  # the CRD's default: the GPU's own resource (amd.com/gpu on an AMD node)
+        resource = default_resource
     return Sharing(slicing.replicas, resource, slicing.memory_enforcement)

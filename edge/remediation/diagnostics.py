@@ -45,10 +45,12 @@ class CommandOutcome:
     detail: str
 
 
-def nvml_checks(sample: GpuSample | None, critical_temp_c: float, recovery_action: int | None = None) -> list[Check]:
-    """What the latest sample (and NVML's recovery action, when read) says of the GPU."""
+def nvml_checks(sample: GpuSample | None, critical_temp_c: float, recovery_action: int | None = None,
+                interface: str = "NVML") -> list[Check]:
+    """What the latest sample (and NVML's recovery action, when read) says of the GPU. The same
+    checks serve every backend (`interface` names it): a figure it does not give is not checked."""
     if sample is None or sample.lost:
-        return [Check("nvml", False, "the GPU does not answer NVML (lost)")]
+        return [Check(interface.lower(), False, f"the GPU does not answer {interface} (lost)")]
     checks = [
         Check("row_remap_pending", not sample.remap_pending, "row remap pending (needs a GPU reset)"
               if sample.remap_pending else "no row remap pending"),

@@ -109,7 +109,8 @@ class Facts:
 class LadderSettings:
     drain_timeout_s: float = 300.0
     max_resets: int = 2
-    reset_available: bool = True  # a reset command is configured
+    reset_available: bool = True  # a reset command is configured (and the device has a reset: Capability.RESET)
+    no_reset_reason: str = "no GPU reset available"  # said when it is not: e.g. "Jetson has no GPU reset"
     reboot: RebootMode = "request"
     reboot_settle_s: float = REBOOT_SETTLE_S  # still up this long after the reboot command: validate
 
@@ -303,7 +304,7 @@ def settle(state: LadderState, result: StepResult, settings: LadderSettings, now
                           _inputs(state)))
         if _reset_limit(state, settings) > state.resets:
             return _at(state, Stage.RESETTING, now), steps
-        return _reboot_step(state, settings, now, f"{state.fault}; no GPU reset available", steps)
+        return _reboot_step(state, settings, now, f"{state.fault}; {settings.no_reset_reason}", steps)
     if kind is StepKind.RESET:
         state = replace(state, resets=state.resets + 1)
         steps.append(Step(kind, f"GPU reset {'done' if result.ok else 'failed'}: {detail}", outcome, _inputs(state)))

@@ -23,7 +23,7 @@ from typing import Protocol
 
 from edge import health as health_rules
 from edge.config import EdgeSettings
-from edge.devices.base import DriverError, DriverUnavailable
+from edge.devices.base import Capability, DriverError, DriverUnavailable
 from edge.driver.runner import DriverRunner, DriverTimeout
 from edge.remediation import diagnostics
 from edge.remediation.catalogue import Remedy
@@ -58,6 +58,12 @@ from shared.protocol import (
 from shared.wire import WireModel
 
 log = get_logger(__name__)
+
+# The reset command where --remediation-reset-command is left at its default (nvidia-smi's, for NVML).
+# A backend absent here has no reset command of its own: its ladder goes from the diagnosis to the
+# reboot step, and says so.
+VENDOR_RESET_COMMANDS = {"amd": "amd-smi reset --gpureset -g {index}"}
+INTERFACES = {"nvml": "NVML", "jetson": "sysfs", "amd": "amdsmi", "intel": "sysfs"}
 
 Record = Callable[[list[tuple[Kind, WireModel]]], Awaitable[None]]
 Events = list[tuple[Kind, WireModel]]
@@ -96,11 +102,19 @@ class RemediationManager:
         self.set_api_url(api_url)
         self.policy_of = policy_of or (lambda: settings.policy)
         self.clock = clock
+        # the backend (edge/devices/): NVML's checks (recovery action, dcgmi, the CUDA probe) only on
+        # NVML; the reset step only where the device has one (Capability.RESET) and a command for it
+        self.backend = runner.driver.backend
+        self.reset_command = settings.remediation_reset_command
+        if self.backend != "nvml" and "remediation_reset_command" not in settings.model_fields_set:
+            self.reset_command = VENDOR_RESET_COMMANDS.get(self.backend)
         self.rules = LadderSettings(drain_timeout_s=settings.remediation_drain_timeout,
                                     max_resets=settings.remediation_max_resets,
-                                    reset_available=bool(settings.remediation_reset_command),
+                                    reset_available=bool(self.reset_command),
                                     reboot=settings.remediation_reboot,
-                                    reboot_settle_s=settings.remediation_reboot_settle)
+                                    reboot_settle_s=settings.remediation_reboot_settle,
+                                    no_reset_reason="no GPU reset available" if self.backend == "nvml" else
+                                    f"no reset command for the {self.backend} backend (--remediation-reset-command)")
         self.ladders: dict[str, LadderState] = {}  # GPU uuid -> its ladder (absent: in service)
         self.save_error: str | None = None
         self._tasks: dict[str, asyncio.Task[StepResult]] = {}
@@ -109,6 +123,16 @@ class RemediationManager:
         self._resumed: dict[str, list[Step]] = {}  # steps of `load` recorded at the first cycle
         self._saved: str | None = None
         self._inventories: dict[str, GpuInventory] = {}  # GPU uuid -> inventory, as of the last cycle
+
+    def rules_for(self, inventory: GpuInventory) -> LadderSettings:
+        """The ladder's settings for one GPU: without a reset on its backend (Capability.RESET, and a
+        command for it), a fault that needs one goes from the diagnosis to the reboot step, saying why."""
+        if self.backend == "nvml":
+            return self.rules
+        if Capability.RESET not in inventory.capabilities:
+            return replace(self.rules, reset_available=False,
+                           no_reset_reason=f"no GPU reset on this device ({self.backend} backend)")
+        return self.rules
 
     # ---- persistence ----------------------------------------------------------------------------
 
@@ -198,7 +222,7 @@ class RemediationManager:
             if task is not None:
                 if task.done():
                     del self._tasks[uuid]
-                    state, settled = settle(state, task.result(), self.rules, now)
+                    state, settled = settle(state, task.result(), self.rules_for(view.inventory), now)
                     steps += settled
                     if task.result().kind in (StepKind.RESET, StepKind.REBOOT):
                         view.next_probe_at = 0.0  # the daemon probes a lost GPU again at the next cycle
@@ -207,7 +231,7 @@ class RemediationManager:
             else:
                 facts = self._facts(view, self._xids.pop(uuid, []))
                 before = state
-                state, planned = plan(state, facts, self.rules, now)
+                state, planned = plan(state, facts, self.rules_for(view.inventory), now)
                 steps += planned
                 if before.stage is Stage.IN_SERVICE and state.stage is not Stage.IN_SERVICE:
                     events += self._ask_to_move(index, view, state, facts)
@@ -312,7 +336,7 @@ class RemediationManager:
                 ok, detail = await self._diagnose(view, commands_always=kind is StepKind.VALIDATE)
                 return StepResult(kind, ok, detail)
             s = self.settings
-            template = s.remediation_reset_command if kind is StepKind.RESET else s.remediation_reboot_command
+            template = self.reset_command if kind is StepKind.RESET else s.remediation_reboot_command
             timeout = s.remediation_reset_timeout
             if not template:
                 return StepResult(kind, False, "no command configured")
@@ -324,22 +348,27 @@ class RemediationManager:
 
     async def _diagnose(self, view: GpuLike, *, commands_always: bool) -> tuple[bool, str]:
         """NVML checks, then the CUDA probe and dcgmi where configured (each bounded). Before the
-        reset, a GPU that already fails NVML's checks is not probed further: the reset comes next."""
+        reset, a GPU that already fails NVML's checks is not probed further: the reset comes next.
+        On another backend: the same checks of its sample; the CUDA probe only on NVIDIA (Jetson),
+        dcgmi and NVML's recovery action only on NVML."""
         index = view.inventory.index
         action: int | None = None
-        if view.sample is not None and not view.sample.lost and not self.runner.not_answering:
+        nvml = self.backend == "nvml"
+        if nvml and view.sample is not None and not view.sample.lost and not self.runner.not_answering:
             try:
                 action = await self.runner.call(diagnostics.read_recovery_action, index)
             except (DriverError, DriverUnavailable, DriverTimeout) as exc:
                 log.debug("cannot read GPU %d's recovery action: %s", index, exc)
-        checks = diagnostics.nvml_checks(view.sample, self.policy_of().thermal_throttling.critical_temp_c, action)
+        interface = INTERFACES.get(self.backend, self.backend)
+        checks = diagnostics.nvml_checks(view.sample, self.policy_of().thermal_throttling.critical_temp_c, action,
+                                         interface)
         ok, detail = diagnostics.summary(checks)
-        parts = [f"nvml: {detail}"]
+        parts = [f"{interface.lower()}: {detail}"]
         if not ok and not commands_always:
             return False, parts[0]
         s = self.settings
-        commands = [("cuda probe", s.remediation_cuda_probe_command),
-                    ("dcgm", s.remediation_dcgm_command if s.remediation_dcgm_command
+        commands = [("cuda probe", s.remediation_cuda_probe_command if view.inventory.vendor == "nvidia" else None),
+                    ("dcgm", s.remediation_dcgm_command if nvml and s.remediation_dcgm_command
                      and diagnostics.available(s.remediation_dcgm_command) else None)]
         for name, template in commands:
             if not template:
