@@ -8,8 +8,9 @@ rules can be tested exhaustively.
 Rules, per GPU:
 
 * A lost sample, or one without a temperature, changes nothing (its state is kept). A GPU whose
-  inventory lacks the default, minimum or maximum power limit gets no action at all: there is
-  nothing to compute a limit from.
+  inventory lacks the default, minimum or maximum power limit has no limit to act on: the same
+  rules act on its maximum clock instead where the device can cap it (edge/clock_policy.py, a
+  Jetson), else nothing is done.
 * One thermal step is `default * stepPercent / 100` watts.
 * Thermal throttling (when enabled), on the temperature `t`:
   - `t >= criticalTempC`: go to the minimum power limit at once (`thermal_critical`), without
@@ -71,44 +72,27 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from edge.actions import Action, ActionKind
+from edge.clock_policy import evaluate_by_clocks
+from edge.policy_state import (
+    RULE_POLICY_CHANGE,
+    RULE_POWER_CAP,
+    RULE_POWER_SAVING,
+    RULE_POWER_SAVING_EXIT,
+    RULE_THERMAL_CRITICAL,
+    RULE_THERMAL_RESTORE,
+    RULE_THERMAL_STEP_DOWN,
+    GpuPolicyState,
+    initial_state,
+    next_saving,
+)
 from shared.gpu import GpuInventory, GpuSample
-from shared.policy import PowerPolicy, PowerSaving, ThermalThrottling
+from shared.policy import PowerPolicy, ThermalThrottling
 
-RULE_THERMAL_STEP_DOWN = "thermal_step_down"
-RULE_THERMAL_CRITICAL = "thermal_critical"
-RULE_THERMAL_RESTORE = "thermal_restore"
-RULE_POWER_SAVING = "power_saving"
-RULE_POWER_SAVING_EXIT = "power_saving_exit"
-RULE_POWER_CAP = "power_cap"
-RULE_POLICY_CHANGE = "policy_change"
+__all__ = ["GpuPolicyState", "evaluate", "initial_state"]
 
 ASSUMED_C_PER_STEP_PERCENT = 0.5  # °C one step of 1 % of the default limit is assumed to make
 READING_RESOLUTION_C = 1.0  # NVML reports whole degrees: the GPU may be up to this much warmer
 HOT_LIMIT_MEMORY_S = 600.0  # a limit found too hot is not restored to for this long (at least)
-
-
-@dataclass(frozen=True)
-class GpuPolicyState:
-    """What the policy remembers about one GPU between two cycles."""
-
-    thermal_steps: int = 0  # steps of the thermal step-down currently applied
-    clocks_locked_mhz: int | None = None  # SM clock cap we locked, None = not locked
-    last_thermal_change_at: float | None = None
-    cool_since: float | None = None  # continuously below maxTempC - hysteresis since
-    low_util_since: float | None = None
-    saving_active: bool = False
-    target_limit_w: float | None = None  # the last limit we asked for; None = never touched
-    # What settles the thermal loop (see "Settling" above):
-    change_temp_c: float | None = None  # the temperature at the last thermal change
-    hot_limit_w: float | None = None  # the lowest limit the GPU was too hot at, remembered
-    hot_limit_at: float | None = None  # since when (it is forgotten after HOT_LIMIT_MEMORY_S)
-    unsettled_restores: int = 0  # restores whose heat has not shown yet (within the response wait)
-
-
-def initial_state() -> GpuPolicyState:
-    """The state of a GPU the policy has never seen."""
-    return GpuPolicyState()
-
 
 @dataclass(frozen=True)
 class _Limits:
@@ -161,33 +145,6 @@ def _middle_clock(inventory: GpuInventory | None) -> int | None:
         return None
     clocks = sorted(set(inventory.supported_sm_clocks_mhz), reverse=True)
     return clocks[len(clocks) // 2]
-
-
-@dataclass(frozen=True)
-class _Saving:
-    low_util_since: float | None
-    active: bool
-    event: str | None  # RULE_POWER_SAVING when entered this cycle, RULE_POWER_SAVING_EXIT on exit
-
-
-def _next_saving(prev: GpuPolicyState, utilization: float | None, saving: PowerSaving,
-                 hot: bool, now: float) -> _Saving:
-    """Power saving starts after sustained low utilisation and stops at the first busy sample
-    that is not hot: a hot GPU's limit may not rise, so its exit waits until it is below
-    maxTempC (and is then named for what it is, a power-saving exit)."""
-    if not saving.enabled:
-        return _Saving(low_util_since=None, active=False, event=None)
-    if utilization is None:  # no evidence either way: keep what we had
-        return _Saving(low_util_since=prev.low_util_since, active=prev.saving_active, event=None)
-    if utilization >= saving.utilization_threshold:
-        if hot:
-            return _Saving(low_util_since=None, active=prev.saving_active, event=None)
-        event = RULE_POWER_SAVING_EXIT if prev.saving_active else None
-        return _Saving(low_util_since=None, active=False, event=event)
-    since = prev.low_util_since if prev.low_util_since is not None else now
-    active = prev.saving_active or now - since >= saving.sustain_period
-    event = RULE_POWER_SAVING if active and not prev.saving_active else None
-    return _Saving(low_util_since=since, active=active, event=event)
 
 
 @dataclass(frozen=True)
@@ -477,13 +434,13 @@ def _evaluate_gpu(sample: GpuSample, inventory: GpuInventory | None, policy: Pow
     if sample.lost or sample.temperature_c is None:
         return [], prev
     limits = _limits_of(inventory)
-    if limits is None:
-        return [], prev
+    if limits is None:  # no power limit to act on (a Jetson): the clocks, where the device has them
+        return evaluate_by_clocks(sample, inventory, policy, prev, now)
 
     tt = policy.thermal_throttling
     step_w = limits.default * tt.step_percent / 100
     hot = tt.enabled and sample.temperature_c >= tt.max_temp_c
-    saving = _next_saving(prev, sample.utilization_pct, policy.power_saving, hot, now)
+    saving = next_saving(prev, sample.utilization_pct, policy.power_saving, hot, now)
     other_limits = {"default": limits.default}
     if saving.active:
         other_limits["power_saving"] = limits.default * policy.power_saving.cap_percent / 100

@@ -135,6 +135,12 @@ def test_a_vendor_node_end_to_end(model: str, tmp_path: Path, broker: Mosquitto)
         wait_for(lambda: gpu_health(edge) != "healthy", timeout=30, what=f"{node}'s GPU unhealthy after {fault}")
         wait_for(lambda: (g := cloud_gpu()) is not None and g["health"] != "healthy", timeout=30,
                  what="the fault in the cloud")
+        if backend == "jetson":  # no power limit: the policy caps the GPU's clock instead (devfreq max_freq)
+            capped = wait_for(lambda: [d for d in edge.decisions(limit=200) if d["action"] == "lock_clocks"
+                                       and d["outcome"] == "applied"], timeout=30, what="the Jetson's clock capped")
+            assert capped[0]["rule"] == "thermal_critical", capped[0]
+            wait_for(lambda: (edge.gpu(0)["sample"] or {}).get("sm_clock_mhz", 10**6) <= capped[0]["value"],
+                     timeout=30, what="the Jetson's GPU clock at or under its cap")
         if cure is not None:
             edge.inject(0, **cure)
         wait_for(lambda: gpu_health(edge) == "healthy" and edge.gpu(0)["remediation"] is None, timeout=30,
