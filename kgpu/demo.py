@@ -9,7 +9,9 @@ the lab (kgpu/lab/, the `lab` extra):
   seeded with the edge GPU nodes, a few GPU pods, the `kgpu-edge` DaemonSet (OnDelete, one pod per
   node) and a `GPUPowerPolicy`;
 * `kgpu cloud run --kubeconfig <the emulator's>` on SQLite, serving the API on --http (9420);
-* one `kgpu edge run --backend sim --mqtt ... --device-plugin` per node (2-4 simulated H100/A100 each),
+* one `kgpu edge run --backend sim --mqtt ... --device-plugin` per node: the story's four simulate
+  H100s and A100s; from the fifth on (`--nodes 7`) a Jetson Orin NX, an AMD MI210 and an Intel Flex
+  170 join, each at its vendor's interface (kgpu/lab/demo_nodes.py),
   with a kubelet stand-in (lab/kubelet.py) in a thread for its device plugin. Each edge
   reaches the broker through its own loopback TCP relay (its "uplink", lab/broker.py), which the
   scenario cuts to take exactly one node off the network while its daemon keeps running and deciding;
@@ -52,21 +54,10 @@ from typing import Any, TextIO
 from kgpu import demo_partitioning
 from kgpu.lab.broker import BrokerProcess, Uplinks, start_broker
 from kgpu.lab.cluster import ClusterPlayer, Replaced
+from kgpu.lab.demo_nodes import NodeSpec, node_labels, node_specs
 from kgpu.lab.kube import KubeEmulator, raw
 from kgpu.lab.kubelet import KubeletThread
-from kgpu.lab.manifests import (
-    EDGE_ROLE,
-    EVICTION_OK,
-    GPU_COUNT,
-    GPU_MEMORY,
-    GPU_PRESENT,
-    GPU_PRODUCT,
-    HOSTNAME,
-    ZONE,
-    eviction_criteria,
-    gpu_pod_manifest,
-    node_manifest,
-)
+from kgpu.lab.manifests import EDGE_ROLE, EVICTION_OK, eviction_criteria, gpu_pod_manifest, node_manifest
 from kgpu.lab.processes import (
     Child,
     LabError,
@@ -83,7 +74,6 @@ NS, DAEMONSET = "kgpu", "kgpu-edge"
 DS_LABELS = {"app": "kgpu-edge"}
 IMAGE_REPO = "kgpu/edge"
 POLICY_NAME = "edge-fleet"
-PRODUCTS = {"H100": ("NVIDIA-H100-80GB-HBM3", 81559), "A100": ("NVIDIA-A100-SXM4-80GB", 81920)}
 HEALTH_QUIET_PERIOD_S = 90  # demo pace: a GPU recovers after 90 s without a fault (the product's default: 5 min)
 
 
@@ -110,23 +100,6 @@ class DemoOptions:
     out: TextIO = field(default_factory=lambda: sys.stdout)
 
 
-@dataclass
-class NodeSpec:
-    name: str
-    zone: str
-    model: str
-    gpus: int
-
-
-def node_specs(count: int) -> list[NodeSpec]:
-    """edge-01..: zones a/b alternate by halves, 4/2/3/4... GPUs, every fourth node A100."""
-    specs = []
-    for i in range(count):
-        specs.append(NodeSpec(name=f"edge-{i + 1:02d}", zone="zone-a" if i < (count + 1) // 2 else "zone-b",
-                              model="A100" if i % 4 == 3 else "H100", gpus=(4, 2, 3)[i % 3]))
-    return specs
-
-
 def wait(check: Callable[[], Any], timeout: float, what: str, interval: float = 0.3) -> Any:
     """The lab's wait_for, where a process still starting or a partial answer means "not yet"."""
     return wait_for(check, timeout, interval, what, ignore=(OSError, ValueError, KeyError))
@@ -141,7 +114,7 @@ class Demo:
         self.out = options.out
         self.workdir = Path(tempfile.mkdtemp(prefix="kgpu-demo-"))
         (self.workdir / "logs").mkdir()
-        self.specs = node_specs(options.nodes)
+        self.specs = node_specs(options.nodes, note=self.say)
         self.base = f"http://127.0.0.1:{options.http}"
         reserve_port(options.http)  # the controller binds it later: keep the demo's own picks off it
         self.broker: BrokerProcess | None = None
@@ -264,10 +237,8 @@ class Demo:
         kube = self.kube
         assert kube is not None
         for spec in self.specs:
-            product, memory = PRODUCTS[spec.model]
-            kube.core.create_node(node_manifest(spec.name, {
-                EDGE_ROLE: "", GPU_PRESENT: "true", ZONE: spec.zone, HOSTNAME: spec.name,
-                GPU_PRODUCT: product, GPU_COUNT: str(spec.gpus), GPU_MEMORY: str(memory)}, gpus=spec.gpus))
+            kube.core.create_node(node_manifest(spec.name, node_labels(spec), gpus=spec.gpus,
+                                                resource=spec.spec.resource))
         assert self.cluster is not None
         self.cluster.seed(f"{IMAGE_REPO}:{__version__}", add_nodes=False)  # the DaemonSet and its pods
         first = self.specs[0].name
@@ -282,7 +253,7 @@ class Demo:
         kube.custom.create_cluster_custom_object("kgpu.io", "v1alpha1", "gpupowerpolicies", {
             "apiVersion": "kgpu.io/v1alpha1", "kind": "GPUPowerPolicy",
             "metadata": {"name": POLICY_NAME, "generation": 1},
-            "spec": {"nodeSelector": {EDGE_ROLE: "", GPU_PRESENT: "true"}, "priority": 10,
+            "spec": {"nodeSelector": {EDGE_ROLE: ""}, "priority": 10,  # every edge node, whatever its GPUs' vendor
                      "powerSaving": {"enabled": True, "utilizationThreshold": 10, "capPercent": 70,
                                      "sustainPeriod": "60s"},
                      "thermalThrottling": {"maxTempC": 80, "criticalTempC": 92, "stepPercent": 10,
@@ -436,8 +407,8 @@ class Scenario:
 
     def partitioning(self) -> str:
         assert self.d.kube is not None
-        return demo_partitioning.run(self.d.kube, self.d.kubelets, list(self.d.specs), self.d.base, self.sick,
-                                     self.say, timeout=60)
+        nvml: list[demo_partitioning.NodeLike] = [s for s in self.d.specs if s.spec.product]  # NVIDIA's discrete GPUs
+        return demo_partitioning.run(self.d.kube, self.d.kubelets, nvml, self.d.base, self.sick, self.say, timeout=60)
 
     def policy(self) -> str:
         def applied() -> bool:

@@ -418,6 +418,7 @@ def _gpu_columns(node: NodeView) -> list[Column]:
         col("mem GiB", 4, memory, "right"),
         Column("notes", [notes(g) for g in rows], ALWAYS, fold=True),
         col("model", 2, lambda g: Text(g.model or "—")),
+        col("vendor", 1, lambda g: Text(g.vendor or "—")),
         col("uuid", 1, lambda g: Text(g.uuid or "—", style="dim")),
     ]
 

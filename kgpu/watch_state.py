@@ -141,6 +141,7 @@ class GpuView:
     index: int
     uuid: str | None = None
     model: str | None = None
+    vendor: str | None = None  # "amd", "nvidia jetson-orin": vendor and platform (an older edge: nvidia)
     status_limit_w: float | None = None  # the limit the last status reported
     draining: bool = False
     remediation: str | None = None
@@ -350,6 +351,7 @@ class WatchState:
             if gpu is None:
                 continue
             gpu.uuid, gpu.model = summary.uuid, summary.name
+            gpu.vendor = " ".join(p for p in (summary.vendor or "nvidia", summary.platform) if p)
             gpu.status_limit_w, gpu.draining = summary.power_limit_w, summary.draining
             gpu.remediation, gpu.pods = summary.remediation, len(summary.pods)
 

@@ -322,6 +322,16 @@ def screen(state: WatchState, width: int, *, height: int | None = None, now: flo
     return [line.rstrip() for line in console.export_text().splitlines()]
 
 
+def test_node_view_names_each_gpus_vendor_where_there_is_room() -> None:
+    """Issue 16: the vendor and platform from the status; an older edge's GPUs are NVIDIA's."""
+    node = FLEET[7]
+    state = WatchState(node=node)
+    feed(state, edge_topic(node, "status"), gpu_status(node, 2, gpu1={"vendor": "amd", "platform": "instinct"}), T0)
+    wide = [line for line in screen(state, 160) if re.match(r" *\d+  healthy", line)]
+    assert re.search(r"H100 80GB HBM3 +nvidia ", wide[0]) and re.search(r"H100 80GB HBM3 +amd instinct ", wide[1])
+    assert max(len(line) for line in screen(state, 80)) <= 80
+
+
 def node_rows(lines: list[str]) -> dict[str, str]:
     """The node table's rows, by the name as shown (the rows before the rates line)."""
     end = next(i for i, line in enumerate(lines) if line.startswith("msg/s"))

@@ -18,6 +18,12 @@ no Kepler series). Pod labels and Kepler's pod, container and process families a
 from the cloud: the sample does not carry the pod mapping. Beside them, `kgpu_gpu_health` from
 the health of the node's last status, so that `KgpuGpuUnhealthy` works from this source too.
 
+Vendors (issue 16): dcgm-exporter's names are NVIDIA's, so the `DCGM_FI_*` series are served for
+NVIDIA GPUs only (Jetson included: vendor nvidia, or no vendor from an edge older than the device
+layer); every vendor's figures are the `kgpu_gpu_*` families the edge serves (edge/metrics.py:
+utilisation, power, temperature, memory, clock, energy; a figure the sample lacks has no series)
+and Kepler's, each with a `vendor` label.
+
 Every replica reads the shared store and serves the whole fleet, so any replica answers alike:
 scrape one of them through the Service, not every pod (docs/metrics.md, "Fleet exporter"). A
 large fleet can be split into parts scraped as separate targets (`?shard=I&shards=N`, a node
@@ -38,7 +44,7 @@ from typing import Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.utils import floatToGoString
 
 from cloud.store import FleetStore
@@ -67,18 +73,56 @@ class FleetExposition:
     render_seconds: float
 
 
+def vendor_of(row: Mapping[str, Any]) -> str:
+    """A GPU row's vendor; an edge older than the device layer runs NVIDIA GPUs on NVML."""
+    return str(row.get("vendor") or "nvidia")
+
+
 def health_family(node: str, rows: Iterable[Mapping[str, Any]]) -> GaugeMetricFamily:
-    """`kgpu_gpu_health{gpu,uuid,Hostname,state}` as the edge serves it (edge/metrics.py), from
-    the health the node's last status reported: what `KgpuGpuUnhealthy` reads. A GPU whose
+    """`kgpu_gpu_health{gpu,uuid,Hostname,vendor,state}` as the edge serves it (edge/metrics.py),
+    from the health the node's last status reported: what `KgpuGpuUnhealthy` reads. A GPU whose
     health the cloud has not been told yet (telemetry only) has no series."""
     family = GaugeMetricFamily("kgpu_gpu_health", "1 for the GPU's current health state.",
-                               labels=["gpu", "uuid", "Hostname", "state"])
+                               labels=["gpu", "uuid", "Hostname", "vendor", "state"])
     for row in rows:
         if row.get("health") in HEALTH_STATES:
             for state in HEALTH_STATES:
-                family.add_metric([str(row["index"]), str(row["uuid"]), node, state],
+                family.add_metric([str(row["index"]), str(row["uuid"]), node, vendor_of(row), state],
                                   1.0 if row["health"] == state else 0.0)
     return family
+
+
+# the edge's per-vendor figure families (edge/metrics.py `_figures`): name, help, type, reading
+_FIGURES: tuple[tuple[str, str, str, Callable[[GpuSample], float | None]], ...] = (
+    ("kgpu_gpu_utilization_percent", "GPU utilisation (in %).", "gauge", lambda s: s.utilization_pct),
+    ("kgpu_gpu_power_watts", "Power draw.", "gauge", lambda s: s.power_w),
+    ("kgpu_gpu_temperature_celsius", "GPU temperature.", "gauge", lambda s: s.temperature_c),
+    ("kgpu_gpu_memory_used_bytes", "GPU memory used.", "gauge",
+     lambda s: None if s.memory_used_bytes is None else float(s.memory_used_bytes)),
+    ("kgpu_gpu_clock_mhz", "GPU (SM, graphics) clock.", "gauge",
+     lambda s: None if s.sm_clock_mhz is None else float(s.sm_clock_mhz)),
+    ("kgpu_gpu_energy_joules", "GPU energy since the driver loaded (the device's counter, or its power "
+     "integrated by the backend).", "counter", lambda s: s.energy_mj / 1000.0 if s.energy_mj is not None else None),
+)
+
+
+def figure_families(node: str, gpus: Sequence[DcgmGpu]) -> list[Metric]:
+    """Every vendor's sample figures under the edge's `kgpu_gpu_*` names, labelled
+    `gpu,uuid,Hostname,vendor`; a lost GPU's, or a figure the sample lacks, has no series."""
+    labels = ["gpu", "uuid", "Hostname", "vendor"]
+    out: list[Metric] = []
+    for name, doc, kind, read in _FIGURES:
+        family: CounterMetricFamily | GaugeMetricFamily = (
+            CounterMetricFamily(name, doc, labels=labels) if kind == "counter"
+            else GaugeMetricFamily(name, doc, labels=labels))
+        for gpu in gpus:
+            s = gpu.sample
+            value = None if s is None or s.lost else read(s)
+            if value is not None:
+                inv = gpu.inventory
+                family.add_metric([str(inv.index), inv.uuid, node, inv.vendor], value)
+        out.append(family)
+    return out
 
 
 def kepler_gpu(gpu: DcgmGpu) -> KeplerGpu | None:
@@ -96,14 +140,16 @@ def kepler_gpu(gpu: DcgmGpu) -> KeplerGpu | None:
     inv = gpu.inventory
     return KeplerGpu(index=inv.index, uuid=inv.uuid, name=inv.name, joules=s.idle_joules + s.active_joules,
                      idle_joules=s.idle_joules, active_joules=s.active_joules,
-                     watts=watts, idle_watts=idle, active_watts=active)
+                     watts=watts, idle_watts=idle, active_watts=active, vendor=inv.vendor)
 
 
 def node_families(node: str, gpus: Sequence[DcgmGpu], rows: Sequence[Mapping[str, Any]]) -> list[Metric]:
-    """Every family the exporter serves for one node: dcgm-exporter's, `kgpu_gpu_health`, then
-    Kepler's node-level GPU families (with `Hostname` too, as an edge scrape adds it)."""
+    """Every family the exporter serves for one node: dcgm-exporter's (NVIDIA GPUs only),
+    `kgpu_gpu_health` and the `kgpu_gpu_*` figures (every vendor), then Kepler's node-level GPU
+    families (every vendor; with `Hostname` too, as an edge scrape adds it)."""
     kepler = [k for k in map(kepler_gpu, gpus) if k is not None]
-    return [*dcgm_families(node, gpus), health_family(node, rows),
+    nvidia = [g for g in gpus if g.inventory.vendor == "nvidia"]
+    return [*dcgm_families(node, nvidia), health_family(node, rows), *figure_families(node, gpus),
             *kepler_families(node, kepler, hostname=True, only=NODE_FAMILIES)]
 
 
@@ -111,7 +157,7 @@ def _gpu(row: Mapping[str, Any]) -> DcgmGpu:
     sample = GpuSample.model_validate(row["sample"])
     inventory = GpuInventory(index=row["index"], uuid=row["uuid"], name=row["name"] or "",
                              pci_bus_id=row["pci_bus_id"] or "", memory_total_bytes=0,
-                             driver_version=row["driver_version"] or "")
+                             driver_version=row["driver_version"] or "", vendor=vendor_of(row))
     return DcgmGpu(inventory, sample, row.get("last_xid"))
 
 

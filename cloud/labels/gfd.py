@@ -45,7 +45,15 @@ def valid_label(key: str, value: str) -> bool:
     return bool(prefix) and bool(_NAME_RE.match(name)) and bool(_VALUE_RE.match(value))
 
 
-def _family(architecture: str | None) -> str | None:
+# A Jetson edge's platform -> its GPU's architecture, for an edge that does not name it: GFD on
+# Tegra (its CUDA resource manager) takes the family from the compute capability (Orin 8.7 is
+# ampere, Xavier 7.2 volta, Thor blackwell)
+_JETSON_ARCHITECTURES = {"jetson-orin": "ampere", "jetson-xavier": "volta", "jetson-thor": "blackwell"}
+
+
+def _family(architecture: str | None, platform: str | None = None) -> str | None:
+    if not architecture:
+        architecture = _JETSON_ARCHITECTURES.get((platform or "").lower())
     if not architecture:
         return None
     text = architecture.strip().lower()
@@ -91,7 +99,7 @@ def labels_for(gpus: Sequence[GpuSummary]) -> dict[str, str]:
     labels[f"{GPU}.count"] = str(len(same))
     if first.memory_total_bytes:
         labels[f"{GPU}.memory"] = str(first.memory_total_bytes // MIB)
-    family = _family(first.architecture)
+    family = _family(first.architecture, first.platform)
     if family:
         labels[f"{GPU}.family"] = family
 

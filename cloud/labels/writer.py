@@ -1,15 +1,17 @@
-"""`NodeLabeler`: writes GPU Feature Discovery's labels (cloud/labels/gfd.py) on each Kubernetes
-Node from its edge's status, when they change.
+"""`NodeLabeler`: writes each vendor's GPU labels (cloud/labels/vendors.py: GPU Feature Discovery's
+for NVIDIA and Jetson, AMD's node labeller's, Intel's NFD rules') on each Kubernetes Node from its
+edge's status, when they change.
 
 Every replica follows the statuses (they reach every replica: the status subscription is not
 shared) and keeps each node's wanted labels in memory; only the leader writes. A node's labels are
 patched when what its status implies differs from what the Node carries, and only then.
 
-kgpu owns the `nvidia.com/` labels it wrote, and only those: their keys are kept in the Node's
-annotation `kgpu.io/gfd-labels`, and a label kgpu wrote before and no longer wants (a MIG profile
-gone, GPUs gone) is removed with a null in a merge patch; any other label, `nvidia.com/` or not,
-is never touched. A Node carrying `nvidia.com/gfd.timestamp` is labelled by GFD itself: kgpu
-leaves it alone (two writers would flap). Every API call runs in a worker thread (`Kube.call`).
+kgpu owns the GPU labels it wrote (`nvidia.com/`, `amd.com/`, `gpu.intel.com/`, ...), and only
+those: their keys are kept in the Node's annotation `kgpu.io/gfd-labels`, and a label kgpu wrote
+before and no longer wants (a MIG profile gone, GPUs gone) is removed with a null in a merge patch;
+any other label, of those prefixes or not, is never touched. A Node carrying
+`nvidia.com/gfd.timestamp` is labelled by GFD itself: kgpu leaves it alone (two writers would flap).
+Every API call runs in a worker thread (`Kube.call`).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from typing import Any
 from aiohttp import web
 
 from cloud.kube import Kube, KubeError
-from cloud.labels.gfd import labels_for
+from cloud.labels.vendors import LABEL_PREFIXES, node_labels
 from cloud.services import BatchBus, Periodic
 from cloud.store import Incoming
 from shared.logs import get_logger
@@ -43,7 +45,7 @@ def label_patch(current_labels: Mapping[str, str], current_annotations: Mapping[
     owned_before = {k for k in (current_annotations.get(OWNED_ANNOTATION) or "").split(",") if k}
     labels: dict[str, str | None] = {k: v for k, v in wanted.items() if current_labels.get(k) != v}
     for key in sorted(owned_before - set(wanted)):
-        if key in current_labels and key.startswith("nvidia.com/"):
+        if key in current_labels and key.startswith(LABEL_PREFIXES):
             labels[key] = None
     owned = ",".join(sorted(wanted))
     annotation_changed = (current_annotations.get(OWNED_ANNOTATION) or "") != owned
@@ -87,7 +89,7 @@ class NodeLabeler:
                 continue  # offline: the GPUs are still there, keep their labels
             if not body.gpus and body.degraded:
                 continue  # an edge that cannot read its GPUs now says nothing about them
-            wanted = labels_for(body.gpus)
+            wanted = node_labels(body.gpus)
             node = item.envelope.node
             if self._wanted.get(node) != wanted:
                 self._wanted[node] = wanted

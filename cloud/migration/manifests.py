@@ -184,14 +184,15 @@ def pod_needs(pod: Mapping[str, Any], source_zone: str | None, source: GpuModel 
         affinity=placement.selector_terms(spec.get("affinity")), tolerations=tolerations,
         priority=int(spec.get("priority") or 0),
         workload_class=placement.workload_class(meta.get("labels") or {}, spec.get("priorityClassName")),
-        source_zone=source_zone, source_gpu=source,
+        source_zone=source_zone, source_gpu=source, resource=placement.gpu_resource(spec),
     )
 
 
 def candidates(kube_nodes: Iterable[Mapping[str, Any]], pods: Iterable[Mapping[str, Any]],
                world: World) -> list[NodeCandidate]:
     """Every cluster node as a placement candidate, with the fleet store's view of its GPUs."""
-    requested: dict[str, int] = defaultdict(int)
+    requested: dict[str, int] = defaultdict(int)  # nvidia.com/gpu
+    others: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))  # the other vendors' resources
     mig_used: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
     for pod in pods:
         spec = pod.get("spec") or {}
@@ -201,7 +202,11 @@ def candidates(kube_nodes: Iterable[Mapping[str, Any]], pods: Iterable[Mapping[s
         if not node or finished or meta.get("deletionTimestamp"):
             continue
         gpus, mig = placement.gpu_requests(spec)
-        requested[node] += gpus
+        resource = placement.gpu_resource(spec)
+        if resource == placement.GPU_RESOURCE:
+            requested[node] += gpus
+        else:
+            others[node][resource] += gpus
         for resource, amount in mig.items():
             mig_used[node][resource] += amount
     out = []
@@ -223,12 +228,14 @@ def candidates(kube_nodes: Iterable[Mapping[str, Any]], pods: Iterable[Mapping[s
                 temperature_c=_float((g.sample or {}).get("temperature_c")),
                 power_w=_float((g.sample or {}).get("power_w")),
                 power_limit_w=_float((g.sample or {}).get("power_limit_w")),
+                resource_name=g.resource_name or placement.GPU_RESOURCE,
             )
             for g in world.gpus.get(name, ())
         )
         taints = tuple(Taint(str(t.get("key")), str(t.get("effect")), t.get("value")) for t in spec.get("taints") or [])
         out.append(NodeCandidate(name=name, online=world.nodes.get(name, (False, 0.0))[0], labels=labels,
                                  gpus=node_gpus, gpus_requested=requested.get(name, 0), mig_free=mig_free,
+                                 requested=dict(others.get(name) or {}),
                                  taints=taints, unschedulable=bool(spec.get("unschedulable"))))
     return out
 

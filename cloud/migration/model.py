@@ -120,6 +120,8 @@ class GpuView:
     # for where the list came from) and where the edge's remediation ladder stands (None: in service).
     pods: tuple[str, ...] = ()
     remediation: str | None = None
+    # the extended resource its device plugin advertises (amd.com/gpu, ...); None: nvidia.com/gpu
+    resource_name: str | None = None
 
 
 @dataclass(frozen=True)

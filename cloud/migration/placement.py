@@ -11,11 +11,18 @@ Hard rules (a candidate failing any is rejected, every failed rule is listed):
 * every NoSchedule/NoExecute taint tolerated by the pod;
 * the pod's `nodeSelector` and required node affinity (`matchExpressions` with In, NotIn, Exists,
   DoesNotExist, Gt, Lt; terms ORed, expressions ANDed) hold on the node's labels;
+* GPUs of the vendor the pod asks for: the whole-GPU resource of its request (`GPU_RESOURCES`:
+  `nvidia.com/gpu` for NVIDIA incl. Jetson, `amd.com/gpu`, `gpu.intel.com/i915`, `gpu.intel.com/xe`)
+  is the one the candidate GPU's device plugin advertises (its status's `resource_name`; none
+  from an edge older than the device layer: `nvidia.com/gpu`). A pod asking several vendors'
+  resources (unheard of) is placed by the first of them that it asks for, counting all.
 * enough free GPUs, counted as the scheduler counts `nvidia.com/gpu`: each healthy GPU of a
   compatible model not in MIG mode is `replicas` devices (time-slicing: the GPU's own figure, else
   the node's GFD label `nvidia.com/gpu.replicas`, else 1), less the devices requested by the pods
   bound there (counted against the healthy ones: we cannot tell which GPU a pod holds), and never
-  more than the node's `nvidia.com/gpu` allocatable when known. A GPU in MIG mode advertises MIG
+  more than the node's `nvidia.com/gpu` allocatable when known. The other vendors' resources are
+  counted alike (one device per GPU unless the GPU reports replicas), less what bound pods request
+  of that resource (`NodeCandidate.requested`). A GPU in MIG mode advertises MIG
   devices, not `nvidia.com/gpu` (the mixed strategy kgpu's device plugin uses).
 * MIG devices (`nvidia.com/mig-<profile>`) as the scheduler counts them: the node's allocatable
   less what bound pods request (`mig_free`); without an allocatable for that profile, the healthy
@@ -50,6 +57,8 @@ from typing import Any
 from shared.mig import MIG_RESOURCE_PREFIX
 
 GPU_RESOURCE = "nvidia.com/gpu"
+# every vendor's whole-GPU extended resource (edge/devices/base.py `DeviceBackend.resource_name`)
+GPU_RESOURCES = ("nvidia.com/gpu", "amd.com/gpu", "gpu.intel.com/i915", "gpu.intel.com/xe")
 MIG_PREFIX = MIG_RESOURCE_PREFIX
 ZONE_LABEL = "topology.kubernetes.io/zone"
 HOSTNAME_LABEL = "kubernetes.io/hostname"
@@ -219,7 +228,7 @@ def gpu_requests(spec: Mapping[str, Any]) -> tuple[int, dict[str, int]]:
             wanted: dict[str, int] = {}
             for part in ("requests", "limits"):
                 for name, amount in (resources.get(part) or {}).items():
-                    if name == GPU_RESOURCE or name.startswith(MIG_PREFIX):
+                    if name in GPU_RESOURCES or name.startswith(MIG_PREFIX):
                         wanted[name] = max(wanted.get(name, 0), quantity(amount))
             out.append(wanted)
         return out
@@ -231,8 +240,18 @@ def gpu_requests(spec: Mapping[str, Any]) -> tuple[int, dict[str, int]]:
     for wanted in of(spec.get("initContainers") or []):
         for name, amount in wanted.items():
             total[name] = max(total.get(name, 0), amount)
-    gpus = total.pop(GPU_RESOURCE, 0)
+    gpus = sum(total.pop(name, 0) for name in GPU_RESOURCES)
     return gpus, {k: v for k, v in total.items() if v > 0}
+
+
+def gpu_resource(spec: Mapping[str, Any]) -> str:
+    """The whole-GPU resource a pod spec asks for (its vendor's): the first of GPU_RESOURCES that
+    any of its containers requests or limits; `nvidia.com/gpu` when none does."""
+    asked = {name for c in [*(spec.get("containers") or []), *(spec.get("initContainers") or [])]
+             for part in ("requests", "limits")
+             for name, amount in (((c.get("resources") or {}).get(part) or {}).items())
+             if name in GPU_RESOURCES and quantity(amount) > 0}
+    return next((name for name in GPU_RESOURCES if name in asked), GPU_RESOURCE)
 
 
 def quantity(amount: Any) -> int:
@@ -274,6 +293,7 @@ class PodNeeds:
     workload_class: str | None = None
     source_zone: str | None = None
     source_gpu: GpuModel | None = None
+    resource: str = GPU_RESOURCE  # the whole-GPU resource `gpus` counts (its vendor's: gpu_resource)
 
     @property
     def key(self) -> str:
@@ -291,6 +311,7 @@ class CandidateGpu:
     replicas: int | None = None  # time-slicing: devices advertised per GPU (None: not reported)
     mig_enabled: bool = False  # in MIG mode: no nvidia.com/gpu, only its MIG devices
     mig_devices: Mapping[str, int] = field(default_factory=dict)  # profile (1g.10gb) -> healthy devices
+    resource_name: str = GPU_RESOURCE  # what its device plugin advertises it as (amd.com/gpu, ...)
 
 
 @dataclass(frozen=True)
@@ -301,12 +322,17 @@ class NodeCandidate:
     online: bool
     labels: Mapping[str, str] = field(default_factory=dict)
     gpus: tuple[CandidateGpu, ...] = ()
-    gpus_requested: int = 0  # by the pods bound there
+    gpus_requested: int = 0  # nvidia.com/gpu requested by the pods bound there
     mig_free: Mapping[str, int] = field(default_factory=dict)  # from allocatable, less requests
     taints: tuple[Taint, ...] = ()
     unschedulable: bool = False
     gpu_allocatable: int | None = None  # the kubelet's nvidia.com/gpu allocatable (None: unknown)
     mig_requested: Mapping[str, int] = field(default_factory=dict)  # by the pods bound there
+    requested: Mapping[str, int] = field(default_factory=dict)  # other vendors' GPU resources, by the pods there
+
+    def requested_of(self, resource: str) -> int:
+        """Devices of a whole-GPU resource the pods bound there request."""
+        return self.gpus_requested if resource == GPU_RESOURCE else self.requested.get(resource, 0)
 
 
 def gpu_slots(gpu: CandidateGpu, labels: Mapping[str, str]) -> int:
@@ -315,6 +341,8 @@ def gpu_slots(gpu: CandidateGpu, labels: Mapping[str, str]) -> int:
         return 0
     if gpu.replicas is not None:
         return max(1, gpu.replicas)
+    if gpu.resource_name != GPU_RESOURCE:
+        return 1  # GFD's replicas label speaks of nvidia.com/gpu only
     return max(1, quantity(labels.get(REPLICAS_LABEL, "1")))
 
 
@@ -376,7 +404,8 @@ def _judge(pod: PodNeeds, c: NodeCandidate) -> ScoredTarget:
 
     usable: list[CandidateGpu] = []
     model_notes: set[str] = set()
-    healthy = [g for g in c.gpus if g.healthy]
+    healthy = [g for g in c.gpus if g.healthy and g.resource_name == pod.resource]
+    other_vendor = sum(1 for g in c.gpus if g.resource_name != pod.resource)
     for gpu in healthy:
         ok, note = compatible(pod.source_gpu, gpu.model)
         model_notes.add(note)
@@ -384,16 +413,19 @@ def _judge(pod: PodNeeds, c: NodeCandidate) -> ScoredTarget:
             usable.append(gpu)
     usable_slots = sum(gpu_slots(g, c.labels) for g in usable)
     healthy_slots = sum(gpu_slots(g, c.labels) for g in healthy)
-    if c.gpu_allocatable is not None:
+    if c.gpu_allocatable is not None and pod.resource == GPU_RESOURCE:
         healthy_slots = min(healthy_slots, c.gpu_allocatable)
-    free = max(0, min(usable_slots, healthy_slots - c.gpus_requested))
+    requested = c.requested_of(pod.resource)
+    free = max(0, min(usable_slots, healthy_slots - requested))
     if pod.gpus > free:
         shared = usable_slots > len([g for g in usable if gpu_slots(g, c.labels)])
         mig_mode = sum(1 for g in usable if g.mig_enabled)
-        detail = (f"needs {pod.gpus} GPU(s), {free} free: {len(usable)} healthy compatible of {len(c.gpus)}"
+        what = "GPU(s)" if pod.resource == GPU_RESOURCE else pod.resource
+        detail = (f"needs {pod.gpus} {what}, {free} free: {len(usable)} healthy compatible of {len(c.gpus)}"
+                  + (f" ({other_vendor} advertised as another vendor's resource)" if other_vendor else "")
                   + (f" ({usable_slots} time-sliced devices)" if shared else "")
                   + (f" ({mig_mode} in MIG mode)" if mig_mode else "")
-                  + f", {c.gpus_requested} requested by pods bound there")
+                  + f", {requested} requested by pods bound there")
         incompatible = sorted(n for n in model_notes if " not " in n or "<" in n)
         why_not.append(detail + (f" ({'; '.join(incompatible)})" if incompatible else ""))
     for resource, amount in sorted(pod.mig.items()):
@@ -476,7 +508,11 @@ def assign(pods: Iterable[PodNeeds], candidates: Sequence[NodeCandidate]) -> lis
                     mig[resource] -= amount
                 else:
                     mig_requested[resource] = mig_requested.get(resource, 0) + amount
-            pool[target.node] = replace(chosen, gpus_requested=chosen.gpus_requested + pod.gpus, mig_free=mig,
-                                        mig_requested=mig_requested)
+            if pod.resource == GPU_RESOURCE:
+                chosen = replace(chosen, gpus_requested=chosen.gpus_requested + pod.gpus)
+            else:
+                chosen = replace(chosen, requested={**chosen.requested,
+                                                    pod.resource: chosen.requested_of(pod.resource) + pod.gpus})
+            pool[target.node] = replace(chosen, mig_free=mig, mig_requested=mig_requested)
         out.append(Assignment(pod, target, tuple(ranked)))
     return out

@@ -65,7 +65,7 @@ class MigrationRepository:
                 health=g["health"], unhealthy_since=unhealthy_since(events),
                 last_event=(events[0][0], events[0][2]) if events else None,
                 healthy_event_ts=healthy_ts, pods=tuple(g.get("pods") or ()),
-                remediation=g.get("remediation")))
+                remediation=g.get("remediation"), resource_name=g.get("resource_name")))
         world = World(nodes=nodes, gpus={k: tuple(v) for k, v in gpus.items()},
                       requests=tuple(requests), pod_sources=pod_sources)
         return world, migrations, last_started

@@ -52,7 +52,8 @@ def add_routes(app: web.Application, manager: Policies) -> None:
         if row is None:
             return json_error(404, "no such policy", name)
         nodes = await asyncio.to_thread(tables.node_rows, name)
-        return web.json_response({**policy_out(row), "nodes": nodes})
+        vendors = await asyncio.to_thread(tables.store.policy_outcomes, [n["node"] for n in nodes])
+        return web.json_response({**policy_out(row), "nodes": nodes, "vendors": vendors})
 
     async def put_policy(request: web.Request) -> web.Response:
         if manager.kube is not None:

@@ -289,13 +289,14 @@ class FleetQueries(StoreBase):
         """The fleet exporter's read: every GPU of an online node whose latest sample is at least
         as new as `newer_than` (its `sample_ts`, the edge's ts less the clock skew), ordered by
         node and index: `node`, `uuid`, `index`, `name`, `pci_bus_id`, `driver_version`,
-        `health`, `sample`, and `last_xid`, the XID of its newest stored XID event (None: none).
+        `health`, `vendor` (None: an older edge, NVIDIA), `sample`, and `last_xid`, the XID of
+        its newest stored XID event (None: none).
         With `keep`, only the nodes it keeps (their names are read first, so the other nodes'
         samples are never decoded). One read transaction of two queries (plus one per 1,000
         nodes kept), whatever the fleet's size."""
         g, n, e = gpus_table, nodes_table, events_table
         query = (sa.select(g.c.node, g.c.uuid, g.c.index, g.c.name, g.c.pci_bus_id, g.c.driver_version, g.c.health,
-                           g.c.sample)
+                           g.c.vendor, g.c.sample)
                  .join(n, n.c.name == g.c.node)
                  .where(n.c.online.is_(True), g.c.sample.is_not(None), g.c.sample_ts >= newer_than)
                  .order_by(g.c.node, g.c.index, g.c.uuid))
@@ -316,6 +317,39 @@ class FleetQueries(StoreBase):
         for row in rows:
             row["last_xid"] = last_xid.get((row["node"], row["uuid"]))
         return rows
+
+    def policy_outcomes(self, nodes: Sequence[str]) -> dict[str, dict[str, Any]]:
+        """vendor -> how the power policy acts on the GPUs of `nodes` (issue 16): `gpus`, and of
+        those whose edge has recorded a policy action (`POLICY_RULES`), how many the newest one
+        `applied` and how many it recorded `advisory` (the device has no such knob, or refused),
+        with that newest advisory `reason`. An older edge's GPUs (no vendor) are NVIDIA's. Two
+        queries per 1,000 nodes; the decisions read are those of the policy's rules only."""
+        g, d = gpus_table, decisions_table
+        vendor = sa.func.coalesce(g.c.vendor, "nvidia")
+        out: dict[str, dict[str, Any]] = {}
+        newest_advisory: dict[str, float] = {}  # vendor -> ts of the reason kept
+        with self.reading("policy outcomes") as conn:
+            for start in range(0, len(nodes), 1000):
+                chunk = list(nodes[start:start + 1000])
+                for name, count in conn.execute(sa.select(vendor, sa.func.count()).where(g.c.node.in_(chunk))
+                                                .group_by(vendor)):
+                    entry = out.setdefault(str(name), {"gpus": 0, "applied": 0, "advisory": 0, "reason": None})
+                    entry["gpus"] += int(count)
+                rank = sa.func.row_number().over(partition_by=(d.c.node, d.c.gpu_uuid),
+                                                 order_by=(d.c.ts.desc(), d.c.id.desc())).label("rank")
+                newest = (sa.select(d.c.node, d.c.gpu_uuid, d.c.outcome, d.c.reason, d.c.ts, rank)
+                          .where(d.c.node.in_(chunk), d.c.gpu_uuid.is_not(None), d.c.rule.in_(POLICY_RULES),
+                                 d.c.outcome.in_(["applied", "advisory"])).subquery())
+                query = (sa.select(vendor, newest.c.outcome, newest.c.reason, newest.c.ts)
+                         .join(g, sa.and_(g.c.node == newest.c.node, g.c.uuid == newest.c.gpu_uuid))
+                         .where(newest.c.rank == 1))
+                for name, outcome, reason, ts in conn.execute(query):
+                    entry = out.setdefault(str(name), {"gpus": 0, "applied": 0, "advisory": 0, "reason": None})
+                    entry[str(outcome)] += 1
+                    if outcome == "advisory" and float(ts) >= newest_advisory.get(str(name), -math.inf):
+                        newest_advisory[str(name)] = float(ts)
+                        entry["reason"] = reason
+        return dict(sorted(out.items()))
 
     def migration_requests(self, received_since: float, limit: int = 500,
                            conn: Connection | None = None) -> list[dict[str, Any]]:
@@ -437,6 +471,11 @@ def _gpu_summaries(conn: Connection, names: Sequence[str]) -> dict[str, dict[str
                          "max_temperature_c": float(temperature) if temperature is not None else None}
     return found
 
+
+# The edge's power policy rules (edge/policy.py RULE_*): the decisions whose outcome says whether the
+# policy's knob acted on a GPU (`policy_outcomes`).
+POLICY_RULES = ("thermal_step_down", "thermal_critical", "thermal_restore", "power_saving", "power_saving_exit",
+                "power_cap")
 
 COMPACT_SAMPLE = ("ts", "temperature_c", "power_w", "power_limit_w", "utilization_pct")
 """The figures of a GPU's latest sample that the dashboard's overview shows."""

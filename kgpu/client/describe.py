@@ -9,7 +9,7 @@ from typing import Any
 
 from kgpu.client.http import Api, ClientError
 from kgpu.client.render import Column, age, table
-from kgpu.client.resources import EVENT_COLUMNS, MIGRATION_COLUMNS
+from kgpu.client.resources import EVENT_COLUMNS, MIGRATION_COLUMNS, gpu_vendor
 
 RECENT = 10
 
@@ -27,9 +27,19 @@ def gather_node(api: Api, name: str) -> dict[str, Any]:
     return {"node": node, "policy": policy, "commands": commands, "migrations": migrations, "events": events}
 
 
-def _fields(pairs: Sequence[tuple[str, Any]]) -> list[str]:
+def _fields(pairs: Sequence[tuple[str, Any]], wrap: int = 80) -> list[str]:
+    """`Key:  value` lines; a value that would pass `wrap` columns goes on at the value's column,
+    split after its commas (a list: labels, capabilities)."""
     width = max(len(k) for k, _ in pairs) + 2
-    return [f"{(k + ':').ljust(width)}{'-' if v in (None, '', [], {}) else v}" for k, v in pairs]
+    lines: list[str] = []
+    for k, v in pairs:
+        line = f"{(k + ':').ljust(width)}{'-' if v in (None, '', [], {}) else v}"
+        while len(line) > wrap and ", " in line[width:wrap]:
+            cut = line.rindex(", ", width, wrap) + 1
+            lines.append(line[:cut])
+            line = " " * width + line[cut:].lstrip()
+        lines.append(line)
+    return lines
 
 
 def _policy_line(policy: dict[str, Any] | None) -> str:
@@ -38,6 +48,31 @@ def _policy_line(policy: dict[str, Any] | None) -> str:
     applied = "applied" if policy.get("applied") else (
         f"not applied yet (edge reports {policy.get('reported_name')}@{policy.get('reported_version')})")
     return f"{policy['policy_name']}@{policy.get('version')}, {applied}"
+
+
+def _vendor_line(gpus: Sequence[dict[str, Any]]) -> str | None:
+    """`amd (backend amd, platform instinct)`, one part per distinct vendor, backend and platform."""
+    parts: list[str] = []
+    for g in gpus:
+        vendor = gpu_vendor(g)
+        if vendor is None:
+            continue
+        backend = g.get("backend") or ("nvml" if vendor == "nvidia" and not g.get("vendor") else None)
+        detail = ", ".join(f"{k} {v}" for k, v in (("backend", backend), ("platform", g.get("platform"))) if v)
+        text = f"{vendor} ({detail})" if detail else vendor
+        if text not in parts:
+            parts.append(text)
+    return "; ".join(parts) or None
+
+
+def _capabilities_line(gpus: Sequence[dict[str, Any]]) -> str | None:
+    """The capabilities the GPUs declare: one list when they all declare the same, else per GPU."""
+    declared = [(g.get("index"), sorted(g["capabilities"])) for g in gpus if g.get("capabilities") is not None]
+    if not declared:
+        return None
+    if all(caps == declared[0][1] for _, caps in declared):
+        return ", ".join(declared[0][1]) or "none"
+    return "; ".join(f"GPU {index}: {', '.join(caps) or 'none'}" for index, caps in declared)
 
 
 COMMAND_COLUMNS = [
@@ -63,6 +98,8 @@ def describe_node(found: dict[str, Any], gpu_columns: Sequence[Column], width: i
         ("Labels", ", ".join(f"{k}={v}" for k, v in (node.get("labels") or {}).items())),
         ("GPUs", f"{summary.get('count', 0)} ({summary.get('healthy', 0)} healthy, {summary.get('unhealthy', 0)} "
                  f"unhealthy, {summary.get('lost', 0)} lost)"),
+        ("Vendor", _vendor_line(node.get("gpus") or [])),
+        ("Capabilities", _capabilities_line(node.get("gpus") or [])),
         ("Outbox", f"depth {node.get('outbox_depth')}, acked seq {node.get('acked_seq')}, gaps {node.get('gaps')}"),
         ("Clock skew", None if node.get("clockSkewSeconds") is None else f"{node['clockSkewSeconds']:+.1f} s"),
         ("Over budget", node.get("over_budget")),

@@ -21,7 +21,7 @@ class Filters:
     kind: str | None = None  # events only
     state: str | None = None  # migrations only
     limit: int | None = None
-    full: bool = False  # gpus: every field of the latest sample (a request per node), not the overview's few
+    full: bool = False  # every field (-o wide/json/yaml): gpus' whole samples, policies' per-vendor outcomes
 
 
 @dataclass(frozen=True)
@@ -119,6 +119,19 @@ def _memory(gpu: Row) -> str | None:
     return None if used is None else f"{used / 2**30:.1f}Gi"
 
 
+def gpu_vendor(gpu: Row) -> str | None:
+    """The GPU's vendor; an older edge (no `vendor` in its status) runs NVIDIA GPUs on NVML. None
+    while only telemetry has been seen (no status: no name either)."""
+    if gpu.get("vendor"):
+        return str(gpu["vendor"])
+    return "nvidia" if gpu.get("name") else None
+
+
+def _vendor_platform(gpu: Row) -> str | None:
+    vendor = gpu_vendor(gpu)
+    return vendor if vendor is None or not gpu.get("platform") else f"{vendor}/{gpu['platform']}"
+
+
 GPU_COLUMNS = [
     Column("NODE", lambda g: g.get("node"), floor=16),
     Column("IDX", lambda g: g.get("index"), shrink=False),
@@ -130,6 +143,7 @@ GPU_COLUMNS = [
     Column("UTIL", lambda g: None if _sample(g, "utilization_pct") is None else f"{_sample(g, 'utilization_pct'):.0f}%",
            shrink=False),
     Column("MODEL", lambda g: g.get("name"), wide_only=True),
+    Column("VENDOR", _vendor_platform, wide_only=True),
     Column("MEM", _memory, wide_only=True, shrink=False),
     Column("SM-MHZ", lambda g: _sample(g, "sm_clock_mhz"), wide_only=True, shrink=False),
     Column("PCI", lambda g: g.get("pci_bus_id"), wide_only=True),
@@ -183,7 +197,24 @@ ROLLOUT_COLUMNS = [
 def _fetch_policies(api: Api, f: Filters) -> list[Row]:
     if f.name:
         return [api.get(f"/api/v1/policies/{f.name}")]
-    return list(api.get("/api/v1/policies").get("policies") or [])
+    listed = list(api.get("/api/v1/policies").get("policies") or [])
+    if f.full:  # the per-vendor outcomes are in each policy's own object (a request per policy: few)
+        return [api.get(f"/api/v1/policies/{p['name']}") for p in listed]
+    return listed
+
+
+def _vendors(policy: Row) -> str | None:
+    """`amd 2/2 advisory, nvidia 4/4 applied`: per GPU vendor of the selected nodes, the GPUs whose
+    newest policy action was applied or recorded advisory, of all its GPUs."""
+    vendors = policy.get("vendors")
+    if not isinstance(vendors, dict):
+        return None
+    parts = []
+    for vendor, v in sorted(vendors.items()):
+        counts = [f"{v.get(k)}/{v.get('gpus')} {k}" for k in ("applied", "advisory") if v.get(k)]
+        acted = ", ".join(counts) or f"0/{v.get('gpus')} acted"
+        parts.append(f"{vendor} {acted}")
+    return "; ".join(parts) or None
 
 
 def _selector(policy: Row) -> str:
@@ -202,6 +233,7 @@ POLICY_COLUMNS = [
     Column("APPLIED", lambda p: (p.get("status") or {}).get("applied"), shrink=False),
     Column("GEN", lambda p: p.get("generation"), shrink=False),
     Column("SOURCE", lambda p: p.get("source"), wide_only=True),
+    Column("VENDORS", _vendors, wide_only=True),
     Column("REASON", lambda p: p.get("reason") or "; ".join(
         f"{e.get('field')}: {e.get('problem')}" for e in p.get("errors") or []), wide_only=True),
 ]

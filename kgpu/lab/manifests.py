@@ -40,12 +40,13 @@ def kubeconfig_document(url: str, name: str = "kgpu-demo") -> dict[str, Any]:
 
 
 def node_manifest(name: str, labels: dict[str, str] | None = None, *, ready: bool = True,
-                  gpus: int | None = None) -> dict[str, Any]:
-    """A node, Ready or not; with `gpus`, that many `nvidia.com/gpu` in capacity and allocatable."""
+                  gpus: int | None = None, resource: str = GPU_RESOURCE) -> dict[str, Any]:
+    """A node, Ready or not; with `gpus`, that many `resource` (its vendor's: `nvidia.com/gpu`,
+    `amd.com/gpu`, `gpu.intel.com/i915`) in capacity and allocatable."""
     status: dict[str, Any] = {"conditions": [{"type": "Ready", "status": "True" if ready else "False"}]}
     if gpus is not None:
-        status["capacity"] = {GPU_RESOURCE: str(gpus)}
-        status["allocatable"] = {GPU_RESOURCE: str(gpus)}
+        status["capacity"] = {resource: str(gpus)}
+        status["allocatable"] = {resource: str(gpus)}
     return {"apiVersion": "v1", "kind": "Node", "metadata": {"name": name, "labels": labels or {}},
             "status": status}
 

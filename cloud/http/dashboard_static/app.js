@@ -99,6 +99,14 @@
   const nodeLink = (name) => el("a", { href: `#/nodes/${encodeURIComponent(name)}` }, name);
   const empty = (title, hint) => el("div", { class: "empty" }, el("strong", {}, title), hint ? el("p", {}, hint) : null);
 
+  // A GPU's vendor (an edge older than the device layer sends none: NVIDIA on NVML; a GPU seen only
+  // in telemetry has no status yet, so no name and no vendor) and its badge: "amd", "nvidia jetson-orin".
+  const vendorOf = (g) => g.vendor || (g.name ? "nvidia" : null);
+  const vendorText = (g) => [vendorOf(g), g.platform].filter(Boolean).join(" ");
+  const vendorBadge = (g) => (vendorOf(g) ? el("span", { class: `pill vendor v-${vendorOf(g)}`, dataset: { vendor: vendorOf(g) },
+    title: g.resource_name ? `advertised as ${g.resource_name}` : "" }, vendorText(g)) : null);
+  const nodeVendors = (n) => [...new Map((n.gpus || []).filter(vendorOf).map((g) => [vendorText(g), g])).values()];
+
   // ---- shared pieces -----------------------------------------------------------------------
 
   function throttleReasons(mask) {
@@ -307,7 +315,7 @@
 
   // ---- overview (from the stream's snapshots) ----------------------------------------------
 
-  const overviewState = { q: "", filter: "all", sort: "name" };
+  const overviewState = { q: "", filter: "all", sort: "name", vendor: "all" };
   let latest = null; // the last snapshot
   let trendShown = -1; // points in the trend charts on the page
 
@@ -326,6 +334,7 @@
 
   const FILTERS = [["all", "all nodes"], ["online", "online"], ["offline", "offline"], ["unhealthy", "with an unhealthy GPU"],
     ["throttled", "with a throttled GPU"], ["over-budget", "over budget"], ["degraded", "degraded"]];
+  const VENDORS = [["all", "all vendors"], ["nvidia", "NVIDIA"], ["amd", "AMD"], ["intel", "Intel"]];
   const SORTS = [["name", "name"], ["problems", "problems first"], ["temp", "hottest first"], ["power", "most power first"],
     ["util", "busiest first"], ["seen", "least recently seen first"]];
 
@@ -337,9 +346,10 @@
       throttled: isThrottled, "over-budget": (n) => Boolean(n.over_budget),
       degraded: (n) => (Array.isArray(n.degraded) ? n.degraded.length : Boolean(n.degraded && Object.keys(n.degraded).length)),
     }[overviewState.filter] || (() => true);
+    const ofVendor = (n) => overviewState.vendor === "all" || (n.gpus || []).some((g) => vendorOf(g) === overviewState.vendor);
     const matches = (n) => !q || n.name.toLowerCase().includes(q) ||
       Object.entries(n.labels || {}).some(([k, v]) => `${k}=${v}`.toLowerCase().includes(q)) ||
-      (n.gpus || []).some((g) => `${g.uuid} ${g.name || ""}`.toLowerCase().includes(q));
+      (n.gpus || []).some((g) => `${g.uuid} ${g.name || ""} ${vendorText(g)}`.toLowerCase().includes(q));
     const score = (n) => (!n.online ? 3 : 0) + (nodeHealth(n) ? 2 : 0) + (isThrottled(n) ? 1 : 0) + (n.over_budget ? 1 : 0);
     const by = {
       name: (a, b) => a.name.localeCompare(b.name),
@@ -349,7 +359,7 @@
       util: (a, b) => nodeMax(b, "utilization_pct") - nodeMax(a, "utilization_pct") || a.name.localeCompare(b.name),
       seen: (a, b) => (a.last_seen || 0) - (b.last_seen || 0) || a.name.localeCompare(b.name),
     }[overviewState.sort] || ((a, b) => a.name.localeCompare(b.name));
-    return (snap.nodes || []).filter((n) => keep(n) && matches(n)).sort(by);
+    return (snap.nodes || []).filter((n) => keep(n) && ofVendor(n) && matches(n)).sort(by);
   }
 
   function gpuList(id, title, rows, why, emptyText) {
@@ -368,14 +378,17 @@
   }
 
   function overviewSkeleton() {
-    const search = el("input", { id: "search", type: "search", placeholder: "search nodes, labels, GPU UUIDs",
+    const search = el("input", { id: "search", type: "search", placeholder: "search nodes, labels, GPU UUIDs, vendors",
       "aria-label": "search nodes", value: overviewState.q, autocomplete: "off" });
     const filter = el("select", { id: "filter", "aria-label": "filter nodes" },
       FILTERS.map(([v, label]) => el("option", { value: v, selected: v === overviewState.filter }, label)));
+    const vendor = el("select", { id: "vendor", "aria-label": "filter nodes by GPU vendor" },
+      VENDORS.map(([v, label]) => el("option", { value: v, selected: v === overviewState.vendor }, label)));
     const sort = el("select", { id: "sort", "aria-label": "sort nodes" },
       SORTS.map(([v, label]) => el("option", { value: v, selected: v === overviewState.sort }, `sort: ${label}`)));
     search.addEventListener("input", () => { overviewState.q = search.value; if (latest) renderNodes(latest); });
     filter.addEventListener("change", () => { overviewState.filter = filter.value; if (latest) renderNodes(latest); });
+    vendor.addEventListener("change", () => { overviewState.vendor = vendor.value; if (latest) renderNodes(latest); });
     sort.addEventListener("change", () => { overviewState.sort = sort.value; if (latest) renderNodes(latest); });
     trendShown = -1;
     return [
@@ -385,7 +398,7 @@
         el("section", { class: "trend", id: "fleet-trend" }),
         el("div", { class: "lists", id: "fleet-lists" }),
         el("h2", {}, "Nodes"),
-        el("div", { class: "toolbar" }, search, filter, sort, el("span", { class: "muted small", id: "shown" })),
+        el("div", { class: "toolbar" }, search, filter, vendor, sort, el("span", { class: "muted small", id: "shown" })),
         el("div", { id: "nodes-wrap" })),
     ];
   }
@@ -427,7 +440,7 @@
     }
     if (!nodes.length) { wrap.replaceChildren(empty("No node matches.", "Change the search or the filter.")); return; }
     wrap.replaceChildren(el("div", { class: "table-wrap" }, el("table", { class: "nodes", id: "nodes-table" },
-      el("thead", {}, el("tr", {}, ["Node", "State", "GPUs", "Last seen", "Outbox", "Policy", "Version"]
+      el("thead", {}, el("tr", {}, ["Node", "State", "Vendor", "GPUs", "Last seen", "Outbox", "Policy", "Version"]
         .map((h) => el("th", {}, h)))),
       el("tbody", {}, nodes.map((n) => {
         const degraded = Array.isArray(n.degraded) ? n.degraded : n.degraded ? Object.keys(n.degraded) : [];
@@ -436,6 +449,8 @@
             n.over_budget ? el("div", { class: "chips" }, pill(`over budget: ${short(n.over_budget, 40)}`, "bad over-budget")) : null,
             degraded.length ? el("div", { class: "chips" }, degraded.map((d) => pill(short(d, 60), "warn"))) : null),
           el("td", {}, pill(n.online ? "online" : "offline", n.online ? "good" : "bad")),
+          el("td", { class: "vendors" }, nodeVendors(n).length ? el("div", { class: "chips" }, nodeVendors(n).map(vendorBadge))
+            : el("span", { class: "muted" }, "—")),
           el("td", {}, (n.gpus || []).length
             ? el("div", { class: "gpus" }, n.gpus.map((g) => gpuTile(g, n.online, throttled.get(`${n.name}/${g.uuid}`) || [])),
               n.gpus_truncated ? el("span", { class: "muted small" }, `+${(n.gpu_summary || {}).count - n.gpus.length} more`) : null)
@@ -544,7 +559,7 @@
     const s = g.sample || {};
     return el("section", { class: `card gpu-card health-${healthOf(g.health)}`, dataset: { uuid: g.uuid, throttled: reasons.length ? "1" : "0" } },
       el("div", { class: "card-head" }, el("strong", {}, `GPU ${g.index}`), " ",
-        el("span", { class: "muted" }, g.name || ""), pill(healthOf(g.health), `h-${healthOf(g.health)}`),
+        el("span", { class: "muted" }, g.name || ""), vendorBadge(g), pill(healthOf(g.health), `h-${healthOf(g.health)}`),
         throttledPill(reasons), reasons.length ? el("span", { class: "muted small" }, reasons.join(", ")) : null,
         el("span", { class: "muted small right mono" }, g.uuid)),
       gpuTile(g, node.online),
@@ -622,6 +637,7 @@
       el("dl", { class: "facts" },
         [["last seen", `${ago(nowS() - node.last_seen)} (${clock(node.last_seen)})`],
           ["daemon", node.daemon_version || "—"],
+          ["vendor", nodeVendors(node).map(vendorText).join(", ") || "—"],
           ["policy", node.policy_name ? `${node.policy_name} v${node.policy_version ?? "?"}` : num(node.policy_version)],
           ["outbox depth", node.outbox_depth ?? "—"],
           ["acked seq", node.acked_seq ?? "—"],
