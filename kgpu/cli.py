@@ -201,7 +201,9 @@ def cloud_run(
 
 @app.command("demo")
 def demo(
-    nodes: Annotated[int, typer.Option(min=2, max=12, help="Simulated GPU edge nodes")] = 4,
+    nodes: Annotated[int, typer.Option(min=2, max=12, help=(
+        "Simulated GPU edge nodes: the first four NVIDIA (the scenario's), then a Jetson Orin NX, an AMD "
+        "MI210 and an Intel Flex 170 in turn"))] = 7,
     http: Annotated[str, typer.Option(
         help="PORT (or 127.0.0.1:PORT) of the controller's API and dashboard; the demo listens on loopback only")]
     = "9420",

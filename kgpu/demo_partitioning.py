@@ -70,7 +70,8 @@ def run(kube: KubeEmulator, kubelets: dict[str, KubeletThread], specs: list[Node
         say(f"  node {spec.name} labels: " + ", ".join(f"{k.removeprefix('nvidia.com/')}={labels[k]}"
                                                       for k in SHOWN_LABELS if k in labels))
     state = get_json(f"{base}/api/v1/partitioning")
-    applied = sum(1 for n in state["nodes"] if n.get("applied"))
+    names = {spec.name for spec in specs}  # the NVIDIA nodes it partitioned (a mixed fleet has others)
+    applied = sum(1 for n in state["nodes"] if n.get("applied") and n.get("node") in names)
     return f"{applied}/{len(specs)} nodes applied {NAME}; MIG and replicas advertised to each node's kubelet"
 
 
