@@ -24,6 +24,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from cloud.app import ControllerApp
 from cloud.config import CloudSettings
 from cloud.store import FleetStore
+from kgpu.lab.fleetsim.node import GPU_MODEL
 from tests.helpers.fleet_fill import fill, ingest, node_messages, sim_nodes
 from tests.helpers.postgres import create_database, drop_database, pg_url  # noqa: F401
 
@@ -220,3 +221,24 @@ async def test_the_fleet_call_runs_the_same_statements_whatever_the_fleet(serve:
     small, large = await statements(3), await statements(120)
     assert small == large
     assert large == 7  # the figures (2), a page with GPUs (3), a page without (2)
+
+
+async def test_the_fleet_call_searches_the_whole_fleet(serve: Any) -> None:
+    """The overview's search over a fleet larger than its snapshot: `q` matches a node's name, a
+    GPU's UUID or model, case aside; LIKE's wildcards match themselves; pages still page."""
+    client, controller = await serve(lambda store: fill(store, 120, 2) + fill(store, 3, 1, prefix="site-b"))
+
+    async def names(query: str) -> list[str]:
+        status, body = await get(client, f"/api/v1/dashboard/fleet?limit=500&{query}")
+        assert status == 200, body
+        return [n["name"] for n in body["nodes"]]
+
+    assert await names("q=node-0011") == [f"node-{i:05d}" for i in range(110, 120)]
+    assert await names("q=GPU-node-00042-01") == ["node-00042"]  # a GPU's UUID
+    assert await names("q=SITE-B") == ["site-b-00000", "site-b-00001", "site-b-00002"]  # case aside
+    assert await names("q=%25") == [] and await names("q=node_0") == []  # % and _ are not wildcards
+    assert len(await names(f"q={GPU_MODEL.split()[-1].lower()}")) == 123  # a GPU's model: every node
+    status, page = await get(client, "/api/v1/dashboard/fleet?q=node-000&limit=4")
+    assert [n["name"] for n in page["nodes"]] == [f"node-{i:05d}" for i in range(4)] and page["next_cursor"]
+    status, body = await get(client, "/api/v1/dashboard/fleet?q=" + "x" * 201)
+    assert status == 400 and "longer than 200" in body["error"]

@@ -72,6 +72,7 @@ CONTENT_TYPES = {
 
 FLEET_PAGE = (100, 500)  # (default, maximum) nodes a page of the dashboard's fleet call
 FLEET_GPUS = (16, 64)  # (default, maximum) GPUs listed per node in it
+SEARCH_MAX = 200  # characters of the fleet call's `q` (a search over the whole fleet)
 SHARE_TTL_S = 2.0  # the fleet's figures, and a page, are computed at most this often, whatever the tabs open
 SHARE_OF_THREAD = 0.1  # ... and take at most this share of one read thread's time
 
@@ -350,13 +351,16 @@ def add_dashboard_routes(app: web.Application, directory: Path = STATIC_DIR, *,
         if cursor is not None and (len(cursor) != 1 or not isinstance(cursor[0], str)):
             raise bad_query("not a valid cursor", "pass the next_cursor of the previous page unchanged")
         after = cursor[0] if cursor else None
+        search = request.query.get("q", "").strip() or None
+        if search is not None and len(search) > SEARCH_MAX:
+            raise bad_query(f"q is longer than {SEARCH_MAX} characters", len(search))
 
         async def answer() -> bytes:
             summary = await shared.get(("summary",), figures)
             flags = dict(over_budget())  # a copy: read in a thread below
 
             def page() -> bytes:  # the read and its JSON, in a read thread: the event loop is the ingest's too
-                rows, last = store.nodes_page(after, limit, gpu_limit=gpu_limit, compact=True)
+                rows, last = store.nodes_page(after, limit, gpu_limit=gpu_limit, compact=True, search=search)
                 return json_bytes({
                     "generated_at": time.time(),
                     "summary": {**summary, "over_budget": len(flags)},
@@ -366,7 +370,7 @@ def add_dashboard_routes(app: web.Application, directory: Path = STATIC_DIR, *,
 
             return await pool.run(page)
 
-        return json_response(await shared.get(("page", after, limit, gpu_limit), answer))
+        return json_response(await shared.get(("page", after, limit, gpu_limit, search), answer))
 
     app.router.add_get("/api/v1/dashboard/fleet", fleet)
 

@@ -55,17 +55,21 @@ class FleetQueries(StoreBase):
                 return found
 
     def nodes_page(self, after: str | None, limit: int, *, gpu_limit: int = 0, compact: bool = False,
-                   ) -> tuple[list[dict[str, Any]], str | None]:
+                   search: str | None = None) -> tuple[list[dict[str, Any]], str | None]:
         """Up to `limit` nodes by name after `after`, each with `gpu_summary` (over all its GPUs)
         and, with `gpu_limit`, `gpus`: its first `gpu_limit` GPUs by index with their latest
         samples (with `compact`, only the figures of COMPACT_SAMPLE, extracted by the database:
         no sample is decoded), and `gpus_truncated`. Returns (rows, the name the next page starts after, or None
         when this is the last). One read transaction of three queries, each bounded by the page
-        (the GPUs of one node by `gpu_limit`, however many it has)."""
+        (the GPUs of one node by `gpu_limit`, however many it has). With `search`, only the nodes
+        whose name or labels contain it, or with a GPU whose UUID, model or vendor does (case
+        aside): the dashboard's search over a fleet larger than its snapshot."""
         n = nodes_table
         query = sa.select(n).order_by(n.c.name).limit(max(0, limit) + 1)
         if after is not None:
             query = query.where(n.c.name > after)
+        if search:
+            query = query.where(_node_matches(search))
         with self.reading("nodes page") as conn:
             nodes = [dict(r._mapping) for r in conn.execute(query)]
             more = len(nodes) > limit
@@ -504,3 +508,16 @@ def _first_gpus(conn: Connection, names: Sequence[str], limit: int,
             gpu["sample"] = figures if gpu.pop("has_sample") else None
         found[row.node].append(_gpu_out(gpu))
     return found
+
+
+def _node_matches(search: str) -> sa.ColumnElement[bool]:
+    """A node whose name or labels (as JSON text) contain `search`, or with a GPU whose UUID, model
+    or vendor does; LIKE's wildcards in `search` match themselves."""
+    n, g = nodes_table, gpus_table
+    pattern = "%" + search.lower().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+
+    def has(column: Any) -> sa.ColumnElement[bool]:
+        return sa.func.lower(sa.cast(column, sa.String)).like(pattern, escape="\\")
+
+    gpu = sa.select(g.c.node).where(sa.or_(has(g.c.uuid), has(g.c.name), has(g.c.vendor)))
+    return sa.or_(has(n.c.name), has(n.c.labels), n.c.name.in_(gpu))

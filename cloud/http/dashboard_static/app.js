@@ -386,7 +386,7 @@
       VENDORS.map(([v, label]) => el("option", { value: v, selected: v === overviewState.vendor }, label)));
     const sort = el("select", { id: "sort", "aria-label": "sort nodes" },
       SORTS.map(([v, label]) => el("option", { value: v, selected: v === overviewState.sort }, `sort: ${label}`)));
-    search.addEventListener("input", () => { overviewState.q = search.value; if (latest) renderNodes(latest); });
+    search.addEventListener("input", () => { overviewState.q = search.value; if (latest) { renderNodes(latest); searchWhole(); } });
     filter.addEventListener("change", () => { overviewState.filter = filter.value; if (latest) renderNodes(latest); });
     vendor.addEventListener("change", () => { overviewState.vendor = vendor.value; if (latest) renderNodes(latest); });
     sort.addEventListener("change", () => { overviewState.sort = sort.value; if (latest) renderNodes(latest); });
@@ -425,13 +425,37 @@
         { label: "hottest", color: COLORS.hottest, values: col("hottest_c"), digits: 0 }] }));
   }
 
-  function renderNodes(snap) {
+  // A fleet larger than the snapshot (its first STREAM_NODES by name): a search asks the controller
+  // for the matching nodes of the whole fleet (`GET /api/v1/dashboard/fleet?q=`), again with every
+  // snapshot while the search stands, and the table shows those.
+  const whole = { q: "", nodes: null, more: false, timer: null };
+
+  function searchWhole() {
+    clearTimeout(whole.timer);
+    const q = overviewState.q.trim();
+    if (!q || !(latest && latest.nodes_truncated)) { whole.q = ""; whole.nodes = null; return; }
+    whole.timer = setTimeout(async () => {
+      try {
+        const found = await api(`/api/v1/dashboard/fleet?q=${encodeURIComponent(q)}&limit=500&gpu_limit=16`);
+        if (overviewState.q.trim() !== q) return; // typed on meanwhile
+        Object.assign(whole, { q, nodes: found.nodes || [], more: Boolean(found.next_cursor) });
+        if (latest && document.getElementById("nodes-wrap")) renderNodes(latest);
+      } catch (_) { /* the snapshot's own nodes stay shown; the next snapshot tries again */ }
+    }, 250);
+  }
+
+  function renderNodes(fromStream) {
+    const searched = fromStream.nodes_truncated && whole.nodes !== null && whole.q === overviewState.q.trim();
+    const snap = searched ? { ...fromStream, nodes: whole.nodes } : fromStream;
     const throttled = throttledIndex(snap);
     const nodes = visibleNodes(snap, throttled);
     const now = isNum(snap.generated_at) ? snap.generated_at : nowS();
     const all = (snap.nodes || []).length;
-    document.getElementById("shown").textContent = `${nodes.length} of ${all} nodes shown` +
-      (snap.nodes_truncated ? ` (the first ${all} of ${(snap.summary || {}).nodes} by name: search and sort cover these)` : "");
+    const fleetSize = (snap.summary || {}).nodes;
+    document.getElementById("shown").textContent = searched
+      ? `${nodes.length} nodes shown: the whole fleet's ${all}${whole.more ? " first" : ""} matches of ${fleetSize} nodes`
+      : `${nodes.length} of ${all} nodes shown` +
+        (snap.nodes_truncated ? ` (the first ${all} of ${fleetSize} by name; a search covers the whole fleet)` : "");
     const wrap = document.getElementById("nodes-wrap");
     if (!all) {
       wrap.replaceChildren(empty("No nodes have reported yet.",
@@ -492,6 +516,7 @@
         throttleReasons(g.throttle_reasons).length ? el("span", { class: "muted small" }, ` ${throttleReasons(g.throttle_reasons).join(", ")}`) : null),
       "every GPU is healthy and none is throttled"));
     renderNodes(snap);
+    if (overviewState.q.trim() && snap.nodes_truncated) searchWhole(); // the matches' figures follow the stream
     document.body.dataset.ready = "overview";
   }
 
