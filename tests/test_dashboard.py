@@ -24,6 +24,7 @@ from kgpu.lab.processes import wait_for
 from shared.http import REQUEST_TIMEOUT, ReadPool, error_middleware
 from tests.helpers.cloud_process import CloudProcess
 from tests.helpers.edge_process import EdgeProcess
+from tests.helpers.fleet_fill import fill
 from tests.helpers.postgres import create_database, pg_url  # noqa: F401  (pg_url: fixture)
 from tests.test_fleet_exporter import status, telemetry
 
@@ -406,6 +407,40 @@ def test_dashboard_in_a_real_browser(fleet: dict[str, Any], broker: Any, tmp_pat
             assert not problems, problems
         finally:
             browser.close()
+
+
+@pytest.mark.slow
+def test_the_overview_searches_a_fleet_larger_than_its_snapshot(tmp_path: Path, broker: Any) -> None:
+    """520 nodes: the stream's snapshot lists the first 500 by name; a search for one beyond them
+    asks the controller (`?q=`) and shows it, and says it searched the whole fleet."""
+    sync_playwright = _playwright()
+    db = f"sqlite:///{tmp_path / 'fleet.db'}"
+    with FleetStore(db) as store:
+        fill(store, 520, 1)
+    cloud = CloudProcess(tmp_path / "cloud", broker.url, db=db).start()
+    try:
+        with sync_playwright() as p:
+            browser = _launch(p)
+            try:
+                page = browser.new_page(viewport={"width": 1400, "height": 900})
+                problems: list[str] = []
+                page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
+                page.goto(cloud.base + "/")
+                page.wait_for_selector("#nodes-table tr[data-node='node-00000']")
+                assert "the first 500 of 520" in page.locator("#shown").inner_text()
+                assert page.locator("#nodes-table tr[data-node='node-00515']").count() == 0  # beyond the snapshot
+                page.fill("#search", "node-0051")
+                page.wait_for_selector("#nodes-table tr[data-node='node-00515']")
+                shown = sorted(page.locator("#nodes-table tbody tr").evaluate_all("rows => rows.map(r => r.dataset.node)"))
+                assert shown == [f"node-{i:05d}" for i in range(510, 520)], shown
+                assert "whole fleet" in page.locator("#shown").inner_text()
+                page.fill("#search", "")
+                page.wait_for_function("document.querySelectorAll('#nodes-table tbody tr').length === 500")
+                assert not problems, problems
+            finally:
+                browser.close()
+    finally:
+        cloud.stop()
 
 
 def test_dashboard_is_served_by_the_real_controller(tmp_path: Path, broker: Any) -> None:
