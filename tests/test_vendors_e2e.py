@@ -18,6 +18,7 @@ from kgpu.lab.broker import Mosquitto
 from kgpu.lab.processes import wait_for
 from tests.helpers.cloud_process import CloudProcess
 from tests.helpers.edge_process import EdgeProcess
+from tests.test_dashboard import _launch, _playwright
 
 pytestmark = pytest.mark.slow
 
@@ -48,6 +49,27 @@ def needs_vendor(backend: str) -> None:
         wanted = "install" if module.startswith("edge.sim.") else f"open_{backend}"
         if not hasattr(found, wanted):
             pytest.skip(f"{module} has no {wanted}() yet")
+
+
+def shows_in_the_dashboard(cloud: CloudProcess, node: str, uuid: str, vendor: str) -> None:
+    sync_playwright = _playwright()
+    with sync_playwright() as p:
+        browser = _launch(p)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 900})
+            problems: list[str] = []
+            page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
+            page.goto(cloud.base + "/")
+            badge = page.locator(f"#nodes-table tr[data-node='{node}'] .pill.vendor")
+            badge.first.wait_for()
+            assert badge.first.get_attribute("data-vendor") == vendor
+            page.goto(cloud.base + f"/#/nodes/{node}")
+            page.wait_for_selector(f".gpu-card[data-uuid='{uuid}'] figure[data-chart='temperature'][data-drawn='1']")
+            assert int(page.locator(f".gpu-card[data-uuid='{uuid}'] figure[data-chart='temperature']")
+                       .get_attribute("data-points") or 0) >= 1
+            assert not problems, problems
+        finally:
+            browser.close()
 
 
 def gpu_health(edge: EdgeProcess) -> str:
@@ -86,6 +108,9 @@ def test_a_vendor_node_end_to_end(model: str, tmp_path: Path, broker: Mosquitto)
         # (Intel's power is the rate of its energy counter: from the second reading on)
         wait_for(lambda: any(s.get("power_w") for s in cloud.get(f"/api/v1/nodes/{node}/samples?uuid={uuid}")["samples"]),
                  timeout=30, what=f"{node}'s samples with power in the cloud")
+
+        # the dashboard (Chromium): the node's page shows the GPU with its vendor and charts its samples
+        shows_in_the_dashboard(cloud, node, uuid, vendor)
 
         # a GPUPowerPolicy (REST, no cluster): applied, or advisory with the device's reason
         code, _ = cloud.request("PUT", "/api/v1/policies/cap", {"powerCapWatts": CAP_W[model]})
