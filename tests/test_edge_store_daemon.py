@@ -42,13 +42,17 @@ def meta(db: Path, key: str) -> str:
 
 def enforcing(edge: EdgeProcess) -> None:
     """The policy loop runs and its decisions are recorded: GPU 0 leaves power saving when its
-    utilisation jumps, and goes back to it when it drops."""
+    utilisation jumps, and goes back to it when it drops. First it is idle and in power saving (a
+    daemon just started may not have sampled it idle yet: then a jump would leave nothing)."""
+    edge.inject(0, utilization=0)
+    wait_for(lambda: edge.metric("kgpu_gpu_power_saving_active", gpu="0") == 1.0, timeout=60,
+             what="GPU 0 idle and in power saving")
     newest = max((d["seq"] for d in edge.decisions(limit=1)), default=-(2**62))
     for utilization, rule in ((100, "power_saving_exit"), (0, "power_saving")):
         edge.inject(0, utilization=utilization)
         found = wait_for(lambda rule=rule, after=newest: [d for d in edge.decisions(limit=50, rule=rule)
                                                           if d["seq"] > after and d["gpu_index"] == 0],
-                         what=f"a new {rule} decision")
+                         timeout=60, what=f"a new {rule} decision")
         newest = found[0]["seq"]
 
 
