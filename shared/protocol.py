@@ -22,6 +22,7 @@ from types import MappingProxyType
 from typing import Any, Literal
 
 from pydantic import Field, SerializerFunctionWrapHandler, ValidationError, field_validator, model_serializer
+from pydantic_core import from_json
 
 from shared.gpu import GpuSample, Health
 from shared.partitioning import NodePartitioning
@@ -392,12 +393,59 @@ def _no_constant(name: str) -> float:
     raise _OutOfRange(f"{name} is not a number JSON allows")
 
 
+# Any integer that may not fit 64 bits has at least 19 digits in a row (so do some long floats:
+# they merely take the reference parser). Digits are mapped to one, then that run is looked for.
+_DIGITS_AS_ZERO = bytes.maketrans(b"123456789", b"000000000")
+_LONG_NUMBER = b"0" * 19
+
+
+def _parse_fast(payload: bytes) -> Any:
+    """The payload parsed by pydantic-core's JSON parser (in Rust, 3x json.loads with our hooks),
+    or None where the reference parser must decide: anything it refuses (NaN, not UTF-8, a UTF-16
+    payload, lone surrogates, deep nesting: the reference gives the reason), and any payload with
+    a number of 19 digits or more (the 64-bit check). Where it succeeds it gives what
+    `json.loads` gives, so a message accepted here is accepted there, the same."""
+    if not isinstance(payload, bytes | bytearray) or _LONG_NUMBER in payload.translate(_DIGITS_AS_ZERO):
+        return None
+    try:
+        return from_json(payload, allow_inf_nan=False, cache_strings="keys")
+    except Exception:  # noqa: BLE001 - whatever it refuses, the reference parser decides why
+        return None
+
+
+class _TelemetryEnvelope(Envelope):
+    """A telemetry envelope with its body typed: validated from the JSON bytes in one pass."""
+
+    body: TelemetryBody  # type: ignore[assignment]
+
+
+def _decode_telemetry_fast(payload: bytes) -> tuple[Envelope, WireModel] | None:
+    """A telemetry message validated straight from its JSON (pydantic-core, no Python dicts),
+    or None where `decode` must decide (anything this refuses, another kind, NaN or Infinity
+    anywhere, a number of 19 digits or more): what this accepts, `decode` accepts the same
+    (tests/test_ingest_fuzz.py). The envelope's `body` is left empty: only the typed body is kept."""
+    if (not isinstance(payload, bytes | bytearray) or b"NaN" in payload or b"Infinity" in payload
+            or _LONG_NUMBER in payload.translate(_DIGITS_AS_ZERO)):
+        return None
+    try:
+        typed = _TelemetryEnvelope.model_validate_json(payload)
+    except Exception:  # noqa: BLE001 - whatever it refuses, `decode` decides why
+        return None
+    if typed.kind is not Kind.TELEMETRY:
+        return None
+    envelope = Envelope.model_construct(typed.model_fields_set, v=typed.v, node=typed.node, seq=typed.seq,
+                                        id=typed.id, ts=typed.ts, kind=typed.kind, body={})
+    return envelope, typed.body
+
+
 def decode(payload: bytes, *, max_bytes: int = MAX_PAYLOAD_BYTES) -> tuple[Envelope, WireModel]:
     """Validate a raw payload into an envelope and its typed body, or raise RejectedMessage."""
     if len(payload) > max_bytes:
         raise RejectedMessage(Reason.OVERSIZE, f"{len(payload)} bytes > {max_bytes}")
     try:
-        raw = json.loads(payload, parse_int=_int64, parse_constant=_no_constant)
+        raw = _parse_fast(payload)
+        if raw is None:  # the reference parser: every refusal's reason comes from it
+            raw = json.loads(payload, parse_int=_int64, parse_constant=_no_constant)
     except _OutOfRange as exc:
         raise RejectedMessage(Reason.SCHEMA, str(exc)) from None
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError, ValueError) as exc:
@@ -477,14 +525,19 @@ class Checked:
 
 
 def decode_and_check(topic: str, payload: bytes, *, direction: Direction | None = None,
-                     node: str | None = None, max_bytes: int = MAX_PAYLOAD_BYTES) -> Checked:
+                     node: str | None = None, max_bytes: int = MAX_PAYLOAD_BYTES,
+                     typed_body_only: bool = False) -> Checked:
     """Check one received message against the whole contract, or raise RejectedMessage with a
     `Reason`, in this order: the topic is a kgpu/v1 topic (bad_topic), of `direction` when given
     (bad_topic), about `node` when given (node_mismatch: a receiver that takes only its own
     messages); the payload is a valid envelope with a body valid for its kind (oversize,
     not_json, version, schema); the payload's node is the topic's (node_mismatch: a node speaks
     only for itself); its kind travels on this topic (kind_mismatch); an event carries its seq
-    (missing_seq)."""
+    (missing_seq).
+
+    `typed_body_only`: the receiver reads the typed body only (the cloud's ingest), so telemetry
+    is validated from its JSON in one pass and its envelope's `body` dict is left empty (`{}`);
+    what is accepted or refused, and why, is the same."""
     try:
         parts = parse_topic(topic)
     except BadTopicNode as exc:  # a broker that rewrote the topic in a way parse_topic cannot undo
@@ -500,7 +553,9 @@ def decode_and_check(topic: str, payload: bytes, *, direction: Direction | None 
         raise RejectedMessage(Reason.NODE_MISMATCH, f"a topic for node {parts.node!r}, not {node!r}",
                               topic=parts)
     try:
-        envelope, body = decode(payload, max_bytes=max_bytes)
+        fast = (_decode_telemetry_fast(payload) if typed_body_only and parts.kind == "telemetry"
+                and len(payload) <= max_bytes else None)
+        envelope, body = fast if fast is not None else decode(payload, max_bytes=max_bytes)
     except RejectedMessage as exc:
         raise RejectedMessage(exc.reason, exc.detail, topic=parts) from None
     if envelope.node != parts.node:

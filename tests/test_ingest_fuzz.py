@@ -17,7 +17,16 @@ from hypothesis import strategies as st
 from cloud.ingest import validate
 from cloud.store import FleetStore
 from shared.mqtt import Received
-from shared.protocol import DecisionBody, Kind, RejectedMessage, make_envelope
+from shared.protocol import (
+    DecisionBody,
+    Kind,
+    RejectedMessage,
+    _int64,
+    _no_constant,
+    _parse_fast,
+    decode_and_check,
+    make_envelope,
+)
 from tests.helpers.ingest import counted, ingest_all
 
 json_values = st.recursive(
@@ -103,3 +112,94 @@ def test_edge_handler_never_crashes_and_counts_rejections(edge_sync, topic: str,
     if sum(sync.rejected.values()) == before:
         assert topic.startswith("kgpu/v1/cloud/edge-a/")
     assert daemon.policy.version >= policy_before
+
+
+def _reference(payload: bytes) -> object:
+    """What the reference parser (json.loads with the 64-bit and no-NaN hooks) makes of it, or
+    the reason it refuses it."""
+    try:
+        return json.loads(payload, parse_int=_int64, parse_constant=_no_constant)
+    except Exception as exc:  # any refusal is one outcome
+        return type(exc)
+
+
+hostile_json = st.one_of(
+    payloads,
+    json_values.map(lambda v: json.dumps(v, ensure_ascii=False).encode()),
+    json_values.map(lambda v: json.dumps(v).encode("utf-16")),
+    st.sampled_from([b'{"a":NaN}', b'{"a":-Infinity}', b'{"a":1e400}', b'{"a":"\\ud800"}', b'[' * 300 + b']' * 300,
+                     b'{"a":12345678901234567890}', b'{"a":-9223372036854775809}', b'{"a":9223372036854775807}',
+                     b'\xef\xbb\xbf{"a":1}', b'{"a":1,"a":2}', b'{"a":1} x', b'{"a":"x\ny"}']),
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(payload=hostile_json)
+def test_the_fast_json_parser_accepts_only_what_the_reference_accepts_and_the_same(payload: bytes) -> None:
+    """shared.protocol decodes with pydantic-core's parser first and falls back to json.loads for
+    everything it refuses: a message it accepts must be one json.loads accepts, parsed the same,
+    so every counted rejection reason is still json.loads's."""
+    fast = _parse_fast(payload)
+    if fast is not None:
+        assert fast == _reference(payload)  # (it refuses NaN: no value here is unequal to itself)
+
+
+def _valid_telemetry_body() -> dict[str, object]:
+    sample = {"index": 0, "uuid": "GPU-0", "ts": 1.5, "temperature_c": 40.0, "power_w": 100.5,
+              "utilization_pct": 12.0, "memory_used_bytes": 10**9, "energy_mj": 10**10, "processes": [{"pid": 4}]}
+    return {"samples": [sample, {**sample, "index": 1, "uuid": "GPU-1"}]}
+
+
+def _mutated(body: dict[str, object], field: str, value: object) -> dict[str, object]:
+    samples = [dict(s) for s in body["samples"]]  # type: ignore[attr-defined]
+    samples[0][field] = value
+    return {"samples": samples}
+
+
+sample_fields = st.sampled_from(["index", "uuid", "ts", "temperature_c", "power_w", "memory_used_bytes",
+                                 "energy_mj", "processes", "lost", "missing", "nope"])
+VALID_TELEMETRY_ENVELOPE = {"v": 1, "node": "edge-a", "seq": None, "id": "m-1", "ts": 1.5, "kind": "telemetry"}
+telemetry_envelopes = st.one_of(
+    st.builds(lambda field, value: {**VALID_TELEMETRY_ENVELOPE, "body": _mutated(_valid_telemetry_body(), field,
+                                                                                 value)},
+              st.sampled_from(["index", "ts", "temperature_c", "power_w", "utilization_pct", "memory_used_bytes",
+                               "energy_mj", "lost"]),
+              st.integers(min_value=-2**70, max_value=2**70) | st.floats(allow_nan=False) | st.booleans()
+              | st.sampled_from(["1", "1.5", "1e3", "inf", "true", " 2 "])),
+    st.builds(lambda field, value: {**VALID_TELEMETRY_ENVELOPE, "body": _mutated(_valid_telemetry_body(), field,
+                                                                                 value)},
+              sample_fields, json_values | st.integers(min_value=-2**70, max_value=2**70)),
+    st.builds(lambda field, value: {**VALID_TELEMETRY_ENVELOPE, field: value, "body": _valid_telemetry_body()},
+              st.sampled_from(["v", "node", "seq", "id", "ts", "kind", "extra"]), json_values),
+    st.builds(lambda env, field, value: {**env, "kind": "telemetry", "body": _mutated(_valid_telemetry_body(),
+                                                                                        field, value)},
+              envelopes, sample_fields, json_values | st.integers(min_value=-2**70, max_value=2**70)),
+    st.builds(lambda env: {**env, "kind": "telemetry", "body": _valid_telemetry_body()}, envelopes),
+    envelopes,
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(envelope=telemetry_envelopes)
+def test_telemetry_validated_from_json_accepts_and_refuses_as_decode(envelope: dict[str, object]) -> None:
+    """The ingest validates telemetry straight from its JSON (`typed_body_only`): every message it
+    accepts, the reference path accepts with the same envelope and body; any other gets the
+    reference's reason."""
+    topic = f"kgpu/v1/edge/{envelope['node']}/telemetry"
+    payload = json.dumps(envelope).encode()
+    try:
+        reference = decode_and_check(topic, payload)
+    except RejectedMessage as exc:
+        reference_reason: str | None = exc.reason
+    else:
+        reference_reason = None
+    try:
+        fast = decode_and_check(topic, payload, typed_body_only=True)
+    except RejectedMessage as exc:
+        assert exc.reason == reference_reason
+    else:
+        assert reference_reason is None
+        assert fast.body == reference.body
+        assert fast.envelope.model_dump(exclude={"body"}) == reference.envelope.model_dump(exclude={"body"})
+        assert fast.envelope.model_fields_set == reference.envelope.model_fields_set
+        assert fast.envelope.body == {}  # not built: the ingest reads the typed body only

@@ -14,7 +14,7 @@ handler), and any database error turned into a `FleetStoreError` with the driver
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any, Self
@@ -69,6 +69,7 @@ class StoreBase:
         self._closed = False
         # SQLite has one writer anyway: queue threads on a mutex, not on its busy handler.
         self._write_lock = threading.Lock()
+        self._compiled: dict[str, tuple[str, list[int]]] = {}  # execute_many's statements, SQLite
         self._url_for_logs = "?"
         # What the SQLite file was before we opened it: absent, 0 bytes, or with data (size)
         self._sqlite_file_before: tuple[Path, int | None] | None = None
@@ -146,6 +147,43 @@ class StoreBase:
     def insert(self, table: sa.Table) -> Any:
         """The dialect's INSERT, which has ON CONFLICT."""
         return pg_insert(table) if self._dialect == "postgresql" else sqlite_insert(table)
+
+    @property
+    def raw_sqlite(self) -> bool:
+        """True where `execute_many` hands rows to the driver as they are (SQLite)."""
+        return self._dialect == "sqlite"
+
+    def execute_many(self, conn: Connection, key: str, build: Callable[[], Any],
+                     columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+        """Run one INSERT (`build()`, bound by `columns`) for each row of `rows` (tuples in the
+        order of `columns`). On SQLite the statement is compiled once per store (cached under
+        `key`) and the rows go straight to the driver's `executemany`, in the connection's
+        transaction: SQLAlchemy's per-row parameter processing was most of the ingest's store time
+        (docs/benchmarks.md, "Cloud ingest rate"). So the rows must already be what the driver
+        takes: JSON columns as their JSON text (`raw_sqlite`), numbers, strings, None. Elsewhere
+        SQLAlchemy's executemany, with the rows as dicts (JSON columns as Python values there)."""
+        if not rows:
+            return
+        if not self.raw_sqlite:
+            conn.execute(build(), [dict(zip(columns, row, strict=True)) for row in rows])
+            return
+        compiled = self._compiled.get(key)
+        if compiled is None:
+            statement = build().compile(dialect=conn.dialect, column_keys=list(columns))
+            positions = statement.positiontup or []
+            index = {name: i for i, name in enumerate(columns)}
+            compiled = (statement.string, [index[name] for name in positions])
+            self._compiled[key] = compiled
+        sql, positions = compiled
+        if positions == list(range(len(columns))):
+            params: Sequence[Sequence[Any]] = rows
+        else:
+            params = [tuple(row[i] for i in positions) for row in rows]
+        cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+        try:
+            cursor.executemany(sql, params)
+        finally:
+            cursor.close()
 
     def _migrate(self) -> None:
         """`alembic upgrade head`, in one transaction; refuse a schema newer than this code."""

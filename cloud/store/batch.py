@@ -63,7 +63,8 @@ class NodeWork:
     # acked_seq before a status's outbox_acked raised it in this batch (IngestResult.restored)
     floor_from: int | None = None
     gpu_summaries: list[GpuSummary] | None = None  # from the newest status applied
-    samples: list[GpuSample] = field(default_factory=list)
+    # (ts on our clock, the sample as it arrived): copied with that ts only where it is stored whole
+    samples: list[tuple[float, GpuSample]] = field(default_factory=list)
     # (epoch in effect when the event arrived, the event); the epoch decides stale or not
     events: list[tuple[str | None, Incoming]] = field(default_factory=list)
     sent_events: bool = False

@@ -21,6 +21,7 @@ the node's acked_seq raises it (the fleet database went back: delivery resumes a
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
@@ -112,22 +113,18 @@ class IngestCore(StoreBase):
         replicas never wait on each other in a circle); with skip_locked, only the rows no one
         else holds."""
         names = sorted(by_node)
-        fresh: list[dict[str, Any]] = [
-            {
-                "name": name,
-                "online": True,  # it is talking to us
-                "first_seen": min(i.received_at for i in by_node[name]),
-                "last_seen": min(i.received_at for i in by_node[name]),
-                "outbox_epoch": None,
-                "acked_seq": 0,
-                "gaps": 0,
-                "degraded": [],
-                "labels": {},
-            }
+        empty_list, empty_map = ("[]", "{}") if self.raw_sqlite else ([], {})  # JSON columns (execute_many)
+        fresh = [
+            # name, online (it is talking to us), first_seen, last_seen, outbox_epoch, acked_seq, gaps,
+            # degraded, labels
+            (name, True, seen, seen, None, 0, 0, empty_list, empty_map)
             for name in names
+            for seen in (min(i.received_at for i in by_node[name]),)
         ]
-        conn.execute(
-            self.insert(nodes_table).on_conflict_do_nothing(index_elements=["name"]), fresh
+        self.execute_many(
+            conn, "nodes:fresh",
+            lambda: self.insert(nodes_table).on_conflict_do_nothing(index_elements=["name"]),
+            _FRESH_NODE_COLUMNS, fresh,
         )
         work: dict[str, NodeWork] = {}
         for chunk in chunks(names):
@@ -151,10 +148,8 @@ class IngestCore(StoreBase):
             self._apply_status(w, env, item.body, env.ts - item.clock_skew)
         elif env.kind == Kind.TELEMETRY:
             assert isinstance(item.body, TelemetryBody)
-            samples = item.body.samples
-            if item.clock_skew:  # onto our clock: see Incoming.clock_skew
-                samples = [s.model_copy(update={"ts": s.ts - item.clock_skew}) for s in samples]
-            w.samples.extend(samples)
+            skew = item.clock_skew  # onto our clock: see Incoming.clock_skew (the copy only where stored whole)
+            w.samples.extend((s.ts - skew, s) for s in item.body.samples)
         else:
             w.sent_events = True
             w.events.append((row["outbox_epoch"], item))
@@ -301,10 +296,14 @@ class IngestCore(StoreBase):
                     "resource_name": s.resource_name,
                     "capabilities": list(s.capabilities) if s.capabilities is not None else None,
                 }
-            for sample in sorted(w.samples, key=lambda x: x.ts):  # the newest of the batch wins
-                newest[(w.name, sample.uuid)] = sample
+            name = w.name
+            latest: dict[str, tuple[float, GpuSample]] = {}
+            for ts, sample in sorted(w.samples, key=_by_ts):  # the newest of the batch wins
+                latest[sample.uuid] = (ts, sample)
                 if sample.power_limit_w is not None:
-                    power_limit[(w.name, sample.uuid)] = sample.power_limit_w
+                    power_limit[(name, sample.uuid)] = sample.power_limit_w
+            for uuid, (ts, sample) in latest.items():  # onto our clock: a copy of those stored whole
+                newest[(name, uuid)] = sample if ts == sample.ts else sample.model_copy(update={"ts": ts})
         with_status = [w.name for w in work.values() if w.gpu_summaries]
         for chunk in chunks(with_status):
             gone = [
@@ -326,24 +325,26 @@ class IngestCore(StoreBase):
                 list(summaries.values()),
             )
         if newest:
+            raw = self.raw_sqlite  # the sample column as its JSON text (execute_many)
             rows = [
-                {"node": node, "uuid": uuid, "index": sample.index, "name": None, "health": None,
-                 "power_limit_w": power_limit.get((node, uuid)), "sample": sample.model_dump(mode="json"),
-                 "sample_ts": sample.ts, "updated_at": work[node].row["last_seen"]}
+                (node, uuid, sample.index, None, None, power_limit.get((node, uuid)),
+                 sample.model_dump_json() if raw else sample.model_dump(mode="json"),
+                 sample.ts, work[node].row["last_seen"])
                 for (node, uuid), sample in newest.items()
             ]
-            stmt = self.insert(g)
-            conn.execute(
-                stmt.on_conflict_do_update(
+
+            def upsert() -> Any:
+                stmt = self.insert(g)
+                return stmt.on_conflict_do_update(
                     index_elements=["node", "uuid"],
                     set_={
                         **{c: stmt.excluded[c] for c in ("index", "sample", "sample_ts", "updated_at")},
                         "power_limit_w": sa.func.coalesce(stmt.excluded["power_limit_w"], g.c.power_limit_w),
                     },
                     where=sa.or_(g.c.sample_ts.is_(None), stmt.excluded["sample_ts"] >= g.c.sample_ts),
-                ),
-                rows,
-            )
+                )
+
+            self.execute_many(conn, "gpu_samples", upsert, _GPU_SAMPLE_COLUMNS, rows)
 
     def _store_samples(self, conn: Connection, work: dict[str, NodeWork]) -> None:
         """Every sample into the raw tier of the history (a sample stored already, delivered twice,
@@ -364,46 +365,35 @@ class IngestCore(StoreBase):
                 )
                 for node, uuid, ts in conn.execute(query):
                     last[(node, uuid)] = float(ts)
-        rows: list[dict[str, Any]] = []
+        rows: list[tuple[Any, ...]] = []
         for w in with_samples:
-            for sample in sorted(w.samples, key=lambda x: x.ts):
-                key = (w.name, sample.uuid)
+            name = w.name
+            for ts, sample in sorted(w.samples, key=_by_ts):
+                key = (name, sample.uuid)
                 previous = last.get(key)
-                if previous is not None and (sample.ts == previous or sample.ts - previous < spacing):
+                if previous is not None and (ts == previous or ts - previous < spacing):
                     continue  # the same sample twice in the batch, or closer than the spacing
-                last[key] = sample.ts
-                rows.append(
-                    {
-                        "node": w.name,
-                        "uuid": sample.uuid,
-                        "ts": sample.ts,
-                        "temperature_c": sample.temperature_c,
-                        "power_w": sample.power_w,
-                        "power_limit_w": sample.power_limit_w,
-                        "utilization_pct": sample.utilization_pct,
-                        "memory_used_bytes": sample.memory_used_bytes,
-                        "memory_util_pct": sample.memory_util_pct,
-                        "sm_clock_mhz": sample.sm_clock_mhz,
-                        "memory_clock_mhz": sample.memory_clock_mhz,
-                    }
-                )
-        stmt = self.insert(s).on_conflict_do_nothing(index_elements=["node", "uuid", "ts"])
-        for chunk in chunks(rows):
-            conn.execute(stmt, list(chunk))
+                last[key] = ts
+                rows.append((name, sample.uuid, ts, sample.temperature_c, sample.power_w,
+                             sample.power_limit_w, sample.utilization_pct, sample.memory_used_bytes,
+                             sample.memory_util_pct, sample.sm_clock_mhz, sample.memory_clock_mhz))
+        self.execute_many(conn, "samples",
+                          lambda: self.insert(s).on_conflict_do_nothing(index_elements=["node", "uuid", "ts"]),
+                          _SAMPLE_COLUMNS, rows)
 
     def _write_nodes(self, conn: Connection, work: dict[str, NodeWork]) -> None:
         """Write every node row back (acked_seq in the same transaction as its events)."""
         t = nodes_table
-        stmt = (
-            t.update()
-            .where(t.c.name == sa.bindparam("b_name"))
-            .values({c: sa.bindparam(f"b_{c}") for c in _NODE_MUTABLE})
-        )
-        params = [
-            {"b_name": w.name, **{f"b_{c}": w.row[c] for c in _NODE_MUTABLE}}
+        json_columns = {c for c in _NODE_MUTABLE if isinstance(t.c[c].type, sa.JSON)} if self.raw_sqlite else set()
+        rows = [
+            (w.name, *(json.dumps(w.row[c]) if c in json_columns else w.row[c] for c in _NODE_MUTABLE))
             for w in work.values()
         ]
-        conn.execute(stmt, params)
+        self.execute_many(
+            conn, f"nodes:{','.join(_NODE_MUTABLE)}",
+            lambda: t.update().where(t.c.name == sa.bindparam("b_name"))
+            .values({c: sa.bindparam(f"b_{c}") for c in _NODE_MUTABLE}),
+            ("b_name", *(f"b_{c}" for c in _NODE_MUTABLE)), rows)
 
     def mark_offline(self, node: str, ts: float) -> None:
         """The broker says the node is gone (its last will), at cloud time `ts`.
@@ -437,6 +427,19 @@ _NODE_MUTABLE = (
 _GPU_SUMMARY_COLUMNS = (  # what a status sets
     "index", "name", "health", "power_limit_w", "updated_at", "pci_bus_id", "driver_version", "pods",
     "remediation", "vendor", "backend", "platform", "resource_name", "capabilities")
+
+
+_FRESH_NODE_COLUMNS = (  # a node row made by the first message of a node not known yet
+    "name", "online", "first_seen", "last_seen", "outbox_epoch", "acked_seq", "gaps", "degraded", "labels")
+_GPU_SAMPLE_COLUMNS = (  # what a sample sets (the upsert of _store_gpus)
+    "node", "uuid", "index", "name", "health", "power_limit_w", "sample", "sample_ts", "updated_at")
+_SAMPLE_COLUMNS = (  # the raw tier of the history
+    "node", "uuid", "ts", "temperature_c", "power_w", "power_limit_w", "utilization_pct", "memory_used_bytes",
+    "memory_util_pct", "sm_clock_mhz", "memory_clock_mhz")
+
+
+def _by_ts(sample: tuple[float, GpuSample]) -> float:
+    return sample[0]
 
 
 def _check_batch(batch: Sequence[Incoming]) -> None:
