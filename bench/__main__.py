@@ -50,6 +50,8 @@ class Sizes:
     rollout_offline: float
     exporter_nodes: int
     exporter_gpus: int
+    backlog_nodes: int = 500  # telemetry backlog drained by mosquitto_sub, bare paho and the controller
+    backlog_per_node: int = 40
 
 
 FULL = Sizes(edge_seconds=30, edge_warmup=5, ingest_nodes=20, ingest_events=500, fault_rounds=3,
@@ -61,7 +63,7 @@ QUICK = Sizes(edge_seconds=2, edge_warmup=1, ingest_nodes=5, ingest_events=40, f
               fleet_nodes=20, fleet_gpus=2, fleet_interval=1, fleet_seconds=4, fleet_warmup=2,
               fleet_event_every=2, replica_seconds=4, catchup_nodes=10, catchup_outage=2,
               catchup_event_every=0.5, rollout_nodes=20, rollout_offline=0.2, exporter_nodes=20,
-              exporter_gpus=2)
+              exporter_gpus=2, backlog_nodes=20, backlog_per_node=5)
 
 
 def say(text: str) -> None:
@@ -84,6 +86,15 @@ def ingest(s: Sizes) -> list[Row]:
     say(ingest_rate.describe(result))
     return ingest_rate.table_rows(
         result, f"{PY} bench.ingest_rate --nodes {s.ingest_nodes} --events {s.ingest_events}")
+
+
+def backlog(s: Sizes) -> list[Row]:
+    from bench import ingest_backlog
+
+    result = ingest_backlog.measure(s.backlog_nodes, s.backlog_per_node)
+    say(ingest_backlog.describe(result))
+    return ingest_backlog.table_rows(
+        result, f"{PY} bench.ingest_backlog --nodes {s.backlog_nodes} --per-node {s.backlog_per_node}")
 
 
 def fault(s: Sizes) -> list[Row]:
@@ -191,6 +202,7 @@ def remediation(s: Sizes) -> list[Row]:
 BENCHMARKS: dict[str, Callable[[Sizes], list[Row]]] = {
     "edge": edge,
     "ingest": ingest,
+    "backlog": backlog,
     "fault": fault,
     "fleet": fleet,
     "replicas": replicas,
