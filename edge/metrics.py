@@ -15,7 +15,7 @@ is `kgpu_*`.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry
@@ -26,7 +26,8 @@ from edge.kepler_metrics import KeplerCollector
 from edge.pods import PodRef
 from shared import __version__
 from shared.dcgm import DcgmGpu, PodOnGpu, dcgm_families, exposition
-from shared.gpu import GpuSample, Health
+from shared.gpu import Health
+from shared.gpu_metrics import figure_families
 
 if TYPE_CHECKING:
     from edge.daemon import EdgeDaemon
@@ -84,34 +85,6 @@ class EdgeCollector(Collector):
                                       float(value))
         yield from (util, memory)
 
-    def _figures(self, labels: list[str]) -> Iterator[Metric]:
-        """Every vendor's sample figures under one set of names (DCGM's are NVIDIA's only): a figure
-        the device does not give (None, in the sample's `missing`) has no series."""
-        families: list[tuple[GaugeMetricFamily | CounterMetricFamily, Callable[[GpuSample], float | None]]] = [
-            (GaugeMetricFamily("kgpu_gpu_utilization_percent", "GPU utilisation (in %).", labels=labels),
-             lambda s: s.utilization_pct),
-            (GaugeMetricFamily("kgpu_gpu_power_watts", "Power draw.", labels=labels), lambda s: s.power_w),
-            (GaugeMetricFamily("kgpu_gpu_temperature_celsius", "GPU temperature.", labels=labels),
-             lambda s: s.temperature_c),
-            (GaugeMetricFamily("kgpu_gpu_memory_used_bytes", "GPU memory used.", labels=labels),
-             lambda s: s.memory_used_bytes),
-            (GaugeMetricFamily("kgpu_gpu_clock_mhz", "GPU (SM, graphics) clock.", labels=labels),
-             lambda s: s.sm_clock_mhz),
-            (CounterMetricFamily("kgpu_gpu_energy_joules", "GPU energy since the driver loaded (the device's "
-                                 "counter, or its power integrated by the backend).", labels=labels),
-             lambda s: s.energy_mj / 1000.0 if s.energy_mj is not None else None),
-        ]
-        for index, view in sorted(self.daemon.gpus.items()):
-            sample = view.sample
-            if sample is None or sample.lost:
-                continue
-            short = [str(index), view.inventory.uuid, self.daemon.node, view.inventory.vendor]
-            for family, read in families:
-                value = read(sample)
-                if value is not None:
-                    family.add_metric(short, float(value))
-        yield from (family for family, _ in families)
-
     def _store_families(self) -> Iterator[Metric]:
         """The store's recovery, the outbox bound and the log pruning (edge/store/)."""
         d = self.daemon
@@ -168,7 +141,9 @@ class EdgeCollector(Collector):
             if sample.throttle_reasons is not None:
                 throttle.add_metric(short, float(sample.throttle_reasons))
         yield from (limit, throttle, health, steps, saving)
-        yield from self._figures(short_labels)
+        # every vendor's figures under one set of names (DCGM's are NVIDIA's only): shared with the
+        # controller's fleet exporter; the index is the daemon's (a sample's index is the same)
+        yield from figure_families(d.node, [DcgmGpu(view.inventory, view.sample) for _, view in sorted(d.gpus.items())])
 
         xids = CounterMetricFamily("kgpu_xid_errors", "XID errors seen, by GPU and XID.", labels=["gpu", "xid"])
         for (index, code), count in sorted(d.counters.xids.items()):

@@ -44,12 +44,13 @@ from typing import Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.utils import floatToGoString
 
 from cloud.store import FleetStore
 from shared.dcgm import DcgmGpu, dcgm_families, exposition
 from shared.gpu import GpuInventory, GpuSample, Health
+from shared.gpu_metrics import figure_families
 from shared.http import bad_query, int_query
 from shared.kepler import NODE_FAMILIES, KeplerGpu, kepler_families
 from shared.logs import get_logger
@@ -90,39 +91,6 @@ def health_family(node: str, rows: Iterable[Mapping[str, Any]]) -> GaugeMetricFa
                 family.add_metric([str(row["index"]), str(row["uuid"]), node, vendor_of(row), state],
                                   1.0 if row["health"] == state else 0.0)
     return family
-
-
-# the edge's per-vendor figure families (edge/metrics.py `_figures`): name, help, type, reading
-_FIGURES: tuple[tuple[str, str, str, Callable[[GpuSample], float | None]], ...] = (
-    ("kgpu_gpu_utilization_percent", "GPU utilisation (in %).", "gauge", lambda s: s.utilization_pct),
-    ("kgpu_gpu_power_watts", "Power draw.", "gauge", lambda s: s.power_w),
-    ("kgpu_gpu_temperature_celsius", "GPU temperature.", "gauge", lambda s: s.temperature_c),
-    ("kgpu_gpu_memory_used_bytes", "GPU memory used.", "gauge",
-     lambda s: None if s.memory_used_bytes is None else float(s.memory_used_bytes)),
-    ("kgpu_gpu_clock_mhz", "GPU (SM, graphics) clock.", "gauge",
-     lambda s: None if s.sm_clock_mhz is None else float(s.sm_clock_mhz)),
-    ("kgpu_gpu_energy_joules", "GPU energy since the driver loaded (the device's counter, or its power "
-     "integrated by the backend).", "counter", lambda s: s.energy_mj / 1000.0 if s.energy_mj is not None else None),
-)
-
-
-def figure_families(node: str, gpus: Sequence[DcgmGpu]) -> list[Metric]:
-    """Every vendor's sample figures under the edge's `kgpu_gpu_*` names, labelled
-    `gpu,uuid,Hostname,vendor`; a lost GPU's, or a figure the sample lacks, has no series."""
-    labels = ["gpu", "uuid", "Hostname", "vendor"]
-    out: list[Metric] = []
-    for name, doc, kind, read in _FIGURES:
-        family: CounterMetricFamily | GaugeMetricFamily = (
-            CounterMetricFamily(name, doc, labels=labels) if kind == "counter"
-            else GaugeMetricFamily(name, doc, labels=labels))
-        for gpu in gpus:
-            s = gpu.sample
-            value = None if s is None or s.lost else read(s)
-            if value is not None:
-                inv = gpu.inventory
-                family.add_metric([str(inv.index), inv.uuid, node, inv.vendor], value)
-        out.append(family)
-    return out
 
 
 def kepler_gpu(gpu: DcgmGpu) -> KeplerGpu | None:
