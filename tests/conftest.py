@@ -12,6 +12,7 @@ import pytest
 from edge.sim.nvml.mig_state import PERSISTED_MIG_MODE
 from tests.helpers.edge_process import EdgeProcess
 from tests.helpers.pod_list import PodListServer
+from tests.helpers.postgres import create_database, drop_database, pg_url  # noqa: F401  (pg_url: fixture)
 
 if TYPE_CHECKING:
     from kgpu.lab.broker import Mosquitto, RabbitMQ, RabbitVhost
@@ -35,6 +36,18 @@ def edge_factory(tmp_path: Path) -> Iterator[Callable[..., EdgeProcess]]:
         if process.proc is not None and process.proc.poll() is None:
             process.proc.kill()
             process.proc.wait(timeout=10)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A fresh fleet database per test on each backend: a SQLite file in `tmp_path`, and a new
+    database on the session's PostgreSQL server (skips when PostgreSQL is not installed)."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'fleet.db'}"
+        return
+    url = create_database(request.getfixturevalue("pg_url"))
+    yield url
+    drop_database(url)
 
 
 @pytest.fixture(scope="session")

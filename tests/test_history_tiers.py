@@ -22,22 +22,12 @@ from cloud.http.api import openapi_spec
 from cloud.store import FleetStore, HistoryTiers, Incoming, sample_rollups_table, samples_table
 from shared.gpu import GpuSample
 from shared.protocol import Kind, TelemetryBody, make_envelope
-from tests.helpers.postgres import create_database, drop_database, pg_url  # noqa: F401
+from tests.helpers.postgres import create_database, drop_database, pg_url  # noqa: F401  (pg_url: fixture)
 
 T0 = 1_700_000_400.0  # a whole number of 10-minute buckets
 NODE = "edge-a"
 # small tiers so that a test covers every retention: raw 10 min, 1-min means 30 min, 10-min means 2 h
 TIERS = HistoryTiers(raw_retention_s=600.0, rollups=((60, 1800.0), (600, 7200.0)))
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'fleet.db'}"
-        return
-    url = create_database(request.getfixturevalue("pg_url"))  # skips when PostgreSQL is not installed
-    yield url
-    drop_database(url)
 
 
 @pytest.fixture

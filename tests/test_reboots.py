@@ -7,7 +7,6 @@ import asyncio
 import json
 import queue
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -47,7 +46,7 @@ from shared.protocol import (
     make_envelope,
 )
 from shared.wire import WireModel
-from tests.helpers.postgres import create_database, drop_database, pg_url  # noqa: F401
+from tests.helpers.postgres import create_database, drop_database, pg_url  # noqa: F401  (pg_url: fixture)
 
 if TYPE_CHECKING:
     from kgpu.lab.broker import Mosquitto
@@ -180,16 +179,6 @@ def test_a_nodes_requests_share_one_verdict_and_one_command() -> None:
 
 
 # ---- the store, SQLite and PostgreSQL ----------------------------------------------------------
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'fleet.db'}"
-        return
-    url = create_database(request.getfixturevalue("pg_url"))  # skips when PostgreSQL is not installed
-    yield url
-    drop_database(url)
 
 
 def edge_message(node: str, body: WireModel, kind: Kind, seq: int | None, ts: float) -> Incoming:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -49,7 +48,7 @@ from shared.wire import WireModel
 from tests.helpers.cloud_process import CloudProcess
 from tests.helpers.edge_process import EdgeProcess
 from tests.helpers.fault_report import Tally, record
-from tests.helpers.postgres import create_database, drop_database, pg_url  # noqa: F401
+from tests.helpers.postgres import create_database, drop_database, pg_url  # noqa: F401  (pg_url: fixture)
 
 if TYPE_CHECKING:
     from kgpu.lab.broker import Mosquitto
@@ -419,16 +418,6 @@ def test_candidates_count_gpus_of_bound_pods_and_mark_offline_nodes() -> None:
 
 
 # ---- the manager on a real fleet store, SQLite and PostgreSQL (no cluster) ------------------
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'fleet.db'}"
-        return
-    url = create_database(request.getfixturevalue("pg_url"))  # skips when PostgreSQL is not installed
-    yield url
-    drop_database(url)
 
 
 def edge_message(body: WireModel, kind: Kind, seq: int | None, ts: float) -> Incoming:
