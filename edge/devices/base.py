@@ -19,6 +19,8 @@ Rules every backend keeps, as NVML does:
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Sequence
 from enum import StrEnum
 from typing import Literal, Protocol, runtime_checkable
 
@@ -61,6 +63,33 @@ class DriverUnavailable(DriverError):
 
 class DriverTimeout(DriverError):
     """A device call did not return in time (see DriverRunner)."""
+
+
+class MissingFigures:
+    """The figures a backend's devices cannot give: each named in the sample's (or inventory's)
+    `missing`, and logged once per (GPU, figure), so that a board without a sensor does not fill
+    the log every cycle. `error_key` names the log field that carries the reason ("nvml_error")."""
+
+    def __init__(self, logger: logging.Logger, *, error_key: str | None = None, where: str = "") -> None:
+        self._log = logger
+        self._error_key = error_key
+        self._where = where  # " on this Jetson": said after "not available"
+        self._reported: set[tuple[int, str]] = set()
+
+    def note(self, index: int, figures: Sequence[str], reason: str, missing: list[str],
+             level: int = logging.INFO) -> None:
+        for figure in figures:
+            if figure not in missing:
+                missing.append(figure)
+        first_time = [f for f in figures if (index, f) not in self._reported]
+        if not first_time:
+            return
+        self._reported.update((index, f) for f in first_time)
+        extra: dict[str, object] = {"gpu": index, "figures": first_time}
+        if self._error_key is not None:
+            extra[self._error_key] = reason
+        self._log.log(level, "gpu %d: %s not available%s (%s); reported as missing", index, ", ".join(first_time),
+                      self._where, reason, extra=extra)
 
 
 @runtime_checkable

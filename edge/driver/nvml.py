@@ -36,6 +36,7 @@ from edge.devices.base import (
     DriverError,
     DriverRefused,
     DriverUnavailable,
+    MissingFigures,
     Vendor,
 )
 from edge.driver.fields import read_extras
@@ -155,7 +156,7 @@ class NvmlDriver:
         self._handles: dict[int, Any] = {}
         self._inventory: dict[int, GpuInventory] = {}
         self._uuids: dict[int, str] = {}
-        self._reported_missing: set[tuple[int, str]] = set()
+        self._missing = MissingFigures(log, error_key="nvml_error")
         self._process_seen_us: dict[int, int] = {}  # newest process-utilisation sample per GPU
         self._gpm = GpmReader()  # the previous GPM sample per GPU
         self._open = False
@@ -235,21 +236,8 @@ class NvmlDriver:
     def _note_missing(self, index: int, figures: Sequence[str], error: Exception,
                       missing: list[str]) -> None:
         """Name the figures in `missing`; log each (GPU, figure) the first time only."""
-        for figure in figures:
-            if figure not in missing:
-                missing.append(figure)
-        first_time = [f for f in figures if (index, f) not in self._reported_missing]
-        if not first_time:
-            return
-        self._reported_missing.update((index, f) for f in first_time)
-        log.log(
-            logging.INFO if isinstance(error, _ABSENT) else logging.WARNING,  # "cannot" is normal
-            "gpu %d: %s not available (%s); reported as missing",
-            index,
-            ", ".join(first_time),
-            code_name(error),
-            extra={"gpu": index, "figures": first_time, "nvml_error": code_name(error)},
-        )
+        level = logging.INFO if isinstance(error, _ABSENT) else logging.WARNING  # "cannot" is normal
+        self._missing.note(index, figures, code_name(error), missing, level)
 
     def _read(self, index: int, figures: Sequence[str], missing: list[str],
               fns: Callable[..., T] | Sequence[Callable[..., T]], *args: Any) -> T | None:

@@ -32,7 +32,15 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from edge.devices.base import BackendName, Capability, DriverError, DriverRefused, DriverUnavailable, Vendor
+from edge.devices.base import (
+    BackendName,
+    Capability,
+    DriverError,
+    DriverRefused,
+    DriverUnavailable,
+    MissingFigures,
+    Vendor,
+)
 from shared.gpu import GpuInventory, GpuSample, ProcessSample
 from shared.logs import get_logger
 
@@ -110,7 +118,7 @@ class AmdSmiBackend:
         self._inventory: dict[int, GpuInventory] = {}
         self._uuids: dict[int, str] = {}
         self._capabilities: dict[int, frozenset[Capability]] = {}
-        self._reported_missing: set[tuple[int, str]] = set()
+        self._missing = MissingFigures(log, error_key="amdsmi_error")
         self._open = False
         self.reinits = 0
 
@@ -182,14 +190,7 @@ class AmdSmiBackend:
 
     def _note_missing(self, index: int, figures: Sequence[str], reason: str, missing: list[str],
                       level: int = logging.INFO) -> None:
-        for figure in figures:
-            if figure not in missing:
-                missing.append(figure)
-        first_time = [f for f in figures if (index, f) not in self._reported_missing]
-        if first_time:
-            self._reported_missing.update((index, f) for f in first_time)
-            log.log(level, "gpu %d: %s not available (%s); reported as missing", index, ", ".join(first_time),
-                    reason, extra={"gpu": index, "figures": first_time, "amdsmi_error": reason})
+        self._missing.note(index, figures, reason, missing, level)
 
     def _read(self, index: int, figures: Sequence[str], missing: list[str], fn: Callable[..., T],
               *args: Any) -> T | None:

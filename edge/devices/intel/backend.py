@@ -23,13 +23,20 @@ Synchronous and not thread-safe, like every backend (the daemon's DriverRunner t
 from __future__ import annotations
 
 import errno
-import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from edge.devices.base import BackendName, Capability, DriverError, DriverRefused, DriverUnavailable, Vendor
+from edge.devices.base import (
+    BackendName,
+    Capability,
+    DriverError,
+    DriverRefused,
+    DriverUnavailable,
+    MissingFigures,
+    Vendor,
+)
 from edge.devices.intel import fdinfo, ids, sysfs
 from edge.devices.intel.sysfs import FREQ_STEP_MHZ, IntelCard
 from shared.gpu import GpuInventory, GpuSample, ProcessSample
@@ -82,7 +89,7 @@ class IntelBackend:
         self._power: dict[int, float] = {}
         self._clients_before: dict[int, tuple[float, dict[tuple[str, int], fdinfo.DrmClient]]] = {}
         self._scan: tuple[float, list[fdinfo.DrmClient]] | None = None
-        self._reported_missing: set[tuple[int, str]] = set()
+        self._missing = MissingFigures(log)
         self._open = False
 
     # ----- life cycle ----------------------------------------------------------------------
@@ -152,14 +159,7 @@ class IntelBackend:
     # ----- reading -------------------------------------------------------------------------
 
     def _note_missing(self, index: int, figures: Sequence[str], why: str, missing: list[str]) -> None:
-        for figure in figures:
-            if figure not in missing:
-                missing.append(figure)
-        first_time = [f for f in figures if (index, f) not in self._reported_missing]
-        if first_time:
-            self._reported_missing.update((index, f) for f in first_time)
-            log.log(logging.INFO, "gpu %d: %s not available (%s); reported as missing", index,
-                    ", ".join(first_time), why, extra={"gpu": index, "figures": first_time})
+        self._missing.note(index, figures, why, missing)
 
     def _read_int(self, index: int, path: Path | None, figure: str, missing: list[str]) -> int | None:
         """An integer file; None and `missing` when the part has no such file; _Lost when the

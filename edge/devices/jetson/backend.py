@@ -49,7 +49,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from edge.devices.base import Capability, DriverError, DriverRefused, DriverUnavailable
+from edge.devices.base import Capability, DriverError, DriverRefused, DriverUnavailable, MissingFigures
 from edge.devices.jetson import sysfs
 from edge.devices.jetson.sysfs import GpuNode, NvpMode
 from shared.gpu import GpuInventory, GpuSample, ProcessSample
@@ -96,7 +96,7 @@ class JetsonBackend:
         self._node: GpuNode | None = None
         self._uuid: str | None = None
         self._inventory: GpuInventory | None = None
-        self._reported_missing: set[str] = set()
+        self._missing = MissingFigures(log, where=" on this Jetson")
         self._energy_mj = 0.0
         self._last_power: tuple[float, float] | None = None  # (clock, watts) of the previous sample
         self._open = False
@@ -156,14 +156,7 @@ class JetsonBackend:
         return self._uuid or "JETSON-unknown"
 
     def _note_missing(self, figures: Sequence[str], missing: list[str], why: str) -> None:
-        for figure in figures:
-            if figure not in missing:
-                missing.append(figure)
-        first = [f for f in figures if f not in self._reported_missing]
-        if first:
-            self._reported_missing.update(first)
-            log.info("gpu 0: %s not available on this Jetson (%s); reported as missing",
-                     ", ".join(first), why, extra={"gpu": 0, "figures": first})
+        self._missing.note(0, figures, why, missing)  # a Jetson's one GPU
 
     def inventory(self) -> list[GpuInventory]:
         """The module's GPU; while it is lost, its last known entry (none if never seen)."""
