@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import time
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -89,3 +90,19 @@ def machine() -> str:
         mem = float("nan")
     load = os.getloadavg()[0]
     return f"{os.cpu_count()} cores ({cpu}), {mem:.0f} GiB, load average {load:.2f} at start"
+
+
+def publish_all(url: str, messages: list[tuple[str, bytes]], *, flush_s: float = 120.0) -> None:
+    """Publish (topic, payload) pairs at QoS 1 and wait until the broker acknowledged every one (so
+    that a bench knows the broker holds them all); SystemExit when it did not within `flush_s`."""
+    from shared.mqtt import MqttLink, parse_broker_url  # late: the other benches need no broker
+
+    link = MqttLink(parse_broker_url(url), f"bench-pub-{time.monotonic_ns()}", max_inflight=1000)
+    link.start()
+    link.connected.wait(10)
+    for topic, payload in messages:
+        while not link.publish(topic, payload, qos=1):
+            time.sleep(0.01)
+    if not link.flush(flush_s):
+        raise SystemExit("the broker did not acknowledge every message")
+    link.stop()

@@ -27,11 +27,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.common import Row, cpu_seconds, machine, metric_sum
+from bench.common import Row, cpu_seconds, machine, metric_sum, publish_all
 from kgpu.lab.broker import Mosquitto
 from kgpu.lab.fleetsim.node import SimNode, envelope_json, telemetry_body
 from kgpu.lab.processes import wait_for
-from shared.mqtt import MqttLink, parse_broker_url
+from shared.mqtt import parse_broker_url
 from shared.protocol import Kind
 from tests.helpers.cloud_process import CloudProcess
 
@@ -50,19 +50,6 @@ def payloads(nodes: int, per_node: int, gpus: int, prefix: str) -> list[tuple[st
             body = telemetry_body(node, rng, now)
             out.append((node.topics["telemetry"], envelope_json(node.name, Kind.TELEMETRY, body, ts=now)))
     return out
-
-
-def publish_all(url: str, messages: list[tuple[str, bytes]]) -> None:
-    """QoS 1 up to the broker (so that we know it has them all); delivered at the subscribers' QoS 0."""
-    link = MqttLink(parse_broker_url(url), f"bench-pub-{time.monotonic_ns()}", max_inflight=1000)
-    link.start()
-    link.connected.wait(10)
-    for topic, payload in messages:
-        while not link.publish(topic, payload, qos=1):
-            time.sleep(0.01)
-    if not link.flush(300):
-        raise SystemExit("the broker did not acknowledge every message")
-    link.stop()
 
 
 @dataclass
@@ -90,7 +77,7 @@ def _child_drain(args: list[str], url: str, messages: list[tuple[str, bytes]], s
             raise SystemExit(f"{args[0]} did not subscribe")
         time.sleep(settle_s)
         proc.send_signal(signal.SIGSTOP)
-        publish_all(url, messages)
+        publish_all(url, messages, flush_s=300)
         time.sleep(1.0)  # the broker has routed every message into the subscriber's queue
         before = cpu_seconds(proc.pid)
         started = time.perf_counter()
@@ -162,7 +149,7 @@ def cloud_drain(url: str, messages: list[tuple[str, bytes]], workdir: Path) -> t
         pid = cloud.proc.pid
         cloud.proc.send_signal(signal.SIGSTOP)
         try:
-            publish_all(url, messages)
+            publish_all(url, messages, flush_s=300)
             time.sleep(1.0)
         finally:
             before = cpu_seconds(pid)

@@ -22,7 +22,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.common import Row
+from bench.common import Row, publish_all
 from kgpu.lab.broker import Mosquitto
 from kgpu.lab.processes import wait_for
 from shared.mqtt import MqttLink, parse_broker_url
@@ -41,18 +41,6 @@ def payloads(nodes: int, events: int, prefix: str) -> list[tuple[str, bytes]]:
             node = f"{prefix}-{n}"
             out.append((edge_topic(node, "events"), make_envelope(node, body, Kind.DECISION, seq=seq).to_json()))
     return out
-
-
-def publish_all(url: str, messages: list[tuple[str, bytes]]) -> None:
-    link = MqttLink(parse_broker_url(url), f"bench-pub-{time.monotonic_ns()}", max_inflight=1000)
-    link.start()
-    link.connected.wait(10)
-    for topic, payload in messages:
-        while not link.publish(topic, payload, qos=1):
-            time.sleep(0.01)
-    if not link.flush(120):
-        raise SystemExit("the broker did not acknowledge every message")
-    link.stop()
 
 
 def bare_rate(url: str, messages: list[tuple[str, bytes]]) -> float:
