@@ -139,8 +139,10 @@ def telemetry_counted(base: str) -> float:
             + metric_sum(base, "kgpu_ingest_rejected_total") + metric_sum(base, "kgpu_ingest_dropped_total"))
 
 
-def cloud_drain(url: str, messages: list[tuple[str, bytes]], workdir: Path) -> tuple[Drain, float, float]:
-    """kgpu cloud run on SQLite; (drain, messages rejected or dropped, batches)."""
+def cloud_drain(url: str, messages: list[tuple[str, bytes]], workdir: Path,
+                profile: Path | None = None) -> tuple[Drain, float, float]:
+    """kgpu cloud run on SQLite; (drain, messages rejected or dropped, batches). `profile`: py-spy
+    records the controller's threads during the drain into that file (flame graph input)."""
     cloud = CloudProcess(workdir / "cloud", url, env={"KGPU_LOG_LEVEL": "warning"}).start()
     try:
         wait_for(lambda: metric_sum(cloud.base, "kgpu_mqtt_connected") >= 1, timeout=30, what="controller connected")
@@ -155,6 +157,7 @@ def cloud_drain(url: str, messages: list[tuple[str, bytes]], workdir: Path) -> t
             before = cpu_seconds(pid)
             started = time.perf_counter()
             cloud.proc.send_signal(signal.SIGCONT)
+        spy = _py_spy(pid, profile) if profile is not None else None
         deadline = time.monotonic() + 900
         while time.monotonic() < deadline:
             if (telemetry_counted(cloud.base) >= len(messages)
@@ -168,9 +171,22 @@ def cloud_drain(url: str, messages: list[tuple[str, bytes]], workdir: Path) -> t
         lost = metric_sum(cloud.base, "kgpu_ingest_rejected_total") + metric_sum(cloud.base, "kgpu_ingest_dropped_total")
         got = metric_sum(cloud.base, "kgpu_ingest_messages_total", kind="telemetry")
         batches = metric_sum(cloud.base, "kgpu_ingest_batches_total")
+        if spy is not None:
+            spy.send_signal(signal.SIGINT)  # py-spy writes what it sampled and exits
+            spy.wait(timeout=60)
     finally:
         cloud.stop()
     return Drain(elapsed, cpu, int(got)), lost, batches
+
+
+def _py_spy(pid: int, out: Path) -> subprocess.Popen[bytes]:
+    """py-spy (a development tool, not a dependency) sampling `pid` until interrupted: only the
+    thread holding the GIL (`--gil`), so that the stacks add up to the Python CPU time."""
+    spy = Path(sys.executable).with_name("py-spy")
+    if not spy.exists():
+        raise SystemExit("--profile needs py-spy beside this Python (pip install py-spy)")
+    return subprocess.Popen([str(spy), "record", "--pid", str(pid), "--rate", "250", "--format", "raw",
+                             "--threads", "--gil", "--output", str(out)], stdout=subprocess.DEVNULL)
 
 
 @dataclass
@@ -187,7 +203,7 @@ class Backlog:
     machine: str
 
 
-def measure(nodes: int = 500, per_node: int = 40, gpus: int = 8) -> Backlog:
+def measure(nodes: int = 500, per_node: int = 40, gpus: int = 8, profile: Path | None = None) -> Backlog:
     host = machine()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -196,7 +212,7 @@ def measure(nodes: int = 500, per_node: int = 40, gpus: int = 8) -> Backlog:
             c_sub = mosquitto_sub_drain(broker.url, payloads(nodes, per_node, gpus, "c"))
             paho = bare_paho_drain(broker.url, payloads(nodes, per_node, gpus, "paho"))
             messages = payloads(nodes, per_node, gpus, "node")
-            cloud, lost, batches = cloud_drain(broker.url, messages, work)
+            cloud, lost, batches = cloud_drain(broker.url, messages, work, profile)
         finally:
             broker.stop()
     size = sum(len(p) for _t, p in messages) / len(messages)
@@ -245,8 +261,10 @@ def main() -> None:
     parser.add_argument("--nodes", type=int, default=500)
     parser.add_argument("--per-node", type=int, default=40, help="telemetry messages per node in the backlog")
     parser.add_argument("--gpus", type=int, default=8)
+    parser.add_argument("--profile", type=Path, help="py-spy the controller's drain into this file (raw "
+                        "stacks: flamegraph.pl or speedscope read it)")
     args = parser.parse_args()
-    print(describe(measure(args.nodes, args.per_node, args.gpus)))
+    print(describe(measure(args.nodes, args.per_node, args.gpus, args.profile)))
 
 
 if __name__ == "__main__":

@@ -187,6 +187,8 @@ class NodeBudgets:
         node's GPUs are what it lists, as the store keeps them, up to the limit."""
         limit = self.limits.gpus
         state = self._state(node, now)
+        if not inventory and state.gpus.issuperset(uuids := list(uuids)):
+            return set(uuids), ADMIT  # the usual telemetry: GPUs the node has had all along
         ordered = list(dict.fromkeys(uuids))
         if limit <= 0:
             return set(ordered), ADMIT

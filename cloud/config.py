@@ -88,7 +88,10 @@ class CloudSettings(KgpuSettings):
     )
     db: str = Field("sqlite:///kgpu-cloud.db", description="SQLAlchemy URL: sqlite:///path or postgresql+psycopg://...")
     http: HostPort = Field("0.0.0.0:9420", description="HOST:PORT (or PORT) of the API, dashboard and /metrics")
-    batch_size: int = Field(500, ge=1, le=100_000, description="Messages written in one transaction, at most")
+    batch_size: int = Field(
+        5000, ge=1, le=100_000,
+        description="Messages written in one transaction, at most (a batch takes what is queued, up to this: large "
+                    "while the controller catches up, so that a node's several messages share one row write)")
     batch_interval: Seconds = Field(0.1, ge=0.0, le=10.0, description="Longest wait to fill a batch")
     # -- the sample history, in tiers (cloud/store/history.py): raw, then means of coarser buckets --
     history_resolution: Seconds = Field(

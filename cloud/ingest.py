@@ -32,6 +32,8 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import Executor, Future
 from typing import Any, Protocol
 
+import msgspec
+
 from cloud.budget import BUDGETS, Budget, BudgetLimits, NodeBudgets, Verdict
 from cloud.clock_skew import ClockSkewEstimator
 from cloud.services import BatchBus
@@ -44,7 +46,7 @@ from shared.protocol import (
     Reason,
     RejectedMessage,
     StatusBody,
-    TelemetryBody,
+    TelemetryBodyStruct,
     decode_and_check,
 )
 from shared.topics import BadTopic, parse_topic
@@ -290,8 +292,8 @@ class Ingestor:
             incoming = dataclasses.replace(incoming, clock_skew=skew)
         self.lag_seconds[envelope.node] = received_at - envelope.ts + skew
         self.last_seen[envelope.node] = received_at
-        if envelope.kind is Kind.STATUS:
-            self.online[envelope.node] = incoming.body.state == "online"  # type: ignore[attr-defined]
+        if isinstance(incoming.body, StatusBody):
+            self.online[envelope.node] = incoming.body.state == "online"
         return Queued(incoming, size, now, envelope.node)
 
     def _release_topic(self, topic: str) -> None:
@@ -343,7 +345,7 @@ class Ingestor:
         """Leave out the samples (telemetry) or summaries (status) of GPUs beyond the node's
         budget; its known GPUs are kept. None when nothing is left of a telemetry message."""
         body, node = incoming.body, incoming.envelope.node
-        if isinstance(body, TelemetryBody):
+        if isinstance(body, TelemetryBodyStruct):  # validate() gives telemetry as a Struct
             with self._budget_lock:
                 kept, verdict = self.budgets.admit_gpus(node, (s.uuid for s in body.samples), now)
                 if verdict.refused is None:
@@ -352,7 +354,7 @@ class Ingestor:
                 self._drop(node, verdict, len(body.samples) - len(samples))
             if not samples:
                 return None
-            return dataclasses.replace(incoming, body=body.model_copy(update={"samples": samples}))
+            return dataclasses.replace(incoming, body=msgspec.structs.replace(body, samples=samples))
         if isinstance(body, StatusBody) and body.gpus:
             with self._budget_lock:
                 kept, verdict = self.budgets.admit_gpus(node, (g.uuid for g in body.gpus), now, inventory=True)

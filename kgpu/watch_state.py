@@ -278,6 +278,7 @@ class WatchState:
                 return Rejected(topic, exc.reason, exc.detail, received_at, node=node, retained=retained)
             return Rejected(topic, exc.reason, exc.detail, received_at, parts.node, parts.kind, retained,
                             payload_node=exc.payload_node)
+        assert isinstance(checked.body, WireModel)  # (not `typed_body_only`: always the model)
         return Accepted(topic, checked.topic, checked.envelope, checked.body, received_at, retained)
 
     def _node_matches(self, obs: Observation) -> bool:

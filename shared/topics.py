@@ -1,5 +1,6 @@
 """MQTT topic names (DESIGN.md): everything under `kgpu/v1/`."""
 
+import functools
 import re
 from dataclasses import dataclass
 from typing import Literal
@@ -60,6 +61,7 @@ class BadTopicNode(BadTopic):
         self.node_levels = node_levels
 
 
+@functools.lru_cache(maxsize=65_536)  # the controller's hot path: a fleet's topics, over and over (bad ones not kept)
 def parse_topic(topic: str) -> TopicParts:
     """Split `kgpu/v1/<side>/<node>/<kind>`; raise BadTopic for anything else.
 

@@ -10,6 +10,7 @@ import asyncio
 import json
 from pathlib import Path
 
+import msgspec
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -19,8 +20,11 @@ from cloud.store import FleetStore
 from shared.mqtt import Received
 from shared.protocol import (
     DecisionBody,
+    Envelope,
     Kind,
     RejectedMessage,
+    TelemetryBodyStruct,
+    _envelope_of,
     _int64,
     _no_constant,
     _parse_fast,
@@ -182,9 +186,9 @@ telemetry_envelopes = st.one_of(
 @settings(max_examples=500, deadline=None)
 @given(envelope=telemetry_envelopes)
 def test_telemetry_validated_from_json_accepts_and_refuses_as_decode(envelope: dict[str, object]) -> None:
-    """The ingest validates telemetry straight from its JSON (`typed_body_only`): every message it
-    accepts, the reference path accepts with the same envelope and body; any other gets the
-    reference's reason."""
+    """The ingest validates telemetry straight from its JSON into msgspec Structs (`typed_body_only`):
+    every message it accepts, the reference path accepts with the same envelope and body; any
+    other gets the reference's reason."""
     topic = f"kgpu/v1/edge/{envelope['node']}/telemetry"
     payload = json.dumps(envelope).encode()
     try:
@@ -199,7 +203,22 @@ def test_telemetry_validated_from_json_accepts_and_refuses_as_decode(envelope: d
         assert exc.reason == reference_reason
     else:
         assert reference_reason is None
-        assert fast.body == reference.body
+        assert isinstance(fast.body, TelemetryBodyStruct)  # msgspec's Struct (shared/wire_structs.py)
+        assert msgspec.to_builtins(fast.body) == reference.body.model_dump(mode="json")
         assert fast.envelope.model_dump(exclude={"body"}) == reference.envelope.model_dump(exclude={"body"})
-        assert fast.envelope.model_fields_set == reference.envelope.model_fields_set
         assert fast.envelope.body == {}  # not built: the ingest reads the typed body only
+
+
+def test_the_hot_path_envelope_is_the_one_model_construct_makes() -> None:
+    """The ingest builds telemetry envelopes without pydantic's `model_construct` (shared/protocol.py
+    `_envelope_of`, for speed): what it makes must stay what `model_construct` makes, through
+    pydantic upgrades (fields, fields set, extras, private state, equality, dumps, copies)."""
+    made = _envelope_of("edge-a", 7, "m-1", 1.5, Kind.TELEMETRY)
+    reference = Envelope.model_construct(None, v=1, node="edge-a", seq=7, id="m-1", ts=1.5,
+                                         kind=Kind.TELEMETRY, body={})
+    assert made == reference
+    assert made.model_fields_set == reference.model_fields_set
+    assert made.__pydantic_extra__ == reference.__pydantic_extra__
+    assert made.__pydantic_private__ == reference.__pydantic_private__
+    assert made.model_dump_json() == reference.model_dump_json()
+    assert made.model_copy(update={"seq": 8}) == reference.model_copy(update={"seq": 8})

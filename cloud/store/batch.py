@@ -7,9 +7,9 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from shared.gpu import GpuSample
 from shared.protocol import Envelope, GpuSummary
 from shared.wire import WireModel
+from shared.wire_structs import SampleFigures, TelemetryRecord
 
 CHUNK_ROWS = 500  # names per `IN (...)`: far below SQLite's and PostgreSQL's bind limits
 
@@ -19,7 +19,7 @@ class Incoming:
     """One validated message from the edge, with the cloud time it was received."""
 
     envelope: Envelope
-    body: WireModel  # already validated for envelope.kind
+    body: WireModel | TelemetryRecord  # already validated for envelope.kind (telemetry: a Struct)
     received_at: float
     # The node's clock minus ours as the ingest estimates it (cloud/clock_skew.py); 0 when in
     # step. Status and sample times are kept as `ts - clock_skew`, so "a late one cannot win"
@@ -58,13 +58,14 @@ class NodeWork:
 
     row: dict[str, Any]
     epoch_before: str | None
+    loaded: dict[str, Any]  # the row as read: only what changed is written back
     adopted_epoch: bool = False  # a status named the epoch of a node that had none
     epoch_changed: bool = False  # a status named a different epoch: acked_seq restarts
     # acked_seq before a status's outbox_acked raised it in this batch (IngestResult.restored)
     floor_from: int | None = None
     gpu_summaries: list[GpuSummary] | None = None  # from the newest status applied
     # (ts on our clock, the sample as it arrived): copied with that ts only where it is stored whole
-    samples: list[tuple[float, GpuSample]] = field(default_factory=list)
+    samples: list[tuple[float, SampleFigures]] = field(default_factory=list)
     # (epoch in effect when the event arrived, the event); the epoch decides stale or not
     events: list[tuple[str | None, Incoming]] = field(default_factory=list)
     sent_events: bool = False

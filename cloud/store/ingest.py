@@ -26,6 +26,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
 
+import msgspec
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
@@ -51,14 +52,18 @@ from shared.protocol import (
     Kind,
     StatusBody,
     TelemetryBody,
+    TelemetryBodyStruct,
 )
 from shared.topics import NODE_NAME_RE
+from shared.wire_structs import SampleFigures
 
 log = get_logger(__name__)
 
 __all__ = ["UNKNOWN_EPOCH", "Incoming", "IngestCore", "IngestResult", "epoch_key"]
 
 INGESTED_KINDS = frozenset({Kind.STATUS, Kind.TELEMETRY}) | EVENT_KINDS
+# decode_and_check(typed_body_only=True) gives the Struct; in-process callers may give the model
+TELEMETRY_BODIES = (TelemetryBodyStruct, TelemetryBody)
 
 
 class IngestCore(StoreBase):
@@ -129,14 +134,14 @@ class IngestCore(StoreBase):
         work: dict[str, NodeWork] = {}
         for chunk in chunks(names):
             rows = conn.execute(
-                sa.select(nodes_table)
+                sa.select(*(nodes_table.c[c] for c in ("name", *_NODE_MUTABLE)))  # not the labels: not ours
                 .where(nodes_table.c.name.in_(chunk))
                 .order_by(nodes_table.c.name)
                 .with_for_update(skip_locked=skip_locked)
             )
             for row in rows:
                 values = dict(row._mapping)
-                work[values["name"]] = NodeWork(row=values, epoch_before=values["outbox_epoch"])
+                work[values["name"]] = NodeWork(row=values, epoch_before=values["outbox_epoch"], loaded=dict(values))
         return work
 
     def _apply(self, w: NodeWork, item: Incoming) -> None:
@@ -147,7 +152,7 @@ class IngestCore(StoreBase):
             assert isinstance(item.body, StatusBody)
             self._apply_status(w, env, item.body, env.ts - item.clock_skew)
         elif env.kind == Kind.TELEMETRY:
-            assert isinstance(item.body, TelemetryBody)
+            assert isinstance(item.body, TELEMETRY_BODIES)
             skew = item.clock_skew  # onto our clock: see Incoming.clock_skew (the copy only where stored whole)
             w.samples.extend((s.ts - skew, s) for s in item.body.samples)
         else:
@@ -282,7 +287,7 @@ class IngestCore(StoreBase):
         their GPU keys, to drop GPUs the inventory no longer lists."""
         g = gpus_table
         summaries: dict[tuple[str, str], dict[str, Any]] = {}
-        newest: dict[tuple[str, str], GpuSample] = {}
+        newest: dict[tuple[str, str], tuple[float, SampleFigures]] = {}
         power_limit: dict[tuple[str, str], float] = {}
         for w in work.values():
             now = w.row["last_seen"]
@@ -297,13 +302,13 @@ class IngestCore(StoreBase):
                     "capabilities": list(s.capabilities) if s.capabilities is not None else None,
                 }
             name = w.name
-            latest: dict[str, tuple[float, GpuSample]] = {}
+            latest: dict[str, tuple[float, SampleFigures]] = {}
             for ts, sample in sorted(w.samples, key=_by_ts):  # the newest of the batch wins
                 latest[sample.uuid] = (ts, sample)
                 if sample.power_limit_w is not None:
                     power_limit[(name, sample.uuid)] = sample.power_limit_w
-            for uuid, (ts, sample) in latest.items():  # onto our clock: a copy of those stored whole
-                newest[(name, uuid)] = sample if ts == sample.ts else sample.model_copy(update={"ts": ts})
+            for uuid, newest_sample in latest.items():
+                newest[(name, uuid)] = newest_sample
         with_status = [w.name for w in work.values() if w.gpu_summaries]
         for chunk in chunks(with_status):
             gone = [
@@ -328,9 +333,8 @@ class IngestCore(StoreBase):
             raw = self.raw_sqlite  # the sample column as its JSON text (execute_many)
             rows = [
                 (node, uuid, sample.index, None, None, power_limit.get((node, uuid)),
-                 sample.model_dump_json() if raw else sample.model_dump(mode="json"),
-                 sample.ts, work[node].row["last_seen"])
-                for (node, uuid), sample in newest.items()
+                 _stored_sample(sample, ts, as_text=raw), ts, work[node].row["last_seen"])
+                for (node, uuid), (ts, sample) in newest.items()
             ]
 
             def upsert() -> Any:
@@ -382,18 +386,26 @@ class IngestCore(StoreBase):
                           _SAMPLE_COLUMNS, rows)
 
     def _write_nodes(self, conn: Connection, work: dict[str, NodeWork]) -> None:
-        """Write every node row back (acked_seq in the same transaction as its events)."""
+        """Write the node rows back (acked_seq in the same transaction as its events): a node
+        that sent only telemetry, its `last_seen` alone (most of them, most of the time); one
+        whose status or events changed more, every column the ingest keeps."""
         t = nodes_table
         json_columns = {c for c in _NODE_MUTABLE if isinstance(t.c[c].type, sa.JSON)} if self.raw_sqlite else set()
-        rows = [
-            (w.name, *(json.dumps(w.row[c]) if c in json_columns else w.row[c] for c in _NODE_MUTABLE))
-            for w in work.values()
-        ]
-        self.execute_many(
-            conn, f"nodes:{','.join(_NODE_MUTABLE)}",
-            lambda: t.update().where(t.c.name == sa.bindparam("b_name"))
-            .values({c: sa.bindparam(f"b_{c}") for c in _NODE_MUTABLE}),
-            ("b_name", *(f"b_{c}" for c in _NODE_MUTABLE)), rows)
+        seen_only: list[tuple[Any, ...]] = []
+        whole: list[tuple[Any, ...]] = []
+        for w in work.values():
+            row, loaded = w.row, w.loaded
+            changed = [c for c in _NODE_MUTABLE if row[c] != loaded[c]]
+            if changed == ["last_seen"]:
+                seen_only.append((w.name, row["last_seen"]))
+            elif changed:
+                whole.append((w.name, *(json.dumps(row[c]) if c in json_columns else row[c] for c in _NODE_MUTABLE)))
+        for columns, rows in ((("last_seen",), seen_only), (_NODE_MUTABLE, whole)):
+            self.execute_many(
+                conn, f"nodes:{','.join(columns)}",
+                lambda columns=columns: t.update().where(t.c.name == sa.bindparam("b_name"))  # type: ignore[misc]
+                .values({c: sa.bindparam(f"b_{c}") for c in columns}),
+                ("b_name", *(f"b_{c}" for c in columns)), rows)
 
     def mark_offline(self, node: str, ts: float) -> None:
         """The broker says the node is gone (its last will), at cloud time `ts`.
@@ -438,8 +450,25 @@ _SAMPLE_COLUMNS = (  # the raw tier of the history
     "memory_util_pct", "sm_clock_mhz", "memory_clock_mhz")
 
 
-def _by_ts(sample: tuple[float, GpuSample]) -> float:
+def _by_ts(sample: tuple[float, SampleFigures]) -> float:
     return sample[0]
+
+
+_encode_json = msgspec.json.Encoder().encode
+
+
+def _stored_sample(sample: SampleFigures, ts: float, *, as_text: bool) -> str | dict[str, Any]:
+    """The latest sample as the `gpus.sample` column keeps it, whole, with its ts on our clock
+    (Incoming.clock_skew): JSON text for the raw SQLite path (`execute_many`), else a dict. A
+    Struct (shared/wire_structs.py) from the wire, or a `GpuSample` model (in-process callers)."""
+    if isinstance(sample, msgspec.Struct):
+        if ts != sample.ts:
+            sample = msgspec.structs.replace(sample, ts=ts)
+        return _encode_json(sample).decode() if as_text else msgspec.to_builtins(sample)
+    assert isinstance(sample, GpuSample)
+    if ts != sample.ts:
+        sample = sample.model_copy(update={"ts": ts})
+    return sample.model_dump_json() if as_text else sample.model_dump(mode="json")
 
 
 def _check_batch(batch: Sequence[Incoming]) -> None:
@@ -452,7 +481,7 @@ def _check_batch(batch: Sequence[Incoming]) -> None:
                 "telemetry and events"
             )
         model = BODY_MODELS[env.kind]
-        if not isinstance(item.body, model):
+        if not isinstance(item.body, TELEMETRY_BODIES if env.kind is Kind.TELEMETRY else model):
             raise ValueError(
                 f"{env.kind!s} message {env.id} carries {type(item.body).__name__}, "
                 f"not {model.__name__}"
