@@ -45,7 +45,10 @@ class EdgeSettings(KgpuSettings):
         None, description="File holding the MQTT password (e.g. a mounted Secret); overrides the URL's"
     )
     outbox_window: int = Field(1000, ge=1, le=10_000, description="Events published but not yet acked, at most")
-    ack_timeout: Seconds = Field(15.0, ge=1.0, description="Re-send unacked events after this long")
+    ack_timeout: Seconds = Field(15.0, ge=1.0, description="Re-send unacked events after this long without an ack")
+    ack_timeout_max: Seconds = Field(
+        120.0, ge=1.0, description="While the cloud is behind, unacked events wait ack_timeout plus twice the lag "
+        "its last ack showed before they are sent again; at most this long")
     status_interval: Seconds = Field(30.0, ge=1.0, description="Re-publish the retained status at least this often")
     db: Path = Field(Path("/var/lib/kgpu/edge.db"), description="SQLite file of the edge store")
     # -- the edge store's bounds, retention and shutdown (edge/store/, docs/operations.md) --

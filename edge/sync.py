@@ -7,7 +7,13 @@
   outbox, so it survives a restart) when the link is back.
 - `events`: the outbox, drained in `seq` order with QoS 1 and at most `outbox_window` events in
   flight. An event is deleted only when the cloud's cumulative ack covers it; unacked events are
-  sent again after a reconnect or after `ack_timeout` (the cloud deduplicates by node and seq).
+  sent again after a reconnect or when no ack came for `resend_wait`: `ack_timeout`, plus twice
+  how far behind the last ack showed the cloud to be (capped by `ack_timeout_max`; the cloud
+  deduplicates by node and seq). "Behind" is the larger of how late that ack came (its newest
+  event's publish to the ack) and the ack's own `behind_s`: a cloud that falls behind keeps
+  acking, late, and is not sent every event twice on top of its backlog, while a cloud that
+  stops acking altogether still gets the re-send (after `ack_timeout` plus twice the lag it last
+  showed: a fraction of a second for a cloud that kept up).
   The status carries `outbox_acked` (what a cloud acked before: a restored fleet database resumes
   from it); an ack with `conflict` (the cloud holds other events under seqs we reused: our
   database went back in time) starts a new outbox epoch, announced by a status before any event.
@@ -52,6 +58,16 @@ if TYPE_CHECKING:
     from edge.daemon import EdgeDaemon
 
 log = get_logger(__name__)
+
+# The lag may grow between two acks: unacked events wait for twice the lag the last ack showed.
+ACK_LAG_HEADROOM = 2.0
+
+
+def resend_wait(ack_timeout: float, behind_s: float, cap: float) -> float:
+    """Seconds unacked events wait for an ack before they are sent again: `ack_timeout`, plus room
+    for a cloud `behind_s` behind, at most `cap` (and never less than `ack_timeout`)."""
+    return max(ack_timeout, min(cap, ack_timeout + ACK_LAG_HEADROOM * max(0.0, behind_s)))
+
 
 NEW_EPOCH_REASON = "the cloud holds different events under seqs we reused: the edge database went back in time"
 
@@ -133,6 +149,12 @@ class EdgeSync:
         # events before it is acked again).
         self.max_published = 0
         self._oldest_unacked_sent_at: float | None = None
+        self._sent_at: dict[int, float] = {}  # seq -> when it was last published (monotonic), until acked
+        # How far behind the cloud was at its last ack (seconds): see `resend_wait`
+        self.cloud_behind_s = 0.0
+        self.events_published = 0  # event publishes, first copies and re-sends
+        self.events_resent = 0  # publishes of a seq this process had published before
+        self.ack_timeouts = 0  # times unacked events were sent again for want of an ack
         self._last_status_key: tuple | None = None
         self._last_status_at = 0.0
         # The outbox epoch of the last status handed to the broker: no event is sent before the
@@ -287,10 +309,13 @@ class EdgeSync:
             if self._announced_epoch != self.daemon.store.epoch:
                 return False
         now = time.monotonic()
+        wait = resend_wait(self.settings.ack_timeout, self.cloud_behind_s, self.settings.ack_timeout_max)
         if (self._oldest_unacked_sent_at is not None and self._highest_sent > self.acked_upto
-                and now - self._oldest_unacked_sent_at > self.settings.ack_timeout):
-            log.warning("no ack for seq %d..%d within %.0f s; sending them again",
-                        self.acked_upto + 1, self._highest_sent, self.settings.ack_timeout)
+                and now - self._oldest_unacked_sent_at > wait):
+            log.warning("no ack for seq %d..%d within %.0f s (the cloud was %.1f s behind at its last ack); "
+                        "sending them again", self.acked_upto + 1, self._highest_sent, wait, self.cloud_behind_s,
+                        extra={"node": self.node, "wait_s": round(wait, 1)})
+            self.ack_timeouts += 1
             self._highest_sent = self.acked_upto
             self._oldest_unacked_sent_at = None
         room = self.settings.outbox_window - (self._highest_sent - self.acked_upto)
@@ -308,10 +333,15 @@ class EdgeSync:
                                      retain=EVENTS.retained):
                 break
             assert envelope.seq is not None
+            sent_at = time.monotonic()
+            self.events_published += 1
+            if envelope.seq <= self.max_published:
+                self.events_resent += 1
+            self._sent_at[envelope.seq] = sent_at
             self._highest_sent = envelope.seq
             self.max_published = max(self.max_published, envelope.seq)
             if self._oldest_unacked_sent_at is None:
-                self._oldest_unacked_sent_at = time.monotonic()
+                self._oldest_unacked_sent_at = sent_at
         return len(pending) == room
 
     # ---- from the cloud ----------------------------------------------------------------------
@@ -369,6 +399,8 @@ class EdgeSync:
         if upto < ack.upto:
             log.debug("ack up to seq %d is beyond what was sent (%d): applying it up to there", ack.upto, upto)
         if upto <= self.acked_upto:
+            if ack.behind_s is not None:
+                self.cloud_behind_s = ack.behind_s
             return
         try:
             deleted = await asyncio.to_thread(self.daemon.store.ack, upto)
@@ -379,9 +411,21 @@ class EdgeSync:
         if self._highest_sent < self.acked_upto:
             self._highest_sent = self.acked_upto
         self._oldest_unacked_sent_at = time.monotonic() if self._highest_sent > self.acked_upto else None
+        # only now: a shorter wait must not meet the old clock while the store applied the ack
+        self._note_ack_lag(upto, ack.behind_s)
         log.debug("cloud acked up to seq %d (%d deleted)", upto, deleted)
         await self.daemon.refresh_outbox_depth()
         self.daemon.outbox_changed.set()
+
+    def _note_ack_lag(self, upto: int, behind_s: float | None) -> None:
+        """How far behind the cloud is, from an ack that moves `acked_upto` to `upto`: how late it
+        came (from the last publish of the newest event it covers) or what it says, the larger."""
+        now = time.monotonic()
+        sent_at = self._sent_at.get(upto)
+        late = now - sent_at if sent_at is not None else 0.0
+        self.cloud_behind_s = max(late, behind_s or 0.0)
+        for seq in [seq for seq in self._sent_at if seq <= upto]:
+            del self._sent_at[seq]
 
     async def _start_new_epoch(self, ack: AckBody) -> None:
         """The cloud holds other events under seqs we sent in this epoch: our database went back
@@ -407,6 +451,7 @@ class EdgeSync:
                 if store.epoch != old:  # the new epoch is in place (even if this task was cancelled)
                     self.acked_upto = self._highest_sent = self.max_published = 0
                     self._oldest_unacked_sent_at = None
+                    self._sent_at.clear()
                 self._switching_epoch = False
             log.warning("the cloud holds other events under seqs we sent in epoch %s: started epoch %s, "
                         "sending the unacked events again under it", old, store.epoch,

@@ -236,14 +236,15 @@ class AckBody(WireModel):
     # this epoch: the edge's store went back in time. The edge starts a new epoch (renumbering
     # what it has not had acked) before it sends again. Only `upto` is acked, never past them.
     conflict: bool = False
+    # Seconds the cloud's ingest is behind: the edge waits longer to re-send (edge/sync.py
+    # `resend_wait`). Only for edges that read it: an older edge refuses the whole ack.
+    behind_s: float | None = Field(None, ge=0, le=86_400)
 
     @model_serializer(mode="wrap")
-    def _omit_no_conflict(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        # Written only when true, so that an edge older than the field accepts every other ack.
+    def _omit_unset(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # Written only when set, so that an edge older than a field accepts every other ack.
         data: dict[str, Any] = handler(self)
-        if not data.get("conflict"):
-            data.pop("conflict", None)
-        return data
+        return {k: v for k, v in data.items() if v or k not in ("conflict", "behind_s")}
 
 
 class PolicyBody(WireModel):
