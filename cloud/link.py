@@ -93,6 +93,13 @@ class EdgeLink:
             refused.update(connection.link.refused_subscriptions)
         return refused
 
+    def receive_queues(self) -> dict[str, tuple[int, int]]:
+        """connection ("events", "telemetry") -> (messages waiting in its receive queue, times its
+        network thread found that queue full and stopped reading from the broker): the MQTT side
+        of the controller's backlog, before the ingest queue."""
+        named = (("events", self.mqtt), ("telemetry", self.telemetry))
+        return {name: (c.messages.qsize(), c.receive_full) for name, c in named if c is not None}
+
     @property
     def not_accepted(self) -> int:
         """Messages dropped on the network threads (over budget, or the telemetry connection's copy
@@ -238,9 +245,12 @@ class EdgeLink:
         (the caller retries)."""
         return self.mqtt is not None and self.mqtt.publish(topic, payload, qos=1, retain=retain)
 
-    def publish_ack(self, node: str, upto: int, epoch: str | None, *, conflict: bool = False) -> None:
-        """The ingest's cumulative ack to a node, after the commit (`conflict`: see AckBody)."""
-        ack = make_envelope(node, AckBody(upto=upto, epoch=epoch, conflict=conflict), Kind.ACK)
+    def publish_ack(self, node: str, upto: int, epoch: str | None, *, conflict: bool = False,
+                    behind_s: float | None = None) -> None:
+        """The ingest's cumulative ack to a node, after the commit (`conflict`, `behind_s`: see
+        AckBody; `behind_s` only to edges that read it: an older edge refuses the whole ack)."""
+        behind = round(behind_s, 1) if behind_s else None
+        ack = make_envelope(node, AckBody(upto=upto, epoch=epoch, conflict=conflict, behind_s=behind), Kind.ACK)
         if not self.publish(cloud_topic(node, "ack"), ack.to_json()):
             log.warning("ack up to %d not sent (link down or outgoing queue full; the edge will send again)", upto,
                         extra={"node": node})

@@ -5,6 +5,7 @@ controller."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry
@@ -15,14 +16,18 @@ from cloud.ingest import DROP_REASONS, REJECTION_REASONS, Ingestor
 from cloud.link import EdgeLink
 from shared import __version__
 
+RECENT_S = 60.0  # kgpu_ingest_lag_max_seconds looks at the nodes heard from this recently
+
 
 class ControllerCollector(Collector):
     def __init__(self, *, ingestor: Ingestor, link: EdgeLink, leading: asyncio.Event,
-                 command_resends: Callable[[], int]) -> None:
+                 command_resends: Callable[[], int],
+                 receive_queues: Callable[[], dict[str, tuple[int, int]]] = dict) -> None:
         self.ingestor = ingestor
         self.link = link
         self.leading = leading
         self.command_resends = command_resends
+        self.receive_queues = receive_queues  # EdgeLink.receive_queues
 
     def collect(self) -> Iterator[Metric]:
         ingest = self.ingestor
@@ -72,6 +77,7 @@ class ControllerCollector(Collector):
                                 "written (0 when none).", value=ingest.backlog_age_s())
         yield GaugeMetricFamily("kgpu_ingest_last_batch_seconds", "Time to write the last batch.",
                                 value=ingest.last_batch_seconds)
+        yield from self._overload_families()
         lag = GaugeMetricFamily(
             "kgpu_node_lag_seconds", "Arrival minus the edge's timestamp of its last message, with the "
             "node's estimated clock skew taken out (an old outbox event shows as lag, a wrong clock does not).",
@@ -107,9 +113,30 @@ class ControllerCollector(Collector):
         yield info
 
 
+    def _overload_families(self) -> Iterator[Metric]:
+        """Where a controller that falls behind holds its backlog, in a few series whatever the
+        fleet's size: the MQTT receive queues (before the ingest queue) and the worst node lag."""
+        depth = GaugeMetricFamily("kgpu_mqtt_receive_queue_depth", "Messages received from the broker and "
+                                  "waiting for the ingest, by connection.", labels=["connection"])
+        full = CounterMetricFamily("kgpu_mqtt_receive_queue_full", "Times a connection's receive queue was full "
+                                   "and it stopped reading from the broker (back-pressure), by connection.",
+                                   labels=["connection"])
+        for name, (waiting, was_full) in sorted(self.receive_queues().items()):
+            depth.add_metric([name], waiting)
+            full.add_metric([name], was_full)
+        yield depth
+        yield full
+        ingest = self.ingestor
+        recent = time.time() - RECENT_S
+        lags = [lag for node, lag in list(ingest.lag_seconds.items()) if ingest.last_seen.get(node, 0.0) >= recent]
+        yield GaugeMetricFamily(
+            "kgpu_ingest_lag_max_seconds", f"The largest kgpu_node_lag_seconds among the nodes heard from in the "
+            f"last {RECENT_S:.0f} s (0 when none): the fleet's worst lag in one series.", value=max(lags, default=0.0))
+
+
 def make_registry(*, ingestor: Ingestor, link: EdgeLink, leading: asyncio.Event,
                   command_resends: Callable[[], int]) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(ControllerCollector(ingestor=ingestor, link=link, leading=leading,
-                                          command_resends=command_resends))
+                                          command_resends=command_resends, receive_queues=link.receive_queues))
     return registry
