@@ -190,6 +190,19 @@ def reads(s: Sizes) -> list[Row]:
                                         f"--seconds {seconds:g} --warmup {warmup:g}")
 
 
+def overload(s: Sizes) -> list[Row]:
+    from bench import overload as overload_bench
+
+    if s is FULL:
+        nodes, rate, seconds, warmup = 1000, 6000.0, 60.0, 15.0
+    else:
+        nodes, rate, seconds, warmup = 50, 2000.0, 4.0, 4.0
+    result = asyncio.run(overload_bench.run(nodes=nodes, surge_rate=rate, surge_seconds=seconds, warmup_s=warmup))
+    say(overload_bench.describe(result))
+    return overload_bench.rows(result, f"{PY} bench.overload --nodes {nodes} --surge-rate {rate:g} "
+                                       f"--surge-seconds {seconds:g} --warmup {warmup:g}")
+
+
 def remediation(s: Sizes) -> list[Row]:
     from bench import remediation as ladder
 
@@ -211,6 +224,7 @@ BENCHMARKS: dict[str, Callable[[Sizes], list[Row]]] = {
     "exporter": exporter,
     "reads": reads,
     "flood": flood,
+    "overload": overload,
     "remediation": remediation,
 }
 
