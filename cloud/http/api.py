@@ -5,12 +5,12 @@ the dashboard, /metrics and every part's routes. Store reads run in the API's ow
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Metric, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, Metric, generate_latest
 
 from cloud.auth import AUTH, ApiAuth, auth_middleware
 from cloud.commands.model import OperatorCommand
@@ -115,11 +115,14 @@ def make_app(services: Services, *, ingestor: Ingestor, link: EdgeLink, parts: S
     app.on_cleanup.append(close_reads)
 
     async def metrics(request: web.Request) -> web.Response:
-        # `?name[]=<sample name>` (repeatable), as prometheus_client's own handler: only those
-        # samples, for a probe that polls a few counters (the benches) at a fleet's scale
-        names = request.query.getall("name[]", [])
-        source = SamplesNamed(registry, frozenset(names)) if names else registry
-        return web.Response(body=generate_latest(source), headers={"Content-Type": CONTENT_TYPE_LATEST})
+        # Collected on the loop (the collectors read state the loop owns), written out in a read
+        # thread: the text of a large fleet's per-node series (~180 ms at 8,000 nodes) must not
+        # hold up the loop, which is the ingest's too. `?name[]=<sample name>` (repeatable), as
+        # prometheus_client's own handler: only those samples (the benches poll a few counters).
+        names = frozenset(request.query.getall("name[]", []))
+        families = Collected(registry.collect(), names)
+        body = await reads.run(generate_latest, families)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)
@@ -136,20 +139,25 @@ def make_app(services: Services, *, ingestor: Ingestor, link: EdgeLink, parts: S
     return app
 
 
-class SamplesNamed:
-    """The registry's samples with these names only (`/metrics?name[]=`). prometheus_client's
-    `restricted_registry` finds only collectors that describe themselves; ours do not."""
+class Collected:
+    """Metric families collected already, for `generate_latest` to write out; with `names`, only
+    the samples of those names (prometheus_client's `restricted_registry` finds only collectors
+    that describe themselves; ours do not)."""
 
-    def __init__(self, registry: CollectorRegistry, names: frozenset[str]) -> None:
-        self.registry, self.names = registry, names
+    def __init__(self, families: Iterable[Metric], names: frozenset[str] = frozenset()) -> None:
+        self.families = list(families) if not names else [kept for f in families if (kept := _only(f, names))]
 
     def collect(self) -> Iterator[Metric]:
-        for family in self.registry.collect():
-            samples = [s for s in family.samples if s.name in self.names]
-            if samples:
-                kept = Metric(family.name, family.documentation, family.type, family.unit)
-                kept.samples = samples
-                yield kept
+        return iter(self.families)
+
+
+def _only(family: Metric, names: frozenset[str]) -> Metric | None:
+    samples = [s for s in family.samples if s.name in names]
+    if not samples:
+        return None
+    kept = Metric(family.name, family.documentation, family.type, family.unit)
+    kept.samples = samples
+    return kept
 
 
 def _node_query(request: web.Request) -> str | None:
