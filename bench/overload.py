@@ -42,12 +42,11 @@ from pathlib import Path
 
 from bench.common import Row, cpu_seconds, machine, metric_sum, rss_mib
 from bench.flood import connect, publish_packet
-from edge.sync import resend_wait
 from kgpu.lab.broker import Mosquitto
-from kgpu.lab.fleetsim import FleetOptions, FleetSim, SimNode, percentile, raise_fd_limit
+from kgpu.lab.fleetsim import FleetOptions, FleetSim, percentile, raise_fd_limit
 from kgpu.lab.processes import wait_for
 from shared.gpu import GpuSample
-from shared.protocol import AckBody, Kind, TelemetryBody, make_envelope
+from shared.protocol import Kind, TelemetryBody, make_envelope
 from tests.helpers.cloud_process import CloudProcess
 
 ACK_TIMEOUT_S = 15.0  # the edge's default
@@ -56,45 +55,6 @@ TS_MARK = 1111111111.125  # replaced by the send time in every surge message
 SAMPLE_EVERY_S = 2.0
 RECOVERED_AGE_S = 1.0  # backlog age under this, queues (almost) empty: recovered
 LIMIT_MIB = 1024.0  # the controller's memory limit in deploy/cloud/deployment.yaml
-
-
-# ---- the fleet: the simulator's outboxes with the edge's re-send rule -----------------------------
-
-
-class EdgeLikeFleet(FleetSim):
-    """FleetSim whose nodes wait `resend_wait` before re-sending, as edge/sync.py does: how far
-    behind the cloud is comes from each ack (how late it came, or its `behind_s`)."""
-
-    def __init__(self, options: FleetOptions, ack_timeout_max_s: float = ACK_TIMEOUT_MAX_S) -> None:
-        super().__init__(options)
-        self.ack_timeout_max_s = ack_timeout_max_s
-        self.behind: dict[int, float] = {}  # node index -> seconds behind at its last ack
-
-    def _on_ack(self, node: SimNode, ack: AckBody) -> None:
-        upto = min(ack.upto, node.next_seq - 1)
-        entry = node.outbox.get(upto)
-        if upto > node.acked_upto and entry is not None and entry.first_sent is not None:
-            self.behind[node.index] = max(time.monotonic() - entry.first_sent, ack.behind_s or 0.0)
-        elif ack.behind_s is not None:
-            self.behind[node.index] = ack.behind_s
-        super()._on_ack(node, ack)
-
-    async def _housekeeping(self) -> None:
-        """FleetSim's, with each node's own wait."""
-        while True:
-            await asyncio.sleep(1.0)
-            for conn in self.connections:
-                conn.misc()
-            now = time.monotonic()
-            for node in self.nodes:
-                if node.oldest_unacked_sent_at is None or node.highest_sent <= node.acked_upto or not node.connected:
-                    continue
-                wait = resend_wait(self.options.ack_timeout_s, self.behind.get(node.index, 0.0), self.ack_timeout_max_s)
-                if now - node.oldest_unacked_sent_at > wait:
-                    self.counters.resend_timeouts += 1
-                    node.highest_sent = node.acked_upto
-                    node.oldest_unacked_sent_at = None
-                    self.drain(node)
 
 
 # ---- the surge: raw QoS 0 telemetry from a child process -----------------------------------------
@@ -226,9 +186,12 @@ async def run(*, nodes: int = 1000, interval_s: float = 10.0, event_every_s: flo
               surge_nodes: int = 200, surge_rate: float = 6000.0, surge_seconds: float = 60.0,
               warmup_s: float = 15.0, recover_limit_s: float = 90.0, fixed_timeout: bool = False,
               ack_timeout_s: float = ACK_TIMEOUT_S) -> OverloadResult:
+    # the simulator's outboxes re-send as the edge does (edge/sync.py `resend_wait`); a cap equal to
+    # the timeout is the fixed timeout of before
     options = FleetOptions(mqtt="mqtt://127.0.0.1:1", nodes=nodes, gpus=8, interval_s=interval_s,
-                           event_every_s=event_every_s, ack_timeout_s=ack_timeout_s, prefix="fleet",
-                           nodes_per_connection=10)
+                           event_every_s=event_every_s, ack_timeout_s=ack_timeout_s,
+                           ack_timeout_max_s=ack_timeout_s if fixed_timeout else ACK_TIMEOUT_MAX_S,
+                           prefix="fleet", nodes_per_connection=10)
     raise_fd_limit(options.connections + 512)
     with ExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory()))
@@ -242,7 +205,7 @@ async def run(*, nodes: int = 1000, interval_s: float = 10.0, event_every_s: flo
         await asyncio.to_thread(wait_for, lambda: metric_sum(cloud.base, "kgpu_mqtt_connected") == 1, 30, 0.2,
                                 "controller connected")
         options = FleetOptions(**{**options.__dict__, "mqtt": broker.url})
-        sim = FleetSim(options) if fixed_timeout else EdgeLikeFleet(options)
+        sim = FleetSim(options)
         await sim.start()
         samples: list[Sample] = []
         broker_peak = 0.0

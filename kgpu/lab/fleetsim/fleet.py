@@ -15,6 +15,7 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
+from edge.sync import resend_wait
 from kgpu.lab.fleetsim.connection import SimConnection
 from kgpu.lab.fleetsim.node import (
     FleetCounters,
@@ -225,15 +226,18 @@ class FleetSim:
                 self.add_event(node, Kind.DECISION, decision_body(node, self.rng))
 
     async def _housekeeping(self) -> None:
-        """Every second: keepalives, and events whose ack is overdue are sent again."""
+        """Every second: keepalives, and events whose ack is overdue are sent again (after the
+        edge's `resend_wait`: longer while the cloud is behind)."""
+        options = self.options
         while True:
             await asyncio.sleep(1.0)
             for conn in self.connections:
                 conn.misc()
             now = time.monotonic()
             for node in self.nodes:
-                if (node.oldest_unacked_sent_at is not None and node.highest_sent > node.acked_upto
-                        and now - node.oldest_unacked_sent_at > self.options.ack_timeout_s and node.connected):
+                if (node.oldest_unacked_sent_at is not None and node.highest_sent > node.acked_upto and node.connected
+                        and now - node.oldest_unacked_sent_at
+                        > resend_wait(options.ack_timeout_s, node.cloud_behind_s, options.ack_timeout_max_s)):
                     self.counters.resend_timeouts += 1
                     node.highest_sent = node.acked_upto
                     node.oldest_unacked_sent_at = None
@@ -335,8 +339,13 @@ class FleetSim:
         upto = min(ack.upto, node.next_seq - 1)
         if upto <= node.acked_upto:
             self.counters.stale_acks += 1
+            if ack.behind_s is not None:
+                node.cloud_behind_s = ack.behind_s
             return
         now = time.monotonic()
+        newest = node.outbox.get(upto)  # how late this ack came, or what it says: edge/sync.py
+        late = now - newest.first_sent if newest is not None and newest.first_sent is not None else 0.0
+        node.cloud_behind_s = max(late, ack.behind_s or 0.0)
         for seq in range(node.acked_upto + 1, upto + 1):
             entry = node.outbox.pop(seq, None)
             if entry is not None:

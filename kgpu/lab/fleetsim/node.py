@@ -49,6 +49,9 @@ class FleetOptions:
     prefix: str = "sim"
     outbox_window: int = 100
     ack_timeout_s: float = 15.0
+    # unacked events wait `resend_wait` (edge/sync.py) before they are sent again, as on the edge;
+    # equal to ack_timeout_s: the fixed timeout of before issue 17
+    ack_timeout_max_s: float = 120.0
     connect_rate: float = 500.0  # new connections per second at start (a fleet does not arrive at once)
     keepalive_s: int = 60
     daemon_version: str = "fleetsim"
@@ -149,6 +152,7 @@ class SimNode:
         self.acked_upto = 0
         self.highest_sent = 0
         self.oldest_unacked_sent_at: float | None = None
+        self.cloud_behind_s = 0.0  # how far behind the cloud was at this node's last ack (edge/sync.py)
         self.policy_name: str | None = None
         self.policy_version: int | None = None
         self.applied_commands: set[str] = set()
