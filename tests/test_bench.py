@@ -38,6 +38,7 @@ from shared.protocol import (
     PolicyBody,
     StatusBody,
     TelemetryBody,
+    TelemetryBodyStruct,
     make_envelope,
 )
 from shared.topics import cloud_topic
@@ -65,7 +66,8 @@ def test_every_payload_the_simulator_sends_is_accepted_by_the_cloud_validator() 
         kinds.append(incoming.envelope.kind)
     assert kinds == [Kind.STATUS, Kind.STATUS, Kind.TELEMETRY, Kind.DECISION, Kind.COMMAND_RESULT]
     telemetry = validate(*sent[2], now).body
-    assert isinstance(telemetry, TelemetryBody) and len(telemetry.samples) == 8
+    # the ingest decodes telemetry into the Struct derived from TelemetryBody (shared/wire_structs.py)
+    assert isinstance(telemetry, TelemetryBodyStruct) and len(telemetry.samples) == 8
     assert len({s.uuid for s in telemetry.samples}) == 8 and all(s.ts == now for s in telemetry.samples)
     # built with the protocol's own models (make_envelope checks the body's model against the kind)
     assert isinstance(status_body(node, "9.9.9"), StatusBody) and isinstance(decision_body(node, sim.rng), DecisionBody)
