@@ -228,12 +228,12 @@ class Ingestor:
 
     def backlog_age_s(self) -> float:
         """Age in seconds of the oldest message waiting to be written (queued, or in the batch
-        being written), 0.0 when none."""
+        being filled or written), 0.0 when none."""
         times = [t for t in (self.queue.oldest(), self._writing[0].at if self._writing else None) if t is not None]
         return max(0.0, time.monotonic() - min(times)) if times else 0.0
 
     def pending(self) -> int:
-        """Messages accepted and not yet written (queued, or in the batch being written)."""
+        """Messages accepted and not yet written (queued, or in the batch being filled or written)."""
         return self.queue.qsize() + len(self._writing)
 
     # -- in ---------------------------------------------------------------------------------------
@@ -399,6 +399,7 @@ class Ingestor:
         try:
             while True:
                 batch = carried or [await self._next()]
+                self._writing = batch  # pending (and its age counted) while the batch fills, too
                 deadline = time.monotonic() + self.batch_interval_s
                 while len(batch) < self.batch_size:
                     # what is already queued is taken at once: no timer per message
@@ -411,7 +412,6 @@ class Ingestor:
                         batch.append(await asyncio.wait_for(queue.get(), timeout=remaining))
                     except TimeoutError:
                         break
-                self._writing = batch
                 carried = await self._write(batch)
                 self._writing = []
                 if carried and len(carried) == len(batch):

@@ -69,8 +69,8 @@ class ControllerCollector(Collector):
                                   value=ingest.batches)
         yield CounterMetricFamily("kgpu_ingest_store_errors", "Failed fleet-store writes (retried).",
                                   value=ingest.store_errors)
-        yield GaugeMetricFamily("kgpu_ingest_queue_depth", "Messages waiting to be written.",
-                                value=ingest.queue.qsize())
+        yield GaugeMetricFamily("kgpu_ingest_queue_depth", "Messages waiting to be written (queued, or in the batch "
+                                "being filled or written).", value=ingest.pending())
         yield GaugeMetricFamily("kgpu_ingest_queue_bytes", "Payload bytes of the messages waiting to be written.",
                                 value=ingest.queue.bytes)
         yield GaugeMetricFamily("kgpu_ingest_backlog_age_seconds", "Age of the oldest message waiting to be "
