@@ -3,10 +3,10 @@
 Each benchmark runs against real processes (mosquitto, `kgpu cloud run`, `kgpu edge run`, the
 Kubernetes emulator, PostgreSQL where installed) with the sizes below, prints its own report on
 stderr as it goes, and hands back rows; the table on stdout has one line per figure with the
-command that reproduces it. The full run takes about 7 minutes on 2 cores; `--quick` runs the same
+command that reproduces it. The full run takes about 11 minutes on 2 cores; `--quick` runs the same
 code with tiny sizes (a smoke test, about a minute: its figures mean nothing).
 
-    python -m bench                       # full sizes, < 10 minutes
+    python -m bench                       # full sizes, about 11 minutes
     python -m bench --quick               # smoke run
     python -m bench --only fleet,catchup  # some of them
     python -m bench --json out.json       # the rows as JSON too
@@ -136,6 +136,19 @@ def replicas(s: Sizes) -> list[Row]:
     return fleet_scale.rows(result, 5.0, command)
 
 
+def scaleout(s: Sizes) -> list[Row]:
+    from bench import replicas as scale_out
+    from tests.helpers.postgres import find_server_binaries
+
+    command = f"{PY} bench.replicas --nodes {s.backlog_nodes} --per-node {s.backlog_per_node} --replicas 1,2"
+    if find_server_binaries() is None:
+        return [Row("replicas on a backlog", "skipped: PostgreSQL server binaries not installed",
+                    float("nan"), "", "", command)]
+    result = scale_out.measure(s.backlog_nodes, s.backlog_per_node, counts=(1, 2), say=say)
+    say(scale_out.describe(result))
+    return scale_out.table_rows(result, command)
+
+
 def catchup(s: Sizes) -> list[Row]:
     from bench import outbox_catchup
 
@@ -219,6 +232,7 @@ BENCHMARKS: dict[str, Callable[[Sizes], list[Row]]] = {
     "fault": fault,
     "fleet": fleet,
     "replicas": replicas,
+    "scaleout": scaleout,
     "catchup": catchup,
     "rollout": rollout,
     "exporter": exporter,
