@@ -59,7 +59,7 @@ from cloud.migration.triggers import find_triggers, reconcile, to_recover, zone_
 from cloud.services import BatchBus, CommandSender, Periodic
 from cloud.store import FleetStore, FleetStoreError, Incoming
 from shared.logs import get_logger
-from shared.protocol import CommandBody, Kind
+from shared.protocol import CommandBody, Kind, StatusBody
 
 log = get_logger(__name__)
 
@@ -124,14 +124,29 @@ class MigrationManager:
         http.add_routes(app, self.repo, has_kube=self.kube is not None)
 
     def periodic(self) -> Sequence[Periodic]:
+        """Called as this replica starts leading: the first scan re-reads the whole fleet."""
+        self.repo.view.forget()
         return [Periodic("migration scan", self.tick, self.scan_interval_s, wake=self._wake,
                          settle_s=SETTLE_S, expected=(FleetStoreError,))]
 
     async def _on_batch(self, batch: list[Incoming]) -> None:
         """Wake the scan early for a request or a health change (statuses, which come all the
-        time from every node, wait for the periodic scan)."""
-        if any(i.envelope.kind in (Kind.MIGRATION_REQUEST, Kind.HEALTH) for i in batch):
-            self._wake.set()
+        time from every node, wait for the periodic scan). A sample naming a GPU the scan's view
+        does not hold (a row made or renumbered without a status) marks its node for re-reading,
+        and a status of ours that changes nothing the view holds spares its node the re-read."""
+        view = self.repo.view
+        for item in batch:
+            envelope = item.envelope
+            kind = envelope.kind
+            if kind == Kind.TELEMETRY:
+                if not view.knows(envelope.node, getattr(item.body, "samples", ())):
+                    view.mark([envelope.node])
+            elif kind in (Kind.MIGRATION_REQUEST, Kind.HEALTH):
+                self._wake.set()
+            elif kind == Kind.STATUS and isinstance(item.body, StatusBody) and item.body.gpus:
+                view.expect(envelope.node, envelope.ts - item.clock_skew, (
+                    (g.uuid, g.index, g.name, str(g.health), tuple(g.pods), g.remediation, g.resource_name)
+                    for g in item.body.gpus))
 
     @property
     def rules(self) -> Rules:

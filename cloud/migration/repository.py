@@ -8,12 +8,13 @@ every write is one transaction through `store.writing()`; the fleet's tables are
 
 from __future__ import annotations
 
-from collections import defaultdict
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 import sqlalchemy as sa
 
+from cloud.migration.fleet_view import FleetView
 from cloud.migration.model import (
     ACTIVE_STATES,
     GpuView,
@@ -33,8 +34,9 @@ REQUEST_BATCH = 500  # requests taken per scan
 class MigrationRepository:
     """Reads and writes of the migration part (blocking: the manager calls it in a thread)."""
 
-    def __init__(self, store: FleetStore) -> None:
+    def __init__(self, store: FleetStore, view: FleetView | None = None) -> None:
         self.store = store
+        self.view = view or FleetView()  # the GPUs, re-read only where they changed (fleet_view.py)
 
     def load(self, now: float) -> tuple[World, list[Migration], dict[str, float]]:
         """The fleet view, the open migrations and each node's last start, in one read."""
@@ -46,28 +48,17 @@ class MigrationRepository:
             last_started = {r.node: float(r.started) for r in conn.execute(
                 sa.select(t.c.node, sa.func.max(t.c.started_at).label("started"))
                 .where(t.c.started_at.is_not(None)).group_by(t.c.node))}
-            nodes = self.store.node_liveness(conn)
-            pod_sources = self.store.pod_map_sources(conn)
             # Not the samples: at thousands of nodes, decoding every GPU's JSON each scan cost as
             # much as the ingest. Only placement needs them (`samples`, when a migration runs).
-            gpu_rows = self.store.gpu_states(conn)
+            fleet = self.view.read(self.store, conn)
             requests = [_request(r) for r in self.store.migration_requests(
                 now - REQUEST_MAX_AGE_S, REQUEST_BATCH, conn)]
-            watched = ({g["node"] for g in gpu_rows if g["health"] not in (None, Health.HEALTHY)}
-                       | {m.node for m in migrations} | {r.node for r in requests})
+            watched = fleet.not_healthy | {m.node for m in migrations} | {r.node for r in requests}
             health = self.store.gpu_health_history(sorted(watched), conn=conn)
-        gpus: dict[str, list[GpuView]] = defaultdict(list)
-        for g in gpu_rows:
-            events = health.get((g["node"], g["uuid"]), [])
-            healthy_ts = next((ts for ts, _, cur in events if cur == Health.HEALTHY), None)
-            gpus[g["node"]].append(GpuView(
-                node=g["node"], uuid=g["uuid"], index=int(g["index"]), name=g["name"],
-                health=g["health"], unhealthy_since=unhealthy_since(events),
-                last_event=(events[0][0], events[0][2]) if events else None,
-                healthy_event_ts=healthy_ts, pods=tuple(g.get("pods") or ()),
-                remediation=g.get("remediation"), resource_name=g.get("resource_name")))
-        world = World(nodes=nodes, gpus={k: tuple(v) for k, v in gpus.items()},
-                      requests=tuple(requests), pod_sources=pod_sources)
+        gpus = fleet.gpus  # a copy of the view's: the watched nodes' GPUs get their health events
+        for node in watched & gpus.keys():
+            gpus[node] = tuple(_with_events(g, health.get((node, g.uuid), [])) for g in gpus[node])
+        world = World(nodes=fleet.nodes, gpus=gpus, requests=tuple(requests), pod_sources=fleet.pod_sources)
         return world, migrations, last_started
 
     def samples(self) -> dict[tuple[str, str], Mapping[str, Any]]:
@@ -113,6 +104,15 @@ class MigrationRepository:
         with self.store.reading("migration") as conn:
             row = conn.execute(sa.select(t).where(t.c.id == mid)).first()
         return _out(dict(row._mapping)) if row is not None else None
+
+
+def _with_events(g: GpuView, events: Sequence[tuple[float, float, str]]) -> GpuView:
+    """The GPU with what its health events say (newest first), for a node the scan watches."""
+    if not events:
+        return g
+    healthy_ts = next((ts for ts, _, cur in events if cur == Health.HEALTHY), None)
+    return replace(g, unhealthy_since=unhealthy_since(events), last_event=(events[0][0], events[0][2]),
+                   healthy_event_ts=healthy_ts)
 
 
 def _request(r: Mapping[str, Any]) -> RequestEvent:

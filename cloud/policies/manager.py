@@ -28,6 +28,7 @@ POLL_INTERVAL_S = 2.0  # list policies and nodes this often (and reconcile at le
 MIN_GAP_S = 0.2  # between two reconciles, however often something wakes the loop
 RESEND_PENDING_S = 30.0  # publish again to an online node still reporting another version
 WARN_EVERY_S = 60.0  # the same failure is logged at most this often
+FULL_EVERY_S = 60.0  # unchanged fleet or not, adopt and mirror its nodes' labels at least this often
 
 
 def _rfc3339(ts: float) -> str:
@@ -49,6 +50,8 @@ class PolicyManager:
         self._wake = asyncio.Event()
         self._reported: dict[str, tuple[str | None, int | None]] = {}  # as of the last reconcile
         self._warned: dict[str, float] = {}
+        self.full_every_s = FULL_EVERY_S
+        self._full_at = time.monotonic()
         batches.subscribe(self._on_batch)
 
     @property
@@ -58,6 +61,9 @@ class PolicyManager:
     # -- leader loop ---------------------------------------------------------------------------
 
     def periodic(self) -> Sequence[Periodic]:
+        """Called as this replica starts leading: the first reconcile re-reads everything."""
+        self.tables.forget()
+        self._full_at = time.monotonic()
         return [Periodic("policy reconcile", self._step, self.poll_interval, wake=self._wake, min_gap_s=MIN_GAP_S,
                          expected=(FleetStoreError,))]
 
@@ -83,6 +89,9 @@ class PolicyManager:
         """One pass: read the sources, resolve, store, publish, write statuses."""
         now = time.time()
         kube = self.kube
+        if time.monotonic() - self._full_at >= self.full_every_s:  # the safety net: adopt against the whole fleet
+            self._full_at = time.monotonic()
+            self.tables.forget()
         if kube is not None:
             await self._pull_from_kubernetes(kube, now)
         else:

@@ -8,6 +8,7 @@ shown for it) comes from the store's queries (`FleetQueries.node_states`, `node_
 from __future__ import annotations
 
 import functools
+import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,6 +21,7 @@ from cloud.store import FleetStore
 from cloud.store.schema import policies_table, policy_nodes_table
 
 Step = Callable[[Connection], Any]
+LABEL_TEXTS_KEPT = 10_000  # distinct label texts kept decoded
 
 
 @dataclass
@@ -55,6 +57,8 @@ class PolicyRepository:
 
     def __init__(self, store: FleetStore) -> None:
         self.store = store
+        self._decoded: dict[str, dict[str, str]] = {}  # labels JSON text -> labels (`_labels`)
+        self._fleet_seen: list[str] | None = None  # the fleet's nodes at the last adoption
 
     # -- policies ------------------------------------------------------------------------------
 
@@ -147,7 +151,8 @@ class PolicyRepository:
         t = policy_nodes_table
 
         def plan(conn: Connection) -> list[Step]:
-            rows = {r.node: (r.labels, r.present) for r in conn.execute(sa.select(t.c.node, t.c.labels, t.c.present))}
+            rows = {r[0]: (self._labels(r[1]), r[2])
+                    for r in conn.execute(sa.select(t.c.node, sa.cast(t.c.labels, sa.Text), t.c.present))}
             steps: list[Any] = []
             for node, labels in labels_by_node.items():
                 if node not in rows:
@@ -162,8 +167,23 @@ class PolicyRepository:
 
         self._changing("sync nodes", plan)
 
+    def forget(self) -> None:
+        """The next `adopt_fleet_nodes` plans against the whole fleet, changed or not."""
+        self._fleet_seen = None
+
     def adopt_fleet_nodes(self, now: float) -> None:
-        """--no-kube: every node the fleet store knows takes part (no labels until given)."""
+        """--no-kube: every node the fleet store knows takes part (no labels until given). Only
+        when the fleet's nodes are not those of the last call (or after `forget`): a node's
+        shown labels change only through this part (`set_labels`, `sync_nodes` mirror them
+        themselves) or when it first appears, so an unchanged fleet has nothing to adopt."""
+        with self.store.reading("fleet node names") as conn:
+            names = self.store.node_names(conn)
+        if names == self._fleet_seen:
+            return
+        self._adopt(now)
+        self._fleet_seen = names
+
+    def _adopt(self, now: float) -> None:
         t = policy_nodes_table
 
         def plan(conn: Connection) -> list[Step]:
@@ -178,34 +198,51 @@ class PolicyRepository:
         self._changing("adopt fleet nodes", plan)
 
     def _mirror_plan(self, conn: Connection) -> list[Step]:
-        """Show the labels used for matching as the fleet store's node labels (API, dashboard)."""
+        """Show the labels used for matching as the fleet store's node labels (API, dashboard).
+        Compared as JSON text, decoded only where the texts differ (a reconcile runs this every
+        pass: decoding every node's labels twice was most of its cost at thousands of nodes)."""
         t = policy_nodes_table
-        used = {r.node: r.labels for r in conn.execute(sa.select(t.c.node, t.c.labels))}
-        shown = {name: state["labels"] for name, state in self.store.node_states(conn).items()}
-        changed = {name: labels for name, labels in used.items() if name in shown and shown[name] != labels}
+        used: dict[str, str] = {r[0]: r[1] for r in conn.execute(sa.select(t.c.node, sa.cast(t.c.labels, sa.Text)))}
+        shown = self.store.node_label_texts(conn)
+        changed = {name: self._labels(text) for name, text in used.items()
+                   if name in shown and shown[name] != text and self._labels(shown[name]) != self._labels(text)}
         return [lambda c: self.store.show_labels(changed, c)] if changed else []
 
+    def _labels(self, text: str | None) -> dict[str, str]:
+        """Labels from their JSON text, decoded once per distinct text (most nodes share a few)."""
+        if text is None:
+            return {}
+        labels = self._decoded.get(text)
+        if labels is None:
+            if len(self._decoded) >= LABEL_TEXTS_KEPT:
+                self._decoded.clear()
+            labels = self._decoded[text] = dict(json.loads(text) or {})
+        return labels
+
     def snapshot(self) -> Snapshot:
+        """Policies, the policy nodes and what each node's edge reports: narrow reads, no JSON
+        decoded but the policies' and (once per distinct text) the labels."""
         t = policy_nodes_table
         with self.store.reading("read policy state") as conn:
             policies = [dict(r._mapping) for r in conn.execute(sa.select(policies_table))]
-            rows = list(conn.execute(sa.select(t)))
-            states = self.store.node_states(conn)
+            rows = list(conn.execute(sa.select(
+                t.c.node, sa.cast(t.c.labels, sa.Text), t.c.present, t.c.version, t.c.content_hash,
+                t.c.published_version, t.c.published_at)))
+            reports = self.store.node_reports(conn)
         snap = Snapshot(
             policies=[PolicySource(p["name"], p["spec"], int(p["generation"])) for p in policies],
             statuses={p["name"]: p["status"] or {} for p in policies},
             nodes=[], records={}, published={}, online={},
         )
-        for r in rows:
-            state = states.get(r.node) or {}
-            snap.records[r.node] = NodeRecord(int(r.version), r.content_hash)
-            snap.published[r.node] = (r.published_version, r.published_at)
-            snap.online[r.node] = bool(state.get("online"))
-            if r.present:
-                snap.nodes.append(NodeView(r.node, dict(r.labels or {}), state.get("policy_name"),
-                                           state.get("policy_version")))
-            elif r.published_version is not None or r.content_hash is not None:
-                snap.absent_published.append(r.node)
+        for node, labels, present, version, content_hash, published_version, published_at in rows:
+            online, reported_name, reported_version = reports.get(node) or (False, None, None)
+            snap.records[node] = NodeRecord(int(version), content_hash)
+            snap.published[node] = (published_version, published_at)
+            snap.online[node] = online
+            if present:
+                snap.nodes.append(NodeView(node, self._labels(labels), reported_name, reported_version))
+            elif published_version is not None or content_hash is not None:
+                snap.absent_published.append(node)
         return snap
 
     def save_resolution(self, changed: list[NodeResolution], forgotten: list[str], now: float) -> None:

@@ -253,24 +253,37 @@ def validate_all(policies: Iterable[PolicySource]) -> tuple[dict[str, ValidPolic
     return valid, invalid
 
 
+def named_policy(winner: ValidPolicy) -> tuple[PowerPolicy, str]:
+    """The policy as a node gets it (named, version 0) and its `content_hash`."""
+    named = winner.policy.model_copy(update={"name": winner.name, "version": 0})
+    return named, content_hash(named)
+
+
 def resolve_node(
-    node: NodeView, valid: Mapping[str, ValidPolicy], record: NodeRecord | None
+    node: NodeView, valid: Mapping[str, ValidPolicy], record: NodeRecord | None,
+    named: Mapping[str, tuple[PowerPolicy, str]] | None = None,
+    versioned: dict[tuple[str, int], PowerPolicy] | None = None,
 ) -> NodeResolution:
-    """One node's policy and version (see the module docstring for the version rule)."""
+    """One node's policy and version (see the module docstring for the version rule). `named`:
+    `named_policy` of each valid policy, and `versioned`, the policies with their version made so
+    far (filled here): computed once for the fleet rather than per node."""
     record = record or NodeRecord()
     winner, shadowed = choose(valid.values(), node.labels)
     if winner is None:
         return NodeResolution(node.name, None, None, None, record.version,
                               changed=record.content_hash is not None, applied=False)
-    named = winner.policy.model_copy(update={"name": winner.name, "version": 0})
-    digest = content_hash(named)
+    named_winner, digest = named[winner.name] if named is not None else named_policy(winner)
     version = record.version
     reported = node.reported_version
     ours = (node.reported_name, reported) == (winner.name, version)
     overtaken = reported is not None and reported >= version and not ours
     if digest != record.content_hash or version < 1 or overtaken:
         version = min(MAX_VERSION, max(version, reported or 0) + 1)
-    final = named.model_copy(update={"version": version})
+    final = versioned.get((winner.name, version)) if versioned is not None else None
+    if final is None:
+        final = named_winner.model_copy(update={"version": version})
+        if versioned is not None:
+            versioned[(winner.name, version)] = final
     applied = (node.reported_name, reported) == (winner.name, version)
     return NodeResolution(node.name, winner.name, final, digest, version,
                           changed=(digest, version) != (record.content_hash, record.version),
@@ -282,11 +295,13 @@ def resolve(
 ) -> Resolution:
     """Validate every policy, then resolve every node."""
     valid, invalid = validate_all(policies)
+    named = {name: named_policy(policy) for name, policy in valid.items()}
+    versioned: dict[tuple[str, int], PowerPolicy] = {}
     out: dict[str, NodeResolution] = {}
     for node in sorted(nodes, key=lambda n: n.name):
         if node.name in out:
             raise ValueError(f"node {node.name!r} listed twice")
-        out[node.name] = resolve_node(node, valid, records.get(node.name))
+        out[node.name] = resolve_node(node, valid, records.get(node.name), named, versioned)
     return Resolution(valid=valid, invalid=invalid, nodes=out)
 
 

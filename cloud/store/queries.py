@@ -281,6 +281,45 @@ class FleetQueries(StoreBase):
             return [dict(r._mapping) for r in c.execute(
                 sa.select(*[col for col in g.c if col.name != "sample"]).order_by(g.c.index))]
 
+    def node_scan(self, conn: Connection | None = None) -> dict[str, tuple[bool, float, float | None, str | None]]:
+        """name -> (online, last_seen, status_ts, pod_map_source) of every node, as plain tuples
+        (no JSON decoded): the migration scan's read of every pass. `status_ts` moves with every
+        status applied, the only message that changes a GPU's health, pods or remediation, so
+        the scan re-reads the GPU rows of the nodes whose `status_ts` moved (`gpu_views`)."""
+        n = nodes_table
+        with self._using("node scan", conn) as c:
+            return {r[0]: (bool(r[1]), float(r[2]), r[3], r[4]) for r in c.execute(
+                sa.select(n.c.name, n.c.online, n.c.last_seen, n.c.status_ts, n.c.pod_map_source))}
+
+    def gpu_views(self, nodes: Collection[str] | None = None, conn: Connection | None = None) -> list[GpuViewRow]:
+        """(node, uuid, index, name, health, pods, remediation, resource_name) of every GPU by
+        index, or of the GPUs of `nodes` (1,000 names a query): what the migration scan decides
+        on, without the sample and the other JSON columns."""
+        g = gpus_table
+        query = sa.select(g.c.node, g.c.uuid, g.c.index, g.c.name, g.c.health, g.c.pods, g.c.remediation,
+                          g.c.resource_name).order_by(g.c.index)
+        with self._using("gpu views", conn) as c:
+            if nodes is None:
+                return [_gpu_view_row(r) for r in c.execute(query)]
+            names = sorted(nodes)
+            return [_gpu_view_row(r) for start in range(0, len(names), 1000)
+                    for r in c.execute(query.where(g.c.node.in_(names[start:start + 1000])))]
+
+    def node_reports(self, conn: Connection | None = None) -> dict[str, tuple[bool, str | None, int | None]]:
+        """name -> (online, policy_name, policy_version) its edge reports, of every node (no
+        JSON decoded): what policy resolution reads of the fleet on every pass."""
+        n = nodes_table
+        with self._using("node reports", conn) as c:
+            return {r[0]: (bool(r[1]), r[2], r[3]) for r in c.execute(
+                sa.select(n.c.name, n.c.online, n.c.policy_name, n.c.policy_version))}
+
+    def node_label_texts(self, conn: Connection | None = None) -> dict[str, str]:
+        """name -> the labels shown for it as their JSON text (not decoded: the policies part
+        compares it with its own on every pass, and decodes only what differs)."""
+        n = nodes_table
+        with self._using("node label texts", conn) as c:
+            return {r[0]: r[1] for r in c.execute(sa.select(n.c.name, sa.cast(n.c.labels, sa.Text)))}
+
     def gpu_samples(self, conn: Connection | None = None) -> dict[tuple[str, str], Any]:
         """(node, uuid) -> the latest sample of every GPU that has one."""
         g = gpus_table
@@ -408,6 +447,8 @@ class FleetQueries(StoreBase):
 
 
 Key = tuple[Any, ...]
+GpuViewRow = tuple[str, str, int, str | None, str | None, list[str] | None, str | None, str | None]
+"""A GPU as `gpu_views` reads it: (node, uuid, index, name, health, pods, remediation, resource_name)."""
 """Where a page of a listing ends: JSON scalars, for the API to hand back as an opaque cursor."""
 
 
@@ -444,6 +485,10 @@ def _epochs_out(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def _epoch_out(epoch: str) -> str | None:
     return None if epoch == UNKNOWN_EPOCH else epoch
+
+
+def _gpu_view_row(r: Any) -> GpuViewRow:
+    return (r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7])
 
 
 def _gpu_out(row: dict[str, Any]) -> dict[str, Any]:
