@@ -37,10 +37,11 @@ from edge.podresources import GpuPodMap
 from edge.pods import PodRef, PodResolver
 from edge.probe import run_probe
 from edge.remediation.manager import RemediationManager
+from edge.sampling import Sampler
 from edge.store import StoreError, open_edge_store
 from shared import __version__
 from shared.aio import wait_event
-from shared.gpu import GpuInventory, GpuSample, Health, XidEvent
+from shared.gpu import GpuInventory, GpuSample, XidEvent
 from shared.logs import get_logger
 from shared.policy import PowerPolicy
 from shared.protocol import (
@@ -81,6 +82,8 @@ class EdgeDaemon:
         # the device backend (edge/devices/): NVML, Jetson, AMD or Intel; chosen by edge/devices/select.py
         self.backend: DeviceBackend = backend if backend is not None else make_backend(settings, sim)
         self.runner = DriverRunner(self.backend, timeout_s=settings.nvml_timeout)
+        self.sampler = Sampler(self.runner, settings.lost_probe_interval,
+                               note_reachable=self._note_reachable, on_back=self._gpu_back)
         self.store, self.store_recovery = open_edge_store(settings.db, self.node)
         self.store.set_outbox_bound(settings.outbox_max_bytes, settings.outbox_max_events)
         self.energy = EnergyAccountant()
@@ -103,6 +106,7 @@ class EdgeDaemon:
         self._xids: asyncio.Queue[XidEvent] = asyncio.Queue()
         self._xid_watcher: XidWatcher | None = None
         self._last_prune = 0.0
+        self._cycle_pods: dict[int, PodRef | None] = {}  # this cycle's PIDs -> pods (energy, then the pod map)
         self._stop = asyncio.Event()
         # Set whenever new events reach the outbox, so the sync can drain at once.
         self.outbox_changed = asyncio.Event()
@@ -274,7 +278,7 @@ class EdgeDaemon:
         if not self.driver_reachable:
             await self._open_driver()
         self._wake.clear()  # before draining: an XID arriving after the drain wakes the next cycle
-        samples = await self._sample_all(now)
+        samples = await self.sampler.sample_all(self.gpus, now)
         xids = self._drain_xids()
         self.remediation.note_xids(xids)
         actions, events = decide(self.gpus, samples, xids, self.policy, self.settings.health_quiet_period,
@@ -295,39 +299,13 @@ class EdgeDaemon:
         self.counters.cycle_seconds_sum += elapsed
         self.counters.last_cycle_seconds = elapsed
 
-    async def _sample_all(self, now: float) -> dict[int, GpuSample | None]:
-        samples: dict[int, GpuSample | None] = {}
-        stuck = False  # a call timed out: the driver is not answering, do not wait once per GPU
-        for index, view in self.gpus.items():
-            if stuck:
-                samples[index] = None
-                continue
-            if view.health.health is Health.LOST and now < view.next_probe_at:
-                samples[index] = GpuSample(index=index, uuid=view.inventory.uuid, ts=now, lost=True)
-                continue
-            try:
-                if view.health.health is Health.LOST:
-                    log.info("probing lost GPU %d again", index, extra={"gpu": view.inventory.uuid})
-                    back = await self.runner.call(self.runner.driver.probe, index)
-                    if not back:
-                        view.next_probe_at = now + self.settings.lost_probe_interval
-                        samples[index] = GpuSample(index=index, uuid=view.inventory.uuid, ts=now, lost=True)
-                        continue
-                    if self._xid_watcher is not None:  # register the returned GPU for XIDs again
-                        self._xid_watcher.refresh()
-                sample = await self.runner.call(self.runner.driver.sample, index)
-                self.driver_reachable = True
-            except (DriverUnavailable, DriverTimeout, DriverError) as exc:
-                log.warning("cannot sample GPU %d: %s", index, exc, extra={"gpu": view.inventory.uuid})
-                if isinstance(exc, (DriverUnavailable, DriverTimeout)):
-                    self.driver_reachable = False
-                stuck = isinstance(exc, DriverTimeout)
-                sample = None
-            if sample is not None and sample.lost:
-                view.next_probe_at = now + self.settings.lost_probe_interval
-            view.sample = sample or view.sample
-            samples[index] = sample
-        return samples
+    def _note_reachable(self, answered: bool) -> None:
+        self.driver_reachable = answered
+
+    def _gpu_back(self) -> None:
+        """A lost GPU answers again: register it for XIDs again."""
+        if self._xid_watcher is not None:
+            self._xid_watcher.refresh()
 
     def _drain_xids(self) -> list[XidEvent]:
         xids: list[XidEvent] = []
@@ -421,9 +399,7 @@ class EdgeDaemon:
     async def _keep_history(self, samples: dict[int, GpuSample | None], now: float) -> None:
         present = [s for s in samples.values() if s is not None and not s.lost]
         try:
-            if present:
-                await asyncio.to_thread(self.store.add_samples, present)
-            await asyncio.to_thread(self.store.note_generation)
+            await asyncio.to_thread(self._write_history, present)
             if now - self._last_prune >= PRUNE_EVERY_S:
                 self._last_prune = now
                 self.energy.forget_idle_pods(POD_ENERGY_IDLE_S)
@@ -441,12 +417,19 @@ class EdgeDaemon:
             log.info("store writable again")
             self.store_problem = None
 
+    def _write_history(self, present: list[GpuSample]) -> None:
+        """The cycle's samples and the generation sidecar, in one hop to a thread."""
+        if present:
+            self.store.add_samples(present)
+        self.store.note_generation()
+
     async def _account_energy(self, samples: dict[int, GpuSample | None]) -> None:
         present = [s for s in samples.values() if s is not None]
         pids = {p.pid for s in present for p in s.processes}
         refs: dict[int, PodRef | None] = {}
         if pids:
             refs = await asyncio.to_thread(lambda: {pid: self.pods.resolve(pid) for pid in pids})
+        self._cycle_pods = refs  # the pod map reads the same PIDs after the cycle
         self.energy.update(present, refs.get)
         for index, sample in samples.items():  # the split travels with the telemetry (the fleet exporter)
             if sample is not None:
@@ -462,7 +445,7 @@ class EdgeDaemon:
         devices.update({d.id: d.gpu_uuid for d in self.partitions.devices()})
         processes = {v.inventory.uuid: None if v.sample is None or v.sample.lost
                      else [p.pid for p in v.sample.processes] for v in self.gpus.values()}
-        await self.pod_map.refresh(devices, processes)
+        await self.pod_map.refresh(devices, processes, self._cycle_pods)
 
     # ---- policy ---------------------------------------------------------------------------
 

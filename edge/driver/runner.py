@@ -16,7 +16,8 @@ import itertools
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from edge.devices.base import DeviceBackend, DriverTimeout
@@ -57,6 +58,15 @@ class _Worker:
                 future.set_result(result)
 
 
+@dataclass
+class _Batch:
+    """Where a `call_each` job stands, shared by the worker (writes) and the loop (reads)."""
+
+    started_at: float  # monotonic: when the call running now started (the job's submission at first)
+    results: list[Any] = field(default_factory=list)
+    abandoned: bool = False  # timed out or cancelled: the worker makes no further call
+
+
 class DriverRunner:
     """Async front of a device backend (NVML, Jetson, AMD, Intel): each method runs the backend's
     on the worker thread."""
@@ -71,6 +81,7 @@ class DriverRunner:
         self._timed_out_at: float | None = None  # monotonic, of the latest timeout
         self._answered_at: float | None = None  # monotonic, of the latest call that returned
         self.workers_replaced = 0
+        self.jobs = 0  # handed to the worker thread, each one hop there and back (a cycle's samples: one)
         self._thread_name = thread_name
         self._serial = itertools.count(1)
         self._worker: _Worker | None = None
@@ -107,6 +118,7 @@ class DriverRunner:
         limit = self.timeout_s if timeout_s is None else timeout_s
         worker = self._current_worker()
         future: concurrent.futures.Future = concurrent.futures.Future()
+        self.jobs += 1
         worker.jobs.put((fn, args, future))
         waiting = asyncio.wrap_future(future)
         try:
@@ -129,6 +141,60 @@ class DriverRunner:
         except Exception as error:
             self.last_error = error
             raise
+
+    async def call_each(self, fn: Callable[..., T], calls: Sequence[tuple[Any, ...]],
+                        timeout_s: float | None = None) -> list[T | Exception]:
+        """fn(*args) for each args of `calls`, in order, handed to the worker thread as one job (one
+        thread hop for a cycle's samples rather than one per GPU). Each call is bounded as `call`
+        bounds one, from the moment it starts. Returns each call's result or the Exception it
+        raised; when one times out, the list ends with its DriverTimeout and the calls after it
+        are not made (the worker is replaced, as `call` does)."""
+        limit = self.timeout_s if timeout_s is None else timeout_s
+        batch = _Batch(time.monotonic())
+
+        def run_all() -> None:
+            for args in calls:
+                if batch.abandoned:
+                    return
+                batch.started_at = time.monotonic()
+                try:
+                    result: T | Exception = fn(*args)
+                except Exception as error:  # noqa: BLE001 - the caller's, per call
+                    result = error
+                batch.results.append(result)
+
+        worker = self._current_worker()
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self.jobs += 1
+        worker.jobs.put((run_all, (), future))
+        waiting = asyncio.wrap_future(future)
+        try:
+            while True:
+                done, _ = await asyncio.wait({waiting}, timeout=max(0.0, batch.started_at + limit - time.monotonic()))
+                if done:
+                    break
+                if time.monotonic() < batch.started_at + limit:
+                    continue  # the call running now started later: it has its own bound
+                batch.abandoned = True
+                waiting.cancel()
+                results = list(batch.results)
+                self.timeouts += 1
+                name = getattr(fn, "__qualname__", repr(fn))
+                error = DriverTimeout("Timeout", f"{name} did not return within {limit:g} s")
+                self.last_error = self.last_timeout = error
+                self._timed_out_at = time.monotonic()
+                self._replace(worker)
+                return [*results, error]
+        except asyncio.CancelledError:
+            batch.abandoned = True
+            waiting.cancel()
+            raise
+        self._answered_at = time.monotonic()
+        waiting.result()  # run_all itself raises only a BaseException: let it through
+        for result in batch.results:
+            if isinstance(result, Exception):
+                self.last_error = result
+        return batch.results
 
     @property
     def not_answering(self) -> bool:
