@@ -52,11 +52,11 @@ def check_socket(socket: Path) -> None:
 def list_pod_devices(socket: Path, timeout_s: float) -> list[PodDevices]:
     """Every pod the kubelet reports with the devices of its containers (pods without any device
     are left out). Raises PodResourcesUnavailable, nothing else, when the answer cannot be had."""
+    check_socket(socket)  # first: without the socket, grpc (12 MiB) is never loaded
     import grpc
 
     from edge.podresources.v1 import api_pb2, api_pb2_grpc
 
-    check_socket(socket)
     options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
     try:
         with grpc.insecure_channel(f"unix://{socket}", options=options) as channel:
