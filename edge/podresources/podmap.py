@@ -111,11 +111,14 @@ class GpuPodMap:
 
     # ---- the refresh -----------------------------------------------------------------------------
 
-    async def refresh(self, devices: Mapping[str, str], processes: Mapping[str, Sequence[int] | None]) -> None:
+    async def refresh(self, devices: Mapping[str, str], processes: Mapping[str, Sequence[int] | None],
+                      resolved: Mapping[int, PodRef | None] | None = None) -> None:
         """Read the pods of every GPU again. `devices`: every device ID the node advertises or could
         (GPU UUID, MIG device UUID, replica) -> its GPU UUID; `processes`: GPU UUID -> the PIDs on
-        it now, or None when the GPU could not be read this cycle (its last known pods are kept).
-        Never raises; blocking reads run in a thread, bounded by timeout_s."""
+        it now, or None when the GPU could not be read this cycle (its last known pods are kept);
+        `resolved`: PIDs the caller resolved to their pods this cycle already (the daemon's energy
+        accounting), not read from /proc again. Never raises; blocking reads run in a thread,
+        bounded by timeout_s."""
         gpus = set(devices.values()) | set(processes)
         reason: str | None = "disabled"
         detail = "no pod-resources socket configured"
@@ -138,19 +141,20 @@ class GpuPodMap:
             self.fallbacks[reason] += 1
             if reason not in ("absent", "disabled"):
                 self.errors["pod-resources"] += 1
-        await self._from_processes(gpus, processes, reason, detail)
+        await self._from_processes(gpus, processes, reason, detail, resolved or {})
 
     def _list(self, socket: Path) -> list[tuple[str, tuple[str, ...]]]:
         return [(f"{p.namespace}/{p.name}", tuple(device_id for _, device_id in p.devices))
                 for p in list_pod_devices(socket, self.timeout_s)]
 
     async def _from_processes(self, gpus: set[str], processes: Mapping[str, Sequence[int] | None],
-                              reason: str | None, detail: str) -> None:
+                              reason: str | None, detail: str, resolved: Mapping[int, PodRef | None]) -> None:
         if self.resolve_pod is None:
             self._note("none", reason, detail)
             return
-        resolve = self.resolve_pod
         readable = {gpu: list(pids) for gpu, pids in processes.items() if pids is not None}
+        known = all(pid in resolved for pids in readable.values() for pid in pids)
+        resolve = resolved.__getitem__ if known else self.resolve_pod
 
         def names() -> dict[str, set[str]]:
             found: dict[str, set[str]] = {}
@@ -159,8 +163,8 @@ class GpuPodMap:
                 found[gpu] = {pod_name(ref) for ref in refs if ref is not None}
             return found
 
-        try:
-            found = await asyncio.wait_for(asyncio.to_thread(names), self.timeout_s)
+        try:  # every PID resolved already: no /proc read, no thread
+            found = names() if known else await asyncio.wait_for(asyncio.to_thread(names), self.timeout_s)
         except Exception as exc:  # noqa: BLE001 - a timeout or a resolver bug: keep what we knew
             self.errors["processes"] += 1
             why = "timeout" if isinstance(exc, TimeoutError) else repr(exc)
