@@ -231,6 +231,13 @@ class EdgeCollector(Collector):
             for reason, count in sorted(sync.rejected.items()):
                 rejected.add_metric([reason], count)
             yield rejected
+            yield CounterMetricFamily("kgpu_outbox_resent", "Event publishes of a seq this process had published "
+                                      "before (after a reconnect or an ack timeout).", value=sync.events_resent)
+            yield CounterMetricFamily("kgpu_outbox_ack_timeouts", "Times unacked events were sent again for want "
+                                      "of an ack (edge/sync.py resend_wait).", value=sync.ack_timeouts)
+            yield GaugeMetricFamily("kgpu_sync_cloud_behind_seconds", "How far behind the cloud was at its last ack "
+                                    "(how late it came, or what it said): re-sends wait twice that longer.",
+                                    value=sync.cloud_behind_s)
         info = GaugeMetricFamily("kgpu_build_info", "The daemon's version.",
                                  labels=["version", "backend", "driver_version"])
         backend = "sim" if d.settings.backend == "sim" else d.backend.backend  # auto: the one it chose
