@@ -15,6 +15,7 @@ for long)."""
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -69,6 +70,7 @@ class PartitioningManager:
         self.kube = kube
         self.publish = publish
         self.poll_interval = poll_interval
+        self._decoded_labels: dict[str, Mapping[str, str]] = {}  # labels JSON text -> labels (_labels_of)
         self.resend_after = resend_after
         self._wake = asyncio.Event()
         self._objects: list[PartitioningSource] = []  # as last listed
@@ -134,8 +136,8 @@ class PartitioningManager:
                 self._labels = labels
             node_labels: Mapping[str, Mapping[str, str]] = self._labels
         else:  # no cluster: no objects; every node the fleet store knows gets an empty partitioning
-            states = await asyncio.to_thread(self.store.node_states)
-            node_labels = {name: dict(state.get("labels") or {}) for name, state in states.items()}
+            texts = await asyncio.to_thread(self.store.node_label_texts)  # narrow: no node rows decoded
+            node_labels = {name: self._labels_of(text) for name, text in texts.items()}
         models = self._models
         if models is None:  # the first pass: what the fleet store knows; statuses keep it current
             found: dict[str, set[str]] = {}
@@ -153,6 +155,17 @@ class PartitioningManager:
         resolution = resolve(self._objects, views)
         self._last = (now, resolution)
         return resolution
+
+    def _labels_of(self, text: str | None) -> Mapping[str, str]:
+        """A node's labels from their JSON text, decoded once per distinct text (a fleet's nodes
+        share a few label sets; this runs every POLL_INTERVAL_S over every node)."""
+        key = text or "{}"
+        labels = self._decoded_labels.get(key)
+        if labels is None:
+            if len(self._decoded_labels) >= 10_000:
+                self._decoded_labels.clear()
+            labels = self._decoded_labels[key] = dict(json.loads(key) or {})
+        return labels
 
     async def _publish(self, resolution: Resolution, now: float) -> None:
         failed = 0

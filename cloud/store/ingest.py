@@ -154,7 +154,7 @@ class IngestCore(StoreBase):
         elif env.kind == Kind.TELEMETRY:
             assert isinstance(item.body, TELEMETRY_BODIES)
             skew = item.clock_skew  # onto our clock: see Incoming.clock_skew (the copy only where stored whole)
-            w.samples.extend((s.ts - skew, s) for s in item.body.samples)
+            w.samples += [(s.ts - skew, s) for s in item.body.samples]
         else:
             w.sent_events = True
             w.events.append((row["outbox_epoch"], item))
@@ -303,7 +303,7 @@ class IngestCore(StoreBase):
                 }
             name = w.name
             latest: dict[str, tuple[float, SampleFigures]] = {}
-            for ts, sample in sorted(w.samples, key=_by_ts):  # the newest of the batch wins
+            for ts, sample in w.samples_by_ts():  # the newest of the batch wins
                 latest[sample.uuid] = (ts, sample)
                 if sample.power_limit_w is not None:
                     power_limit[(name, sample.uuid)] = sample.power_limit_w
@@ -372,7 +372,7 @@ class IngestCore(StoreBase):
         rows: list[tuple[Any, ...]] = []
         for w in with_samples:
             name = w.name
-            for ts, sample in sorted(w.samples, key=_by_ts):
+            for ts, sample in w.samples_by_ts():
                 key = (name, sample.uuid)
                 previous = last.get(key)
                 if previous is not None and (ts == previous or ts - previous < spacing):
@@ -448,10 +448,6 @@ _GPU_SAMPLE_COLUMNS = (  # what a sample sets (the upsert of _store_gpus)
 _SAMPLE_COLUMNS = (  # the raw tier of the history
     "node", "uuid", "ts", "temperature_c", "power_w", "power_limit_w", "utilization_pct", "memory_used_bytes",
     "memory_util_pct", "sm_clock_mhz", "memory_clock_mhz")
-
-
-def _by_ts(sample: tuple[float, SampleFigures]) -> float:
-    return sample[0]
 
 
 _encode_json = msgspec.json.Encoder().encode
