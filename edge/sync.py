@@ -13,7 +13,9 @@
   event's publish to the ack) and the ack's own `behind_s`: a cloud that falls behind keeps
   acking, late, and is not sent every event twice on top of its backlog, while a cloud that
   stops acking altogether still gets the re-send (after `ack_timeout` plus twice the lag it last
-  showed: a fraction of a second for a cloud that kept up).
+  showed: a fraction of a second for a cloud that kept up). Lateness is not measured across our
+  own reconnect: an ack that waited in the broker while our link was down would measure our
+  outage (after a string of broker restarts the link's backoff alone is up to 30 s), not the cloud.
   The status carries `outbox_acked` (what a cloud acked before: a restored fleet database resumes
   from it); an ack with `conflict` (the cloud holds other events under seqs we reused: our
   database went back in time) starts a new outbox epoch, announced by a status before any event.
@@ -422,7 +424,9 @@ class EdgeSync:
         came (from the last publish of the newest event it covers) or what it says, the larger."""
         now = time.monotonic()
         sent_at = self._sent_at.get(upto)
-        late = now - sent_at if sent_at is not None else 0.0
+        since = self.mqtt.connected_since if self.mqtt is not None else None
+        # an event published before this connection: its ack may have waited out our own outage
+        late = now - sent_at if sent_at is not None and since is not None and sent_at >= since else 0.0
         self.cloud_behind_s = max(late, behind_s or 0.0)
         for seq in [seq for seq in self._sent_at if seq <= upto]:
             del self._sent_at[seq]

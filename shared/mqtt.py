@@ -200,6 +200,12 @@ class MqttLink:
         self._thread.start()
 
     @property
+    def connected_since(self) -> float | None:
+        """Monotonic time the broker accepted the current connection; None while down. Set on the
+        network thread before any message of that connection is handed on."""
+        return self._connected_at if self.connected.is_set() else None
+
+    @property
     def stopping(self) -> bool:
         return self._stop.is_set()
 
@@ -469,6 +475,11 @@ class AsyncMqtt:
     @property
     def connected(self) -> bool:
         return self.link.connected.is_set()
+
+    @property
+    def connected_since(self) -> float | None:
+        """`MqttLink.connected_since`."""
+        return self.link.connected_since
 
     @property
     def refused_subscriptions(self) -> dict[str, str]:

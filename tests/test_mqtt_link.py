@@ -37,13 +37,21 @@ def test_round_trip_and_reconnect_after_broker_restart(broker: Mosquitto) -> Non
     inbox: queue.Queue[Received] = queue.Queue()
     sub = link(broker.url, "sub", inbox, subscriptions=[("t/#", 1)])
     pub = link(broker.url, "pub")
+    assert sub.connected_since is None
     sub.start(), pub.start()
     try:
         wait_for(lambda: sub.connected.is_set() and pub.connected.is_set(), what="both connected")
+        first_since = sub.connected_since
+        assert first_since is not None and first_since <= time.monotonic()
         assert pub.publish("t/a", b"one")
         assert inbox.get(timeout=5).payload == b"one"
-        broker.restart()
+        broker.stop()
+        wait_for(lambda: not sub.connected.is_set(), timeout=15, what="the link to go down")
+        assert sub.connected_since is None  # the edge measures no ack's lateness across an outage
+        broker.start()
         wait_for(lambda: sub.connects >= 2 and pub.connects >= 2, timeout=15, what="reconnects")
+        second_since = sub.connected_since
+        assert second_since is not None and second_since > first_since
         wait_for(lambda: pub.publish("t/a", b"two"), what="publish after reconnect")
         got = inbox.get(timeout=5)
         while got.payload == b"one":  # QoS 1 is at least once: a broker saved before it saw the ack sends it again
