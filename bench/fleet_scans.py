@@ -14,7 +14,7 @@ threads: the scans read in a thread):
   node and one for a tenth of them by label);
 
 and, for reference, one read of a node as `GET /api/v1/nodes/{node}` makes it (what the fleet
-simulator's telemetry-lag probes poll every 0.1 s) and one `/metrics/fleet` scrape (read and
+simulator's telemetry-lag probes poll, at most every 0.25 s) and one `/metrics/fleet` scrape (read and
 render).
 
     python -m bench.fleet_scans [--nodes 5000] [--gpus 8] [--rounds 5] [--db sqlite|postgresql]
@@ -165,7 +165,7 @@ def describe(f: ScanFigures) -> str:
             f"({med(f.migration_full_ms) / max(med(f.migration_ms), 1e-9):.1f}x)\n"
             f"  policy reconcile {med(f.policy_ms):8.1f}\n"
             f"  for reference: one node read (GET /api/v1/nodes/{{node}}, the fleet simulator's lag probe, "
-            f"every 0.1 s each while behind) {f.probe_ms:.1f}; one /metrics/fleet scrape {f.exporter_ms:.0f}\n"
+            f"at most every 0.25 s each) {f.probe_ms:.1f}; one /metrics/fleet scrape {f.exporter_ms:.0f}\n"
             f"  share of one core: migration {_migration_share(f):.1f} % (every 5 s, with the full pass every "
             f"{FULL_READ_EVERY_S:g} s), policies {med(f.policy_ms) / 2.0 / 10:.1f} % (every 2 s)")
 
