@@ -32,6 +32,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,7 +98,8 @@ def connect(mqtt: str, client_id: str) -> socket.socket:
     return sock
 
 
-def _telemetry(node: str, uuids: list[str], ts: float) -> bytes:
+def telemetry_payload(node: str, uuids: list[str], ts: float) -> bytes:
+    """A telemetry envelope of `node` with one busy sample per GPU UUID, all at `ts`."""
     samples = [GpuSample(index=i, uuid=uuid, ts=ts, temperature_c=60.0, power_w=250.0, power_limit_w=700.0,
                          utilization_pct=80.0, memory_used_bytes=1 << 34) for i, uuid in enumerate(uuids)]
     envelope = make_envelope(node, TelemetryBody(samples=samples), Kind.TELEMETRY)
@@ -110,9 +112,9 @@ def payloads(node: str, mode: str) -> tuple[bytes, str, str]:
     now = time.time()
     if mode == "telemetry":
         uuids = [f"GPU-{node}-{i}" for i in range(8)]
-        return _telemetry(node, uuids, now), "", f"kgpu/v1/edge/{node}/telemetry"
+        return telemetry_payload(node, uuids, now), "", f"kgpu/v1/edge/{node}/telemetry"
     if mode == "uuids":
-        return _telemetry(node, ["GPU-NEWUUIDMARK"], now), "NEWUUIDMARK", f"kgpu/v1/edge/{node}/telemetry"
+        return telemetry_payload(node, ["GPU-NEWUUIDMARK"], now), "NEWUUIDMARK", f"kgpu/v1/edge/{node}/telemetry"
     body = DecisionBody(gpu_index=0, gpu_uuid=f"GPU-{node}-0", rule="thermal_step_down", action="set_power_limit",
                         value=600.0, outcome=ActionOutcome.APPLIED, reason="flood", inputs={}, policy_version=1)
     envelope = make_envelope(node, body, Kind.DECISION, seq=SEQ_MARK)
@@ -124,22 +126,32 @@ def flood(mqtt: str, node: str, mode: str, seconds: float, rate: float = 0.0) ->
     returns how many were sent."""
     sock = connect(mqtt, f"{node}-flooder")
     template, marker, topic = payloads(node, mode)
-    sent, chunk = 0, 100
+    chunk = 100
+    plain = publish_packet(topic, template)
+
+    def packets(sent: int) -> bytes:
+        if marker:  # the n-th message: seq n, or GPU UUID n (no leading zeros: a seq is a JSON number)
+            return b"".join(publish_packet(topic, template.replace(marker.encode(), str(sent + i + 1).encode()))
+                            for i in range(chunk))
+        return plain * chunk
+
+    return send_paced(sock, packets, chunk, rate, seconds)
+
+
+def send_paced(sock: socket.socket, packets: Callable[[int], bytes], per_send: int, rate: float,
+               seconds: float) -> int:
+    """Send `packets(sent so far)` (`per_send` messages each time) for `seconds` at `rate`
+    messages a second (0: as fast as the socket takes them), then DISCONNECT; returns how many
+    were sent (fewer than asked when the broker reads slower)."""
+    sent = 0
     started = time.monotonic()
     deadline = started + seconds
-    plain = publish_packet(topic, template)
     while (now := time.monotonic()) < deadline:
         if rate > 0 and sent > rate * (now - started):
-            time.sleep(min(chunk / rate, deadline - now))
+            time.sleep(min(per_send / rate, deadline - now))
             continue
-        if marker:  # the n-th message: seq n, or GPU UUID n (no leading zeros: a seq is a JSON number)
-            packets = b"".join(
-                publish_packet(topic, template.replace(marker.encode(), str(sent + i + 1).encode()))
-                for i in range(chunk))
-        else:
-            packets = plain * chunk
-        sock.sendall(packets)
-        sent += chunk
+        sock.sendall(packets(sent))
+        sent += per_send
     sock.sendall(b"\xe0\x00")  # DISCONNECT
     sock.close()
     return sent

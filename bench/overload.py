@@ -41,12 +41,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.common import Row, cpu_seconds, machine, metric_sum, rss_mib
-from bench.flood import connect, publish_packet
+from bench.flood import connect, publish_packet, send_paced, telemetry_payload
 from kgpu.lab.broker import Mosquitto
 from kgpu.lab.fleetsim import FleetOptions, FleetSim, percentile, raise_fd_limit
 from kgpu.lab.processes import wait_for
-from shared.gpu import GpuSample
-from shared.protocol import Kind, TelemetryBody, make_envelope
 from tests.helpers.cloud_process import CloudProcess
 
 ACK_TIMEOUT_S = 15.0  # the edge's default
@@ -63,16 +61,10 @@ LIMIT_MIB = 1024.0  # the controller's memory limit in deploy/cloud/deployment.y
 def surge_block(nodes: int) -> bytes:
     """One PUBLISH (QoS 0) of each surge node's telemetry, 8 GPUs each, back to back, with
     TS_MARK where its times go (the send time has the mark's width: the packets' lengths hold)."""
-    packets = []
-    for n in range(nodes):
-        node = f"surge-{n:05d}"
-        samples = [GpuSample(index=i, uuid=f"GPU-{node}-{i}", ts=TS_MARK, temperature_c=60.0, power_w=250.0,
-                             power_limit_w=700.0, utilization_pct=80.0, memory_used_bytes=1 << 34)
-                   for i in range(8)]
-        envelope = make_envelope(node, TelemetryBody(samples=samples), Kind.TELEMETRY)
-        envelope.ts = TS_MARK
-        packets.append(publish_packet(f"kgpu/v1/edge/{node}/telemetry", envelope.to_json()))
-    return b"".join(packets)
+    names = [f"surge-{n:05d}" for n in range(nodes)]
+    return b"".join(publish_packet(f"kgpu/v1/edge/{node}/telemetry",
+                                   telemetry_payload(node, [f"GPU-{node}-{i}" for i in range(8)], TS_MARK))
+                    for node in names)
 
 
 def surge(mqtt: str, nodes: int, rate: float, seconds: float) -> int:
@@ -82,18 +74,7 @@ def surge(mqtt: str, nodes: int, rate: float, seconds: float) -> int:
     sock = connect(mqtt, f"surge-{os.getpid()}")
     block = surge_block(nodes)
     mark = f"{TS_MARK:.3f}".encode()
-    sent = 0
-    started = time.monotonic()
-    deadline = started + seconds
-    while (now := time.monotonic()) < deadline:
-        if sent > rate * (now - started):
-            time.sleep(min(nodes / rate, deadline - now))
-            continue
-        sock.sendall(block.replace(mark, f"{time.time():.3f}".encode()))
-        sent += nodes
-    sock.sendall(b"\xe0\x00")  # DISCONNECT
-    sock.close()
-    return sent
+    return send_paced(sock, lambda _sent: block.replace(mark, f"{time.time():.3f}".encode()), nodes, rate, seconds)
 
 
 # ---- the measurement ------------------------------------------------------------------------------

@@ -128,19 +128,24 @@ class DriverRunner:
             raise
         if not done:
             waiting.cancel()  # drops the job if it has not started yet
-            self.timeouts += 1
-            name = getattr(fn, "__qualname__", repr(fn))
-            error = DriverTimeout("Timeout", f"{name} did not return within {limit:g} s")
-            self.last_error = self.last_timeout = error
-            self._timed_out_at = time.monotonic()
-            self._replace(worker)
-            raise error
+            raise self._timed_out(worker, fn, limit)
         self._answered_at = time.monotonic()  # a result or an error: either way it answered
         try:
             return waiting.result()
         except Exception as error:
             self.last_error = error
             raise
+
+    def _timed_out(self, worker: _Worker, fn: Callable[..., Any], limit: float) -> DriverTimeout:
+        """Count a call that did not return within `limit`, replace its stuck worker, and give
+        the error to raise or return."""
+        self.timeouts += 1
+        name = getattr(fn, "__qualname__", repr(fn))
+        error = DriverTimeout("Timeout", f"{name} did not return within {limit:g} s")
+        self.last_error = self.last_timeout = error
+        self._timed_out_at = time.monotonic()
+        self._replace(worker)
+        return error
 
     async def call_each(self, fn: Callable[..., T], calls: Sequence[tuple[Any, ...]],
                         timeout_s: float | None = None) -> list[T | Exception]:
@@ -178,13 +183,7 @@ class DriverRunner:
                 batch.abandoned = True
                 waiting.cancel()
                 results = list(batch.results)
-                self.timeouts += 1
-                name = getattr(fn, "__qualname__", repr(fn))
-                error = DriverTimeout("Timeout", f"{name} did not return within {limit:g} s")
-                self.last_error = self.last_timeout = error
-                self._timed_out_at = time.monotonic()
-                self._replace(worker)
-                return [*results, error]
+                return [*results, self._timed_out(worker, fn, limit)]
         except asyncio.CancelledError:
             batch.abandoned = True
             waiting.cancel()
