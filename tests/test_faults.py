@@ -287,6 +287,10 @@ def test_an_edge_clock_hours_off_either_way_is_ordered_by_seq_and_reported_as_sk
         edge.start()
         sampled = wait_for(lambda: edge.gpu(0)["sample"], what="a first sample")
         assert abs(sampled["ts"] - time.time() - offset_s) < 60, "the daemon runs on the moved clock"
+        # A remediation ladder the kill -9 interrupted resumes at start and resets its GPU, which
+        # clears what is injected (the XID, the load): the phase starts once both are in service.
+        wait_for(lambda: all(edge.gpu(i)["remediation"] is None for i in (0, 1)), timeout=60,
+                 what="the ladders resumed from the last phase to put both GPUs back in service")
         edge.inject(bad_gpu, xid=48)
         edge.inject(1 - bad_gpu, utilization=load)
         try:
