@@ -3,10 +3,10 @@
 Each benchmark runs against real processes (mosquitto, `kgpu cloud run`, `kgpu edge run`, the
 Kubernetes emulator, PostgreSQL where installed) with the sizes below, prints its own report on
 stderr as it goes, and hands back rows; the table on stdout has one line per figure with the
-command that reproduces it. The full run takes about 11 minutes on 2 cores; `--quick` runs the same
+command that reproduces it. The full run takes about 14 minutes on 2 cores; `--quick` runs the same
 code with tiny sizes (a smoke test, about a minute: its figures mean nothing).
 
-    python -m bench                       # full sizes, about 11 minutes
+    python -m bench                       # full sizes, about 14 minutes
     python -m bench --quick               # smoke run
     python -m bench --only fleet,catchup  # some of them
     python -m bench --json out.json       # the rows as JSON too
