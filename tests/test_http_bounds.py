@@ -236,7 +236,7 @@ async def test_healthz_turns_503_while_the_ingest_lags(tmp_path: Path, broker: A
                                     hostname=host, port=mqtt_port)
             status, body = await until(lambda: _health(port, 503), "/healthz unhealthy")
             assert any(r.startswith("ingest lagging") for r in body["reasons"]), body
-            assert body["ingest_lag_s"] > 1.0
+            assert body["ingest_lag_s"] >= 1.0  # past the 1 s threshold, rounded to the millisecond
         status, body = await until(lambda: _health(port, 200), "healthy again once the store is writable")
         assert body["reasons"] == [] and body["ingest_lag_s"] == 0
         assert node.name in app.store.node_names()  # the message waited, and was written
