@@ -9,8 +9,14 @@ import re
 import time
 import urllib.parse
 import urllib.request
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from kgpu.lab.broker import Mosquitto
+    from tests.helpers.cloud_process import CloudProcess
 
 TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -109,3 +115,20 @@ def publish_all(url: str, messages: list[tuple[str, bytes]], *, flush_s: float =
     if not link.flush(flush_s):
         raise SystemExit("the broker did not acknowledge every message")
     link.stop()
+
+
+def broker_and_controller(stack: ExitStack, work: Path) -> tuple[Mosquitto, CloudProcess]:
+    """A real mosquitto and a `kgpu cloud run` on it (SQLite in `work`, warnings only), both
+    stopped when `stack` closes; returned once the controller's MQTT link is up."""
+    from kgpu.lab.broker import Mosquitto
+    from kgpu.lab.processes import wait_for
+    from tests.helpers.cloud_process import CloudProcess
+
+    broker = Mosquitto(work / "broker").start()
+    stack.callback(broker.stop)
+    cloud = CloudProcess(work / "cloud", broker.url, env={"KGPU_LOG_LEVEL": "warning"})
+    cloud.start()
+    stack.callback(cloud.stop)  # a no-op for a process that has ended already
+    wait_for(lambda: metric_sum(cloud.base, "kgpu_mqtt_connected") == 1, timeout=30, interval=0.2,
+             what="controller connected")
+    return broker, cloud

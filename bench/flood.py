@@ -37,16 +37,13 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.common import Row, metric_sum
+from bench.common import Row, broker_and_controller, metric_sum
 from cloud.ingest import DROP_REASONS
-from kgpu.lab.broker import Mosquitto
 from kgpu.lab.fleetsim import FleetOptions, FleetSim
 from kgpu.lab.fleetsim.node import percentile
-from kgpu.lab.processes import wait_for
 from shared.gpu import GpuSample
 from shared.mqtt import parse_broker_url
 from shared.protocol import ActionOutcome, DecisionBody, Kind, TelemetryBody, make_envelope
-from tests.helpers.cloud_process import CloudProcess
 
 MODES = ("telemetry", "uuids", "events")
 FLOODER = "flood-00000"
@@ -199,14 +196,9 @@ def _flags(base: str) -> dict[str, str]:
 async def run(mode: str, seconds: float, honest: int = 5, warmup_s: float = 8.0, rate: float = 0.0) -> FloodResult:
     with ExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory()))
-        broker = Mosquitto(tmp / "broker").start()
-        stack.callback(broker.stop)
-        cloud = CloudProcess(tmp / "cloud", broker.url, env={"KGPU_LOG_LEVEL": "warning"})
-        cloud.start()
-        stack.callback(_stop, cloud)
+        broker, cloud = broker_and_controller(stack, tmp)
         assert cloud.proc is not None
         pid = cloud.proc.pid
-        wait_for(lambda: metric_sum(cloud.base, "kgpu_mqtt_connected") == 1, timeout=30, what="controller connected")
         sim = FleetSim(FleetOptions(mqtt=broker.url, nodes=honest, gpus=8, interval_s=2.0, event_every_s=1.0,
                                     status_interval_s=25.0, prefix="honest", ack_timeout_s=15.0))
         await sim.start()
@@ -249,11 +241,6 @@ async def run(mode: str, seconds: float, honest: int = 5, warmup_s: float = 8.0,
         finally:
             await sim.stop()
     return result
-
-
-def _stop(cloud: CloudProcess) -> None:
-    if cloud.proc is not None and cloud.proc.poll() is None:
-        cloud.stop()
 
 
 def describe(r: FloodResult) -> str:

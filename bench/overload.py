@@ -40,12 +40,9 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.common import Row, cpu_seconds, machine, metric_sum, rss_mib
+from bench.common import Row, broker_and_controller, cpu_seconds, machine, metric_sum, rss_mib
 from bench.flood import connect, publish_packet, send_paced, telemetry_payload
-from kgpu.lab.broker import Mosquitto
 from kgpu.lab.fleetsim import FleetOptions, FleetSim, percentile, raise_fd_limit
-from kgpu.lab.processes import wait_for
-from tests.helpers.cloud_process import CloudProcess
 
 ACK_TIMEOUT_S = 15.0  # the edge's default
 ACK_TIMEOUT_MAX_S = 120.0  # the edge's default cap
@@ -176,15 +173,9 @@ async def run(*, nodes: int = 1000, interval_s: float = 10.0, event_every_s: flo
     raise_fd_limit(options.connections + 512)
     with ExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory()))
-        broker = Mosquitto(tmp / "broker").start()
-        stack.callback(broker.stop)
-        cloud = CloudProcess(tmp / "cloud", broker.url, env={"KGPU_LOG_LEVEL": "warning"})
-        cloud.start()
-        stack.callback(_stop, cloud)
+        broker, cloud = await asyncio.to_thread(broker_and_controller, stack, tmp)
         assert cloud.proc is not None and broker.proc is not None
         pid, broker_pid = cloud.proc.pid, broker.proc.pid
-        await asyncio.to_thread(wait_for, lambda: metric_sum(cloud.base, "kgpu_mqtt_connected") == 1, 30, 0.2,
-                                "controller connected")
         options = FleetOptions(**{**options.__dict__, "mqtt": broker.url})
         sim = FleetSim(options)
         await sim.start()
@@ -272,11 +263,6 @@ def _vm_hwm(pid: int) -> float:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
     return float("nan")
-
-
-def _stop(cloud: CloudProcess) -> None:
-    if cloud.proc is not None and cloud.proc.poll() is None:
-        cloud.stop()
 
 
 def describe(r: OverloadResult) -> str:
