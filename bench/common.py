@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from kgpu.lab.broker import Mosquitto
     from tests.helpers.cloud_process import CloudProcess
+    from tests.helpers.postgres import PostgresServer
 
 TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -132,3 +133,14 @@ def broker_and_controller(stack: ExitStack, work: Path) -> tuple[Mosquitto, Clou
     wait_for(lambda: metric_sum(cloud.base, "kgpu_mqtt_connected") == 1, timeout=30, interval=0.2,
              what="controller connected")
     return broker, cloud
+
+
+def start_postgres_server() -> PostgresServer:
+    """A throwaway PostgreSQL server for a bench's `--db postgresql` (tests/helpers/postgres.py),
+    or exit with one line when its binaries are not installed."""
+    from tests.helpers.postgres import find_server_binaries, start_postgres
+
+    binaries = find_server_binaries()
+    if binaries is None:
+        raise SystemExit("PostgreSQL server binaries not installed (initdb, postgres: apt-get install postgresql)")
+    return start_postgres(*binaries)

@@ -23,7 +23,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.common import Row, machine, rss_mib
+from bench.common import Row, machine, rss_mib, start_postgres_server
 from cloud.http.fleet_metrics import render
 from cloud.store import FleetStore, Incoming
 from kgpu.lab.broker import Mosquitto
@@ -117,12 +117,9 @@ def measure(nodes: int, gpus: int = 8, scrapes: int = 3, db: str = "sqlite", sha
         server = None
         db_url = f"sqlite:///{work / 'fleet.db'}"
         if db == "postgresql":
-            from tests.helpers.postgres import create_database, find_server_binaries, start_postgres
+            from tests.helpers.postgres import create_database
 
-            binaries = find_server_binaries()
-            if binaries is None:
-                raise SystemExit("PostgreSQL server binaries not installed")
-            server = start_postgres(*binaries)
+            server = start_postgres_server()
             db_url = create_database(server.admin_url)
         broker = Mosquitto(work / "broker").start()
         try:

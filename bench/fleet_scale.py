@@ -31,7 +31,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.common import Row, cpu_seconds, machine, metric_sum, tree_cpu_seconds
+from bench.common import Row, cpu_seconds, machine, metric_sum, start_postgres_server, tree_cpu_seconds
 from kgpu.lab.broker import Mosquitto
 from kgpu.lab.fleetsim import FleetOptions, FleetSim, lag_summary, raise_fd_limit
 from kgpu.lab.processes import wait_for
@@ -101,12 +101,9 @@ async def run_step(nodes: int, *, gpus: int = 8, interval_s: float = 10.0, secon
         db_url = None
         db_pid: int | None = None
         if db == "postgresql":
-            from tests.helpers.postgres import create_database, find_server_binaries, start_postgres
+            from tests.helpers.postgres import create_database
 
-            binaries = find_server_binaries()
-            if binaries is None:
-                raise SystemExit("PostgreSQL server binaries not installed (apt-get install postgresql)")
-            server = start_postgres(*binaries)
+            server = start_postgres_server()
             stack.callback(server.stop)
             db_pid = server.process.pid
             db_url = create_database(server.admin_url)

@@ -31,7 +31,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.common import Row, machine
+from bench.common import Row, machine, start_postgres_server
 from bench.fleet_exporter import MODEL, _incoming, h100_sample, populate, uuid
 from cloud.commands import EdgeCommands
 from cloud.config import CloudSettings
@@ -138,11 +138,9 @@ def measure(nodes: int, gpus: int, rounds: int, db: str) -> ScanFigures:
     with tempfile.TemporaryDirectory() as tmp:
         url = f"sqlite:///{Path(tmp) / 'fleet.db'}"
         if db == "postgresql":
-            from tests.helpers.postgres import create_database, find_server_binaries, start_postgres
-            binaries = find_server_binaries()
-            if binaries is None:
-                raise SystemExit("PostgreSQL server binaries not installed (initdb/postgres)")
-            server = start_postgres(*binaries)
+            from tests.helpers.postgres import create_database
+
+            server = start_postgres_server()
             url = create_database(server.admin_url, "kgpu_scans")
         try:
             settings = CloudSettings(db=url, no_kube=True)

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
-from bench.common import Row, machine, tree_cpu_seconds
+from bench.common import Row, machine, start_postgres_server, tree_cpu_seconds
 from cloud.store import FleetStore, HistoryTiers, Incoming
 from shared.gpu import GpuSample
 from shared.protocol import Kind, TelemetryBody, make_envelope
@@ -114,12 +114,9 @@ def measure(nodes: int = 8000, gpus: int = 8, interval: float = 10.0, rounds: in
         urls = [f"sqlite:///{Path(tmp) / 'tiers.db'}", f"sqlite:///{Path(tmp) / 'before.db'}"]
         cpu: Callable[[], float] = time.process_time
         if db == "postgresql":
-            from tests.helpers.postgres import create_database, find_server_binaries, start_postgres
+            from tests.helpers.postgres import create_database
 
-            binaries = find_server_binaries()
-            if binaries is None:
-                raise SystemExit("PostgreSQL server binaries not installed")
-            server = start_postgres(*binaries)
+            server = start_postgres_server()
             urls = [create_database(server.admin_url), create_database(server.admin_url)]
             pg = server
 

@@ -22,7 +22,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.common import Row, publish_all
+from bench.common import Row, publish_all, start_postgres_server
 from kgpu.lab.broker import Mosquitto
 from kgpu.lab.processes import wait_for
 from shared.mqtt import MqttLink, parse_broker_url
@@ -138,16 +138,9 @@ def measure(nodes: int = 20, events: int = 1000, db: str = "sqlite") -> IngestRa
         db_url = None
         try:
             if db == "postgresql":
-                from tests.helpers.postgres import (
-                    create_database,
-                    find_server_binaries,
-                    start_postgres,
-                )
+                from tests.helpers.postgres import create_database
 
-                binaries = find_server_binaries()
-                if binaries is None:
-                    raise SystemExit("PostgreSQL server binaries not installed")
-                server = start_postgres(*binaries)
+                server = start_postgres_server()
                 db_url = create_database(server.admin_url)
             bare = bare_rate(broker.url, payloads(nodes, events, "bare"))
             rate, got = cloud_rate(broker.url, payloads(nodes, events, "node"), work, db_url)
