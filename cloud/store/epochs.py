@@ -19,11 +19,11 @@ from __future__ import annotations
 import threading
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
-from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from cloud.store.base import StoreBase
 from cloud.store.batch import Incoming, IngestResult, NodeWork
 from cloud.store.schema import decisions_table, events_table
 from shared.logs import get_logger
@@ -234,8 +234,8 @@ def sort_already_stored(
             out.conflicts += len(beyond)
 
 
-# The next seqs a node has stored above its acked_seq, built once: a statement built per call cost
-# SQLAlchemy ~300 µs of Python (coercions, cache key), once per node per batch of a catch-up.
+# The next seqs a node has stored above its acked_seq: one statement for every call (a statement
+# built per call cost SQLAlchemy ~300 µs of Python, once per node per batch of a catch-up).
 _STORED_ABOVE = (
     sa.select(events_table.c.seq)
     .where(events_table.c.node == sa.bindparam("node"), events_table.c.epoch == sa.bindparam("epoch"),
@@ -245,32 +245,11 @@ _STORED_ABOVE = (
 )
 
 
-# its SQL, parameter order and fixed parameters (the LIMIT) on SQLite, compiled once
-_SQLITE_STORED_ABOVE: tuple[str, list[str], dict[str, Any]] | None = None
+def _stored_above_query() -> sa.Select[tuple[int]]:
+    return _STORED_ABOVE
 
 
-def _stored_above(conn: Connection, node: str, epoch: str, above: int) -> list[int]:
-    """`_STORED_ABOVE` for one node. On SQLite through the driver's cursor, in the same transaction:
-    SQLAlchemy's execution of even a prepared statement cost ~75 µs of Python against ~10 µs of
-    SQLite (once per node per batch of a catch-up)."""
-    params: dict[str, Any] = {"node": node, "epoch": epoch, "above": above}
-    if conn.dialect.name != "sqlite":
-        return list(conn.execute(_STORED_ABOVE, params).scalars())
-    global _SQLITE_STORED_ABOVE
-    if _SQLITE_STORED_ABOVE is None:
-        compiled = _STORED_ABOVE.compile(dialect=conn.dialect)
-        fixed = {name: value for name, value in compiled.params.items() if name not in params}
-        _SQLITE_STORED_ABOVE = (compiled.string, list(compiled.positiontup or []), fixed)
-    sql, order, fixed = _SQLITE_STORED_ABOVE
-    values = {**fixed, **params}
-    cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
-    try:
-        return [int(row[0]) for row in cursor.execute(sql, [values[name] for name in order])]
-    finally:
-        cursor.close()
-
-
-def advance_acked(conn: Connection, w: NodeWork, new_seqs: list[int], out: IngestResult) -> None:
+def advance_acked(store: StoreBase, conn: Connection, w: NodeWork, new_seqs: list[int], out: IngestResult) -> None:
     """Move acked_seq over every consecutive stored seq; count new events beyond a hole. A floor
     a status raised in this batch (a restored fleet database) is logged and counted here."""
     acked = int(w.row["acked_seq"])
@@ -280,7 +259,9 @@ def advance_acked(conn: Connection, w: NodeWork, new_seqs: list[int], out: Inges
     epoch = epoch_key(w.row["outbox_epoch"])
     beyond: list[int] = []
     while True:
-        page = _stored_above(conn, w.name, epoch, acked)
+        page = [int(seq) for seq in store.fetch_scalars(
+            conn, "stored_above", _stored_above_query,
+            {"node": w.name, "epoch": epoch, "above": acked})]
         for i, seq in enumerate(page):
             if seq != acked + 1:
                 beyond = page[i:]

@@ -276,7 +276,7 @@ class IngestCore(StoreBase):
             new_seqs[node].append(seq)
         for w in work.values():
             if w.sent_events or w.epoch_changed or w.adopted_epoch or w.floor_from is not None:
-                advance_acked(conn, w, sorted(new_seqs.get(w.name, [])), out)
+                advance_acked(self, conn, w, sorted(new_seqs.get(w.name, [])), out)
 
     def _store_gpus(self, conn: Connection, work: dict[str, NodeWork]) -> None:
         """Merge status summaries and latest samples into the `gpus` rows of the batch's nodes.
