@@ -291,6 +291,7 @@ class FleetSim:
                 entry.first_sent = now
             else:
                 self.counters.resent_events += 1
+            entry.last_sent = now
             self.counters.published["events"] += 1
             node.highest_sent = seq
             room -= 1
@@ -345,8 +346,10 @@ class FleetSim:
                 node.cloud_behind_s = ack.behind_s
             return
         now = time.monotonic()
-        newest = node.outbox.get(upto)  # how late this ack came, or what it says: edge/sync.py
-        late = now - newest.first_sent if newest is not None and newest.first_sent is not None else 0.0
+        # how late this ack came (from the newest event's latest publish: a reconnect publishes
+        # every unacked event again before any ack is read) or what it says, as edge/sync.py
+        newest = node.outbox.get(upto)
+        late = now - newest.last_sent if newest is not None and newest.last_sent is not None else 0.0
         node.cloud_behind_s = max(late, ack.behind_s or 0.0)
         for seq in range(node.acked_upto + 1, upto + 1):
             entry = node.outbox.pop(seq, None)

@@ -137,6 +137,7 @@ class OutboxEntry:
     payload: bytes
     created: float  # monotonic
     first_sent: float | None = None
+    last_sent: float | None = None  # monotonic, of its latest publish (a re-send too)
 
 
 class SimNode:
