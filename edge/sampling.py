@@ -45,7 +45,7 @@ class Sampler:
         samples: dict[int, GpuSample | None] = {}
         for index, view in views.items():
             if index in lost:
-                samples[index] = GpuSample(index=index, uuid=view.inventory.uuid, ts=now, lost=True)
+                samples[index] = _lost(index, view, now)
                 continue
             if position[index] >= len(results):  # after a call that timed out: not made
                 samples[index] = None
@@ -72,7 +72,7 @@ class Sampler:
                 samples[index] = None
                 continue
             if view.health.health is Health.LOST and now < view.next_probe_at:
-                samples[index] = GpuSample(index=index, uuid=view.inventory.uuid, ts=now, lost=True)
+                samples[index] = _lost(index, view, now)
                 continue
             try:
                 if view.health.health is Health.LOST:
@@ -80,7 +80,7 @@ class Sampler:
                     back = await self.runner.call(driver.probe, index)
                     if not back:
                         view.next_probe_at = now + self.lost_probe_interval
-                        samples[index] = GpuSample(index=index, uuid=view.inventory.uuid, ts=now, lost=True)
+                        samples[index] = _lost(index, view, now)
                         continue
                     self.on_back()
                 sample = await self.runner.call(driver.sample, index)
@@ -102,3 +102,8 @@ class Sampler:
             view.next_probe_at = now + self.lost_probe_interval
         view.sample = sample or view.sample
         return sample
+
+
+def _lost(index: int, view: GpuView, now: float) -> GpuSample:
+    """The sample of a GPU known lost and not read this cycle."""
+    return GpuSample(index=index, uuid=view.inventory.uuid, ts=now, lost=True)
