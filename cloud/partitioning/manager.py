@@ -15,7 +15,6 @@ for long)."""
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -29,7 +28,7 @@ from cloud.partitioning import sources
 from cloud.partitioning.http import add_routes
 from cloud.partitioning.resolution import NodeView, PartitioningSource, Resolution, resolve, statuses
 from cloud.services import BatchBus, Periodic, Publish
-from cloud.store import FleetStore, FleetStoreError, Incoming
+from cloud.store import DecodedLabels, FleetStore, FleetStoreError, Incoming
 from shared.logs import get_logger
 from shared.protocol import Kind, PartitioningBody, StatusBody, make_envelope
 from shared.topics import cloud_topic
@@ -70,7 +69,7 @@ class PartitioningManager:
         self.kube = kube
         self.publish = publish
         self.poll_interval = poll_interval
-        self._decoded_labels: dict[str, Mapping[str, str]] = {}  # labels JSON text -> labels (_labels_of)
+        self._labels_of = DecodedLabels()  # labels JSON text -> labels, once per distinct text
         self.resend_after = resend_after
         self._wake = asyncio.Event()
         self._objects: list[PartitioningSource] = []  # as last listed
@@ -155,17 +154,6 @@ class PartitioningManager:
         resolution = resolve(self._objects, views)
         self._last = (now, resolution)
         return resolution
-
-    def _labels_of(self, text: str | None) -> Mapping[str, str]:
-        """A node's labels from their JSON text, decoded once per distinct text (a fleet's nodes
-        share a few label sets; this runs every POLL_INTERVAL_S over every node)."""
-        key = text or "{}"
-        labels = self._decoded_labels.get(key)
-        if labels is None:
-            if len(self._decoded_labels) >= 10_000:
-                self._decoded_labels.clear()
-            labels = self._decoded_labels[key] = dict(json.loads(key) or {})
-        return labels
 
     async def _publish(self, resolution: Resolution, now: float) -> None:
         failed = 0

@@ -8,7 +8,6 @@ shown for it) comes from the store's queries (`FleetQueries.node_states`, `node_
 from __future__ import annotations
 
 import functools
-import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,11 +16,10 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from cloud.policies.resolution import NodeRecord, NodeResolution, NodeView, PolicySource
-from cloud.store import FleetStore
+from cloud.store import DecodedLabels, FleetStore
 from cloud.store.schema import policies_table, policy_nodes_table
 
 Step = Callable[[Connection], Any]
-LABEL_TEXTS_KEPT = 10_000  # distinct label texts kept decoded
 
 
 @dataclass
@@ -57,7 +55,7 @@ class PolicyRepository:
 
     def __init__(self, store: FleetStore) -> None:
         self.store = store
-        self._decoded: dict[str, dict[str, str]] = {}  # labels JSON text -> labels (`_labels`)
+        self._labels = DecodedLabels()  # labels JSON text -> labels, once per distinct text
         self._fleet_seen: list[str] | None = None  # the fleet's nodes at the last adoption
 
     # -- policies ------------------------------------------------------------------------------
@@ -207,17 +205,6 @@ class PolicyRepository:
         changed = {name: self._labels(text) for name, text in used.items()
                    if name in shown and shown[name] != text and self._labels(shown[name]) != self._labels(text)}
         return [lambda c: self.store.show_labels(changed, c)] if changed else []
-
-    def _labels(self, text: str | None) -> dict[str, str]:
-        """Labels from their JSON text, decoded once per distinct text (most nodes share a few)."""
-        if text is None:
-            return {}
-        labels = self._decoded.get(text)
-        if labels is None:
-            if len(self._decoded) >= LABEL_TEXTS_KEPT:
-                self._decoded.clear()
-            labels = self._decoded[text] = dict(json.loads(text) or {})
-        return labels
 
     def snapshot(self) -> Snapshot:
         """Policies, the policy nodes and what each node's edge reports: narrow reads, no JSON

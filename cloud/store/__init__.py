@@ -12,7 +12,7 @@ from __future__ import annotations
 from cloud.store.base import DEFAULT_BUSY_TIMEOUT_MS, DEFAULT_HISTORY_RESOLUTION_S, FleetStoreError
 from cloud.store.history import HistoryAnswer, HistoryMixin, HistoryResult
 from cloud.store.ingest import UNKNOWN_EPOCH, Incoming, IngestCore, IngestResult, epoch_key
-from cloud.store.queries import FleetQueries
+from cloud.store.queries import DecodedLabels, FleetQueries
 from cloud.store.retention import RetentionMixin, RetentionPolicy, RetentionResult
 from cloud.store.schema import (
     JsonType,
@@ -37,6 +37,7 @@ __all__ = [
     "DEFAULT_BUSY_TIMEOUT_MS",
     "DEFAULT_HISTORY_RESOLUTION_S",
     "UNKNOWN_EPOCH",
+    "DecodedLabels",
     "FleetStore",
     "FleetStoreError",
     "HistoryAnswer",

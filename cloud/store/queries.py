@@ -8,6 +8,7 @@ see the same snapshot as their own tables."""
 
 from __future__ import annotations
 
+import json
 import math
 from collections import defaultdict
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
@@ -18,6 +19,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from cloud.store.base import StoreBase
+from cloud.store.batch import chunks
 from cloud.store.ingest import UNKNOWN_EPOCH, epoch_key
 from cloud.store.schema import (
     decisions_table,
@@ -293,7 +295,7 @@ class FleetQueries(StoreBase):
 
     def gpu_views(self, nodes: Collection[str] | None = None, conn: Connection | None = None) -> list[GpuViewRow]:
         """(node, uuid, index, name, health, pods, remediation, resource_name) of every GPU by
-        index, or of the GPUs of `nodes` (1,000 names a query): what the migration scan decides
+        index, or of the GPUs of `nodes` (`chunks` of names a query): what the migration scan decides
         on, without the sample and the other JSON columns."""
         g = gpus_table
         query = sa.select(g.c.node, g.c.uuid, g.c.index, g.c.name, g.c.health, g.c.pods, g.c.remediation,
@@ -301,9 +303,8 @@ class FleetQueries(StoreBase):
         with self._using("gpu views", conn) as c:
             if nodes is None:
                 return [_gpu_view_row(r) for r in c.execute(query)]
-            names = sorted(nodes)
-            return [_gpu_view_row(r) for start in range(0, len(names), 1000)
-                    for r in c.execute(query.where(g.c.node.in_(names[start:start + 1000])))]
+            return [_gpu_view_row(r) for chunk in chunks(sorted(nodes))
+                    for r in c.execute(query.where(g.c.node.in_(chunk)))]
 
     def node_reports(self, conn: Connection | None = None) -> dict[str, tuple[bool, str | None, int | None]]:
         """name -> (online, policy_name, policy_version) its edge reports, of every node (no
@@ -446,9 +447,9 @@ class FleetQueries(StoreBase):
                 for key, rows in found.items()}
 
 
-Key = tuple[Any, ...]
 GpuViewRow = tuple[str, str, int, str | None, str | None, list[str] | None, str | None, str | None]
 """A GPU as `gpu_views` reads it: (node, uuid, index, name, health, pods, remediation, resource_name)."""
+Key = tuple[Any, ...]
 """Where a page of a listing ends: JSON scalars, for the API to hand back as an opaque cursor."""
 
 
@@ -566,3 +567,23 @@ def _node_matches(search: str) -> sa.ColumnElement[bool]:
 
     gpu = sa.select(g.c.node).where(sa.or_(has(g.c.uuid), has(g.c.name), has(g.c.vendor)))
     return sa.or_(has(n.c.name), has(n.c.labels), n.c.name.in_(gpu))
+
+
+class DecodedLabels:
+    """Node labels from their JSON text (`FleetQueries.node_label_texts`), decoded once per
+    distinct text: a fleet's nodes share a few label sets, and the parts that read them do so on
+    every pass over every node. At most `kept` texts are kept (then the cache starts again)."""
+
+    def __init__(self, kept: int = 10_000) -> None:
+        self.kept = kept
+        self._decoded: dict[str, dict[str, str]] = {}
+
+    def __call__(self, text: str | None) -> dict[str, str]:
+        if text is None:
+            return {}
+        labels = self._decoded.get(text)
+        if labels is None:
+            if len(self._decoded) >= self.kept:
+                self._decoded.clear()
+            labels = self._decoded[text] = dict(json.loads(text) or {})
+        return labels
