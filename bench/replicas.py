@@ -4,8 +4,8 @@ The backlog of bench/ingest_backlog.py (the fleet simulator's exact telemetry, e
 in each message) waits at a real mosquitto for controllers that are connected and stopped (SIGSTOP); then
 they are resumed and timed until every message is counted by the replicas together
 (`kgpu_ingest_messages_total{kind="telemetry"}` plus rejected and dropped) and no replica has
-anything waiting to be written, queued or in the batch being written (`kgpu_ingest_queue_depth`,
-`kgpu_ingest_backlog_age_seconds`). Steps, each against a fresh database:
+anything waiting to be written, queued or in the batch being filled or written
+(`kgpu_ingest_queue_depth`). Steps, each against a fresh database:
 
 - `kgpu cloud run` on SQLite, one process (the peer: bench/ingest_backlog.py's controller);
 - 1, 2, ... replicas of `kgpu cloud run` on one real PostgreSQL, all in the `$share/kgpu` group
@@ -46,7 +46,6 @@ from tests.helpers.cloud_process import CloudProcess
 GROUP = "kgpu"
 DRAIN_TIMEOUT_S = 900.0
 POLL_S = 0.2  # a few small /metrics requests per replica: the drain is timed to this
-CONFIRM_S = 0.15  # more than the controller's --batch-interval (0.1 s by default): see _wait_drained
 
 
 @dataclass
@@ -175,28 +174,16 @@ def _connected(base: str) -> bool:
 
 
 def _wait_drained(clouds: list[CloudProcess], total: int, started: float) -> float:
-    """Seconds from `started` until every message was counted and written. A batch being filled
-    is in neither the queue nor the batch being written, so "done" is confirmed by a second look
-    after more than the controller's batch interval: if no batch was written in between, it was
-    done at the first look, else at the second."""
+    """Seconds from `started` until every message was counted and none is waiting to be written
+    in any replica (`kgpu_ingest_queue_depth` counts the batch being filled or written too)."""
     deadline = time.monotonic() + DRAIN_TIMEOUT_S
-    first: tuple[float, float] | None = None  # (when, batches written) at a look that said done
     while time.monotonic() < deadline:
         now = time.perf_counter()
-        done = sum(telemetry_counted(c.base) for c in clouds) >= total and all(map(_written, clouds))
-        batches = sum(metric_sum(c.base, "kgpu_ingest_batches_total") for c in clouds)
-        if done and first is not None:
-            return (first[0] if batches == first[1] else now) - started
-        first = (now, batches) if done else None
-        time.sleep(CONFIRM_S if done else POLL_S)
+        if (sum(telemetry_counted(c.base) for c in clouds) >= total
+                and all(metric_sum(c.base, "kgpu_ingest_queue_depth") == 0 for c in clouds)):
+            return now - started
+        time.sleep(POLL_S)
     raise SystemExit(f"{len(clouds)} replica(s) did not drain the backlog within {DRAIN_TIMEOUT_S:.0f} s")
-
-
-def _written(cloud: CloudProcess) -> bool:
-    """Nothing queued and no batch being written (the backlog age covers the batch in the store:
-    the queue depth alone reads 0 while the last batch, up to thousands of messages, is written)."""
-    return (metric_sum(cloud.base, "kgpu_ingest_queue_depth") == 0
-            and metric_sum(cloud.base, "kgpu_ingest_backlog_age_seconds") == 0)
 
 
 def _stop(cloud: CloudProcess) -> None:
