@@ -37,7 +37,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.common import Row, broker_and_controller, metric_sum
+from bench.common import Row, broker_and_controller, metric_sum, peak_rss_mib, rss_mib
 from cloud.ingest import DROP_REASONS
 from kgpu.lab.fleetsim import FleetOptions, FleetSim
 from kgpu.lab.fleetsim.node import percentile
@@ -179,11 +179,6 @@ class FloodResult:
     flooder_events_stored: float  # all stored less the honest nodes' acked
 
 
-def _status_kib(pid: int, field: str) -> float:
-    match = re.search(rf"{field}:\s+(\d+) kB", Path(f"/proc/{pid}/status").read_text())
-    return int(match.group(1)) / 1024 if match else float("nan")
-
-
 def _flags(base: str) -> dict[str, str]:
     text = urllib.request.urlopen(f"{base}/metrics", timeout=10).read().decode()
     flags: dict[str, str] = {}
@@ -207,7 +202,7 @@ async def run(mode: str, seconds: float, honest: int = 5, warmup_s: float = 8.0,
                 raise SystemExit("the honest nodes did not connect")
             await asyncio.sleep(warmup_s)
             baseline = sim.event_lag.window(since=time.monotonic() - warmup_s / 2)
-            rss_before = _status_kib(pid, "VmRSS")
+            rss_before = rss_mib(pid)
             started = time.monotonic()
             flooder = subprocess.Popen(
                 [sys.executable, "-m", "bench.flood", "--flooder", mode, "--mqtt", broker.url, "--seconds", str(seconds), "--rate", str(rate)],
@@ -215,7 +210,7 @@ async def run(mode: str, seconds: float, honest: int = 5, warmup_s: float = 8.0,
             rss_max, flagged = 0.0, {}
             while flooder.poll() is None:
                 await asyncio.sleep(0.5)
-                rss_max = max(rss_max, _status_kib(pid, "VmRSS"))
+                rss_max = max(rss_max, rss_mib(pid))
                 try:
                     flagged.update(await asyncio.to_thread(_flags, cloud.base))
                 except OSError:
@@ -231,8 +226,8 @@ async def run(mode: str, seconds: float, honest: int = 5, warmup_s: float = 8.0,
             gpu_rows = len(node.get("gpus") or [])
             result = FloodResult(
                 mode=mode, seconds=ended - started, honest_nodes=honest, flood_sent=sent,
-                rss_before_mib=rss_before, rss_peak_mib=_status_kib(pid, "VmHWM"), rss_max_sampled_mib=rss_max,
-                rss_after_mib=_status_kib(pid, "VmRSS"), dropped=dropped, flagged=flagged,
+                rss_before_mib=rss_before, rss_peak_mib=peak_rss_mib(pid), rss_max_sampled_mib=rss_max,
+                rss_after_mib=rss_mib(pid), dropped=dropped, flagged=flagged,
                 baseline_lag_p50_s=percentile(baseline, 50), baseline_lag_max_s=baseline[-1] if baseline else float("nan"),
                 lag_p50_s=percentile(during, 50), lag_max_s=during[-1] if during else float("nan"),
                 honest_events=len(during), honest_unacked_after=sim.outbox_depth(), gpu_rows_flooder=gpu_rows,

@@ -40,7 +40,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.common import Row, broker_and_controller, cpu_seconds, machine, metric_sum, rss_mib
+from bench.common import Row, broker_and_controller, cpu_seconds, machine, metric_sum, peak_rss_mib, rss_mib
 from bench.flood import connect, publish_packet, send_paced, telemetry_payload
 from kgpu.lab.fleetsim import FleetOptions, FleetSim, percentile, raise_fd_limit
 
@@ -248,7 +248,7 @@ async def run(*, nodes: int = 1000, interval_s: float = 10.0, event_every_s: flo
             result = OverloadResult(
                 fixed_timeout=fixed_timeout, ack_timeout_s=ack_timeout_s, nodes=nodes, surge_rate_asked=surge_rate, surge_sent=sent,
                 surge_seconds=ended - started, samples=samples, rss_start_mib=rss_start,
-                rss_peak_mib=_vm_hwm(pid), rss_end_mib=rss_mib(pid), broker_rss_peak_mib=broker_peak,
+                rss_peak_mib=peak_rss_mib(pid), rss_end_mib=rss_mib(pid), broker_rss_peak_mib=broker_peak,
                 recovered_after_s=recovered, events_acked_after_s=acked, controller_cpu=cpu,
                 events_made=made, events_resent=resent, resend_timeouts=timeouts,
                 events_made_before=made_before, events_resent_before=resent_before, dropped=dropped,
@@ -256,13 +256,6 @@ async def run(*, nodes: int = 1000, interval_s: float = 10.0, event_every_s: flo
         finally:
             await sim.stop()
     return result
-
-
-def _vm_hwm(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def describe(r: OverloadResult) -> str:
