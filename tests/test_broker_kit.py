@@ -1,43 +1,49 @@
 """The broker kit in deploy/mosquitto/ against a real mosquitto.
 
 What runs here is the shipped kit itself: `mosquitto.conf` with only its paths and listener ports
-rewritten (every other line byte for byte), the shipped `acl` copied unchanged, users made by
-running `make-users.sh`, certificates made by running `make-certs.sh`, and clients that connect
-with the URLs and password files `make-users.sh` wrote.
+rewritten (every other line byte for byte), the shipped `acl` copied unchanged, users and the
+dynamic-security seed made by running `make-users.sh`, certificates made by running `make-certs.sh`,
+and clients that connect with the URLs and password files `make-users.sh` wrote.
 """
 
 from __future__ import annotations
 
-import queue
 import shutil
 import stat
 import subprocess
-import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
-from kgpu.lab.broker import Mosquitto, mosquitto_binary
+from kgpu.lab.broker import dynsec_plugin, mosquitto_binary
 from kgpu.lab.processes import wait_for
-from shared.mqtt import MqttLink, Received, TlsOptions, Will, parse_broker_url
+from shared.mqtt import MqttLink, TlsOptions, Will, parse_broker_url
 from shared.protocol import MAX_PAYLOAD_BYTES
+from tests.helpers.dynsec import NOT_AUTHORISED, DynsecAdmin, connack
 from tests.helpers.shipped_broker import (
+    BROKER_ADMIN,
     SHIPPED_ACL,
     SHIPPED_CONF,
+    SHIPPED_PLUGIN,
+    Client,
     ShippedBroker,
+    leave,
     make_certs,
     make_users,
+    payloads,
+    unique,
 )
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(mosquitto_binary() is None or shutil.which("mosquitto_passwd") is None,
+    pytest.mark.skipif(mosquitto_binary() is None or shutil.which("mosquitto_passwd") is None
+                       or shutil.which("mosquitto_ctrl") is None,
                        reason="mosquitto not installed (scripts/test.sh installs it)"),
+    pytest.mark.skipif(dynsec_plugin() is None, reason="mosquitto's dynamic-security plugin, which the shipped "
+                       "conf loads, is not installed (Debian's mosquitto package has it)"),
     pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl not installed"),
 ]
-
 
 
 @pytest.fixture(scope="module")
@@ -48,52 +54,6 @@ def kit(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ShippedBroker]:
 
 
 # ---- clients ---------------------------------------------------------------------------------
-
-@dataclass
-class Client:
-    """An MqttLink with an inbox and a count of SUBACKs (so a test knows its subscriptions hold)."""
-
-    link: MqttLink
-    inbox: queue.Queue[Received] = field(default_factory=queue.Queue)
-    subacks: list[list[int]] = field(default_factory=list)
-
-    def wait_subscribed(self, timeout: float = 10.0) -> Client:
-        wait_for(lambda: len(self.subacks) >= len(self.link.subscriptions), timeout=timeout,
-                 interval=0.02, what=f"SUBACKs for {self.link.client_id}")
-        return self
-
-    def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> None:
-        """Publish and, for QoS 1, wait for the broker's PUBACK: the broker has then routed it."""
-        info = self.link._client.publish(topic, payload, qos=qos, retain=retain)
-        if qos:
-            info.wait_for_publish(timeout=5)
-            assert info.is_published(), f"no PUBACK for {topic}"
-
-    def receive(self, payload: bytes, timeout: float = 5.0) -> list[Received]:
-        """Everything received up to and including `payload`."""
-        seen: list[Received] = []
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                message = self.inbox.get(timeout=max(0.0, deadline - time.monotonic()))
-            except queue.Empty:
-                raise AssertionError(f"{self.link.client_id} did not receive {payload!r}; "
-                                     f"got {[(m.topic, m.payload) for m in seen]}") from None
-            seen.append(message)
-            if message.payload == payload:
-                return seen
-
-    def drain(self) -> list[Received]:
-        out = []
-        while True:
-            try:
-                out.append(self.inbox.get_nowait())
-            except queue.Empty:
-                return out
-
-    def stop(self) -> None:
-        self.link.stop()
-
 
 @pytest.fixture
 def clients() -> Iterator[Callable[..., Client]]:
@@ -120,24 +80,6 @@ def clients() -> Iterator[Callable[..., Client]]:
         client.stop()
 
 
-def leave(broker: Mosquitto, client: Client) -> None:
-    """Disconnect `client` and wait until the broker has processed it (it logs each disconnect),
-    so that what other clients publish next cannot still reach it live."""
-    line = f"Client {client.link.client_id} disconnected"
-    count = broker.log_path.read_text().count(line)
-    client.stop()
-    wait_for(lambda: broker.log_path.read_text().count(line) > count, timeout=5, interval=0.05,
-             what=f"the broker to see {client.link.client_id} leave")
-
-
-def payloads(messages: list[Received]) -> list[bytes]:
-    return [m.payload for m in messages]
-
-
-def unique(label: str) -> bytes:
-    return f"{label}-{time.monotonic_ns()}".encode()
-
-
 # ---- the shipped files -----------------------------------------------------------------------
 
 def directives(text: str) -> dict[str, list[str]]:
@@ -155,6 +97,9 @@ def test_shipped_conf_is_production_ready() -> None:
     one = {key: values[0] for key, values in conf.items() if len(values) == 1}
     assert one["allow_anonymous"] == "false" and one["per_listener_settings"] == "false"
     assert one["password_file"] == "/mosquitto/secrets/passwd" and one["acl_file"] == "/mosquitto/config/acl"
+    # the dynamic-security plugin (the controller's quarantine), its config on the writable data volume
+    assert one["plugin"] == SHIPPED_PLUGIN
+    assert one["plugin_opt_config_file"] == "/mosquitto/data/dynamic-security.json"
     assert one["persistence"] == "true" and one["persistence_location"] == "/mosquitto/data/"
     assert one["persistent_client_expiration"] == "7d"
     assert int(one["message_size_limit"]) == MAX_PAYLOAD_BYTES
@@ -194,7 +139,8 @@ def test_the_shipped_conf_starts_with_both_listeners(kit: ShippedBroker) -> None
     assert len(body) == len(shipped)
     changed = [(s, d) for s, d in zip(shipped, body) if s != d]
     assert all(s.startswith(("listener ", *(f"{k} " for k in
-               ("persistence_location", "password_file", "acl_file", "cafile", "certfile", "keyfile"))))
+               ("persistence_location", "password_file", "acl_file", "cafile", "certfile", "keyfile", "plugin",
+                "plugin_opt_config_file"))))
                for s, _ in changed), changed
     log = wait_for(lambda: next((t for t in [kit.log_path.read_text()] if " running" in t), ""),
                    timeout=5, interval=0.05, what="mosquitto's start-up in its log")
@@ -202,6 +148,7 @@ def test_the_shipped_conf_starts_with_both_listeners(kit: ShippedBroker) -> None
     assert f"Opening ipv4 listen socket on port {kit.port}." in startup
     assert f"Opening ipv4 listen socket on port {kit.tls_port}." in startup
     assert "Error" not in startup and "Warning" not in startup
+    assert "Loading plugin: " in startup and "dynamic_security" in startup  # with its seeded config
 
 
 # ---- the ACL at work -------------------------------------------------------------------------
@@ -553,7 +500,9 @@ def test_make_users_is_idempotent_rotates_and_reloads(tmp_path: Path, clients) -
         for path in creds.iterdir():
             assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
         names = {line.split(":")[0] for line in (users / "passwd").read_text().splitlines()}
-        assert names == {"edge-a", "edge-b", "kgpu-controller", "kgpu-watch"}
+        assert names == {"edge-a", "edge-b", "kgpu-controller", "kgpu-watch"}  # not the dynsec admin
+        assert stat.S_IMODE((users / "dynamic-security.json").stat().st_mode) == 0o600
+        assert broker.password_file(BROKER_ADMIN).exists()
         url_a = broker.url("edge-a")
         password_a = broker.password_file("edge-a").read_text().strip()
         assert url_a == f"mqtt://edge-a:{password_a}@127.0.0.1:{broker.port}" and len(password_a) == 48
@@ -614,4 +563,53 @@ def test_persistence_keeps_an_offline_nodes_session_across_a_broker_restart(tmp_
         wait_for(lambda: got.update(payloads(back.drain())) or {command, policy} <= got, timeout=5,
                  what="the queued command and the retained policy after the restart")
     finally:
+        broker.stop()
+
+
+# ---- quarantine at the broker: the dynamic-security admin ------------------------------------------
+
+def test_the_broker_admin_from_make_users_shuts_a_node_out_and_lets_it_back(tmp_path: Path, clients) -> None:
+    """What the controller does to a flooding node (cloud/quarantine.py), with the admin password
+    make-users.sh issued; and the admin's password rotation as deploy/mosquitto/README.md says."""
+    broker = ShippedBroker(tmp_path / "dynsec").start()
+    admin: DynsecAdmin | None = None
+    try:
+        old = broker.password_file(BROKER_ADMIN).read_text().strip()
+        assert connack(broker.port, BROKER_ADMIN, old) == 0
+        admin = DynsecAdmin(broker.port, BROKER_ADMIN, old)
+        assert admin.ok({"command": "listClients"})[0]["data"]["clients"] == [BROKER_ADMIN]
+        controller = clients(broker.url("kgpu-controller"), "ctl-quarantine", "kgpu/v1/edge/+/events")
+        node = clients(broker.url("edge-a"), "kgpu-edge-edge-a", "kgpu/v1/cloud/edge-a/#")
+        bystander = clients(broker.url("edge-b"), "kgpu-edge-edge-b")
+        admin.ok({"command": "createClient", "username": "edge-a", "password": "random-password"},
+                 {"command": "disableClient", "username": "edge-a"})
+        wait_for(lambda: not node.link.connected.is_set(), timeout=5, interval=0.02, what="edge-a kicked")
+        wait_for(lambda: node.link.last_error and "refused" in node.link.last_error, timeout=5,
+                 what="edge-a's reconnect refused")
+        assert connack(broker.port, "edge-a", broker.password_file("edge-a").read_text().strip()) == NOT_AUTHORISED
+        assert controller.link.connected.is_set() and bystander.link.connected.is_set()
+        assert controller.link.connects == 1 and bystander.link.connects == 1  # nobody else was touched
+
+        admin.ok({"command": "deleteClient", "username": "edge-a"})
+        wait_for(node.link.connected.is_set, timeout=10, interval=0.02, what="edge-a back by itself")
+        event = unique("after-quarantine")
+        node.publish("kgpu/v1/edge/edge-a/events", event)
+        assert controller.receive(event)[-1].topic == "kgpu/v1/edge/edge-a/events"
+
+        # --rotate: a new password and seed; the running broker keeps its own copy until told
+        rotated = make_users(broker.users_dir, "--rotate", BROKER_ADMIN)
+        assert f"rotated {BROKER_ADMIN}" in rotated.stdout and "setClientPassword" in rotated.stdout
+        new = broker.password_file(BROKER_ADMIN).read_text().strip()
+        assert new != old and new not in rotated.stdout + rotated.stderr
+        assert (broker.users_dir / "dynamic-security.json").read_bytes() != broker.dynsec_path.read_bytes()
+        assert connack(broker.port, BROKER_ADMIN, new) == NOT_AUTHORISED
+        ctrl = subprocess.run(["mosquitto_ctrl", "-h", "127.0.0.1", "-p", str(broker.port), "-u", BROKER_ADMIN,
+                               "-P", old, "dynsec", "setClientPassword", BROKER_ADMIN],
+                              input=f"{new}\n{new}\n", capture_output=True, text=True, timeout=10)
+        assert "Error" not in ctrl.stdout + ctrl.stderr, ctrl
+        wait_for(lambda: connack(broker.port, BROKER_ADMIN, new) == 0, timeout=5, what="the new admin password")
+        assert connack(broker.port, BROKER_ADMIN, old) == NOT_AUTHORISED
+    finally:
+        if admin is not None:
+            admin.stop()
         broker.stop()

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from kgpu.lab.broker import mosquitto_binary
+from kgpu.lab.broker import dynsec_plugin, mosquitto_binary
 from kgpu.lab.processes import wait_for
 from shared.mqtt import MqttLink, Received, TlsOptions, parse_broker_url
 from shared.policy import PowerPolicy
@@ -31,8 +31,11 @@ from tests.helpers.shipped_broker import ShippedBroker
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(mosquitto_binary() is None or shutil.which("mosquitto_passwd") is None,
+    pytest.mark.skipif(mosquitto_binary() is None or shutil.which("mosquitto_passwd") is None
+                       or shutil.which("mosquitto_ctrl") is None,
                        reason="mosquitto not installed (scripts/test.sh installs it)"),
+    pytest.mark.skipif(dynsec_plugin() is None, reason="mosquitto's dynamic-security plugin, which the shipped "
+                       "conf loads, is not installed (Debian's mosquitto package has it)"),
     pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl not installed"),
 ]
 

@@ -1,8 +1,8 @@
 """MQTT brokers for the lab: a real mosquitto on a free loopback port (its own config, persistence
-and log; optional users, ACL and TLS), RabbitMQ with its MQTT plugin (the tests' second broker:
-it differs from mosquitto where brokers differ most, docs/broker.md section 8), the embedded
-Python broker amqtt where mosquitto is not installed, and `Uplinks`, loopback relays that take
-one node off the network on demand.
+and log; optional users, ACL, TLS and a dynamic-security admin), RabbitMQ with its MQTT plugin
+(the tests' second broker: it differs from mosquitto where brokers differ most, docs/broker.md
+section 8), the embedded Python broker amqtt where mosquitto is not installed, and `Uplinks`,
+loopback relays that take one node off the network on demand.
 
 Why here: the demo and the tests each started mosquitto their own way; one starter means one
 config to get right (persistence for restart tests, `user root` when run as root, queue limits).
@@ -11,8 +11,13 @@ config to get right (persistence for restart tests, `user root` when run as root
 from __future__ import annotations
 
 import asyncio
+import base64
+import glob
+import hashlib
 import importlib.util
+import json
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -26,6 +31,12 @@ from kgpu.lab.processes import Child, LabError, free_port, wait_listening
 MOSQUITTO_HINT = ("kgpu demo needs the mosquitto MQTT broker on PATH: "
                   "`sudo apt-get install mosquitto` (Debian/Ubuntu), `sudo dnf install mosquitto` (Fedora) "
                   "or `brew install mosquitto` (macOS)")
+DYNSEC_HINT = ("mosquitto's dynamic-security plugin (mosquitto_dynamic_security.so, mosquitto 2.0) was not "
+               "found: `sudo apt-get install mosquitto` (Debian/Ubuntu put it in /usr/lib/<arch>/), or a "
+               "mosquitto 2.0 built with its plugins (/usr/lib or /usr/local/lib)")
+DYNSEC_PLUGIN = "mosquitto_dynamic_security.so"
+DYNSEC_DIRS = ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib", "/usr/local/lib",
+               "/opt/homebrew/lib", "/usr/lib/mosquitto", "/usr/local/lib/mosquitto")
 
 
 def mosquitto_binary() -> str | None:
@@ -37,6 +48,56 @@ def mosquitto_binary() -> str | None:
         if os.path.exists(candidate):
             return candidate
     return None
+
+
+def dynsec_plugin() -> str | None:
+    """mosquitto's dynamic-security plugin where the distributions put it (Debian: the multiarch
+    directory; the eclipse-mosquitto image and source builds: /usr/lib or /usr/local/lib), or None."""
+    candidates = [os.path.join(d, DYNSEC_PLUGIN) for d in DYNSEC_DIRS]
+    candidates += sorted(glob.glob(f"/usr/lib/*/{DYNSEC_PLUGIN}"))
+    candidates += sorted(glob.glob(f"/opt/homebrew/Cellar/mosquitto/*/lib/{DYNSEC_PLUGIN}"))
+    return next((c for c in candidates if os.path.isfile(c)), None)
+
+
+# What `mosquitto_ctrl dynsec init FILE USER` (mosquitto 2.0.11) writes, key for key
+# (tests/test_lab_dynsec.py compares them): the admin role may send commands to and read
+# $CONTROL/dynamic-security/#, and read $SYS/# and every other topic. "textName" is mosquitto_ctrl's
+# spelling; the plugin reads "textname", so it ignores this one and drops it at its first save.
+DYNSEC_ADMIN_ACLS = (
+    ("publishClientSend", "$CONTROL/dynamic-security/#"),
+    ("publishClientReceive", "$CONTROL/dynamic-security/#"),
+    ("subscribePattern", "$CONTROL/dynamic-security/#"),
+    ("publishClientReceive", "$SYS/#"),
+    ("subscribePattern", "$SYS/#"),
+    ("publishClientReceive", "#"),
+    ("subscribePattern", "#"),
+    ("unsubscribePattern", "#"),
+)
+# The fallback for clients the plugin knows (the admin) on topics their roles do not name. Clients
+# it does not know (password-file users, anonymous ones) never reach it: the plugin defers them.
+DYNSEC_DEFAULT_ACL_ACCESS = {"publishClientSend": False, "publishClientReceive": True, "subscribe": False,
+                             "unsubscribe": True}
+DYNSEC_ITERATIONS = 101  # mosquitto_ctrl's PBKDF2 iteration count for the init admin
+
+
+def dynsec_password(password: str, iterations: int = DYNSEC_ITERATIONS, salt: bytes | None = None) -> dict[str, Any]:
+    """The plugin's password fields: PBKDF2-HMAC-SHA512 over the password with a random 12-byte
+    salt (or `salt`, to check a hash), both base64, as mosquitto_ctrl and the plugin write them."""
+    salt = secrets.token_bytes(12) if salt is None else salt
+    digest = hashlib.pbkdf2_hmac("sha512", password.encode(), salt, iterations)
+    return {"password": base64.b64encode(digest).decode(), "salt": base64.b64encode(salt).decode(),
+            "iterations": iterations}
+
+
+def dynsec_config(username: str, password: str) -> dict[str, Any]:
+    """A dynamic-security config holding one admin client, as `mosquitto_ctrl dynsec init` makes it."""
+    return {
+        "clients": [{"username": username, "textName": "Dynsec admin user", **dynsec_password(password),
+                     "roles": [{"rolename": "admin"}]}],
+        "roles": [{"rolename": "admin",
+                   "acls": [{"acltype": kind, "topic": topic, "allow": True} for kind, topic in DYNSEC_ADMIN_ACLS]}],
+        "defaultACLAccess": dict(DYNSEC_DEFAULT_ACL_ACCESS),
+    }
 
 
 class BrokerProcess:
@@ -93,21 +154,30 @@ class Mosquitto(BrokerProcess):
     """A real mosquitto: `workdir` holds its config, persistence (`mosquitto.db`) and log
     (`log_path`); its stdout and stderr go to `output` (default `workdir/mosquitto.out`).
 
-    `users` (name -> password) turn anonymous access off; `acl` is the text of an ACL file; `tls`
-    adds a second listener (`tls_port`) with those certificates."""
+    `users` (name -> password) turn anonymous access off unless `allow_anonymous` is True
+    (None: anonymous clients only without users); `acl` is the text of an ACL file; `tls` adds a
+    second listener (`tls_port`) with those certificates. `dynsec_admin` (username, password)
+    loads the dynamic-security plugin with that admin, as the controller's quarantine uses it
+    (docs/broker.md); its config, which the plugin rewrites at every change, is `dynsec_path`."""
 
     def __init__(self, workdir: Path, *, users: dict[str, str] | None = None, acl: str | None = None,
                  tls: TlsFiles | None = None, message_size_limit: int | None = None,
-                 output: Path | None = None, name: str = "mosquitto") -> None:
+                 output: Path | None = None, name: str = "mosquitto", allow_anonymous: bool | None = None,
+                 dynsec_admin: tuple[str, str] | None = None) -> None:
         binary = mosquitto_binary()
         if binary is None:
             raise LabError(MOSQUITTO_HINT)
+        plugin = dynsec_plugin() if dynsec_admin is not None else None
+        if dynsec_admin is not None and plugin is None:
+            raise LabError(DYNSEC_HINT)
         self.binary = binary
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.tls_port = free_port() if tls else None
         self.log_path = workdir / "mosquitto.log"
+        self.dynsec_path: Path | None = None
+        self.dynsec_admin = dynsec_admin
         lines = [
             "per_listener_settings false",
             "persistence true",
@@ -119,15 +189,32 @@ class Mosquitto(BrokerProcess):
             *([f"message_size_limit {message_size_limit}"] if message_size_limit else []),
             f"listener {self.port} 127.0.0.1",
         ]
+        if allow_anonymous is None:
+            allow_anonymous = users is None
+        lines.append(f"allow_anonymous {str(allow_anonymous).lower()}")
         if users is not None:
             passwd = workdir / "passwd"
             passwd.write_text("")
             for user, password in users.items():
                 subprocess.run(["mosquitto_passwd", "-b", str(passwd), user, password], check=True,
                                capture_output=True)
-            lines += ["allow_anonymous false", f"password_file {passwd}"]
-        else:
-            lines.append("allow_anonymous true")
+            lines.append(f"password_file {passwd}")
+        if plugin is not None and dynsec_admin is not None:
+            self.dynsec_path = workdir / "dynamic-security.json"
+            self.dynsec_path.write_text(json.dumps(dynsec_config(*dynsec_admin), indent="\t") + "\n")
+            self.dynsec_path.chmod(0o600)  # password hashes
+            lines += [f"plugin {plugin}", f"plugin_opt_config_file {self.dynsec_path}"]
+            if acl is None:
+                # Without the plugin, no ACL means every client may do anything. With it, the plugin
+                # defers on every client it does not know (password-file users; anonymous ones too,
+                # as no anonymous group is set and defaultACLAccess denies publish and subscribe),
+                # and mosquitto 2.0 denies what every check deferred: all their PUBLISHes and
+                # SUBSCRIBEs. This ACL gives anonymous clients, then each user, everything back ("#"
+                # matches no $-topic: $CONTROL stays the admin's). An ACL, not a dynsec setting:
+                # defaultACLAccess and the anonymous group never reach password-file users. Per user
+                # rather than `pattern readwrite #`, which mosquitto warns about at every load.
+                everything = "topic readwrite #\ntopic read $SYS/#\n"
+                acl = everything + "".join(f"user {user}\n{everything}" for user in users or {})
         if acl is not None:
             acl_file = workdir / "acl"
             acl_file.write_text(acl)
