@@ -12,7 +12,7 @@ import urllib.request
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from kgpu.lab.broker import Mosquitto
@@ -128,16 +128,18 @@ def publish_all(url: str, messages: list[tuple[str, bytes]], *, flush_s: float =
     link.stop()
 
 
-def broker_and_controller(stack: ExitStack, work: Path) -> tuple[Mosquitto, CloudProcess]:
-    """A real mosquitto and a `kgpu cloud run` on it (SQLite in `work`, warnings only), both
-    stopped when `stack` closes; returned once the controller's MQTT link is up."""
+def broker_and_controller(stack: ExitStack, work: Path, *, broker_options: dict[str, Any] | None = None,
+                          env: dict[str, str] | None = None) -> tuple[Mosquitto, CloudProcess]:
+    """A real mosquitto (`broker_options`: kgpu.lab.broker.Mosquitto's) and a `kgpu cloud run` on
+    it (SQLite in `work`, warnings only, `env` added), both stopped when `stack` closes; returned
+    once the controller's MQTT link is up."""
     from kgpu.lab.broker import Mosquitto
     from kgpu.lab.processes import wait_for
     from tests.helpers.cloud_process import CloudProcess
 
-    broker = Mosquitto(work / "broker").start()
+    broker = Mosquitto(work / "broker", **(broker_options or {})).start()
     stack.callback(broker.stop)
-    cloud = CloudProcess(work / "cloud", broker.url, env={"KGPU_LOG_LEVEL": "warning"})
+    cloud = CloudProcess(work / "cloud", broker.url, env={"KGPU_LOG_LEVEL": "warning", **(env or {})})
     cloud.start()
     stack.callback(cloud.stop)  # a no-op for a process that has ended already
     wait_for(lambda: metric_sum(cloud.base, "kgpu_mqtt_connected") == 1, timeout=30, interval=0.2,

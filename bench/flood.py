@@ -10,6 +10,12 @@ fast as its socket takes them, sends valid messages for `seconds`:
 - `uuids`: a new GPU UUID in every sample (the GPUs budget);
 - `events`: decisions with ever higher seqs (the events budget).
 
+With `--quarantine` (the default) the broker loads mosquitto's dynamic-security plugin and the
+controller gets its admin login (docs/broker.md): the flooder, which logs in as its node, is then
+quarantined at the broker (cloud/quarantine.py) and keeps trying to log in again; printed too:
+how soon it was disconnected and how many of its logins were refused. `--no-quarantine`: the
+budgets alone, as on a broker without the plugin.
+
 Printed: the controller's peak resident memory (VmHWM; and VmRSS sampled through the flood)
 against the shipped 1 GiB limit, the honest nodes' event-to-ack lag (p50 / max) during the flood
 against the 5 s target and against the same fleet without the flood, what the flooder sent, what
@@ -17,6 +23,7 @@ the controller dropped by budget, and the flag on the flooding node.
 
     python -m bench.flood --mode telemetry --seconds 30
     python -m bench.flood --mode all --seconds 30     # the three, one after the other
+    python -m bench.flood --mode events --no-quarantine
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from bench.common import Row, broker_and_controller, metric_sum, peak_rss_mib, rss_mib
 from cloud.ingest import DROP_REASONS
@@ -50,6 +58,12 @@ FLOODER = "flood-00000"
 LIMIT_MIB = 1024.0  # the controller's memory limit in deploy/cloud/deployment.yaml
 LAG_TARGET_S = 5.0
 SEQ_MARK = 987_654_321  # replaced by each message's own seq
+FLOODER_PASSWORD = "flooder-secret"  # the flooder logs in as its node, as a stolen or runaway login would
+ADMIN = ("kgpu-broker-admin", "admin-secret")  # the dynamic-security admin the controller quarantines with
+
+
+class LoginRefused(ConnectionError):
+    """The broker answered CONNECT with a refusal (CONNACK code != 0)."""
 
 
 # ---- the flooder: raw MQTT over a blocking socket (the fastest a client can publish) ------------
@@ -91,7 +105,8 @@ def connect(mqtt: str, client_id: str) -> socket.socket:
     sock.sendall(b"\x10" + _varint(len(variable) + len(payload)) + variable + payload)
     connack = sock.recv(4)
     if len(connack) < 4 or connack[0] != 0x20 or connack[3] != 0:
-        raise SystemExit(f"broker refused the flooder: {connack!r}")
+        sock.close()
+        raise LoginRefused(f"broker refused the login: {connack!r}")
     return sock
 
 
@@ -118,10 +133,10 @@ def payloads(node: str, mode: str) -> tuple[bytes, str, str]:
     return envelope.to_json(), str(SEQ_MARK), f"kgpu/v1/edge/{node}/events"
 
 
-def flood(mqtt: str, node: str, mode: str, seconds: float, rate: float = 0.0) -> int:
+def flood(mqtt: str, node: str, mode: str, seconds: float, rate: float = 0.0) -> dict[str, Any]:
     """Publish for `seconds` at `rate` messages a second (0: as fast as the socket takes them);
-    returns how many were sent."""
-    sock = connect(mqtt, f"{node}-flooder")
+    disconnected, log in again (every 0.2 s while refused) until the time is up. Returns how many
+    messages were sent, after how long the broker first disconnected it, and the logins refused."""
     template, marker, topic = payloads(node, mode)
     chunk = 100
     plain = publish_packet(topic, template)
@@ -132,14 +147,33 @@ def flood(mqtt: str, node: str, mode: str, seconds: float, rate: float = 0.0) ->
                             for i in range(chunk))
         return plain * chunk
 
-    return send_paced(sock, packets, chunk, rate, seconds)
+    started = time.monotonic()
+    deadline = started + seconds
+    sent, refused, kicked_after = 0, 0, None
+    while (now := time.monotonic()) < deadline:
+        try:
+            sock = connect(mqtt, f"{node}-flooder")
+        except LoginRefused:
+            refused += 1
+            time.sleep(min(0.2, max(0.0, deadline - now)))
+            continue
+        counted = [0]
+        try:
+            sent += send_paced(sock, packets, chunk, rate, deadline - now, counted)
+        except OSError:  # the broker closed the connection
+            sent += counted[0]
+            sock.close()
+            if kicked_after is None:
+                kicked_after = time.monotonic() - started
+    return {"sent": sent, "kicked_after_s": kicked_after, "refused_logins": refused}
 
 
 def send_paced(sock: socket.socket, packets: Callable[[int], bytes], per_send: int, rate: float,
-               seconds: float) -> int:
+               seconds: float, counted: list[int] | None = None) -> int:
     """Send `packets(sent so far)` (`per_send` messages each time) for `seconds` at `rate`
     messages a second (0: as fast as the socket takes them), then DISCONNECT; returns how many
-    were sent (fewer than asked when the broker reads slower)."""
+    were sent (fewer than asked when the broker reads slower). `counted[0]` follows the count, for
+    a caller whose connection may be closed under it (OSError)."""
     sent = 0
     started = time.monotonic()
     deadline = started + seconds
@@ -149,6 +183,8 @@ def send_paced(sock: socket.socket, packets: Callable[[int], bytes], per_send: i
             continue
         sock.sendall(packets(sent))
         sent += per_send
+        if counted is not None:
+            counted[0] = sent
     sock.sendall(b"\xe0\x00")  # DISCONNECT
     sock.close()
     return sent
@@ -177,6 +213,10 @@ class FloodResult:
     honest_unacked_after: int
     gpu_rows_flooder: int
     flooder_events_stored: float  # all stored less the honest nodes' acked
+    quarantine: bool  # the broker had the dynamic-security plugin and the controller its admin
+    kicked_after_s: float | None  # when the broker first disconnected the flooder
+    refused_logins: int  # the flooder's logins refused after that
+    quarantines: float  # kgpu_broker_quarantines_total
 
 
 def _flags(base: str) -> dict[str, str]:
@@ -188,10 +228,19 @@ def _flags(base: str) -> dict[str, str]:
     return flags
 
 
-async def run(mode: str, seconds: float, honest: int = 5, warmup_s: float = 8.0, rate: float = 0.0) -> FloodResult:
+async def run(mode: str, seconds: float, honest: int = 5, warmup_s: float = 8.0, rate: float = 0.0,
+              quarantine: bool = True) -> FloodResult:
     with ExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory()))
-        broker, cloud = broker_and_controller(stack, tmp)
+        admin_password = tmp / "admin-password"
+        admin_password.write_text(ADMIN[1] + "\n")
+        broker_options: dict[str, Any] = {"users": {FLOODER: FLOODER_PASSWORD}, "allow_anonymous": True}
+        env: dict[str, str] = {}
+        if quarantine:
+            broker_options["dynsec_admin"] = ADMIN
+            env = {"KGPU_BROKER_ADMIN_USERNAME": ADMIN[0], "KGPU_BROKER_ADMIN_PASSWORD_FILE": str(admin_password)}
+        broker, cloud = broker_and_controller(stack, tmp, broker_options=broker_options, env=env)
+        flooder_url = f"mqtt://{FLOODER}:{FLOODER_PASSWORD}@127.0.0.1:{broker.port}"
         assert cloud.proc is not None
         pid = cloud.proc.pid
         sim = FleetSim(FleetOptions(mqtt=broker.url, nodes=honest, gpus=8, interval_s=2.0, event_every_s=1.0,
@@ -205,7 +254,7 @@ async def run(mode: str, seconds: float, honest: int = 5, warmup_s: float = 8.0,
             rss_before = rss_mib(pid)
             started = time.monotonic()
             flooder = subprocess.Popen(
-                [sys.executable, "-m", "bench.flood", "--flooder", mode, "--mqtt", broker.url, "--seconds", str(seconds), "--rate", str(rate)],
+                [sys.executable, "-m", "bench.flood", "--flooder", mode, "--mqtt", flooder_url, "--seconds", str(seconds), "--rate", str(rate)],
                 stdout=subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"})
             rss_max, flagged = 0.0, {}
             while flooder.poll() is None:
@@ -217,7 +266,8 @@ async def run(mode: str, seconds: float, honest: int = 5, warmup_s: float = 8.0,
                     pass  # a scrape that timed out under the flood is a figure too: see the lag
             out, _ = flooder.communicate()
             ended = time.monotonic()
-            sent = int(json.loads(out.decode().strip().splitlines()[-1])["sent"])
+            report = json.loads(out.decode().strip().splitlines()[-1])
+            sent = int(report["sent"])
             during = sim.event_lag.window(since=started, until=ended + 2.0)
             await asyncio.sleep(5.0)  # what the flood left queued is written; honest outboxes drain
             dropped = {reason: metric_sum(cloud.base, "kgpu_ingest_dropped_total", reason=reason)
@@ -232,7 +282,10 @@ async def run(mode: str, seconds: float, honest: int = 5, warmup_s: float = 8.0,
                 lag_p50_s=percentile(during, 50), lag_max_s=during[-1] if during else float("nan"),
                 honest_events=len(during), honest_unacked_after=sim.outbox_depth(), gpu_rows_flooder=gpu_rows,
                 flooder_events_stored=metric_sum(cloud.base, "kgpu_ingest_events_stored_total")
-                - sim.counters.events_acked)
+                - sim.counters.events_acked,
+                quarantine=quarantine, kicked_after_s=report["kicked_after_s"],
+                refused_logins=int(report["refused_logins"]),
+                quarantines=metric_sum(cloud.base, "kgpu_broker_quarantines_total"))
         finally:
             await sim.stop()
     return result
@@ -249,14 +302,21 @@ def describe(r: FloodResult) -> str:
             f"events (without the flood: p50 {r.baseline_lag_p50_s:.2f} s, max {r.baseline_lag_max_s:.2f} s); "
             f"{r.honest_unacked_after} unacked 5 s after\n"
             f"  flooder: {r.gpu_rows_flooder} GPU rows"
-            + (f", {r.flooder_events_stored:,.0f} events stored" if r.mode == "events" else ""))
+            + (f", {r.flooder_events_stored:,.0f} events stored" if r.mode == "events" else "")
+            + (f"\n  quarantine at the broker: {r.quarantines:.0f} quarantine(s); the flooder disconnected after "
+               + (f"{r.kicked_after_s:.2f} s" if r.kicked_after_s is not None else "never (it ran its whole time)")
+               + f", {r.refused_logins} of its logins refused" if r.quarantine else
+               "\n  quarantine at the broker: off (--no-quarantine)"))
 
 
 def rows(r: FloodResult, command: str) -> list[Row]:
     name = f"flood ({r.mode})"
     within = "met" if r.rss_peak_mib < LIMIT_MIB / 2 else "NOT met"
     lag_ok = "met" if r.lag_max_s < LAG_TARGET_S else "NOT met"
+    kicked = [Row(name, "flooder disconnected by the broker after", r.kicked_after_s, "s",
+                  f"quarantined; {r.refused_logins} logins refused after", command)] if r.kicked_after_s is not None else []
     return [
+        *kicked,
         Row(name, "flooder's messages per second", r.flood_sent / max(r.seconds, 1e-9), "msg/s",
             f"{sum(r.dropped.values()):,.0f} dropped by budget", command),
         Row(name, "controller peak memory (VmHWM)", r.rss_peak_mib, "MiB",
@@ -274,15 +334,18 @@ def main() -> int:
     parser.add_argument("--honest", type=int, default=5, help="honest nodes (an event a second each)")
     parser.add_argument("--rate", type=float, default=0.0,
                         help="the flooder's messages a second (default 0: as fast as it can)")
+    parser.add_argument("--quarantine", action=argparse.BooleanOptionalAction, default=True,
+                        help="the broker's dynamic-security plugin and the controller's admin login (default: on)")
     parser.add_argument("--flooder", choices=MODES, help=argparse.SUPPRESS)  # the flooding child process
     parser.add_argument("--mqtt", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.flooder:
-        print(json.dumps({"sent": flood(args.mqtt, FLOODER, args.flooder, args.seconds, args.rate)}))
+        print(json.dumps(flood(args.mqtt, FLOODER, args.flooder, args.seconds, args.rate)))
         return 0
     os.environ.setdefault("KGPU_LOG_LEVEL", "warning")
     for mode in MODES if args.mode == "all" else (args.mode,):
-        print(describe(asyncio.run(run(mode, args.seconds, args.honest, rate=args.rate))), flush=True)
+        print(describe(asyncio.run(run(mode, args.seconds, args.honest, rate=args.rate, quarantine=args.quarantine))),
+              flush=True)
     return 0
 
 

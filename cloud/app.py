@@ -34,6 +34,7 @@ from cloud.memory_share import MemoryShareEnforcer
 from cloud.migration import MigrationManager
 from cloud.partitioning import PartitioningManager
 from cloud.policies import PolicyManager
+from cloud.quarantine import BrokerQuarantine
 from cloud.reboots import RebootManager
 from cloud.rollout import RolloutManager
 from cloud.services import BatchBus, Part, Periodic, Services, run_periodically
@@ -55,11 +56,13 @@ class ControllerApp:
         self.store = store
         self.link = EdgeLink(settings, known_nodes=store.node_names)  # their retained status after a connect
         self.batches = BatchBus()
+        self.quarantine = BrokerQuarantine.for_settings(settings)  # runaway nodes shut out at the broker
         self.ingestor = Ingestor(store, self.link.publish_ack, batches=self.batches, batch_size=settings.batch_size,
                                  tune_gc=True, batch_interval_s=settings.batch_interval,
                                  budget=budget_limits(settings), queue_max=settings.ingest_queue_max,
                                  queue_max_bytes=settings.ingest_queue_max_bytes,
-                                 reject_log_every_s=settings.reject_log_interval)
+                                 reject_log_every_s=settings.reject_log_interval,
+                                 on_runaway=self.quarantine.runaway)
         self.identity = settings.client_id  # this replica's name in the leader Lease
         self.leading = asyncio.Event()  # set while this replica is the leader
         # every part sends its edge commands through the outbox
@@ -81,7 +84,7 @@ class ControllerApp:
     def http_app(self) -> web.Application:
         """The HTTP API, the dashboard, /metrics and every part's routes."""
         return make_app(self.services, ingestor=self.ingestor, link=self.link, parts=self.parts,
-                        command_resends=lambda: self.commands.resends)
+                        command_resends=lambda: self.commands.resends, quarantine=self.quarantine)
 
     def close(self) -> None:
         """Release the database and the Kubernetes client (after `run`, or instead of it)."""
@@ -100,6 +103,7 @@ class ControllerApp:
             asyncio.create_task(self.ingestor.run(), name="ingest"),
             asyncio.create_task(run_periodically(self._retention()), name="retention"),
             asyncio.create_task(self._lead_while_leader(stop), name="lead"),
+            asyncio.create_task(self.quarantine.run(), name="quarantine"),
         ]
         if self.kube is None:
             self.leading.set()  # no cluster, no Lease: run a single replica (documented)
@@ -191,7 +195,8 @@ def budget_limits(settings: CloudSettings) -> BudgetLimits:
                         bytes_per_second=settings.node_max_bytes_per_second,
                         events_per_minute=settings.node_max_events_per_minute,
                         event_burst=settings.node_event_burst, gpus=settings.node_max_gpus,
-                        burst_s=settings.node_burst, backlog=settings.node_max_backlog)
+                        burst_s=settings.node_burst, backlog=settings.node_max_backlog,
+                        runaway_drops_per_second=settings.node_runaway_drops_per_second)
 
 
 def check_kube_reachable(kube: Kube) -> None:

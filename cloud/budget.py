@@ -25,6 +25,12 @@ A node over a budget is flagged (`flags`: node -> the budget) until it has gone 
 without a refusal; `admit` and `sweep` report the transitions so the caller logs one line when a
 node goes over and one when it is back, never one per message. A limit of 0 turns that budget off.
 
+Dropping costs little here, but not nothing: a node flooding at full speed still fills the
+broker's queue for the controller, and every other node's messages wait behind its excess there.
+A node refused `runaway_drops_per_second` times within one second is a runaway (`Verdict.runaway`,
+once per flagged episode): the caller stops it at the broker (cloud/quarantine.py). An honest edge
+is refused at most one outbox window (1,000 events) per re-send wait, far below the default.
+
 Pure: state and the time in, a verdict out (tests drive it with their own clock).
 """
 
@@ -64,6 +70,7 @@ class BudgetLimits:
     gpus: int = 128
     burst_s: float = 10.0
     backlog: int = 3_000
+    runaway_drops_per_second: float = 2_000.0
 
 
 @dataclass
@@ -110,15 +117,20 @@ class NodeState:
     gpus: set[str] = field(default_factory=set)
     queued: int = 0  # admitted and not yet released (written or refused) by the ingest
     over: dict[Budget, float] = field(default_factory=dict)  # budget -> last refusal (time)
+    refusals_since: float = float("-inf")  # the first refusal of the second `refusals` counts
+    refusals: int = 0  # refusals within that second
+    runaway: bool = False  # reported as a runaway in this flagged episode
 
 
 @dataclass(frozen=True)
 class Verdict:
     """`refused`: the budget the message is over (drop it), None to admit it. `went_over`: this
-    refusal flagged the node (log it once)."""
+    refusal flagged the node (log it once). `runaway`: this refusal made the node a runaway (see
+    the module's docstring; reported once per episode)."""
 
     refused: Budget | None = None
     went_over: bool = False
+    runaway: bool = False
 
 
 ADMIT = Verdict()
@@ -211,6 +223,13 @@ class NodeBudgets:
         state.over[budget] = now
         went_over = node not in self.flags
         self.flags[node] = budget.value
+        if now - state.refusals_since >= 1.0:  # a new second of refusals, from this one on
+            state.refusals_since, state.refusals = now, 0
+        state.refusals += 1
+        threshold = self.limits.runaway_drops_per_second
+        if threshold > 0 and not state.runaway and state.refusals >= threshold:
+            state.runaway = True
+            return Verdict(budget, went_over, runaway=True)
         return _REFUSED[(budget, went_over)]
 
     def sweep(self, now: float) -> list[str]:
@@ -225,5 +244,6 @@ class NodeBudgets:
                 self.flags[node] = max(state.over.items(), key=lambda item: item[1])[0].value
             else:
                 del self.flags[node]
+                state.runaway = False
                 back.append(node)
         return back

@@ -208,6 +208,20 @@ class CloudSettings(KgpuSettings):
     node_burst: Seconds = Field(
         10.0, gt=0.0, le=3600.0, description="The message and byte budgets allow bursts of this many "
         "seconds of their rate")
+    node_runaway_drops_per_second: float = Field(
+        2_000.0, ge=0.0, description="A node whose messages are dropped this many times within a second "
+        "is a runaway: it is quarantined at the broker when broker_admin_username is set, logged otherwise "
+        "(0: never)")
+    node_quarantine: Seconds = Field(
+        300.0, ge=1.0, le=86400.0, description="A runaway node is shut out of the broker this long; each "
+        "further quarantine within node_quarantine_max doubles it")
+    node_quarantine_max: Seconds = Field(
+        3600.0, ge=1.0, le=7 * 86400.0, description="The longest quarantine of a repeat runaway")
+    broker_admin_username: str | None = Field(
+        None, description="A mosquitto dynamic-security admin (docs/broker.md): with it the controller "
+        "quarantines runaway nodes at the broker (kicks them and refuses their logins for node_quarantine)")
+    broker_admin_password_file: Path | None = Field(
+        None, description="File holding broker_admin_username's password")
     reject_log_interval: Seconds = Field(
         10.0, ge=0.0, le=3600.0, description="At most one log line per rejection reason this often "
         "(the others are counted in the next line)")

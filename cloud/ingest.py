@@ -177,7 +177,7 @@ class Ingestor:
                  batches: BatchBus | None = None, batch_size: int = 500, batch_interval_s: float = 0.1,
                  tune_gc: bool = False, budget: BudgetLimits | None = None,
                  queue_max: int = DEFAULT_QUEUE_MAX, queue_max_bytes: int = DEFAULT_QUEUE_MAX_BYTES,
-                 reject_log_every_s: float = 10.0) -> None:
+                 reject_log_every_s: float = 10.0, on_runaway: Callable[[str], None] | None = None) -> None:
         self.store = store
         self.tune_gc = tune_gc  # the controller's ingest is its hot loop: see tune_gc_for_ingest()
         self.publish_ack = publish_ack
@@ -189,6 +189,9 @@ class Ingestor:
         self.dropped: Counter[str] = Counter()  # by budget: messages (GPU samples/summaries for "gpus")
         self.budgets = NodeBudgets(budget if budget is not None else BudgetLimits())
         self._episode_drops: Counter[str] = Counter()  # node -> dropped since it went over
+        # A node refused faster than the budget's runaway rate (cloud/budget.py): called once per
+        # episode, on whichever thread refused it, under `_budget_lock`: it must only hand over.
+        self.on_runaway = on_runaway
         # budgets, dropped, _episode_drops and _topics are touched by `accept` on the MQTT network
         # threads and by the loop: always under this lock
         self._budget_lock = threading.Lock()
@@ -377,6 +380,8 @@ class Ingestor:
                 "(unacked events are sent again by the edge)", verdict.refused.value,
                 extra={"node": node, "budget": verdict.refused.value,
                        "limit": _limit_of(limits, verdict.refused)})
+        if verdict.runaway and self.on_runaway is not None:
+            self.on_runaway(node)
 
     def _sweep(self, now: float) -> None:
         self._swept_at = now

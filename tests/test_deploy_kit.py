@@ -286,7 +286,7 @@ PROMQL_WORDS = {"and", "or", "unless", "by", "without", "on", "ignoring", "group
 
 def exposed_metric_names() -> set[str]:
     names: set[str] = set()
-    sources = [*sorted((ROOT / "edge").glob("*metrics*.py")), *sorted((ROOT / "cloud/http").glob("*.py")),
+    sources = [*sorted((ROOT / "edge").glob("*metrics*.py")), *sorted((ROOT / "cloud").rglob("*.py")),
                *sorted((ROOT / "shared").glob("*.py"))]  # the dcgm and Kepler builders, kgpu_http_rejected_total
     for source in sources:
         text = source.read_text()

@@ -399,5 +399,5 @@ def _flood_until(mqtt: str, stop: threading.Event) -> int:
     for _ in range(60):
         if stop.is_set():
             break
-        sent += flood(mqtt, "flood-00000", "telemetry", 1.0)
+        sent += int(flood(mqtt, "flood-00000", "telemetry", 1.0)["sent"])
     return sent

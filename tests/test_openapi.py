@@ -152,7 +152,7 @@ def test_the_description_follows_the_code() -> None:
 
     cloud = cloud_spec().document["components"]["schemas"]
     assert set(cloud["Node"]["properties"]) == {c.name for c in nodes_table.columns} | {"gpu_summary", "clockSkewSeconds",
-                                                                                           "over_budget"}
+                                                                                           "over_budget", "quarantined_until"}
     assert set(cloud["Event"]["required"]) == {c.name for c in events_table.columns}
     assert set(cloud["RolloutRequest"]["properties"]) == {f.alias or n for n, f in RolloutRequest.model_fields.items()}
     spec_fields = set(cloud["PolicySpec"]["properties"])

@@ -20,6 +20,7 @@ from cloud.http.metrics import make_registry
 from cloud.ingest import Ingestor
 from cloud.link import EdgeLink
 from cloud.policies.resolution import NodeLabels
+from cloud.quarantine import BrokerQuarantine
 from cloud.rollout.plan import NodeState, RolloutState
 from cloud.rollout.request import RolloutRequest
 from cloud.services import Part, Services
@@ -59,6 +60,8 @@ from shared.topics import NODE_NAME_RE
 
 STORE: web.AppKey[FleetStore] = web.AppKey("store", FleetStore)
 INGESTOR: web.AppKey[Ingestor] = web.AppKey("ingestor", Ingestor)
+# node -> the end of its quarantine at the broker (cloud/quarantine.py), unix time
+QUARANTINED: web.AppKey[Callable[[], dict[str, float]]] = web.AppKey("quarantined")
 LINK: web.AppKey[EdgeLink] = web.AppKey("link", EdgeLink)
 READS = READ_POOL  # the API's own read threads (shared.http.ReadPool)
 LAG_UNHEALTHY_S: web.AppKey[float] = web.AppKey("ingest_lag_unhealthy_s", float)
@@ -83,7 +86,7 @@ def openapi_spec() -> OpenApi:
 
 
 def make_app(services: Services, *, ingestor: Ingestor, link: EdgeLink, parts: Sequence[Part],
-             command_resends: Callable[[], int]) -> web.Application:
+             command_resends: Callable[[], int], quarantine: BrokerQuarantine | None = None) -> web.Application:
     """The API, the dashboard, /metrics and every part's routes. Changes need the bearer token
     (cloud.auth); the description of every route is cloud/openapi.yaml, served at
     /api/v1/openapi.json."""
@@ -102,6 +105,9 @@ def make_app(services: Services, *, ingestor: Ingestor, link: EdgeLink, parts: S
     for part in parts:  # a part with figures of its own is a Prometheus collector (`collect()`)
         if callable(getattr(part, "collect", None)):
             registry.register(part)  # type: ignore[arg-type]
+    app[QUARANTINED] = quarantine.quarantined if quarantine is not None else dict
+    if quarantine is not None:
+        registry.register(quarantine)
     registry.register(ReadPoolCollector(reads))
     add_spec_route(app, openapi_spec())
 
@@ -193,13 +199,15 @@ async def healthz(request: web.Request) -> web.Response:
     return web.json_response(body, status=200 if body["status"] == "ok" else 503)
 
 
-def _with_ingest(skew: Mapping[str, float | None], flags: Mapping[str, str],
+def _with_ingest(skew: Mapping[str, float | None], flags: Mapping[str, str], quarantined: Mapping[str, float],
                  rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Node rows plus what this replica's ingest knows of each: its clock skew (`skew`), the
     node's clock minus ours (0 when in step, null before its first telemetry;
-    cloud/clock_skew.py), and `over_budget` (`flags`), the budget it is over right now (null:
-    within budget; cloud/budget.py)."""
-    return [{**row, "clockSkewSeconds": skew.get(row["name"]), "over_budget": flags.get(row["name"])} for row in rows]
+    cloud/clock_skew.py), `over_budget` (`flags`), the budget it is over right now (null:
+    within budget; cloud/budget.py), and `quarantined_until`, the end of its quarantine at the
+    broker (unix time; null: none; cloud/quarantine.py)."""
+    return [{**row, "clockSkewSeconds": skew.get(row["name"]), "over_budget": flags.get(row["name"]),
+             "quarantined_until": quarantined.get(row["name"])} for row in rows]
 
 
 def _next(kind: str, key: tuple[Any, ...] | str | None) -> str | None:
@@ -216,11 +224,12 @@ async def nodes(request: web.Request) -> web.Response:
             raise bad_query("not a valid cursor", "pass the next_cursor of the previous page unchanged")
         after = cursor[0]
     ingestor, store = request.app[INGESTOR], request.app[STORE]
-    skew, flags = dict(ingestor.clock.skew), dict(ingestor.budget_flags)  # copies: read in a thread below
+    # copies: read in a thread below
+    skew, flags, quarantined = dict(ingestor.clock.skew), dict(ingestor.budget_flags), request.app[QUARANTINED]()
 
     def page() -> bytes:  # the read and its JSON, in a read thread: the event loop is the ingest's too
         rows, last = store.nodes_page(after, limit)
-        return json_bytes({"nodes": _with_ingest(skew, flags, rows), "next_cursor": _next("nodes", last)})
+        return json_bytes({"nodes": _with_ingest(skew, flags, quarantined, rows), "next_cursor": _next("nodes", last)})
 
     return json_response(await request.app[READS].run(page))
 
@@ -233,7 +242,8 @@ async def node(request: web.Request) -> web.Response:
     if found is None:
         return json_error(404, "no such node", name)
     ingestor = request.app[INGESTOR]
-    return web.json_response(_with_ingest(ingestor.clock.skew, ingestor.budget_flags, [found])[0])
+    return web.json_response(_with_ingest(ingestor.clock.skew, ingestor.budget_flags, request.app[QUARANTINED](),
+                                          [found])[0])
 
 
 async def samples(request: web.Request) -> web.Response:
