@@ -56,7 +56,8 @@ class ControllerApp:
         self.store = store
         self.link = EdgeLink(settings, known_nodes=store.node_names)  # their retained status after a connect
         self.batches = BatchBus()
-        self.quarantine = BrokerQuarantine.for_settings(settings)  # runaway nodes shut out at the broker
+        # runaway nodes shut out at the broker (a failed quarantine is retried while the node is flagged)
+        self.quarantine = BrokerQuarantine.for_settings(settings, flagged=lambda: self.ingestor.budget_flags)
         self.ingestor = Ingestor(store, self.link.publish_ack, batches=self.batches, batch_size=settings.batch_size,
                                  tune_gc=True, batch_interval_s=settings.batch_interval,
                                  budget=budget_limits(settings), queue_max=settings.ingest_queue_max,

@@ -55,6 +55,7 @@ RESPONSE_TOPIC = f"{CONTROL_TOPIC}/response"
 QUARANTINE_MARK = "kgpu quarantine until "  # + unix time: the dynamic-security client's textname
 ANSWER_TIMEOUT_S = 5.0  # a broker that has not answered a command by then has no plugin (or no right)
 RELEASE_CHECK_S = 1.0  # how often due releases are looked for
+RETRY_S = 10.0  # a quarantine that failed is tried again this much later, if its node still floods
 
 
 # ---- decisions (pure) ---------------------------------------------------------------------------
@@ -103,9 +104,12 @@ class BrokerQuarantine:
 
     def __init__(self, rules: QuarantineRules, *, admin: BrokerAddress | None = None,
                  client_id: str = "kgpu-controller-broker-admin", tls: TlsOptions | None = None,
-                 password_file: Path | None = None) -> None:
+                 password_file: Path | None = None, flagged: Callable[[], Mapping[str, str]] = dict) -> None:
         self.rules = rules
         self.admin = admin
+        # the nodes over their budget now (the ingest's flags): a failed quarantine is tried again
+        # while its node is still flagged (a flood that goes on is one episode: no new runaway)
+        self.flagged = flagged
         self._loop: asyncio.AbstractEventLoop | None = None  # run()'s
         self._runaways: asyncio.Queue[str] = asyncio.Queue()
         self.until: dict[str, float] = {}  # node -> end of its quarantine (unix time)
@@ -129,18 +133,18 @@ class BrokerQuarantine:
             )
 
     @classmethod
-    def for_settings(cls, settings: CloudSettings) -> BrokerQuarantine:
+    def for_settings(cls, settings: CloudSettings, flagged: Callable[[], Mapping[str, str]] = dict) -> BrokerQuarantine:
         """From the controller's settings: the admin logs in to the controller's broker."""
         rules = QuarantineRules(settings.node_quarantine, max(settings.node_quarantine, settings.node_quarantine_max))
         username = settings.broker_admin_username
         if not username:
-            return cls(rules)
+            return cls(rules, flagged=flagged)
         address = parse_broker_url(settings.mqtt)
         admin = dataclasses.replace(address, username=username, password=None)
         tls = TlsOptions(settings.mqtt_ca_file, settings.mqtt_cert_file, settings.mqtt_key_file,
                          settings.mqtt_tls_insecure)
         return cls(rules, admin=admin, client_id=f"{settings.client_id}-broker-admin", tls=tls,
-                   password_file=settings.broker_admin_password_file)
+                   password_file=settings.broker_admin_password_file, flagged=flagged)
 
     def _from_thread(self, callback: Callable[[], object]) -> None:
         """Run `callback` on run()'s loop (from any thread); nothing before run() has started."""
@@ -155,7 +159,11 @@ class BrokerQuarantine:
 
     def runaway(self, node: str) -> None:
         """The ingest found `node` a runaway (cloud/budget.py). Thread-safe, does no I/O."""
-        self._from_thread(lambda: self._runaways.put_nowait(node))
+        self._from_thread(functools.partial(self._runaway, node))
+
+    def _runaway(self, node: str) -> None:
+        self.runaways += 1
+        self._runaways.put_nowait(node)
 
     def quarantined(self) -> dict[str, float]:
         """node -> the end of its quarantine (unix time), for /metrics and the API."""
@@ -204,7 +212,6 @@ class BrokerQuarantine:
                 await asyncio.to_thread(self.link.stop)
 
     async def _quarantine(self, node: str) -> None:
-        self.runaways += 1
         if node in self.until:
             return  # the rest of its flood, still arriving from the broker's queue
         if self.link is None:
@@ -225,7 +232,9 @@ class BrokerQuarantine:
                 if disabled.get("error"):
                     raise BrokerRefused(f"disableClient: {disabled['error']}")
         except (BrokerRefused, TimeoutError, ConnectionError) as exc:
-            self._failed(f"cannot quarantine node {node} at the broker: {exc}", node)
+            self._failed(f"cannot quarantine node {node} at the broker (tried again in {RETRY_S:.0f} s while it "
+                         f"is over its budget): {exc}", node)
+            asyncio.get_running_loop().call_later(RETRY_S, self._retry, node)
             return
         self.until[node] = end
         self.problem = None
@@ -235,6 +244,10 @@ class BrokerQuarantine:
                     "(%.0f s); its events stay in its outbox and are sent when it is back",
                     time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(end)), end - time.time(),
                     extra={"node": node})
+
+    def _retry(self, node: str) -> None:
+        if node in self.flagged() and node not in self.until:
+            self._runaways.put_nowait(node)
 
     async def _quarantine_existing(self, node: str, end: float, error: str) -> float:
         """createClient refused: the node is a dynamic-security client already. Ours (another

@@ -237,3 +237,29 @@ def test_without_an_admin_login_a_runaway_is_reported_and_left_connected(tmp_pat
     finally:
         flooder.stop()
         cloud.stop()
+
+
+def test_a_broker_that_does_not_answer_is_reported_and_the_quarantine_tried_again(tmp_path: Path) -> None:
+    """The admin logs in, but the broker has no dynamic-security plugin: nothing answers."""
+    if mosquitto_binary() is None:
+        pytest.skip("mosquitto not installed (scripts/test.sh installs it)")
+    broker = Mosquitto(tmp_path / "broker", users={**USERS, ADMIN[0]: ADMIN[1]}, acl=SHIPPED_ACL.read_text()).start()
+    cloud = controller(tmp_path, broker, "cloud-1")
+    flooder = Flooder(broker, "flood-1", USERS["flood-1"])
+    try:
+        wait_for(lambda: cloud.metric("kgpu_broker_quarantine_failures_total") >= 1, timeout=30,
+                 what="the unanswered listClients after the connect")
+        assert cloud.metric("kgpu_broker_quarantine_ready") == 0
+        flooder.start()
+        wait_for(lambda: cloud.metric("kgpu_ingest_runaways_total") >= 1, timeout=30, what="a runaway")
+        # one runaway, tried again while it floods: 5 s for each unanswered command, 10 s apart
+        wait_for(lambda: cloud.metric("kgpu_broker_quarantine_failures_total") >= 3, timeout=60, interval=1.0,
+                 what="the quarantine tried again")
+        assert cloud.metric("kgpu_ingest_runaways_total") == 1
+        assert cloud.metric("kgpu_broker_quarantines_total") == 0
+        assert not flooder.disconnected.is_set()
+        assert "no answer on $CONTROL/dynamic-security/v1/response" in cloud.log_path.read_text()
+    finally:
+        flooder.stop()
+        cloud.stop()
+        broker.stop()
