@@ -14,7 +14,8 @@ every message is weighed against its node's budget BEFORE it is queued (cloud/in
   refused). The queues between the broker and the fleet store are first come, first served, so
   a node whose messages are admitted faster than the store writes them would otherwise fill them,
   and every other node's messages would wait behind its backlog. At `backlog` messages its
-  telemetry and events are dropped (the edge re-sends unacked events) until the store catches up:
+  telemetry and events are dropped (the edge re-sends unacked events) until the store has written
+  half of them (so that a flood is refused in runs, not let in a message at a time as each is written):
   another node's message never waits behind more than `backlog` of them. An honest edge has at
   most one outbox window (1,000 events) and a few telemetry messages in flight.
 
@@ -30,6 +31,9 @@ broker's queue for the controller, and every other node's messages wait behind i
 A node refused `runaway_drops_per_second` times within one second is a runaway (`Verdict.runaway`,
 once per flagged episode): the caller stops it at the broker (cloud/quarantine.py). An honest edge
 is refused at most one outbox window (1,000 events) per re-send wait, far below the default.
+From then until its flag clears, everything it sends but its status is refused (`Budget.RUNAWAY`):
+the store stops spending on the flood, and the flood's rest, still queued in the broker, is read
+for the cost of a drop.
 
 Pure: state and the time in, a verdict out (tests drive it with their own clock).
 """
@@ -54,6 +58,7 @@ class Budget(enum.StrEnum):
     EVENTS = "events_per_minute"
     GPUS = "gpus"
     BACKLOG = "backlog"
+    RUNAWAY = "runaway"  # everything but its status, once it is a runaway, until its flag clears
 
 
 BUDGETS: tuple[str, ...] = tuple(b.value for b in Budget)
@@ -116,6 +121,7 @@ class NodeState:
     statuses: TokenBucket
     gpus: set[str] = field(default_factory=set)
     queued: int = 0  # admitted and not yet released (written or refused) by the ingest
+    draining: bool = False  # hit the backlog: refused until half of it is written
     over: dict[Budget, float] = field(default_factory=dict)  # budget -> last refusal (time)
     refusals_since: float = float("-inf")  # the first refusal of the second `refusals` counts
     refusals: int = 0  # refusals within that second
@@ -168,9 +174,13 @@ class NodeBudgets:
                 state.queued += 1
                 return ADMIT
             return self._refuse(node, state, Budget.MESSAGES, now)
+        if state.runaway:  # nothing more of a flood is worth reading: what is queued drains faster
+            return self._refuse(node, state, Budget.RUNAWAY, now)
         backlog = self.limits.backlog
-        if backlog > 0 and state.queued >= backlog:
+        if backlog > 0 and (state.queued >= backlog or (state.draining and state.queued > backlog // 2)):
+            state.draining = True  # refused until half of it is written: a flood is refused in runs
             return self._refuse(node, state, Budget.BACKLOG, now)
+        state.draining = False
         if event:
             if not state.events.take(1.0, now):
                 return self._refuse(node, state, Budget.EVENTS, now)

@@ -500,4 +500,4 @@ class Ingestor:
 def _limit_of(limits: BudgetLimits, budget: Budget) -> float:
     return {Budget.MESSAGES: limits.messages_per_second, Budget.BYTES: limits.bytes_per_second,
             Budget.EVENTS: limits.events_per_minute, Budget.GPUS: float(limits.gpus),
-            Budget.BACKLOG: float(limits.backlog)}[budget]
+            Budget.BACKLOG: float(limits.backlog), Budget.RUNAWAY: limits.runaway_drops_per_second}[budget]

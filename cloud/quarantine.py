@@ -89,6 +89,27 @@ def parse_mark(textname: object) -> float | None:
         return None
 
 
+@dataclass(frozen=True)
+class Sent:
+    """A quarantine's commands on their way: the end they carry and their correlation data."""
+
+    end: float
+    create: str
+    disable: str
+
+
+def _quarantine_commands(node: str, sent: Sent) -> list[dict[str, Any]]:
+    """A dynamic-security client of the node's name, with a random password and the end in its
+    text name, then disabled: creating alone does not disconnect the node, disabling does."""
+    return [{"command": "createClient", "username": node, "password": secrets.token_urlsafe(24),
+             "textname": f"{QUARANTINE_MARK}{sent.end:.0f}", "correlationData": sent.create},
+            {"command": "disableClient", "username": node, "correlationData": sent.disable}]
+
+
+def _commands(commands: list[dict[str, Any]]) -> bytes:
+    return json.dumps({"commands": commands}).encode()
+
+
 # ---- the broker's side --------------------------------------------------------------------------
 
 
@@ -111,7 +132,7 @@ class BrokerQuarantine:
         # while its node is still flagged (a flood that goes on is one episode: no new runaway)
         self.flagged = flagged
         self._loop: asyncio.AbstractEventLoop | None = None  # run()'s
-        self._runaways: asyncio.Queue[str] = asyncio.Queue()
+        self._runaways: asyncio.Queue[tuple[str, Sent | None]] = asyncio.Queue()
         self.until: dict[str, float] = {}  # node -> end of its quarantine (unix time)
         self._existed: set[str] = set()  # quarantined nodes that were dynamic-security clients before
         self._earlier: dict[str, int] = {}  # node -> quarantines since start (repeat runaways)
@@ -158,12 +179,25 @@ class BrokerQuarantine:
     # ---- in -----------------------------------------------------------------------------------
 
     def runaway(self, node: str) -> None:
-        """The ingest found `node` a runaway (cloud/budget.py). Thread-safe, does no I/O."""
-        self._from_thread(functools.partial(self._runaway, node))
+        """The ingest found `node` a runaway (cloud/budget.py). Thread-safe. With the admin
+        connection up, the quarantine's commands leave at once, from the calling thread (the MQTT
+        network thread that refused the flood): every moment the node floods on fills the broker's
+        queue for the controller further, and the loop is busy with that flood. The loop only
+        follows up their answers."""
+        sent = None
+        if self.link is not None and self.link.connected.is_set() and node not in self.until:
+            end = time.time() + quarantine_seconds(self.rules, self._earlier.get(node, 0))
+            sent = Sent(end, self._correlation(), self._correlation())
+        # scheduled before the commands leave, so their answers find their futures on the loop
+        self._from_thread(functools.partial(self._runaway, node, sent))
+        if sent is not None and self.link is not None:
+            self.link.publish(CONTROL_TOPIC, _commands(_quarantine_commands(node, sent)), qos=1)
 
-    def _runaway(self, node: str) -> None:
+    def _runaway(self, node: str, sent: Sent | None) -> None:
         self.runaways += 1
-        self._runaways.put_nowait(node)
+        if sent is not None:
+            self._expect(sent.create, sent.disable)
+        self._runaways.put_nowait((node, sent))
 
     def quarantined(self) -> dict[str, float]:
         """node -> the end of its quarantine (unix time), for /metrics and the API."""
@@ -203,15 +237,23 @@ class BrokerQuarantine:
                 for node in due(self.until, time.time()):
                     await self._release(node)
                 try:
-                    node = await asyncio.wait_for(self._runaways.get(), RELEASE_CHECK_S)
+                    node, sent = await asyncio.wait_for(self._runaways.get(), RELEASE_CHECK_S)
                 except TimeoutError:
                     continue
-                await self._quarantine(node)
+                await self._quarantine(node, sent)
         finally:
             if self.link is not None:
                 await asyncio.to_thread(self.link.stop)
 
-    async def _quarantine(self, node: str) -> None:
+    async def _quarantine(self, node: str, sent: Sent | None) -> None:
+        try:
+            await self._quarantine_answered(node, sent)
+        finally:
+            if sent is not None:
+                for correlation in (sent.create, sent.disable):
+                    self._answers.pop(correlation, None)
+
+    async def _quarantine_answered(self, node: str, sent: Sent | None) -> None:
         if node in self.until:
             return  # the rest of its flood, still arriving from the broker's queue
         if self.link is None:
@@ -219,18 +261,19 @@ class BrokerQuarantine:
                         "every other node; set broker_admin_username to quarantine it at the broker "
                         "(docs/broker.md)", extra={"node": node})
             return
-        seconds = quarantine_seconds(self.rules, self._earlier.get(node, 0))
-        end = time.time() + seconds
         try:
-            answer = await self._command({"command": "createClient", "username": node,
-                                          "password": secrets.token_urlsafe(24),
-                                          "textname": f"{QUARANTINE_MARK}{end:.0f}"})
-            if answer.get("error"):
-                end = await self._quarantine_existing(node, end, str(answer["error"]))
-            else:  # creating the client does not disconnect the node's connection; disabling it does
-                disabled = await self._command({"command": "disableClient", "username": node})
-                if disabled.get("error"):
-                    raise BrokerRefused(f"disableClient: {disabled['error']}")
+            if sent is None:  # the link was down when the runaway was found, or this is a retry
+                self._check_link()
+                end = time.time() + quarantine_seconds(self.rules, self._earlier.get(node, 0))
+                sent = Sent(end, self._correlation(), self._correlation())
+                self._expect(sent.create, sent.disable)
+                self._publish(_quarantine_commands(node, sent))
+            created, disabled = await self._answer(sent.create), await self._answer(sent.disable)
+            end = sent.end
+            if created.get("error"):
+                end = await self._quarantine_existing(node, end, str(created["error"]))
+            if disabled.get("error"):
+                raise BrokerRefused(f"disableClient: {disabled['error']}")
         except (BrokerRefused, TimeoutError, ConnectionError) as exc:
             self._failed(f"cannot quarantine node {node} at the broker (tried again in {RETRY_S:.0f} s while it "
                          f"is over its budget): {exc}", node)
@@ -247,11 +290,12 @@ class BrokerQuarantine:
 
     def _retry(self, node: str) -> None:
         if node in self.flagged() and node not in self.until:
-            self._runaways.put_nowait(node)
+            self._runaways.put_nowait((node, None))
 
     async def _quarantine_existing(self, node: str, end: float, error: str) -> float:
-        """createClient refused: the node is a dynamic-security client already. Ours (another
-        replica's, or from before a restart): keep its end. The broker's own: disable it."""
+        """createClient refused: the node is a dynamic-security client already (the disableClient
+        sent with it has disabled that client). Ours (another replica's, or from before a restart):
+        keep its end. The broker's own: enable it again at the end."""
         answer = await self._command({"command": "getClient", "username": node})
         if answer.get("error"):
             raise BrokerRefused(f"createClient: {error}; getClient: {answer['error']}")
@@ -259,9 +303,6 @@ class BrokerQuarantine:
         ours = parse_mark(client.get("textname"))
         if ours is not None:
             return ours
-        disabled = await self._command({"command": "disableClient", "username": node})
-        if disabled.get("error"):
-            raise BrokerRefused(f"disableClient: {disabled['error']}")
         self._existed.add(node)
         return end
 
@@ -306,17 +347,35 @@ class BrokerQuarantine:
 
     async def _command(self, command: dict[str, Any]) -> dict[str, Any]:
         """Send one dynamic-security command; its response (a dict, with "error" when refused)."""
+        self._check_link()
+        correlation = self._correlation()
+        self._expect(correlation)
+        self._publish([{**command, "correlationData": correlation}])
+        return await self._answer(correlation)
+
+    def _correlation(self) -> str:
+        return f"kgpu-{next(self._ids)}"  # itertools.count: safe from any thread
+
+    def _expect(self, *correlations: str) -> None:
+        """On the loop, before the commands leave: where their answers will go."""
+        loop = asyncio.get_running_loop()
+        for correlation in correlations:
+            self._answers[correlation] = loop.create_future()
+
+    def _check_link(self) -> None:
         assert self.link is not None
         if not self.link.connected.is_set():
             raise ConnectionError(self.link.last_error or "the admin connection to the broker is down")
-        correlation = f"kgpu-{next(self._ids)}"
-        answer: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        self._answers[correlation] = answer
-        payload = json.dumps({"commands": [{**command, "correlationData": correlation}]}).encode()
+
+    def _publish(self, commands: list[dict[str, Any]]) -> None:
+        assert self.link is not None
+        if not self.link.publish(CONTROL_TOPIC, _commands(commands), qos=1):
+            raise ConnectionError("the admin connection's outgoing queue is full")
+
+    async def _answer(self, correlation: str) -> dict[str, Any]:
+        """The response to the command sent with `correlation` (expected with `_expect`)."""
         try:
-            if not self.link.publish(CONTROL_TOPIC, payload, qos=1):
-                raise ConnectionError("the admin connection's outgoing queue is full")
-            return await asyncio.wait_for(answer, ANSWER_TIMEOUT_S)
+            return await asyncio.wait_for(self._answers[correlation], ANSWER_TIMEOUT_S)
         except TimeoutError:
             raise TimeoutError(f"no answer on {RESPONSE_TOPIC} within {ANSWER_TIMEOUT_S:.0f} s (is mosquitto's "
                                "dynamic-security plugin loaded, and the admin user given its admin role?)") from None
@@ -332,9 +391,9 @@ class BrokerQuarantine:
             return
         for response in responses if isinstance(responses, list) else []:
             if isinstance(response, dict):
-                self._from_thread(functools.partial(self._answer, response))
+                self._from_thread(functools.partial(self._deliver, response))
 
-    def _answer(self, response: dict[str, Any]) -> None:
+    def _deliver(self, response: dict[str, Any]) -> None:
         answer = self._answers.get(str(response.get("correlationData")))
         if answer is not None and not answer.done():
             answer.set_result(response)
