@@ -197,7 +197,9 @@ def budget_limits(settings: CloudSettings) -> BudgetLimits:
                         events_per_minute=settings.node_max_events_per_minute,
                         event_burst=settings.node_event_burst, gpus=settings.node_max_gpus,
                         burst_s=settings.node_burst, backlog=settings.node_max_backlog,
-                        runaway_drops_per_second=settings.node_runaway_drops_per_second)
+                        runaway_drops_per_second=settings.node_runaway_drops_per_second,
+                        # a replica does not see the acks the others publish: its "last ack" lags
+                        events_ahead=0 if settings.shared_subscription else settings.node_max_events_ahead)
 
 
 def check_kube_reachable(kube: Kube) -> None:

@@ -31,6 +31,9 @@ broker's queue for the controller, and every other node's messages wait behind i
 A node refused `runaway_drops_per_second` times within one second is a runaway (`Verdict.runaway`,
 once per flagged episode): the caller stops it at the broker (cloud/quarantine.py). An honest edge
 is refused at most one outbox window (1,000 events) per re-send wait, far below the default.
+Events are also weighed against what was acked (`admit_seq`, `events_ahead`): an edge never sends
+more than its outbox window past its last ack, so a flood of events is refused, and found a runaway,
+as soon as it is read past that, not only once the store falls behind.
 From then until its flag clears, everything it sends but its status is refused (`Budget.RUNAWAY`):
 the store stops spending on the flood, and the flood's rest, still queued in the broker, is read
 for the cost of a drop.
@@ -58,6 +61,7 @@ class Budget(enum.StrEnum):
     EVENTS = "events_per_minute"
     GPUS = "gpus"
     BACKLOG = "backlog"
+    AHEAD = "events_ahead"  # an event further past the node's last ack than any edge's window
     RUNAWAY = "runaway"  # everything but its status, once it is a runaway, until its flag clears
 
 
@@ -76,6 +80,7 @@ class BudgetLimits:
     burst_s: float = 10.0
     backlog: int = 3_000
     runaway_drops_per_second: float = 2_000.0
+    events_ahead: int = 2_000
 
 
 @dataclass
@@ -151,6 +156,7 @@ class NodeBudgets:
         self.limits = limits
         self.nodes: dict[str, NodeState] = {}
         self.flags: dict[str, str] = {}  # node -> the budget it is over now (the newest)
+        self.acked: dict[str, int] = {}  # node -> the last ack this process published to it (`note_ack`)
 
     def _state(self, node: str, now: float) -> NodeState:
         state = self.nodes.get(node)
@@ -190,6 +196,25 @@ class NodeBudgets:
             return self._refuse(node, state, Budget.BYTES, now)
         state.queued += 1
         return ADMIT
+
+    def note_ack(self, node: str, upto: int) -> None:
+        """This process acked the node's events up to `upto` (published after the commit)."""
+        self.acked[node] = upto
+
+    def admit_seq(self, node: str, seq: int, now: float) -> Verdict:
+        """An admitted event's seq against what was acked to its node: an edge sends at most its
+        `outbox_window` past its last ack, and its last ack is one this process published (or an
+        older one), so an event more than `events_ahead` past the last ack published here comes
+        from something that does not wait for acks. Refused (the edge sends it again, paced: an
+        honest edge ahead for another reason, e.g. a fleet database restored behind it, loses
+        nothing), and refusals at a flood's rate make it a runaway within a fraction of a second,
+        where the other budgets wait for the store to fall behind. Unknown until the first ack
+        this process publishes to the node: a restarted controller judges no one."""
+        ahead = self.limits.events_ahead
+        acked = self.acked.get(node)
+        if ahead <= 0 or acked is None or seq <= acked + ahead:
+            return ADMIT
+        return self._refuse(node, self._state(node, now), Budget.AHEAD, now)
 
     def release(self, node: str, count: int = 1) -> None:
         """`count` of the node's admitted messages were written, or refused after admission."""

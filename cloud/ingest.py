@@ -286,6 +286,9 @@ class Ingestor:
         if within is None:
             self._release_topic(message.topic)
             return None
+        seq = within.envelope.seq
+        if seq is not None and not self._within_seq_budget(within.envelope.node, seq, now):
+            return None
         incoming = within
         envelope = incoming.envelope
         self.accepted[envelope.kind.value] += 1
@@ -343,6 +346,17 @@ class Ingestor:
         queued = self.admit(message)
         if queued is not None:
             self.queue.put_nowait(queued)
+
+    def _within_seq_budget(self, node: str, seq: int, now: float) -> bool:
+        """An event no further past the node's last ack than an edge may send (cloud/budget.py
+        `admit_seq`); False: dropped, counted, out of the node's backlog."""
+        with self._budget_lock:
+            verdict = self.budgets.admit_seq(node, seq, now)
+            if verdict.refused is None:
+                return True
+            self.budgets.release(node)  # admitted by `accept`: out of its backlog again
+            self._drop(node, verdict, 1)
+            return False
 
     def _within_gpu_budget(self, incoming: Incoming, now: float) -> Incoming | None:
         """Leave out the samples (telemetry) or summaries (status) of GPUs beyond the node's
@@ -487,6 +501,10 @@ class Ingestor:
                 self.publish_ack(node, upto, epoch, conflict=True)
             else:
                 self.publish_ack(node, upto, epoch)
+        if result.acks:
+            with self._budget_lock:
+                for node, (upto, _epoch) in result.acks.items():
+                    self.budgets.note_ack(node, upto)
         if not result.deferred:
             self.release(q.node for q in queued)
             await self.bus.deliver(batch)
@@ -500,4 +518,5 @@ class Ingestor:
 def _limit_of(limits: BudgetLimits, budget: Budget) -> float:
     return {Budget.MESSAGES: limits.messages_per_second, Budget.BYTES: limits.bytes_per_second,
             Budget.EVENTS: limits.events_per_minute, Budget.GPUS: float(limits.gpus),
-            Budget.BACKLOG: float(limits.backlog), Budget.RUNAWAY: limits.runaway_drops_per_second}[budget]
+            Budget.BACKLOG: float(limits.backlog), Budget.RUNAWAY: limits.runaway_drops_per_second,
+            Budget.AHEAD: float(limits.events_ahead)}[budget]

@@ -44,7 +44,8 @@ class EdgeSettings(KgpuSettings):
     mqtt_password_file: Path | None = Field(
         None, description="File holding the MQTT password (e.g. a mounted Secret); overrides the URL's"
     )
-    outbox_window: int = Field(1000, ge=1, le=10_000, description="Events published but not yet acked, at most")
+    outbox_window: int = Field(1000, ge=1, le=10_000, description="Events published but not yet acked, at "
+                               "most (raised: raise the controller's node_max_events_ahead to twice this)")
     ack_timeout: Seconds = Field(15.0, ge=1.0, description="Re-send unacked events after this long without an ack")
     ack_timeout_max: Seconds = Field(
         120.0, ge=1.0, description="While the cloud is behind, unacked events wait ack_timeout plus twice the lag "

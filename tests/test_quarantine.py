@@ -58,25 +58,53 @@ def test_an_edge_catching_up_a_long_outage_is_paced_never_a_runaway() -> None:
     """The default budget against an honest edge (edge/sync.py: a window of 1,000 unacked events,
     re-sent from the first unacked after the ack timeout) with a million events to deliver."""
     budgets = NodeBudgets(BudgetLimits())
-    now, acked, runaways, refusals = 0.0, 0, 0, 0
+    budgets.note_ack("edge", 0)
+    now, acked, runaways, refusals, ahead = 0.0, 0, 0, 0, 0
     stored: set[int] = set()
     while acked < 1_000_000 and now < 3 * 3600:
         highest = min(1_000_000, acked + 1000)
         for seq in range(acked + 1, highest + 1):
             if seq in stored:
                 continue
-            verdict = budgets.admit("edge", 400, event=True, status=False, now=now + (seq - acked) / 50_000)
+            at = now + (seq - acked) / 50_000
+            verdict = budgets.admit("edge", 400, event=True, status=False, now=at)
+            if verdict.refused is None:
+                verdict = budgets.admit_seq("edge", seq, at)
+                ahead += verdict.refused is Budget.AHEAD
             runaways += verdict.runaway
+            budgets.release("edge")  # written, or refused after admission
             if verdict.refused is None:
                 stored.add(seq)
-                budgets.release("edge")
             else:
                 refusals += 1
         while acked + 1 in stored:
             acked += 1
+        budgets.note_ack("edge", acked)  # published after the commit
         now += 0.05 if acked == highest else 5.0  # the re-send wait (ack_timeout) at its shortest
     assert acked == 1_000_000 and refusals > 0  # paced by the budget, delivered in full
-    assert runaways == 0
+    assert runaways == 0 and ahead == 0  # never further past its ack than its window
+
+
+def test_events_far_past_the_last_ack_are_refused_and_a_flood_of_them_is_a_runaway_at_once() -> None:
+    budgets = NodeBudgets(BudgetLimits(events_ahead=2000))
+    assert budgets.admit_seq("n", 10**9, 0.0).refused is None  # no ack published yet: not judged
+    budgets.note_ack("n", 100)
+    assert budgets.admit_seq("n", 2100, 0.0).refused is None
+    assert budgets.admit_seq("n", 2101, 0.0).refused is Budget.AHEAD
+    # a flood read past its ack: refused from the 2,001st event on, a runaway 2,000 refusals later
+    budgets.note_ack("flood", 0)
+    verdicts = [budgets.admit_seq("flood", seq, 1.0 + seq / 10_000) for seq in range(1, 6001)]
+    refused = [i for i, v in enumerate(verdicts) if v.refused is not None]
+    assert refused[0] == 2000
+    assert [i for i, v in enumerate(verdicts) if v.runaway] == [3999]
+    # an honest edge ahead of this controller's acks (a fleet database restored behind it): its
+    # window refused once per re-send, never a runaway
+    budgets.note_ack("restored", 0)
+    for attempt in range(20):
+        at = 100.0 + attempt * 5.0
+        assert not any(budgets.admit_seq("restored", seq, at + (seq - 50_000) / 10_000).runaway
+                       for seq in range(50_001, 51_001))
+    assert budgets.flags["restored"] == "events_ahead"
 
 
 def test_a_repeat_runaway_is_shut_out_longer_each_time_up_to_the_maximum() -> None:
