@@ -24,12 +24,14 @@ the controller dropped by budget, and the flag on the flooding node.
     python -m bench.flood --mode telemetry --seconds 30
     python -m bench.flood --mode all --seconds 30     # the three, one after the other
     python -m bench.flood --mode events --no-quarantine
+    python -m bench.flood --mode events --replicas 2     # a $share group on PostgreSQL, as deployed
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import os
 import re
@@ -43,15 +45,19 @@ from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from bench.common import Row, broker_and_controller, metric_sum, peak_rss_mib, rss_mib
+from bench.common import Row, broker_and_controller, metric_sum, peak_rss_mib, rss_mib, start_postgres_server
 from cloud.ingest import DROP_REASONS
 from kgpu.lab.fleetsim import FleetOptions, FleetSim
 from kgpu.lab.fleetsim.node import percentile
 from shared.gpu import GpuSample
 from shared.mqtt import parse_broker_url
 from shared.protocol import ActionOutcome, DecisionBody, Kind, TelemetryBody, make_envelope
+
+if TYPE_CHECKING:
+    from kgpu.lab.broker import Mosquitto
+    from tests.helpers.cloud_process import CloudProcess
 
 MODES = ("telemetry", "uuids", "events")
 FLOODER = "flood-00000"
@@ -228,8 +234,39 @@ def _flags(base: str) -> dict[str, str]:
     return flags
 
 
+def _connected(base: str) -> bool:
+    return metric_sum(base, "kgpu_mqtt_connected") == 1
+
+
+def start_replicas(stack: ExitStack, work: Path, broker_options: dict[str, Any], env: dict[str, str],
+                   replicas: int) -> tuple[Mosquitto, list[CloudProcess]]:
+    """A mosquitto and `replicas` controllers: one on SQLite, or a `$share` group on a throwaway
+    PostgreSQL (as deploy/cloud/deployment.yaml runs them)."""
+    if replicas == 1:
+        broker, cloud = broker_and_controller(stack, work, broker_options=broker_options, env=env)
+        return broker, [cloud]
+    from kgpu.lab.broker import Mosquitto
+    from kgpu.lab.processes import wait_for
+    from tests.helpers.cloud_process import CloudProcess
+    from tests.helpers.postgres import create_database
+
+    broker = Mosquitto(work / "broker", **broker_options).start()
+    stack.callback(broker.stop)
+    server = start_postgres_server()
+    stack.callback(server.stop)
+    db_url = create_database(server.admin_url)
+    clouds = [CloudProcess(work / f"cloud{i}", broker.url, db=db_url, extra_args=["--shared-subscription", "kgpu"],
+                           env={"KGPU_LOG_LEVEL": "warning", **env}) for i in range(replicas)]
+    for cloud in clouds:
+        cloud.start()
+        stack.callback(cloud.stop)
+    for cloud in clouds:
+        wait_for(functools.partial(_connected, cloud.base), timeout=60, interval=0.2, what="controller connected")
+    return broker, clouds
+
+
 async def run(mode: str, seconds: float, honest: int = 5, warmup_s: float = 8.0, rate: float = 0.0,
-              quarantine: bool = True) -> FloodResult:
+              quarantine: bool = True, replicas: int = 1) -> FloodResult:
     with ExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory()))
         admin_password = tmp / "admin-password"
@@ -239,10 +276,13 @@ async def run(mode: str, seconds: float, honest: int = 5, warmup_s: float = 8.0,
         if quarantine:
             broker_options["dynsec_admin"] = ADMIN
             env = {"KGPU_BROKER_ADMIN_USERNAME": ADMIN[0], "KGPU_BROKER_ADMIN_PASSWORD_FILE": str(admin_password)}
-        broker, cloud = broker_and_controller(stack, tmp, broker_options=broker_options, env=env)
+        broker, clouds = start_replicas(stack, tmp, broker_options, env, replicas)
         flooder_url = f"mqtt://{FLOODER}:{FLOODER_PASSWORD}@127.0.0.1:{broker.port}"
-        assert cloud.proc is not None
-        pid = cloud.proc.pid
+        pids = [cloud.proc.pid for cloud in clouds if cloud.proc is not None]
+
+        def total(name: str, **labels: str) -> float:
+            return sum(metric_sum(cloud.base, name, **labels) for cloud in clouds)
+
         sim = FleetSim(FleetOptions(mqtt=broker.url, nodes=honest, gpus=8, interval_s=2.0, event_every_s=1.0,
                                     status_interval_s=25.0, prefix="honest", ack_timeout_s=15.0))
         await sim.start()
@@ -251,41 +291,40 @@ async def run(mode: str, seconds: float, honest: int = 5, warmup_s: float = 8.0,
                 raise SystemExit("the honest nodes did not connect")
             await asyncio.sleep(warmup_s)
             baseline = sim.event_lag.window(since=time.monotonic() - warmup_s / 2)
-            rss_before = rss_mib(pid)
+            rss_before = max(rss_mib(pid) for pid in pids)
             started = time.monotonic()
             flooder = subprocess.Popen(
-                [sys.executable, "-m", "bench.flood", "--flooder", mode, "--mqtt", flooder_url, "--seconds", str(seconds), "--rate", str(rate)],
-                stdout=subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                [sys.executable, "-m", "bench.flood", "--flooder", mode, "--mqtt", flooder_url, "--seconds", str(seconds),
+                 "--rate", str(rate)], stdout=subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"})
             rss_max, flagged = 0.0, {}
             while flooder.poll() is None:
                 await asyncio.sleep(0.5)
-                rss_max = max(rss_max, rss_mib(pid))
-                try:
-                    flagged.update(await asyncio.to_thread(_flags, cloud.base))
-                except OSError:
-                    pass  # a scrape that timed out under the flood is a figure too: see the lag
+                rss_max = max(rss_max, *(rss_mib(pid) for pid in pids))
+                for cloud in clouds:
+                    try:
+                        flagged.update(await asyncio.to_thread(_flags, cloud.base))
+                    except OSError:
+                        pass  # a scrape that timed out under the flood is a figure too: see the lag
             out, _ = flooder.communicate()
             ended = time.monotonic()
             report = json.loads(out.decode().strip().splitlines()[-1])
             sent = int(report["sent"])
             during = sim.event_lag.window(since=started, until=ended + 2.0)
             await asyncio.sleep(5.0)  # what the flood left queued is written; honest outboxes drain
-            dropped = {reason: metric_sum(cloud.base, "kgpu_ingest_dropped_total", reason=reason)
-                       for reason in DROP_REASONS}
-            node = cloud.node_state(FLOODER) or {}
+            dropped = {reason: total("kgpu_ingest_dropped_total", reason=reason) for reason in DROP_REASONS}
+            node = clouds[0].node_state(FLOODER) or {}
             gpu_rows = len(node.get("gpus") or [])
             result = FloodResult(
                 mode=mode, seconds=ended - started, honest_nodes=honest, flood_sent=sent,
-                rss_before_mib=rss_before, rss_peak_mib=peak_rss_mib(pid), rss_max_sampled_mib=rss_max,
-                rss_after_mib=rss_mib(pid), dropped=dropped, flagged=flagged,
+                rss_before_mib=rss_before, rss_peak_mib=max(peak_rss_mib(pid) for pid in pids),
+                rss_max_sampled_mib=rss_max, rss_after_mib=max(rss_mib(pid) for pid in pids), dropped=dropped,
+                flagged=flagged,
                 baseline_lag_p50_s=percentile(baseline, 50), baseline_lag_max_s=baseline[-1] if baseline else float("nan"),
                 lag_p50_s=percentile(during, 50), lag_max_s=during[-1] if during else float("nan"),
                 honest_events=len(during), honest_unacked_after=sim.outbox_depth(), gpu_rows_flooder=gpu_rows,
-                flooder_events_stored=metric_sum(cloud.base, "kgpu_ingest_events_stored_total")
-                - sim.counters.events_acked,
+                flooder_events_stored=total("kgpu_ingest_events_stored_total") - sim.counters.events_acked,
                 quarantine=quarantine, kicked_after_s=report["kicked_after_s"],
-                refused_logins=int(report["refused_logins"]),
-                quarantines=metric_sum(cloud.base, "kgpu_broker_quarantines_total"))
+                refused_logins=int(report["refused_logins"]), quarantines=total("kgpu_broker_quarantines_total"))
         finally:
             await sim.stop()
     return result
@@ -336,6 +375,8 @@ def main() -> int:
                         help="the flooder's messages a second (default 0: as fast as it can)")
     parser.add_argument("--quarantine", action=argparse.BooleanOptionalAction, default=True,
                         help="the broker's dynamic-security plugin and the controller's admin login (default: on)")
+    parser.add_argument("--replicas", type=int, default=1,
+                        help="controllers: 1 on SQLite, more as a $share group on a throwaway PostgreSQL")
     parser.add_argument("--flooder", choices=MODES, help=argparse.SUPPRESS)  # the flooding child process
     parser.add_argument("--mqtt", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -344,7 +385,8 @@ def main() -> int:
         return 0
     os.environ.setdefault("KGPU_LOG_LEVEL", "warning")
     for mode in MODES if args.mode == "all" else (args.mode,):
-        print(describe(asyncio.run(run(mode, args.seconds, args.honest, rate=args.rate, quarantine=args.quarantine))),
+        print(describe(asyncio.run(run(mode, args.seconds, args.honest, rate=args.rate, quarantine=args.quarantine,
+                                          replicas=args.replicas))),
               flush=True)
     return 0
 

@@ -198,8 +198,9 @@ def budget_limits(settings: CloudSettings) -> BudgetLimits:
                         event_burst=settings.node_event_burst, gpus=settings.node_max_gpus,
                         burst_s=settings.node_burst, backlog=settings.node_max_backlog,
                         runaway_drops_per_second=settings.node_runaway_drops_per_second,
-                        # a replica does not see the acks the others publish: its "last ack" lags
-                        events_ahead=0 if settings.shared_subscription else settings.node_max_events_ahead)
+                        # a replica knows the others' acks from the fleet store, as of its own last
+                        # batch with the node's messages: twice the margin for that
+                        events_ahead=settings.node_max_events_ahead * (2 if settings.shared_subscription else 1))
 
 
 def check_kube_reachable(kube: Kube) -> None:

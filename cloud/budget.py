@@ -209,7 +209,9 @@ class NodeBudgets:
         honest edge ahead for another reason, e.g. a fleet database restored behind it, loses
         nothing), and refusals at a flood's rate make it a runaway within a fraction of a second,
         where the other budgets wait for the store to fall behind. Unknown until the first ack
-        this process publishes to the node: a restarted controller judges no one."""
+        this process publishes to the node: a restarted controller judges no one. The acked seq
+        is the fleet store's after the batch, so among replicas it counts the others' writes as of
+        this one's last batch with the node's messages (the composition root doubles the margin)."""
         ahead = self.limits.events_ahead
         acked = self.acked.get(node)
         if ahead <= 0 or acked is None or seq <= acked + ahead:

@@ -211,8 +211,8 @@ class CloudSettings(KgpuSettings):
     node_max_events_ahead: int = Field(
         2_000, ge=0, description="Per-node budget: an event more than this far past the last ack this "
         "controller published to its node is dropped (the edge sends it again); an edge never sends more "
-        "than its outbox_window past its ack, so keep this at least twice the edges' outbox_window. Off "
-        "with shared_subscription (a replica does not see the acks the others publish) and with 0")
+        "than its outbox_window past its ack, so keep this at least twice the edges' outbox_window. Doubled "
+        "with shared_subscription (a replica knows the others' acks as of its last write); 0: off")
     node_runaway_drops_per_second: float = Field(
         2_000.0, ge=0.0, description="A node whose messages are dropped this many times within a second "
         "is a runaway: it is quarantined at the broker when broker_admin_username is set, logged otherwise "

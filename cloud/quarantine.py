@@ -140,7 +140,6 @@ class BrokerQuarantine:
         self.quarantines = 0  # started by this process
         self.failures = 0  # commands the broker refused or did not answer
         self.ready = False  # the admin connection is up and the broker has answered it
-        self.problem: str | None = None  # why quarantine does not work now, for /healthz
         self._answers: dict[str, asyncio.Future[dict[str, Any]]] = {}
         self._ids = itertools.count(1)
         self._connected = asyncio.Event()
@@ -280,7 +279,6 @@ class BrokerQuarantine:
             asyncio.get_running_loop().call_later(RETRY_S, self._retry, node)
             return
         self.until[node] = end
-        self.problem = None
         self._earlier[node] = self._earlier.get(node, 0) + 1
         self.quarantines += 1
         log.warning("runaway node quarantined at the broker: disconnected, and its logins refused until %s "
@@ -334,7 +332,7 @@ class BrokerQuarantine:
         if answer.get("error"):
             self._failed(f"listClients: {answer['error']}", None)
             return
-        self.ready, self.problem = True, None
+        self.ready = True
         clients = answer.get("data", {}).get("clients", [])
         for client in clients if isinstance(clients, list) else []:
             end = parse_mark(client.get("textname")) if isinstance(client, dict) else None
@@ -404,5 +402,4 @@ class BrokerQuarantine:
     def _failed(self, problem: str, node: str | None) -> None:
         self.failures += 1
         self.ready = self.ready and node is not None  # a failed restore: not ready
-        self.problem = problem
         log.error("%s", problem, extra={"node": node} if node else None)
