@@ -219,6 +219,12 @@ def test_a_flooding_node_is_shut_out_at_the_broker_and_let_back_when_its_time_is
         # ... the API shows it ...
         state = wait_for(lambda: cloud.node_state("flood-1"), timeout=10, what="the flooder's admitted telemetry stored")
         assert state["quarantined_until"] == pytest.approx(until, abs=1.0)
+        # ... and the dashboard, in place of the budget flag (which clears 10 s after the last refusal,
+        # long before the quarantine ends)
+        fleet = cloud.get("/api/v1/dashboard/fleet?limit=100")
+        shown = {row["name"]: row["over_budget"] for row in fleet["nodes"]}
+        assert shown["flood-1"] == time.strftime("quarantined until %H:%M:%SZ", time.gmtime(until))
+        assert fleet["summary"]["over_budget"] >= 1
         # ... and it may log in again once its time is up.
         wait_for(lambda: flooder.login() == ACCEPTED, timeout=30, interval=0.5, what="the flooder let back in")
         assert time.time() >= until - 1.0

@@ -5,6 +5,7 @@ the dashboard, /metrics and every part's routes. Store reads run in the API's ow
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -140,9 +141,17 @@ def make_app(services: Services, *, ingestor: Ingestor, link: EdgeLink, parts: S
     app.router.add_get("/api/v1/decisions", decisions)
     for part in parts:
         part.add_routes(app)
-    add_dashboard_routes(app, store=services.store, reads=reads, over_budget=lambda: ingestor.budget_flags,
+    add_dashboard_routes(app, store=services.store, reads=reads,
+                         over_budget=lambda: _flags_and_quarantines(ingestor.budget_flags, app[QUARANTINED]()),
                          health=lambda: health_report(app))
     return app
+
+
+def _flags_and_quarantines(flags: Mapping[str, str], quarantined: Mapping[str, float]) -> dict[str, str]:
+    """What the dashboard shows a node over: its budget, or, while it is shut out at the broker
+    (its flag clears 10 s after the flood stops reaching us), its quarantine and when it ends."""
+    return {**flags, **{node: "quarantined until " + time.strftime("%H:%M:%SZ", time.gmtime(end))
+                        for node, end in quarantined.items()}}
 
 
 class Collected:
