@@ -9,6 +9,9 @@ as it can, as one node's stolen or runaway login would.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -173,6 +176,16 @@ class Flooder:
         return connack(self.port, self.node, self.password, client_id=f"{self.node}-login")
 
 
+def kgpu_cli(cloud: CloudProcess, *args: str) -> str:
+    """`python -m kgpu ARGS` against the controller, as an operator would run it."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KGPU_")} | {"KGPU_SERVER": cloud.base,
+                                                                                  "COLUMNS": "120"}
+    result = subprocess.run([sys.executable, "-m", "kgpu", *args], capture_output=True, text=True, timeout=60,
+                            env=env, check=False)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
 @pytest.fixture
 def broker(tmp_path: Path) -> Iterator[Mosquitto]:
     if mosquitto_binary() is None or dynsec_plugin() is None:
@@ -225,6 +238,11 @@ def test_a_flooding_node_is_shut_out_at_the_broker_and_let_back_when_its_time_is
         shown = {row["name"]: row["over_budget"] for row in fleet["nodes"]}
         assert shown["flood-1"] == time.strftime("quarantined until %H:%M:%SZ", time.gmtime(until))
         assert fleet["summary"]["over_budget"] >= 1
+        # ... and the CLI
+        listed = kgpu_cli(cloud, "get", "nodes")
+        assert "Quarantined" in next(line for line in listed.splitlines() if line.startswith("flood-1")), listed
+        described = kgpu_cli(cloud, "describe", "node", "flood-1")
+        assert time.strftime("Quarantineduntil:%Y-%m-%dT%H:%M:%SZ", time.gmtime(until)) in described.replace(" ", "")
         # ... and it may log in again once its time is up.
         wait_for(lambda: flooder.login() == ACCEPTED, timeout=30, interval=0.5, what="the flooder let back in")
         assert time.time() >= until - 1.0

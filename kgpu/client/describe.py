@@ -4,6 +4,7 @@ describe prints: `Key: value` lines, then a table per section."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -103,6 +104,8 @@ def describe_node(found: dict[str, Any], gpu_columns: Sequence[Column], width: i
         ("Outbox", f"depth {node.get('outbox_depth')}, acked seq {node.get('acked_seq')}, gaps {node.get('gaps')}"),
         ("Clock skew", None if node.get("clockSkewSeconds") is None else f"{node['clockSkewSeconds']:+.1f} s"),
         ("Over budget", node.get("over_budget")),
+        ("Quarantined until", None if not node.get("quarantined_until") else
+         time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(float(node["quarantined_until"])))),
     ])
     inner = None if width is None else width - 2
     sections: list[tuple[str, list[dict[str, Any]], Sequence[Column]]] = [

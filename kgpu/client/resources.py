@@ -49,6 +49,8 @@ def _node_status(node: Row) -> str:
         words.append("Degraded")
     if node.get("over_budget"):
         words.append("OverBudget")
+    if node.get("quarantined_until"):
+        words.append("Quarantined")  # shut out at the broker as a runaway (docs/broker.md section 9)
     return ",".join(words)
 
 
