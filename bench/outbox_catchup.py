@@ -184,7 +184,9 @@ def run_backlog(events: int = 100_000, node: str = "catchup-edge", window: int |
         # burst: off here, so that the figure is the edge's and the ingest's, not the budget's
         cloud = CloudProcess(work / "cloud", broker.url, env={
             "KGPU_LOG_LEVEL": "warning", "KGPU_NODE_MAX_EVENTS_PER_MINUTE": "0", "KGPU_NODE_MAX_BYTES_PER_SECOND": "0",
-            "KGPU_NODE_MAX_MESSAGES_PER_SECOND": "0"})
+            "KGPU_NODE_MAX_MESSAGES_PER_SECOND": "0",
+            # an edge with a larger window sends further past its ack: as the setting's description says
+            **({"KGPU_NODE_MAX_EVENTS_AHEAD": str(2 * window)} if window is not None and window > 1000 else {})})
         edge.args += ["--mqtt", broker.url]
         edge.env["KGPU_LOG_LEVEL"] = "warning"
         if window is not None:
