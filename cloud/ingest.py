@@ -391,7 +391,8 @@ class Ingestor:
             limits = self.budgets.limits
             log.warning(
                 "node over its ingest budget (%s): its excess is dropped until it is back within it "
-                "(unacked events are sent again by the edge)", verdict.refused.value,
+                "(unacked events are sent again by the edge)%s", verdict.refused.value,
+                _HINTS.get(verdict.refused, ""),
                 extra={"node": node, "budget": verdict.refused.value,
                        "limit": _limit_of(limits, verdict.refused)})
         if verdict.runaway and self.on_runaway is not None:
@@ -513,6 +514,11 @@ class Ingestor:
         self.release(q.node for q in queued if id(q.incoming) not in waiting)
         await self.bus.deliver([item for item in batch if id(item) not in waiting])
         return [q for q in queued if id(q.incoming) in waiting]
+
+
+# What an operator may need to know when an honest node goes over this budget.
+_HINTS = {Budget.AHEAD: "; an edge whose outbox_window is over half of node_max_events_ahead is refused so: "
+                        "raise node_max_events_ahead to twice its window"}
 
 
 def _limit_of(limits: BudgetLimits, budget: Budget) -> float:

@@ -406,3 +406,36 @@ def _flood_until(mqtt: str, stop: threading.Event) -> int:
             break
         sent += int(flood(mqtt, "flood-00000", "telemetry", 1.0)["sent"])
     return sent
+
+
+def test_an_event_far_past_its_nodes_last_ack_is_dropped_with_a_hint_and_the_edge_sends_it_again(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The events_ahead budget through the real ingest: judged from the first ack on, against the
+    ack published; an event within the margin is stored, one past it is dropped, counted, out of
+    the node's backlog, and logged once with what to change if the edge's window is large."""
+    store = FleetStore(f"sqlite:///{tmp_path / 'fleet.db'}")
+    acks: list[tuple[str, int]] = []
+
+    async def scenario() -> Ingestor:
+        ingestor = Ingestor(store, lambda node, upto, epoch: acks.append((node, upto)), batch_interval_s=0.01,
+                            budget=BudgetLimits(events_ahead=50))
+        runner = asyncio.create_task(ingestor.run())
+        ingestor.offer(_status("n1"))
+        ingestor.offer(_event("n1", 1))
+        assert await ingestor.drain(30.0) == 0  # acked up to 1: from now on the node is judged
+        ingestor.offer(_event("n1", 51))  # 50 past the ack: what an edge with a window of 50 may send
+        ingestor.offer(_event("n1", 52))  # beyond: dropped
+        assert await ingestor.drain(30.0) == 0
+        runner.cancel()
+        await asyncio.gather(runner, return_exceptions=True)
+        return ingestor
+
+    with caplog.at_level(logging.WARNING, logger="cloud.ingest"):
+        ingestor = asyncio.run(scenario())
+    assert ingestor.dropped == {"events_ahead": 1} and ingestor.budget_flags == {"n1": "events_ahead"}
+    assert ingestor.budgets.backlog_of("n1") == 0
+    assert acks == [("n1", 1), ("n1", 1)]  # 51 stored beyond the hole at 2..50: nothing more acked
+    assert _seqs(store, "events") == [1, 51]
+    hints = [r.getMessage() for r in caplog.records if "events_ahead" in r.getMessage()]
+    assert len(hints) == 1 and "raise node_max_events_ahead" in hints[0]
+    store.close()
