@@ -55,7 +55,7 @@ RESPONSE_TOPIC = f"{CONTROL_TOPIC}/response"
 QUARANTINE_MARK = "kgpu quarantine until "  # + unix time: the dynamic-security client's textname
 ANSWER_TIMEOUT_S = 5.0  # a broker that has not answered a command by then has no plugin (or no right)
 RELEASE_CHECK_S = 1.0  # how often due releases are looked for
-RETRY_S = 10.0  # a quarantine that failed is tried again this much later, if its node still floods
+RETRY_S = 10.0  # a failed quarantine (if its node still floods) or release is tried again this much later
 
 
 # ---- decisions (pure) ---------------------------------------------------------------------------
@@ -311,11 +311,11 @@ class BrokerQuarantine:
             answer = await self._command(command)
         except (TimeoutError, ConnectionError) as exc:
             self._failed(f"cannot end node {node}'s quarantine yet: {exc}", node)
-            self.until[node] = time.time() + RELEASE_CHECK_S * 10  # try again shortly
+            self.until[node] = time.time() + RETRY_S  # try again shortly
             return
         if answer.get("error") and answer["error"] != "Client not found":  # not found: released already
             self._failed(f"cannot end node {node}'s quarantine: {command['command']}: {answer['error']}", node)
-            self.until[node] = time.time() + RELEASE_CHECK_S * 10
+            self.until[node] = time.time() + RETRY_S
             return
         self.until.pop(node, None)
         self._existed.discard(node)
