@@ -51,6 +51,7 @@ from bench.common import Row, broker_and_controller, metric_sum, peak_rss_mib, r
 from cloud.ingest import DROP_REASONS
 from kgpu.lab.fleetsim import FleetOptions, FleetSim
 from kgpu.lab.fleetsim.node import percentile
+from kgpu.lab.raw_mqtt import DISCONNECT, connect_packet, publish_packet, read_connack
 from shared.gpu import GpuSample
 from shared.mqtt import parse_broker_url
 from shared.protocol import ActionOutcome, DecisionBody, Kind, TelemetryBody, make_envelope
@@ -75,41 +76,14 @@ class LoginRefused(ConnectionError):
 # ---- the flooder: raw MQTT over a blocking socket (the fastest a client can publish) ------------
 
 
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        n, digit = n >> 7, n & 0x7F
-        out.append(digit | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def _utf8(text: str) -> bytes:
-    data = text.encode()
-    return len(data).to_bytes(2, "big") + data
-
-
-def publish_packet(topic: str, payload: bytes) -> bytes:
-    """One MQTT 3.1.1 PUBLISH, QoS 0, not retained."""
-    body = _utf8(topic) + payload
-    return b"\x30" + _varint(len(body)) + body
-
-
 def connect(mqtt: str, client_id: str) -> socket.socket:
     """A connected MQTT 3.1.1 session (clean, keepalive 0: we never go quiet)."""
     address = parse_broker_url(mqtt)
     sock = socket.create_connection((address.host, address.port), timeout=10)
-    flags = 0x02
-    payload = _utf8(client_id)
-    if address.username:
-        flags |= 0x80
-        payload += _utf8(address.username)
-        if address.password:
-            flags |= 0x40
-            payload += _utf8(address.password)
-    variable = _utf8("MQTT") + bytes([4, flags]) + (0).to_bytes(2, "big")
-    sock.sendall(b"\x10" + _varint(len(variable) + len(payload)) + variable + payload)
-    connack = sock.recv(4)
+    username = address.username or None
+    password = address.password if username and address.password else None
+    sock.sendall(connect_packet(client_id, username, password))
+    connack = read_connack(sock)
     if len(connack) < 4 or connack[0] != 0x20 or connack[3] != 0:
         sock.close()
         raise LoginRefused(f"broker refused the login: {connack!r}")
@@ -191,7 +165,7 @@ def send_paced(sock: socket.socket, packets: Callable[[int], bytes], per_send: i
         sent += per_send
         if counted is not None:
             counted[0] = sent
-    sock.sendall(b"\xe0\x00")  # DISCONNECT
+    sock.sendall(DISCONNECT)
     sock.close()
     return sent
 

@@ -41,8 +41,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.common import Row, broker_and_controller, cpu_seconds, machine, metric_sum, peak_rss_mib, rss_mib
-from bench.flood import connect, publish_packet, send_paced, telemetry_payload
+from bench.flood import connect, send_paced, telemetry_payload
 from kgpu.lab.fleetsim import FleetOptions, FleetSim, percentile, raise_fd_limit
+from kgpu.lab.raw_mqtt import publish_packet
 
 ACK_TIMEOUT_S = 15.0  # the edge's default
 ACK_TIMEOUT_MAX_S = 120.0  # the edge's default cap

@@ -20,6 +20,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from cloud.quarantine import CONTROL_TOPIC, RESPONSE_TOPIC
 from kgpu.lab.processes import wait_for
+from kgpu.lab.raw_mqtt import DISCONNECT, connect_packet, read_connack
 
 NOT_AUTHORISED = 5  # MQTT 3.1.1 CONNACK "connection refused: not authorised"
 
@@ -27,29 +28,13 @@ NOT_AUTHORISED = 5  # MQTT 3.1.1 CONNACK "connection refused: not authorised"
 def connack(port: int, username: str | None = None, password: str | None = None,
             client_id: str = "kgpu-connack-probe") -> int:
     """The return code of the broker's CONNACK to one MQTT 3.1.1 CONNECT (0: accepted)."""
-    def field(data: bytes) -> bytes:
-        return len(data).to_bytes(2, "big") + data
-
-    flags = 0x02 | (0x80 if username is not None else 0) | (0x40 if password is not None else 0)
-    body = field(b"MQTT") + bytes([4, flags]) + (30).to_bytes(2, "big") + field(client_id.encode())
-    body += field(username.encode()) if username is not None else b""
-    body += field(password.encode()) if password is not None else b""
-    length, remaining = bytearray(), len(body)
-    while True:
-        remaining, digit = divmod(remaining, 128)
-        length.append(digit | (0x80 if remaining else 0))
-        if not remaining:
-            break
     with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
-        sock.sendall(bytes([0x10]) + bytes(length) + body)
-        answer = b""
-        while len(answer) < 4:
-            chunk = sock.recv(4 - len(answer))
-            assert chunk, f"the broker closed the connection without a CONNACK (got {answer!r})"
-            answer += chunk
+        sock.sendall(connect_packet(client_id, username, password, keepalive_s=30))
+        answer = read_connack(sock)
+        assert len(answer) == 4, f"the broker closed the connection without a CONNACK (got {answer!r})"
         assert answer[:2] == b"\x20\x02", f"not a CONNACK: {answer!r}"
         if answer[3] == 0:
-            sock.sendall(b"\xe0\x00")  # DISCONNECT
+            sock.sendall(DISCONNECT)
         return answer[3]
 
 
