@@ -130,21 +130,38 @@ def publish_all(url: str, messages: list[tuple[str, bytes]], *, flush_s: float =
 
 def broker_and_controller(stack: ExitStack, work: Path, *, broker_options: dict[str, Any] | None = None,
                           env: dict[str, str] | None = None) -> tuple[Mosquitto, CloudProcess]:
-    """A real mosquitto (`broker_options`: kgpu.lab.broker.Mosquitto's) and a `kgpu cloud run` on
-    it (SQLite in `work`, warnings only, `env` added), both stopped when `stack` closes; returned
-    once the controller's MQTT link is up."""
+    """A real mosquitto and one `kgpu cloud run` on SQLite: `broker_and_controllers`."""
+    broker, clouds = broker_and_controllers(stack, work, broker_options=broker_options, env=env)
+    return broker, clouds[0]
+
+
+def broker_and_controllers(stack: ExitStack, work: Path, *, broker_options: dict[str, Any] | None = None,
+                           env: dict[str, str] | None = None, count: int = 1, db: str | None = None,
+                           extra_args: list[str] | None = None) -> tuple[Mosquitto, list[CloudProcess]]:
+    """A real mosquitto (`broker_options`: kgpu.lab.broker.Mosquitto's) and `count` `kgpu cloud run`s
+    on it (on `db`, default SQLite in `work`; warnings only, `env` and `extra_args` added), all
+    stopped when `stack` closes; returned once every controller's MQTT link is up."""
     from kgpu.lab.broker import Mosquitto
-    from kgpu.lab.processes import wait_for
     from tests.helpers.cloud_process import CloudProcess
 
     broker = Mosquitto(work / "broker", **(broker_options or {})).start()
     stack.callback(broker.stop)
-    cloud = CloudProcess(work / "cloud", broker.url, env={"KGPU_LOG_LEVEL": "warning", **(env or {})})
-    cloud.start()
-    stack.callback(cloud.stop)  # a no-op for a process that has ended already
-    wait_for(lambda: metric_sum(cloud.base, "kgpu_mqtt_connected") == 1, timeout=30, interval=0.2,
-             what="controller connected")
-    return broker, cloud
+    clouds = [CloudProcess(work / ("cloud" if count == 1 else f"cloud{i}"), broker.url, db=db, extra_args=extra_args,
+                           env={"KGPU_LOG_LEVEL": "warning", **(env or {})}) for i in range(count)]
+    for cloud in clouds:
+        cloud.start()
+        stack.callback(cloud.stop)  # a no-op for a process that has ended already
+    for cloud in clouds:
+        wait_connected(cloud, timeout=30 if count == 1 else 60)
+    return broker, clouds
+
+
+def wait_connected(cloud: CloudProcess, timeout: float = 30.0) -> None:
+    """Until the controller's MQTT link is up (`kgpu_mqtt_connected` 1)."""
+    from kgpu.lab.processes import wait_for
+
+    wait_for(lambda: metric_sum(cloud.base, "kgpu_mqtt_connected") == 1, timeout=timeout, interval=0.2,
+             what="controller connected to the broker")
 
 
 def start_postgres_server() -> PostgresServer:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import functools
 import math
 import os
 import resource
@@ -31,7 +30,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.common import Row, cpu_seconds, machine, metric_sum, start_postgres_server, tree_cpu_seconds
+from bench.common import Row, cpu_seconds, machine, metric_sum, start_postgres_server, tree_cpu_seconds, wait_connected
 from kgpu.lab.broker import Mosquitto
 from kgpu.lab.fleetsim import FleetOptions, FleetSim, lag_summary, raise_fd_limit
 from kgpu.lab.processes import wait_for
@@ -76,10 +75,6 @@ class StepResult:
         return not math.isnan(self.worst_lag) and self.worst_lag < limit_s and self.dropped == 0
 
 
-def _connected(base: str) -> bool:
-    return metric_sum(base, "kgpu_mqtt_connected") == 1.0
-
-
 def _self_cpu() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
@@ -116,7 +111,7 @@ async def run_step(nodes: int, *, gpus: int = 8, interval_s: float = 10.0, secon
             cloud.start()
             stack.callback(cloud.stop)  # a no-op for a process that has ended already
         for cloud in clouds:
-            wait_for(functools.partial(_connected, cloud.base), timeout=30, what="controller connected to the broker")
+            wait_connected(cloud, timeout=30)
         options = FleetOptions(**{**options.__dict__, "mqtt": broker.url, "cloud": clouds[0].base})
         sim = FleetSim(options)
         await sim.start()

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import functools
 import json
 import os
 import re
@@ -47,7 +46,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from bench.common import Row, broker_and_controller, metric_sum, peak_rss_mib, rss_mib, start_postgres_server
+from bench.common import Row, broker_and_controllers, metric_sum, peak_rss_mib, rss_mib, start_postgres_server
 from cloud.ingest import DROP_REASONS
 from kgpu.lab.fleetsim import FleetOptions, FleetSim
 from kgpu.lab.fleetsim.node import percentile
@@ -208,35 +207,18 @@ def _flags(base: str) -> dict[str, str]:
     return flags
 
 
-def _connected(base: str) -> bool:
-    return metric_sum(base, "kgpu_mqtt_connected") == 1
-
-
 def start_replicas(stack: ExitStack, work: Path, broker_options: dict[str, Any], env: dict[str, str],
                    replicas: int) -> tuple[Mosquitto, list[CloudProcess]]:
     """A mosquitto and `replicas` controllers: one on SQLite, or a `$share` group on a throwaway
     PostgreSQL (as deploy/cloud/deployment.yaml runs them)."""
     if replicas == 1:
-        broker, cloud = broker_and_controller(stack, work, broker_options=broker_options, env=env)
-        return broker, [cloud]
-    from kgpu.lab.broker import Mosquitto
-    from kgpu.lab.processes import wait_for
-    from tests.helpers.cloud_process import CloudProcess
+        return broker_and_controllers(stack, work, broker_options=broker_options, env=env)
     from tests.helpers.postgres import create_database
 
-    broker = Mosquitto(work / "broker", **broker_options).start()
-    stack.callback(broker.stop)
     server = start_postgres_server()
     stack.callback(server.stop)
-    db_url = create_database(server.admin_url)
-    clouds = [CloudProcess(work / f"cloud{i}", broker.url, db=db_url, extra_args=["--shared-subscription", "kgpu"],
-                           env={"KGPU_LOG_LEVEL": "warning", **env}) for i in range(replicas)]
-    for cloud in clouds:
-        cloud.start()
-        stack.callback(cloud.stop)
-    for cloud in clouds:
-        wait_for(functools.partial(_connected, cloud.base), timeout=60, interval=0.2, what="controller connected")
-    return broker, clouds
+    return broker_and_controllers(stack, work, broker_options=broker_options, env=env, count=replicas,
+                                  db=create_database(server.admin_url), extra_args=["--shared-subscription", "kgpu"])
 
 
 async def run(mode: str, seconds: float, honest: int = 5, warmup_s: float = 8.0, rate: float = 0.0,

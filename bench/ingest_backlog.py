@@ -27,10 +27,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.common import Row, cpu_seconds, machine, metric_sum, publish_all
+from bench.common import Row, cpu_seconds, machine, metric_sum, publish_all, wait_connected
 from kgpu.lab.broker import Mosquitto
 from kgpu.lab.fleetsim.node import SimNode, envelope_json, telemetry_body
-from kgpu.lab.processes import wait_for
 from shared.mqtt import parse_broker_url
 from shared.protocol import Kind
 from tests.helpers.cloud_process import CloudProcess
@@ -145,7 +144,7 @@ def cloud_drain(url: str, messages: list[tuple[str, bytes]], workdir: Path,
     records the controller's threads during the drain into that file (flame graph input)."""
     cloud = CloudProcess(workdir / "cloud", url, env={"KGPU_LOG_LEVEL": "warning"}).start()
     try:
-        wait_for(lambda: metric_sum(cloud.base, "kgpu_mqtt_connected") >= 1, timeout=30, what="controller connected")
+        wait_connected(cloud, timeout=30)
         time.sleep(1.0)  # both connections subscribed
         assert cloud.proc is not None
         pid = cloud.proc.pid

@@ -22,9 +22,8 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.common import Row, publish_all, start_postgres_server
+from bench.common import Row, publish_all, start_postgres_server, wait_connected
 from kgpu.lab.broker import Mosquitto
-from kgpu.lab.processes import wait_for
 from shared.mqtt import MqttLink, parse_broker_url
 from shared.protocol import ActionOutcome, DecisionBody, Kind, make_envelope
 from shared.topics import EDGE_WILDCARD, edge_topic
@@ -94,8 +93,7 @@ def backlog_rate(url: str, messages: list[tuple[str, bytes]], workdir: Path, db:
     after its restart to the last. Not bound by the publisher, unlike `cloud_rate`."""
     cloud = CloudProcess(workdir / "backlog", url, db=db, env={"KGPU_LOG_LEVEL": "warning"}).start()
     try:
-        wait_for(lambda: re.search(r"^kgpu_mqtt_connected 1", cloud.get("/metrics"), re.MULTILINE), timeout=30,
-                 what="controller connected")
+        wait_connected(cloud, timeout=30)
         cloud.stop()
         publish_all(url, messages)
         cloud.start()

@@ -29,7 +29,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.common import Row, metric_sum
+from bench.common import Row, metric_sum, wait_connected
 from edge.store import EdgeStore
 from kgpu.lab.broker import Mosquitto
 from kgpu.lab.fleetsim import FleetOptions, FleetSim, raise_fd_limit
@@ -73,8 +73,7 @@ async def run(nodes: int = 500, outage_s: float = 30.0, event_every_s: float = 1
         cloud = CloudProcess(work / "cloud", broker.url, env={"KGPU_LOG_LEVEL": "warning"})
         try:
             cloud.start()
-            wait_for(lambda: metric_sum(cloud.base, "kgpu_mqtt_connected") == 1.0, timeout=30,
-                     what="controller connected")
+            wait_connected(cloud, timeout=30)
             sim = FleetSim(FleetOptions(**{**options.__dict__, "mqtt": broker.url}))
             await sim.start()
             try:
@@ -193,8 +192,7 @@ def run_backlog(events: int = 100_000, node: str = "catchup-edge", window: int |
             edge.env["KGPU_OUTBOX_WINDOW"] = str(window)
         try:
             cloud.start()
-            wait_for(lambda: metric_sum(cloud.base, "kgpu_mqtt_connected") == 1.0, timeout=30,
-                     what="controller connected")
+            wait_connected(cloud, timeout=30)
             started = time.monotonic()
             edge.start(timeout=600)
             startup_s = time.monotonic() - started

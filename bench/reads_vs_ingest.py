@@ -40,11 +40,10 @@ from pathlib import Path
 
 import aiohttp
 
-from bench.common import Row, machine, metric_sum
+from bench.common import Row, machine, metric_sum, wait_connected
 from cloud.store import FleetStore
 from kgpu.lab.broker import Mosquitto
 from kgpu.lab.fleetsim import FleetOptions, FleetSim, lag_summary, raise_fd_limit
-from kgpu.lab.processes import wait_for
 from tests.helpers.cloud_process import CloudProcess
 from tests.helpers.fleet_fill import fill
 
@@ -194,7 +193,7 @@ async def run(nodes: int = 20_000, live: int = 2000, *, gpus: int = 8, interval_
         stack.callback(broker.stop)
         cloud = CloudProcess(tmp / "cloud", broker.url, db=db, env={"KGPU_LOG_LEVEL": "warning"}).start()
         stack.callback(_stop, cloud)
-        wait_for(lambda: metric_sum(cloud.base, "kgpu_mqtt_connected") == 1.0, timeout=60, what="controller up")
+        wait_connected(cloud, timeout=60)
         sim = FleetSim(FleetOptions(**{**options.__dict__, "mqtt": broker.url}))
         await sim.start()
         try:

@@ -25,7 +25,6 @@ PostgreSQL absorbs (its server here runs with fsync off: disk is not part of the
 from __future__ import annotations
 
 import argparse
-import functools
 import math
 import os
 import signal
@@ -37,10 +36,9 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.common import Row, cpu_seconds, machine, metric_sum, publish_all, tree_cpu_seconds
+from bench.common import Row, cpu_seconds, machine, metric_sum, publish_all, tree_cpu_seconds, wait_connected
 from bench.ingest_backlog import Drain, payloads, telemetry_counted
 from kgpu.lab.broker import Mosquitto
-from kgpu.lab.processes import wait_for
 from tests.helpers.cloud_process import CloudProcess
 
 GROUP = "kgpu"
@@ -136,7 +134,7 @@ def drain_step(url: str, broker_pid: int, messages: list[tuple[str, bytes]], wor
                 assert cloud.proc is not None
                 pin(cloud.proc.pid, core)
         for cloud in clouds:
-            wait_for(functools.partial(_connected, cloud.base), timeout=60, what="controller connected")
+            wait_connected(cloud, timeout=60)
         time.sleep(1.0)  # every connection subscribed
         pids = [c.proc.pid for c in clouds if c.proc is not None]
         for pid, core in zip(pids, placed, strict=True):
@@ -167,10 +165,6 @@ def drain_step(url: str, broker_pid: int, messages: list[tuple[str, bytes]], wor
     return Step(db=db, replicas=replicas, cores=placed, drain=Drain(elapsed, sum(cpu), sum(got)),
                 share=[Drain(elapsed, c, g) for c, g in zip(cpu, got, strict=True)],
                 broker_in_s=broker_in, broker_out_s=broker_out, db_cpu_s=db_cpu, lost=lost, batches=batches)
-
-
-def _connected(base: str) -> bool:
-    return metric_sum(base, "kgpu_mqtt_connected") >= 1
 
 
 def _wait_drained(clouds: list[CloudProcess], total: int, started: float) -> float:
