@@ -7,9 +7,7 @@ touching this file."""
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from typing import Any
 
 import pytest
@@ -17,6 +15,7 @@ import typer
 
 from kgpu.cli import app
 from shared import __version__
+from tests.helpers.cli import run_kgpu
 
 
 def command_paths() -> list[tuple[tuple[str, ...], Any]]:
@@ -36,10 +35,7 @@ PATHS = command_paths()
 
 
 def kgpu(*args: str) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("KGPU_")}
-    env["COLUMNS"] = "100"
-    return subprocess.run([sys.executable, "-m", "kgpu", *args], capture_output=True, text=True, timeout=60,
-                          env=env, check=False)
+    return run_kgpu(*args, columns=100)
 
 
 def test_the_walk_finds_every_group_and_command() -> None:

@@ -10,7 +10,6 @@ port on every command (the controller and the edge below are started that way)."
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import threading
@@ -27,6 +26,7 @@ from kgpu.client.http import EXIT_AUTH, EXIT_NOT_FOUND, EXIT_REFUSED, EXIT_UNREA
 from kgpu.client.render import table
 from kgpu.client.resources import GPU_COLUMNS, NODE_COLUMNS
 from kgpu.lab.processes import free_port, wait_for
+from tests.helpers.cli import clean_env, run_kgpu
 from tests.helpers.cloud_process import CloudProcess
 from tests.helpers.edge_process import EdgeProcess
 
@@ -48,10 +48,7 @@ spec:
 
 def kgpu(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     """`python -m kgpu ARGS` with no KGPU_* from the outer environment, 80 columns, no config file."""
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("KGPU_")}
-    clean.update({"COLUMNS": "80", **(env or {})})
-    return subprocess.run([sys.executable, "-m", "kgpu", *args], capture_output=True, text=True, timeout=timeout,
-                          env=clean, check=False)
+    return run_kgpu(*args, env=env, timeout=timeout)
 
 
 def one_line_error(result: subprocess.CompletedProcess[str], code: int, *words: str) -> str:
@@ -83,9 +80,8 @@ def fleet(broker: Any, tmp_path: Path) -> Any:
 def test_get_describe_drain_policies_and_errors_against_a_live_controller(fleet: Any, tmp_path: Path) -> None:
     cloud, edge, env = fleet
     gpus = cloud.get(f"/api/v1/nodes/{NODE}")["gpus"]
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("KGPU_")}
     watcher = subprocess.Popen([sys.executable, "-m", "kgpu", "get", "events", "-w", "--interval", "0.3"],
-                               env={**clean, **env, "COLUMNS": "80"}, stdout=subprocess.PIPE,
+                               env=clean_env(env), stdout=subprocess.PIPE,
                                stderr=subprocess.DEVNULL, text=True)
     watched: list[str] = []
     threading.Thread(target=lambda: watched.extend(iter(watcher.stdout.readline, "")),  # type: ignore[union-attr]

@@ -9,9 +9,6 @@ as it can, as one node's stolen or runaway login would.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -28,6 +25,7 @@ from kgpu.lab.processes import wait_for
 from shared.gpu import GpuSample
 from shared.protocol import Kind, TelemetryBody, make_envelope
 from shared.topics import edge_topic
+from tests.helpers.cli import run_kgpu
 from tests.helpers.cloud_process import CloudProcess
 from tests.helpers.dynsec import NOT_AUTHORISED, connack
 from tests.helpers.shipped_broker import SHIPPED_ACL
@@ -178,10 +176,7 @@ class Flooder:
 
 def kgpu_cli(cloud: CloudProcess, *args: str) -> str:
     """`python -m kgpu ARGS` against the controller, as an operator would run it."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("KGPU_")} | {"KGPU_SERVER": cloud.base,
-                                                                                  "COLUMNS": "120"}
-    result = subprocess.run([sys.executable, "-m", "kgpu", *args], capture_output=True, text=True, timeout=60,
-                            env=env, check=False)
+    result = run_kgpu(*args, env={"KGPU_SERVER": cloud.base}, columns=120)
     assert result.returncode == 0, result.stderr
     return result.stdout
 
