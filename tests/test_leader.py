@@ -338,7 +338,9 @@ def test_handover_between_cloud_processes(tmp_path: Path, broker: Mosquitto, kub
         killed = time.monotonic()
         wait_for(lambda: holder(kube) == second, timeout=8, interval=0.1, what=f"{second} taking over")
         assert time.monotonic() - killed < 3 + 1.2 + 1.5  # lease_duration + one jittered poll + slack
-        assert "acquired the leader lease" in replicas[second].log_path.read_text()
+        # The log line follows the Lease write the test has just read; give it the moment between.
+        wait_for(lambda: "acquired the leader lease" in replicas[second].log_path.read_text(), timeout=3,
+                 interval=0.05, what=f"{second} logging its lease")
 
         stopping = time.monotonic()
         assert replicas[second].stop(timeout=10) == 0
