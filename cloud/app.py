@@ -238,7 +238,8 @@ def build(settings: CloudSettings) -> ControllerApp:
         if problem is not None:
             raise FleetStoreError(problem)
         store = FleetStore(settings.db, history_resolution_s=settings.history_resolution,
-                           history_tiers=HistoryTiers(*settings.history_tier_spec))
+                           history_tiers=HistoryTiers(*settings.history_tier_spec),
+                           latest_sample_every=settings.latest_sample_every)
     except BaseException:
         if kube is not None:
             kube.close()

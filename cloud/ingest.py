@@ -443,15 +443,32 @@ class Ingestor:
             executor.shutdown(wait=False)
 
     async def _next(self) -> Queued:
-        """The next queued message; while nodes are flagged, their flags are looked at every
-        SWEEP_EVERY_S meanwhile (a node that went quiet is cleared without new traffic)."""
+        """The next queued message. Meanwhile, while nodes are flagged, their flags are looked at
+        every SWEEP_EVERY_S (a node that went quiet is cleared without new traffic), and latest
+        samples that waited long enough are written (cloud/store/latest.py: batches write them,
+        but none may come)."""
         while True:
-            if not self.budgets.flags:
+            waits = [SWEEP_EVERY_S] if self.budgets.flags else []
+            due = self.store.latest_due_in()  # no write runs now: this is between batches
+            if due is not None:
+                waits.append(due)
+            if not waits:
                 return await self.queue.get()
             try:
-                return await asyncio.wait_for(self.queue.get(), SWEEP_EVERY_S)
+                return await asyncio.wait_for(self.queue.get(), min(waits))
             except TimeoutError:
                 self._sweep(time.monotonic())
+                if due is not None:
+                    await self._flush_latest(everything=False)
+
+    async def _flush_latest(self, *, everything: bool) -> None:
+        """Write the latest samples due (all with `everything`) on the writer thread; a failure is
+        logged: only the latest figures are late, the history has every sample."""
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(self._executor, lambda: self.store.flush_latest(everything=everything))
+        except Exception as exc:  # noqa: BLE001 - the database is down: the next batch writes newer ones
+            log.error("fleet store: writing the latest samples that waited failed: %s", exc)
 
     async def drain(self, timeout_s: float) -> int:
         """Wait up to `timeout_s` for what was accepted to be written; returns how many messages
@@ -462,6 +479,12 @@ class Ingestor:
             await asyncio.sleep(0.05)
         if not self.pending():
             await asyncio.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
+            if self.store.latest_due_in() is not None and self._executor is not None:
+                try:  # the latest samples still waiting (cloud/store/latest.py), within the same bound
+                    await asyncio.wait_for(self._flush_latest(everything=True),
+                                           max(0.05, deadline - time.monotonic()))
+                except TimeoutError:
+                    log.warning("shutdown: the latest samples that waited were not written in time")
         return self.pending()
 
     async def _write(self, queued: list[Queued]) -> list[Queued]:

@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from cloud.ingest import validate
@@ -71,7 +72,28 @@ def test_every_payload_the_simulator_sends_is_accepted_by_the_cloud_validator() 
     assert len({s.uuid for s in telemetry.samples}) == 8 and all(s.ts == now for s in telemetry.samples)
     # built with the protocol's own models (make_envelope checks the body's model against the kind)
     assert isinstance(status_body(node, "9.9.9"), StatusBody) and isinstance(decision_body(node, sim.rng), DecisionBody)
-    assert isinstance(telemetry_body(node, sim.rng, now), TelemetryBody)
+
+
+def test_the_simulators_telemetry_is_the_bytes_the_protocols_models_write() -> None:
+    """Telemetry is kept as the Struct of a TelemetryBody and written by msgspec (for speed): the
+    bytes must be those `make_envelope(...).to_json()` writes for the same body, id and ts."""
+    sim = FleetSim(FleetOptions(mqtt="mqtt://127.0.0.1:1", nodes=2, gpus=8, seed=4))
+    node = sim.nodes[0]
+    for step in range(3):  # figures moved in place between messages
+        now = time.time() + step
+        body = telemetry_body(node, sim.rng, now)
+        assert isinstance(body, TelemetryBodyStruct)
+        payload = envelope_json(node.name, "telemetry", body, ts=now)
+        sent = json.loads(payload)
+        model = TelemetryBody.model_validate(msgspec.to_builtins(body))  # what the body is, as the model
+        reference = make_envelope(node.name, model, Kind.TELEMETRY)
+        reference.id, reference.ts = sent["id"], now
+        assert payload == reference.to_json()
+        assert sent["body"]["samples"][0]["ts"] == now and len(sent["body"]["samples"]) == 8
+    with pytest.raises(ValueError, match="telemetry body"):
+        envelope_json(node.name, "status", body)
+    with pytest.raises(ValueError, match="bad node name"):
+        envelope_json("Not A Node", "telemetry", body)
 
 
 def test_the_simulator_follows_acks_policies_and_commands_like_an_edge() -> None:

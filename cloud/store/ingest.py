@@ -41,6 +41,7 @@ from cloud.store.epochs import (
     sort_already_stored,
     switch_epoch,
 )
+from cloud.store.latest import GpuKey, LatestSample, LatestSamples
 from cloud.store.schema import decisions_table, events_table, gpus_table, nodes_table, samples_table
 from shared.gpu import GpuSample
 from shared.logs import get_logger
@@ -69,9 +70,11 @@ TELEMETRY_BODIES = (TelemetryBodyStruct, TelemetryBody)
 class IngestCore(StoreBase):
     """Writes what the edges send: node rows, GPUs, the sample history, events and decisions."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, latest_sample_every: float = 0.0, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.conflict_ledger = ConflictLedger()
+        # `gpus.sample` at most once per this many seconds of sample time per GPU (cloud/store/latest.py)
+        self.latest = LatestSamples(latest_sample_every)
 
     def ingest(self, batch: Sequence[Incoming], *, skip_locked: bool = False) -> IngestResult:
         """Apply a batch of edge messages in ONE transaction; see the module docstring.
@@ -286,29 +289,27 @@ class IngestCore(StoreBase):
         replaces a newer one" is the upsert's WHERE. Only nodes with a status in the batch read
         their GPU keys, to drop GPUs the inventory no longer lists."""
         g = gpus_table
-        summaries: dict[tuple[str, str], dict[str, Any]] = {}
-        newest: dict[tuple[str, str], tuple[float, SampleFigures]] = {}
-        power_limit: dict[tuple[str, str], float] = {}
+        as_json = json.dumps if self.raw_sqlite else _unchanged  # JSON columns (execute_many)
+        summaries: dict[tuple[str, str], tuple[Any, ...]] = {}  # in the order of _GPU_SUMMARY_INSERT
+        newest: dict[GpuKey, LatestSample] = {}
         for w in work.values():
             now = w.row["last_seen"]
             for s in w.gpu_summaries or ():  # an empty list is more likely a broken driver than no GPUs
-                summaries[(w.name, s.uuid)] = {
-                    "node": w.name, "uuid": s.uuid, "index": s.index, "name": s.name,
-                    "health": str(s.health), "power_limit_w": s.power_limit_w, "sample": None,
-                    "sample_ts": None, "updated_at": now, "pci_bus_id": s.pci_bus_id,
-                    "driver_version": s.driver_version, "pods": list(s.pods), "remediation": s.remediation,
-                    "vendor": s.vendor, "backend": s.backend, "platform": s.platform,
-                    "resource_name": s.resource_name,
-                    "capabilities": list(s.capabilities) if s.capabilities is not None else None,
-                }
+                summaries[(w.name, s.uuid)] = (
+                    w.name, s.uuid, s.index, s.name, str(s.health), s.power_limit_w, now, s.pci_bus_id,
+                    s.driver_version, as_json(list(s.pods)), s.remediation, s.vendor, s.backend, s.platform,
+                    s.resource_name, as_json(list(s.capabilities) if s.capabilities is not None else None),
+                    as_json(None), None,  # sample, sample_ts: set by telemetry alone
+                )
             name = w.name
             latest: dict[str, tuple[float, SampleFigures]] = {}
+            power_limit: dict[str, float] = {}
             for ts, sample in w.samples_by_ts():  # the newest of the batch wins
                 latest[sample.uuid] = (ts, sample)
                 if sample.power_limit_w is not None:
-                    power_limit[(name, sample.uuid)] = sample.power_limit_w
-            for uuid, newest_sample in latest.items():
-                newest[(name, uuid)] = newest_sample
+                    power_limit[sample.uuid] = sample.power_limit_w
+            for uuid, (ts, sample) in latest.items():
+                newest[(name, uuid)] = LatestSample(ts, sample, power_limit.get(uuid), now)
         with_status = [w.name for w in work.values() if w.gpu_summaries]
         for chunk in chunks(with_status):
             gone = [
@@ -318,37 +319,53 @@ class IngestCore(StoreBase):
             ]
             for node, uuid in gone:
                 conn.execute(g.delete().where(g.c.node == node, g.c.uuid == uuid))
-        # executemany of one cached statement each: SQLAlchemy batches it into multi-row INSERTs
-        # ("insertmanyvalues") instead of compiling a new multi-row statement for every batch
-        if summaries:
+            self.latest.forget(gone)
+        def summary_upsert() -> Any:
             stmt = self.insert(g)
-            conn.execute(
-                stmt.on_conflict_do_update(
-                    index_elements=["node", "uuid"],
-                    set_={c: stmt.excluded[c] for c in _GPU_SUMMARY_COLUMNS},
-                ),
-                list(summaries.values()),
+            return stmt.on_conflict_do_update(index_elements=["node", "uuid"],
+                                              set_={c: stmt.excluded[c] for c in _GPU_SUMMARY_COLUMNS})
+
+        self.execute_many(conn, "gpu_summaries", summary_upsert, _GPU_SUMMARY_INSERT, list(summaries.values()))
+        if newest or self.latest.waiting:
+            self._write_latest(conn, self.latest.choose(newest))
+
+    def latest_due_in(self) -> float | None:
+        """Seconds until a latest sample that waits is due (0: now), None when none waits. Read
+        between writes (the writer thread alone changes what waits)."""
+        return self.latest.due_in()
+
+    def flush_latest(self, *, everything: bool = False) -> int:
+        """Write the latest samples that waited long enough (all of them with `everything`, at
+        shutdown): the ingest calls it while no batch comes (cloud/store/latest.py). How many."""
+        due = self.latest.flush(everything=everything)
+        if due:
+            with self.writing("latest_samples") as conn:
+                self._write_latest(conn, due)
+        return len(due)
+
+    def _write_latest(self, conn: Connection, chosen: dict[GpuKey, LatestSample]) -> None:
+        """Upsert the chosen latest samples into `gpus`: "a late sample never replaces a newer
+        one" is the upsert's WHERE."""
+        g = gpus_table
+        raw = self.raw_sqlite  # the sample column as its JSON text (execute_many)
+        rows = [
+            (node, uuid, latest.sample.index, None, None, latest.power_limit_w,
+             _stored_sample(latest.sample, latest.ts, as_text=raw), latest.ts, latest.updated_at)
+            for (node, uuid), latest in chosen.items()
+        ]
+
+        def upsert() -> Any:
+            stmt = self.insert(g)
+            return stmt.on_conflict_do_update(
+                index_elements=["node", "uuid"],
+                set_={
+                    **{c: stmt.excluded[c] for c in ("index", "sample", "sample_ts", "updated_at")},
+                    "power_limit_w": sa.func.coalesce(stmt.excluded["power_limit_w"], g.c.power_limit_w),
+                },
+                where=sa.or_(g.c.sample_ts.is_(None), stmt.excluded["sample_ts"] >= g.c.sample_ts),
             )
-        if newest:
-            raw = self.raw_sqlite  # the sample column as its JSON text (execute_many)
-            rows = [
-                (node, uuid, sample.index, None, None, power_limit.get((node, uuid)),
-                 _stored_sample(sample, ts, as_text=raw), ts, work[node].row["last_seen"])
-                for (node, uuid), (ts, sample) in newest.items()
-            ]
 
-            def upsert() -> Any:
-                stmt = self.insert(g)
-                return stmt.on_conflict_do_update(
-                    index_elements=["node", "uuid"],
-                    set_={
-                        **{c: stmt.excluded[c] for c in ("index", "sample", "sample_ts", "updated_at")},
-                        "power_limit_w": sa.func.coalesce(stmt.excluded["power_limit_w"], g.c.power_limit_w),
-                    },
-                    where=sa.or_(g.c.sample_ts.is_(None), stmt.excluded["sample_ts"] >= g.c.sample_ts),
-                )
-
-            self.execute_many(conn, "gpu_samples", upsert, _GPU_SAMPLE_COLUMNS, rows)
+        self.execute_many(conn, "gpu_samples", upsert, _GPU_SAMPLE_COLUMNS, rows)
 
     def _store_samples(self, conn: Connection, work: dict[str, NodeWork]) -> None:
         """Every sample into the raw tier of the history (a sample stored already, delivered twice,
@@ -361,10 +378,13 @@ class IngestCore(StoreBase):
         last: dict[tuple[str, str], float] = {}
         spacing = self.history_resolution_s
         if spacing > 0:
-            for chunk in chunks([w.name for w in with_samples]):
+            for chunk in chunks(with_samples):
+                # a stored sample further than `spacing` before the oldest one here decides nothing:
+                # the bound keeps the read to the newest entries of each node (index node, ts, uuid)
+                since = min(w.samples_by_ts()[0][0] for w in chunk) - spacing
                 query = (
                     sa.select(s.c.node, s.c.uuid, sa.func.max(s.c.ts))
-                    .where(s.c.node.in_(chunk))
+                    .where(s.c.node.in_([w.name for w in chunk]), s.c.ts >= since)
                     .group_by(s.c.node, s.c.uuid)
                 )
                 for node, uuid, ts in conn.execute(query):
@@ -382,7 +402,7 @@ class IngestCore(StoreBase):
                              sample.power_limit_w, sample.utilization_pct, sample.memory_used_bytes,
                              sample.memory_util_pct, sample.sm_clock_mhz, sample.memory_clock_mhz))
         self.execute_many(conn, "samples",
-                          lambda: self.insert(s).on_conflict_do_nothing(index_elements=["node", "uuid", "ts"]),
+                          lambda: self.insert(s).on_conflict_do_nothing(index_elements=["node", "ts", "uuid"]),
                           _SAMPLE_COLUMNS, rows)
 
     def _write_nodes(self, conn: Connection, work: dict[str, NodeWork]) -> None:
@@ -439,6 +459,13 @@ _NODE_MUTABLE = (
 _GPU_SUMMARY_COLUMNS = (  # what a status sets
     "index", "name", "health", "power_limit_w", "updated_at", "pci_bus_id", "driver_version", "pods",
     "remediation", "vendor", "backend", "platform", "resource_name", "capabilities")
+
+
+_GPU_SUMMARY_INSERT = ("node", "uuid", *_GPU_SUMMARY_COLUMNS, "sample", "sample_ts")  # a status's GPU row
+
+
+def _unchanged(value: Any) -> Any:
+    return value
 
 
 _FRESH_NODE_COLUMNS = (  # a node row made by the first message of a node not known yet

@@ -95,8 +95,9 @@ samples_table = sa.Table(
     sa.Column("memory_util_pct", sa.Float),  # the dashboard's memory and clock charts (alembic 0010)
     sa.Column("sm_clock_mhz", sa.Integer),
     sa.Column("memory_clock_mhz", sa.Integer),
-    # unique: a telemetry message delivered twice stores its samples once (ON CONFLICT DO NOTHING)
-    sa.Index("ix_samples_node_uuid_ts", "node", "uuid", "ts", unique=True),
+    # unique: a telemetry message delivered twice stores its samples once (ON CONFLICT DO NOTHING);
+    # ts before uuid: a message's samples are neighbours, one index page per message (alembic 0012)
+    sa.Index("ix_samples_node_ts_uuid", "node", "ts", "uuid", unique=True),
     sa.Index("ix_samples_ts", "ts"),
 )
 
