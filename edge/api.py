@@ -121,7 +121,9 @@ async def gpus(request: web.Request) -> web.Response:
                 },
                 "last_xid": view.last_xid,
                 "draining": view.draining,
-                "remediation": view.remediation,  # the ladder's stage (edge/remediation/); None: in service
+                # the ladder's stage (edge/remediation/), as the status says it; None: in service. From the
+                # manager, not the view: a ladder resumed at start holds its stage before the first cycle
+                "remediation": daemon.remediation.stage(view.inventory.uuid),
             }
         )
     return web.json_response({"node": daemon.node, "gpus": out})

@@ -12,7 +12,7 @@ ingest's flush while no batch comes (`cloud/ingest.py`). A fleet sampling every 
 or slower never waits. What waits is lost with the process: the history holds it.
 
 Pure bookkeeping, no I/O: the store asks `choose` inside its write and writes what it returns.
-Touched only by the ingest's writer thread.
+Changed only on the ingest's writer thread (`due_in` is read from its loop too).
 """
 
 from __future__ import annotations
@@ -53,10 +53,16 @@ class LatestSamples:
         return len(self._waiting)
 
     def due_in(self) -> float | None:
-        """Seconds until the first waiting sample is due (0 when it is), None when none waits."""
-        for since, _sample in self._waiting.values():
-            return max(0.0, since + self.every - self._clock())
-        return None
+        """Seconds until the first waiting sample is due (0 when it is), None when none waits.
+        The ingest's loop asks between writes; should the writer thread be changing what waits
+        meanwhile (a flush at shutdown), the answer is "now", and that flush runs after it."""
+        try:
+            since, _sample = next(iter(self._waiting.values()))
+        except StopIteration:
+            return None
+        except RuntimeError:  # changed while read (see above)
+            return 0.0
+        return max(0.0, since + self.every - self._clock())
 
     def choose(self, newest: dict[GpuKey, LatestSample]) -> dict[GpuKey, LatestSample]:
         """What to write now: those of `newest` (a batch's newest sample per GPU) due by sample
