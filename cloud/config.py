@@ -94,9 +94,10 @@ class CloudSettings(KgpuSettings):
                     "while the controller catches up, so that a node's several messages share one row write)")
     batch_interval: Seconds = Field(0.1, ge=0.0, le=10.0, description="Longest wait to fill a batch")
     latest_sample_every: Seconds = Field(
-        2.0, ge=0.0, le=60.0, description="A GPU's latest sample (what the API, the dashboard and the fleet exporter "
+        0.0, ge=0.0, le=60.0, description="A GPU's latest sample (what the API, the dashboard and the fleet exporter "
         "show) is written at most once per this many seconds; a newer one waits at most this long (0: every one at "
-        "once). Edges sampling this often or less are never held back; the history keeps every sample either way")
+        "once). Edges sampling this often or less are never held back; the history keeps every sample either way. "
+        "Off by default: it saves store time, but a saturated controller measured slower with it (docs/benchmarks.md)")
     # -- the sample history, in tiers (cloud/store/history.py): raw, then means of coarser buckets --
     history_resolution: Seconds = Field(
         0.0, ge=0.0, description="Raw history: at most one stored sample per GPU per this long "

@@ -445,9 +445,12 @@ class Ingestor:
     async def _next(self) -> Queued:
         """The next queued message. Meanwhile, while nodes are flagged, their flags are looked at
         every SWEEP_EVERY_S (a node that went quiet is cleared without new traffic), and latest
-        samples that waited long enough are written (cloud/store/latest.py: batches write them,
-        but none may come)."""
+        samples that waited long enough are written (cloud/store/latest.py) while no message
+        comes: a batch writes them itself, with any newer sample of theirs instead (a flush before
+        it would write those GPUs twice)."""
         while True:
+            if not self.queue.empty():  # the batch it starts takes what is due, newer samples first
+                return self.queue.get_nowait()
             waits = [SWEEP_EVERY_S] if self.budgets.flags else []
             due = self.store.latest_due_in()  # no write runs now: this is between batches
             if due is not None:
