@@ -13,6 +13,7 @@ handler), and any database error turned into a `FleetStoreError` with the driver
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
@@ -160,6 +161,11 @@ class StoreBase:
     def raw_sqlite(self) -> bool:
         """True where `execute_many` hands rows to the driver as they are (SQLite)."""
         return self._dialect == "sqlite"
+
+    def json_param(self, value: Any) -> Any:
+        """A JSON column's value as `execute_many` takes it: its JSON text where rows go to the
+        driver as they are (`raw_sqlite`), the value itself elsewhere."""
+        return json.dumps(value) if self.raw_sqlite else value
 
     def execute_many(self, conn: Connection, key: str, build: Callable[[], Any],
                      columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:

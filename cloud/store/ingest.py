@@ -21,7 +21,6 @@ the node's acked_seq raises it (the fleet database went back: delivery resumes a
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
@@ -121,7 +120,7 @@ class IngestCore(StoreBase):
         replicas never wait on each other in a circle); with skip_locked, only the rows no one
         else holds."""
         names = sorted(by_node)
-        empty_list, empty_map = ("[]", "{}") if self.raw_sqlite else ([], {})  # JSON columns (execute_many)
+        empty_list, empty_map = self.json_param([]), self.json_param({})  # JSON columns (execute_many)
         fresh = [
             # name, online (it is talking to us), first_seen, last_seen, outbox_epoch, acked_seq, gaps,
             # degraded, labels
@@ -289,7 +288,7 @@ class IngestCore(StoreBase):
         replaces a newer one" is the upsert's WHERE. Only nodes with a status in the batch read
         their GPU keys, to drop GPUs the inventory no longer lists."""
         g = gpus_table
-        as_json = json.dumps if self.raw_sqlite else _unchanged  # JSON columns (execute_many)
+        as_json = self.json_param  # JSON columns (execute_many)
         summaries: dict[tuple[str, str], tuple[Any, ...]] = {}  # in the order of _GPU_SUMMARY_INSERT
         newest: dict[GpuKey, LatestSample] = {}
         for w in work.values():
@@ -320,6 +319,7 @@ class IngestCore(StoreBase):
             for node, uuid in gone:
                 conn.execute(g.delete().where(g.c.node == node, g.c.uuid == uuid))
             self.latest.forget(gone)
+
         def summary_upsert() -> Any:
             stmt = self.insert(g)
             return stmt.on_conflict_do_update(index_elements=["node", "uuid"],
@@ -410,7 +410,7 @@ class IngestCore(StoreBase):
         that sent only telemetry, its `last_seen` alone (most of them, most of the time); one
         whose status or events changed more, every column the ingest keeps."""
         t = nodes_table
-        json_columns = {c for c in _NODE_MUTABLE if isinstance(t.c[c].type, sa.JSON)} if self.raw_sqlite else set()
+        json_columns = {c for c in _NODE_MUTABLE if isinstance(t.c[c].type, sa.JSON)}
         seen_only: list[tuple[Any, ...]] = []
         whole: list[tuple[Any, ...]] = []
         for w in work.values():
@@ -419,7 +419,8 @@ class IngestCore(StoreBase):
             if changed == ["last_seen"]:
                 seen_only.append((w.name, row["last_seen"]))
             elif changed:
-                whole.append((w.name, *(json.dumps(row[c]) if c in json_columns else row[c] for c in _NODE_MUTABLE)))
+                whole.append((w.name, *(self.json_param(row[c]) if c in json_columns else row[c]
+                                        for c in _NODE_MUTABLE)))
         for columns, rows in ((("last_seen",), seen_only), (_NODE_MUTABLE, whole)):
             self.execute_many(
                 conn, f"nodes:{','.join(columns)}",
@@ -462,10 +463,6 @@ _GPU_SUMMARY_COLUMNS = (  # what a status sets
 
 
 _GPU_SUMMARY_INSERT = ("node", "uuid", *_GPU_SUMMARY_COLUMNS, "sample", "sample_ts")  # a status's GPU row
-
-
-def _unchanged(value: Any) -> Any:
-    return value
 
 
 _FRESH_NODE_COLUMNS = (  # a node row made by the first message of a node not known yet

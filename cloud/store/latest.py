@@ -72,12 +72,15 @@ class LatestSamples:
     def choose(self, newest: dict[GpuKey, LatestSample]) -> dict[GpuKey, LatestSample]:
         """What to write now: those of `newest` (a batch's newest sample per GPU) due by sample
         time, and every waiting sample due by the clock. The rest of `newest` waits. The caller
-        writes what this returns (`written` is noted here)."""
+        writes what this returns (`written` is noted here). Off (`every` 0): `newest` itself, and
+        nothing is kept."""
+        if self.every <= 0:
+            return newest
         now = self._clock()
         out: dict[GpuKey, LatestSample] = {}
         for key, latest in newest.items():
             last = self._written.get(key)
-            if self.every <= 0 or last is None or latest.ts - last >= self.every:
+            if last is None or latest.ts - last >= self.every:
                 self._waiting.pop(key, None)
                 out[key] = latest
             elif latest.ts > last:
@@ -88,22 +91,23 @@ class LatestSamples:
                     self._waiting[key] = (held[0], _merge(held[1], latest))
             # else: older than the one written (a late delivery): the store would refuse it anyway
         out.update(self._take(now, everything=False))
-        for key, latest in out.items():
-            self._written[key] = latest.ts
-        return out
+        return self._noted(out)
 
     def flush(self, *, everything: bool = False) -> dict[GpuKey, LatestSample]:
         """The waiting samples due now (all of them with `everything`: at shutdown), taken out."""
-        out = self._take(self._clock(), everything=everything)
-        for key, latest in out.items():
-            self._written[key] = latest.ts
-        return out
+        return self._noted(self._take(self._clock(), everything=everything))
 
     def forget(self, keys: Iterable[GpuKey]) -> None:
         """GPUs the node no longer has (its status left them out): nothing of theirs is written."""
         for key in keys:
             self._waiting.pop(key, None)
             self._written.pop(key, None)
+
+    def _noted(self, out: dict[GpuKey, LatestSample]) -> dict[GpuKey, LatestSample]:
+        """`out`, about to be written: its sample times noted as the ones written last."""
+        for key, latest in out.items():
+            self._written[key] = latest.ts
+        return out
 
     def _take(self, now: float, *, everything: bool) -> dict[GpuKey, LatestSample]:
         out: dict[GpuKey, LatestSample] = {}

@@ -6,8 +6,9 @@ the body models), so that a simulated node can only send what a real edge could.
 by every node every interval, is the exception for speed: each node builds its body once with the
 models, keeps it as the msgspec Struct derived from them (shared/wire_structs.py: the same fields,
 in the same order) and moves its figures in place; msgspec writes the envelope. The bytes are the
-ones `make_envelope(...).to_json()` writes for the same body (tests/test_bench.py), at about a fifth
-of the CPU: a simulator sharing the machine with the controller it measures must not take its core.
+ones `make_envelope(...).to_json()` writes for the same body (tests/test_bench.py); the simulator
+took 44-54 % of a core at 2,500 messages a second so, against 71-80 % (docs/benchmarks.md): a
+simulator sharing the machine with the controller it measures must not take its core.
 """
 
 from __future__ import annotations
@@ -198,8 +199,10 @@ def envelope_json(node: str, kind: Kind | str, body: WireModel | TelemetryRecord
     """The envelope of `body` as the edge sends it (`make_envelope`), `ts` now unless given. A
     telemetry body's Struct (`telemetry_body`) is written by msgspec, to the same bytes."""
     if isinstance(body, TelemetryBodyStruct):
-        if Kind(kind) is not Kind.TELEMETRY or not NODE_NAME_RE.match(node):
-            raise ValueError(f"a telemetry body for a {kind} envelope, or a bad node name: {node!r}")
+        if Kind(kind) is not Kind.TELEMETRY:
+            raise ValueError(f"a telemetry body for a {kind} envelope")
+        if not NODE_NAME_RE.match(node):  # what the Envelope model's validator refuses
+            raise ValueError(f"a bad node name: {node!r}")
         return _ENCODE(TelemetryEnvelopeStruct(node=node, seq=seq, kind=Kind.TELEMETRY, body=body,
                                                **({} if ts is None else {"ts": ts})))
     assert isinstance(body, WireModel)
