@@ -37,6 +37,7 @@ from cloud.policies import PolicyManager
 from cloud.quarantine import BrokerQuarantine
 from cloud.reboots import RebootManager
 from cloud.rollout import RolloutManager
+from cloud.sample_writer import SampleWriterProcess, WriterSettings
 from cloud.services import BatchBus, Part, Periodic, Services, run_periodically
 from cloud.store import FleetStore, FleetStoreError, HistoryTiers, RetentionPolicy
 from shared.logs import get_logger
@@ -63,7 +64,7 @@ class ControllerApp:
                                  budget=budget_limits(settings), queue_max=settings.ingest_queue_max,
                                  queue_max_bytes=settings.ingest_queue_max_bytes,
                                  reject_log_every_s=settings.reject_log_interval,
-                                 on_runaway=self.quarantine.runaway)
+                                 on_runaway=self.quarantine.runaway, sample_writer=sample_writer(settings))
         self.identity = settings.client_id  # this replica's name in the leader Lease
         self.leading = asyncio.Event()  # set while this replica is the leader
         # every part sends its edge commands through the outbox
@@ -224,6 +225,15 @@ def sqlite_problem(db: str) -> str | None:
     path = Path(url.database)
     problem = directory_problem(path)
     return f"fleet database {path}: {problem}" if problem else None
+
+
+def sample_writer(settings: CloudSettings) -> SampleWriterProcess | None:
+    """The process that writes telemetry (cloud/sample_writer.py), unless `sample_process` is off."""
+    if not settings.sample_process:
+        return None
+    return SampleWriterProcess(WriterSettings(
+        db=settings.db, history_resolution_s=settings.history_resolution,
+        latest_sample_every=settings.latest_sample_every, log_level=settings.log_level, log_json=settings.log_json))
 
 
 def build(settings: CloudSettings) -> ControllerApp:

@@ -98,6 +98,10 @@ class CloudSettings(KgpuSettings):
         "show) is written at most once per this many seconds; a newer one waits at most this long (0: every one at "
         "once). Edges sampling this often or less are never held back; the history keeps every sample either way. "
         "Off by default: it saves store time, but a saturated controller measured slower with it (docs/benchmarks.md)")
+    sample_process: bool = Field(
+        True, description="Write telemetry from a process of its own (cloud/sample_writer.py), so that the "
+        "controller uses a second core; events and statuses are written by the controller itself. Off: one "
+        "process, for a controller limited to one core")
     # -- the sample history, in tiers (cloud/store/history.py): raw, then means of coarser buckets --
     history_resolution: Seconds = Field(
         0.0, ge=0.0, description="Raw history: at most one stored sample per GPU per this long "

@@ -15,27 +15,29 @@ called on the MQTT link's network threads, so that a flood's excess never wakes 
 the budget state is shared with the loop under `_budget_lock`); the queue
 holds at most `queue_max` messages and `queue_max_bytes` of payload, and `put` waits for room, so
 a store that falls behind slows the MQTT link down (back-pressure to the broker) instead of
-growing memory. The writes run on the ingest's own thread, never on the pool that HTTP reads use.
+growing memory. The writes run on the ingest's own thread, never on the pool that HTTP reads use;
+with a `SampleWriterProcess` (cloud/sample_writer.py, the controller's default) a batch's telemetry
+is written by a child process at the same time, on another core.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import dataclasses
-import gc
-import queue
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
-from concurrent.futures import Executor, Future
+from concurrent.futures import Executor
 from typing import Any, Protocol
 
 import msgspec
 
 from cloud.budget import BUDGETS, Budget, BudgetLimits, NodeBudgets, Verdict
 from cloud.clock_skew import ClockSkewEstimator
+from cloud.gc_tuning import tune_gc_for_ingest
+from cloud.ingest_queue import IngestQueue, Queued, WriterThread
+from cloud.sample_writer import RawTelemetry, SampleWriterProcess
 from cloud.services import BatchBus
 from cloud.store import FleetStore, Incoming, IngestResult
 from shared.logs import ThrottledLog, get_logger
@@ -76,96 +78,6 @@ DEFAULT_QUEUE_MAX_BYTES = 32 * 1024 * 1024
 TOPIC_CACHE_MAX = 100_000  # three topics per node
 SWEEP_EVERY_S = 1.0  # budget flags of nodes back within budget are cleared at most this often
 
-GC_GEN0_THRESHOLD = 20_000
-
-
-def tune_gc_for_ingest() -> None:
-    """Make Python's cyclic garbage collector cheap for a process whose hot loop is the ingest.
-
-    Every message allocates hundreds of short-lived objects (JSON, pydantic models, rows). With
-    the default threshold (700 allocations) the collector runs every few messages, and the
-    queued batches it finds alive are promoted until full collections walk every object of the
-    process: measured as about half the ingest CPU (bench/fleet_scale.py, docs/benchmarks.md).
-    Objects alive at start-up are frozen out of its walks, and it runs less often. Process-wide,
-    so only the controller turns it on (Ingestor(tune_gc=True))."""
-    gc.freeze()
-    gen0, gen1, gen2 = gc.get_threshold()
-    gc.set_threshold(max(gen0, GC_GEN0_THRESHOLD), gen1, gen2)
-    log.info("garbage collector tuned for the ingest", extra={"threshold": gc.get_threshold(),
-                                                              "frozen": gc.get_freeze_count()})
-
-
-class WriterThread(Executor):
-    """The ingest's own writer: ONE daemon thread running the fleet-store writes in order, apart
-    from the pool that HTTP reads use. A daemon, so that a write stuck in a database that is gone
-    cannot hold up the controller's exit (SQLite and PostgreSQL roll back a transaction cut short)."""
-
-    def __init__(self, name: str = "kgpu-ingest") -> None:
-        self._jobs: queue.SimpleQueue[tuple[Future[Any], Callable[[], Any]] | None] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._work, name=name, daemon=True)
-        self._thread.start()
-
-    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
-        future: Future[Any] = Future()
-        self._jobs.put((future, lambda: fn(*args, **kwargs)))
-        return future
-
-    def _work(self) -> None:
-        while (job := self._jobs.get()) is not None:
-            future, call = job
-            if not future.set_running_or_notify_cancel():
-                continue
-            try:
-                future.set_result(call())
-            except BaseException as exc:  # noqa: BLE001 - handed to the awaiting coroutine
-                future.set_exception(exc)
-
-    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
-        self._jobs.put(None)  # after the jobs already queued
-        if wait:
-            self._thread.join()
-
-
-@dataclasses.dataclass(frozen=True)
-class Queued:
-    """A message waiting to be written: its payload size (the queue's byte bound) and when it
-    was queued (`Ingestor.backlog_age_s`)."""
-
-    incoming: Incoming
-    size: int
-    at: float  # time.monotonic()
-    node: str  # the node whose budget backlog it counts in (its topic's)
-
-
-class IngestQueue(asyncio.Queue[Queued]):
-    """An asyncio queue bounded by messages AND by payload bytes (a message is let in whenever
-    the queue is empty, however large). `put` waits for room; `put_nowait` raises QueueFull."""
-
-    def __init__(self, max_messages: int, max_bytes: int) -> None:
-        super().__init__(maxsize=max_messages)
-        self.max_bytes = max_bytes
-        self.bytes = 0
-
-    def _init(self, maxsize: int) -> None:
-        self._queue: collections.deque[Queued] = collections.deque()
-
-    def _put(self, item: Queued) -> None:
-        self._queue.append(item)
-        self.bytes += item.size
-
-    def _get(self) -> Queued:
-        item = self._queue.popleft()
-        self.bytes -= item.size
-        return item
-
-    def full(self) -> bool:
-        return super().full() or (self.max_bytes > 0 and self.bytes >= self.max_bytes and bool(self._queue))
-
-    def oldest(self) -> float | None:
-        """When the oldest queued message was queued (monotonic), None when empty."""
-        return self._queue[0].at if self._queue else None
-
-
 class PublishAck(Protocol):
     """The link's `publish_ack`: a node's cumulative ack; `conflict` as in shared.protocol.AckBody."""
 
@@ -177,8 +89,11 @@ class Ingestor:
                  batches: BatchBus | None = None, batch_size: int = 500, batch_interval_s: float = 0.1,
                  tune_gc: bool = False, budget: BudgetLimits | None = None,
                  queue_max: int = DEFAULT_QUEUE_MAX, queue_max_bytes: int = DEFAULT_QUEUE_MAX_BYTES,
-                 reject_log_every_s: float = 10.0, on_runaway: Callable[[str], None] | None = None) -> None:
+                 reject_log_every_s: float = 10.0, on_runaway: Callable[[str], None] | None = None,
+                 sample_writer: SampleWriterProcess | None = None) -> None:
         self.store = store
+        # telemetry written by a child process (cloud/sample_writer.py); None: by `store`, here
+        self.sample_writer = sample_writer
         self.tune_gc = tune_gc  # the controller's ingest is its hot loop: see tune_gc_for_ingest()
         self.publish_ack = publish_ack
         self.batch_size = batch_size
@@ -207,7 +122,7 @@ class Ingestor:
         self.deferred = 0  # messages put back because another replica held their node's row
         self.batches = 0
         self.store_errors = 0
-        self.failing = False  # the last write failed and is being retried
+        self._failing: set[str] = set()  # the parts of the batch ("ingest", "samples") being retried
         # Every batch goes here after it is committed (decisions that follow from fleet state,
         # e.g. migrations on a migration_request event, subscribe). A failing listener is logged.
         self.bus = batches if batches is not None else BatchBus()
@@ -219,6 +134,7 @@ class Ingestor:
         self.last_batch_seconds = 0.0
         self._writing: list[Queued] = []  # the batch being written (or retried) now
         self._executor: WriterThread | None = None  # the ingest's own writer thread, while run() runs
+        self._sample_executor: WriterThread | None = None  # talks to the sample writer process, while run() runs
 
     # -- reads for /metrics, /healthz and the API ------------------------------------------------
 
@@ -282,6 +198,7 @@ class Ingestor:
             self._reject_log.log(exc.reason, "rejected message: %s: %s", exc.reason, exc.detail[:300],
                                  extra={"topic": message.topic[:200]})
             return None
+        incoming_body = incoming.body
         within = self._within_gpu_budget(incoming, now)
         if within is None:
             self._release_topic(message.topic)
@@ -300,7 +217,11 @@ class Ingestor:
         self.last_seen[envelope.node] = received_at
         if isinstance(incoming.body, StatusBody):
             self.online[envelope.node] = incoming.body.state == "online"
-        return Queued(incoming, size, now, envelope.node)
+        raw = None
+        if self.sample_writer is not None and isinstance(incoming.body, TelemetryBodyStruct):
+            kept = None if within.body is incoming_body else tuple(s.uuid for s in incoming.body.samples)
+            raw = RawTelemetry(message.topic, message.payload, received_at, skew, kept)
+        return Queued(incoming, size, now, envelope.node, raw)
 
     def _release_topic(self, topic: str) -> None:
         """A message admitted by the budget went no further: out of its node's backlog."""
@@ -415,6 +336,9 @@ class Ingestor:
             tune_gc_for_ingest()
         queue = self.queue
         self._executor = WriterThread()
+        if self.sample_writer is not None:
+            self._sample_executor = WriterThread("kgpu-samples")
+            self._sample_executor.submit(self._start_sample_writer)  # meanwhile: the first batch waits for it
         carried: list[Queued] = []  # deferred by the last write: they go first, in order
         try:
             while True:
@@ -441,6 +365,19 @@ class Ingestor:
             executor, self._executor = self._executor, None
             # a write in progress finishes on its own; nothing waits for it here (bounded shutdown)
             executor.shutdown(wait=False)
+            sample_executor, self._sample_executor = self._sample_executor, None
+            if sample_executor is not None:
+                sample_executor.shutdown(wait=False)
+            if self.sample_writer is not None:
+                self.sample_writer.kill()  # drain() has stopped it already, unless the ingest was just cancelled
+
+    def _start_sample_writer(self) -> None:
+        """On the sample thread: a child that cannot start is logged; the first write tries again."""
+        assert self.sample_writer is not None
+        try:
+            self.sample_writer.start()
+        except Exception as exc:  # noqa: BLE001 - retried, with backoff, by the writes
+            log.error("sample writer process did not start: %s", exc)
 
     async def _next(self) -> Queued:
         """The next queued message. Meanwhile, while nodes are flagged, their flags are looked at
@@ -482,6 +419,11 @@ class Ingestor:
             await asyncio.sleep(0.05)
         if not self.pending():
             await asyncio.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
+            if self.sample_writer is not None and self._sample_executor is not None:
+                # the child writes the latest samples that wait in it, and leaves, within the same bound
+                writer, left = self.sample_writer, max(0.1, deadline - time.monotonic())
+                loop = asyncio.get_running_loop()
+                await loop.run_in_executor(self._sample_executor, lambda: writer.stop(left))
             if self.store.latest_due_in() is not None and self._executor is not None:
                 try:  # the latest samples still waiting (cloud/store/latest.py), within the same bound
                     await asyncio.wait_for(self._flush_latest(everything=True),
@@ -491,31 +433,45 @@ class Ingestor:
         return self.pending()
 
     async def _write(self, queued: list[Queued]) -> list[Queued]:
-        """Store a batch (retrying while the database is down); returns the messages deferred
-        because another replica held their node (offered again first in the next batch)."""
-        batch = [q.incoming for q in queued]
-        loop = asyncio.get_running_loop()
-        delay = 0.5
-        while True:
-            started = time.perf_counter()
-            try:
-                result: IngestResult = await loop.run_in_executor(
-                    self._executor, lambda: self.store.ingest(batch, skip_locked=True))
-                self.failing = False
-                break
-            except ValueError as exc:  # a batch the store refuses will never succeed: say so, go on
-                self.release(q.node for q in queued)
-                self.rejected[REFUSED_BY_STORE] += len(batch)
-                log.error("fleet store refused a batch of %d messages: %s", len(batch), exc)
-                return []
-            except Exception as exc:  # noqa: BLE001 - the database is down: keep the batch, retry with backoff
-                self.store_errors += 1
-                self.failing = True
-                log.error("fleet store write failed, retrying in %.1f s: %s", delay, exc)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 30.0)
+        """Store a batch (each part retried while the database is down); returns the messages
+        deferred because another replica held their node (offered again first in the next batch).
+        With a sample writer process, the batch's telemetry is written there while the rest (the
+        events and statuses, which carry the acks) is written here, at the same time; the acks go
+        out as soon as their part is written, without waiting for the telemetry. The next batch
+        starts when both parts are written (one batch in flight: the back-pressure)."""
+        samples = [q for q in queued if q.raw is not None] if self.sample_writer is not None else []
+        here = [q for q in queued if q.raw is None] if samples else queued
+        started = time.perf_counter()
+        sample_write: asyncio.Future[Any] | None = None
+        if samples:
+            writer, raws = self.sample_writer, [q.raw for q in samples if q.raw is not None]
+            assert writer is not None
+            sample_write = asyncio.ensure_future(
+                self._retrying("samples", len(samples), lambda: writer.write(raws), self._sample_executor))
+        try:
+            carried = await self._write_here(here) if here else []
+            if sample_write is not None:
+                written = await sample_write is not None
+                self.release(q.node for q in samples)
+                if written:
+                    await self.bus.deliver([q.incoming for q in samples])
+        except asyncio.CancelledError:
+            if sample_write is not None:
+                sample_write.cancel()
+            raise
         self.last_batch_seconds = time.perf_counter() - started
         self.batches += 1
+        return carried
+
+    async def _write_here(self, queued: list[Queued]) -> list[Queued]:
+        """The batch's part written by this process (all of it without a sample writer process):
+        stored, counted, acked, out of the budgets' backlog, delivered; returns what was deferred."""
+        batch = [q.incoming for q in queued]
+        result: IngestResult | None = await self._retrying(
+            "ingest", len(batch), lambda: self.store.ingest(batch, skip_locked=True), self._executor)
+        if result is None:  # refused: counted by _retrying
+            self.release(q.node for q in queued)
+            return []
         self.stored += result.stored
         self.duplicates += result.duplicates
         self.stale += result.stale
@@ -540,6 +496,33 @@ class Ingestor:
         self.release(q.node for q in queued if id(q.incoming) not in waiting)
         await self.bus.deliver([item for item in batch if id(item) not in waiting])
         return [q for q in queued if id(q.incoming) in waiting]
+
+    async def _retrying(self, part: str, count: int, call: Callable[[], Any], executor: Executor | None) -> Any:
+        """`call()` on `executor` until it succeeds (the database is down: backoff, the batch is
+        kept); None when the store refuses it (a ValueError: it never would succeed), counted."""
+        loop = asyncio.get_running_loop()
+        delay = 0.5
+        while True:
+            try:
+                answer = await loop.run_in_executor(executor, call)
+                self._failing.discard(part)
+                return answer
+            except ValueError as exc:  # a batch the store refuses will never succeed: say so, go on
+                self._failing.discard(part)
+                self.rejected[REFUSED_BY_STORE] += count
+                log.error("fleet store refused a batch of %d messages (%s): %s", count, part, exc)
+                return None
+            except Exception as exc:  # noqa: BLE001 - the database is down: keep the batch, retry with backoff
+                self.store_errors += 1
+                self._failing.add(part)
+                log.error("fleet store write failed (%s), retrying in %.1f s: %s", part, delay, exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30.0)
+
+    @property
+    def failing(self) -> bool:
+        """The last write of a part of the batch failed and is being retried."""
+        return bool(self._failing)
 
 
 # What an operator may need to know when an honest node goes over this budget.

@@ -23,7 +23,8 @@ import sqlalchemy as sa
 
 from bench.flood import flood
 from cloud.budget import EVENT_RESUME, RECOVER_AFTER_S, Budget, BudgetLimits, NodeBudgets
-from cloud.ingest import DROP_REASONS, Ingestor, IngestQueue, Queued
+from cloud.ingest import DROP_REASONS, Ingestor
+from cloud.ingest_queue import IngestQueue, Queued
 from cloud.store import FleetStore, Incoming, RetentionPolicy
 from kgpu.lab.broker import Mosquitto, mosquitto_binary
 from kgpu.lab.processes import wait_for

@@ -69,6 +69,10 @@ class ControllerCollector(Collector):
                                   value=ingest.batches)
         yield CounterMetricFamily("kgpu_ingest_store_errors", "Failed fleet-store writes (retried).",
                                   value=ingest.store_errors)
+        writer = ingest.sample_writer
+        yield CounterMetricFamily("kgpu_ingest_sample_writer_starts", "Sample writer processes started (more "
+                                  "than one: it ended and was started again; 0 without sample_process).",
+                                  value=writer.starts if writer is not None else 0)
         yield GaugeMetricFamily("kgpu_ingest_queue_depth", "Messages waiting to be written (queued, or in the batch "
                                 "being filled or written).", value=ingest.pending())
         yield GaugeMetricFamily("kgpu_ingest_queue_bytes", "Payload bytes of the messages waiting to be written.",

@@ -1,0 +1,381 @@
+"""The fleet's telemetry writes in a process of their own: the controller's second core.
+
+Why (docs/benchmarks.md, "The steady 20,000 GPU samples a second"): one controller process did not
+keep up with 2,500 nodes x 8 GPUs every second on two cores, because its writer thread waited for
+the interpreter lock 37 % of its time: SQLite's driver releases the lock around every step, and the
+MQTT network thread and the event loop take it meanwhile. Telemetry is most of what is written and
+needs no ack, so its writes run in a child process, with an interpreter lock of its own.
+
+How: the controller validates, budgets and accounts every message as before (cloud/ingest.py) and
+hands a batch's telemetry to the child as the bytes that arrived, with the time they arrived, the
+node's clock skew and, where the node's GPU budget left samples out, the GPUs it kept
+(`RawTelemetry`). The child decodes them again (shared.protocol.decode_and_check: the same checks,
+some 17 µs a message, less than pickling would cost, and msgspec's run-time Structs cannot be
+pickled) and writes them through `IngestCore.ingest`, the same code as in one process; the latest
+samples held by `latest_sample_every` wait and are written there too. Events and statuses stay in
+the controller's own writer: they carry the acks.
+
+The two talk over the child's stdin and stdout, in frames of a 4-byte length and a msgpack map:
+first {"op": "open", "settings": {...}} (`WriterSettings`), answered once the store is open; then
+{"op": "write", "items": [...]} answered {"ok": true, "samples": N} or {"ok": false, "error":
+"store" | "refused", "message": ..., "reason": ...}; {"op": "stop"} answered once the samples that
+waited are written. One batch is in flight at a time: `write` blocks (on the ingest's sample
+thread, never the event loop) until the child answers, so the child's pace is the back-pressure. A
+database error comes back as FleetStoreError and a refused batch as ValueError, which the ingest
+retries or counts as it does its own writes; a child that died is started again by the next
+`write` (telemetry written twice is a no-op: the history's unique index, the latest sample's
+WHERE). The child's logs go to the controller's stderr, in its format.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import os
+import select
+import signal
+import struct
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import IO, Any, NamedTuple
+
+import msgspec
+
+from cloud.gc_tuning import tune_gc_for_ingest
+from cloud.store.base import DEFAULT_BUSY_TIMEOUT_MS, FleetStoreError
+from cloud.store.batch import Incoming
+from cloud.store.ingest import IngestCore
+from shared.logs import get_logger, setup_logging
+from shared.protocol import Direction, RejectedMessage, TelemetryBodyStruct, decode_and_check
+
+log = get_logger(__name__)
+
+_LENGTH = struct.Struct(">I")
+MAX_FRAME = 1 << 30  # a batch is at most batch_size x the payload limit; a longer length is a broken pipe
+START_TIMEOUT_S = 60.0  # the child imports SQLAlchemy and opens the store: a second or two, more when busy
+
+
+class RawTelemetry(NamedTuple):
+    """One telemetry message as the child takes it: what arrived, and what the controller decided
+    about it (arrival time, the node's clock skew, and the GPUs whose samples its budget kept, None
+    for all)."""
+
+    topic: str
+    payload: bytes
+    received_at: float
+    clock_skew: float
+    kept: tuple[str, ...] | None
+
+
+@dataclasses.dataclass(frozen=True)
+class WriterSettings:
+    """What the child needs to open the same store as the controller: its first frame on stdin
+    (not its command line, which any user of the machine can read: the URL may hold a password)."""
+
+    db: str
+    history_resolution_s: float = 0.0
+    latest_sample_every: float = 0.0
+    busy_timeout_ms: int = DEFAULT_BUSY_TIMEOUT_MS
+    log_level: str = "info"
+    log_json: bool | None = None
+
+
+class WriterProcessEnded(FleetStoreError):
+    """The child ended (crashed, killed, or never started): the batch was not written."""
+
+
+# -- the frames, both sides ------------------------------------------------------------------------
+
+_encode = msgspec.msgpack.Encoder().encode
+_decode = msgspec.msgpack.Decoder().decode
+
+
+def _send(stream: IO[bytes], message: dict[str, Any]) -> None:
+    body = _encode(message)
+    data = memoryview(_LENGTH.pack(len(body)) + body)
+    while data:  # an unbuffered pipe may take less than all of it
+        written = stream.write(data)
+        data = data[written if written is not None else 0:]
+    stream.flush()
+
+
+def _read_exact(stream: IO[bytes], size: int) -> bytes | None:
+    """`size` bytes, or None at the end of the stream (the other side is gone)."""
+    chunks: list[bytes] = []
+    while size:
+        chunk = stream.read(size)
+        if not chunk:
+            return None
+        chunks.append(chunk)
+        size -= len(chunk)
+    return b"".join(chunks)
+
+
+def _receive(stream: IO[bytes]) -> dict[str, Any] | None:
+    head = _read_exact(stream, _LENGTH.size)
+    if head is None:
+        return None
+    (size,) = _LENGTH.unpack(head)
+    if size > MAX_FRAME:
+        raise ValueError(f"a frame of {size} bytes: the pipe is out of step")
+    body = _read_exact(stream, size)
+    if body is None:
+        return None
+    message = _decode(body)
+    if not isinstance(message, dict):
+        raise ValueError("a frame that is not a map: the pipe is out of step")
+    return message
+
+
+# -- the controller's side -------------------------------------------------------------------------
+
+
+class SampleWriterProcess:
+    """The controller's handle on the child. Blocking calls, made from ONE thread (the ingest's
+    sample thread); `kill` from any."""
+
+    def __init__(self, settings: WriterSettings, *, start_timeout_s: float = START_TIMEOUT_S) -> None:
+        self.settings = settings
+        self.start_timeout_s = start_timeout_s
+        self.starts = 0  # children started (a restart after the first counts in kgpu_ingest_sample_writer_starts)
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._lock = threading.Lock()  # `kill` from another thread against a start or a stop
+
+    @property
+    def pid(self) -> int | None:
+        proc = self._proc
+        return proc.pid if proc is not None and proc.poll() is None else None
+
+    def start(self) -> None:
+        """Start the child and wait until its store is open; FleetStoreError with its reason if
+        it cannot open it (a restart is tried again by the next `write`)."""
+        with self._lock:
+            self._kill_locked()
+            root = str(Path(__file__).resolve().parent.parent)  # where `cloud` is importable from
+            env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
+            self._proc = subprocess.Popen(
+                [sys.executable, "-m", "cloud.sample_writer"],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, close_fds=True, bufsize=0)
+            self.starts += 1
+            proc = self._proc
+        assert proc.stdin is not None and proc.stdout is not None
+        try:
+            _send(proc.stdin, {"op": "open", "settings": dataclasses.asdict(self.settings)})
+        except OSError as exc:
+            raise self._ended(proc, exc) from None
+        ready, _, _ = select.select([proc.stdout], [], [], self.start_timeout_s)
+        if not ready:
+            self.kill()
+            raise WriterProcessEnded(f"sample writer process: not ready within {self.start_timeout_s:.0f} s",
+                                     reason="writer process start timed out")
+        try:
+            self._answer(proc)
+        except BaseException:
+            self.kill()  # it said why (its store did not open) and is leaving
+            raise
+        log.info("sample writer process started", extra={"pid": proc.pid, "starts": self.starts})
+
+    def write(self, items: Sequence[RawTelemetry]) -> int:
+        """Write these telemetry messages in one transaction of the child's; the samples written.
+        Raises FleetStoreError (retry), ValueError (refused: never retry) or WriterProcessEnded."""
+        proc = self._proc
+        if proc is None or proc.poll() is not None:
+            if proc is not None:
+                log.error("sample writer process ended (exit code %s): starting it again", proc.returncode)
+            self.start()
+            proc = self._proc
+            assert proc is not None
+        assert proc.stdin is not None
+        try:
+            _send(proc.stdin, {"op": "write", "items": [tuple(item) for item in items]})
+        except (BrokenPipeError, OSError) as exc:
+            raise self._ended(proc, exc) from None
+        return int(self._answer(proc).get("samples", 0))
+
+    def stop(self, timeout_s: float) -> int:
+        """Ask the child to write the samples that wait and leave; how many it wrote then. Killed
+        if it does not leave within `timeout_s` (what waited is then lost: only latest figures)."""
+        with self._lock:
+            proc = self._proc
+        if proc is None or proc.poll() is not None:
+            return 0
+        assert proc.stdin is not None and proc.stdout is not None
+        flushed = 0
+        try:
+            _send(proc.stdin, {"op": "stop"})
+            ready, _, _ = select.select([proc.stdout], [], [], timeout_s)
+            if ready:
+                flushed = int(self._answer(proc).get("flushed", 0))
+            proc.wait(max(0.1, timeout_s))
+        except (OSError, FleetStoreError, subprocess.TimeoutExpired) as exc:
+            log.warning("sample writer process did not stop cleanly: %s", exc)
+        finally:
+            self.kill()
+        return flushed
+
+    def kill(self) -> None:
+        """End the child now (a write in flight fails with WriterProcessEnded)."""
+        with self._lock:
+            self._kill_locked()
+
+    def _kill_locked(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        if proc.poll() is None:
+            proc.kill()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(5.0)
+        for stream in (proc.stdin, proc.stdout):
+            if stream is not None:
+                with contextlib.suppress(OSError):
+                    stream.close()
+
+    def _answer(self, proc: subprocess.Popen[bytes]) -> dict[str, Any]:
+        assert proc.stdout is not None
+        try:
+            answer = _receive(proc.stdout)
+        except (OSError, ValueError) as exc:
+            raise self._ended(proc, exc) from None
+        if answer is None:
+            raise self._ended(proc, None)
+        if answer.get("ok"):
+            return answer
+        message = str(answer.get("message") or "the sample writer process failed")
+        if answer.get("error") == "refused":
+            raise ValueError(message)
+        raise FleetStoreError(message, reason=str(answer.get("reason") or message))
+
+    def _ended(self, proc: subprocess.Popen[bytes], exc: BaseException | None) -> WriterProcessEnded:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(1.0)
+        code = proc.poll()
+        self.kill()  # the next write starts a new one
+        why = f" ({exc})" if exc is not None else ""
+        return WriterProcessEnded(f"sample writer process ended (exit code {code}){why}: the batch is written "
+                                  "again by a new one", reason="writer process ended")
+
+
+# -- the child's side ------------------------------------------------------------------------------
+
+
+def decode_batch(items: Sequence[Sequence[Any]]) -> tuple[list[Incoming], int]:
+    """The controller's `RawTelemetry` rows as the store's `Incoming`: decoded again, with the
+    controller's arrival time and clock skew, and only the samples its budget kept. Also how many
+    could not be decoded (the controller accepted them with the same code: none, unless the two
+    run different versions)."""
+    batch: list[Incoming] = []
+    failed = 0
+    for row in items:
+        item = RawTelemetry(*row)
+        try:
+            checked = decode_and_check(item.topic, item.payload, direction=Direction.EDGE_TO_CLOUD,
+                                       typed_body_only=True)
+        except RejectedMessage as exc:
+            failed += 1
+            log.error("sample writer: a message the controller accepted does not decode here: %s: %s",
+                      exc.reason, exc.detail[:300], extra={"topic": item.topic[:200]})
+            continue
+        body = checked.body
+        if item.kept is not None and isinstance(body, TelemetryBodyStruct):
+            kept = set(item.kept)
+            body = msgspec.structs.replace(body, samples=[s for s in body.samples if s.uuid in kept])
+        batch.append(Incoming(envelope=checked.envelope, body=body, received_at=item.received_at,
+                              clock_skew=item.clock_skew))
+    return batch, failed
+
+
+def _readable(fd: int, timeout_s: float) -> bool:
+    ready, _, _ = select.select([fd], [], [], max(0.0, timeout_s))
+    return bool(ready)
+
+
+def serve(settings: WriterSettings, requests: IO[bytes], answers: IO[bytes]) -> int:
+    """The child's loop: open the store, answer frames until "stop" or the controller is gone."""
+    try:
+        store = IngestCore(settings.db, history_resolution_s=settings.history_resolution_s,
+                           latest_sample_every=settings.latest_sample_every,
+                           busy_timeout_ms=settings.busy_timeout_ms)
+    except (FleetStoreError, ValueError) as exc:
+        _send(answers, {"ok": False, "error": "store", "message": str(exc),
+                        "reason": getattr(exc, "reason", str(exc))})
+        return 1
+    tune_gc_for_ingest()
+    _send(answers, {"ok": True, "ready": True, "pid": os.getpid()})
+    try:
+        while True:
+            due = store.latest_due_in()
+            if due is not None and not _readable(requests.fileno(), due):
+                _flush(store, everything=False)
+                continue
+            request = _receive(requests)
+            if request is None:  # the controller is gone: write what waits, and leave
+                _flush(store, everything=True)
+                return 0
+            if request.get("op") == "stop":
+                _send(answers, {"ok": True, "flushed": _flush(store, everything=True)})
+                return 0
+            if request.get("op") != "write":
+                _send(answers, {"ok": False, "error": "refused", "message": f"unknown op {request.get('op')!r}"})
+                continue
+            _send(answers, _write(store, request.get("items") or []))
+    finally:
+        store.close()
+
+
+def _write(store: IngestCore, items: Sequence[Sequence[Any]]) -> dict[str, Any]:
+    started = time.perf_counter()
+    try:
+        batch, failed = decode_batch(items)
+        store.ingest(batch)
+    except FleetStoreError as exc:
+        return {"ok": False, "error": "store", "message": str(exc), "reason": exc.reason}
+    except (ValueError, TypeError) as exc:
+        return {"ok": False, "error": "refused", "message": str(exc)}
+    except Exception as exc:  # told to the controller, which retries it as it does a database error
+        log.exception("sample writer: writing a batch failed")
+        return {"ok": False, "error": "store", "message": f"sample writer: {exc}", "reason": type(exc).__name__}
+    samples = sum(len(getattr(item.body, "samples", ())) for item in batch)
+    return {"ok": True, "samples": samples, "undecodable": failed, "seconds": time.perf_counter() - started}
+
+
+def _flush(store: IngestCore, *, everything: bool) -> int:
+    try:
+        return store.flush_latest(everything=everything)
+    except FleetStoreError as exc:  # the next batch writes newer ones
+        log.error("sample writer: writing the latest samples that waited failed: %s", exc)
+        return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argparse.ArgumentParser(
+        prog="python -m cloud.sample_writer",
+        description="The controller's telemetry writer, started by `kgpu cloud run` (sample_process): it reads "
+                    "its settings and then batches from stdin and answers on stdout (cloud/sample_writer.py).",
+    ).parse_args(argv)
+    # Its life is the controller's: it leaves when told to ("stop") or when its input ends (the
+    # controller is gone). A Ctrl-C or SIGTERM sent to the whole process group is the controller's
+    # to handle: it drains its ingest and then stops this process, so that nothing held is lost.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # unbuffered: select() on the pipe must see every byte the controller sent
+    requests = os.fdopen(sys.stdin.fileno(), "rb", buffering=0)
+    answers = os.fdopen(sys.stdout.fileno(), "wb", buffering=0)
+    sys.stdout = sys.stderr  # nothing else may write into the answers
+    first = _receive(requests)
+    if first is None or first.get("op") != "open" or not isinstance(first.get("settings"), dict):
+        print("python -m cloud.sample_writer: the controller starts this process and sends its settings first",
+              file=sys.stderr)
+        return 2
+    settings = WriterSettings(**first["settings"])
+    setup_logging(settings.log_level, settings.log_json)
+    return serve(settings, requests, answers)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,221 @@
+"""Telemetry written by a process of its own (cloud/sample_writer.py): the child started for real
+(`python -m cloud.sample_writer`) over the test's database, SQLite and PostgreSQL; the samples it
+writes read back through the fleet store; a child killed mid-flight replaced; a database it cannot
+open reported; what waited written at stop; and the controller's ingest splitting a batch between
+the child (telemetry) and its own writer (events and statuses, acked)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cloud.ingest import Ingestor
+from cloud.sample_writer import RawTelemetry, SampleWriterProcess, WriterProcessEnded, WriterSettings, decode_batch
+from cloud.store import FleetStore, FleetStoreError
+from kgpu.lab.fleetsim.node import envelope_json
+from shared.mqtt import Received
+from shared.protocol import Kind, StatusBody, TelemetryBody, XidBody
+from shared.topics import edge_topic
+from tests.test_fleet_store import NODE, db_url, gpu, open_store, sample  # noqa: F401 (fixtures)
+
+
+def raw(node: str, ts: float, indexes: tuple[int, ...] = (0, 1), *, skew: float = 0.0,
+        kept: tuple[str, ...] | None = None, **figures: Any) -> RawTelemetry:
+    body = TelemetryBody(samples=[sample(i, ts, **figures) for i in indexes])
+    return RawTelemetry(edge_topic(node, "telemetry"), envelope_json(node, Kind.TELEMETRY, body, ts=ts),
+                        ts + 0.05, skew, kept)
+
+
+def gpu_rows(store: FleetStore, node: str = NODE) -> dict[str, dict[str, Any]]:
+    found = store.node(node)
+    return {} if found is None else {g["uuid"]: g for g in found["gpus"]}
+
+
+@pytest.fixture
+def writer(db_url: str, open_store: Callable[..., FleetStore]) -> Any:  # noqa: F811 - fixtures imported above
+    open_store().close()  # the controller migrates the schema before the child opens it
+    started: list[SampleWriterProcess] = []
+
+    def start(**settings: Any) -> SampleWriterProcess:
+        process = SampleWriterProcess(WriterSettings(db=db_url, **settings))
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        process.kill()
+
+
+def test_the_child_writes_samples_the_store_reads_back(
+    writer: Callable[..., SampleWriterProcess], open_store: Callable[..., FleetStore],  # noqa: F811
+) -> None:
+    process = writer()
+    now = time.time()
+    assert process.write([raw(NODE, now - 1), raw(NODE, now, temperature_c=71.0)]) == 4
+    assert process.write([raw("other", now, (0,), skew=10.0)]) == 1  # the node's clock 10 s ahead of ours
+    store = open_store()
+    rows = gpu_rows(store)
+    assert set(rows) == {"GPU-0", "GPU-1"}
+    assert rows["GPU-0"]["sample"]["temperature_c"] == 71.0 and rows["GPU-0"]["sample_ts"] == now
+    assert len(store.samples(NODE)) == 4  # the history: every sample
+    assert gpu_rows(store, "other")["GPU-0"]["sample_ts"] == pytest.approx(now - 10.0)  # onto our clock
+    node = store.node(NODE)
+    assert node is not None and node["last_seen"] == pytest.approx(now + 0.05)
+    assert process.write([raw(NODE, now)]) == 2  # the same samples again: no-ops, no error
+    assert len(store.samples(NODE)) == 4
+
+
+def test_only_the_gpus_the_budget_kept_are_written(writer: Callable[..., SampleWriterProcess],
+                                                   open_store: Callable[..., FleetStore]) -> None:  # noqa: F811
+    process = writer()
+    assert process.write([raw(NODE, time.time(), (0, 1, 2), kept=("GPU-1",))]) == 1
+    assert set(gpu_rows(open_store())) == {"GPU-1"}
+
+
+def test_a_killed_child_fails_its_batch_and_the_next_write_starts_another(
+    writer: Callable[..., SampleWriterProcess], open_store: Callable[..., FleetStore],  # noqa: F811
+) -> None:
+    process = writer()
+    now = time.time()
+    process.write([raw(NODE, now - 1)])
+    pid = process.pid
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+    with pytest.raises(WriterProcessEnded, match="exit code -9"):
+        process.write([raw(NODE, now)])
+    assert process.write([raw(NODE, now)]) == 2  # the ingest writes the batch again: a new child
+    assert process.starts == 2 and process.pid not in (None, pid)
+    assert gpu_rows(open_store())["GPU-0"]["sample_ts"] == now
+
+
+def test_a_database_the_child_cannot_open_is_a_store_error_with_its_reason(tmp_path: Path) -> None:
+    (tmp_path / "fleet.db").write_bytes(b"not a database, " * 64)
+    process = SampleWriterProcess(WriterSettings(db=f"sqlite:///{tmp_path / 'fleet.db'}"))
+    try:
+        with pytest.raises(FleetStoreError, match="not a database"):
+            process.start()
+        assert process.pid is None  # it said why and left
+    finally:
+        process.kill()
+
+
+def test_stop_writes_the_latest_samples_that_waited(writer: Callable[..., SampleWriterProcess],
+                                                    open_store: Callable[..., FleetStore]) -> None:  # noqa: F811
+    process = writer(latest_sample_every=30.0)
+    now = time.time()
+    process.write([raw(NODE, now)])
+    process.write([raw(NODE, now + 1, temperature_c=80.0)])  # 1 s later: waits in the child
+    store = open_store()
+    assert gpu_rows(store)["GPU-0"]["sample_ts"] == now
+    assert process.stop(10.0) == 2
+    assert gpu_rows(store)["GPU-0"]["sample"]["temperature_c"] == 80.0
+    assert process.pid is None
+
+
+def test_decode_batch_counts_what_does_not_decode() -> None:
+    good = raw(NODE, time.time())
+    batch, failed = decode_batch([tuple(good), (good.topic, b"{not json", 1.0, 0.0, None)])
+    assert failed == 1 and [i.envelope.node for i in batch] == [NODE]
+
+
+def test_the_ingest_writes_telemetry_in_the_child_and_acks_events_itself(
+    writer: Callable[..., SampleWriterProcess], open_store: Callable[..., FleetStore],  # noqa: F811
+) -> None:
+    store = open_store()
+    process = writer()
+    acks: list[tuple[str, int]] = []
+    delivered: list[Kind] = []
+    now = time.time()
+
+    async def scenario() -> int:
+        ingestor = Ingestor(store, lambda node, upto, _epoch, **_k: acks.append((node, upto)),
+                            batch_interval_s=0.05, sample_writer=process)
+
+        async def listen(batch: list[Any]) -> None:
+            for item in batch:
+                if item.envelope.kind is Kind.TELEMETRY:  # delivered after the child wrote it
+                    assert item.envelope.ts in {s["ts"] for s in store.samples(NODE)}
+                delivered.append(item.envelope.kind)
+
+        ingestor.bus.subscribe(listen)
+        runner = asyncio.create_task(ingestor.run())
+        try:
+            status = StatusBody(state="online", version="0.1.0", gpus=[gpu(0), gpu(1)], outbox_epoch="e1")
+            ingestor.offer(Received(edge_topic(NODE, "status"), envelope_json(NODE, Kind.STATUS, status, ts=now), False))
+            for step in range(3):
+                ingestor.offer(Received(*raw(NODE, now + step)[:2], False))
+            xid = XidBody(gpu_index=0, gpu_uuid="GPU-0", xid=48, action="request_migration")
+            ingestor.offer(Received(edge_topic(NODE, "events"), envelope_json(NODE, Kind.XID, xid, seq=1, ts=now), False))
+            deadline = time.monotonic() + 20
+            while (ingestor.pending() or not acks) and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            return await ingestor.drain(10.0)
+        finally:
+            runner.cancel()
+            await asyncio.gather(runner, return_exceptions=True)
+
+    assert asyncio.run(scenario()) == 0
+    assert acks == [(NODE, 1)]
+    assert sorted(delivered) == sorted([Kind.STATUS, Kind.XID, *[Kind.TELEMETRY] * 3])
+    rows = gpu_rows(store)
+    assert {u: r["sample_ts"] for u, r in rows.items()} == {"GPU-0": now + 2, "GPU-1": now + 2}
+    assert rows["GPU-0"]["name"] == "NVIDIA H100"  # the status, written here
+    assert len(store.samples(NODE)) == 6
+    assert process.pid is None  # drained: the child stopped
+
+
+def test_the_child_ignores_signals_to_the_group_and_leaves_when_its_controller_is_gone(
+    db_url: str, open_store: Callable[..., FleetStore],  # noqa: F811
+) -> None:
+    """A controller killed with SIGKILL: its child reads the end of its input, writes the latest
+    samples it held back, and leaves. Ctrl-C or SIGTERM to the group are the controller's to handle."""
+    open_store().close()
+    now = time.time()
+    script = (
+        "import os, sys, time\n"
+        "from cloud.sample_writer import SampleWriterProcess, WriterSettings\n"
+        "from tests.test_sample_writer import raw\n"
+        f"p = SampleWriterProcess(WriterSettings(db={db_url!r}, latest_sample_every=30.0))\n"
+        f"p.write([raw('node-a', {now!r})])\n"
+        f"p.write([raw('node-a', {now + 1!r}, temperature_c=80.0)])\n"
+        "print(p.pid, flush=True)\n"
+        "sys.stdin.readline()\n"  # until the test has signalled the child
+    )
+    controller = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                  cwd=Path(__file__).resolve().parent.parent)
+    try:
+        assert controller.stdout is not None and controller.stdin is not None
+        child = int(controller.stdout.readline())
+        os.kill(child, signal.SIGTERM)
+        os.kill(child, signal.SIGINT)
+        time.sleep(0.3)
+        os.kill(child, 0)  # still there
+        store = open_store()
+        assert gpu_rows(store, "node-a")["GPU-0"]["sample_ts"] == now  # the newer one held back
+        controller.kill()
+        controller.wait(10)
+        deadline = time.monotonic() + 20
+        while _alive(child) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _alive(child)
+        assert gpu_rows(store, "node-a")["GPU-0"]["sample"]["temperature_c"] == 80.0
+    finally:
+        controller.kill()
+
+
+def _alive(pid: int) -> bool:
+    """Running: not gone, and not a zombie (one has left: only its parent's wait is missing)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state not in ("Z", "X")
