@@ -48,17 +48,21 @@ def cpu_seconds(pid: int) -> float:
 
 
 def tree_cpu_seconds(pid: int) -> float:
-    """CPU of a process and its direct children (PostgreSQL: the postmaster and its backends).
-    Children that exited within the window are not counted."""
-    total = cpu_seconds(pid)
+    """CPU of a process and its direct children (PostgreSQL: the postmaster and its backends; a
+    controller: its sample writer process). Children that exited within the window are not counted."""
+    return cpu_seconds(pid) + sum(cpu_seconds(child) for child in children(pid))
+
+
+def children(pid: int) -> list[int]:
+    """The process's direct children now."""
+    found = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            if int(fields[1]) == pid:
-                total += (int(fields[11]) + int(fields[12])) / TICKS
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(stat.parent.name))
         except (OSError, IndexError, ValueError):
             continue
-    return total
+    return found
 
 
 def rss_mib(pid: int) -> float:
@@ -69,6 +73,18 @@ def rss_mib(pid: int) -> float:
 def peak_rss_mib(pid: int) -> float:
     """The process's peak resident memory so far (VmHWM, MiB)."""
     return _status_mib(pid, "VmHWM")
+
+
+def tree_peak_rss_mib(pid: int) -> float:
+    """The peak resident memory of a process and of each of its direct children, added up (a
+    controller and its sample writer process: what their container's memory limit weighs; an
+    upper bound, as the two peaks need not have come together)."""
+    return peak_rss_mib(pid) + sum(peak_rss_mib(child) for child in children(pid))
+
+
+def tree_rss_mib(pid: int) -> float:
+    """The resident memory of a process and its direct children now (MiB)."""
+    return rss_mib(pid) + sum(rss_mib(child) for child in children(pid))
 
 
 def _status_mib(pid: int, field: str) -> float:

@@ -55,7 +55,9 @@ class StepResult:
     telemetry_published: int
     telemetry_accepted: float
     drain_s: float  # after events stopped: until every outbox was empty
-    cloud_cpu: list[float]  # share of one core per replica, over the window
+    cloud_cpu: list[float]  # share of one core per replica (with its sample writer process), over the window
+    ingest_rate: float  # messages the controller(s) ingested a second over the window
+    sample_process: bool  # telemetry written by the controller's sample writer process
     broker_cpu: float
     sim_cpu: float
     db_cpu: float  # PostgreSQL server processes (nan on SQLite: it runs inside the controller)
@@ -83,7 +85,7 @@ def _self_cpu() -> float:
 async def run_step(nodes: int, *, gpus: int = 8, interval_s: float = 10.0, seconds: float = 60.0,
                    warmup_s: float | None = None, event_every_s: float = 60.0, db: str = "sqlite",
                    replicas: int = 1, nodes_per_connection: int = 1, probes: int = 10,
-                   workdir: Path | None = None) -> StepResult:
+                   workdir: Path | None = None, sample_process: bool = True) -> StepResult:
     """One fleet size against fresh processes; see the module docstring."""
     warmup_s = max(15.0, 1.5 * interval_s) if warmup_s is None else warmup_s
     options = FleetOptions(mqtt="mqtt://127.0.0.1:1", nodes=nodes, gpus=gpus, interval_s=interval_s,
@@ -106,7 +108,8 @@ async def run_step(nodes: int, *, gpus: int = 8, interval_s: float = 10.0, secon
             raise SystemExit("two replicas share one database: use --db postgresql")
         extra = ["--shared-subscription", "kgpu"] if replicas > 1 else []
         clouds = [CloudProcess(tmp / f"cloud{i}", broker.url, db=db_url, extra_args=extra,
-                               env={"KGPU_LOG_LEVEL": "warning"}) for i in range(replicas)]
+                               env={"KGPU_LOG_LEVEL": "warning", "KGPU_SAMPLE_PROCESS": str(sample_process).lower()})
+                  for i in range(replicas)]
         for cloud in clouds:
             cloud.start()
             stack.callback(cloud.stop)  # a no-op for a process that has ended already
@@ -121,7 +124,9 @@ async def run_step(nodes: int, *, gpus: int = 8, interval_s: float = 10.0, secon
             await asyncio.sleep(warmup_s)
             assert broker.proc is not None
             pids = [c.proc.pid for c in clouds if c.proc is not None]
-            cpu0 = [cpu_seconds(pid) for pid in pids]
+            cpu0 = [tree_cpu_seconds(pid) for pid in pids]  # with each controller's sample writer process
+            ingested0 = await asyncio.to_thread(
+                lambda: sum(metric_sum(c.base, "kgpu_ingest_messages_total") for c in clouds))
             broker0, sim0 = cpu_seconds(broker.proc.pid), _self_cpu()
             db0 = tree_cpu_seconds(db_pid) if db_pid else 0.0
             published0 = dict(sim.counters.published)
@@ -134,7 +139,9 @@ async def run_step(nodes: int, *, gpus: int = 8, interval_s: float = 10.0, secon
                 depth_max = max(depth_max, depth)
             end = time.monotonic()
             window = end - start
-            cloud_cpu = [(cpu_seconds(pid) - c0) / window for pid, c0 in zip(pids, cpu0, strict=True)]
+            cloud_cpu = [(tree_cpu_seconds(pid) - c0) / window for pid, c0 in zip(pids, cpu0, strict=True)]
+            ingest_rate = (await asyncio.to_thread(
+                lambda: sum(metric_sum(c.base, "kgpu_ingest_messages_total") for c in clouds)) - ingested0) / window
             broker_cpu = (cpu_seconds(broker.proc.pid) - broker0) / window
             sim_cpu = (_self_cpu() - sim0) / window
             db_cpu = (tree_cpu_seconds(db_pid) - db0) / window if db_pid else float("nan")
@@ -167,7 +174,7 @@ async def run_step(nodes: int, *, gpus: int = 8, interval_s: float = 10.0, secon
             window_s=window, telemetry_rate=telemetry_rate, event_rate=event_rate, event_lag=event_lag,
             telemetry_lag=telemetry_lag, events_made=sim.counters.events_created, events_stored=stored,
             telemetry_published=telemetry_published, telemetry_accepted=accepted, drain_s=drain_s,
-            cloud_cpu=cloud_cpu, broker_cpu=broker_cpu, sim_cpu=sim_cpu, db_cpu=db_cpu, queue_depth_max=depth_max,
+            cloud_cpu=cloud_cpu, ingest_rate=ingest_rate, sample_process=sample_process, broker_cpu=broker_cpu, sim_cpu=sim_cpu, db_cpu=db_cpu, queue_depth_max=depth_max,
             notes=notes,
         )
 
@@ -176,10 +183,11 @@ def describe(r: StepResult, limit_s: float) -> str:
     cloud = " + ".join(f"{100 * c:.0f} %" for c in r.cloud_cpu)
     lines = [
         (f"fleet {r.nodes} nodes x {r.gpus} GPUs @ {r.interval_s:g} s, {r.replicas} controller(s) on {r.db}, "
-        f"{r.connections} MQTT connections: {'KEEPS UP' if r.keeps_up(limit_s) else 'FALLS BEHIND'} "
+        f"{r.connections} MQTT connections{'' if r.sample_process else ', no sample writer process'}: {'KEEPS UP' if r.keeps_up(limit_s) else 'FALLS BEHIND'} "
         f"(limit {limit_s:g} s)"),
         (f"  window                 {r.window_s:.0f} s: telemetry {r.telemetry_rate:.0f} msg/s "
-        f"({r.telemetry_rate * r.gpus:.0f} GPU samples/s), events {r.event_rate:.1f}/s"),
+        f"({r.telemetry_rate * r.gpus:.0f} GPU samples/s), events {r.event_rate:.1f}/s; "
+        f"the controller ingested {r.ingest_rate:.0f} msg/s"),
         (f"  event lag (stored+ack) p50 {r.event_lag['p50']:.2f} s  p99 {r.event_lag['p99']:.2f} s  "
         f"max {r.event_lag['max']:.2f} s  ({r.event_lag['count']:.0f} events)"),
         (f"  telemetry lag (probes) p50 {r.telemetry_lag['p50']:.2f} s  max {r.telemetry_lag['max']:.2f} s  "
@@ -220,6 +228,9 @@ def main() -> None:
     parser.add_argument("--replicas", type=int, default=1)
     parser.add_argument("--nodes-per-connection", type=int, default=1)
     parser.add_argument("--lag-limit", type=float, default=5.0)
+    parser.add_argument("--sample-process", action=argparse.BooleanOptionalAction, default=True,
+                        help="the controller's telemetry written by its sample writer process (its default); "
+                             "--no-sample-process: one process, as before 2026-12-04")
     args = parser.parse_args()
     steps = [int(n) for n in args.ramp.split(",")] if args.ramp else [args.nodes]
     print(f"machine: {machine()}")
@@ -228,7 +239,7 @@ def main() -> None:
         result = asyncio.run(run_step(
             nodes, gpus=args.gpus, interval_s=args.interval, seconds=args.seconds, warmup_s=args.warmup,
             event_every_s=args.event_every, db=args.db, replicas=args.replicas,
-            nodes_per_connection=args.nodes_per_connection))
+            nodes_per_connection=args.nodes_per_connection, sample_process=args.sample_process))
         print(describe(result, args.lag_limit), flush=True)
         if not result.keeps_up(args.lag_limit):
             break

@@ -46,7 +46,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from bench.common import Row, broker_and_controllers, metric_sum, peak_rss_mib, rss_mib, start_postgres_server
+from bench.common import Row, broker_and_controllers, metric_sum, start_postgres_server, tree_peak_rss_mib, tree_rss_mib
 from cloud.ingest import DROP_REASONS
 from kgpu.lab.fleetsim import FleetOptions, FleetSim
 from kgpu.lab.fleetsim.node import percentile
@@ -179,7 +179,7 @@ class FloodResult:
     honest_nodes: int
     flood_sent: int
     rss_before_mib: float
-    rss_peak_mib: float  # VmHWM: the process's peak resident set
+    rss_peak_mib: float  # VmHWM: the peak resident set, its sample writer process's added
     rss_max_sampled_mib: float
     rss_after_mib: float
     dropped: dict[str, float]
@@ -247,7 +247,7 @@ async def run(mode: str, seconds: float, honest: int = 5, warmup_s: float = 8.0,
                 raise SystemExit("the honest nodes did not connect")
             await asyncio.sleep(warmup_s)
             baseline = sim.event_lag.window(since=time.monotonic() - warmup_s / 2)
-            rss_before = max(rss_mib(pid) for pid in pids)
+            rss_before = max(tree_rss_mib(pid) for pid in pids)
             started = time.monotonic()
             flooder = subprocess.Popen(
                 [sys.executable, "-m", "bench.flood", "--flooder", mode, "--mqtt", flooder_url, "--seconds", str(seconds),
@@ -255,7 +255,7 @@ async def run(mode: str, seconds: float, honest: int = 5, warmup_s: float = 8.0,
             rss_max, flagged = 0.0, {}
             while flooder.poll() is None:
                 await asyncio.sleep(0.5)
-                rss_max = max(rss_max, *(rss_mib(pid) for pid in pids))
+                rss_max = max(rss_max, *(tree_rss_mib(pid) for pid in pids))
                 for cloud in clouds:
                     try:
                         flagged.update(await asyncio.to_thread(_flags, cloud.base))
@@ -272,8 +272,8 @@ async def run(mode: str, seconds: float, honest: int = 5, warmup_s: float = 8.0,
             gpu_rows = len(node.get("gpus") or [])
             result = FloodResult(
                 mode=mode, seconds=ended - started, honest_nodes=honest, flood_sent=sent,
-                rss_before_mib=rss_before, rss_peak_mib=max(peak_rss_mib(pid) for pid in pids),
-                rss_max_sampled_mib=rss_max, rss_after_mib=max(rss_mib(pid) for pid in pids), dropped=dropped,
+                rss_before_mib=rss_before, rss_peak_mib=max(tree_peak_rss_mib(pid) for pid in pids),
+                rss_max_sampled_mib=rss_max, rss_after_mib=max(tree_rss_mib(pid) for pid in pids), dropped=dropped,
                 flagged=flagged,
                 baseline_lag_p50_s=percentile(baseline, 50), baseline_lag_max_s=baseline[-1] if baseline else float("nan"),
                 lag_p50_s=percentile(during, 50), lag_max_s=during[-1] if during else float("nan"),

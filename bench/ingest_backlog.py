@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.common import Row, cpu_seconds, machine, metric_sum, publish_all, wait_connected
+from bench.common import Row, cpu_seconds, machine, metric_sum, publish_all, tree_cpu_seconds, wait_connected
 from kgpu.lab.broker import Mosquitto
 from kgpu.lab.fleetsim.node import SimNode, envelope_json, telemetry_body
 from shared.mqtt import parse_broker_url
@@ -139,8 +139,9 @@ def telemetry_counted(base: str) -> float:
 
 
 def cloud_drain(url: str, messages: list[tuple[str, bytes]], workdir: Path,
-                profile: Path | None = None) -> tuple[Drain, float, float]:
-    """kgpu cloud run on SQLite; (drain, messages rejected or dropped, batches). `profile`: py-spy
+                profile: Path | None = None) -> tuple[Drain, float, float, float]:
+    """kgpu cloud run on SQLite; (drain with the CPU of the controller and its sample writer process,
+    messages rejected or dropped, batches, the sample writer process's share of that CPU). `profile`: py-spy
     records the controller's threads during the drain into that file (flame graph input)."""
     cloud = CloudProcess(workdir / "cloud", url, env={"KGPU_LOG_LEVEL": "warning"}).start()
     try:
@@ -153,7 +154,7 @@ def cloud_drain(url: str, messages: list[tuple[str, bytes]], workdir: Path,
             publish_all(url, messages, flush_s=300)
             time.sleep(1.0)
         finally:
-            before = cpu_seconds(pid)
+            before, before_own = tree_cpu_seconds(pid), cpu_seconds(pid)  # with its sample writer process
             started = time.perf_counter()
             cloud.proc.send_signal(signal.SIGCONT)
         spy = _py_spy(pid, profile) if profile is not None else None
@@ -166,7 +167,8 @@ def cloud_drain(url: str, messages: list[tuple[str, bytes]], workdir: Path,
         else:
             raise SystemExit("the controller did not drain the backlog within 900 s")
         elapsed = time.perf_counter() - started
-        cpu = cpu_seconds(pid) - before
+        cpu = tree_cpu_seconds(pid) - before
+        writer_cpu = cpu - (cpu_seconds(pid) - before_own)
         lost = metric_sum(cloud.base, "kgpu_ingest_rejected_total") + metric_sum(cloud.base, "kgpu_ingest_dropped_total")
         got = metric_sum(cloud.base, "kgpu_ingest_messages_total", kind="telemetry")
         batches = metric_sum(cloud.base, "kgpu_ingest_batches_total")
@@ -175,7 +177,7 @@ def cloud_drain(url: str, messages: list[tuple[str, bytes]], workdir: Path,
             spy.wait(timeout=60)
     finally:
         cloud.stop()
-    return Drain(elapsed, cpu, int(got)), lost, batches
+    return Drain(elapsed, cpu, int(got)), lost, batches, writer_cpu
 
 
 def _py_spy(pid: int, out: Path) -> subprocess.Popen[bytes]:
@@ -199,6 +201,7 @@ class Backlog:
     cloud: Drain
     cloud_lost: float
     cloud_batches: float
+    cloud_writer_cpu_s: float  # of cloud.cpu_s: the sample writer process's
     machine: str
 
 
@@ -211,11 +214,11 @@ def measure(nodes: int = 500, per_node: int = 40, gpus: int = 8, profile: Path |
             c_sub = mosquitto_sub_drain(broker.url, payloads(nodes, per_node, gpus, "c"))
             paho = bare_paho_drain(broker.url, payloads(nodes, per_node, gpus, "paho"))
             messages = payloads(nodes, per_node, gpus, "node")
-            cloud, lost, batches = cloud_drain(broker.url, messages, work, profile)
+            cloud, lost, batches, writer_cpu = cloud_drain(broker.url, messages, work, profile)
         finally:
             broker.stop()
     size = sum(len(p) for _t, p in messages) / len(messages)
-    return Backlog(len(messages), nodes, gpus, size, c_sub, paho, cloud, lost, batches, host)
+    return Backlog(len(messages), nodes, gpus, size, c_sub, paho, cloud, lost, batches, writer_cpu, host)
 
 
 def describe(r: Backlog) -> str:
@@ -231,6 +234,8 @@ def describe(r: Backlog) -> str:
         line("mosquitto_sub (C)", r.c_sub),
         line("bare paho subscriber", r.paho),
         line("kgpu cloud run (SQLite)", r.cloud),
+        f"    of which the controller {(r.cloud.cpu_s - r.cloud_writer_cpu_s) / r.cloud.received * 1e6:.1f} µs/msg, "
+        f"its sample writer process {r.cloud_writer_cpu_s / r.cloud.received * 1e6:.1f} µs/msg",
         f"  GPU samples/s (cloud)     {r.cloud.rate * r.gpus:,.0f}",
         f"  cloud / bare paho         {r.cloud.rate / r.paho.rate:.3f}",
         f"  cloud / mosquitto_sub     {r.cloud.rate / r.c_sub.rate:.3f}",

@@ -40,7 +40,16 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.common import Row, broker_and_controller, cpu_seconds, machine, metric_sum, peak_rss_mib, rss_mib
+from bench.common import (
+    Row,
+    broker_and_controller,
+    machine,
+    metric_sum,
+    rss_mib,
+    tree_cpu_seconds,
+    tree_peak_rss_mib,
+    tree_rss_mib,
+)
 from bench.flood import connect, send_paced, telemetry_payload
 from kgpu.lab.fleetsim import FleetOptions, FleetSim, percentile, raise_fd_limit
 from kgpu.lab.raw_mqtt import publish_packet
@@ -188,13 +197,13 @@ async def run(*, nodes: int = 1000, interval_s: float = 10.0, event_every_s: flo
             await asyncio.sleep(warmup_s / 2)
             before = (sim.counters.events_created, sim.counters.resent_events)
             await asyncio.sleep(warmup_s / 2)
-            rss_start = rss_mib(pid)
+            rss_start = tree_rss_mib(pid)
             made0, resent0, timeouts0 = (sim.counters.events_created, sim.counters.resent_events,
                                          sim.counters.resend_timeouts)
             made_before = made0 - before[0]
             resent_before = resent0 - before[1]
             started = time.monotonic()
-            cpu0 = cpu_seconds(pid)
+            cpu0 = tree_cpu_seconds(pid)  # with its sample writer process
             child = subprocess.Popen(
                 [sys.executable, "-m", "bench.overload", "--surge-child", "--mqtt", broker.url,
                  "--surge-nodes", str(surge_nodes), "--surge-rate", str(surge_rate),
@@ -204,7 +213,7 @@ async def run(*, nodes: int = 1000, interval_s: float = 10.0, event_every_s: flo
             async def sample() -> Sample:
                 nonlocal broker_peak
                 broker_peak = max(broker_peak, rss_mib(broker_pid))
-                rss = rss_mib(pid)
+                rss = tree_rss_mib(pid)
                 try:
                     (age, depth, receive, written, lag), took_ms = await asyncio.to_thread(_scrape, cloud.base)
                 except OSError:  # a scrape that timed out is a figure too: it shows as nan
@@ -216,7 +225,7 @@ async def run(*, nodes: int = 1000, interval_s: float = 10.0, event_every_s: flo
                 await asyncio.sleep(SAMPLE_EVERY_S)
             out, _ = child.communicate()
             ended = time.monotonic()
-            cpu = (cpu_seconds(pid) - cpu0) / (ended - started)
+            cpu = (tree_cpu_seconds(pid) - cpu0) / (ended - started)
             sent = int(json.loads(out.decode().strip().splitlines()[-1])["sent"])
             marks = sim.seq_marks()
             recovered = acked = float("nan")
@@ -249,7 +258,7 @@ async def run(*, nodes: int = 1000, interval_s: float = 10.0, event_every_s: flo
             result = OverloadResult(
                 fixed_timeout=fixed_timeout, ack_timeout_s=ack_timeout_s, nodes=nodes, surge_rate_asked=surge_rate, surge_sent=sent,
                 surge_seconds=ended - started, samples=samples, rss_start_mib=rss_start,
-                rss_peak_mib=peak_rss_mib(pid), rss_end_mib=rss_mib(pid), broker_rss_peak_mib=broker_peak,
+                rss_peak_mib=tree_peak_rss_mib(pid), rss_end_mib=tree_rss_mib(pid), broker_rss_peak_mib=broker_peak,
                 recovered_after_s=recovered, events_acked_after_s=acked, controller_cpu=cpu,
                 events_made=made, events_resent=resent, resend_timeouts=timeouts,
                 events_made_before=made_before, events_resent_before=resent_before, dropped=dropped,

@@ -149,13 +149,13 @@ def drain_step(url: str, broker_pid: int, messages: list[tuple[str, bytes]], wor
             time.sleep(1.0)  # the broker has routed every message into the subscribers' queues
             broker_in = cpu_seconds(broker_pid) - broker0
         finally:
-            cpu0 = [cpu_seconds(pid) for pid in pids]
+            cpu0 = [tree_cpu_seconds(pid) for pid in pids]  # each with its sample writer process
             broker0 = cpu_seconds(broker_pid)
             db0 = tree_cpu_seconds(db_pid) if db_pid else 0.0
             started = time.perf_counter()
             _all(clouds, signal.SIGCONT)
         elapsed = _wait_drained(clouds, len(messages), started)
-        cpu = [cpu_seconds(pid) - c0 for pid, c0 in zip(pids, cpu0, strict=True)]
+        cpu = [tree_cpu_seconds(pid) - c0 for pid, c0 in zip(pids, cpu0, strict=True)]
         broker_out = cpu_seconds(broker_pid) - broker0
         db_cpu = tree_cpu_seconds(db_pid) - db0 if db_pid else float("nan")
         got = [int(metric_sum(c.base, "kgpu_ingest_messages_total", kind="telemetry")) for c in clouds]
