@@ -258,12 +258,13 @@ def build(settings: CloudSettings) -> ControllerApp:
 
 
 async def serve(settings: CloudSettings) -> None:
-    """`kgpu cloud run`: the controller until SIGINT or SIGTERM."""
-    controller = build(settings)
+    """`kgpu cloud run`: the controller until SIGINT or SIGTERM (one that comes while the store
+    is still being opened stops it as soon as it is up, cleanly)."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
+    controller = build(settings)
     runner = web.AppRunner(controller.http_app(), access_log=None)
     await runner.setup()
     host, port = settings.http_address

@@ -90,6 +90,12 @@ def listen_problem(settings: EdgeSettings, exc: OSError) -> str:
 
 
 async def serve(settings: EdgeSettings, *, ready: asyncio.Event | None = None) -> None:
+    # first: a SIGTERM while the backend or the store is still being opened stops the daemon
+    # cleanly once it is up, instead of killing it half-made (the store's recovery logs first)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
     absent = await asyncio.to_thread(missing_nvml, settings)
     if absent is not None:  # said once here; the daemon's retries say only what changes
         log.error("--backend nvml: the NVML library cannot be loaded (%s): %s", absent, NO_NVML_HINT)
@@ -100,10 +106,6 @@ async def serve(settings: EdgeSettings, *, ready: asyncio.Event | None = None) -
     log.info("device backend: %s (%s, resource %s)", backend.backend, backend.vendor,
              settings.resource_name or backend.resource_name, extra={"backend": backend.backend})
     daemon = EdgeDaemon(settings, sim=simulated, backend=backend)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop.set)
 
     await daemon.start()
     runner = web.AppRunner(make_app(daemon), access_log=None)
