@@ -17,7 +17,8 @@ the controller's own writer: they carry the acks.
 
 The two talk over the child's stdin and stdout, in frames of a 4-byte length and a msgpack map:
 first {"op": "open", "settings": {...}} (`WriterSettings`), answered once the store is open; then
-{"op": "write", "items": [...]} answered {"ok": true, "samples": N} or {"ok": false, "error":
+a batch as {"op": "add", "items": [...]} frames (not answered) and a last {"op": "write", "items":
+[...]}, written in one transaction and answered {"ok": true, "samples": N} or {"ok": false, "error":
 "store" | "refused", "message": ..., "reason": ...}; {"op": "stop"} answered once the samples that
 waited are written. One batch is in flight at a time: `write` blocks (on the ingest's sample
 thread, never the event loop) until the child answers, so the child's pace is the back-pressure. A
@@ -57,6 +58,7 @@ log = get_logger(__name__)
 
 _LENGTH = struct.Struct(">I")
 MAX_FRAME = 1 << 30  # a batch is at most batch_size x the payload limit; a longer length is a broken pipe
+FRAME_MESSAGES = 1_000  # messages a frame: bounds what both sides hold of a batch in transit
 START_TIMEOUT_S = 60.0  # the child imports SQLAlchemy and opens the store: a second or two, more when busy
 
 
@@ -139,9 +141,11 @@ class SampleWriterProcess:
     """The controller's handle on the child. Blocking calls, made from ONE thread (the ingest's
     sample thread); `kill` from any."""
 
-    def __init__(self, settings: WriterSettings, *, start_timeout_s: float = START_TIMEOUT_S) -> None:
+    def __init__(self, settings: WriterSettings, *, start_timeout_s: float = START_TIMEOUT_S,
+                 frame_messages: int = FRAME_MESSAGES) -> None:
         self.settings = settings
         self.start_timeout_s = start_timeout_s
+        self.frame_messages = max(1, frame_messages)
         self.starts = 0  # children started (a restart after the first counts in kgpu_ingest_sample_writer_starts)
         self._proc: subprocess.Popen[bytes] | None = None
         self._lock = threading.Lock()  # `kill` from another thread against a start or a stop
@@ -181,8 +185,11 @@ class SampleWriterProcess:
         log.info("sample writer process started", extra={"pid": proc.pid, "starts": self.starts})
 
     def write(self, items: Sequence[RawTelemetry]) -> int:
-        """Write these telemetry messages in one transaction of the child's; the samples written.
-        Raises FleetStoreError (retry), ValueError (refused: never retry) or WriterProcessEnded."""
+        """Write these telemetry messages in ONE transaction of the child's; the samples written.
+        They travel in frames of at most `frame_messages` ("add" ... "write": a frame of 5,000
+        messages would be some 37 MB, held twice on each side while it travels), not answered
+        until the last, so that the child decodes one frame while the next is encoded. Raises
+        FleetStoreError (retry), ValueError (refused: never retry) or WriterProcessEnded."""
         proc = self._proc
         if proc is None or proc.poll() is not None:
             if proc is not None:
@@ -191,10 +198,14 @@ class SampleWriterProcess:
             proc = self._proc
             assert proc is not None
         assert proc.stdin is not None
-        try:
-            _send(proc.stdin, {"op": "write", "items": [tuple(item) for item in items]})
-        except (BrokenPipeError, OSError) as exc:
-            raise self._ended(proc, exc) from None
+        size = self.frame_messages
+        starts = range(0, len(items), size) if items else range(1)
+        for start in starts:
+            op = "write" if start + size >= len(items) else "add"
+            try:
+                _send(proc.stdin, {"op": op, "items": [tuple(item) for item in items[start:start + size]]})
+            except (BrokenPipeError, OSError) as exc:
+                raise self._ended(proc, exc) from None
         return int(self._answer(proc).get("samples", 0))
 
     def stop(self, timeout_s: float) -> int:
@@ -307,41 +318,68 @@ def serve(settings: WriterSettings, requests: IO[bytes], answers: IO[bytes]) -> 
         return 1
     tune_gc_for_ingest()
     _send(answers, {"ok": True, "ready": True, "pid": os.getpid()})
+    batch = Batch()
     try:
         while True:
             due = store.latest_due_in()
-            if due is not None and not _readable(requests.fileno(), due):
+            if due is not None and not batch.items and not _readable(requests.fileno(), due):
                 _flush(store, everything=False)
                 continue
             request = _receive(requests)
             if request is None:  # the controller is gone: write what waits, and leave
                 _flush(store, everything=True)
                 return 0
-            if request.get("op") == "stop":
+            op = request.get("op")
+            if op == "stop":
                 _send(answers, {"ok": True, "flushed": _flush(store, everything=True)})
                 return 0
-            if request.get("op") != "write":
-                _send(answers, {"ok": False, "error": "refused", "message": f"unknown op {request.get('op')!r}"})
+            if op not in ("add", "write"):
+                batch = Batch()
+                _send(answers, {"ok": False, "error": "refused", "message": f"unknown op {op!r}"})
                 continue
-            _send(answers, _write(store, request.get("items") or []))
+            batch.add(request.get("items") or [])
+            if op == "write":
+                _send(answers, batch.write(store))
+                batch = Batch()
     finally:
         store.close()
 
 
-def _write(store: IngestCore, items: Sequence[Sequence[Any]]) -> dict[str, Any]:
-    started = time.perf_counter()
-    try:
-        batch, failed = decode_batch(items)
-        store.ingest(batch)
-    except FleetStoreError as exc:
-        return {"ok": False, "error": "store", "message": str(exc), "reason": exc.reason}
-    except (ValueError, TypeError) as exc:
-        return {"ok": False, "error": "refused", "message": str(exc)}
-    except Exception as exc:  # told to the controller, which retries it as it does a database error
-        log.exception("sample writer: writing a batch failed")
-        return {"ok": False, "error": "store", "message": f"sample writer: {exc}", "reason": type(exc).__name__}
-    samples = sum(len(getattr(item.body, "samples", ())) for item in batch)
-    return {"ok": True, "samples": samples, "undecodable": failed, "seconds": time.perf_counter() - started}
+class Batch:
+    """The messages of one batch as its frames arrive ("add", not answered, so the controller
+    encodes the next frame while this decodes the last), written in ONE transaction by "write":
+    a node's row and its GPUs' latest samples are written once for all its messages of the batch."""
+
+    def __init__(self) -> None:
+        self.items: list[Incoming] = []
+        self.undecodable = 0
+        self.error: dict[str, Any] | None = None
+
+    def add(self, frame: Sequence[Sequence[Any]]) -> None:
+        try:
+            decoded, failed = decode_batch(frame)
+        except (ValueError, TypeError) as exc:  # a frame out of shape: the whole batch is refused
+            self.error = {"ok": False, "error": "refused", "message": f"a frame out of shape: {exc}"}
+            return
+        self.items += decoded
+        self.undecodable += failed
+
+    def write(self, store: IngestCore) -> dict[str, Any]:
+        if self.error is not None:
+            return self.error
+        started = time.perf_counter()
+        try:
+            store.ingest(self.items)
+        except FleetStoreError as exc:
+            return {"ok": False, "error": "store", "message": str(exc), "reason": exc.reason}
+        except (ValueError, TypeError) as exc:
+            return {"ok": False, "error": "refused", "message": str(exc)}
+        except Exception as exc:  # told to the controller, which retries it as it does a database error
+            log.exception("sample writer: writing a batch failed")
+            return {"ok": False, "error": "store", "message": f"sample writer: {exc}", "reason": type(exc).__name__}
+        samples = sum(len(getattr(item.body, "samples", ())) for item in self.items)
+        return {"ok": True, "samples": samples, "undecodable": self.undecodable,
+                "seconds": time.perf_counter() - started}
 
 
 def _flush(store: IngestCore, *, everything: bool) -> int:

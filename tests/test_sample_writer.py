@@ -74,6 +74,16 @@ def test_the_child_writes_samples_the_store_reads_back(
     assert len(store.samples(NODE)) == 4
 
 
+def test_a_batch_goes_in_frames_of_at_most_frame_messages(writer: Callable[..., SampleWriterProcess],
+                                                          open_store: Callable[..., FleetStore]) -> None:  # noqa: F811
+    process = writer()
+    process.frame_messages = 2
+    now = time.time()
+    assert process.write([raw(f"node-{i}", now, (0,)) for i in range(5)]) == 5  # three frames
+    store = open_store()
+    assert all(gpu_rows(store, f"node-{i}")["GPU-0"]["sample_ts"] == now for i in range(5))
+
+
 def test_only_the_gpus_the_budget_kept_are_written(writer: Callable[..., SampleWriterProcess],
                                                    open_store: Callable[..., FleetStore]) -> None:  # noqa: F811
     process = writer()
@@ -219,3 +229,64 @@ def _alive(pid: int) -> bool:
     except (FileNotFoundError, ProcessLookupError):
         return False
     return state not in ("Z", "X")
+
+
+@pytest.mark.slow
+def test_a_real_controller_writes_through_its_child_and_replaces_it_when_killed(
+    tmp_path: Path, broker: Any,
+) -> None:
+    """`kgpu cloud run` as deployed: telemetry published to the broker is stored by its sample
+    writer; the child killed with SIGKILL is started again and nothing published after is lost;
+    SIGTERM to the controller stops both."""
+    from shared.mqtt import MqttLink, parse_broker_url
+    from tests.helpers.cloud_process import CloudProcess
+
+    cloud = CloudProcess(tmp_path / "cloud", broker.url)
+    edge = MqttLink(parse_broker_url(broker.url), "node-e2e", backoff_min_s=0.1, backoff_max_s=0.5)
+    try:
+        cloud.start()
+        assert cloud.proc is not None
+        edge.start()
+        wait = time.monotonic() + 30
+        while not edge.connected.is_set() and time.monotonic() < wait:
+            time.sleep(0.05)
+
+        def publish_until_stored(ts: float) -> None:
+            message = raw("node-e2e", ts, (0,))
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:  # QoS 0: published again until the controller has it
+                edge.publish(message.topic, message.payload, qos=0)
+                state = cloud.node_state("node-e2e")
+                if state is not None and any(g.get("sample_ts") == ts for g in state["gpus"]):
+                    return
+                time.sleep(0.2)
+            raise AssertionError(f"the sample of {ts} was not stored: {cloud.node_state('node-e2e')}")
+
+        now = time.time()
+        publish_until_stored(now)
+        assert cloud.metric("kgpu_ingest_sample_writer_starts_total") == 1
+        children = _children(cloud.proc.pid)
+        assert len(children) == 1 and "cloud.sample_writer" in Path(f"/proc/{children[0]}/cmdline").read_text()
+        os.kill(children[0], signal.SIGKILL)
+        publish_until_stored(now + 1)  # the batch that found it dead is written again by a new one
+        assert cloud.metric("kgpu_ingest_sample_writer_starts_total") == 2
+        assert "sample writer process ended" in cloud.log()
+        second = _children(cloud.proc.pid)
+        assert len(second) == 1 and second != children
+        assert cloud.stop() == 0
+        assert not _alive(second[0])
+    finally:
+        edge.stop()
+        cloud.stop()
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] not in ("Z", "X"):
+            found.append(int(stat.parent.name))
+    return found
