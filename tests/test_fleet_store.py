@@ -13,7 +13,7 @@ import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 
-from cloud.store import FleetStore, FleetStoreError, Incoming, IngestResult, metadata
+from cloud.store import FleetStore, FleetStoreError, Incoming, IngestResult, gpus_table, metadata
 from shared.gpu import GpuSample, Health
 from shared.protocol import (
     AckBody,
@@ -602,3 +602,25 @@ def test_last_will_with_an_old_ts_still_marks_the_node_offline(tmp_path) -> None
     node = store.node("n1")
     assert node["online"] is False and node["daemon_version"] == "1"  # other fields keep the newer status
     store.close()
+
+
+def test_a_gpu_a_status_names_has_no_sample_until_telemetry_sets_one(
+    open_store: Callable[..., FleetStore],
+) -> None:
+    """A status's GPU row keeps SQL NULL in `sample` (once the JSON null, which `IS NOT NULL`
+    took for a sample); every read that says whether a GPU has a sample agrees."""
+    store = open_store()
+    store.ingest([status()])
+    (page, _after) = store.nodes_page(None, 10, gpu_limit=8, compact=True)
+    assert [g["sample"] for g in page[0]["gpus"]] == [None, None]
+    node = store.node(NODE)
+    assert node is not None and [g["sample"] for g in node["gpus"]] == [None, None]
+    assert store.gpu_samples() == {}
+    with store.reading("test") as conn:
+        assert conn.execute(sa.select(sa.func.count()).select_from(gpus_table).where(gpus_table.c.sample.is_(None))).scalar() == 2
+    store.ingest([telemetry(NODE, [sample(0, T0 + 1, temperature_c=66.0)], ts=T0 + 1)])
+    (page, _after) = store.nodes_page(None, 10, gpu_limit=8, compact=True)
+    compact = {g["uuid"]: g["sample"] for g in page[0]["gpus"]}
+    assert compact["GPU-1"] is None and compact["GPU-0"] is not None
+    assert compact["GPU-0"]["temperature_c"] == 66.0
+    assert set(store.gpu_samples()) == {(NODE, "GPU-0")}

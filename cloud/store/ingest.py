@@ -298,8 +298,7 @@ class IngestCore(StoreBase):
                     w.name, s.uuid, s.index, s.name, str(s.health), s.power_limit_w, now, s.pci_bus_id,
                     s.driver_version, as_json(list(s.pods)), s.remediation, s.vendor, s.backend, s.platform,
                     s.resource_name, as_json(list(s.capabilities) if s.capabilities is not None else None),
-                    as_json(None), None,  # sample, sample_ts: set by telemetry alone
-                )
+                )  # sample and sample_ts are left out: NULL until telemetry sets them
             name = w.name
             latest: dict[str, tuple[float, SampleFigures]] = {}
             power_limit: dict[str, float] = {}
@@ -462,7 +461,7 @@ _GPU_SUMMARY_COLUMNS = (  # what a status sets
     "remediation", "vendor", "backend", "platform", "resource_name", "capabilities")
 
 
-_GPU_SUMMARY_INSERT = ("node", "uuid", *_GPU_SUMMARY_COLUMNS, "sample", "sample_ts")  # a status's GPU row
+_GPU_SUMMARY_INSERT = ("node", "uuid", *_GPU_SUMMARY_COLUMNS)  # a status's GPU row (no sample: SQL NULL)
 
 
 _FRESH_NODE_COLUMNS = (  # a node row made by the first message of a node not known yet

@@ -326,7 +326,7 @@ class FleetQueries(StoreBase):
         g = gpus_table
         with self._using("gpu samples", conn) as c:
             return {(r.node, r.uuid): r.sample for r in c.execute(
-                sa.select(g.c.node, g.c.uuid, g.c.sample).where(g.c.sample.is_not(None)))}
+                sa.select(g.c.node, g.c.uuid, g.c.sample).where(g.c.sample_ts.is_not(None)))}
 
     def fleet_latest_samples(self, newer_than: float,
                              keep: Callable[[str], bool] | None = None) -> list[dict[str, Any]]:
@@ -342,7 +342,7 @@ class FleetQueries(StoreBase):
         query = (sa.select(g.c.node, g.c.uuid, g.c.index, g.c.name, g.c.pci_bus_id, g.c.driver_version, g.c.health,
                            g.c.vendor, g.c.sample)
                  .join(n, n.c.name == g.c.node)
-                 .where(n.c.online.is_(True), g.c.sample.is_not(None), g.c.sample_ts >= newer_than)
+                 .where(n.c.online.is_(True), g.c.sample_ts >= newer_than)
                  .order_by(g.c.node, g.c.index, g.c.uuid))
         xids = sa.select(e.c.node, e.c.body).where(e.c.kind == str(Kind.XID)).order_by(e.c.id)
         with self.reading("fleet latest samples") as conn:
@@ -543,7 +543,8 @@ def _first_gpus(conn: Connection, names: Sequence[str], limit: int,
     if compact:
         columns = [c for c in g.c if c.name != "sample"]
         columns += [g.c.sample[name].as_float().label(f"compact_{name}") for name in COMPACT_SAMPLE]
-        columns.append((g.c.sample.is_not(None)).label("has_sample"))
+        # sample_ts, not sample: a GPU row a status made before 2026-12-05 holds the JSON null there
+        columns.append((g.c.sample_ts.is_not(None)).label("has_sample"))
     query = (sa.select(*columns).join(ranked, sa.and_(ranked.c.node == g.c.node, ranked.c.uuid == g.c.uuid))
              .where(ranked.c.rank <= limit).order_by(g.c.node, g.c.index, g.c.uuid))
     found: dict[str, list[dict[str, Any]]] = defaultdict(list)
