@@ -23,7 +23,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.common import Row, machine, rss_mib, start_postgres_server
+from bench.common import Row, machine, start_postgres_server, tree_rss_mib
 from cloud.http.fleet_metrics import render
 from cloud.store import FleetStore, Incoming
 from kgpu.lab.broker import Mosquitto
@@ -140,7 +140,7 @@ def measure(nodes: int, gpus: int = 8, scrapes: int = 3, db: str = "sqlite", sha
                 parts = [_scrape(cloud.base, False, f"?shard={i}&shards={shards}") for i in range(shards)] \
                     if shards > 1 else []
                 assert cloud.proc is not None
-                rss = rss_mib(cloud.proc.pid)
+                rss = tree_rss_mib(cloud.proc.pid)  # with its sample writer process
             finally:
                 cloud.stop()
             assert plain[0][1] == len(out.body), (plain[0][1], len(out.body))

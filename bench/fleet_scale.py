@@ -215,6 +215,20 @@ def rows(r: StepResult, limit_s: float, command: str) -> list[Row]:
     ]
 
 
+def steady_rows(r: StepResult, limit_s: float, command: str) -> list[Row]:
+    """A steady fleet's figures as `python -m bench` tabulates them: whether the controller keeps
+    up, what it ingested against what was sent, its CPU (with its sample writer process)."""
+    label = (f"steady {r.nodes * r.gpus / r.interval_s:,.0f} GPU samples/s ({r.nodes}x{r.gpus}@{r.interval_s:g}s)"
+             + ("" if r.sample_process else ", one process"))
+    verdict = "met" if r.keeps_up(limit_s) else "MISSED"
+    return [
+        Row(label, "ingest lag, worst (events and telemetry)", r.worst_lag, "s", f"< {limit_s:g} s: {verdict}", command),
+        Row(label, "messages ingested a second", r.ingest_rate, "msg/s",
+            f"sent: {r.telemetry_rate:,.0f} telemetry, {r.event_rate:,.0f} events, and statuses", command),
+        Row(label, "controller CPU (with its sample writer)", 100 * sum(r.cloud_cpu), "% core", "", command),
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--nodes", type=int, default=2000)
