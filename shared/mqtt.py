@@ -190,6 +190,14 @@ class MqttLink:
         client.on_message = self._handle_message
         client.on_subscribe = self._handle_suback
         client.on_log = self._handle_log
+        # paho writes a publish to the socket at once, from the publishing thread, unless a write
+        # callback is registered; our network thread runs `loop()` at the same time, and two
+        # threads taking packets off paho's outgoing queue reorder them (seen in CI: a QoS 1
+        # stream arrived 0, 1, 2, 4, 5, 3) or interleave a partial write with another packet.
+        # With these (no-op) callbacks `publish` only queues and wakes our loop's select, and
+        # the network thread alone writes, in order.
+        client.on_socket_register_write = _no_op
+        client.on_socket_unregister_write = _no_op
         self._client = client
 
     # ---- lifecycle --------------------------------------------------------------------------
@@ -390,6 +398,10 @@ class MqttLink:
         except (ValueError, RuntimeError):  # the message was dropped with the connection
             return False
         return info.is_published()
+
+
+def _no_op(*_args: object) -> None:
+    """A paho socket callback that does nothing: its presence is what matters (MqttLink.__init__)."""
 
 
 class ReceiveQueue(asyncio.Queue[Received]):
