@@ -115,6 +115,10 @@ async def run_step(nodes: int, *, gpus: int = 8, interval_s: float = 10.0, secon
             stack.callback(cloud.stop)  # a no-op for a process that has ended already
         for cloud in clouds:
             wait_connected(cloud, timeout=30)
+
+        def summed(name: str, **labels: str) -> float:
+            """`name` (with these labels) added up over every controller's /metrics."""
+            return sum(metric_sum(c.base, name, **labels) for c in clouds)
         options = FleetOptions(**{**options.__dict__, "mqtt": broker.url, "cloud": clouds[0].base})
         sim = FleetSim(options)
         await sim.start()
@@ -125,8 +129,7 @@ async def run_step(nodes: int, *, gpus: int = 8, interval_s: float = 10.0, secon
             assert broker.proc is not None
             pids = [c.proc.pid for c in clouds if c.proc is not None]
             cpu0 = [tree_cpu_seconds(pid) for pid in pids]  # with each controller's sample writer process
-            ingested0 = await asyncio.to_thread(
-                lambda: sum(metric_sum(c.base, "kgpu_ingest_messages_total") for c in clouds))
+            ingested0 = await asyncio.to_thread(summed, "kgpu_ingest_messages_total")
             broker0, sim0 = cpu_seconds(broker.proc.pid), _self_cpu()
             db0 = tree_cpu_seconds(db_pid) if db_pid else 0.0
             published0 = dict(sim.counters.published)
@@ -134,14 +137,12 @@ async def run_step(nodes: int, *, gpus: int = 8, interval_s: float = 10.0, secon
             depth_max = 0.0
             while time.monotonic() - start < seconds:
                 await asyncio.sleep(min(5.0, seconds - (time.monotonic() - start)))
-                depth = await asyncio.to_thread(
-                    lambda: sum(metric_sum(c.base, "kgpu_ingest_queue_depth") for c in clouds))
+                depth = await asyncio.to_thread(summed, "kgpu_ingest_queue_depth")
                 depth_max = max(depth_max, depth)
             end = time.monotonic()
             window = end - start
             cloud_cpu = [(tree_cpu_seconds(pid) - c0) / window for pid, c0 in zip(pids, cpu0, strict=True)]
-            ingest_rate = (await asyncio.to_thread(
-                lambda: sum(metric_sum(c.base, "kgpu_ingest_messages_total") for c in clouds)) - ingested0) / window
+            ingest_rate = (await asyncio.to_thread(summed, "kgpu_ingest_messages_total") - ingested0) / window
             broker_cpu = (cpu_seconds(broker.proc.pid) - broker0) / window
             sim_cpu = (_self_cpu() - sim0) / window
             db_cpu = (tree_cpu_seconds(db_pid) - db0) / window if db_pid else float("nan")
@@ -160,12 +161,12 @@ async def run_step(nodes: int, *, gpus: int = 8, interval_s: float = 10.0, secon
         telemetry_published = sim.counters.published["telemetry"]
 
         def settled() -> bool:
-            return all(metric_sum(c.base, "kgpu_ingest_queue_depth") == 0 for c in clouds)
+            return summed("kgpu_ingest_queue_depth") == 0
 
         await asyncio.to_thread(wait_for, settled, 120, 0.2, "controller queue empty")
         await asyncio.sleep(0.5)
-        stored = sum(metric_sum(c.base, "kgpu_ingest_events_stored_total") for c in clouds)
-        accepted = sum(metric_sum(c.base, "kgpu_ingest_messages_total", kind="telemetry") for c in clouds)
+        stored = summed("kgpu_ingest_events_stored_total")
+        accepted = summed("kgpu_ingest_messages_total", kind="telemetry")
         notes = [] if drained else [f"{sim.outbox_depth()} events still unacked after 120 s"]
         if sim.counters.schedule_late_max_s > 1.0:
             notes.append(f"the simulator itself fell {sim.counters.schedule_late_max_s:.1f} s behind its schedule")

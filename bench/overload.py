@@ -260,10 +260,11 @@ async def run(*, nodes: int = 1000, interval_s: float = 10.0, event_every_s: flo
                 # broker: it shows as the time to recover, not as the controller's backlog age
                 notes.append("the backlog never passed 2 s and was gone within 2 s of the surge's end: "
                              "not overloaded, raise --surge-rate")
+            peak = tree_peak_rss_mib(pid)  # with its sample writer process
             result = OverloadResult(
                 fixed_timeout=fixed_timeout, ack_timeout_s=ack_timeout_s, nodes=nodes, surge_rate_asked=surge_rate, surge_sent=sent,
                 surge_seconds=ended - started, samples=samples, rss_start_mib=rss_start,
-                rss_peak_mib=tree_peak_rss_mib(pid), writer_rss_peak_mib=tree_peak_rss_mib(pid) - peak_rss_mib(pid),
+                rss_peak_mib=peak, writer_rss_peak_mib=peak - peak_rss_mib(pid),
                 rss_end_mib=tree_rss_mib(pid), broker_rss_peak_mib=broker_peak,
                 recovered_after_s=recovered, events_acked_after_s=acked, controller_cpu=cpu,
                 events_made=made, events_resent=resent, resend_timeouts=timeouts,

@@ -64,7 +64,7 @@ class ControllerApp:
                                  budget=budget_limits(settings), queue_max=settings.ingest_queue_max,
                                  queue_max_bytes=settings.ingest_queue_max_bytes,
                                  reject_log_every_s=settings.reject_log_interval,
-                                 on_runaway=self.quarantine.runaway, sample_writer=sample_writer(settings))
+                                 on_runaway=self.quarantine.runaway, sample_writer=sample_writer_for(settings))
         self.identity = settings.client_id  # this replica's name in the leader Lease
         self.leading = asyncio.Event()  # set while this replica is the leader
         # every part sends its edge commands through the outbox
@@ -227,7 +227,7 @@ def sqlite_problem(db: str) -> str | None:
     return f"fleet database {path}: {problem}" if problem else None
 
 
-def sample_writer(settings: CloudSettings) -> SampleWriterProcess | None:
+def sample_writer_for(settings: CloudSettings) -> SampleWriterProcess | None:
     """The process that writes telemetry (cloud/sample_writer.py), unless `sample_process` is off."""
     if not settings.sample_process:
         return None

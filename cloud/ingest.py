@@ -198,11 +198,11 @@ class Ingestor:
             self._reject_log.log(exc.reason, "rejected message: %s: %s", exc.reason, exc.detail[:300],
                                  extra={"topic": message.topic[:200]})
             return None
-        incoming_body = incoming.body
         within = self._within_gpu_budget(incoming, now)
         if within is None:
             self._release_topic(message.topic)
             return None
+        trimmed = within is not incoming  # the GPU budget left some of its samples out
         seq = within.envelope.seq
         if seq is not None and not self._within_seq_budget(within.envelope.node, seq, now):
             return None
@@ -219,7 +219,7 @@ class Ingestor:
             self.online[envelope.node] = incoming.body.state == "online"
         raw = None
         if self.sample_writer is not None and isinstance(incoming.body, TelemetryBodyStruct):
-            kept = None if within.body is incoming_body else tuple(s.uuid for s in incoming.body.samples)
+            kept = tuple(s.uuid for s in incoming.body.samples) if trimmed else None
             raw = RawTelemetry(message.topic, message.payload, received_at, skew, kept)
         return Queued(incoming, size, now, envelope.node, raw)
 

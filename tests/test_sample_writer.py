@@ -18,10 +18,12 @@ from typing import Any
 
 import pytest
 
+from bench.common import children
 from cloud.ingest import Ingestor
 from cloud.sample_writer import RawTelemetry, SampleWriterProcess, WriterProcessEnded, WriterSettings, decode_batch
 from cloud.store import FleetStore, FleetStoreError
 from kgpu.lab.fleetsim.node import envelope_json
+from kgpu.lab.processes import wait_for
 from shared.mqtt import Received
 from shared.protocol import Kind, StatusBody, TelemetryBody, XidBody
 from shared.topics import edge_topic
@@ -213,10 +215,7 @@ def test_the_child_ignores_signals_to_the_group_and_leaves_when_its_controller_i
         assert gpu_rows(store, "node-a")["GPU-0"]["sample_ts"] == now  # the newer one held back
         controller.kill()
         controller.wait(10)
-        deadline = time.monotonic() + 20
-        while _alive(child) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert not _alive(child)
+        wait_for(lambda: not _alive(child), 20, 0.05, "the child gone once its controller is")
         assert gpu_rows(store, "node-a")["GPU-0"]["sample"]["temperature_c"] == 80.0
     finally:
         controller.kill()
@@ -247,31 +246,28 @@ def test_a_real_controller_writes_through_its_child_and_replaces_it_when_killed(
         cloud.start()
         assert cloud.proc is not None
         edge.start()
-        wait = time.monotonic() + 30
-        while not edge.connected.is_set() and time.monotonic() < wait:
-            time.sleep(0.05)
+        wait_for(edge.connected.is_set, 30, 0.05, "the edge connected")
 
         def publish_until_stored(ts: float) -> None:
             message = raw("node-e2e", ts, (0,))
-            deadline = time.monotonic() + 60
-            while time.monotonic() < deadline:  # QoS 0: published again until the controller has it
+
+            def stored() -> dict[str, Any] | None:  # QoS 0: published again until the controller has it
                 edge.publish(message.topic, message.payload, qos=0)
                 state = cloud.node_state("node-e2e")
-                if state is not None and any(g.get("sample_ts") == ts for g in state["gpus"]):
-                    return
-                time.sleep(0.2)
-            raise AssertionError(f"the sample of {ts} was not stored: {cloud.node_state('node-e2e')}")
+                return state if state is not None and any(g.get("sample_ts") == ts for g in state["gpus"]) else None
+
+            wait_for(stored, 60, 0.2, f"the sample of {ts} stored")
 
         now = time.time()
         publish_until_stored(now)
         assert cloud.metric("kgpu_ingest_sample_writer_starts_total") == 1
-        children = _children(cloud.proc.pid)
+        children = _live_children(cloud.proc.pid)
         assert len(children) == 1 and "cloud.sample_writer" in Path(f"/proc/{children[0]}/cmdline").read_text()
         os.kill(children[0], signal.SIGKILL)
         publish_until_stored(now + 1)  # the batch that found it dead is written again by a new one
         assert cloud.metric("kgpu_ingest_sample_writer_starts_total") == 2
         assert "sample writer process ended" in cloud.log()
-        second = _children(cloud.proc.pid)
+        second = _live_children(cloud.proc.pid)
         assert len(second) == 1 and second != children
         assert cloud.stop() == 0
         assert not _alive(second[0])
@@ -280,13 +276,5 @@ def test_a_real_controller_writes_through_its_child_and_replaces_it_when_killed(
         cloud.stop()
 
 
-def _children(pid: int) -> list[int]:
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid and fields[0] not in ("Z", "X"):
-            found.append(int(stat.parent.name))
-    return found
+def _live_children(pid: int) -> list[int]:
+    return [child for child in children(pid) if _alive(child)]
