@@ -7,10 +7,14 @@ the child (telemetry) and its own writer (events and statuses, acked)."""
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import os
 import signal
+import struct
 import subprocess
 import sys
+import termios
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -93,7 +97,16 @@ def test_only_the_gpus_the_budget_kept_are_written(writer: Callable[..., SampleW
     assert set(gpu_rows(open_store())) == {"GPU-1"}
 
 
-def test_a_killed_child_fails_its_batch_and_the_next_write_starts_another(
+def _bytes_waiting_in_stdin(pid: int) -> int:
+    """Bytes written to the child's stdin pipe that it has not read (FIONREAD on the pipe)."""
+    fd = os.open(f"/proc/{pid}/fd/0", os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        return struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0]
+    finally:
+        os.close(fd)
+
+
+def test_a_child_killed_mid_write_fails_its_batch_and_the_next_write_starts_another(
     writer: Callable[..., SampleWriterProcess], open_store: Callable[..., FleetStore],  # noqa: F811
 ) -> None:
     process = writer()
@@ -101,11 +114,39 @@ def test_a_killed_child_fails_its_batch_and_the_next_write_starts_another(
     process.write([raw(NODE, now - 1)])
     pid = process.pid
     assert pid is not None
-    os.kill(pid, signal.SIGKILL)
-    with pytest.raises(WriterProcessEnded, match="exit code -9"):
-        process.write([raw(NODE, now)])
+    os.kill(pid, signal.SIGSTOP)  # it cannot read the batch: the write waits for its answer
+
+    def kill_once_the_batch_is_in_its_pipe() -> None:
+        wait_for(lambda: _bytes_waiting_in_stdin(pid) > 0, what="the batch in the child's pipe", interval=0.01)
+        os.kill(pid, signal.SIGKILL)
+
+    killer = threading.Thread(target=kill_once_the_batch_is_in_its_pipe)
+    killer.start()
+    try:
+        with pytest.raises(WriterProcessEnded, match="exit code -9"):
+            process.write([raw(NODE, now)])
+    finally:
+        killer.join()
+    assert gpu_rows(open_store())["GPU-0"]["sample_ts"] == now - 1  # the failed batch is not half-written
     assert process.write([raw(NODE, now)]) == 2  # the ingest writes the batch again: a new child
     assert process.starts == 2 and process.pid not in (None, pid)
+    assert gpu_rows(open_store())["GPU-0"]["sample_ts"] == now
+
+
+def test_a_child_found_dead_before_a_write_is_started_again_for_it(
+    writer: Callable[..., SampleWriterProcess], open_store: Callable[..., FleetStore],  # noqa: F811
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    process = writer()
+    now = time.time()
+    process.write([raw(NODE, now - 1)])
+    pid = process.pid
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: process.pid is None, what="the killed child seen as ended")
+    assert process.write([raw(NODE, now)]) == 2  # no batch was in flight: nothing to fail
+    assert process.starts == 2 and process.pid not in (None, pid)
+    assert "sample writer process ended (exit code -9): starting it again" in caplog.text
     assert gpu_rows(open_store())["GPU-0"]["sample_ts"] == now
 
 
