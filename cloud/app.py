@@ -233,7 +233,8 @@ def sample_writer_for(settings: CloudSettings) -> SampleWriterProcess | None:
         return None
     return SampleWriterProcess(WriterSettings(
         db=settings.db, history_resolution_s=settings.history_resolution,
-        latest_sample_every=settings.latest_sample_every, log_level=settings.log_level, log_json=settings.log_json))
+        latest_sample_every=settings.latest_sample_every, log_level=settings.log_level, log_json=settings.log_json,
+        reject_log_every_s=settings.reject_log_interval))
 
 
 def build(settings: CloudSettings) -> ControllerApp:

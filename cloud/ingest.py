@@ -16,13 +16,15 @@ the budget state is shared with the loop under `_budget_lock`); the queue
 holds at most `queue_max` messages and `queue_max_bytes` of payload, and `put` waits for room, so
 a store that falls behind slows the MQTT link down (back-pressure to the broker) instead of
 growing memory. The writes run on the ingest's own thread, never on the pool that HTTP reads use;
-with a `SampleWriterProcess` (cloud/sample_writer.py, the controller's default) a batch's telemetry
-is written by a child process at the same time, on another core.
+with a `SampleWriterProcess` (cloud/sample_writer.py, the controller's default) telemetry is only
+peeked at here (cloud/telemetry_peek.py) and validated and written by a child process, on another
+core, while the next batch is gathered.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import threading
 import time
@@ -37,9 +39,10 @@ from cloud.budget import BUDGETS, Budget, BudgetLimits, NodeBudgets, Verdict
 from cloud.clock_skew import ClockSkewEstimator
 from cloud.gc_tuning import tune_gc_for_ingest
 from cloud.ingest_queue import IngestQueue, Queued, WriterThread
-from cloud.sample_writer import RawTelemetry, SampleWriterProcess
+from cloud.sample_writer import RawTelemetry, SamplesWritten, SampleWriterProcess
 from cloud.services import BatchBus
 from cloud.store import FleetStore, Incoming, IngestResult
+from cloud.telemetry_peek import PeekedBody, peek_telemetry
 from shared.logs import ThrottledLog, get_logger
 from shared.mqtt import Received
 from shared.protocol import (
@@ -50,6 +53,7 @@ from shared.protocol import (
     StatusBody,
     TelemetryBodyStruct,
     decode_and_check,
+    envelope_of,
 )
 from shared.topics import BadTopic, parse_topic
 
@@ -74,6 +78,7 @@ REJECTION_REASONS: tuple[str, ...] = (*(reason.value for reason in Reason), REFU
 DROP_REASONS: tuple[str, ...] = BUDGETS
 
 DEFAULT_QUEUE_MAX = 10_000
+SAMPLE_BATCHES_IN_FLIGHT = 2  # handed to the sample writer process and not yet written, at most
 DEFAULT_QUEUE_MAX_BYTES = 32 * 1024 * 1024
 TOPIC_CACHE_MAX = 100_000  # three topics per node
 SWEEP_EVERY_S = 1.0  # budget flags of nodes back within budget are cleared at most this often
@@ -133,6 +138,9 @@ class Ingestor:
         self.online: dict[str, bool] = {}  # node -> from its last status (online, or the last will)
         self.last_batch_seconds = 0.0
         self._writing: list[Queued] = []  # the batch being written (or retried) now
+        # telemetry handed to the sample writer process and not yet written, oldest first: at most
+        # SAMPLE_BATCHES_IN_FLIGHT (one being written, the next ready for it: the child never waits)
+        self._sample_writes: collections.deque[tuple[list[Queued], asyncio.Future[None]]] = collections.deque()
         self._executor: WriterThread | None = None  # the ingest's own writer thread, while run() runs
         self._sample_executor: WriterThread | None = None  # talks to the sample writer process, while run() runs
 
@@ -148,12 +156,15 @@ class Ingestor:
     def backlog_age_s(self) -> float:
         """Age in seconds of the oldest message waiting to be written (queued, or in the batch
         being filled or written), 0.0 when none."""
-        times = [t for t in (self.queue.oldest(), self._writing[0].at if self._writing else None) if t is not None]
+        oldest = [self.queue.oldest(), self._writing[0].at if self._writing else None]
+        if self._sample_writes:
+            oldest.append(self._sample_writes[0][0][0].at)
+        times = [t for t in oldest if t is not None]
         return max(0.0, time.monotonic() - min(times)) if times else 0.0
 
     def pending(self) -> int:
         """Messages accepted and not yet written (queued, or in the batch being filled or written)."""
-        return self.queue.qsize() + len(self._writing)
+        return self.queue.qsize() + len(self._writing) + sum(len(batch) for batch, _ in self._sample_writes)
 
     # -- in ---------------------------------------------------------------------------------------
 
@@ -190,14 +201,17 @@ class Ingestor:
         if now - self._swept_at >= SWEEP_EVERY_S:
             self._sweep(now)
         received_at = time.time()
-        try:
-            incoming = validate(message.topic, message.payload, received_at)
-        except RejectedMessage as exc:
-            self._release_topic(message.topic)
-            self.rejected[exc.reason] += 1
-            self._reject_log.log(exc.reason, "rejected message: %s: %s", exc.reason, exc.detail[:300],
-                                 extra={"topic": message.topic[:200]})
-            return None
+        # telemetry for the sample writer process: validated in full there, only peeked at here
+        incoming = self._peeked(message, received_at) if self.sample_writer is not None else None
+        if incoming is None:
+            try:
+                incoming = validate(message.topic, message.payload, received_at)
+            except RejectedMessage as exc:
+                self._release_topic(message.topic)
+                self.rejected[exc.reason] += 1
+                self._reject_log.log(exc.reason, "rejected message: %s: %s", exc.reason, exc.detail[:300],
+                                     extra={"topic": message.topic[:200]})
+                return None
         within = self._within_gpu_budget(incoming, now)
         if within is None:
             self._release_topic(message.topic)
@@ -208,7 +222,9 @@ class Ingestor:
             return None
         incoming = within
         envelope = incoming.envelope
-        self.accepted[envelope.kind.value] += 1
+        to_child = self.sample_writer is not None and envelope.kind is Kind.TELEMETRY
+        if not to_child:  # the sample writer process's telemetry is counted once it has validated it
+            self.accepted[envelope.kind.value] += 1
         skew = self.clock.observe(envelope.node, envelope.ts, received_at,
                                   telemetry=envelope.kind is Kind.TELEMETRY)
         if skew:
@@ -218,10 +234,25 @@ class Ingestor:
         if isinstance(incoming.body, StatusBody):
             self.online[envelope.node] = incoming.body.state == "online"
         raw = None
-        if self.sample_writer is not None and isinstance(incoming.body, TelemetryBodyStruct):
-            kept = tuple(s.uuid for s in incoming.body.samples) if trimmed else None
+        if to_child:
+            kept = tuple(s.uuid for s in getattr(incoming.body, "samples", ())) if trimmed else None
             raw = RawTelemetry(message.topic, message.payload, received_at, skew, kept)
         return Queued(incoming, size, now, envelope.node, raw)
+
+    def _peeked(self, message: Received, received_at: float) -> Incoming | None:
+        """A telemetry message as the controller needs it when the sample writer process
+        validates it (cloud/telemetry_peek.py): its envelope, and its body with each sample's uuid
+        and index only; None for anything else, or anything the peek cannot read."""
+        sender = self._sender(message.topic)
+        if sender is None or sender[1] != "telemetry":
+            return None
+        peeked = peek_telemetry(message.payload, sender[0])
+        if peeked is None:
+            return None
+        envelope = envelope_of(peeked.node, None, peeked.id, peeked.ts, Kind.TELEMETRY)
+        # the body: each sample's uuid and index only, all that the budget and the batch's
+        # listeners read of telemetry (the migration scan's view); the child stores the full one
+        return Incoming(envelope=envelope, body=peeked.body, received_at=received_at)  # type: ignore[arg-type]
 
     def _release_topic(self, topic: str) -> None:
         """A message admitted by the budget went no further: out of its node's backlog."""
@@ -283,7 +314,7 @@ class Ingestor:
         """Leave out the samples (telemetry) or summaries (status) of GPUs beyond the node's
         budget; its known GPUs are kept. None when nothing is left of a telemetry message."""
         body, node = incoming.body, incoming.envelope.node
-        if isinstance(body, TelemetryBodyStruct):  # validate() gives telemetry as a Struct
+        if isinstance(body, TelemetryBodyStruct | PeekedBody):  # validate() gives telemetry as a Struct
             with self._budget_lock:
                 kept, verdict = self.budgets.admit_gpus(node, (s.uuid for s in body.samples), now)
                 if verdict.refused is None:
@@ -365,6 +396,9 @@ class Ingestor:
             executor, self._executor = self._executor, None
             # a write in progress finishes on its own; nothing waits for it here (bounded shutdown)
             executor.shutdown(wait=False)
+            for _batch, sample_write in self._sample_writes:
+                sample_write.cancel()
+            self._sample_writes.clear()
             sample_executor, self._sample_executor = self._sample_executor, None
             if sample_executor is not None:
                 sample_executor.shutdown(wait=False)
@@ -435,33 +469,50 @@ class Ingestor:
     async def _write(self, queued: list[Queued]) -> list[Queued]:
         """Store a batch (each part retried while the database is down); returns the messages
         deferred because another replica held their node (offered again first in the next batch).
-        With a sample writer process, the batch's telemetry is written there while the rest (the
-        events and statuses, which carry the acks) is written here, at the same time; the acks go
-        out as soon as their part is written, without waiting for the telemetry. The next batch
-        starts when both parts are written (one batch in flight: the back-pressure)."""
+        With a sample writer process, the batch's telemetry is handed to it and written there
+        while the rest (the events and statuses, which carry the acks) is written here; the acks
+        go out as soon as their part is written. The telemetry is not waited for: the next batch
+        is gathered and written meanwhile, and hands its telemetry over once the batch before the
+        last is written (at most SAMPLE_BATCHES_IN_FLIGHT: the child's pace is the back-pressure,
+        and it never waits for the controller to gather its next batch)."""
         samples = [q for q in queued if q.raw is not None] if self.sample_writer is not None else []
         here = [q for q in queued if q.raw is None] if samples else queued
         started = time.perf_counter()
-        sample_write: asyncio.Future[Any] | None = None
         if samples:
-            writer, raws = self.sample_writer, [q.raw for q in samples if q.raw is not None]
-            assert writer is not None
-            sample_write = asyncio.ensure_future(
-                self._retrying("samples", len(samples), lambda: writer.write(raws), self._sample_executor))
-        try:
-            carried = await self._write_here(here) if here else []
-            if sample_write is not None:
-                written = await sample_write is not None
-                self.release(q.node for q in samples)
-                if written:
-                    await self.bus.deliver([q.incoming for q in samples])
-        except asyncio.CancelledError:
-            if sample_write is not None:
-                sample_write.cancel()
-            raise
+            while len(self._sample_writes) >= SAMPLE_BATCHES_IN_FLIGHT:
+                await asyncio.shield(self._sample_writes[0][1])  # done: it leaves the deque itself
+            self._sample_writes.append((samples, asyncio.ensure_future(self._write_samples(samples))))
+        carried = await self._write_here(here) if here else []
         self.last_batch_seconds = time.perf_counter() - started
         self.batches += 1
         return carried
+
+    async def _write_samples(self, samples: list[Queued]) -> None:
+        """The batch's telemetry written by the sample writer process (retried while it fails),
+        counted, out of the budgets' backlog, delivered; then out of the in-flight ones."""
+        writer, raws = self.sample_writer, [q.raw for q in samples if q.raw is not None]
+        assert writer is not None
+        try:
+            written: SamplesWritten | None = await self._retrying(
+                "samples", len(samples), lambda: writer.write(raws), self._sample_executor)
+            self.release(q.node for q in samples)
+            if written is not None:
+                await self.bus.deliver(self._validated_by_child(samples, written))
+        finally:  # usually the first; not when it waited to be retried while a later one went through
+            for entry in self._sample_writes:
+                if entry[0] is samples:
+                    self._sample_writes.remove(entry)
+                    break
+
+    def _validated_by_child(self, samples: list[Queued], written: SamplesWritten) -> list[Incoming]:
+        """Count the telemetry the sample writer process wrote, and what it refused (it logged
+        why); the messages it wrote, for the batch's listeners."""
+        refused = written.refused
+        for reason in refused.values():
+            self.rejected[reason] += 1
+        accepted = [q.incoming for at, q in enumerate(samples) if at not in refused]
+        self.accepted[Kind.TELEMETRY.value] += len(accepted)
+        return accepted
 
     async def _write_here(self, queued: list[Queued]) -> list[Queued]:
         """The batch's part written by this process (all of it without a sample writer process):

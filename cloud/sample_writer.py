@@ -6,22 +6,25 @@ the interpreter lock 37 % of its time: SQLite's driver releases the lock around 
 MQTT network thread and the event loop take it meanwhile. Telemetry is most of what is written and
 needs no ack, so its writes run in a child process, with an interpreter lock of its own.
 
-How: the controller validates, budgets and accounts every message as before (cloud/ingest.py) and
-hands a batch's telemetry to the child as the bytes that arrived, with the time they arrived, the
-node's clock skew and, where the node's GPU budget left samples out, the GPUs it kept
-(`RawTelemetry`). The child decodes them again (shared.protocol.decode_and_check: the same checks,
-some 17 µs a message, less than pickling would cost, and msgspec's run-time Structs cannot be
-pickled) and writes them through `IngestCore.ingest`, the same code as in one process; the latest
-samples held by `latest_sample_every` wait and are written there too. Events and statuses stay in
-the controller's own writer: they carry the acks.
+How: the controller budgets and accounts every message as before (cloud/ingest.py), but only
+peeks at telemetry (cloud/telemetry_peek.py: node, time, id, GPUs), and hands a batch's telemetry
+to the child as the bytes that arrived, with the time they arrived, the node's clock skew and,
+where the node's GPU budget left samples out, the GPUs it kept (`RawTelemetry`). The child
+validates them in full (shared.protocol.decode_and_check: the checks and reasons of one process,
+some 17 µs a message: the controller's core is left for reading the broker), tells the controller
+what it refused and why (`SamplesWritten.refused`, logged here as the controller logs its own), and
+writes the rest through `IngestCore.ingest`, the same code as in one process; the latest samples
+held by `latest_sample_every` wait and are written there too. Events and statuses stay in the
+controller's own writer: they carry the acks.
 
 The two talk over the child's stdin and stdout, in frames of a 4-byte length and a msgpack map:
 first {"op": "open", "settings": {...}} (`WriterSettings`), answered once the store is open; then
 a batch as {"op": "add", "items": [...]} frames (not answered) and a last {"op": "write", "items":
-[...]}, written in one transaction and answered {"ok": true, "samples": N} or {"ok": false, "error":
-"store" | "refused", "message": ..., "reason": ...}; {"op": "stop"} answered once the samples that
-waited are written. One batch is in flight at a time: `write` blocks (on the ingest's sample
-thread, never the event loop) until the child answers, so the child's pace is the back-pressure. A
+[...]}, written in one transaction and answered {"ok": true, "samples": N, "refused": [[place,
+reason], ...]} or {"ok": false, "error": "store" | "refused", "message": ..., "reason": ...};
+{"op": "stop"} answered once the samples that waited are written. `write` blocks (on the ingest's
+sample thread, never the event loop) until the child answers; the ingest hands it at most two
+batches at a time (cloud/ingest.py), so the child's pace is the back-pressure. A
 database error comes back as FleetStoreError and a refused batch as ValueError, which the ingest
 retries or counts as it does its own writes; a child that died is started again by the next
 `write` (telemetry written twice is a no-op: the history's unique index, the latest sample's
@@ -51,7 +54,7 @@ from cloud.gc_tuning import tune_gc_for_ingest
 from cloud.store.base import DEFAULT_BUSY_TIMEOUT_MS, FleetStoreError
 from cloud.store.batch import Incoming
 from cloud.store.ingest import IngestCore
-from shared.logs import get_logger, setup_logging
+from shared.logs import ThrottledLog, get_logger, setup_logging
 from shared.protocol import Direction, RejectedMessage, TelemetryBodyStruct, decode_and_check
 
 log = get_logger(__name__)
@@ -74,6 +77,14 @@ class RawTelemetry(NamedTuple):
     kept: tuple[str, ...] | None
 
 
+class SamplesWritten(NamedTuple):
+    """A batch written by the child: its GPU samples stored, and the messages it refused (their
+    place in the batch -> the reason, as `kgpu_ingest_rejected_total` counts it)."""
+
+    samples: int
+    refused: dict[int, str]
+
+
 @dataclasses.dataclass(frozen=True)
 class WriterSettings:
     """What the child needs to open the same store as the controller: its first frame on stdin
@@ -85,6 +96,7 @@ class WriterSettings:
     busy_timeout_ms: int = DEFAULT_BUSY_TIMEOUT_MS
     log_level: str = "info"
     log_json: bool | None = None
+    reject_log_every_s: float = 10.0  # the controller's reject_log_interval
 
 
 class WriterProcessEnded(FleetStoreError):
@@ -184,8 +196,9 @@ class SampleWriterProcess:
             raise
         log.info("sample writer process started", extra={"pid": proc.pid, "starts": self.starts})
 
-    def write(self, items: Sequence[RawTelemetry]) -> int:
-        """Write these telemetry messages in ONE transaction of the child's; the samples written.
+    def write(self, items: Sequence[RawTelemetry]) -> SamplesWritten:
+        """Write these telemetry messages in ONE transaction of the child's; what it wrote and
+        what it refused (validated in full there: the controller only peeked at them).
         They travel in frames of at most `frame_messages` ("add" ... "write": a frame of 5,000
         messages would be some 37 MB, held twice on each side while it travels), not answered
         until the last, so that the child decodes one frame while the next is encoded. Raises
@@ -206,7 +219,9 @@ class SampleWriterProcess:
                 _send(proc.stdin, {"op": op, "items": [tuple(item) for item in items[start:start + size]]})
             except (BrokenPipeError, OSError) as exc:
                 raise self._ended(proc, exc) from None
-        return int(self._answer(proc).get("samples", 0))
+        answer = self._answer(proc)
+        refused = {int(at): str(reason) for at, reason in answer.get("refused") or ()}
+        return SamplesWritten(int(answer.get("samples", 0)), refused)
 
     def stop(self, timeout_s: float) -> int:
         """Ask the child to write the samples that wait and leave; how many it wrote then. Killed
@@ -275,22 +290,25 @@ class SampleWriterProcess:
 # -- the child's side ------------------------------------------------------------------------------
 
 
-def decode_batch(items: Sequence[Sequence[Any]]) -> tuple[list[Incoming], int]:
-    """The controller's `RawTelemetry` rows as the store's `Incoming`: decoded again, with the
-    controller's arrival time and clock skew, and only the samples its budget kept. Also how many
-    could not be decoded (the controller accepted them with the same code: none, unless the two
-    run different versions)."""
+def decode_batch(items: Sequence[Sequence[Any]], first: int = 0,
+                 reject_log: ThrottledLog | None = None) -> tuple[list[Incoming], dict[int, str]]:
+    """The controller's `RawTelemetry` rows as the store's `Incoming`: validated in full (the
+    controller only peeked at them: cloud/telemetry_peek.py), with the controller's arrival time
+    and clock skew, and only the samples its budget kept. Also the messages refused, by their
+    place in the batch (`first` is the place of `items[0]`) -> the reason, each logged as the
+    controller logs its own refusals (`reject_log`: one line per reason every so often)."""
     batch: list[Incoming] = []
-    failed = 0
-    for row in items:
+    refused: dict[int, str] = {}
+    for at, row in enumerate(items, first):
         item = RawTelemetry(*row)
         try:
             checked = decode_and_check(item.topic, item.payload, direction=Direction.EDGE_TO_CLOUD,
                                        typed_body_only=True)
         except RejectedMessage as exc:
-            failed += 1
-            log.error("sample writer: a message the controller accepted does not decode here: %s: %s",
-                      exc.reason, exc.detail[:300], extra={"topic": item.topic[:200]})
+            refused[at] = exc.reason
+            if reject_log is not None:
+                reject_log.log(exc.reason, "rejected message: %s: %s", exc.reason, exc.detail[:300],
+                               extra={"topic": item.topic[:200]})
             continue
         body = checked.body
         if item.kept is not None and isinstance(body, TelemetryBodyStruct):
@@ -298,7 +316,7 @@ def decode_batch(items: Sequence[Sequence[Any]]) -> tuple[list[Incoming], int]:
             body = msgspec.structs.replace(body, samples=[s for s in body.samples if s.uuid in kept])
         batch.append(Incoming(envelope=checked.envelope, body=body, received_at=item.received_at,
                               clock_skew=item.clock_skew))
-    return batch, failed
+    return batch, refused
 
 
 def _readable(fd: int, timeout_s: float) -> bool:
@@ -318,11 +336,12 @@ def serve(settings: WriterSettings, requests: IO[bytes], answers: IO[bytes]) -> 
         return 1
     tune_gc_for_ingest()
     _send(answers, {"ok": True, "ready": True, "pid": os.getpid()})
-    batch = Batch()
+    reject_log = ThrottledLog(log, settings.reject_log_every_s)
+    batch = Batch(reject_log)
     try:
         while True:
             due = store.latest_due_in()
-            if due is not None and not batch.items and not _readable(requests.fileno(), due):
+            if due is not None and not batch.received and not _readable(requests.fileno(), due):
                 _flush(store, everything=False)
                 continue
             request = _receive(requests)
@@ -334,13 +353,13 @@ def serve(settings: WriterSettings, requests: IO[bytes], answers: IO[bytes]) -> 
                 _send(answers, {"ok": True, "flushed": _flush(store, everything=True)})
                 return 0
             if op not in ("add", "write"):
-                batch = Batch()
+                batch = Batch(reject_log)
                 _send(answers, {"ok": False, "error": "refused", "message": f"unknown op {op!r}"})
                 continue
             batch.add(request.get("items") or [])
             if op == "write":
                 _send(answers, batch.write(store))
-                batch = Batch()
+                batch = Batch(reject_log)
     finally:
         store.close()
 
@@ -350,19 +369,22 @@ class Batch:
     encodes the next frame while this decodes the last), written in ONE transaction by "write":
     a node's row and its GPUs' latest samples are written once for all its messages of the batch."""
 
-    def __init__(self) -> None:
+    def __init__(self, reject_log: ThrottledLog | None = None) -> None:
+        self.reject_log = reject_log
         self.items: list[Incoming] = []
-        self.undecodable = 0
+        self.received = 0  # messages of the batch so far, written or refused
+        self.refused: dict[int, str] = {}  # place in the batch -> why
         self.error: dict[str, Any] | None = None
 
     def add(self, frame: Sequence[Sequence[Any]]) -> None:
         try:
-            decoded, failed = decode_batch(frame)
+            decoded, refused = decode_batch(frame, self.received, self.reject_log)
         except (ValueError, TypeError) as exc:  # a frame out of shape: the whole batch is refused
             self.error = {"ok": False, "error": "refused", "message": f"a frame out of shape: {exc}"}
             return
         self.items += decoded
-        self.undecodable += failed
+        self.received += len(frame)
+        self.refused.update(refused)
 
     def write(self, store: IngestCore) -> dict[str, Any]:
         if self.error is not None:
@@ -378,7 +400,7 @@ class Batch:
             log.exception("sample writer: writing a batch failed")
             return {"ok": False, "error": "store", "message": f"sample writer: {exc}", "reason": type(exc).__name__}
         samples = sum(len(getattr(item.body, "samples", ())) for item in self.items)
-        return {"ok": True, "samples": samples, "undecodable": self.undecodable,
+        return {"ok": True, "samples": samples, "refused": list(self.refused.items()),
                 "seconds": time.perf_counter() - started}
 
 

@@ -24,11 +24,11 @@ from shared.protocol import (
     Kind,
     RejectedMessage,
     TelemetryBodyStruct,
-    _envelope_of,
     _int64,
     _no_constant,
     _parse_fast,
     decode_and_check,
+    envelope_of,
     make_envelope,
 )
 from tests.helpers.ingest import counted, ingest_all
@@ -211,9 +211,9 @@ def test_telemetry_validated_from_json_accepts_and_refuses_as_decode(envelope: d
 
 def test_the_hot_path_envelope_is_the_one_model_construct_makes() -> None:
     """The ingest builds telemetry envelopes without pydantic's `model_construct` (shared/protocol.py
-    `_envelope_of`, for speed): what it makes must stay what `model_construct` makes, through
+    `envelope_of`, for speed): what it makes must stay what `model_construct` makes, through
     pydantic upgrades (fields, fields set, extras, private state, equality, dumps, copies)."""
-    made = _envelope_of("edge-a", 7, "m-1", 1.5, Kind.TELEMETRY)
+    made = envelope_of("edge-a", 7, "m-1", 1.5, Kind.TELEMETRY)
     reference = Envelope.model_construct(None, v=1, node="edge-a", seq=7, id="m-1", ts=1.5,
                                          kind=Kind.TELEMETRY, body={})
     assert made == reference

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import json
+import logging
 import os
 import signal
 import struct
@@ -28,6 +30,7 @@ from cloud.sample_writer import RawTelemetry, SampleWriterProcess, WriterProcess
 from cloud.store import FleetStore, FleetStoreError
 from kgpu.lab.fleetsim.node import envelope_json
 from kgpu.lab.processes import wait_for
+from shared.logs import ThrottledLog
 from shared.mqtt import Received
 from shared.protocol import Kind, StatusBody, TelemetryBody, XidBody
 from shared.topics import edge_topic
@@ -66,8 +69,8 @@ def test_the_child_writes_samples_the_store_reads_back(
 ) -> None:
     process = writer()
     now = time.time()
-    assert process.write([raw(NODE, now - 1), raw(NODE, now, temperature_c=71.0)]) == 4
-    assert process.write([raw("other", now, (0,), skew=10.0)]) == 1  # the node's clock 10 s ahead of ours
+    assert process.write([raw(NODE, now - 1), raw(NODE, now, temperature_c=71.0)]).samples == 4
+    assert process.write([raw("other", now, (0,), skew=10.0)]).samples == 1  # the node's clock 10 s ahead of ours
     store = open_store()
     rows = gpu_rows(store)
     assert set(rows) == {"GPU-0", "GPU-1"}
@@ -76,7 +79,7 @@ def test_the_child_writes_samples_the_store_reads_back(
     assert gpu_rows(store, "other")["GPU-0"]["sample_ts"] == pytest.approx(now - 10.0)  # onto our clock
     node = store.node(NODE)
     assert node is not None and node["last_seen"] == pytest.approx(now + 0.05)
-    assert process.write([raw(NODE, now)]) == 2  # the same samples again: no-ops, no error
+    assert process.write([raw(NODE, now)]).samples == 2  # the same samples again: no-ops, no error
     assert len(store.samples(NODE)) == 4
 
 
@@ -85,7 +88,7 @@ def test_a_batch_goes_in_frames_of_at_most_frame_messages(writer: Callable[..., 
     process = writer()
     process.frame_messages = 2
     now = time.time()
-    assert process.write([raw(f"node-{i}", now, (0,)) for i in range(5)]) == 5  # three frames
+    assert process.write([raw(f"node-{i}", now, (0,)) for i in range(5)]).samples == 5  # three frames
     store = open_store()
     assert all(gpu_rows(store, f"node-{i}")["GPU-0"]["sample_ts"] == now for i in range(5))
 
@@ -93,7 +96,7 @@ def test_a_batch_goes_in_frames_of_at_most_frame_messages(writer: Callable[..., 
 def test_only_the_gpus_the_budget_kept_are_written(writer: Callable[..., SampleWriterProcess],
                                                    open_store: Callable[..., FleetStore]) -> None:  # noqa: F811
     process = writer()
-    assert process.write([raw(NODE, time.time(), (0, 1, 2), kept=("GPU-1",))]) == 1
+    assert process.write([raw(NODE, time.time(), (0, 1, 2), kept=("GPU-1",))]).samples == 1
     assert set(gpu_rows(open_store())) == {"GPU-1"}
 
 
@@ -128,7 +131,7 @@ def test_a_child_killed_mid_write_fails_its_batch_and_the_next_write_starts_anot
     finally:
         killer.join()
     assert gpu_rows(open_store())["GPU-0"]["sample_ts"] == now - 1  # the failed batch is not half-written
-    assert process.write([raw(NODE, now)]) == 2  # the ingest writes the batch again: a new child
+    assert process.write([raw(NODE, now)]).samples == 2  # the ingest writes the batch again: a new child
     assert process.starts == 2 and process.pid not in (None, pid)
     assert gpu_rows(open_store())["GPU-0"]["sample_ts"] == now
 
@@ -144,7 +147,7 @@ def test_a_child_found_dead_before_a_write_is_started_again_for_it(
     assert pid is not None
     os.kill(pid, signal.SIGKILL)
     wait_for(lambda: process.pid is None, what="the killed child seen as ended")
-    assert process.write([raw(NODE, now)]) == 2  # no batch was in flight: nothing to fail
+    assert process.write([raw(NODE, now)]).samples == 2  # no batch was in flight: nothing to fail
     assert process.starts == 2 and process.pid not in (None, pid)
     assert "sample writer process ended (exit code -9): starting it again" in caplog.text
     assert gpu_rows(open_store())["GPU-0"]["sample_ts"] == now
@@ -174,10 +177,15 @@ def test_stop_writes_the_latest_samples_that_waited(writer: Callable[..., Sample
     assert process.pid is None
 
 
-def test_decode_batch_counts_what_does_not_decode() -> None:
+def test_decode_batch_refuses_what_the_full_validation_refuses_by_its_place_and_reason(
+        caplog: pytest.LogCaptureFixture) -> None:
     good = raw(NODE, time.time())
-    batch, failed = decode_batch([tuple(good), (good.topic, b"{not json", 1.0, 0.0, None)])
-    assert failed == 1 and [i.envelope.node for i in batch] == [NODE]
+    wrong_node = raw("someone-else", time.time())
+    rows = [tuple(good), (good.topic, b"{not json", 1.0, 0.0, None), (good.topic, *tuple(wrong_node)[1:])]
+    batch, refused = decode_batch(rows, 10, ThrottledLog(logging.getLogger("test"), 60.0))
+    assert [i.envelope.node for i in batch] == [NODE]
+    assert refused == {11: "not_json", 12: "node_mismatch"}  # their places in the whole batch
+    assert "rejected message: not_json" in caplog.text and "rejected message: node_mismatch" in caplog.text
 
 
 def test_the_ingest_writes_telemetry_in_the_child_and_acks_events_itself(
@@ -187,6 +195,7 @@ def test_the_ingest_writes_telemetry_in_the_child_and_acks_events_itself(
     process = writer()
     acks: list[tuple[str, int]] = []
     delivered: list[Kind] = []
+    ingestor_counts: list[dict[str, int]] = []  # accepted, rejected: by kind, by reason
     now = time.time()
 
     async def scenario() -> int:
@@ -206,18 +215,26 @@ def test_the_ingest_writes_telemetry_in_the_child_and_acks_events_itself(
             ingestor.offer(Received(edge_topic(NODE, "status"), envelope_json(NODE, Kind.STATUS, status, ts=now), False))
             for step in range(3):
                 ingestor.offer(Received(*raw(NODE, now + step)[:2], False))
+            # what the controller's peek reads is fine, a figure is not: refused by the child
+            topic, payload = raw(NODE, now + 3)[:2]
+            bad = json.loads(payload)
+            bad["body"]["samples"][0]["temperature_c"] = "hot"
+            ingestor.offer(Received(topic, json.dumps(bad).encode(), False))
             xid = XidBody(gpu_index=0, gpu_uuid="GPU-0", xid=48, action="request_migration")
             ingestor.offer(Received(edge_topic(NODE, "events"), envelope_json(NODE, Kind.XID, xid, seq=1, ts=now), False))
             deadline = time.monotonic() + 20
             while (ingestor.pending() or not acks) and time.monotonic() < deadline:
                 await asyncio.sleep(0.05)
-            return await ingestor.drain(10.0)
+            left = await ingestor.drain(10.0)
+            ingestor_counts.extend([dict(ingestor.accepted), dict(ingestor.rejected)])
+            return left
         finally:
             runner.cancel()
             await asyncio.gather(runner, return_exceptions=True)
 
     assert asyncio.run(scenario()) == 0
     assert acks == [(NODE, 1)]
+    assert tuple(ingestor_counts) == ({"status": 1, "xid": 1, "telemetry": 3}, {"schema": 1})
     assert sorted(delivered) == sorted([Kind.STATUS, Kind.XID, *[Kind.TELEMETRY] * 3])
     rows = gpu_rows(store)
     assert {u: r["sample_ts"] for u, r in rows.items()} == {"GPU-0": now + 2, "GPU-1": now + 2}
