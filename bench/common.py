@@ -95,19 +95,25 @@ def _status_mib(pid: int, field: str) -> float:
 def metric_sum(base: str, name: str, **labels: str) -> float:
     """Sum of every sample of `name` (with these labels) on `base`/metrics; 0 when absent. Asks
     for that sample name alone (`?name[]=`), so that polling costs the controller little."""
-    query = urllib.parse.urlencode({"name[]": name})
+    return metric_sums(base, [(name, labels)])[0]
+
+
+def metric_sums(base: str, wanted: list[tuple[str, dict[str, str]]]) -> list[float]:
+    """`metric_sum` of each (name, labels) of `wanted`, in ONE request (a poll that asks often)."""
+    query = urllib.parse.urlencode([("name[]", name) for name in dict.fromkeys(n for n, _ in wanted)])
     text = urllib.request.urlopen(f"{base}/metrics?{query}", timeout=10).read().decode()
-    total = 0.0
+    totals = [0.0] * len(wanted)
     for line in text.splitlines():
-        if not line.startswith(name):
+        if line.startswith("#"):
             continue
-        match = re.match(rf"^{re.escape(name)}(?:\{{([^}}]*)\}})? (\S+)$", line)
+        match = re.match(r"^(\w+)(?:\{([^}]*)\})? (\S+)$", line)
         if match is None:
             continue
-        found = dict(re.findall(r'(\w+)="([^"]*)"', match.group(1) or ""))
-        if all(found.get(k) == v for k, v in labels.items()):
-            total += float(match.group(2))
-    return total
+        found = dict(re.findall(r'(\w+)="([^"]*)"', match.group(2) or ""))
+        for at, (name, labels) in enumerate(wanted):
+            if match.group(1) == name and all(found.get(k) == v for k, v in labels.items()):
+                totals[at] += float(match.group(3))
+    return totals
 
 
 def machine() -> str:

@@ -9,7 +9,7 @@ until it has them all:
 (a) `mosquitto_sub` (a C client: the wire's floor), (b) a bare paho subscriber (paho's network
 loop and a counter, nothing else), (c) `kgpu cloud run` on SQLite: until every message is counted
 by its ingest and nothing waits to be written (`kgpu_ingest_messages_total{kind="telemetry"}` and
-`kgpu_ingest_queue_depth`, polled every 0.5 s). CPU seconds of each process during the drain.
+`kgpu_ingest_queue_depth`, polled every 0.1 s in one request). CPU seconds of each process during the drain.
 
     python -m bench.ingest_backlog [--nodes 500] [--per-node 40] [--gpus 8]
 """
@@ -27,7 +27,16 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.common import Row, cpu_seconds, machine, metric_sum, publish_all, tree_cpu_seconds, wait_connected
+from bench.common import (
+    Row,
+    cpu_seconds,
+    machine,
+    metric_sum,
+    metric_sums,
+    publish_all,
+    tree_cpu_seconds,
+    wait_connected,
+)
 from kgpu.lab.broker import Mosquitto
 from kgpu.lab.fleetsim.node import SimNode, envelope_json, telemetry_body
 from shared.mqtt import parse_broker_url
@@ -133,9 +142,15 @@ def bare_subscriber(hostport: str, count: int) -> None:
     sys.exit(0 if received >= count else 1)
 
 
-def telemetry_counted(base: str) -> float:
-    return (metric_sum(base, "kgpu_ingest_messages_total", kind="telemetry")
-            + metric_sum(base, "kgpu_ingest_rejected_total") + metric_sum(base, "kgpu_ingest_dropped_total"))
+_DRAIN_METRICS = [("kgpu_ingest_messages_total", {"kind": "telemetry"}), ("kgpu_ingest_rejected_total", {}),
+                  ("kgpu_ingest_dropped_total", {}), ("kgpu_ingest_queue_depth", {})]
+
+
+def drain_counts(base: str) -> tuple[float, float]:
+    """(telemetry messages counted by the ingest: written, rejected or dropped; messages waiting to
+    be written), in one request: the drain is polled every 0.1 s, so that its end is known to that."""
+    written, rejected, dropped, queued = metric_sums(base, _DRAIN_METRICS)
+    return written + rejected + dropped, queued
 
 
 def cloud_drain(url: str, messages: list[tuple[str, bytes]], workdir: Path,
@@ -160,10 +175,10 @@ def cloud_drain(url: str, messages: list[tuple[str, bytes]], workdir: Path,
         spy = _py_spy(pid, profile) if profile is not None else None
         deadline = time.monotonic() + 900
         while time.monotonic() < deadline:
-            if (telemetry_counted(cloud.base) >= len(messages)
-                    and metric_sum(cloud.base, "kgpu_ingest_queue_depth") == 0):
+            counted, queued = drain_counts(cloud.base)
+            if counted >= len(messages) and queued == 0:
                 break
-            time.sleep(0.5)
+            time.sleep(0.1)
         else:
             raise SystemExit("the controller did not drain the backlog within 900 s")
         elapsed = time.perf_counter() - started

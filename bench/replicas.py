@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.common import Row, cpu_seconds, machine, metric_sum, publish_all, tree_cpu_seconds, wait_connected
-from bench.ingest_backlog import Drain, payloads, telemetry_counted
+from bench.ingest_backlog import Drain, drain_counts, payloads
 from kgpu.lab.broker import Mosquitto
 from tests.helpers.cloud_process import CloudProcess
 
@@ -173,8 +173,8 @@ def _wait_drained(clouds: list[CloudProcess], total: int, started: float) -> flo
     deadline = time.monotonic() + DRAIN_TIMEOUT_S
     while time.monotonic() < deadline:
         now = time.perf_counter()
-        if (sum(telemetry_counted(c.base) for c in clouds) >= total
-                and all(metric_sum(c.base, "kgpu_ingest_queue_depth") == 0 for c in clouds)):
+        counts = [drain_counts(c.base) for c in clouds]
+        if sum(counted for counted, _ in counts) >= total and all(queued == 0 for _, queued in counts):
             return now - started
         time.sleep(POLL_S)
     raise SystemExit(f"{len(clouds)} replica(s) did not drain the backlog within {DRAIN_TIMEOUT_S:.0f} s")

@@ -373,6 +373,7 @@ class Ingestor:
         carried: list[Queued] = []  # deferred by the last write: they go first, in order
         try:
             while True:
+                await self._room_for_samples()  # first: the batch then takes what queued meanwhile
                 batch = carried or [await self._next()]
                 self._writing = batch  # pending (and its age counted) while the batch fills, too
                 deadline = time.monotonic() + self.batch_interval_s
@@ -479,13 +480,17 @@ class Ingestor:
         here = [q for q in queued if q.raw is None] if samples else queued
         started = time.perf_counter()
         if samples:
-            while len(self._sample_writes) >= SAMPLE_BATCHES_IN_FLIGHT:
-                await asyncio.shield(self._sample_writes[0][1])  # done: it leaves the deque itself
+            await self._room_for_samples()
             self._sample_writes.append((samples, asyncio.ensure_future(self._write_samples(samples))))
         carried = await self._write_here(here) if here else []
         self.last_batch_seconds = time.perf_counter() - started
         self.batches += 1
         return carried
+
+    async def _room_for_samples(self) -> None:
+        """Until fewer than SAMPLE_BATCHES_IN_FLIGHT batches of telemetry are in flight."""
+        while len(self._sample_writes) >= SAMPLE_BATCHES_IN_FLIGHT:
+            await asyncio.shield(self._sample_writes[0][1])  # done: it leaves the deque itself
 
     async def _write_samples(self, samples: list[Queued]) -> None:
         """The batch's telemetry written by the sample writer process (retried while it fails),
