@@ -86,6 +86,11 @@ class CloudSettings(KgpuSettings):
         10_000, ge=10, le=1_000_000,
         description="Messages received and not yet handled, at most; beyond, the broker holds them (back-pressure)",
     )
+    mqtt_receive_queue_bytes: int = Field(
+        16 * 1024 * 1024, ge=64 * 1024, le=1024 * 1024 * 1024,
+        description="Payload bytes received and not yet handled, at most, per connection (a message larger than "
+                    "this still goes through alone); beyond, the broker holds them (back-pressure)",
+    )
     db: str = Field("sqlite:///kgpu-cloud.db", description="SQLAlchemy URL: sqlite:///path or postgresql+psycopg://...")
     http: HostPort = Field("0.0.0.0:9420", description="HOST:PORT (or PORT) of the API, dashboard and /metrics")
     batch_size: int = Field(

@@ -149,12 +149,14 @@ class EdgeLink:
             # sessions; the edges re-send anything not acked.
             clean_session=s.shared_subscription is not None,
             retired_subscriptions=[] if s.shared_subscription else [EDGE_WILDCARD],
-            tls=tls, password_file=s.mqtt_password_file, max_received=s.mqtt_receive_queue, on_ready=self._arrived.set,
+            tls=tls, password_file=s.mqtt_password_file, max_received=s.mqtt_receive_queue,
+            max_received_bytes=s.mqtt_receive_queue_bytes, on_ready=self._arrived.set,
         )
         self.telemetry = AsyncMqtt(
             loop, address, f"{s.client_id}-telemetry", subscriptions=self.telemetry_subscriptions(),
             accept=accept_telemetry, clean_session=True,
-            tls=tls, password_file=s.mqtt_password_file, max_received=s.mqtt_receive_queue, on_ready=self._arrived.set,
+            tls=tls, password_file=s.mqtt_password_file, max_received=s.mqtt_receive_queue,
+            max_received_bytes=s.mqtt_receive_queue_bytes, on_ready=self._arrived.set,
         )
         self._watch = loop.create_task(self._on_link_changes(), name="mqtt-link-changes")
         self.mqtt.start()

@@ -15,7 +15,8 @@ rest go into a deque, and the loop is woken once per burst (one `call_soon_threa
 deque goes from empty to not empty, not one per message: each is a write to the loop's self-pipe)
 to move them onto an `asyncio.Queue`. `publish` may be called from the event loop (paho's publish
 is thread-safe and only queues bytes). Both directions are bounded: `AsyncMqtt.messages` holds at
-most `max_received` messages, and when it is full the network thread waits (it stops reading
+most `max_received` messages and `max_received_bytes` of payload (a message is let in whenever it
+is empty, however large), and when it is full the network thread waits (it stops reading
 the socket, so TCP pushes back to the broker, which queues for us); paho's outgoing queue holds
 at most `max_queued_out` QoS 1 messages, and `publish` answers False beyond (callers keep the
 message for later). A queue full for longer than 1.5 x keepalive means no PINGREQ goes out: the
@@ -108,6 +109,7 @@ class Received:
 STABLE_AFTER_S = 10.0  # a connection up this long resets the reconnect backoff
 MAX_QUEUED_OUT = 10_000  # paho's outgoing QoS 1 messages (in flight + waiting), at most
 MAX_RECEIVED = 10_000  # AsyncMqtt.messages, at most
+MAX_RECEIVED_BYTES = 16 * 1024 * 1024  # ... and of their payloads, at most
 
 
 class MqttLink:
@@ -404,31 +406,65 @@ def _no_op(*_args: object) -> None:
     """A paho socket callback that does nothing: its presence is what matters (MqttLink.__init__)."""
 
 
+class ReceiveRoom:
+    """Room in a receive queue, by messages and by payload bytes, shared by the network thread
+    (`take` before it hands a message over) and the loop (`give` as a message is taken). A message
+    fits whenever the queue is empty, however large, so that one message over the byte bound still
+    goes through."""
+
+    def __init__(self, max_messages: int, max_bytes: int) -> None:
+        self.max_messages = max_messages
+        self.max_bytes = max_bytes
+        self.messages = 0
+        self.bytes = 0
+        self._changed = threading.Condition()
+
+    def _fits(self, size: int) -> bool:
+        return self.messages == 0 or (self.messages < self.max_messages and self.bytes + size <= self.max_bytes)
+
+    def take(self, size: int, timeout: float = 0.0) -> bool:
+        """Room for a message of `size` bytes, waiting up to `timeout` seconds for it; False: none."""
+        with self._changed:
+            if not self._fits(size) and (timeout <= 0 or not self._changed.wait_for(lambda: self._fits(size),
+                                                                                   timeout)):
+                return False
+            self.messages += 1
+            self.bytes += size
+            return True
+
+    def give(self, size: int) -> None:
+        with self._changed:
+            self.messages -= 1
+            self.bytes -= size
+            self._changed.notify()
+
+
 class ReceiveQueue(asyncio.Queue[Received]):
-    """An asyncio queue that gives a slot back to the network thread for each message taken
+    """An asyncio queue that gives room back to the network thread for each message taken
     (`get` and `get_nowait` both go through `_get`), so consumers need not know it is bounded."""
 
-    def __init__(self, room: threading.Semaphore) -> None:
+    def __init__(self, room: ReceiveRoom) -> None:
         super().__init__()
         self._room = room
 
     def _get(self) -> Received:
         item: Received = super()._get()
-        self._room.release()
+        self._room.give(len(item.payload))
         return item
 
 
 class AsyncMqtt:
     """An `MqttLink` whose messages and link changes arrive on the asyncio loop.
 
-    At most `max_received` messages wait in `messages`; beyond, the network thread waits for room
-    (back-pressure to the broker) instead of holding them in memory."""
+    At most `max_received` messages and `max_received_bytes` of payload wait in `messages`; beyond,
+    the network thread waits for room (back-pressure to the broker) instead of holding them in memory."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, address: BrokerAddress, client_id: str,
-                 *, max_received: int = MAX_RECEIVED, accept: Callable[[Received], bool] | None = None,
+                 *, max_received: int = MAX_RECEIVED, max_received_bytes: int = MAX_RECEIVED_BYTES,
+                 accept: Callable[[Received], bool] | None = None,
                  on_ready: Callable[[], object] | None = None, **options: object) -> None:
         self.max_received = max_received
-        self._room = threading.Semaphore(max_received)
+        self._room = ReceiveRoom(max_received, max_received_bytes)
         self.messages: asyncio.Queue[Received] = ReceiveQueue(self._room)
         self.link_changes: asyncio.Queue[bool] = asyncio.Queue()
         self.receive_full = 0  # times the network thread found `messages` full and waited
@@ -455,14 +491,16 @@ class AsyncMqtt:
         if self._accept is not None and not self._accept(message):
             self.not_accepted += 1
             return
-        if not self._room.acquire(blocking=False):
+        size = len(message.payload)
+        if not self._room.take(size):
             self.receive_full += 1
             now = time.monotonic()
             if now - self._full_logged_at >= 10.0:
                 self._full_logged_at = now
-                log.warning("MQTT receive queue full (%d messages): not reading from the broker until they are "
-                            "handled", self.max_received, extra={"client_id": self.link.client_id})
-            while not self._room.acquire(timeout=0.5):
+                log.warning("MQTT receive queue full (%d messages, %d bytes): not reading from the broker until "
+                            "they are handled", self._room.messages, self._room.bytes,
+                            extra={"client_id": self.link.client_id})
+            while not self._room.take(size, 0.5):
                 if self.link.stopping:
                     return  # stopping: what the broker still sends is not ours to keep
         self._inbox.append(message)

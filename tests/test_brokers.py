@@ -311,6 +311,34 @@ def test_a_full_receive_queue_stops_reading_and_loses_nothing(broker: Mosquitto)
     assert asyncio.run(scenario()) == [str(i).encode() for i in range(count)]
 
 
+def test_a_receive_queue_full_of_bytes_stops_reading_and_loses_nothing(broker: Mosquitto) -> None:
+    """At most `max_received_bytes` of payload wait for the loop (a message over the bound alone
+    still comes in); the rest wait in the broker and come in order once the loop takes them."""
+    count, size, bound = 40, 1000, 3500  # three messages fit
+
+    async def scenario() -> list[bytes]:
+        reader = AsyncMqtt(asyncio.get_running_loop(), parse_broker_url(broker.url), "bytes-reader",
+                           subscriptions=[("q/#", 1)], max_received_bytes=bound)
+        reader.start()
+        await asyncio.to_thread(wait_for, lambda: reader.connected, 20, 0.1, "reader connected")
+        publisher = await asyncio.to_thread(raw_link, broker.url, "bytes-writer")
+        try:
+            for i in range(count):
+                assert publisher.publish("q/x", str(i).encode().ljust(size, b"."))
+            assert publisher.publish("q/x", b"big".ljust(5 * bound, b"."))  # over the bound by itself
+            await asyncio.to_thread(wait_for, lambda: reader.receive_full >= 1, 20, 0.05, "the queue full")
+            got = []
+            for _ in range(count + 1):
+                assert reader.messages.qsize() <= 3
+                got.append((await asyncio.wait_for(reader.messages.get(), 20)).payload.rstrip(b"."))
+            return got
+        finally:
+            publisher.stop()
+            await reader.stop()
+
+    assert asyncio.run(scenario()) == [str(i).encode() for i in range(count)] + [b"big"]
+
+
 def test_publish_answers_false_when_the_outgoing_queue_is_full(broker: Mosquitto) -> None:
     link = raw_link(broker.url, "bounded-writer", max_queued_out=3)
     decision = make_envelope("n1", DecisionBody(rule="r", action="record", outcome="recorded", reason="x"),
