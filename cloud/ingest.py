@@ -139,7 +139,7 @@ class Ingestor:
         self.last_batch_seconds = 0.0
         self._writing: list[Queued] = []  # the batch being written (or retried) now
         # telemetry handed to the sample writer process and not yet written, oldest first: at most
-        # SAMPLE_BATCHES_IN_FLIGHT (one being written, the next ready for it: the child never waits)
+        # SAMPLE_BATCHES_IN_FLIGHT (one being written, the next ready for it: the child seldom waits)
         self._sample_writes: collections.deque[tuple[list[Queued], asyncio.Future[None]]] = collections.deque()
         self._executor: WriterThread | None = None  # the ingest's own writer thread, while run() runs
         self._sample_executor: WriterThread | None = None  # talks to the sample writer process, while run() runs
@@ -475,7 +475,7 @@ class Ingestor:
         go out as soon as their part is written. The telemetry is not waited for: the next batch
         is gathered and written meanwhile, and hands its telemetry over once the batch before the
         last is written (at most SAMPLE_BATCHES_IN_FLIGHT: the child's pace is the back-pressure,
-        and it never waits for the controller to gather its next batch)."""
+        and it seldom waits for the controller to gather its next batch)."""
         samples = [q for q in queued if q.raw is not None] if self.sample_writer is not None else []
         here = [q for q in queued if q.raw is None] if samples else queued
         started = time.perf_counter()

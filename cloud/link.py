@@ -44,6 +44,7 @@ EDGE_MULTILEVEL_WILDCARD = f"{PREFIX}/edge/+/+/+/#"  # node names spanning level
 EDGE_ANY_KIND_WILDCARD = f"{PREFIX}/edge/+/+"  # the telemetry connection: telemetry, unknown kinds
 ON_MAIN_CONNECTION = ("/status", "/events")  # what the telemetry connection drops: `mqtt` has it
 
+ACK_RETRY_S = 0.5  # an ack the link could not take is published again this often until it is
 STATUS_CATCH_UP_AFTER_S = 2.0  # brokers that send retained messages to wildcards have done so by then
 STATUS_CATCH_UP_CHUNK = 200  # filters per SUBSCRIBE
 
@@ -69,6 +70,12 @@ class EdgeLink:
         self._status_seen: set[str] = set()  # nodes whose status arrived since the last connect
         self.status_caught_up = 0  # nodes whose retained status was asked for by exact topic
         self._watch: asyncio.Task[None] | None = None
+        # node -> its newest ack that the link could not take (down, or its outgoing queue full of
+        # a bulk publish: policies or partitionings to 20,000 nodes). Acks are cumulative, so the
+        # newest is all a node needs; `_resend_acks` publishes them again until they go out.
+        self.acks_waiting: dict[str, bytes] = {}
+        self.acks_resent = 0
+        self._ack_retry: asyncio.Task[None] | None = None
 
     def _connections(self) -> list[AsyncMqtt]:
         return [c for c in (self.mqtt, self.telemetry) if c is not None]
@@ -163,9 +170,10 @@ class EdgeLink:
         self.telemetry.start()
 
     async def stop(self) -> None:
-        if self._watch is not None:
-            self._watch.cancel()
-            await asyncio.gather(self._watch, return_exceptions=True)
+        for task in (self._watch, self._ack_retry):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         await asyncio.gather(*(c.stop() for c in self._connections()))
 
     async def receive(self) -> Received:
@@ -253,6 +261,26 @@ class EdgeLink:
         AckBody; `behind_s` only to edges that read it: an older edge refuses the whole ack)."""
         behind = round(behind_s, 1) if behind_s else None
         ack = make_envelope(node, AckBody(upto=upto, epoch=epoch, conflict=conflict, behind_s=behind), Kind.ACK)
-        if not self.publish(cloud_topic(node, "ack"), ack.to_json()):
-            log.warning("ack up to %d not sent (link down or outgoing queue full; the edge will send again)", upto,
-                        extra={"node": node})
+        payload = ack.to_json()
+        if self.publish(cloud_topic(node, "ack"), payload):
+            self.acks_waiting.pop(node, None)  # an older one that waited: this one covers it
+            return
+        if not self.acks_waiting:
+            log.warning("acks waiting: the MQTT link is down or its outgoing queue is full; each is published "
+                        "again every %.1f s until it goes out (meanwhile an edge may send its events again)",
+                        ACK_RETRY_S, extra={"node": node})
+        self.acks_waiting[node] = payload
+        if self._ack_retry is None or self._ack_retry.done():
+            self._ack_retry = asyncio.get_running_loop().create_task(self._resend_acks(), name="mqtt-ack-resend")
+
+    async def _resend_acks(self) -> None:
+        """Publish the acks that waited, as the link takes them, until none waits."""
+        while self.acks_waiting:
+            await asyncio.sleep(ACK_RETRY_S)
+            for node, payload in list(self.acks_waiting.items()):
+                if not self.publish(cloud_topic(node, "ack"), payload):
+                    break  # still no room: the rest wait with it
+                if self.acks_waiting.get(node) is payload:  # not replaced by a newer one meanwhile
+                    del self.acks_waiting[node]
+                self.acks_resent += 1
+        log.info("acks that waited are all sent", extra={"resent": self.acks_resent})

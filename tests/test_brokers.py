@@ -19,18 +19,20 @@ from pathlib import Path
 import pytest
 
 from cloud.config import CloudSettings
-from cloud.link import EdgeLink
+from cloud.link import ACK_RETRY_S, EdgeLink
 from kgpu.lab.broker import Mosquitto, RabbitMQ, RabbitVhost
 from kgpu.lab.processes import free_port, wait_for
 from shared.mqtt import AsyncMqtt, MqttLink, Received, parse_broker_url
 from shared.policy import PowerPolicy
 from shared.protocol import (
+    AckBody,
     DecisionBody,
     Kind,
     PolicyBody,
     RejectedMessage,
     StatusBody,
     TelemetryBody,
+    decode,
     decode_and_check,
     make_envelope,
 )
@@ -337,6 +339,46 @@ def test_a_receive_queue_full_of_bytes_stops_reading_and_loses_nothing(broker: M
             await reader.stop()
 
     assert asyncio.run(scenario()) == [str(i).encode() for i in range(count)] + [b"big"]
+
+
+def test_an_ack_the_link_cannot_take_is_sent_once_it_can(broker: Mosquitto) -> None:
+    """The controller's outgoing queue full (here: the broker paused under a bulk publish, as
+    policies to 20,000 nodes did in bench/reads_vs_ingest.py): an ack is kept, and published again
+    every ACK_RETRY_S until the link takes it, instead of being dropped for the edge to send its
+    events again 15 s later; a newer ack for the node replaces it."""
+    settings = CloudSettings(mqtt=broker.url, no_kube=True, mqtt_client_id="kgpu-controller-acks")
+    acks: list[AckBody] = []
+    edge = raw_link(broker.url, "edge-a-acks", subscriptions=[(cloud_topic("edge-a", "ack"), 1)],
+                    on_message=lambda m: acks.append(decode(m.payload)[1]))  # type: ignore[arg-type]
+
+    async def scenario() -> EdgeLink:
+        link = EdgeLink(settings)
+        link.start(asyncio.get_running_loop())
+        try:
+            await asyncio.to_thread(wait_for, lambda: link.connected, 20, 0.1, "both connections up")
+            broker.pause()  # no PUBACK comes back: the QoS 1 messages stay queued in paho
+            try:
+                bulk = 0
+                while link.publish(cloud_topic(f"node-{bulk}", "policy"), b"{}"):
+                    bulk += 1
+                assert bulk >= 1000  # paho's outgoing queue, full
+                link.publish_ack("edge-a", 4, "e1")
+                link.publish_ack("edge-a", 5, "e1")  # the newer one replaces it
+                assert set(link.acks_waiting) == {"edge-a"}
+            finally:
+                broker.resume()
+            await asyncio.to_thread(wait_for, lambda: acks, 30, 0.1, "the ack that waited")
+            await asyncio.sleep(2 * ACK_RETRY_S)  # nothing else comes
+        finally:
+            await link.stop()
+        return link
+
+    try:
+        link = asyncio.run(scenario())
+    finally:
+        edge.stop()
+    assert [(a.upto, a.epoch) for a in acks] == [(5, "e1")]
+    assert link.acks_waiting == {} and link.acks_resent == 1
 
 
 def test_publish_answers_false_when_the_outgoing_queue_is_full(broker: Mosquitto) -> None:

@@ -55,7 +55,8 @@ def test_ingest_rejections_exist_for_every_reason_from_zero() -> None:
     from shared.protocol import Reason
 
     ingestor = Ingestor(cast(Any, None), lambda *_: None)  # no store: nothing is written here
-    collector = ControllerCollector(ingestor=ingestor, link=cast(Any, SimpleNamespace(connected=True)),
+    link = SimpleNamespace(connected=True, acks_waiting={}, acks_resent=0)
+    collector = ControllerCollector(ingestor=ingestor, link=cast(Any, link),
                                     leading=asyncio.Event(), command_resends=lambda: 0)
     before = _samples(collector, "kgpu_ingest_rejected_total")
     assert set(before) == {r.value for r in Reason} | {"refused_by_store"} == set(REJECTION_REASONS)

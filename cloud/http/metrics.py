@@ -110,6 +110,11 @@ class ControllerCollector(Collector):
                                   value=self.command_resends())
         yield GaugeMetricFamily("kgpu_mqtt_connected", "1 while the controller's MQTT link is up.",
                                 value=1.0 if self.link.connected else 0.0)
+        yield GaugeMetricFamily("kgpu_mqtt_acks_waiting", "Nodes whose ack the MQTT link could not take yet (down, "
+                                "or its outgoing queue full): published again every 0.5 s.",
+                                value=len(self.link.acks_waiting))
+        yield CounterMetricFamily("kgpu_mqtt_acks_resent", "Acks published again after the link could not take "
+                                  "them at first.", value=self.link.acks_resent)
         yield GaugeMetricFamily("kgpu_controller_leader", "1 while this replica holds the leader Lease.",
                                 value=1.0 if self.leading.is_set() else 0.0)
         info = GaugeMetricFamily("kgpu_controller_info", "The controller's version.", labels=["version"])
