@@ -286,59 +286,36 @@ def test_a_refused_subscription_is_logged_counted_and_kept_for_healthz(caplog: p
 # ---- bounded queues (mosquitto) ---------------------------------------------------------------
 
 
-def test_a_full_receive_queue_stops_reading_and_loses_nothing(broker: Mosquitto) -> None:
-    """At most `max_received` messages wait for the loop; the rest wait in the broker and come in
-    order once the loop takes them."""
-    count, bound = 60, 5
+@pytest.mark.parametrize("bound,payloads,held", [
+    ({"max_received": 5}, [str(i).encode() for i in range(60)], 5),
+    # by bytes: three 1,000-byte messages fit; one larger than the whole bound still comes in, alone
+    ({"max_received_bytes": 3500}, [str(i).encode().ljust(1000, b".") for i in range(40)] + [b"x" * 17_500], 3),
+], ids=["by_count", "by_bytes"])
+def test_a_full_receive_queue_stops_reading_and_loses_nothing(broker: Mosquitto, bound: dict[str, int],
+                                                              payloads: list[bytes], held: int) -> None:
+    """At most `max_received` messages and `max_received_bytes` of payload wait for the loop; the
+    rest wait in the broker and come in order once the loop takes them."""
 
     async def scenario() -> list[bytes]:
         reader = AsyncMqtt(asyncio.get_running_loop(), parse_broker_url(broker.url), "slow-reader",
-                           subscriptions=[("q/#", 1)], max_received=bound)
+                           subscriptions=[("q/#", 1)], **bound)  # type: ignore[arg-type]
         reader.start()
         await asyncio.to_thread(wait_for, lambda: reader.connected, 20, 0.1, "reader connected")
         publisher = await asyncio.to_thread(raw_link, broker.url, "fast-writer")
         try:
-            for i in range(count):
-                assert publisher.publish("q/x", str(i).encode())
+            for payload in payloads:
+                assert publisher.publish("q/x", payload)
             await asyncio.to_thread(wait_for, lambda: reader.receive_full >= 1, 20, 0.05, "the queue full")
             got = []
-            for _ in range(count):
-                assert reader.messages.qsize() <= bound
+            for _ in payloads:
+                assert reader.messages.qsize() <= held
                 got.append((await asyncio.wait_for(reader.messages.get(), 20)).payload)
             return got
         finally:
             publisher.stop()
             await reader.stop()
 
-    assert asyncio.run(scenario()) == [str(i).encode() for i in range(count)]
-
-
-def test_a_receive_queue_full_of_bytes_stops_reading_and_loses_nothing(broker: Mosquitto) -> None:
-    """At most `max_received_bytes` of payload wait for the loop (a message over the bound alone
-    still comes in); the rest wait in the broker and come in order once the loop takes them."""
-    count, size, bound = 40, 1000, 3500  # three messages fit
-
-    async def scenario() -> list[bytes]:
-        reader = AsyncMqtt(asyncio.get_running_loop(), parse_broker_url(broker.url), "bytes-reader",
-                           subscriptions=[("q/#", 1)], max_received_bytes=bound)
-        reader.start()
-        await asyncio.to_thread(wait_for, lambda: reader.connected, 20, 0.1, "reader connected")
-        publisher = await asyncio.to_thread(raw_link, broker.url, "bytes-writer")
-        try:
-            for i in range(count):
-                assert publisher.publish("q/x", str(i).encode().ljust(size, b"."))
-            assert publisher.publish("q/x", b"big".ljust(5 * bound, b"."))  # over the bound by itself
-            await asyncio.to_thread(wait_for, lambda: reader.receive_full >= 1, 20, 0.05, "the queue full")
-            got = []
-            for _ in range(count + 1):
-                assert reader.messages.qsize() <= 3
-                got.append((await asyncio.wait_for(reader.messages.get(), 20)).payload.rstrip(b"."))
-            return got
-        finally:
-            publisher.stop()
-            await reader.stop()
-
-    assert asyncio.run(scenario()) == [str(i).encode() for i in range(count)] + [b"big"]
+    assert asyncio.run(scenario()) == payloads
 
 
 def test_an_ack_the_link_cannot_take_is_sent_once_it_can(broker: Mosquitto) -> None:

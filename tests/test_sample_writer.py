@@ -100,6 +100,16 @@ def test_only_the_gpus_the_budget_kept_are_written(writer: Callable[..., SampleW
     assert set(gpu_rows(open_store())) == {"GPU-1"}
 
 
+def _a_child_that_wrote(writer: Callable[..., SampleWriterProcess]) -> tuple[SampleWriterProcess, int, float]:
+    """A running child that has written one batch (a sample 1 s old); its pid, and now."""
+    process = writer()
+    now = time.time()
+    process.write([raw(NODE, now - 1)])
+    pid = process.pid
+    assert pid is not None
+    return process, pid, now
+
+
 def _bytes_waiting_in_stdin(pid: int) -> int:
     """Bytes written to the child's stdin pipe that it has not read (FIONREAD on the pipe)."""
     fd = os.open(f"/proc/{pid}/fd/0", os.O_RDONLY | os.O_NONBLOCK)
@@ -112,11 +122,7 @@ def _bytes_waiting_in_stdin(pid: int) -> int:
 def test_a_child_killed_mid_write_fails_its_batch_and_the_next_write_starts_another(
     writer: Callable[..., SampleWriterProcess], open_store: Callable[..., FleetStore],  # noqa: F811
 ) -> None:
-    process = writer()
-    now = time.time()
-    process.write([raw(NODE, now - 1)])
-    pid = process.pid
-    assert pid is not None
+    process, pid, now = _a_child_that_wrote(writer)
     os.kill(pid, signal.SIGSTOP)  # it cannot read the batch: the write waits for its answer
 
     def kill_once_the_batch_is_in_its_pipe() -> None:
@@ -140,11 +146,7 @@ def test_a_child_found_dead_before_a_write_is_started_again_for_it(
     writer: Callable[..., SampleWriterProcess], open_store: Callable[..., FleetStore],  # noqa: F811
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    process = writer()
-    now = time.time()
-    process.write([raw(NODE, now - 1)])
-    pid = process.pid
-    assert pid is not None
+    process, pid, now = _a_child_that_wrote(writer)
     os.kill(pid, signal.SIGKILL)
     wait_for(lambda: process.pid is None, what="the killed child seen as ended")
     assert process.write([raw(NODE, now)]).samples == 2  # no batch was in flight: nothing to fail
