@@ -175,7 +175,8 @@ async def run_step(nodes: int, *, gpus: int = 8, interval_s: float = 10.0, secon
             window_s=window, telemetry_rate=telemetry_rate, event_rate=event_rate, event_lag=event_lag,
             telemetry_lag=telemetry_lag, events_made=sim.counters.events_created, events_stored=stored,
             telemetry_published=telemetry_published, telemetry_accepted=accepted, drain_s=drain_s,
-            cloud_cpu=cloud_cpu, ingest_rate=ingest_rate, sample_process=sample_process, broker_cpu=broker_cpu, sim_cpu=sim_cpu, db_cpu=db_cpu, queue_depth_max=depth_max,
+            cloud_cpu=cloud_cpu, ingest_rate=ingest_rate, sample_process=sample_process, broker_cpu=broker_cpu,
+            sim_cpu=sim_cpu, db_cpu=db_cpu, queue_depth_max=depth_max,
             notes=notes,
         )
 

@@ -373,7 +373,8 @@ class Ingestor:
         carried: list[Queued] = []  # deferred by the last write: they go first, in order
         try:
             while True:
-                await self._room_for_samples()  # first: the batch then takes what queued meanwhile
+                # at most SAMPLE_BATCHES_IN_FLIGHT; first, so the batch takes what queued meanwhile
+                await self._room_for_samples()
                 batch = carried or [await self._next()]
                 self._writing = batch  # pending (and its age counted) while the batch fills, too
                 deadline = time.monotonic() + self.batch_interval_s
@@ -476,11 +477,10 @@ class Ingestor:
         is gathered and written meanwhile, and hands its telemetry over once the batch before the
         last is written (at most SAMPLE_BATCHES_IN_FLIGHT: the child's pace is the back-pressure,
         and it seldom waits for the controller to gather its next batch)."""
-        samples = [q for q in queued if q.raw is not None] if self.sample_writer is not None else []
+        samples = [q for q in queued if q.raw is not None]  # raw: set only with a sample writer process
         here = [q for q in queued if q.raw is None] if samples else queued
         started = time.perf_counter()
-        if samples:
-            await self._room_for_samples()
+        if samples:  # run() waited for room for them before it gathered the batch
             self._sample_writes.append((samples, asyncio.ensure_future(self._write_samples(samples))))
         carried = await self._write_here(here) if here else []
         self.last_batch_seconds = time.perf_counter() - started

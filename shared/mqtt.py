@@ -463,7 +463,6 @@ class AsyncMqtt:
                  *, max_received: int = MAX_RECEIVED, max_received_bytes: int = MAX_RECEIVED_BYTES,
                  accept: Callable[[Received], bool] | None = None,
                  on_ready: Callable[[], object] | None = None, **options: object) -> None:
-        self.max_received = max_received
         self._room = ReceiveRoom(max_received, max_received_bytes)
         self.messages: asyncio.Queue[Received] = ReceiveQueue(self._room)
         self.link_changes: asyncio.Queue[bool] = asyncio.Queue()
