@@ -30,7 +30,7 @@ from shared.partitioning import NodePartitioning
 from shared.policy import PowerPolicy
 from shared.topics import NODE_NAME_RE, BadTopic, BadTopicNode, TopicParts, parse_topic
 from shared.wire import WireModel
-from shared.wire_structs import TelemetryRecord, struct_of
+from shared.wire_structs import TelemetryRecord, UnsupportedModel, built_as_is, struct_of, takes_any_value
 
 SCHEMA_VERSION: Literal[1] = 1
 MAX_PAYLOAD_BYTES = 256 * 1024
@@ -429,15 +429,19 @@ TelemetryEnvelopeStruct: Any = struct_of(_TelemetryEnvelope, checked_by_caller=f
 TelemetryBodyStruct: Any = struct_of(TelemetryBody)
 GpuSampleStruct: Any = struct_of(GpuSample)
 _TELEMETRY_DECODER = msgspec.json.Decoder(TelemetryEnvelopeStruct)
+if takes_any_value(TelemetryEnvelopeStruct):  # _decode_telemetry_fast's 64-bit check is the Structs' bounds
+    raise UnsupportedModel("a telemetry field typed Any: _decode_telemetry_fast would keep an integer beyond 64 bits")
 
 
 def _decode_telemetry_fast(payload: bytes, topic_node: str) -> tuple[Envelope, Any] | None:
     """A telemetry message validated straight from its JSON into Structs (msgspec; its body a
     `TelemetryBodyStruct`, its samples `GpuSampleStruct`s), or None where `decode` must decide
-    (anything this refuses, another kind, a number of 19 digits or more): what this accepts,
-    `decode` accepts the same (tests/test_ingest_fuzz.py). The envelope's `body` is left empty:
-    only the typed body is kept. `topic_node`: the topic's node, a valid name already."""
-    if not isinstance(payload, bytes | bytearray) or _LONG_NUMBER in payload.translate(_DIGITS_AS_ZERO):
+    (anything this refuses, another kind): what this accepts, `decode` accepts the same
+    (tests/test_ingest_fuzz.py). The envelope's `body` is left empty: only the typed body is
+    kept. `topic_node`: the topic's node, a valid name already. An integer beyond 64 bits is
+    refused by the Structs' own bounds, floats' included (shared/wire_structs.py
+    `_float_bounds`), and `decode` then gives the reason."""
+    if not isinstance(payload, bytes | bytearray):
         return None
     try:
         typed: Any = _TELEMETRY_DECODER.decode(payload)
@@ -446,6 +450,17 @@ def _decode_telemetry_fast(payload: bytes, topic_node: str) -> tuple[Envelope, A
     if typed.kind is not Kind.TELEMETRY or typed.node != topic_node and not NODE_NAME_RE.match(typed.node):
         return None
     return envelope_of(typed.node, typed.seq, typed.id, typed.ts, Kind.TELEMETRY), typed.body
+
+
+def _telemetry_struct_of(body: TelemetryBody) -> Any:
+    """A telemetry body pydantic accepted as the ingest's Struct: converted (checked again), or,
+    where a float is beyond the Structs' +-2**63 (shared/wire_structs.py `_float_bounds`: the
+    model has no such bound), built from its values as they are."""
+    values = body.model_dump()
+    try:
+        return msgspec.convert(values, TelemetryBodyStruct)
+    except msgspec.ValidationError:
+        return built_as_is(TelemetryBodyStruct, values)
 
 
 _ENVELOPE_FIELDS = frozenset(Envelope.model_fields)
@@ -584,7 +599,7 @@ def decode_and_check(topic: str, payload: bytes, *, direction: Direction | None 
                 and len(payload) <= max_bytes else None)
         envelope, body = fast if fast is not None else decode(payload, max_bytes=max_bytes)
         if typed_body_only and isinstance(body, TelemetryBody):  # what pydantic's lax mode took
-            body = msgspec.convert(body.model_dump(), TelemetryBodyStruct)  # one body type for the ingest
+            body = _telemetry_struct_of(body)  # one body type for the ingest
             envelope = envelope.model_copy(update={"body": {}})
     except RejectedMessage as exc:
         raise RejectedMessage(exc.reason, exc.detail, topic=parts) from None

@@ -29,6 +29,7 @@ from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1  # every integer on the wire fits a BIGINT column
+FLOAT_INT_LIMIT = float(2**63)  # a float field's values stay strictly inside it (_float_bounds)
 
 _derived: dict[type[BaseModel], type[msgspec.Struct]] = {}
 
@@ -105,6 +106,66 @@ def _annotation(info: FieldInfo, where: str) -> Any:
     return _type(info.annotation, where, bounds)
 
 
+def _float_bounds(bounds: dict[str, Any]) -> dict[str, Any]:
+    """A float's bounds, kept strictly inside +-2**63. The reference decoder refuses any integer
+    literal beyond 64 bits wherever it stands (`parse_int`); msgspec would take one for a float
+    field as a float. Refused here, it goes to the reference, which accepts a float literal that
+    large (`1e19`) and refuses the integer: the same answers without scanning every payload for
+    long runs of digits first (6 us a telemetry message, half of msgspec's decode)."""
+    kept = dict(bounds)
+    if not any(kept.get(name, -FLOAT_INT_LIMIT) > -FLOAT_INT_LIMIT for name in ("ge", "gt")):
+        kept.pop("ge", None)
+        kept["gt"] = -FLOAT_INT_LIMIT
+    if not any(kept.get(name, FLOAT_INT_LIMIT) < FLOAT_INT_LIMIT for name in ("le", "lt")):
+        kept.pop("le", None)
+        kept["lt"] = FLOAT_INT_LIMIT
+    return kept
+
+
+def built_as_is(struct: type[msgspec.Struct], values: dict[str, Any]) -> msgspec.Struct:
+    """`struct` holding `values` (a model's `model_dump()`) as they are: what the model accepted
+    but the Struct's bounds do not (a float beyond +-2**63, `_float_bounds`). Struct constructors
+    check nothing; nested models' dicts become their Structs."""
+    info = msgspec.inspect.type_info(struct)
+    assert isinstance(info, msgspec.inspect.StructType)
+    return struct(**{f.name: _as_is(f.type, values[f.name]) for f in info.fields if f.name in values})
+
+
+def _as_is(info: msgspec.inspect.Type, value: Any) -> Any:
+    if isinstance(value, dict) and isinstance(info, msgspec.inspect.StructType):
+        return built_as_is(info.cls, value)
+    if isinstance(info, msgspec.inspect.UnionType):
+        members = [t for t in info.types if isinstance(t, msgspec.inspect.StructType)]
+        return _as_is(members[0], value) if members and isinstance(value, dict) else value
+    item = getattr(info, "item_type", None)
+    if item is not None and isinstance(value, list):
+        return [_as_is(item, v) for v in value]
+    return value
+
+
+def takes_any_value(struct: type[msgspec.Struct]) -> bool:
+    """Whether a Struct has a field (however deep) typed Any: there msgspec keeps whatever
+    number it reads, so a decoder relying on the derived bounds for the 64-bit check cannot."""
+    seen: set[type] = set()
+
+    def walk(info: msgspec.inspect.Type) -> bool:
+        if isinstance(info, msgspec.inspect.AnyType):
+            return True
+        if isinstance(info, msgspec.inspect.StructType):
+            if info.cls in seen:
+                return False
+            seen.add(info.cls)
+            return any(walk(f.type) for f in info.fields)
+        if isinstance(info, msgspec.inspect.UnionType):
+            return any(walk(t) for t in info.types)
+        if isinstance(info, msgspec.inspect.DictType):
+            return walk(info.key_type) or walk(info.value_type)
+        item = getattr(info, "item_type", None)  # lists, sets, variadic tuples
+        return walk(item) if item is not None else False
+
+    return walk(msgspec.inspect.type_info(struct))
+
+
 def _type(annotation: Any, where: str, bounds: dict[str, Any] | None = None) -> Any:
     """The msgspec type of one pydantic annotation; `bounds` apply to it (not to its members)."""
     bounds = bounds or {}
@@ -114,6 +175,8 @@ def _type(annotation: Any, where: str, bounds: dict[str, Any] | None = None) -> 
             bounds = {"ge": max(bounds.get("ge", INT64_MIN), INT64_MIN), "le": min(bounds.get("le", INT64_MAX),
                                                                                     INT64_MAX), **{
                 k: v for k, v in bounds.items() if k not in ("ge", "le")}}
+        if annotation is float:
+            bounds = _float_bounds(bounds)
         if annotation is bool and bounds:
             raise UnsupportedModel(f"{where}: bounds on a bool")
         return Annotated[annotation, msgspec.Meta(**bounds)] if bounds else annotation

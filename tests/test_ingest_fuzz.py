@@ -222,3 +222,33 @@ def test_the_hot_path_envelope_is_the_one_model_construct_makes() -> None:
     assert made.__pydantic_private__ == reference.__pydantic_private__
     assert made.model_dump_json() == reference.model_dump_json()
     assert made.model_copy(update={"seq": 8}) == reference.model_copy(update={"seq": 8})
+
+
+@pytest.mark.parametrize(("power", "accepted"), [
+    ("1e19", True),  # a float literal beyond the Structs' bounds: the reference takes it
+    ("-1e300", True),
+    ("9223372036854775807", True),  # the largest 64-bit integer (read as a float at the bound: the reference)
+    ("9223372036854775808", False),  # one past it: the reference's 64-bit check refuses any such integer
+    ("-9223372036854775809", False),
+    ("123456789012345678901234567890", False),
+])
+def test_a_float_field_beyond_64_bits_gets_the_references_answer_without_a_scan(power: str, accepted: bool) -> None:
+    """The hot path no longer scans each payload for runs of 19 digits: float fields are bounded
+    inside +-2**63 in the Structs (shared/wire_structs.py `_float_bounds`), so what lies beyond
+    goes to the reference decoder, which refuses an integer past 64 bits and takes a float."""
+    envelope = {"v": 1, "node": "edge-a", "seq": None, "id": "m1", "ts": 1.5, "kind": "telemetry",
+                "body": _valid_telemetry_body()}
+    payload = json.dumps(envelope).encode().replace(b'"power_w": 100.5', b'"power_w": ' + power.encode(), 1)
+    topic = "kgpu/v1/edge/edge-a/telemetry"
+    if not accepted:
+        with pytest.raises(RejectedMessage) as refused:
+            decode_and_check(topic, payload, typed_body_only=True)
+        assert refused.value.reason == "schema"
+        with pytest.raises(RejectedMessage):
+            decode_and_check(topic, payload)
+        return
+    fast = decode_and_check(topic, payload, typed_body_only=True)
+    reference = decode_and_check(topic, payload)
+    assert isinstance(fast.body, TelemetryBodyStruct)
+    assert fast.body.samples[0].power_w == float(power) == reference.body.samples[0].power_w  # type: ignore[attr-defined]
+    assert msgspec.to_builtins(fast.body) == reference.body.model_dump(mode="json")

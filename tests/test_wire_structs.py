@@ -5,6 +5,7 @@ is refused at import instead of decoded differently."""
 from __future__ import annotations
 
 import gc
+from typing import Any
 
 import msgspec
 import pytest
@@ -13,7 +14,7 @@ from pydantic import Field, field_validator
 from shared.gpu import GpuSample
 from shared.protocol import GpuSampleStruct, TelemetryBodyStruct
 from shared.wire import CamelModel, WireModel
-from shared.wire_structs import UnsupportedModel, struct_of
+from shared.wire_structs import UnsupportedModel, struct_of, takes_any_value
 
 
 def test_the_sample_struct_has_the_models_fields_in_order_with_their_defaults() -> None:
@@ -75,3 +76,16 @@ def test_a_model_the_derivation_cannot_follow_is_refused(model: type[WireModel])
 def test_a_validator_the_caller_applies_itself_may_be_named() -> None:
     struct = struct_of(_Validated, checked_by_caller=frozenset({"name"}))
     assert msgspec.json.decode(b'{"name": "A"}', type=struct).name == "A"  # the caller applies it
+
+
+class _Untyped(WireModel):
+    name: str
+    extra: list[dict[str, Any]] = []
+
+
+def test_a_field_typed_any_is_found_however_deep() -> None:
+    """The telemetry decoder leaves the 64-bit check to the Structs' bounds, which a field typed
+    Any does not have: shared/protocol.py refuses to start with one (`takes_any_value`)."""
+    assert takes_any_value(struct_of(_Untyped))
+    assert not takes_any_value(TelemetryBodyStruct)
+    assert not takes_any_value(GpuSampleStruct)
