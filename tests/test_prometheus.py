@@ -66,6 +66,30 @@ def test_ingest_rejections_exist_for_every_reason_from_zero() -> None:
     assert after["not_json"] == 2 and sum(after.values()) == 2 and set(after) == set(before)
 
 
+def test_a_scrape_of_a_few_names_does_not_collect_the_per_node_series() -> None:
+    """The benches poll `/metrics?name[]=...` ten times a second: at a fleet's scale the per-node
+    series were most of each scrape's cost. Here a per-node value that cannot be written out
+    shows whether they were collected at all."""
+    import asyncio
+
+    from prometheus_client import generate_latest
+
+    from cloud.http.metrics import make_registry
+    from cloud.ingest import Ingestor
+
+    ingestor = Ingestor(cast(Any, None), lambda *_: None)
+    ingestor.accepted["telemetry"] += 3
+    ingestor.lag_seconds["edge-a"] = cast(float, "not a number")  # collecting kgpu_node_lag_seconds fails
+    link = SimpleNamespace(connected=True, acks_waiting={}, acks_resent=0, receive_queues=dict)
+    registry = make_registry(ingestor=ingestor, link=cast(Any, link), leading=asyncio.Event(),
+                             command_resends=lambda: 0)
+    only = generate_latest(registry.restricted_registry(["kgpu_ingest_messages_total"])).decode()
+    assert 'kgpu_ingest_messages_total{kind="telemetry"} 3.0' in only
+    assert "kgpu_node_" not in only and "kgpu_ingest_batches_total" not in only
+    with pytest.raises(ValueError, match="not a number"):
+        generate_latest(registry)  # every series: the per-node ones too
+
+
 def test_http_rejections_exist_for_every_reason_from_zero() -> None:
     from shared.http import HttpRejections, Rejection, RejectionCollector
 

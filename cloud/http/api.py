@@ -125,9 +125,10 @@ def make_app(services: Services, *, ingestor: Ingestor, link: EdgeLink, parts: S
         # Collected on the loop (the collectors read state the loop owns), written out in a read
         # thread: the text of a large fleet's per-node series (~180 ms at 8,000 nodes) must not
         # hold up the loop, which is the ingest's too. `?name[]=<sample name>` (repeatable), as
-        # prometheus_client's own handler: only those samples (the benches poll a few counters).
-        names = frozenset(request.query.getall("name[]", []))
-        families = Collected(registry.collect(), names)
+        # prometheus_client's own handler: only those samples, from the collectors that hold
+        # them and those not known by name (the benches poll a few counters, ten times a second).
+        names = request.query.getall("name[]", [])
+        families = Collected((registry.restricted_registry(names) if names else registry).collect())
         body = await reads.run(generate_latest, families)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
@@ -155,24 +156,13 @@ def _flags_and_quarantines(flags: Mapping[str, str], quarantined: Mapping[str, f
 
 
 class Collected:
-    """Metric families collected already, for `generate_latest` to write out; with `names`, only
-    the samples of those names (prometheus_client's `restricted_registry` finds only collectors
-    that describe themselves; ours do not)."""
+    """Metric families collected already, for `generate_latest` to write out (in a read thread)."""
 
-    def __init__(self, families: Iterable[Metric], names: frozenset[str] = frozenset()) -> None:
-        self.families = list(families) if not names else [kept for f in families if (kept := _only(f, names))]
+    def __init__(self, families: Iterable[Metric]) -> None:
+        self.families = list(families)
 
     def collect(self) -> Iterator[Metric]:
         return iter(self.families)
-
-
-def _only(family: Metric, names: frozenset[str]) -> Metric | None:
-    samples = [s for s in family.samples if s.name in names]
-    if not samples:
-        return None
-    kept = Metric(family.name, family.documentation, family.type, family.unit)
-    kept.samples = samples
-    return kept
 
 
 def _node_query(request: web.Request) -> str | None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -19,7 +19,18 @@ from shared import __version__
 RECENT_S = 60.0  # kgpu_ingest_lag_max_seconds looks at the nodes heard from this recently
 
 
-class ControllerCollector(Collector):
+class _Described(Collector):
+    """A collector the registry knows by its metric names, so that a scrape asking for a few
+    names (`?name[]=`, what the benches poll) collects only the collectors holding them. Its
+    families are the same whatever the state: `describe` is `collect` once, at registration."""
+
+    def describe(self) -> Iterable[Metric]:
+        return list(self.collect())
+
+
+class ControllerCollector(_Described):
+    """The controller's own figures, a few series whatever the fleet's size."""
+
     def __init__(self, *, ingestor: Ingestor, link: EdgeLink, leading: asyncio.Event,
                  command_resends: Callable[[], int],
                  receive_queues: Callable[[], dict[str, tuple[int, int]]] = dict) -> None:
@@ -46,11 +57,6 @@ class ControllerCollector(Collector):
         for reason, count in sorted(({reason: 0 for reason in DROP_REASONS} | dict(ingest.dropped)).items()):
             dropped.add_metric([reason], count)
         yield dropped
-        over = GaugeMetricFamily("kgpu_node_over_budget", "1 while the node is over its ingest budget "
-                                 "(the budget it went over last).", labels=["node", "budget"])
-        for node, budget in sorted(ingest.budget_flags.items()):
-            over.add_metric([node, budget], 1.0)
-        yield over
         yield CounterMetricFamily("kgpu_ingest_events_stored", "Edge events stored (first copies).",
                                   value=ingest.stored)
         yield CounterMetricFamily("kgpu_ingest_duplicates", "Edge events received again and ignored.",
@@ -82,6 +88,55 @@ class ControllerCollector(Collector):
         yield GaugeMetricFamily("kgpu_ingest_last_batch_seconds", "Time to write the last batch.",
                                 value=ingest.last_batch_seconds)
         yield from self._overload_families()
+        yield CounterMetricFamily("kgpu_edge_commands_resent", "Edge commands published again for want of a result.",
+                                  value=self.command_resends())
+        yield GaugeMetricFamily("kgpu_mqtt_connected", "1 while the controller's MQTT link is up.",
+                                value=1.0 if self.link.connected else 0.0)
+        yield GaugeMetricFamily("kgpu_mqtt_acks_waiting", "Nodes whose ack the MQTT link could not take yet (down, "
+                                "or its outgoing queue full): published again every 0.5 s.",
+                                value=len(self.link.acks_waiting))
+        yield CounterMetricFamily("kgpu_mqtt_acks_resent", "Acks published again after the link could not take "
+                                  "them at first.", value=self.link.acks_resent)
+        yield GaugeMetricFamily("kgpu_controller_leader", "1 while this replica holds the leader Lease.",
+                                value=1.0 if self.leading.is_set() else 0.0)
+        info = GaugeMetricFamily("kgpu_controller_info", "The controller's version.", labels=["version"])
+        info.add_metric([__version__], 1.0)
+        yield info
+
+    def _overload_families(self) -> Iterator[Metric]:
+        """Where a controller that falls behind holds its backlog, in a few series whatever the
+        fleet's size: the MQTT receive queues (before the ingest queue) and the worst node lag."""
+        depth = GaugeMetricFamily("kgpu_mqtt_receive_queue_depth", "Messages received from the broker and "
+                                  "waiting for the ingest, by connection.", labels=["connection"])
+        full = CounterMetricFamily("kgpu_mqtt_receive_queue_full", "Times a connection's receive queue was full "
+                                   "and it stopped reading from the broker (back-pressure), by connection.",
+                                   labels=["connection"])
+        for name, (waiting, was_full) in sorted(self.receive_queues().items()):
+            depth.add_metric([name], waiting)
+            full.add_metric([name], was_full)
+        yield depth
+        yield full
+        ingest = self.ingestor
+        recent = time.time() - RECENT_S
+        lags = [lag for node, lag in list(ingest.lag_seconds.items()) if ingest.last_seen.get(node, 0.0) >= recent]
+        yield GaugeMetricFamily(
+            "kgpu_ingest_lag_max_seconds", f"The largest kgpu_node_lag_seconds among the nodes heard from in the "
+            f"last {RECENT_S:.0f} s (0 when none): the fleet's worst lag in one series.", value=max(lags, default=0.0))
+
+
+class NodeCollector(_Described):
+    """The per-node series: as many as the fleet has nodes (a scrape of a few names skips them)."""
+
+    def __init__(self, ingestor: Ingestor) -> None:
+        self.ingestor = ingestor
+
+    def collect(self) -> Iterator[Metric]:
+        ingest = self.ingestor
+        over = GaugeMetricFamily("kgpu_node_over_budget", "1 while the node is over its ingest budget "
+                                 "(the budget it went over last).", labels=["node", "budget"])
+        for node, budget in sorted(ingest.budget_flags.items()):
+            over.add_metric([node, budget], 1.0)
+        yield over
         lag = GaugeMetricFamily(
             "kgpu_node_lag_seconds", "Arrival minus the edge's timestamp of its last message, with the "
             "node's estimated clock skew taken out (an old outbox event shows as lag, a wrong clock does not).",
@@ -106,41 +161,6 @@ class ControllerCollector(Collector):
         for node, up in sorted(ingest.online.items()):
             online.add_metric([node], 1.0 if up else 0.0)
         yield online
-        yield CounterMetricFamily("kgpu_edge_commands_resent", "Edge commands published again for want of a result.",
-                                  value=self.command_resends())
-        yield GaugeMetricFamily("kgpu_mqtt_connected", "1 while the controller's MQTT link is up.",
-                                value=1.0 if self.link.connected else 0.0)
-        yield GaugeMetricFamily("kgpu_mqtt_acks_waiting", "Nodes whose ack the MQTT link could not take yet (down, "
-                                "or its outgoing queue full): published again every 0.5 s.",
-                                value=len(self.link.acks_waiting))
-        yield CounterMetricFamily("kgpu_mqtt_acks_resent", "Acks published again after the link could not take "
-                                  "them at first.", value=self.link.acks_resent)
-        yield GaugeMetricFamily("kgpu_controller_leader", "1 while this replica holds the leader Lease.",
-                                value=1.0 if self.leading.is_set() else 0.0)
-        info = GaugeMetricFamily("kgpu_controller_info", "The controller's version.", labels=["version"])
-        info.add_metric([__version__], 1.0)
-        yield info
-
-
-    def _overload_families(self) -> Iterator[Metric]:
-        """Where a controller that falls behind holds its backlog, in a few series whatever the
-        fleet's size: the MQTT receive queues (before the ingest queue) and the worst node lag."""
-        depth = GaugeMetricFamily("kgpu_mqtt_receive_queue_depth", "Messages received from the broker and "
-                                  "waiting for the ingest, by connection.", labels=["connection"])
-        full = CounterMetricFamily("kgpu_mqtt_receive_queue_full", "Times a connection's receive queue was full "
-                                   "and it stopped reading from the broker (back-pressure), by connection.",
-                                   labels=["connection"])
-        for name, (waiting, was_full) in sorted(self.receive_queues().items()):
-            depth.add_metric([name], waiting)
-            full.add_metric([name], was_full)
-        yield depth
-        yield full
-        ingest = self.ingestor
-        recent = time.time() - RECENT_S
-        lags = [lag for node, lag in list(ingest.lag_seconds.items()) if ingest.last_seen.get(node, 0.0) >= recent]
-        yield GaugeMetricFamily(
-            "kgpu_ingest_lag_max_seconds", f"The largest kgpu_node_lag_seconds among the nodes heard from in the "
-            f"last {RECENT_S:.0f} s (0 when none): the fleet's worst lag in one series.", value=max(lags, default=0.0))
 
 
 def make_registry(*, ingestor: Ingestor, link: EdgeLink, leading: asyncio.Event,
@@ -148,4 +168,5 @@ def make_registry(*, ingestor: Ingestor, link: EdgeLink, leading: asyncio.Event,
     registry = CollectorRegistry(auto_describe=False)
     registry.register(ControllerCollector(ingestor=ingestor, link=link, leading=leading,
                                           command_resends=command_resends, receive_queues=link.receive_queues))
+    registry.register(NodeCollector(ingestor))
     return registry
