@@ -27,6 +27,7 @@ what was queued for us; edges re-send what was not acked).
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import ssl
 import threading
@@ -112,6 +113,18 @@ MAX_RECEIVED = 10_000  # AsyncMqtt.messages, at most
 MAX_RECEIVED_BYTES = 16 * 1024 * 1024  # ... and of their payloads, at most
 
 
+class _SocketErrorLogger(logging.Logger):
+    """paho's logger for one link: its ERROR lines (a socket error, the reason a connection went
+    down) are kept by the link for the disconnect's log line; nothing below ERROR is formatted."""
+
+    def __init__(self, link: MqttLink) -> None:
+        super().__init__("kgpu.mqtt.paho", logging.ERROR)  # outside logging's tree: no handler but this
+        self._link = link
+
+    def handle(self, record: logging.LogRecord) -> None:
+        self._link.note_socket_error(record.getMessage())
+
+
 class MqttLink:
     """One MQTT connection, kept up by a background thread until `stop()`."""
 
@@ -191,7 +204,9 @@ class MqttLink:
         client.on_disconnect = self._handle_disconnect
         client.on_message = self._handle_message
         client.on_subscribe = self._handle_suback
-        client.on_log = self._handle_log
+        # paho's errors through a logger of this link's own that takes ERROR only: with `on_log`
+        # paho formatted a debug line for every packet (3 % of a controller draining telemetry)
+        client.enable_logger(_SocketErrorLogger(self))
         # paho writes a publish to the socket at once, from the publishing thread, unless a write
         # callback is registered; our network thread runs `loop()` at the same time, and two
         # threads taking packets off paho's outgoing queue reorder them (seen in CI: a QoS 1
@@ -328,9 +343,8 @@ class MqttLink:
             self._disconnect_reason = "the broker closed the connection" if text == "Unspecified error" else text
         self._mark_down(self._why_closed(paho.MQTT_ERR_CONN_LOST))
 
-    def _handle_log(self, _client: paho.Client, _userdata: object, level: int, message: str) -> None:
-        if level == paho.MQTT_LOG_ERR:
-            self._socket_error = message
+    def note_socket_error(self, message: str) -> None:
+        self._socket_error = message
 
     def _subscribe(self, filters: Sequence[tuple[str, int]], *, temporary: bool) -> bool:
         """SUBSCRIBE, remembering which filters the SUBACK's codes are for."""

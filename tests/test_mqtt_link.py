@@ -194,3 +194,33 @@ def test_accept_drops_on_the_network_thread_and_bursts_arrive_whole_and_in_order
     got, not_accepted, threads = asyncio.run(scenario())
     assert got == [str(i).encode() for i in range(500)]
     assert not_accepted == 500 and threads == {"mqtt-burst-sub"}
+
+
+def test_a_connection_reset_is_reported_with_the_socket_error() -> None:
+    """paho's socket errors reach the link through a logger that takes ERROR only (formatting
+    paho's debug line for every packet cost a draining controller 3 %): a broker that resets the
+    connection must still be reported with the reason the socket gave."""
+    import socket
+    import struct
+
+    server = socket.create_server(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+
+    def broker_that_resets() -> None:
+        conn, _ = server.accept()
+        conn.recv(4096)  # CONNECT
+        conn.sendall(bytes([0x20, 0x02, 0x00, 0x00]))  # CONNACK, accepted (MQTT 3.1.1)
+        time.sleep(0.3)
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        conn.close()  # with linger 0: a RST, not a FIN (the server stays: a reconnection waits there)
+
+    threading.Thread(target=broker_that_resets, daemon=True).start()
+    reset = link(f"mqtt://127.0.0.1:{port}", "reset")
+    reset.start()
+    try:
+        wait_for(lambda: reset.connects >= 1, timeout=10, what="the CONNACK")
+        wait_for(lambda: reset.last_error is not None, timeout=10, what="the reset to be reported")
+        assert reset.last_error is not None and "reset by peer" in reset.last_error.lower(), reset.last_error
+    finally:
+        reset.stop()
+        server.close()
