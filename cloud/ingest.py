@@ -24,7 +24,6 @@ core, while the next batch is gathered.
 from __future__ import annotations
 
 import asyncio
-import collections
 import dataclasses
 import threading
 import time
@@ -39,6 +38,7 @@ from cloud.budget import BUDGETS, Budget, BudgetLimits, NodeBudgets, Verdict
 from cloud.clock_skew import ClockSkewEstimator
 from cloud.gc_tuning import tune_gc_for_ingest
 from cloud.ingest_queue import IngestQueue, Queued, WriterThread
+from cloud.sample_handover import SampleHandOver
 from cloud.sample_writer import RawTelemetry, SamplesWritten, SampleWriterProcess
 from cloud.services import BatchBus
 from cloud.store import FleetStore, Incoming, IngestResult
@@ -78,7 +78,6 @@ REJECTION_REASONS: tuple[str, ...] = (*(reason.value for reason in Reason), REFU
 DROP_REASONS: tuple[str, ...] = BUDGETS
 
 DEFAULT_QUEUE_MAX = 10_000
-SAMPLE_BATCHES_IN_FLIGHT = 2  # handed to the sample writer process and not yet written, at most
 DEFAULT_QUEUE_MAX_BYTES = 32 * 1024 * 1024
 TOPIC_CACHE_MAX = 100_000  # three topics per node
 SWEEP_EVERY_S = 1.0  # budget flags of nodes back within budget are cleared at most this often
@@ -138,9 +137,8 @@ class Ingestor:
         self.online: dict[str, bool] = {}  # node -> from its last status (online, or the last will)
         self.last_batch_seconds = 0.0
         self._writing: list[Queued] = []  # the batch being written (or retried) now
-        # telemetry handed to the sample writer process and not yet written, oldest first: at most
-        # SAMPLE_BATCHES_IN_FLIGHT (one being written, the next ready for it: the child seldom waits)
-        self._sample_writes: collections.deque[tuple[list[Queued], asyncio.Future[None]]] = collections.deque()
+        # telemetry for the sample writer process: waiting for it, or being written by it
+        self._samples = SampleHandOver(self._write_samples, batch_size) if sample_writer is not None else None
         self._executor: WriterThread | None = None  # the ingest's own writer thread, while run() runs
         self._sample_executor: WriterThread | None = None  # talks to the sample writer process, while run() runs
 
@@ -157,14 +155,14 @@ class Ingestor:
         """Age in seconds of the oldest message waiting to be written (queued, or in the batch
         being filled or written), 0.0 when none."""
         oldest = [self.queue.oldest(), self._writing[0].at if self._writing else None]
-        if self._sample_writes:
-            oldest.append(self._sample_writes[0][0][0].at)
+        if self._samples is not None:
+            oldest.append(self._samples.oldest())
         times = [t for t in oldest if t is not None]
         return max(0.0, time.monotonic() - min(times)) if times else 0.0
 
     def pending(self) -> int:
         """Messages accepted and not yet written (queued, or in the batch being filled or written)."""
-        return self.queue.qsize() + len(self._writing) + sum(len(batch) for batch, _ in self._sample_writes)
+        return self.queue.qsize() + len(self._writing) + (self._samples.pending() if self._samples is not None else 0)
 
     # -- in ---------------------------------------------------------------------------------------
 
@@ -370,20 +368,21 @@ class Ingestor:
         if self.sample_writer is not None:
             self._sample_executor = WriterThread("kgpu-samples")
             self._sample_executor.submit(self._start_sample_writer)  # meanwhile: the first batch waits for it
+        handing_over = asyncio.ensure_future(self._samples.run()) if self._samples is not None else None
         carried: list[Queued] = []  # deferred by the last write: they go first, in order
         try:
             while True:
-                # at most SAMPLE_BATCHES_IN_FLIGHT; first, so the batch takes what queued meanwhile
-                await self._room_for_samples()
+                # room for its telemetry first, so that the batch takes what queued meanwhile
+                size = await self._samples.room() if self._samples is not None else self.batch_size
                 batch = carried or [await self._next()]
                 self._writing = batch  # pending (and its age counted) while the batch fills, too
                 deadline = time.monotonic() + self.batch_interval_s
-                while len(batch) < self.batch_size:
+                while len(batch) < size:
                     # what is already queued is taken at once: no timer per message
-                    while not queue.empty() and len(batch) < self.batch_size:
+                    while not queue.empty() and len(batch) < size:
                         batch.append(queue.get_nowait())
                     remaining = deadline - time.monotonic()
-                    if remaining <= 0 or len(batch) >= self.batch_size:
+                    if remaining <= 0 or len(batch) >= size:
                         break
                     try:
                         batch.append(await asyncio.wait_for(queue.get(), timeout=remaining))
@@ -398,9 +397,8 @@ class Ingestor:
             executor, self._executor = self._executor, None
             # a write in progress finishes on its own; nothing waits for it here (bounded shutdown)
             executor.shutdown(wait=False)
-            for _batch, sample_write in self._sample_writes:
-                sample_write.cancel()
-            self._sample_writes.clear()
+            if handing_over is not None:
+                handing_over.cancel()
             sample_executor, self._sample_executor = self._sample_executor, None
             if sample_executor is not None:
                 sample_executor.shutdown(wait=False)
@@ -473,41 +471,29 @@ class Ingestor:
         deferred because another replica held their node (offered again first in the next batch).
         With a sample writer process, the batch's telemetry is handed to it and written there
         while the rest (the events and statuses, which carry the acks) is written here; the acks
-        go out as soon as their part is written. The telemetry is not waited for: the next batch
-        is gathered and written meanwhile, and hands its telemetry over once the batch before the
-        last is written (at most SAMPLE_BATCHES_IN_FLIGHT: the child's pace is the back-pressure,
-        and it seldom waits for the controller to gather its next batch)."""
+        go out as soon as their part is written. The telemetry is not waited for: it waits with
+        that of the batches before it until the child is free (cloud/sample_handover.py), while
+        the next batches are gathered and written; the child's pace is the back-pressure."""
         samples = [q for q in queued if q.raw is not None]  # raw: set only with a sample writer process
         here = [q for q in queued if q.raw is None] if samples else queued
         started = time.perf_counter()
-        if samples:  # run() waited for room for them before it gathered the batch
-            self._sample_writes.append((samples, asyncio.ensure_future(self._write_samples(samples))))
+        if samples and self._samples is not None:  # run() waited for room for them before it gathered the batch
+            await self._samples.hand(samples)
         carried = await self._write_here(here) if here else []
         self.last_batch_seconds = time.perf_counter() - started
         self.batches += 1
         return carried
 
-    async def _room_for_samples(self) -> None:
-        """Until fewer than SAMPLE_BATCHES_IN_FLIGHT batches of telemetry are in flight."""
-        while len(self._sample_writes) >= SAMPLE_BATCHES_IN_FLIGHT:
-            await asyncio.shield(self._sample_writes[0][1])  # done: it leaves the deque itself
-
     async def _write_samples(self, samples: list[Queued]) -> None:
-        """The batch's telemetry written by the sample writer process (retried while it fails),
-        counted, out of the budgets' backlog, delivered; then out of the in-flight ones."""
+        """Telemetry written by the sample writer process (retried while it fails), counted, out
+        of the budgets' backlog, delivered (cloud/sample_handover.py calls it, one at a time)."""
         writer, raws = self.sample_writer, [q.raw for q in samples if q.raw is not None]
         assert writer is not None
-        try:
-            written: SamplesWritten | None = await self._retrying(
-                "samples", len(samples), lambda: writer.write(raws), self._sample_executor)
-            self.release(q.node for q in samples)
-            if written is not None:
-                await self.bus.deliver(self._validated_by_child(samples, written))
-        finally:  # usually the first; not when it waited to be retried while a later one went through
-            for entry in self._sample_writes:
-                if entry[0] is samples:
-                    self._sample_writes.remove(entry)
-                    break
+        written: SamplesWritten | None = await self._retrying(
+            "samples", len(samples), lambda: writer.write(raws), self._sample_executor)
+        self.release(q.node for q in samples)
+        if written is not None:
+            await self.bus.deliver(self._validated_by_child(samples, written))
 
     def _validated_by_child(self, samples: list[Queued], written: SamplesWritten) -> list[Incoming]:
         """Count the telemetry the sample writer process wrote, and what it refused (it logged

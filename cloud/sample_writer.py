@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import fcntl
 import os
 import select
 import signal
@@ -62,6 +63,7 @@ log = get_logger(__name__)
 _LENGTH = struct.Struct(">I")
 MAX_FRAME = 1 << 30  # a batch is at most batch_size x the payload limit; a longer length is a broken pipe
 FRAME_MESSAGES = 1_000  # messages a frame: bounds what both sides hold of a batch in transit
+PIPE_BYTES = 1 << 20  # the pipes' buffer, where the system allows it (_widen_pipe)
 START_TIMEOUT_S = 60.0  # the child imports SQLAlchemy and opens the store: a second or two, more when busy
 
 
@@ -107,6 +109,16 @@ class WriterProcessEnded(FleetStoreError):
 
 _encode = msgspec.msgpack.Encoder().encode
 _decode = msgspec.msgpack.Decoder().decode
+
+
+def _widen_pipe(fd: int) -> None:
+    """The pipe's buffer as large as Linux lets an unprivileged process make it (1 MiB by
+    default, against 64 KiB): a frame of 1,000 telemetry messages is some 7.5 MB, and each
+    buffer's worth costs the controller's sample thread a write and the GIL back, and the child
+    a read. Elsewhere (or refused) the pipe stays as it is."""
+    with contextlib.suppress(AttributeError, OSError, ValueError):
+        size = int(Path("/proc/sys/fs/pipe-max-size").read_text())
+        fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, min(size, PIPE_BYTES))
 
 
 def _send(stream: IO[bytes], message: dict[str, Any]) -> None:
@@ -180,6 +192,7 @@ class SampleWriterProcess:
             self.starts += 1
             proc = self._proc
         assert proc.stdin is not None and proc.stdout is not None
+        _widen_pipe(proc.stdin.fileno())  # the batches' way (answers are small)
         try:
             _send(proc.stdin, {"op": "open", "settings": dataclasses.asdict(self.settings)})
         except OSError as exc:
