@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from shared.body_fit import fit_body
 from shared.gpu import GpuSample
 from shared.partitioning import NodePartitioning
 from shared.policy import PowerPolicy, XidAction
@@ -35,7 +36,6 @@ from shared.protocol import (
     XidBody,
     decode,
     decode_and_check,
-    fit_body,
     make_envelope,
     route_of,
 )

@@ -110,7 +110,7 @@ class StoreBase:
         self._counter_lock = threading.Lock()
         self._closed = False
         self._last_write_error: str | None = None  # of the latest real write, None if it committed
-        self.events_truncated = 0  # events cut to fit the message size limit (shared.protocol.fit_body)
+        self.events_truncated = 0  # events cut to fit the message size limit (shared.body_fit.fit_body)
         # Kept with every add and ack (seqs in the outbox are contiguous), never counted per ack
         self._depth = 0
         self._outbox_bytes = 0

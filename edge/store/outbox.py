@@ -24,6 +24,7 @@ from edge.store.schema import (
     meta_set,
     outbox_table,
 )
+from shared.body_fit import fit_body
 from shared.protocol import (
     BODY_MODELS,
     EVENT_KINDS,
@@ -32,7 +33,6 @@ from shared.protocol import (
     DecisionBody,
     Envelope,
     Kind,
-    fit_body,
     make_envelope,
 )
 from shared.wire import WireModel
