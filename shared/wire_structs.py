@@ -9,9 +9,11 @@ model at import, with the same field names, order, types, defaults and `ge`/`le`
 unknown fields refused. A model feature it cannot carry over (a validator, an alias, a constraint
 it does not know) raises at import, so the two can never drift apart in silence.
 
-msgspec is stricter than pydantic's lax mode (no `"5"` or `5.0` for an int, no `1` for a bool):
-what it refuses goes to the reference decoder, which accepts or refuses it and says why. What it
-accepts, the models accept the same (tests/test_ingest_fuzz.py).
+msgspec is stricter than pydantic's lax mode (no `"5"` or `5.0` for an int, no `1` for a bool),
+and the Structs bound every integer to 64 bits and every float strictly inside +-2**63 (the
+reference decoder's 64-bit check, `_float_bounds`): what they refuse goes to the reference decoder,
+which accepts or refuses it and says why. What they accept, the models accept the same
+(tests/test_ingest_fuzz.py).
 """
 
 from __future__ import annotations
