@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -37,6 +38,11 @@ class TimedOut(LabError, AssertionError):
 
 PORT_RANGE = range(20000, 32000)  # below Linux's ephemeral range (32768-60999)
 _HANDED_OUT: set[int] = set()
+# One file a port handed out, by any process on this machine: the test workers run in parallel
+# and each picked its ports alone, so two could pick the same one (seen in CI: a broker of one
+# worker found its port taken by another's). A claim older than PORT_CLAIM_TTL_S is stale.
+PORT_CLAIMS = Path(tempfile.gettempdir()) / "kgpu-lab-ports"
+PORT_CLAIM_TTL_S = 3600.0
 
 
 def free_port() -> int:
@@ -45,7 +51,8 @@ def free_port() -> int:
     A port picked by binding port 0 comes from the ephemeral range, where any client socket or
     another port-0 bind may take it before the server binds it. So pick below that range (only an
     explicit bind can take such a port), check that it binds now, and never hand the same one out
-    twice in this process (`reserve_port` marks a port chosen elsewhere)."""
+    twice on this machine within the hour (`PORT_CLAIMS`; `reserve_port` marks a port chosen
+    elsewhere)."""
     for port in random.sample(PORT_RANGE, 500):
         if port in _HANDED_OUT:
             continue
@@ -54,6 +61,8 @@ def free_port() -> int:
                 s.bind(("127.0.0.1", port))
             except OSError:
                 continue
+        if not _claim(port):
+            continue
         _HANDED_OUT.add(port)
         return port
     raise LabError(f"no free port in {PORT_RANGE.start}-{PORT_RANGE.stop}")
@@ -62,6 +71,28 @@ def free_port() -> int:
 def reserve_port(port: int) -> None:
     """A port promised to a server this process starts later (`free_port` will not return it)."""
     _HANDED_OUT.add(port)
+    _claim(port)
+
+
+def _claim(port: int) -> bool:
+    """Whether no other process on this machine has handed `port` out within PORT_CLAIM_TTL_S:
+    a claim file created exclusively (a stale one is replaced, by one taker)."""
+    path = PORT_CLAIMS / str(port)
+    for _attempt in range(2):
+        try:
+            PORT_CLAIMS.mkdir(exist_ok=True)
+            os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+            return True
+        except FileExistsError:
+            try:
+                if time.time() - path.stat().st_mtime < PORT_CLAIM_TTL_S:
+                    return False
+                path.unlink()
+            except FileNotFoundError:
+                pass  # replaced meanwhile: try to create it again
+        except OSError:
+            return True  # no claims here (read-only temp dir): this process's own set still holds
+    return False
 
 
 def port_open(port: int, host: str = "127.0.0.1", timeout: float = 0.2) -> bool:
