@@ -8,6 +8,8 @@ library, so the tests' helpers and the benchmarks can use it as well as the demo
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import json
 import os
 import random
@@ -40,9 +42,12 @@ PORT_RANGE = range(20000, 32000)  # below Linux's ephemeral range (32768-60999)
 _HANDED_OUT: set[int] = set()
 # One file a port handed out, by any process on this machine: the test workers run in parallel
 # and each picked its ports alone, so two could pick the same one (seen in CI: a broker of one
-# worker found its port taken by another's). A claim older than PORT_CLAIM_TTL_S is stale.
+# worker found its port taken by another's). A claim only has to last until its server binds the
+# port (a bound port fails free_port's own check): it goes when its process exits, and one left
+# by a killed process is stale after PORT_CLAIM_TTL_S.
 PORT_CLAIMS = Path(tempfile.gettempdir()) / "kgpu-lab-ports"
-PORT_CLAIM_TTL_S = 3600.0
+PORT_CLAIM_TTL_S = 600.0
+_CLAIMED: list[Path] = []  # this process's claims, removed at exit
 
 
 def free_port() -> int:
@@ -51,8 +56,8 @@ def free_port() -> int:
     A port picked by binding port 0 comes from the ephemeral range, where any client socket or
     another port-0 bind may take it before the server binds it. So pick below that range (only an
     explicit bind can take such a port), check that it binds now, and never hand the same one out
-    twice on this machine within the hour (`PORT_CLAIMS`; `reserve_port` marks a port chosen
-    elsewhere)."""
+    twice on this machine while the process that picked it runs (`PORT_CLAIMS`; `reserve_port`
+    marks a port chosen elsewhere)."""
     for port in random.sample(PORT_RANGE, 500):
         if port in _HANDED_OUT:
             continue
@@ -82,6 +87,9 @@ def _claim(port: int) -> bool:
         try:
             PORT_CLAIMS.mkdir(exist_ok=True)
             os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+            if not _CLAIMED:
+                atexit.register(_release_claims)
+            _CLAIMED.append(path)
             return True
         except FileExistsError:
             try:
@@ -93,6 +101,12 @@ def _claim(port: int) -> bool:
         except OSError:
             return True  # no claims here (read-only temp dir): this process's own set still holds
     return False
+
+
+def _release_claims() -> None:
+    for path in _CLAIMED:
+        with contextlib.suppress(OSError):
+            path.unlink()
 
 
 def port_open(port: int, host: str = "127.0.0.1", timeout: float = 0.2) -> bool:
