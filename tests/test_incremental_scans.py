@@ -174,3 +174,39 @@ def test_the_policy_reconcile_adopts_only_a_changed_fleet_and_resolves_as_before
             store.close()
 
     asyncio.run(scenario())
+
+
+def test_a_refused_policy_publish_stops_the_pass_and_the_next_pass_publishes_the_rest(db_url: str) -> None:
+    """At start-up a controller publishes a policy to every node, more than the link's outgoing
+    queue holds: once one is refused, the pass neither builds nor tries the rest (thousands of
+    futile publishes on the event loop); the next pass publishes them."""
+
+    async def scenario() -> tuple[list[str], list[str]]:
+        store = FleetStore(db_url)
+        tried: list[str] = []
+        room = [2]  # the queue takes two, then is full
+
+        def publish(topic: str, payload: bytes, *, retain: bool = False) -> bool:
+            tried.append(topic)
+            if room[0] <= 0:
+                return False
+            room[0] -= 1
+            return True
+
+        manager = PolicyManager(store=store, kube=None, publish=publish, batches=BatchBus())
+        try:
+            store.ingest([status(n, T0) for n in range(6)])
+            manager.tables.put_policy("everywhere", {"thermalThrottling": {"maxTempC": 80}}, "api", T0)
+            manager.periodic()
+            await manager.reconcile()
+            first = list(tried)
+            tried.clear()
+            room[0] = 100  # the queue drained
+            await manager.reconcile()
+            return first, list(tried)
+        finally:
+            store.close()
+
+    first, second = asyncio.run(scenario())
+    assert len(first) == 3  # two taken, one refused, the other three not tried
+    assert len(second) == 4 and not set(second) & set(first[:2])  # the refused one and the three left

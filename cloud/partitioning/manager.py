@@ -168,6 +168,9 @@ class PartitioningManager:
                       and now - published[1] >= min(MAX_RESEND_GAP_S, self.resend_after * 2 ** published[2]))
             if published is not None and published[0] == digest and not resend:
                 continue
+            if failed:  # one was refused (the link down or its outgoing queue full): the rest wait too
+                failed += 1
+                continue
             payload = make_envelope(node, PartitioningBody(partitioning=r.partitioning), Kind.PARTITIONING).to_json()
             if not self.publish(cloud_topic(node, TOPIC_KIND), payload, retain=True):
                 failed += 1
@@ -181,13 +184,14 @@ class PartitioningManager:
                 log.warning("MIG layout cannot be made on this node: %s", problem.reason,
                             extra={"node": node, "partitioning": r.partitioning.name, "gpu_model": problem.model})
         for node in sorted(set(self._published) - set(resolution.nodes)):
-            if self.publish(cloud_topic(node, TOPIC_KIND), b"", retain=True):  # the node left the cluster
+            if not failed and self.publish(cloud_topic(node, TOPIC_KIND), b"", retain=True):  # the node left
                 del self._published[node]
                 log.info("retained partitioning cleared: the node is gone", extra={"node": node})
             else:
                 failed += 1
         if failed:
-            self._warn("publish", f"MQTT link down: {failed} partitioning message(s) not published; retrying")
+            self._warn("publish", f"MQTT link down or its outgoing queue full: {failed} partitioning message(s) "
+                       "not published; the next pass publishes them")
 
     async def _write_statuses(self, resolution: Resolution, now: float) -> None:
         kube = self.kube

@@ -127,13 +127,16 @@ class PolicyManager:
     async def _publish(self, resolution: Resolution, snap: Snapshot, now: float) -> None:
         """Publish (retained) what the broker does not hold yet; clear what no longer applies."""
         done: dict[str, int | None] = {}
-        failed = 0
+        failed = 0  # once one is refused (the link down or its outgoing queue full), the rest wait too
         for r in resolution.nodes.values():
             published_version, published_at = snap.published.get(r.node, (None, None))
             if r.policy is not None:
                 resend = (published_version == r.version and not r.applied and snap.online.get(r.node, False)
                           and now - (published_at or 0.0) >= self.resend_after)
                 if published_version == r.version and not resend:
+                    continue
+                if failed:
+                    failed += 1
                     continue
                 payload = make_envelope(r.node, PolicyBody(policy=r.policy), Kind.POLICY).to_json()
                 if self.publish(cloud_topic(r.node, "policy"), payload, retain=True):
@@ -143,20 +146,21 @@ class PolicyManager:
                 else:
                     failed += 1
             elif published_version is not None:
-                if self._clear(r.node):
+                if not failed and self._clear(r.node):
                     done[r.node] = None
                 else:
                     failed += 1
         for node in snap.absent_published:
             if snap.published.get(node, (None, None))[0] is not None:
-                if self._clear(node):
+                if not failed and self._clear(node):
                     done[node] = None
                 else:
                     failed += 1
         if done:
             await asyncio.to_thread(self.tables.mark_published, done, now)
         if failed:
-            self._warn("publish", f"MQTT link down: {failed} policy message(s) not published; retrying")
+            self._warn("publish", f"MQTT link down or its outgoing queue full: {failed} policy message(s) not "
+                       "published; the next pass publishes them")
 
     def _clear(self, node: str) -> bool:
         """Remove the retained policy (zero-length retained payload); the edge keeps its own."""
