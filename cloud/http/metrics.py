@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -137,30 +137,26 @@ class NodeCollector(_Described):
         for node, budget in sorted(ingest.budget_flags.items()):
             over.add_metric([node, budget], 1.0)
         yield over
-        lag = GaugeMetricFamily(
+        yield _by_node(
             "kgpu_node_lag_seconds", "Arrival minus the edge's timestamp of its last message, with the "
             "node's estimated clock skew taken out (an old outbox event shows as lag, a wrong clock does not).",
-            labels=["node"])
-        for node, seconds in sorted(ingest.lag_seconds.items()):
-            lag.add_metric([node], seconds)
-        yield lag
-        skew = GaugeMetricFamily(
+            ingest.lag_seconds)
+        yield _by_node(
             "kgpu_node_clock_skew_seconds", "The edge's clock minus the controller's, estimated from its "
-            "telemetry's arrival (positive: the edge is ahead; 0 within 2 s).", labels=["node"])
-        for node, seconds in sorted(ingest.clock.skew.items()):
-            skew.add_metric([node], seconds)
-        yield skew
-        seen = GaugeMetricFamily(
+            "telemetry's arrival (positive: the edge is ahead; 0 within 2 s).", ingest.clock.skew)
+        yield _by_node(
             "kgpu_node_last_seen_timestamp_seconds", "When this replica last received a message from the node "
-            "(unix time; with replicas sharing the ingest, take the max by node).", labels=["node"])
-        for node, ts in sorted(ingest.last_seen.items()):
-            seen.add_metric([node], ts)
-        yield seen
-        online = GaugeMetricFamily("kgpu_node_online", "1 if the node's last status said online, 0 after its "
-                                   "offline status or last will.", labels=["node"])
-        for node, up in sorted(ingest.online.items()):
-            online.add_metric([node], 1.0 if up else 0.0)
-        yield online
+            "(unix time; with replicas sharing the ingest, take the max by node).", ingest.last_seen)
+        yield _by_node("kgpu_node_online", "1 if the node's last status said online, 0 after its offline status "
+                       "or last will.", {node: 1.0 if up else 0.0 for node, up in ingest.online.items()})
+
+
+def _by_node(name: str, documentation: str, values: Mapping[str, float]) -> GaugeMetricFamily:
+    """A gauge with one series a node, in node order."""
+    family = GaugeMetricFamily(name, documentation, labels=["node"])
+    for node, value in sorted(values.items()):
+        family.add_metric([node], value)
+    return family
 
 
 def make_registry(*, ingestor: Ingestor, link: EdgeLink, leading: asyncio.Event,
