@@ -277,7 +277,8 @@ def test_promtool_check_config() -> None:
 
 FAMILY_RE = re.compile(r'(Gauge|Counter)MetricFamily\(\s*"([A-Za-z_:][A-Za-z0-9_:]*)"')
 DCGM_FIELD_RE = re.compile(r'DcgmField\(\s*"([A-Za-z_:][A-Za-z0-9_:]*)"')  # shared/dcgm.py: names as written
-HELPER_GAUGE_RE = re.compile(r'\bgauge\(\s*"([A-Za-z_:][A-Za-z0-9_:]*)"')
+# the gauge helpers: edge/metrics.py `gauge`, cloud/http/metrics.py `_by_node` (one series a node)
+HELPER_GAUGE_RE = re.compile(r'\b(?:gauge|_by_node)\(\s*"([A-Za-z_:][A-Za-z0-9_:]*)"')
 # Series Prometheus itself makes for every target.
 PROMETHEUS_SERIES = {"up", "scrape_duration_seconds", "scrape_samples_scraped"}
 PROMQL_WORDS = {"and", "or", "unless", "by", "without", "on", "ignoring", "group_left", "group_right",
