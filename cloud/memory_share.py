@@ -21,7 +21,7 @@ from cloud.migration.manifests import eviction_body
 from cloud.services import BatchBus, Periodic
 from cloud.store import Incoming
 from shared.logs import get_logger
-from shared.protocol import DecisionBody
+from shared.protocol import DecisionBody, Kind
 
 log = get_logger(__name__)
 
@@ -34,7 +34,7 @@ class MemoryShareEnforcer:
         self.leading = leading
         self.evicted = 0
         self.refused = 0
-        batches.subscribe(self._on_batch)
+        batches.subscribe(self._on_batch, kinds=[Kind.DECISION])
 
     def add_routes(self, app: web.Application) -> None:
         return None

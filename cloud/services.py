@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -22,7 +22,7 @@ from cloud.kube import Kube, KubeUnavailable
 from cloud.store import FleetStore, Incoming
 from shared.aio import wait_event
 from shared.logs import get_logger
-from shared.protocol import CommandBody
+from shared.protocol import CommandBody, Kind
 
 log = get_logger(__name__)
 
@@ -47,16 +47,27 @@ BatchListener = Callable[[list[Incoming]], Awaitable[None]]
 class BatchBus:
     """Every batch the ingest has committed, handed to the parts that react to fleet state (a
     migration request wakes the migration scan, a command result closes its command). A listener
-    that fails is logged; the others still run and the ingest goes on."""
+    that fails is logged; the others still run and the ingest goes on.
+
+    A listener names the kinds of message it reads (`kinds`; None: all) and gets only batches
+    holding one of them: a batch of telemetry, most of what arrives, goes to the one part that
+    reads telemetry instead of every part looking at each of its messages (a few µs a message
+    in a backlog drain)."""
 
     def __init__(self) -> None:
-        self._listeners: list[BatchListener] = []
+        self._listeners: list[tuple[BatchListener, frozenset[Kind] | None]] = []
 
-    def subscribe(self, listener: BatchListener) -> None:
-        self._listeners.append(listener)
+    def subscribe(self, listener: BatchListener, kinds: Iterable[Kind] | None = None) -> None:
+        self._listeners.append((listener, frozenset(kinds) if kinds is not None else None))
 
-    async def deliver(self, batch: list[Incoming]) -> None:
-        for listener in self._listeners:
+    async def deliver(self, batch: list[Incoming], kinds: Iterable[Kind] | None = None) -> None:
+        """`kinds`: the kinds the batch holds, when the caller knows (else they are looked up)."""
+        if not batch:
+            return
+        present = frozenset(kinds) if kinds is not None else frozenset(i.envelope.kind for i in batch)
+        for listener, wanted in self._listeners:
+            if wanted is not None and wanted.isdisjoint(present):
+                continue
             try:
                 await listener(batch)
             except Exception:

@@ -37,7 +37,7 @@ class EdgeCommands:
         self.resend_interval_s = settings.command_resend_interval
         self.ttl_s = settings.command_ttl
         self.resends = 0
-        batches.subscribe(self._on_batch)
+        batches.subscribe(self._on_batch, kinds=[Kind.COMMAND_RESULT])
 
     # -- sending --------------------------------------------------------------------------------
 

@@ -28,7 +28,7 @@ from cloud.labels.vendors import LABEL_PREFIXES, node_labels
 from cloud.services import BatchBus, Periodic
 from cloud.store import Incoming
 from shared.logs import get_logger
-from shared.protocol import StatusBody
+from shared.protocol import Kind, StatusBody
 
 log = get_logger(__name__)
 
@@ -71,7 +71,7 @@ class NodeLabeler:
         self._warned: dict[str, float] = {}
         self.patched = 0  # Node patches written (for tests and logs)
         if kube is not None:
-            batches.subscribe(self._on_batch)
+            batches.subscribe(self._on_batch, kinds=[Kind.STATUS])
 
     def periodic(self) -> Sequence[Periodic]:
         if self.kube is None:

@@ -103,7 +103,7 @@ class MigrationManager:
             StepKind.COMPLETE: self._complete,
             StepKind.HOLD: self._hold,
         }
-        batches.subscribe(self._on_batch)
+        batches.subscribe(self._on_batch, kinds=[Kind.TELEMETRY, Kind.MIGRATION_REQUEST, Kind.HEALTH, Kind.STATUS])
 
     # -- wiring --------------------------------------------------------------------------------
 

@@ -81,7 +81,7 @@ class PartitioningManager:
         self._last: tuple[float, Resolution] | None = None
         self._warned: dict[str, float] = {}
         self.published_count = 0
-        batches.subscribe(self._on_batch)
+        batches.subscribe(self._on_batch, kinds=[Kind.STATUS])
 
     @property
     def source(self) -> str:

@@ -52,7 +52,7 @@ class PolicyManager:
         self._warned: dict[str, float] = {}
         self.full_every_s = FULL_EVERY_S
         self._full_at = time.monotonic()
-        batches.subscribe(self._on_batch)
+        batches.subscribe(self._on_batch, kinds=[Kind.STATUS])
 
     @property
     def source(self) -> str:

@@ -69,7 +69,7 @@ class RebootManager:
         self._grants: list[Grant] = []  # as of the last scan: the breaker's gauge
         self._sites: set[str] = set()  # sites with a request decided in the last scan
         self.ticks = 0
-        batches.subscribe(self._on_batch)
+        batches.subscribe(self._on_batch, kinds=[Kind.REBOOT_REQUEST, Kind.STATUS])
 
     @property
     def limits(self) -> Limits:

@@ -55,7 +55,7 @@ class RolloutManager:
         self.repo = RolloutRepository(store)
         self.daemonset = EdgeDaemonSet(settings.namespace, settings.daemonset)
         self._wake = asyncio.Event()
-        batches.subscribe(self._on_batch)
+        batches.subscribe(self._on_batch, kinds=[Kind.STATUS])
 
     async def _on_batch(self, batch: list[Incoming]) -> None:
         """A status may finish a validation: look again soon instead of a tick later."""
