@@ -81,6 +81,7 @@ DEFAULT_QUEUE_MAX = 10_000
 DEFAULT_QUEUE_MAX_BYTES = 32 * 1024 * 1024
 TOPIC_CACHE_MAX = 100_000  # three topics per node
 SWEEP_EVERY_S = 1.0  # budget flags of nodes back within budget are cleared at most this often
+_TELEMETRY_ONLY = (Kind.TELEMETRY,)  # what the sample writer process writes (BatchBus.deliver)
 
 class PublishAck(Protocol):
     """The link's `publish_ack`: a node's cumulative ack; `conflict` as in shared.protocol.AckBody."""
@@ -111,8 +112,8 @@ class Ingestor:
         # A node refused faster than the budget's runaway rate (cloud/budget.py): called once per
         # episode, on whichever thread refused it, under `_budget_lock`: it must only hand over.
         self.on_runaway = on_runaway
-        # budgets, dropped, _episode_drops and _topics are touched by `accept` on the MQTT network
-        # threads and by the loop: always under this lock
+        # budgets, dropped, _episode_drops, _topics and clock are touched by `accept` and
+        # `take_telemetry` on the MQTT network threads and by the loop: always under this lock
         self._budget_lock = threading.Lock()
         self._swept_at = 0.0
         self._topics: dict[str, tuple[str, str] | None] = {}  # topic -> (node, kind), see _sender
@@ -138,7 +139,9 @@ class Ingestor:
         self.last_batch_seconds = 0.0
         self._writing: list[Queued] = []  # the batch being written (or retried) now
         # telemetry for the sample writer process: waiting for it, or being written by it
-        self._samples = SampleHandOver(self._write_samples, batch_size) if sample_writer is not None else None
+        self._samples = (SampleHandOver(self._write_samples, batch_size, batch_interval_s, queue_max_bytes)
+                         if sample_writer is not None else None)
+        self.taking = True  # `take_telemetry` hands telemetry over; cleared by `drain`
         self._executor: WriterThread | None = None  # the ingest's own writer thread, while run() runs
         self._sample_executor: WriterThread | None = None  # talks to the sample writer process, while run() runs
 
@@ -159,6 +162,17 @@ class Ingestor:
             oldest.append(self._samples.oldest())
         times = [t for t in oldest if t is not None]
         return max(0.0, time.monotonic() - min(times)) if times else 0.0
+
+    def queued_bytes(self) -> int:
+        """Payload bytes of the messages waiting to be written (queued, or waiting for the sample
+        writer process), not those of the batches being written."""
+        return self.queue.bytes + (self._samples.waiting_bytes if self._samples is not None else 0)
+
+    @property
+    def telemetry_room_waits(self) -> int:
+        """Times the telemetry connection's network thread found the sample writer process's
+        hand-over full and stopped reading from the broker (cloud/sample_handover.py)."""
+        return self._samples.room_waits if self._samples is not None else 0
 
     def pending(self) -> int:
         """Messages accepted and not yet written (queued, or in the batch being filled or written)."""
@@ -191,7 +205,6 @@ class Ingestor:
         the broker; what to queue, or None when it was dropped (over its node's budget) or rejected
         (invalid)."""
         now = time.monotonic()
-        size = len(message.payload)
         if not budgeted:
             with self._budget_lock:
                 if not self._within_budget(message, now):
@@ -210,6 +223,55 @@ class Ingestor:
                 self._reject_log.log(exc.reason, "rejected message: %s: %s", exc.reason, exc.detail[:300],
                                      extra={"topic": message.topic[:200]})
                 return None
+        return self._accounted(message, incoming, now)
+
+    def take_telemetry(self, message: Received) -> bool:
+        """On the telemetry connection's network thread (`AsyncMqtt(divert=...)`), after `accept`:
+        with a sample writer process, a telemetry message peeked at (cloud/telemetry_peek.py),
+        weighed against its node's GPU budget, accounted (clock skew, lag, last seen) and handed to
+        the child's hand-over here (cloud/sample_handover.py, waiting for room there:
+        back-pressure to the broker), without crossing the event loop. What `admit` does for it,
+        with the budgets and the clock estimate under ONE acquisition of their lock (this is the
+        controller's hottest path). True when it is dealt with (handed over, or nothing of it
+        left within budget); False for the loop to handle as before: not telemetry, not readable
+        by the peek (validated in full there and refused with its reason), or the ingest stopping."""
+        samples = self._samples
+        if samples is None or not self.taking:
+            return False
+        topic, payload = message.topic, message.payload
+        sender = self._sender(topic)
+        if sender is None or sender[1] != "telemetry":
+            return False
+        node = sender[0]
+        peeked = peek_telemetry(payload, node)
+        if peeked is None:
+            return False
+        now, received_at = time.monotonic(), time.time()
+        body, ts = peeked.body, peeked.ts
+        uuids = [s.uuid for s in body.samples]
+        with self._budget_lock:
+            known, verdict = self.budgets.admit_gpus(node, uuids, now)
+            if verdict.refused is not None:
+                body = msgspec.structs.replace(body, samples=[s for s in body.samples if s.uuid in known])
+                self._drop(node, verdict, len(uuids) - len(body.samples))
+            skew = self.clock.observe(node, ts, received_at, telemetry=True)
+        if not body.samples:
+            self._release_topic(topic)
+            return True
+        kept = tuple(s.uuid for s in body.samples) if verdict.refused is not None else None
+        self.lag_seconds[node] = received_at - ts + skew
+        self.last_seen[node] = received_at
+        incoming = Incoming(envelope_of(node, None, peeked.id, ts, Kind.TELEMETRY),
+                            body, received_at, skew)  # type: ignore[arg-type]
+        raw = RawTelemetry(topic, payload, received_at, skew, kept)
+        return samples.offer(Queued(incoming, len(payload), now, node, raw))
+
+    def _accounted(self, message: Received, incoming: Incoming, now: float) -> Queued | None:
+        """A valid (or, for the sample writer process, peeked) message weighed against its node's
+        GPU and seq budgets and accounted (clock skew, lag, last seen, online): what to queue, or
+        None when nothing of it is left within budget. On the loop; the clock estimate under the
+        budgets' lock, since `take_telemetry` moves it on the network thread."""
+        received_at = incoming.received_at
         within = self._within_gpu_budget(incoming, now)
         if within is None:
             self._release_topic(message.topic)
@@ -223,8 +285,9 @@ class Ingestor:
         to_child = self.sample_writer is not None and envelope.kind is Kind.TELEMETRY
         if not to_child:  # the sample writer process's telemetry is counted once it has validated it
             self.accepted[envelope.kind.value] += 1
-        skew = self.clock.observe(envelope.node, envelope.ts, received_at,
-                                  telemetry=envelope.kind is Kind.TELEMETRY)
+        with self._budget_lock:  # the network thread's telemetry and the loop's statuses
+            skew = self.clock.observe(envelope.node, envelope.ts, received_at,
+                                      telemetry=envelope.kind is Kind.TELEMETRY)
         if skew:
             incoming = dataclasses.replace(incoming, clock_skew=skew)
         self.lag_seconds[envelope.node] = received_at - envelope.ts + skew
@@ -235,7 +298,7 @@ class Ingestor:
         if to_child:
             kept = tuple(s.uuid for s in getattr(incoming.body, "samples", ())) if trimmed else None
             raw = RawTelemetry(message.topic, message.payload, received_at, skew, kept)
-        return Queued(incoming, size, now, envelope.node, raw)
+        return Queued(incoming, len(message.payload), now, envelope.node, raw)
 
     def _peeked(self, message: Received, received_at: float) -> Incoming | None:
         """A telemetry message as the controller needs it when the sample writer process
@@ -448,6 +511,7 @@ class Ingestor:
         """Wait up to `timeout_s` for what was accepted to be written; returns how many messages
         were still unwritten at the end (0: all written). Those are lost from the controller only:
         events are not acked, so their edges send them again."""
+        self.taking = False  # the network thread's telemetry goes the loop's way, which has stopped
         deadline = time.monotonic() + timeout_s
         while self.pending() and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
@@ -493,7 +557,7 @@ class Ingestor:
             "samples", len(samples), lambda: writer.write(raws), self._sample_executor)
         self.release(q.node for q in samples)
         if written is not None:
-            await self.bus.deliver(self._validated_by_child(samples, written))
+            await self.bus.deliver(self._validated_by_child(samples, written), kinds=_TELEMETRY_ONLY)
 
     def _validated_by_child(self, samples: list[Queued], written: SamplesWritten) -> list[Incoming]:
         """Count the telemetry the sample writer process wrote, and what it refused (it logged

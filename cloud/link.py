@@ -136,9 +136,12 @@ class EdgeLink:
     def telemetry_subscriptions(self) -> list[tuple[str, int]]:
         return [(self._shared(EDGE_ANY_KIND_WILDCARD), 0)]
 
-    def start(self, loop: asyncio.AbstractEventLoop, accept: Callable[[Received], bool] | None = None) -> None:
+    def start(self, loop: asyncio.AbstractEventLoop, accept: Callable[[Received], bool] | None = None,
+              take_telemetry: Callable[[Received], bool] | None = None) -> None:
         """Connect both. `accept` (the ingest's budget check) runs on the network threads: what it
-        refuses is dropped there; the caller then need not check again what `receive` returns."""
+        refuses is dropped there; the caller then need not check again what `receive` returns.
+        `take_telemetry` (the ingest's, with a sample writer process) runs on the telemetry
+        connection's network thread after it: what it takes never reaches `receive`."""
         s = self.settings
         address = parse_broker_url(s.mqtt, password_file=s.mqtt_password_file)
         tls = TlsOptions(s.mqtt_ca_file, s.mqtt_cert_file, s.mqtt_key_file, s.mqtt_tls_insecure)
@@ -161,7 +164,7 @@ class EdgeLink:
         )
         self.telemetry = AsyncMqtt(
             loop, address, f"{s.client_id}-telemetry", subscriptions=self.telemetry_subscriptions(),
-            accept=accept_telemetry, clean_session=True,
+            accept=accept_telemetry, divert=take_telemetry, clean_session=True,
             tls=tls, password_file=s.mqtt_password_file, max_received=s.mqtt_receive_queue,
             max_received_bytes=s.mqtt_receive_queue_bytes, on_ready=self._arrived.set,
         )

@@ -476,6 +476,7 @@ class AsyncMqtt:
     def __init__(self, loop: asyncio.AbstractEventLoop, address: BrokerAddress, client_id: str,
                  *, max_received: int = MAX_RECEIVED, max_received_bytes: int = MAX_RECEIVED_BYTES,
                  accept: Callable[[Received], bool] | None = None,
+                 divert: Callable[[Received], bool] | None = None,
                  on_ready: Callable[[], object] | None = None, **options: object) -> None:
         self._room = ReceiveRoom(max_received, max_received_bytes)
         self.messages: asyncio.Queue[Received] = ReceiveQueue(self._room)
@@ -484,6 +485,10 @@ class AsyncMqtt:
         self.not_accepted = 0  # messages `accept` refused on the network thread
         # Called on the network thread (thread-safe, cheap): False drops the message there.
         self._accept = accept
+        # Called on the network thread after `accept`: True when it took the message itself (it
+        # never reaches `messages`); it may wait, as `_offer` waits for room (back-pressure).
+        self._divert = divert
+        self.diverted = 0  # messages `divert` took
         self._on_ready = on_ready  # on the loop, after messages were put on `messages`
         self._loop = loop
         self._full_logged_at = -10.0
@@ -498,11 +503,15 @@ class AsyncMqtt:
         )
 
     def _offer(self, message: Received) -> None:
-        """On the network thread: drop what `accept` refuses; wait for room in `messages`, in short
-        slices so that `stop` is never held up (paho reads nothing more from the socket meanwhile);
-        hand the message to the loop, waking it only if no hand-over is pending already."""
+        """On the network thread: drop what `accept` refuses, leave what `divert` takes; wait for
+        room in `messages`, in short slices so that `stop` is never held up (paho reads nothing
+        more from the socket meanwhile); hand the message to the loop, waking it only if no
+        hand-over is pending already."""
         if self._accept is not None and not self._accept(message):
             self.not_accepted += 1
+            return
+        if self._divert is not None and self._divert(message):
+            self.diverted += 1
             return
         size = len(message.payload)
         if not self._room.take(size):

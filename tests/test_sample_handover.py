@@ -4,6 +4,8 @@ process writes, and goes to it whole, up to `batch_size`, the moment it is free.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import time
 from typing import Any, cast
 
 from cloud.ingest_queue import Queued
@@ -84,3 +86,98 @@ def test_room_waits_while_a_whole_batch_waits() -> None:
 
     blocked, full_room = asyncio.run(scenario())
     assert blocked and full_room
+
+
+def test_a_network_thread_offers_waits_for_room_and_fresh_messages_are_gathered_for_the_interval() -> None:
+    """`offer` from another thread (the telemetry connection's): what it hands over is written in
+    batches; while `batch_size` wait it blocks (paho reads no more: back-pressure); a message that
+    is fresh waits up to `batch_interval_s` for company, not a write of its own."""
+    written: list[list[float]] = []
+    interval = 0.3
+
+    async def scenario() -> tuple[list[bool], float, bool]:
+        go = asyncio.Event()
+
+        async def write(batch: list[Queued]) -> None:
+            written.append([q.at for q in batch])
+            await go.wait()
+            go.clear()
+
+        handover = SampleHandOver(write, batch_size=4, batch_interval_s=interval)
+        runner = asyncio.create_task(handover.run())
+        await asyncio.sleep(0)  # running: offers are taken
+        loop = asyncio.get_running_loop()
+        try:
+            started = time.monotonic()
+            first = await loop.run_in_executor(None, handover.offer, _queued(1, at=time.monotonic())[0])
+            while not written:
+                await asyncio.sleep(0.005)
+            gathered_for = time.monotonic() - started
+            # the child busy: four wait, the fifth offer blocks its thread until the child is free
+            results: list[bool] = [first]
+            for q in _queued(4, at=time.monotonic()):
+                results.append(await loop.run_in_executor(None, handover.offer, q))
+            fifth = loop.run_in_executor(None, handover.offer, _queued(1, at=time.monotonic())[0])
+            await asyncio.sleep(0.2)
+            blocked = not fifth.done()
+            go.set()  # the four go to the child: room for the fifth
+            results.append(await asyncio.wait_for(fifth, 5))
+            go.set()
+            while handover.pending():
+                go.set()
+                await asyncio.sleep(0.01)
+            return results, gathered_for, blocked
+        finally:
+            runner.cancel()
+            await asyncio.gather(runner, return_exceptions=True)
+
+    results, gathered_for, blocked = asyncio.run(scenario())
+    assert results == [True] * 6
+    assert gathered_for >= interval * 0.9  # one fresh message waited for the interval, not written at once
+    assert blocked
+    assert [len(batch) for batch in written] == [1, 4, 1]
+
+
+def test_offer_takes_nothing_once_the_hand_over_has_stopped() -> None:
+    async def scenario() -> tuple[bool, bool]:
+        async def write(batch: list[Queued]) -> None:
+            return None
+
+        handover = SampleHandOver(write, batch_size=1, batch_interval_s=0.0)
+        runner = asyncio.create_task(handover.run())
+        await asyncio.sleep(0)
+        loop = asyncio.get_running_loop()
+        taken = await loop.run_in_executor(None, handover.offer, _queued(1)[0])
+        runner.cancel()
+        await asyncio.gather(runner, return_exceptions=True)
+        return taken, await loop.run_in_executor(None, handover.offer, _queued(1)[0])
+
+    assert asyncio.run(scenario()) == (True, False)
+
+
+def test_a_byte_bound_holds_the_network_thread_and_ends_the_gathering_at_once() -> None:
+    """`max_bytes` (the ingest queue's byte bound): an offer that would pass it waits, and the
+    batch that waits goes to the child then, not at the end of a long gathering interval."""
+    written: list[int] = []
+
+    async def scenario() -> float:
+        async def write(batch: list[Queued]) -> None:
+            written.append(len(batch))
+
+        handover = SampleHandOver(write, batch_size=100, batch_interval_s=30.0, max_bytes=10)
+        runner = asyncio.create_task(handover.run())
+        await asyncio.sleep(0)
+        loop = asyncio.get_running_loop()
+        try:
+            started = time.monotonic()
+            for q in [dataclasses.replace(q, size=4) for q in _queued(3, at=time.monotonic())]:
+                assert await asyncio.wait_for(loop.run_in_executor(None, handover.offer, q), 10)
+            while sum(written) < 2:
+                await asyncio.sleep(0.01)
+            return time.monotonic() - started
+        finally:
+            runner.cancel()
+            await asyncio.gather(runner, return_exceptions=True)
+
+    took = asyncio.run(scenario())
+    assert took < 10.0 and written[0] == 2  # 4 + 4 fit in 10 bytes, the third waited for them

@@ -25,6 +25,7 @@ from typing import Any
 import pytest
 
 from bench.common import children
+from cloud.budget import BudgetLimits
 from cloud.ingest import Ingestor
 from cloud.sample_writer import RawTelemetry, SampleWriterProcess, WriterProcessEnded, WriterSettings, decode_batch
 from cloud.store import FleetStore, FleetStoreError
@@ -338,3 +339,54 @@ def test_a_real_controller_writes_through_its_child_and_replaces_it_when_killed(
 
 def _live_children(pid: int) -> list[int]:
     return [child for child in children(pid) if _alive(child)]
+
+
+def test_telemetry_taken_on_a_network_thread_goes_to_the_child_without_the_loops_queue(
+    writer: Callable[..., SampleWriterProcess], open_store: Callable[..., FleetStore],  # noqa: F811
+) -> None:
+    """`Ingestor.take_telemetry`, as the telemetry connection's network thread calls it: telemetry
+    peeked at, weighed against the GPU budget and handed to the child there; what it cannot read,
+    and anything but telemetry, is left to the loop (False); nothing once the ingest drains."""
+    store = open_store()
+    process = writer()
+    now = time.time()
+    delivered: list[float] = []
+
+    def message(ts: float, indexes: tuple[int, ...]) -> Received:
+        item = raw(NODE, ts, indexes)
+        return Received(item.topic, item.payload, False)
+
+    async def scenario() -> tuple[list[bool], bool, int, dict[str, int], dict[str, int]]:
+        ingestor = Ingestor(store, lambda *_a, **_k: None, batch_interval_s=0.05, sample_writer=process,
+                            budget=BudgetLimits(gpus=2))
+
+        async def listen(batch: list[Any]) -> None:
+            delivered.extend(item.envelope.ts for item in batch)
+
+        ingestor.bus.subscribe(listen, kinds=[Kind.TELEMETRY])
+        runner = asyncio.create_task(ingestor.run())
+        loop = asyncio.get_running_loop()
+        try:
+            await asyncio.sleep(0.05)  # the hand-over runs
+            status = StatusBody(state="online", version="0.1.0", gpus=[gpu(0)], outbox_epoch="e1")
+            offered = [message(now, (0, 1, 2)), message(now + 1, (0, 1)),
+                       Received(edge_topic(NODE, "status"), envelope_json(NODE, Kind.STATUS, status, ts=now), False),
+                       Received(edge_topic(NODE, "telemetry"), b"not json", False)]
+            taken = [await loop.run_in_executor(None, ingestor.take_telemetry, m) for m in offered]
+            deadline = time.monotonic() + 20
+            while ingestor.pending() and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+            queued_on_the_loop = ingestor.queue.qsize()
+            assert await ingestor.drain(10.0) == 0
+            after = await loop.run_in_executor(None, ingestor.take_telemetry, message(now + 2, (0,)))
+            return taken, after, queued_on_the_loop, dict(ingestor.dropped), dict(ingestor.accepted)
+        finally:
+            runner.cancel()
+            await asyncio.gather(runner, return_exceptions=True)
+
+    taken, after, queued_on_the_loop, dropped, accepted = asyncio.run(scenario())
+    assert taken == [True, True, False, False]
+    assert not after and queued_on_the_loop == 0
+    assert dropped.get("gpus") == 1 and accepted == {"telemetry": 2}  # GPU-2, over the budget of two
+    assert {u: r["sample_ts"] for u, r in gpu_rows(store).items()} == {"GPU-0": now + 1, "GPU-1": now + 1}
+    assert delivered == [now, now + 1]

@@ -82,7 +82,7 @@ class ControllerCollector(_Described):
         yield GaugeMetricFamily("kgpu_ingest_queue_depth", "Messages waiting to be written (queued, or in the batch "
                                 "being filled or written).", value=ingest.pending())
         yield GaugeMetricFamily("kgpu_ingest_queue_bytes", "Payload bytes of the messages waiting to be written.",
-                                value=ingest.queue.bytes)
+                                value=ingest.queued_bytes())
         yield GaugeMetricFamily("kgpu_ingest_backlog_age_seconds", "Age of the oldest message waiting to be "
                                 "written (0 when none).", value=ingest.backlog_age_s())
         yield GaugeMetricFamily("kgpu_ingest_last_batch_seconds", "Time to write the last batch.",
@@ -112,6 +112,8 @@ class ControllerCollector(_Described):
                                    "and it stopped reading from the broker (back-pressure), by connection.",
                                    labels=["connection"])
         for name, (waiting, was_full) in sorted(self.receive_queues().items()):
+            if name == "telemetry":  # its telemetry waits for the sample writer process there, too
+                was_full += self.ingestor.telemetry_room_waits
             depth.add_metric([name], waiting)
             full.add_metric([name], was_full)
         yield depth
