@@ -22,8 +22,9 @@ from cloud.store.schema import (
     gpus_table,
     metadata,
     nodes_table,
+    sample_messages_table,
+    sample_point_table,
     sample_rollups_table,
-    samples_table,
 )
 from cloud.store.tiers import HistoryTiers, Tier
 
@@ -55,7 +56,8 @@ __all__ = [
     "gpus_table",
     "metadata",
     "nodes_table",
+    "sample_messages_table",
+    "sample_point_table",
     "sample_rollups_table",
-    "samples_table",
     "Tier",
 ]
