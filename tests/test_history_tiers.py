@@ -93,7 +93,7 @@ def test_every_sample_is_kept_raw_and_a_message_delivered_twice_once(store: Flee
     assert [(r["uuid"], r["ts"] - T0) for r in answer.rows] == [("GPU-0", 0), ("GPU-1", 0), ("GPU-0", 10)]
     assert [r["sm_clock_mhz"] for r in answer.rows] == [1000, None, 1001]  # clocks kept at every sample
     assert answer.resolution_s == 10.0  # the spacing the edges sample at (the cloud is not told it)
-    assert raw_count(store) == 3
+    assert raw_count(store) == 3 and raw_rows(store) == 2  # a row per message
 
 
 def test_roll_up_means_late_samples_and_retention_per_tier(store: FleetStore) -> None:
