@@ -84,7 +84,7 @@ class RawHistoryWriter(StoreBase):
                 messages.sort(key=_first_ts)  # per GPU in time order, as the spacing wants
             for message in messages:
                 points: list[Point] = []
-                start = message[0][0]
+                start = 0.0  # the row's ts: its first sample's
                 for ts, sample in message:
                     uuid = sample.uuid
                     previous = seen.get(uuid)
@@ -93,7 +93,7 @@ class RawHistoryWriter(StoreBase):
                     seen[uuid] = ts
                     if not points:
                         start = ts
-                    elif ts - start > RAW_ROW_SPAN_S:  # a message spread wider than a row may be
+                    elif ts - start > RAW_ROW_SPAN_S:  # spread wider than a row may be: the rest in another
                         rows.append((name, start, encode(points).decode()))
                         points, start = [], ts
                     points.append((uuid, ts, *figures_of(sample)))
