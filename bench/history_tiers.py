@@ -8,11 +8,12 @@ warm-up round that creates the node rows. Measured:
 - ingest CPU per round (this process, plus the PostgreSQL server's backends with `--db postgresql`),
   with every sample kept raw, and again with `history_resolution` 60 s (one row per GPU per minute,
   the history before the tiers, which reads each batch's nodes' newest rows first);
-- the retention pass (`maintain_history`): rolling the raw rows up into the 1-minute and 10-minute
-  tiers, CPU and wall time per raw row;
-- bytes on disk per row of each tier (SQLite's dbstat, PostgreSQL's pg_total_relation_size after
-  VACUUM FULL: table and indexes), and from them the steady state per node: rows each tier holds with the default
-  retentions (raw 1 h, 1-minute means 1 day, 10-minute means 30 days) times bytes per row.
+- the retention pass (`maintain_history`): rolling the raw samples up into the 1-minute and 10-minute
+  tiers, CPU and wall time per raw sample;
+- bytes on disk per sample of the raw tier (one row per message: `sample_messages`) and per row of
+  each roll-up tier (SQLite's dbstat, PostgreSQL's pg_total_relation_size after VACUUM FULL: table and
+  indexes), and from them the steady state per node: samples or rows each tier holds with the default
+  retentions (raw 1 h, 1-minute means 1 day, 10-minute means 30 days) times bytes per sample or row.
 
     python -m bench.history_tiers [--nodes 8000] [--gpus 8] [--interval 10] [--rounds 6] [--db sqlite|postgresql]
 """
@@ -36,7 +37,7 @@ from shared.gpu import GpuSample
 from shared.protocol import Kind, TelemetryBody, make_envelope
 
 BATCH = 500  # the controller's default batch_size
-TABLES = {"raw": "samples", "rollups": "sample_rollups"}
+RAW_TABLE = "sample_messages"  # one row per telemetry message, its samples as JSON
 
 
 @dataclass
@@ -49,11 +50,11 @@ class HistoryRun:
     ingest_cpu_s: float  # per round, every sample kept
     ingest_wall_s: float
     ingest_cpu_60s_s: float  # per round, history_resolution 60 s (before tiers)
-    rollup_rows: int
+    rollup_rows: int  # raw samples rolled up
     rollup_cpu_s: float
     rollup_wall_s: float
-    bytes_per_row: dict[str, float] = field(default_factory=dict)  # raw, 60s, 600s
-    steady_rows: dict[str, float] = field(default_factory=dict)  # per node
+    bytes_per_row: dict[str, float] = field(default_factory=dict)  # raw (per sample), 60s, 600s
+    steady_rows: dict[str, float] = field(default_factory=dict)  # per node (raw: samples)
 
     @property
     def steady_bytes(self) -> dict[str, float]:
@@ -83,24 +84,25 @@ def _ingest_round(store: FleetStore, batch: list[Incoming], cpu: Callable[[], fl
 
 
 def _bytes_per_row(store: FleetStore, db: str) -> dict[str, float]:
-    """Bytes on disk (table and its indexes) per row: raw, and each roll-up tier's share."""
+    """Bytes on disk (table and its indexes) per raw sample and per row of each roll-up tier."""
     out: dict[str, float] = {}
     if db == "postgresql":  # the roll-up's upserts leave dead row versions until (auto)vacuum
         with store.engine.execution_options(isolation_level="AUTOCOMMIT").connect() as conn:
-            conn.execute(sa.text("VACUUM FULL samples"))
+            conn.execute(sa.text(f"VACUUM FULL {RAW_TABLE}"))
             conn.execute(sa.text("VACUUM FULL sample_rollups"))
     with store.reading("bench sizes") as conn:
         if db == "sqlite":
             sizes: dict[str, int] = {str(name): int(size) for name, size in conn.execute(
                 sa.text("SELECT name, SUM(pgsize) FROM dbstat GROUP BY name"))}
-            raw_bytes = sum(v for k, v in sizes.items() if k == "samples" or k.startswith("ix_samples"))
+            raw_bytes = sum(v for k, v in sizes.items() if k == RAW_TABLE or k.startswith(f"ix_{RAW_TABLE}"))
             rollup_bytes = sum(v for k, v in sizes.items() if "sample_rollups" in k)
         else:
-            raw_bytes = conn.execute(sa.text("SELECT pg_total_relation_size('samples')")).scalar_one()
+            raw_bytes = conn.execute(sa.text(f"SELECT pg_total_relation_size('{RAW_TABLE}')")).scalar_one()
             rollup_bytes = conn.execute(sa.text("SELECT pg_total_relation_size('sample_rollups')")).scalar_one()
-        raw_rows = conn.execute(sa.text("SELECT count(*) FROM samples")).scalar_one()
+        length = "json_array_length(figures::json)" if db == "postgresql" else "json_array_length(figures)"
+        raw_samples = conn.execute(sa.text(f"SELECT coalesce(sum({length}), 0) FROM {RAW_TABLE}")).scalar_one()
         rollup_rows = conn.execute(sa.text("SELECT count(*) FROM sample_rollups")).scalar_one()
-    out["raw"] = raw_bytes / max(1, raw_rows)
+    out["raw"] = raw_bytes / max(1, raw_samples)
     per_rollup = rollup_bytes / max(1, rollup_rows)  # the same row shape in every roll-up tier
     for tier in HistoryTiers().tiers[1:]:
         out[tier.name] = per_rollup
@@ -164,8 +166,8 @@ def describe(r: HistoryRun) -> str:
         f"of a core), {r.ingest_wall_s:.2f} s wall; {r.ingest_cpu_s / r.nodes * 1e3:.3f} ms per node per round",
         f"  ingest, one per minute      {r.ingest_cpu_60s_s:.2f} s CPU per round (history_resolution 60 s, "
         f"before the tiers): x{r.ingest_cpu_s / r.ingest_cpu_60s_s:.2f}",
-        f"  roll-up pass                {r.rollup_rows:,} raw rows in {r.rollup_cpu_s:.2f} s CPU, "
-        f"{r.rollup_wall_s:.2f} s wall ({roll_per_row * 1e6:.1f} us per raw row: "
+        f"  roll-up pass                {r.rollup_rows:,} raw samples in {r.rollup_cpu_s:.2f} s CPU, "
+        f"{r.rollup_wall_s:.2f} s wall ({roll_per_row * 1e6:.1f} us per raw sample: "
         f"{roll_per_row * samples / r.interval_s:.1%} of a core for the fleet)",
         "  steady state per node (default retentions):",
     ]
@@ -173,8 +175,9 @@ def describe(r: HistoryRun) -> str:
     for name, rows in r.steady_rows.items():
         size = r.steady_bytes[name]
         total_rows, total_bytes = total_rows + rows, total_bytes + size
-        lines.append(f"    {name:>5}: {rows:>8,.0f} rows x {r.bytes_per_row[name]:5.1f} B = {size / 2**20:6.2f} MiB")
-    lines.append(f"    total: {total_rows:>8,.0f} rows, {total_bytes / 2**20:.2f} MiB per node, "
+        what = "samples" if name == "raw" else "rows"
+        lines.append(f"    {name:>5}: {rows:>8,.0f} {what:<7} x {r.bytes_per_row[name]:5.1f} B = {size / 2**20:6.2f} MiB")
+    lines.append(f"    total: {total_rows:>8,.0f} samples and rows, {total_bytes / 2**20:.2f} MiB per node, "
                  f"{total_bytes * r.nodes / 2**30:,.1f} GiB for {r.nodes} nodes; "
                  f"ingest {r.ingest_cpu_s / r.nodes * per_hour * 1e3:.0f} ms CPU per node per hour")
     return "\n".join(lines)
@@ -185,11 +188,11 @@ def table_rows(r: HistoryRun, command: str) -> list[Row]:
     per_node = sum(r.steady_bytes.values())
     return [
         Row(label, "disk per node, steady state", per_node / 2**20, "MiB",
-            f"{sum(r.steady_rows.values()):,.0f} rows", command),
+            f"{sum(r.steady_rows.values()):,.0f} samples and rows", command),
         Row(label, "ingest CPU per round", r.ingest_cpu_s, "s", f"x{r.ingest_cpu_s / r.ingest_cpu_60s_s:.2f} of "
             "one row a minute", command),
-        Row(label, "roll-up CPU per raw row", r.rollup_cpu_s / max(1, r.rollup_rows) * 1e6, "us",
-            f"{r.rollup_rows:,} rows", command),
+        Row(label, "roll-up CPU per raw sample", r.rollup_cpu_s / max(1, r.rollup_rows) * 1e6, "us",
+            f"{r.rollup_rows:,} samples", command),
     ]
 
 

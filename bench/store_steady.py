@@ -1,14 +1,15 @@
 """The fleet store's cost per telemetry message in a steady fleet (issue 17), with the history an
-hour-old fleet has, for each order of the raw history's unique index.
+hour-old fleet has.
 
 `nodes` simulated nodes (the fleet simulator's payloads, 8 GPUs each) send one telemetry message a
 second in turn; `history` seconds of samples of every GPU are stored first (as the ingest stores
-them), then every message goes through the controller's real `Ingestor.admit` and
-`FleetStore.ingest` (SQLite), `batch` messages a transaction. One process, one thread: CPU and
-wall time per message of the admission (validation, budgets) and of the store's write, and the
-size the WAL grew to (what a batch dirtied). Run twice in one go: with the index as alembic 0012
-orders it, (node, ts, uuid), and, as its peer, with the order before it, (node, uuid, ts); and
-with `--latest-every` as the controller's `latest_sample_every` (0: every latest sample written).
+them: one `sample_messages` row per node and second, its GPUs' samples as JSON), then every message
+goes through the controller's real `Ingestor.admit` and `FleetStore.ingest` (SQLite), `batch`
+messages a transaction. One process, one thread: CPU and wall time per message of the admission
+(validation, budgets) and of the store's write, and the size the WAL grew to (what a batch
+dirtied); `--latest-every` is the controller's `latest_sample_every` (0: every latest sample
+written). Before schema revision 0013 (one raw row per GPU sample) it also compared the orders of
+that table's unique index (docs/benchmarks.md keeps the figures); one row a message has one order.
 
     python -m bench.store_steady [--nodes 2500] [--batch 250] [--messages 12500] [--history 600]
                                  [--latest-every 2]
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import os
 import random
 import sqlite3
@@ -29,18 +31,19 @@ from pathlib import Path
 from bench.common import machine
 from cloud.ingest import Ingestor
 from cloud.store import FleetStore
+from cloud.store.schema import RAW_FIGURES
 from kgpu.lab.fleetsim.node import SimNode, envelope_json, telemetry_body
 from shared.mqtt import Received
 from shared.protocol import Kind
 
-ORDERS = {"node, ts, uuid (now)": ("node", "ts", "uuid"), "node, uuid, ts (before)": ("node", "uuid", "ts")}
-HISTORY_COLUMNS = ("node, uuid, ts, temperature_c, power_w, power_limit_w, utilization_pct, memory_used_bytes, "
-                   "memory_util_pct, sm_clock_mhz, memory_clock_mhz")
+# a stored sample's figures after uuid and ts, in the order of RAW_FIGURES
+HISTORY_FIGURES = {"temperature_c": 50.0, "power_w": 250.0, "power_limit_w": 700.0, "utilization_pct": 30.0,
+                   "memory_used_bytes": 1 << 34, "memory_util_pct": 20.0, "sm_clock_mhz": 1980, "memory_clock_mhz": 2619}
+assert tuple(HISTORY_FIGURES) == RAW_FIGURES[2:]
 
 
 @dataclass
 class Figures:
-    order: str
     admit_us: float
     store_us: float
     cpu_us: float
@@ -61,8 +64,7 @@ def messages(nodes: int, count: int, start: float) -> tuple[list[SimNode], list[
     return fleet, out[:count]
 
 
-def run(order: tuple[str, ...], label: str, nodes: int, batch: int, count: int, history: int,
-        latest_every: float) -> Figures:
+def run(nodes: int, batch: int, count: int, history: int, latest_every: float) -> Figures:
     start = time.time() - count // nodes - 2
     fleet, flow = messages(nodes, count + nodes, start)
     with tempfile.TemporaryDirectory() as tmp:
@@ -72,13 +74,12 @@ def run(order: tuple[str, ...], label: str, nodes: int, batch: int, count: int, 
         first = [q.incoming for q in (ingestor.admit(m) for m in flow[:nodes]) if q is not None]
         store.ingest(first)  # the nodes and their GPUs
         db = sqlite3.connect(path)
-        db.execute("DROP INDEX ix_samples_node_ts_uuid")
-        db.execute(f"CREATE UNIQUE INDEX ix_samples_node_ts_uuid ON samples ({', '.join(order)})")
-        gpus = [(node.name, uuid) for node in fleet for uuid in node.uuids]
-        for second in range(history):  # an hour-old fleet's raw tier, one sample a second per GPU
+        figures = tuple(HISTORY_FIGURES.values())
+        for second in range(history):  # an hour-old fleet's raw tier, one message a second per node
             ts = start - history + second
-            db.executemany(f"INSERT INTO samples ({HISTORY_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-                           [(n, u, ts, 50.0, 250.0, 700.0, 30.0, 1 << 34, 20.0, 1980, 2619) for n, u in gpus])
+            db.executemany("INSERT INTO sample_messages (node, ts, figures) VALUES (?, ?, ?)",
+                           [(node.name, ts, json.dumps([[uuid, ts, *figures] for uuid in node.uuids]))
+                            for node in fleet])
         db.commit()
         db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         db.close()
@@ -98,7 +99,7 @@ def run(order: tuple[str, ...], label: str, nodes: int, batch: int, count: int, 
         wal = os.path.getsize(f"{path}-wal") / 2**20
         store.close()
     n = len(flow) - nodes
-    return Figures(label, admit / n * 1e6, write / n * 1e6, cpu / n * 1e6, wal)
+    return Figures(admit / n * 1e6, write / n * 1e6, cpu / n * 1e6, wal)
 
 
 def main() -> None:
@@ -112,13 +113,9 @@ def main() -> None:
     print(f"machine: {machine()}")
     print(f"steady fleet store, {args.nodes} nodes x 8 GPUs, 1 message a second each, {args.history} s of history, "
           f"{args.batch} messages a transaction, latest_sample_every {args.latest_every:g} s")
-    results = [run(order, label, args.nodes, args.batch, args.messages, args.history, args.latest_every)
-               for label, order in ORDERS.items()]
-    for f in results:
-        print(f"  index ({f.order:24s}) admit {f.admit_us:6.1f} µs/msg  store {f.store_us:6.1f} µs/msg  "
-              f"CPU {f.cpu_us:6.1f} µs/msg  WAL {f.wal_mib:5.1f} MiB")
-    now, before = results
-    print(f"  store time, now / before: {now.store_us / before.store_us:.2f}")
+    f = run(args.nodes, args.batch, args.messages, args.history, args.latest_every)
+    print(f"  admit {f.admit_us:6.1f} µs/msg  store {f.store_us:6.1f} µs/msg  CPU {f.cpu_us:6.1f} µs/msg  "
+          f"WAL {f.wal_mib:5.1f} MiB")
 
 
 if __name__ == "__main__":

@@ -110,9 +110,11 @@ class CloudSettings(KgpuSettings):
     # -- the sample history, in tiers (cloud/store/history.py): raw, then means of coarser buckets --
     history_resolution: Seconds = Field(
         0.0, ge=0.0, description="Raw history: at most one stored sample per GPU per this long "
-        "(0: every sample, at the edges' sampling interval)")
+        "(0: every sample, at the edges' sampling interval); a sample closer than that to its GPU's last "
+        "one is left out of its message's row")
     history_raw_retention: Seconds = Field(
-        3600.0, ge=60.0, description="Every sample is kept this long (the raw tier of the history)")
+        3600.0, ge=60.0, description="Every sample is kept this long (the raw tier of the history: one row "
+        "per telemetry message, its GPUs' samples together, aged by the message's earliest sample)")
     history_tiers: str = Field(
         "1m:1d,10m:30d", description="The history's coarser tiers, RESOLUTION:RETENTION,... finest first: "
         "per GPU, the mean of every RESOLUTION bucket kept RETENTION (units s, m, h, d); empty: none")

@@ -157,7 +157,7 @@ def test_migrations_create_the_schema_and_a_second_open_is_a_no_op(
     first = open_store()
     assert "fleet store schema migrated" in caplog.text
     tables = set(sa.inspect(first.engine).get_table_names())
-    assert {"nodes", "gpus", "samples", "events", "decisions", "alembic_version"} <= tables
+    assert {"nodes", "gpus", "sample_messages", "events", "decisions", "alembic_version"} <= tables
     with first.engine.connect() as conn:
         assert conn.execute(sa.text("SELECT version_num FROM alembic_version")).all() == [(HEAD_REVISION,)]
         # The hand-written migration and the tables the store queries are the same schema.

@@ -6,6 +6,7 @@ describes it."""
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -19,7 +20,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from cloud.app import build
 from cloud.config import CloudSettings
 from cloud.http.api import openapi_spec
-from cloud.store import FleetStore, HistoryTiers, Incoming, sample_rollups_table, samples_table
+from cloud.store import FleetStore, HistoryTiers, Incoming, sample_messages_table, sample_rollups_table
 from shared.gpu import GpuSample
 from shared.protocol import Kind, TelemetryBody, make_envelope
 from tests.helpers.postgres import create_database, drop_database, pg_url  # noqa: F401  (pg_url: fixture)
@@ -70,8 +71,14 @@ def rollups(store: FleetStore, resolution: int, uuid: str = "GPU-0") -> dict[flo
 
 
 def raw_count(store: FleetStore) -> int:
+    """Samples in the raw tier (each row holds a message's)."""
     with store.reading("test") as conn:
-        return int(conn.execute(sa.select(sa.func.count()).select_from(samples_table)).scalar_one())
+        return sum(len(json.loads(f)) for f in conn.execute(sa.select(sample_messages_table.c.figures)).scalars())
+
+
+def raw_rows(store: FleetStore) -> int:
+    with store.reading("test") as conn:
+        return int(conn.execute(sa.select(sa.func.count()).select_from(sample_messages_table)).scalar_one())
 
 
 # ---- the store ------------------------------------------------------------------------------
@@ -86,7 +93,7 @@ def test_every_sample_is_kept_raw_and_a_message_delivered_twice_once(store: Flee
     assert [(r["uuid"], r["ts"] - T0) for r in answer.rows] == [("GPU-0", 0), ("GPU-1", 0), ("GPU-0", 10)]
     assert [r["sm_clock_mhz"] for r in answer.rows] == [1000, None, 1001]  # clocks kept at every sample
     assert answer.resolution_s == 10.0  # the spacing the edges sample at (the cloud is not told it)
-    assert raw_count(store) == 3
+    assert raw_count(store) == 3 and raw_rows(store) == 2  # a row per message
 
 
 def test_roll_up_means_late_samples_and_retention_per_tier(store: FleetStore) -> None:
@@ -228,7 +235,7 @@ def test_the_tiers_are_settings(tmp_path: Path) -> None:
             CloudSettings(history_tiers=bad)
     assert CloudSettings(history_tiers="").history_tier_spec[1] == ()
     with FleetStore(f"sqlite:///{tmp_path / 'fleet.db'}", history_tiers=HistoryTiers(600.0, ())) as raw_only:
-        raw_only.ingest([telemetry([sample(0, T0 + 10 * k) for k in range(3)])])
+        raw_only.ingest([telemetry([sample(0, T0 + 10 * k)]) for k in range(3)])  # a message a cycle
         assert raw_only.maintain_history(now=T0 + 615).raw_deleted == 2  # no tier to roll into: by age only
 
 

@@ -33,7 +33,7 @@ from cloud.store.schema import (
     gpus_table,
     migrations_table,
     nodes_table,
-    samples_table,
+    sample_point_table,
 )
 from shared import __version__
 from shared.http import (
@@ -78,7 +78,7 @@ def openapi_spec() -> OpenApi:
     """cloud/openapi.yaml completed from the rows, models and enums the API really returns and
     takes (the names its `x-kgpu-*` markers use): the store's tables and the parts' models."""
     return load(OPENAPI_FILE,
-                tables={"nodes": nodes_table, "gpus": gpus_table, "samples": samples_table, "events": events_table,
+                tables={"nodes": nodes_table, "gpus": gpus_table, "samples": sample_point_table, "events": events_table,
                         "decisions": decisions_table, "edge_commands": edge_commands_table,
                         "migrations": migrations_table},
                 models={"NodeLabels": NodeLabels, "PowerPolicy": PowerPolicy, "RolloutRequest": RolloutRequest,

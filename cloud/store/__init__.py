@@ -2,7 +2,8 @@
 and the tables of the controller's parts.
 
 The package is split by role: `schema` (every table, on one metadata), `base` (engine, write lock,
-error translation, Alembic), `ingest` (the exactly-once ingest core), `queries` (reads), and
+error translation, Alembic), `ingest` (the exactly-once ingest core), `raw_history` (the sample
+history's raw tier: one row per telemetry message), `history` (its tiers), `queries` (reads), and
 `alembic/` (the schema's revisions). `FleetStore` puts them together; parts receive it from the
 composition root (cloud/app.py) and use its methods, never its engine.
 """
@@ -22,8 +23,9 @@ from cloud.store.schema import (
     gpus_table,
     metadata,
     nodes_table,
+    sample_messages_table,
+    sample_point_table,
     sample_rollups_table,
-    samples_table,
 )
 from cloud.store.tiers import HistoryTiers, Tier
 
@@ -55,7 +57,8 @@ __all__ = [
     "gpus_table",
     "metadata",
     "nodes_table",
+    "sample_messages_table",
+    "sample_point_table",
     "sample_rollups_table",
-    "samples_table",
     "Tier",
 ]

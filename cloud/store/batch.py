@@ -64,27 +64,16 @@ class NodeWork:
     # acked_seq before a status's outbox_acked raised it in this batch (IngestResult.restored)
     floor_from: int | None = None
     gpu_summaries: list[GpuSummary] | None = None  # from the newest status applied
-    # (ts on our clock, the sample as it arrived): copied with that ts only where it is stored whole
-    samples: list[tuple[float, SampleFigures]] = field(default_factory=list)
+    # one list per telemetry message (the raw history stores a message as one row): (ts on our
+    # clock, the sample as it arrived), copied with that ts only where it is stored whole
+    messages: list[list[tuple[float, SampleFigures]]] = field(default_factory=list)
     # (epoch in effect when the event arrived, the event); the epoch decides stale or not
     events: list[tuple[str | None, Incoming]] = field(default_factory=list)
     sent_events: bool = False
-    _samples_sorted: bool = False  # samples_by_ts() sorted them; nothing is added after
 
     @property
     def name(self) -> str:
         return str(self.row["name"])
-
-    def samples_by_ts(self) -> list[tuple[float, SampleFigures]]:
-        """`samples` oldest first (sorted once, in place: both the GPU rows and the history read it)."""
-        if not self._samples_sorted:
-            self.samples.sort(key=_by_ts)
-            self._samples_sorted = True
-        return self.samples
-
-
-def _by_ts(sample: tuple[float, SampleFigures]) -> float:
-    return sample[0]
 
 
 def chunks(rows: Sequence[Any], size: int = CHUNK_ROWS) -> Iterator[Sequence[Any]]:

@@ -21,6 +21,7 @@ the node's acked_seq raises it (the fleet database went back: delivery resumes a
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
@@ -29,7 +30,6 @@ import msgspec
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from cloud.store.base import StoreBase
 from cloud.store.batch import Incoming, IngestResult, NodeWork, chunks
 from cloud.store.epochs import (
     UNKNOWN_EPOCH,
@@ -41,7 +41,8 @@ from cloud.store.epochs import (
     switch_epoch,
 )
 from cloud.store.latest import GpuKey, LatestSample, LatestSamples
-from cloud.store.schema import decisions_table, events_table, gpus_table, nodes_table, samples_table
+from cloud.store.raw_history import RawHistoryWriter
+from cloud.store.schema import decisions_table, events_table, gpus_table, nodes_table
 from shared.gpu import GpuSample
 from shared.logs import get_logger
 from shared.protocol import (
@@ -66,8 +67,9 @@ INGESTED_KINDS = frozenset({Kind.STATUS, Kind.TELEMETRY}) | EVENT_KINDS
 TELEMETRY_BODIES = (TelemetryBodyStruct, TelemetryBody)
 
 
-class IngestCore(StoreBase):
-    """Writes what the edges send: node rows, GPUs, the sample history, events and decisions."""
+class IngestCore(RawHistoryWriter):
+    """Writes what the edges send: node rows, GPUs, the sample history (cloud/store/raw_history.py),
+    events and decisions."""
 
     def __init__(self, *args: Any, latest_sample_every: float = 0.0, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -156,7 +158,8 @@ class IngestCore(StoreBase):
         elif env.kind == Kind.TELEMETRY:
             assert isinstance(item.body, TELEMETRY_BODIES)
             skew = item.clock_skew  # onto our clock: see Incoming.clock_skew (the copy only where stored whole)
-            w.samples += [(s.ts - skew, s) for s in item.body.samples]
+            if item.body.samples:
+                w.messages.append([(s.ts - skew, s) for s in item.body.samples])
         else:
             w.sent_events = True
             w.events.append((row["outbox_epoch"], item))
@@ -301,13 +304,19 @@ class IngestCore(StoreBase):
                 )  # sample and sample_ts are left out: NULL until telemetry sets them
             name = w.name
             latest: dict[str, tuple[float, SampleFigures]] = {}
-            power_limit: dict[str, float] = {}
-            for ts, sample in w.samples_by_ts():  # the newest of the batch wins
-                latest[sample.uuid] = (ts, sample)
-                if sample.power_limit_w is not None:
-                    power_limit[sample.uuid] = sample.power_limit_w
+            power_limit: dict[str, tuple[float, float]] = {}  # uuid -> (ts, the newest limit sent)
+            for message in w.messages:  # the newest of the batch wins; of equal ts, the later one
+                for ts, sample in message:
+                    uuid = sample.uuid
+                    known = latest.get(uuid)
+                    if known is None or ts >= known[0]:
+                        latest[uuid] = (ts, sample)
+                    enforced = sample.power_limit_w
+                    if enforced is not None and ts >= power_limit.get(uuid, _NEVER)[0]:
+                        power_limit[uuid] = (ts, enforced)
             for uuid, (ts, sample) in latest.items():
-                newest[(name, uuid)] = LatestSample(ts, sample, power_limit.get(uuid), now)
+                limit_at = power_limit.get(uuid)
+                newest[(name, uuid)] = LatestSample(ts, sample, limit_at[1] if limit_at else None, now)
         with_status = [w.name for w in work.values() if w.gpu_summaries]
         for chunk in chunks(with_status):
             gone = [
@@ -365,44 +374,6 @@ class IngestCore(StoreBase):
             )
 
         self.execute_many(conn, "gpu_samples", upsert, _GPU_SAMPLE_COLUMNS, rows)
-
-    def _store_samples(self, conn: Connection, work: dict[str, NodeWork]) -> None:
-        """Every sample into the raw tier of the history (a sample stored already, delivered twice,
-        is left alone by the unique index: no read). With a `history_resolution_s`, at most one
-        per GPU per that long, which costs one read of the batch's nodes' newest rows."""
-        with_samples = [w for w in work.values() if w.samples]
-        if not with_samples:
-            return
-        s = samples_table
-        last: dict[tuple[str, str], float] = {}
-        spacing = self.history_resolution_s
-        if spacing > 0:
-            for chunk in chunks(with_samples):
-                # a stored sample further than `spacing` before the oldest one here decides nothing:
-                # the bound keeps the read to the newest entries of each node (index node, ts, uuid)
-                since = min(w.samples_by_ts()[0][0] for w in chunk) - spacing
-                query = (
-                    sa.select(s.c.node, s.c.uuid, sa.func.max(s.c.ts))
-                    .where(s.c.node.in_([w.name for w in chunk]), s.c.ts >= since)
-                    .group_by(s.c.node, s.c.uuid)
-                )
-                for node, uuid, ts in conn.execute(query):
-                    last[(node, uuid)] = float(ts)
-        rows: list[tuple[Any, ...]] = []
-        for w in with_samples:
-            name = w.name
-            for ts, sample in w.samples_by_ts():
-                key = (name, sample.uuid)
-                previous = last.get(key)
-                if previous is not None and (ts == previous or ts - previous < spacing):
-                    continue  # the same sample twice in the batch, or closer than the spacing
-                last[key] = ts
-                rows.append((name, sample.uuid, ts, sample.temperature_c, sample.power_w,
-                             sample.power_limit_w, sample.utilization_pct, sample.memory_used_bytes,
-                             sample.memory_util_pct, sample.sm_clock_mhz, sample.memory_clock_mhz))
-        self.execute_many(conn, "samples",
-                          lambda: self.insert(s).on_conflict_do_nothing(index_elements=["node", "ts", "uuid"]),
-                          _SAMPLE_COLUMNS, rows)
 
     def _write_nodes(self, conn: Connection, work: dict[str, NodeWork]) -> None:
         """Write the node rows back (acked_seq in the same transaction as its events): a node
@@ -468,9 +439,7 @@ _FRESH_NODE_COLUMNS = (  # a node row made by the first message of a node not kn
     "name", "online", "first_seen", "last_seen", "outbox_epoch", "acked_seq", "gaps", "degraded", "labels")
 _GPU_SAMPLE_COLUMNS = (  # what a sample sets (the upsert of _store_gpus)
     "node", "uuid", "index", "name", "health", "power_limit_w", "sample", "sample_ts", "updated_at")
-_SAMPLE_COLUMNS = (  # the raw tier of the history
-    "node", "uuid", "ts", "temperature_c", "power_w", "power_limit_w", "utilization_pct", "memory_used_bytes",
-    "memory_util_pct", "sm_clock_mhz", "memory_clock_mhz")
+_NEVER = (-math.inf, 0.0)
 
 
 _encode_json = msgspec.json.Encoder().encode

@@ -3,7 +3,7 @@
 
 The latest sample is the widest row the ingest writes (the whole sample as JSON, about 1 kB a
 GPU, rewritten for every message): in a fleet sampling every second it was about 40 % of the
-store's time (docs/benchmarks.md, issue 17). The history (`samples`) keeps every sample whatever
+store's time (docs/benchmarks.md, issue 17). The history (`sample_messages`) keeps every sample whatever
 this decides; only the API's, the dashboard's and the fleet exporter's "latest" figures may be
 up to `every` seconds older than the newest one received. A sample that comes sooner than
 `every` after the one written last waits (a newer one replaces it meanwhile) and is written

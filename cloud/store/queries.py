@@ -21,6 +21,7 @@ from sqlalchemy.engine import Connection
 from cloud.store.base import StoreBase
 from cloud.store.batch import chunks
 from cloud.store.ingest import UNKNOWN_EPOCH, epoch_key
+from cloud.store.raw_history import point_count, point_dict, raw_points
 from cloud.store.schema import (
     decisions_table,
     events_table,
@@ -28,7 +29,7 @@ from cloud.store.schema import (
     migration_triggers_table,
     nodes_table,
     reboots_table,
-    samples_table,
+    sample_messages_table,
 )
 from shared.gpu import Health
 from shared.protocol import Kind
@@ -238,25 +239,18 @@ class FleetQueries(StoreBase):
     def samples(
         self, node: str, uuid: str | None = None, since: float | None = None, limit: int = 2000
     ) -> list[dict[str, Any]]:
-        """Downsampled history in time order; when more match, the newest `limit` of them."""
-        s = samples_table
-        inner = sa.select(s).where(s.c.node == node).order_by(s.c.ts.desc(), s.c.id.desc())
-        if uuid is not None:
-            inner = inner.where(s.c.uuid == uuid)
-        if since is not None:
-            inner = inner.where(s.c.ts >= since)
-        newest = inner.limit(max(0, limit)).subquery()
-        query = sa.select(newest).order_by(newest.c.ts, newest.c.id)
+        """The raw history's samples in time order; when more match, the newest `limit` of them
+        (what `history` answers from the raw tier, without its choice of tier)."""
         with self.reading("samples") as conn:
-            return [
-                {k: v for k, v in r._mapping.items() if k != "id"} for r in conn.execute(query)
-            ]
+            return [point_dict(node, p) for p in raw_points(conn, node, uuid, since, None, max(0, limit))]
 
     def prune_samples(self, older_than: float) -> int:
-        """Drop history rows with ts < older_than; returns how many."""
+        """Drop the raw history's rows with ts < older_than (a message's samples together, by its
+        earliest); returns how many samples."""
+        t = sample_messages_table
         with self.writing("prune_samples") as conn:
-            result = conn.execute(samples_table.delete().where(samples_table.c.ts < older_than))
-            return int(result.rowcount or 0)
+            gone = conn.execute(t.delete().where(t.c.ts < older_than).returning(point_count(self._dialect)))
+            return sum(int(n) for n in gone.scalars())
 
     # -- for the migration part
 

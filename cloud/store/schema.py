@@ -1,6 +1,6 @@
 """Every table of the fleet store, on one metadata.
 
-The ingest core's tables (nodes, gpus, samples, events, decisions) and each cloud part's own
+The ingest core's tables (nodes, gpus, sample_messages, events, decisions) and each cloud part's own
 (policies, rollouts, migrations, edge commands) are declared here, in one module, so that the
 schema is complete wherever `metadata` is imported (Alembic's env, the tests that compare it with
 the migrations) instead of depending on which parts happen to be imported. A part reads and
@@ -75,30 +75,44 @@ gpus_table = sa.Table(
     sa.Column("capabilities", JsonType),  # what the device can do (edge/devices/base.py Capability values)
 )
 
-samples_table = sa.Table(
-    "samples",
+# The raw tier of the sample history (cloud/store/history.py): ONE ROW PER TELEMETRY MESSAGE, its
+# GPUs' samples in `figures`, a JSON array of one array per sample holding RAW_FIGURES in that order.
+# One row per sample (alembic 0012 and before) cost 8 rows of 11 parameters and 3 b-trees each
+# per 8-GPU message: 42 of the sample writer's 86 µs a message; one row a message, 72 µs in all
+# (docs/benchmarks.md). `ts` is the earliest of the row's samples (controller clock); a row holds
+# samples at most RAW_ROW_SPAN_S after it (a message spread wider is split), so that a read of the
+# samples from `since` on reads the rows from `since - RAW_ROW_SPAN_S` on.
+RAW_FIGURES = ("uuid", "ts", *ROLLED_UP_FIGURES)
+RAW_ROW_SPAN_S = 60.0
+
+sample_messages_table = sa.Table(
+    "sample_messages",
     metadata,
-    sa.Column("id", RowId, primary_key=True, autoincrement=True),
+    sa.Column("id", RowId, primary_key=True, autoincrement=True),  # the roll-up reads by id
     sa.Column(
         "node",
         sa.String(253),
-        sa.ForeignKey("nodes.name", name="fk_samples_node", ondelete="CASCADE"),
+        sa.ForeignKey("nodes.name", name="fk_sample_messages_node", ondelete="CASCADE"),
         nullable=False,
     ),
+    sa.Column("ts", sa.Float, nullable=False),
+    sa.Column("figures", sa.Text, nullable=False),
+    # unique: a telemetry message delivered twice is stored once (ON CONFLICT DO NOTHING)
+    sa.Index("ix_sample_messages_node_ts", "node", "ts", unique=True),
+    sa.Index("ix_sample_messages_ts", "ts"),  # retention
+)
+
+# One sample of the raw history as the readers return it (and the API describes it: cloud/openapi.yaml
+# `Sample`): NOT a table of the database (its own metadata), the shape of a point and the types of
+# RAW_FIGURES, under the name the API has always given it.
+_WHOLE_NUMBER_FIGURES = {"memory_used_bytes": sa.BigInteger, "sm_clock_mhz": sa.Integer, "memory_clock_mhz": sa.Integer}
+sample_point_table = sa.Table(
+    "samples",
+    sa.MetaData(),
+    sa.Column("node", sa.String(253), nullable=False),
     sa.Column("uuid", sa.String, nullable=False),
     sa.Column("ts", sa.Float, nullable=False),
-    sa.Column("temperature_c", sa.Float),
-    sa.Column("power_w", sa.Float),
-    sa.Column("power_limit_w", sa.Float),
-    sa.Column("utilization_pct", sa.Float),
-    sa.Column("memory_used_bytes", sa.BigInteger),
-    sa.Column("memory_util_pct", sa.Float),  # the dashboard's memory and clock charts (alembic 0010)
-    sa.Column("sm_clock_mhz", sa.Integer),
-    sa.Column("memory_clock_mhz", sa.Integer),
-    # unique: a telemetry message delivered twice stores its samples once (ON CONFLICT DO NOTHING);
-    # ts before uuid: a message's samples are neighbours, one index page per message (alembic 0012)
-    sa.Index("ix_samples_node_ts_uuid", "node", "ts", "uuid", unique=True),
-    sa.Index("ix_samples_ts", "ts"),
+    *[sa.Column(name, _WHOLE_NUMBER_FIGURES.get(name, sa.Float)) for name in ROLLED_UP_FIGURES],
 )
 
 # The coarser tiers of the sample history (cloud/store/history.py): per GPU and bucket of
@@ -124,12 +138,12 @@ sample_rollups_table = sa.Table(
     sqlite_with_rowid=False,
 )
 
-# How far the roll-up has read `samples` (by id: a late sample is added to its old bucket).
+# How far the roll-up has read `sample_messages` (by id: a late sample is added to its old bucket).
 history_rollup_state_table = sa.Table(
     "history_rollup_state",
     metadata,
     sa.Column("name", sa.String(32), primary_key=True),
-    sa.Column("rolled_id", sa.BigInteger, nullable=False),  # samples.id <= this are in every tier
+    sa.Column("rolled_id", sa.BigInteger, nullable=False),  # sample_messages.id <= this are in every tier
     sa.Column("updated_at", sa.Float, nullable=False),
 )
 
