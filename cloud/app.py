@@ -99,7 +99,9 @@ class ControllerApp:
     async def run(self, stop: asyncio.Event) -> None:
         """Until `stop`: receive, ingest, prune, elect, lead. Then write what was accepted, and close."""
         s = self.settings
-        self.link.start(asyncio.get_running_loop(), accept=self.ingestor.accept)  # budgets on the network threads
+        # budgets on the network threads; telemetry handed to the sample writer process from there
+        self.link.start(asyncio.get_running_loop(), accept=self.ingestor.accept,
+                        take_telemetry=self.ingestor.take_telemetry)
         tasks = [
             asyncio.create_task(self._receive(), name="receive"),
             asyncio.create_task(self.ingestor.run(), name="ingest"),
