@@ -142,6 +142,7 @@ class Ingestor:
         self._samples = (SampleHandOver(self._write_samples, batch_size, batch_interval_s, queue_max_bytes)
                          if sample_writer is not None else None)
         self.taking = True  # `take_telemetry` hands telemetry over; cleared by `drain`
+        self.telemetry_direct = 0  # telemetry messages `take_telemetry` handed over
         self._executor: WriterThread | None = None  # the ingest's own writer thread, while run() runs
         self._sample_executor: WriterThread | None = None  # talks to the sample writer process, while run() runs
 
@@ -264,7 +265,10 @@ class Ingestor:
         incoming = Incoming(envelope_of(node, None, peeked.id, ts, Kind.TELEMETRY),
                             body, received_at, skew)  # type: ignore[arg-type]
         raw = RawTelemetry(topic, payload, received_at, skew, kept)
-        return samples.offer(Queued(incoming, len(payload), now, node, raw))
+        if not samples.offer(Queued(incoming, len(payload), now, node, raw)):
+            return False
+        self.telemetry_direct += 1  # one network thread: no other writer
+        return True
 
     def _accounted(self, message: Received, incoming: Incoming, now: float) -> Queued | None:
         """A valid (or, for the sample writer process, peeked) message weighed against its node's

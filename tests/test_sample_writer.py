@@ -322,6 +322,8 @@ def test_a_real_controller_writes_through_its_child_and_replaces_it_when_killed(
         now = time.time()
         publish_until_stored(now)
         assert cloud.metric("kgpu_ingest_sample_writer_starts_total") == 1
+        # handed over by the telemetry connection's network thread, not through the event loop
+        assert cloud.metric("kgpu_ingest_telemetry_direct_total") >= 1
         children = _live_children(cloud.proc.pid)
         assert len(children) == 1 and "cloud.sample_writer" in Path(f"/proc/{children[0]}/cmdline").read_text()
         os.kill(children[0], signal.SIGKILL)
@@ -356,7 +358,7 @@ def test_telemetry_taken_on_a_network_thread_goes_to_the_child_without_the_loops
         item = raw(NODE, ts, indexes)
         return Received(item.topic, item.payload, False)
 
-    async def scenario() -> tuple[list[bool], bool, int, dict[str, int], dict[str, int]]:
+    async def scenario() -> tuple[list[bool], bool, int, dict[str, int], dict[str, int], int]:
         ingestor = Ingestor(store, lambda *_a, **_k: None, batch_interval_s=0.05, sample_writer=process,
                             budget=BudgetLimits(gpus=2))
 
@@ -379,12 +381,14 @@ def test_telemetry_taken_on_a_network_thread_goes_to_the_child_without_the_loops
             queued_on_the_loop = ingestor.queue.qsize()
             assert await ingestor.drain(10.0) == 0
             after = await loop.run_in_executor(None, ingestor.take_telemetry, message(now + 2, (0,)))
-            return taken, after, queued_on_the_loop, dict(ingestor.dropped), dict(ingestor.accepted)
+            return (taken, after, queued_on_the_loop, dict(ingestor.dropped), dict(ingestor.accepted),
+                    ingestor.telemetry_direct)
         finally:
             runner.cancel()
             await asyncio.gather(runner, return_exceptions=True)
 
-    taken, after, queued_on_the_loop, dropped, accepted = asyncio.run(scenario())
+    taken, after, queued_on_the_loop, dropped, accepted, direct = asyncio.run(scenario())
+    assert direct == 2
     assert taken == [True, True, False, False]
     assert not after and queued_on_the_loop == 0
     assert dropped.get("gpus") == 1 and accepted == {"telemetry": 2}  # GPU-2, over the budget of two

@@ -79,6 +79,10 @@ class ControllerCollector(_Described):
         yield CounterMetricFamily("kgpu_ingest_sample_writer_starts", "Sample writer processes started (more "
                                   "than one: it ended and was started again; 0 without sample_process).",
                                   value=writer.starts if writer is not None else 0)
+        yield CounterMetricFamily("kgpu_ingest_telemetry_direct", "Telemetry messages handed to the sample writer "
+                                  "process by the telemetry connection's network thread, not crossing the event loop "
+                                  "(the rest: what the peek could not read, or all without sample_process).",
+                                  value=ingest.telemetry_direct)
         yield GaugeMetricFamily("kgpu_ingest_queue_depth", "Messages waiting to be written (queued, or in the batch "
                                 "being filled or written).", value=ingest.pending())
         yield GaugeMetricFamily("kgpu_ingest_queue_bytes", "Payload bytes of the messages waiting to be written.",
