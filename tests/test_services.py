@@ -1,4 +1,4 @@
-"""cloud/services.py: the one periodic runner of every part's leader work, and the batch bus."""
+"""cloud/services.py: the one periodic runner of every part's leader work (the batch bus: tests/test_batch_bus.py)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import logging
 
 import pytest
 
-from cloud.services import WARN_EVERY_S, BatchBus, Periodic, run_periodically
-from cloud.store import FleetStoreError, Incoming
+from cloud.services import WARN_EVERY_S, Periodic, run_periodically
+from cloud.store import FleetStoreError
 
 LONG = 3600.0  # an interval no test waits out: only a wake-up or "again" runs the next step
 
@@ -80,22 +80,3 @@ async def test_failures_never_end_the_loop_and_expected_ones_are_one_throttled_l
     assert len(warnings) == 1 and "database is locked" in warnings[0].getMessage(), warnings
     assert WARN_EVERY_S > 1  # the three failures came within the throttle window
     assert len(errors) == 1 and errors[0].exc_info is not None and "scan failed" in errors[0].getMessage()
-
-
-async def test_a_failing_batch_listener_does_not_stop_the_others(caplog: pytest.LogCaptureFixture) -> None:
-    bus = BatchBus()
-    seen: list[int] = []
-
-    async def broken(batch: list[Incoming]) -> None:
-        raise ValueError("broken listener")
-
-    async def counting(batch: list[Incoming]) -> None:
-        seen.append(len(batch))
-
-    bus.subscribe(broken)
-    bus.subscribe(counting)
-    with caplog.at_level(logging.ERROR, logger="cloud.services"):
-        await bus.deliver([])
-        await bus.deliver([])
-    assert seen == [0, 0]
-    assert sum("batch listener" in r.getMessage() for r in caplog.records) == 2

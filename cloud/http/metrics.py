@@ -71,7 +71,8 @@ class ControllerCollector(_Described):
         yield CounterMetricFamily("kgpu_ingest_restored_floors",
                                   "Acked seqs moved up to what the edge had acked (fleet database went back).",
                                   value=ingest.restored_floors)
-        yield CounterMetricFamily("kgpu_ingest_batches", "Batches written to the fleet store.",
+        yield CounterMetricFamily("kgpu_ingest_batches", "Batches written to the fleet store (the ingest's own, "
+                                  "and the sample writer process's telemetry batches).",
                                   value=ingest.batches)
         yield CounterMetricFamily("kgpu_ingest_store_errors", "Failed fleet-store writes (retried).",
                                   value=ingest.store_errors)
