@@ -110,6 +110,7 @@ class Received:
 STABLE_AFTER_S = 10.0  # a connection up this long resets the reconnect backoff
 MAX_QUEUED_OUT = 10_000  # paho's outgoing QoS 1 messages (in flight + waiting), at most
 MAX_RECEIVED = 10_000  # AsyncMqtt.messages, at most
+READ_BURST = 100  # messages read one after the other between two `loop()`s (MqttLink._read_burst)
 MAX_RECEIVED_BYTES = 16 * 1024 * 1024  # ... and of their payloads, at most
 
 
@@ -162,6 +163,8 @@ class MqttLink:
         self._on_connected = on_connected
         self._on_disconnected = on_disconnected
         self._on_message = on_message
+        self.received = 0  # messages handed on (read by `_read_burst`, on the network thread)
+        self.read_in_bursts = 0  # of them, read by `_read_burst` (without a select() each)
         self.connected = threading.Event()
         self.connects = 0
         self.last_error: str | None = None
@@ -262,6 +265,8 @@ class MqttLink:
                 rc = paho.MQTT_ERR_SUCCESS
                 while not self._stop.is_set():
                     rc = self._client.loop(timeout=0.2)
+                    if rc == paho.MQTT_ERR_SUCCESS:
+                        rc = self._read_burst()
                     if rc != paho.MQTT_ERR_SUCCESS:
                         break
                 if self._stop.is_set():
@@ -290,6 +295,22 @@ class MqttLink:
                             self.last_error, subscribed, delay,
                             extra={"broker": self.address.display, "refused": sorted(self.refused_subscriptions)})
             self._stop.wait(delay)
+
+    def _read_burst(self) -> paho.MQTTErrorCode:
+        """After `loop()` read a message: read on while messages keep coming, up to READ_BURST.
+        paho's `loop()` reads ONE packet per select() (with its Python around it: a tenth of the
+        controller's telemetry thread in a backlog drain); `loop_read()` (paho's API for an
+        outside loop) reads the next one from the socket directly, and answers the same whether
+        it read one or found none, so the link counts the messages it handed on instead. The
+        burst is bounded, so that `loop()` (keepalive, writes) still runs every READ_BURST."""
+        client = self._client
+        for _ in range(READ_BURST):
+            before = self.received
+            rc = client.loop_read()
+            if rc != paho.MQTT_ERR_SUCCESS or self.received == before:
+                return rc
+            self.read_in_bursts += 1
+        return paho.MQTT_ERR_SUCCESS
 
     def _why_closed(self, rc: paho.MQTTErrorCode | int) -> str:
         """The broker's reason a connection ended, as precisely as paho lets us know it."""
@@ -385,6 +406,7 @@ class MqttLink:
         return sent
 
     def _handle_message(self, _client: paho.Client, _userdata: object, message: paho.MQTTMessage) -> None:
+        self.received += 1
         if self._on_message is not None:
             self._on_message(Received(message.topic, bytes(message.payload), bool(message.retain)))
 

@@ -224,3 +224,40 @@ def test_a_connection_reset_is_reported_with_the_socket_error() -> None:
     finally:
         reset.stop()
         server.close()
+
+
+def test_messages_waiting_in_the_socket_are_read_in_a_burst_whole_and_in_order(broker: Mosquitto) -> None:
+    """`MqttLink._read_burst`: once `loop()` has read a message, those already in the socket are
+    read one after the other (paho's `loop_read`), not one per select(); none is lost or reordered."""
+    got: list[bytes] = []
+    first = threading.Event()
+    go = threading.Event()
+
+    def on_message(message: Received) -> None:
+        got.append(message.payload)
+        if len(got) == 1:  # hold the network thread: the rest queue up in the socket meanwhile
+            first.set()
+            go.wait(30)
+
+    sub = MqttLink(parse_broker_url(broker.url), "burst-reader", backoff_min_s=0.1, backoff_max_s=0.5,
+                   subscriptions=[("b/#", 0)], on_message=on_message)
+    pub = link(broker.url, "burst-writer")
+    sub.start()
+    pub.start()
+    try:
+        wait_for(lambda: sub.connected.is_set() and pub.connected.is_set(), 20, 0.05, "both connected")
+        time.sleep(0.3)  # subscribed
+        pub.publish("b/x", b"0", qos=0)
+        assert first.wait(20)
+        for i in range(1, 300):
+            pub.publish("b/x", str(i).encode(), qos=0)
+        assert pub.flush(20)
+        time.sleep(0.5)  # delivered by the broker: waiting in the reader's socket
+        go.set()
+        wait_for(lambda: len(got) == 300, 20, 0.05, "all 300 read")
+    finally:
+        go.set()
+        pub.stop()
+        sub.stop()
+    assert got == [str(i).encode() for i in range(300)]
+    assert sub.read_in_bursts >= 100  # most of them without a select() each (up to READ_BURST a burst)
