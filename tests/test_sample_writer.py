@@ -394,3 +394,37 @@ def test_telemetry_taken_on_a_network_thread_goes_to_the_child_without_the_loops
     assert dropped.get("gpus") == 1 and accepted == {"telemetry": 2}  # GPU-2, over the budget of two
     assert {u: r["sample_ts"] for u, r in gpu_rows(store).items()} == {"GPU-0": now + 1, "GPU-1": now + 1}
     assert delivered == [now, now + 1]
+
+
+def test_the_child_reads_frames_ahead_so_that_the_controllers_write_ends_before_they_are_taken() -> None:
+    """`FrameReader`: frames written to the child's stdin are read in on a thread of their own, up
+    to READ_AHEAD_FRAMES, so a write of frames larger than the pipe returns before the child takes
+    any; they come out in order, then the end (None, every time after); a frame out of step is
+    raised where it is taken; nothing waiting: queue.Empty after the timeout."""
+    import queue as queue_module
+
+    from cloud.sample_writer import READ_AHEAD_FRAMES, FrameReader, _send
+
+    read_fd, write_fd = os.pipe()
+    requests, controller = os.fdopen(read_fd, "rb", buffering=0), os.fdopen(write_fd, "wb", buffering=0)
+    frames = FrameReader(requests)
+    with pytest.raises(queue_module.Empty):
+        frames.get(0.05)
+    big = b"x" * (1 << 20)  # each frame 1 MiB: far more than a pipe holds
+    sent = threading.Thread(target=lambda: [_send(controller, {"op": "add", "items": [[i, big]]})
+                                            for i in range(READ_AHEAD_FRAMES)])
+    sent.start()
+    sent.join(20)
+    assert not sent.is_alive()  # written whole although no frame was taken yet
+    _send(controller, {"op": "write", "items": []})
+    controller.close()
+    got = [frames.get(10) for _ in range(READ_AHEAD_FRAMES + 1)]
+    assert [f["items"][0][0] for f in got[:-1]] == list(range(READ_AHEAD_FRAMES)) and got[-1]["op"] == "write"
+    assert frames.get(10) is None and frames.get(10) is None
+
+    read_fd, write_fd = os.pipe()
+    os.write(write_fd, struct.pack(">I", (1 << 30) + 1))  # a length past MAX_FRAME: out of step
+    broken = FrameReader(os.fdopen(read_fd, "rb", buffering=0))
+    with pytest.raises(ValueError, match="out of step"):
+        broken.get(10)
+    os.close(write_fd)
