@@ -31,8 +31,6 @@ from collections.abc import Callable
 from concurrent.futures import Executor
 from typing import Any, Protocol
 
-import msgspec
-
 from cloud.budget import BUDGETS, BudgetLimits
 from cloud.clock_skew import ClockSkewEstimator
 from cloud.gc_tuning import tune_gc_for_ingest
@@ -188,43 +186,22 @@ class Ingestor(IngestBudgets):
     def take_telemetry(self, message: Received) -> bool:
         """On the telemetry connection's network thread (`AsyncMqtt(divert=...)`), after `accept`:
         with a sample writer process, a telemetry message peeked at (cloud/telemetry_peek.py),
-        weighed against its node's GPU budget, accounted (clock skew, lag, last seen) and handed to
-        the child's hand-over here (cloud/sample_handover.py, waiting for room there:
-        back-pressure to the broker), without crossing the event loop. What `admit` does for it,
-        with the budgets and the clock estimate under ONE acquisition of their lock (this is the
-        controller's hottest path). True when it is dealt with (handed over, or nothing of it
-        left within budget); False for the loop to handle as before: not telemetry, not readable
-        by the peek (validated in full there and refused with its reason), or the ingest stopping."""
+        weighed and accounted as `admit` does (`_accounted`: GPU budget, clock skew, lag, last
+        seen) and handed to the child's hand-over here (cloud/sample_handover.py, waiting for room
+        there: back-pressure to the broker), without crossing the event loop. True when it is
+        dealt with (handed over, or nothing of it left within budget); False for the loop to
+        handle as before: not telemetry, not readable by the peek (validated in full there and
+        refused with its reason), or the ingest stopping."""
         samples = self._samples
         if samples is None or not self.taking:
             return False
-        topic, payload = message.topic, message.payload
-        sender = self._sender(topic)
-        if sender is None or sender[1] != "telemetry":
+        incoming = self._peeked(message, time.time())
+        if incoming is None:
             return False
-        node = sender[0]
-        peeked = peek_telemetry(payload, node)
-        if peeked is None:
-            return False
-        now, received_at = time.monotonic(), time.time()
-        body, ts = peeked.body, peeked.ts
-        uuids = [s.uuid for s in body.samples]
-        with self._budget_lock:
-            known, verdict = self.budgets.admit_gpus(node, uuids, now)
-            if verdict.refused is not None:
-                body = msgspec.structs.replace(body, samples=[s for s in body.samples if s.uuid in known])
-                self._drop(node, verdict, len(uuids) - len(body.samples))
-            skew = self.clock.observe(node, ts, received_at, telemetry=True)
-        if not body.samples:
-            self._release_topic(topic)
+        queued = self._accounted(message, incoming, time.monotonic())
+        if queued is None:
             return True
-        kept = tuple(s.uuid for s in body.samples) if verdict.refused is not None else None
-        self.lag_seconds[node] = received_at - ts + skew
-        self.last_seen[node] = received_at
-        incoming = Incoming(envelope_of(node, None, peeked.id, ts, Kind.TELEMETRY),
-                            body, received_at, skew)  # type: ignore[arg-type]
-        raw = RawTelemetry(topic, payload, received_at, skew, kept)
-        if not samples.offer(Queued(incoming, len(payload), now, node, raw)):
+        if not samples.offer(queued):
             return False
         self.telemetry_direct += 1  # one network thread: no other writer
         return True
@@ -232,8 +209,9 @@ class Ingestor(IngestBudgets):
     def _accounted(self, message: Received, incoming: Incoming, now: float) -> Queued | None:
         """A valid (or, for the sample writer process, peeked) message weighed against its node's
         GPU and seq budgets and accounted (clock skew, lag, last seen, online): what to queue, or
-        None when nothing of it is left within budget. On the loop; the clock estimate under the
-        budgets' lock, since `take_telemetry` moves it on the network thread."""
+        None when nothing of it is left within budget. On the loop (`admit`) and on the telemetry
+        connection's network thread (`take_telemetry`): the budgets and the clock estimate under
+        their lock."""
         received_at = incoming.received_at
         within = self._within_gpu_budget(incoming, now)
         if within is None:
