@@ -27,8 +27,8 @@ ahead on a thread of its own (`FrameReader`, a few frames at most), so that the 
 of a frame ends once it is in, and its sample thread encodes the next while the child decodes this
 one. `write` blocks (on the ingest's sample thread, never the event loop) until the child answers;
 the ingest hands it one batch at a time (cloud/sample_handover.py), so the child's pace is the
-back-pressure. A database error comes back as FleetStoreError and a refused batch as ValueError, which the ingest
-retries or counts as it does its own writes; a child that died is started again by the next
+back-pressure. A database error comes back as FleetStoreError and a refused batch as ValueError,
+which the ingest retries or counts as it does its own writes; a child that died is started again by the next
 `write` (telemetry written twice is a no-op: the history's unique index, the latest sample's
 WHERE). The child's logs go to the controller's stderr, in its format.
 """

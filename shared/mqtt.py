@@ -110,8 +110,8 @@ class Received:
 STABLE_AFTER_S = 10.0  # a connection up this long resets the reconnect backoff
 MAX_QUEUED_OUT = 10_000  # paho's outgoing QoS 1 messages (in flight + waiting), at most
 MAX_RECEIVED = 10_000  # AsyncMqtt.messages, at most
-READ_BURST = 100  # messages read one after the other between two `loop()`s (MqttLink._read_burst)
 MAX_RECEIVED_BYTES = 16 * 1024 * 1024  # ... and of their payloads, at most
+READ_BURST = 100  # messages read one after the other between two `loop()`s (MqttLink._read_burst)
 
 
 class _SocketErrorLogger(logging.Logger):
@@ -510,7 +510,6 @@ class AsyncMqtt:
         # Called on the network thread after `accept`: True when it took the message itself (it
         # never reaches `messages`); it may wait, as `_offer` waits for room (back-pressure).
         self._divert = divert
-        self.diverted = 0  # messages `divert` took
         self._on_ready = on_ready  # on the loop, after messages were put on `messages`
         self._loop = loop
         self._full_logged_at = -10.0
@@ -533,7 +532,6 @@ class AsyncMqtt:
             self.not_accepted += 1
             return
         if self._divert is not None and self._divert(message):
-            self.diverted += 1
             return
         size = len(message.payload)
         if not self._room.take(size):
