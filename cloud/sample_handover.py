@@ -36,7 +36,7 @@ import time
 from collections.abc import Awaitable, Callable
 
 from cloud.ingest_queue import Queued
-from shared.logs import get_logger
+from shared.logs import ThrottledLog, get_logger
 
 ROOM_WAIT_SLICE_S = 0.5  # `offer` waits for room in slices, so that a closed hand-over frees it
 ROOM_LOG_EVERY_S = 10.0  # the warning that telemetry waits, at most this often
@@ -56,7 +56,7 @@ class SampleHandOver:
         self.waiting: list[Queued] = []  # oldest first
         self.waiting_bytes = 0
         self.room_waits = 0  # times `offer` found no room and held its network thread
-        self._room_logged_at = -math.inf
+        self._room_log = ThrottledLog(log, ROOM_LOG_EVERY_S)
         self._held = False  # an `offer` waits for room
         self.writing: list[Queued] = []  # the batch the child is writing (or being retried)
         self.closed = False  # `run` has ended: `offer` takes nothing more
@@ -122,11 +122,9 @@ class SampleHandOver:
 
     def _note_full(self) -> None:
         self.room_waits += 1
-        now = time.monotonic()
-        if now - self._room_logged_at >= ROOM_LOG_EVERY_S:
-            self._room_logged_at = now
-            log.warning("telemetry waits for the sample writer process (%d messages, %d bytes): not reading "
-                        "telemetry from the broker until it takes them", len(self.waiting), self.waiting_bytes)
+        self._room_log.log("full", "telemetry waits for the sample writer process (%d messages, %d bytes): not "
+                           "reading telemetry from the broker until it takes them", len(self.waiting),
+                           self.waiting_bytes)
 
     async def room(self) -> int:
         """How many messages the next batch may hand over (waits while `batch_size` wait here)."""
