@@ -77,6 +77,11 @@ DEFAULT_QUEUE_MAX = 10_000
 DEFAULT_QUEUE_MAX_BYTES = 32 * 1024 * 1024
 _TELEMETRY_ONLY = (Kind.TELEMETRY,)  # what the sample writer process writes (BatchBus.deliver)
 
+
+def _raws(samples: list[Queued]) -> list[RawTelemetry]:
+    """What the sample writer process takes of these messages (every one of them telemetry for it)."""
+    return [q.raw for q in samples if q.raw is not None]
+
 class PublishAck(Protocol):
     """The link's `publish_ack`: a node's cumulative ack; `conflict` as in shared.protocol.AckBody."""
 
@@ -144,7 +149,7 @@ class Ingestor(IngestBudgets):
     def queued_bytes(self) -> int:
         """Payload bytes of the messages waiting to be written (queued, or waiting for the sample
         writer process), not those of the batches being written."""
-        return self.queue.bytes + (self._samples.waiting_bytes if self._samples is not None else 0)
+        return self.queue.bytes + (self._samples.held_bytes() if self._samples is not None else 0)
 
     @property
     def telemetry_room_waits(self) -> int:
@@ -404,10 +409,14 @@ class Ingestor(IngestBudgets):
     async def _write_samples(self, samples: list[Queued]) -> None:
         """Telemetry written by the sample writer process (retried while it fails), counted, out
         of the budgets' backlog, delivered (cloud/sample_handover.py calls it, one at a time)."""
-        writer, raws = self.sample_writer, [q.raw for q in samples if q.raw is not None]
-        assert writer is not None
+        writer, handover, raws = self.sample_writer, self._samples, _raws(samples)
+        assert writer is not None and handover is not None
+
+        def ahead(sent: int) -> list[RawTelemetry]:  # the next batch's head, sent while the child writes
+            return _raws(handover.take_ahead(sent, writer.frame_messages))
+
         written: SamplesWritten | None = await self._retrying(
-            "samples", len(samples), lambda: writer.write(raws), self._sample_executor)
+            "samples", len(samples), lambda: writer.write(raws, ahead), self._sample_executor)
         self.release(q.node for q in samples)
         self.batches += 1  # one transaction of the child's
         if written is not None:

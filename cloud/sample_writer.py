@@ -22,12 +22,15 @@ first {"op": "open", "settings": {...}} (`WriterSettings`), answered once the st
 a batch as {"op": "add", "items": [...]} frames (not answered) and a last {"op": "write", "items":
 [...]}, written in one transaction and answered {"ok": true, "samples": N, "refused": [[place,
 reason], ...]} or {"ok": false, "error": "store" | "refused", "message": ..., "reason": ...};
-{"op": "stop"} answered once the samples that waited are written. The child reads its frames
-ahead on a thread of its own (`FrameReader`, a few frames at most), so that the controller's write
-of a frame ends once it is in, and its sample thread encodes the next while the child decodes this
-one. `write` blocks (on the ingest's sample thread, never the event loop) until the child answers;
-the ingest hands it one batch at a time (cloud/sample_handover.py), so the child's pace is the
-back-pressure. A database error comes back as FleetStoreError and a refused batch as ValueError,
+{"op": "drop"} (not answered) forgets the batch's frames so far; {"op": "stop"} is answered once the
+samples that waited are written. The child reads its frames ahead on a thread of its own
+(`FrameReader`, a few frames at most), so that the controller's write of a frame ends once it is
+in, and its sample thread encodes the next while the child decodes this one; the controller reads
+the answers on one too. `write` blocks (on the ingest's sample thread, never the event loop) until
+the child answers, sending meanwhile the next batch's first frames (`ahead`): the child's next
+batch is under way in the pipe while it writes this one. The ingest hands it one batch at a time
+(cloud/sample_handover.py), so the child's pace is the back-pressure (a frame sent ahead waits in
+the pipe). A database error comes back as FleetStoreError and a refused batch as ValueError,
 which the ingest retries or counts as it does its own writes; a child that died is started again by the next
 `write` (telemetry written twice is a no-op: the history's unique index, the latest sample's
 WHERE). The child's logs go to the controller's stderr, in its format.
@@ -41,14 +44,13 @@ import dataclasses
 import fcntl
 import os
 import queue
-import select
 import signal
 import struct
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO, Any, NamedTuple
 
@@ -68,6 +70,7 @@ MAX_FRAME = 1 << 30  # a batch is at most batch_size x the payload limit; a long
 FRAME_MESSAGES = 1_000  # messages a frame: bounds what both sides hold of a batch in transit
 PIPE_BYTES = 1 << 20  # the pipes' buffer, where the system allows it (_widen_pipe)
 READ_AHEAD_FRAMES = 4  # frames the child holds read and not yet decoded, at most (FrameReader)
+AHEAD_POLL_S = 0.005  # while the child writes a batch, how often `write` looks for the next one's messages
 START_TIMEOUT_S = 60.0  # the child imports SQLAlchemy and opens the store: a second or two, more when busy
 
 
@@ -175,7 +178,10 @@ class SampleWriterProcess:
         self.start_timeout_s = start_timeout_s
         self.frame_messages = max(1, frame_messages)
         self.starts = 0  # children started (a restart after the first counts in kgpu_ingest_sample_writer_starts)
+        # messages of the next batch sent ahead (in "add" frames) while the child wrote the one before
+        self.sent_ahead = 0
         self._proc: subprocess.Popen[bytes] | None = None
+        self._answers: FrameReader | None = None  # the child's stdout, read on a thread of its own
         self._lock = threading.Lock()  # `kill` from another thread against a start or a stop
 
     @property
@@ -195,31 +201,41 @@ class SampleWriterProcess:
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, close_fds=True, bufsize=0)
             self.starts += 1
             proc = self._proc
-        assert proc.stdin is not None and proc.stdout is not None
+            assert proc.stdin is not None and proc.stdout is not None
+            self._answers = FrameReader(proc.stdout)  # always read: a child never waits to answer
+            self.sent_ahead = 0
         _widen_pipe(proc.stdin.fileno())  # the batches' way (answers are small)
         try:
             _send(proc.stdin, {"op": "open", "settings": dataclasses.asdict(self.settings)})
         except OSError as exc:
             raise self._ended(proc, exc) from None
-        ready, _, _ = select.select([proc.stdout], [], [], self.start_timeout_s)
-        if not ready:
+        try:
+            self._answer(proc, self.start_timeout_s)
+        except queue.Empty:
             self.kill()
             raise WriterProcessEnded(f"sample writer process: not ready within {self.start_timeout_s:.0f} s",
-                                     reason="writer process start timed out")
-        try:
-            self._answer(proc)
+                                     reason="writer process start timed out") from None
         except BaseException:
             self.kill()  # it said why (its store did not open) and is leaving
             raise
         log.info("sample writer process started", extra={"pid": proc.pid, "starts": self.starts})
 
-    def write(self, items: Sequence[RawTelemetry]) -> SamplesWritten:
+    def write(self, items: Sequence[RawTelemetry],
+              ahead: Callable[[int], Sequence[RawTelemetry]] | None = None) -> SamplesWritten:
         """Write these telemetry messages in ONE transaction of the child's; what it wrote and
         what it refused (validated in full there: the controller only peeked at them).
         They travel in frames of at most `frame_messages` ("add" ... "write": a frame of 5,000
         messages would be some 37 MB, held twice on each side while it travels), not answered
         until the last, so that the child decodes one frame while the next is encoded. Raises
-        FleetStoreError (retry), ValueError (refused: never retry) or WriterProcessEnded."""
+        FleetStoreError (retry), ValueError (refused: never retry) or WriterProcessEnded.
+
+        `ahead(sent)`: while the child writes, the next batch's first messages (those after the
+        `sent` already sent ahead), sent as "add" frames of the child's next batch, so that it
+        decodes them the moment it has answered instead of waiting for the controller to take
+        its answer and send them (traced: 30-40 ms a batch, with the frames then coming slower
+        than it decodes). The next `write`'s `items` must begin with them (cloud/sample_handover.py
+        puts them first); `sent_ahead` says how many went. A batch that fails takes them back:
+        the child drops its next batch, and they go again with it."""
         proc = self._proc
         if proc is None or proc.poll() is not None:
             if proc is not None:
@@ -227,18 +243,49 @@ class SampleWriterProcess:
             self.start()
             proc = self._proc
             assert proc is not None
-        assert proc.stdin is not None
-        size = self.frame_messages
-        starts = range(0, len(items), size) if items else range(1)
-        for start in starts:
-            op = "write" if start + size >= len(items) else "add"
+        sent, self.sent_ahead = self.sent_ahead, 0
+        if sent > len(items):  # not the messages sent ahead: the child's batch starts again
+            self._send(proc, {"op": "drop"})
+            sent = 0
+        self._send_frames(proc, items[sent:], last=True)
+        while True:
             try:
-                _send(proc.stdin, {"op": op, "items": [tuple(item) for item in items[start:start + size]]})
-            except (BrokenPipeError, OSError) as exc:
-                raise self._ended(proc, exc) from None
-        answer = self._answer(proc)
+                answer = self._answer(proc, AHEAD_POLL_S if ahead is not None else None)
+                break
+            except queue.Empty:
+                assert ahead is not None
+                more = ahead(self.sent_ahead)
+                if more:
+                    self._send_frames(proc, more, last=False)
+                    self.sent_ahead += len(more)
+            except BaseException:
+                self._drop_ahead()
+                raise
         refused = {int(at): str(reason) for at, reason in answer.get("refused") or ()}
         return SamplesWritten(int(answer.get("samples", 0)), refused)
+
+    def _drop_ahead(self) -> None:
+        """The batch failed: the next one's messages sent ahead are dropped by the child (if it
+        lives), to go again, whole, with their batch."""
+        proc, sent, self.sent_ahead = self._proc, self.sent_ahead, 0
+        if sent and proc is not None and proc.poll() is None:
+            with contextlib.suppress(WriterProcessEnded):
+                self._send(proc, {"op": "drop"})
+
+    def _send_frames(self, proc: subprocess.Popen[bytes], items: Sequence[RawTelemetry], *, last: bool) -> None:
+        """`items` in "add" frames of `frame_messages` at most, the last a "write" if `last`."""
+        size = self.frame_messages
+        starts = range(0, len(items), size) if items or not last else range(1)
+        for start in starts:
+            op = "write" if last and start + size >= len(items) else "add"
+            self._send(proc, {"op": op, "items": [tuple(item) for item in items[start:start + size]]})
+
+    def _send(self, proc: subprocess.Popen[bytes], frame: dict[str, Any]) -> None:
+        assert proc.stdin is not None
+        try:
+            _send(proc.stdin, frame)
+        except (BrokenPipeError, OSError) as exc:
+            raise self._ended(proc, exc) from None
 
     def stop(self, timeout_s: float) -> int:
         """Ask the child to write the samples that wait and leave; how many it wrote then. Killed
@@ -247,13 +294,12 @@ class SampleWriterProcess:
             proc = self._proc
         if proc is None or proc.poll() is not None:
             return 0
-        assert proc.stdin is not None and proc.stdout is not None
+        assert proc.stdin is not None
         flushed = 0
         try:
             _send(proc.stdin, {"op": "stop"})
-            ready, _, _ = select.select([proc.stdout], [], [], timeout_s)
-            if ready:
-                flushed = int(self._answer(proc).get("flushed", 0))
+            with contextlib.suppress(queue.Empty):
+                flushed = int(self._answer(proc, timeout_s).get("flushed", 0))
             proc.wait(max(0.1, timeout_s))
         except (OSError, FleetStoreError, subprocess.TimeoutExpired) as exc:
             log.warning("sample writer process did not stop cleanly: %s", exc)
@@ -268,6 +314,7 @@ class SampleWriterProcess:
 
     def _kill_locked(self) -> None:
         proc, self._proc = self._proc, None
+        self.sent_ahead, self._answers = 0, None
         if proc is None:
             return
         if proc.poll() is None:
@@ -279,10 +326,13 @@ class SampleWriterProcess:
                 with contextlib.suppress(OSError):
                     stream.close()
 
-    def _answer(self, proc: subprocess.Popen[bytes]) -> dict[str, Any]:
-        assert proc.stdout is not None
+    def _answer(self, proc: subprocess.Popen[bytes], timeout_s: float | None) -> dict[str, Any]:
+        """The child's next answer (queue.Empty after `timeout_s`, None: no bound)."""
+        answers = self._answers
+        if answers is None:
+            raise self._ended(proc, None)
         try:
-            answer = _receive(proc.stdout)
+            answer = answers.get(timeout_s)
         except (OSError, ValueError) as exc:
             raise self._ended(proc, exc) from None
         if answer is None:
@@ -401,6 +451,9 @@ def serve(settings: WriterSettings, requests: IO[bytes], answers: IO[bytes]) -> 
             if op == "stop":
                 _send(answers, {"ok": True, "flushed": _flush(store, everything=True)})
                 return 0
+            if op == "drop":  # the batch before failed: this one's messages sent ahead come again with it
+                batch = Batch(reject_log)
+                continue
             if op not in ("add", "write"):
                 batch = Batch(reject_log)
                 _send(answers, {"ok": False, "error": "refused", "message": f"unknown op {op!r}"})

@@ -181,3 +181,44 @@ def test_a_byte_bound_holds_the_network_thread_and_ends_the_gathering_at_once() 
 
     took = asyncio.run(scenario())
     assert took < 10.0 and written[0] == 2  # 4 + 4 fit in 10 bytes, the third waited for them
+
+
+def test_the_next_batchs_head_goes_ahead_in_whole_frames_and_leads_the_next_batch() -> None:
+    """`take_ahead` (the sample thread, while the child writes): whole frames move from `waiting`
+    to `ahead` and come back after those already sent; they still count against the bound (room,
+    pending) and are the first of the next batch."""
+    written: list[list[float]] = []
+
+    async def scenario() -> tuple[list[list[float]], list[int], int, int, int]:
+        go = asyncio.Event()
+
+        async def write(batch: list[Queued]) -> None:
+            written.append([q.at for q in batch])
+            await go.wait()
+            go.clear()
+
+        handover = SampleHandOver(write, batch_size=10)
+        runner = asyncio.create_task(handover.run())
+        try:
+            await handover.hand(_queued(1))
+            while not written:
+                await asyncio.sleep(0.001)
+            await handover.hand(_queued(5, at=100.0))  # while the child writes
+            loop = asyncio.get_running_loop()
+            first = await loop.run_in_executor(None, handover.take_ahead, 0, 2)  # two whole frames of two
+            again = await loop.run_in_executor(None, handover.take_ahead, len(first), 2)  # one left: no frame
+            room, pending = await handover.room(), handover.pending()
+            go.set()
+            while len(written) < 2:
+                await asyncio.sleep(0.001)
+            go.set()
+            return written, [len(first), len(again)], room, pending, len(handover.ahead)
+        finally:
+            runner.cancel()
+            await asyncio.gather(runner, return_exceptions=True)
+
+    batches, taken, room, pending, ahead_after = asyncio.run(scenario())
+    assert taken == [4, 0]
+    assert room == 5 and pending == 6  # the four ahead still wait: 5 of 10 taken, 1 being written
+    assert batches == [[0.0], [100.0, 101.0, 102.0, 103.0, 104.0]]  # the four ahead first, then the rest
+    assert ahead_after == 0

@@ -428,3 +428,62 @@ def test_the_child_reads_frames_ahead_so_that_the_controllers_write_ends_before_
     with pytest.raises(ValueError, match="out of step"):
         broken.get(10)
     os.close(write_fd)
+
+
+def _write_while_stopped(process: SampleWriterProcess, batch: list[Any], head: list[RawTelemetry]) -> Any:
+    """`process.write(batch)` with the child stopped until its `ahead` has been asked for the next
+    batch and has given `head` (so that they go ahead for sure); what the write returned or raised."""
+    pid = process.pid
+    assert pid is not None
+    asked = threading.Event()
+
+    def ahead(sent: int) -> list[RawTelemetry]:
+        asked.set()
+        return head[sent:]
+
+    def resume_once_asked() -> None:
+        asked.wait(20)
+        os.kill(pid, signal.SIGCONT)
+
+    os.kill(pid, signal.SIGSTOP)  # its answer cannot come before `ahead` is asked
+    resumer = threading.Thread(target=resume_once_asked)
+    resumer.start()
+    try:
+        return process.write(batch, ahead)
+    except (ValueError, FleetStoreError) as exc:
+        return exc
+    finally:
+        resumer.join()
+        os.kill(pid, signal.SIGCONT)
+
+
+def test_the_next_batchs_head_goes_ahead_while_the_child_writes_and_the_next_write_sends_the_rest(
+    writer: Callable[..., SampleWriterProcess], open_store: Callable[..., FleetStore],  # noqa: F811
+) -> None:
+    """`write(..., ahead)`: while the child writes, the next batch's first messages go to it in
+    "add" frames; the next `write` sends only the rest, and the child writes them as one batch."""
+    process, _pid, now = _a_child_that_wrote(writer)
+    process.frame_messages = 2
+    following = [raw(f"node-{i}", now, (0,)) for i in range(5)]
+    written = _write_while_stopped(process, [raw(NODE, now)], following[:4])
+    assert written.samples == 2  # its own batch only
+    assert process.sent_ahead == 4
+    assert process.write(following).samples == 5  # 4 there already, 1 sent now: each written once
+    assert process.sent_ahead == 0
+    store = open_store()
+    assert all(gpu_rows(store, f"node-{i}")["GPU-0"]["sample_ts"] == now for i in range(5))
+    assert len(store.samples("node-0")) == 1
+
+
+def test_a_failed_batch_takes_back_what_went_ahead_and_the_next_batch_goes_whole(
+    writer: Callable[..., SampleWriterProcess], open_store: Callable[..., FleetStore],  # noqa: F811
+) -> None:
+    """The child refuses a batch after the next one's head went ahead: it is told to drop that
+    head ("drop"), and the next `write` sends its batch whole: nothing written twice or lost."""
+    process, _pid, now = _a_child_that_wrote(writer)
+    following = [raw(f"node-{i}", now, (0, 1)) for i in range(3)]
+    refused = _write_while_stopped(process, [("not", "a row of five")], following[:2])
+    assert isinstance(refused, ValueError) and "out of shape" in str(refused)
+    assert process.sent_ahead == 0
+    assert process.write(following).samples == 6  # three messages of two GPUs, each once
+    assert all(len(open_store().samples(f"node-{i}")) == 2 for i in range(3))
