@@ -24,7 +24,6 @@ core, while the next batch is gathered.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -234,8 +233,8 @@ class Ingestor(IngestBudgets):
         with self._budget_lock:  # the network thread's telemetry and the loop's statuses
             skew = self.clock.observe(envelope.node, envelope.ts, received_at,
                                       telemetry=envelope.kind is Kind.TELEMETRY)
-        if skew:
-            incoming = dataclasses.replace(incoming, clock_skew=skew)
+        if skew:  # (not dataclasses.replace: twice the cost, per message)
+            incoming = Incoming(incoming.envelope, incoming.body, incoming.received_at, skew)
         self.lag_seconds[envelope.node] = received_at - envelope.ts + skew
         self.last_seen[envelope.node] = received_at
         if isinstance(incoming.body, StatusBody):
