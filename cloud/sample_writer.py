@@ -60,6 +60,7 @@ from cloud.gc_tuning import tune_gc_for_ingest
 from cloud.store.base import DEFAULT_BUSY_TIMEOUT_MS, FleetStoreError
 from cloud.store.batch import Incoming
 from cloud.store.ingest import IngestCore
+from cloud.wal_checkpointer import WalCheckpointer
 from shared.logs import ThrottledLog, get_logger, setup_logging
 from shared.protocol import Direction, RejectedMessage, TelemetryBodyStruct, decode_and_check
 
@@ -423,10 +424,10 @@ class FrameReader:
 
 def serve(settings: WriterSettings, requests: IO[bytes], answers: IO[bytes]) -> int:
     """The child's loop: open the store, answer frames until "stop" or the controller is gone."""
-    try:
+    try:  # its commits synced by the checkpoints after them (cloud/wal_checkpointer.py: why)
         store = IngestCore(settings.db, history_resolution_s=settings.history_resolution_s,
                            latest_sample_every=settings.latest_sample_every,
-                           busy_timeout_ms=settings.busy_timeout_ms)
+                           busy_timeout_ms=settings.busy_timeout_ms, sync_every_commit=False, auto_checkpoint=False)
     except (FleetStoreError, ValueError) as exc:
         _send(answers, {"ok": False, "error": "store", "message": str(exc),
                         "reason": getattr(exc, "reason", str(exc))})
@@ -436,6 +437,7 @@ def serve(settings: WriterSettings, requests: IO[bytes], answers: IO[bytes]) -> 
     reject_log = ThrottledLog(log, settings.reject_log_every_s)
     batch = Batch(reject_log)
     frames = FrameReader(requests)
+    checkpoints = WalCheckpointer(store)
     try:
         while True:
             due = store.latest_due_in()
@@ -443,6 +445,7 @@ def serve(settings: WriterSettings, requests: IO[bytes], answers: IO[bytes]) -> 
                 request = frames.get(due if due is not None and not batch.received else None)
             except queue.Empty:
                 _flush(store, everything=False)
+                checkpoints.request()
                 continue
             if request is None:  # the controller is gone: write what waits, and leave
                 _flush(store, everything=True)
@@ -461,8 +464,10 @@ def serve(settings: WriterSettings, requests: IO[bytes], answers: IO[bytes]) -> 
             batch.add(request.get("items") or [])
             if op == "write":
                 _send(answers, batch.write(store))
+                checkpoints.request()
                 batch = Batch(reject_log)
     finally:
+        checkpoints.stop()  # the last commits synced before the process leaves
         store.close()
 
 

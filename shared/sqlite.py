@@ -18,8 +18,16 @@ from shared.logs import get_logger
 log = get_logger(__name__)
 
 
-def durable_sqlite_engine(url: str | URL, busy_timeout_ms: int) -> Engine:
+def durable_sqlite_engine(url: str | URL, busy_timeout_ms: int, *, sync_every_commit: bool = True,
+                          auto_checkpoint: bool = True) -> Engine:
     """An engine whose commits survive power loss (WAL, synchronous=FULL), with foreign keys on.
+
+    For a writer whose commits need not each survive a power loss (the cloud's telemetry writer,
+    cloud/sample_writer.py): `sync_every_commit=False` (synchronous=NORMAL) leaves the sync to the
+    WAL's checkpoints (a commit survives a crash of the process at once, a power loss once a
+    checkpoint has synced it; SQLite's WAL is never corrupted either way), and
+    `auto_checkpoint=False` (wal_autocheckpoint=0) leaves the checkpoints to the opener, who runs
+    them off its commits' path (cloud/wal_checkpointer.py).
 
     Transactions begin with `BEGIN <mode>`, the mode taken from the connection's execution option
     `kgpu_begin` (DEFERRED by default; IMMEDIATE for writers, so that two writers never read the
@@ -38,7 +46,9 @@ def durable_sqlite_engine(url: str | URL, busy_timeout_ms: int) -> Engine:
             mode = cur.execute("PRAGMA journal_mode=WAL").fetchone()[0]
             if str(mode).lower() != "wal":
                 log.warning("sqlite refused WAL journal mode", extra={"journal_mode": mode})
-            cur.execute("PRAGMA synchronous=FULL")
+            cur.execute(f"PRAGMA synchronous={'FULL' if sync_every_commit else 'NORMAL'}")
+            if not auto_checkpoint:
+                cur.execute("PRAGMA wal_autocheckpoint=0")
             cur.execute("PRAGMA foreign_keys=ON")
             cur.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
         finally:

@@ -69,12 +69,19 @@ class StoreBase:
         history_resolution_s: float = DEFAULT_HISTORY_RESOLUTION_S,
         history_tiers: HistoryTiers | None = None,
         busy_timeout_ms: int = DEFAULT_BUSY_TIMEOUT_MS,
+        sync_every_commit: bool = True,
+        auto_checkpoint: bool = True,
     ) -> None:
+        """`sync_every_commit`, `auto_checkpoint`: SQLite only (shared/sqlite.py
+        `durable_sqlite_engine`); a store opened without auto checkpoints has `checkpoint_wal`
+        called by its owner."""
         if history_resolution_s < 0:
             raise ValueError("history_resolution_s must not be negative")
         self.history_resolution_s = history_resolution_s  # raw tier: at most one sample per GPU per this
         self.history_tiers = history_tiers or HistoryTiers()
         self._busy_timeout_ms = busy_timeout_ms
+        self._sync_every_commit = sync_every_commit
+        self._auto_checkpoint = auto_checkpoint
         self._closed = False
         # SQLite has one writer anyway: queue threads on a mutex, not on its busy handler.
         self._write_lock = threading.Lock()
@@ -126,8 +133,20 @@ class StoreBase:
             self._sqlite_file_before = (path, None)
         except OSError:
             pass  # SQLite says what is wrong with it when it opens it
-        # An ack goes out right after the commit: the commit must survive power loss.
-        return durable_sqlite_engine(parsed, self._busy_timeout_ms)
+        # An ack goes out right after the commit: the commit must survive power loss (the
+        # telemetry writer, which sends none, opens it with sync_every_commit=False).
+        return durable_sqlite_engine(parsed, self._busy_timeout_ms, sync_every_commit=self._sync_every_commit,
+                                     auto_checkpoint=self._auto_checkpoint)
+
+    def checkpoint_wal(self) -> None:
+        """Copy the WAL's committed pages into the database file and sync both (SQLite's PASSIVE
+        checkpoint: it waits for no reader or writer, and copies what it can). For a store
+        opened with auto_checkpoint=False; nothing on PostgreSQL."""
+        if self._dialect != "sqlite":
+            return
+        self._check_open()
+        with self._errors("checkpoint"), self._engine.connect() as conn:
+            conn.exec_driver_sql("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
 
     def _errors(self, op: str) -> AbstractContextManager[None]:
         """Every database error (Alembic's too) as a FleetStoreError with the driver's reason."""
