@@ -78,13 +78,15 @@ def peak_rss_mib(pid: int) -> float:
 def tree_peak_rss_mib(pid: int) -> float:
     """The peak resident memory of a process and of each of its direct children, added up (a
     controller and its sample writer process: what their container's memory limit weighs; an
-    upper bound, as the two peaks need not have come together)."""
-    return peak_rss_mib(pid) + sum(peak_rss_mib(child) for child in children(pid))
+    upper bound, as the two peaks need not have come together). The memory a child shares with
+    its parent (the controller's payload ring, cloud/payload_area.py) counts once, in the parent's."""
+    return peak_rss_mib(pid) + sum(peak_rss_mib(child) - _status_mib(child, "RssShmem") for child in children(pid))
 
 
 def tree_rss_mib(pid: int) -> float:
-    """The resident memory of a process and its direct children now (MiB)."""
-    return rss_mib(pid) + sum(rss_mib(child) for child in children(pid))
+    """The resident memory of a process and its direct children now (MiB); what a child shares
+    with its parent counts once."""
+    return rss_mib(pid) + sum(rss_mib(child) - _status_mib(child, "RssShmem") for child in children(pid))
 
 
 def _status_mib(pid: int, field: str) -> float:

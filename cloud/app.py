@@ -37,7 +37,7 @@ from cloud.policies import PolicyManager
 from cloud.quarantine import BrokerQuarantine
 from cloud.reboots import RebootManager
 from cloud.rollout import RolloutManager
-from cloud.sample_writer import SampleWriterProcess, WriterSettings
+from cloud.sample_writer import AREA_BYTES, SampleWriterProcess, WriterSettings
 from cloud.services import BatchBus, Part, Periodic, Services, run_periodically
 from cloud.store import FleetStore, FleetStoreError, HistoryTiers, RetentionPolicy
 from shared.logs import get_logger
@@ -236,7 +236,10 @@ def sample_writer_for(settings: CloudSettings) -> SampleWriterProcess | None:
     return SampleWriterProcess(WriterSettings(
         db=settings.db, history_resolution_s=settings.history_resolution,
         latest_sample_every=settings.latest_sample_every, log_level=settings.log_level, log_json=settings.log_json,
-        reject_log_every_s=settings.reject_log_interval))
+        reject_log_every_s=settings.reject_log_interval),
+        # the payloads of the batch being written and of the next one's first frames: each at most
+        # the ingest queue's byte bound (cloud/sample_handover.py)
+        area_bytes=2 * settings.ingest_queue_max_bytes if settings.ingest_queue_max_bytes else AREA_BYTES)
 
 
 def build(settings: CloudSettings) -> ControllerApp:

@@ -321,7 +321,7 @@ class Ingestor(IngestBudgets):
             if sample_executor is not None:
                 sample_executor.shutdown(wait=False)
             if self.sample_writer is not None:
-                self.sample_writer.kill()  # drain() has stopped it already, unless the ingest was just cancelled
+                self.sample_writer.close()  # drain() has stopped it already, unless the ingest was just cancelled
 
     def _start_sample_writer(self) -> None:
         """On the sample thread: a child that cannot start is logged; the first write tries again."""

@@ -57,6 +57,7 @@ from typing import IO, Any, NamedTuple
 import msgspec
 
 from cloud.gc_tuning import tune_gc_for_ingest
+from cloud.payload_area import AreaReader, PayloadArea, create_area
 from cloud.store.base import DEFAULT_BUSY_TIMEOUT_MS, FleetStoreError
 from cloud.store.batch import Incoming
 from cloud.store.ingest import IngestCore
@@ -71,6 +72,7 @@ MAX_FRAME = 1 << 30  # a batch is at most batch_size x the payload limit; a long
 FRAME_MESSAGES = 1_000  # messages a frame: bounds what both sides hold of a batch in transit
 PIPE_BYTES = 1 << 20  # the pipes' buffer, where the system allows it (_widen_pipe)
 READ_AHEAD_FRAMES = 4  # frames the child holds read and not yet decoded, at most (FrameReader)
+AREA_BYTES = 64 * 1024 * 1024  # the shared payload ring (cloud/payload_area.py) when the ingest names no size
 AHEAD_POLL_S = 0.005  # while the child writes a batch, how often `write` looks for the next one's messages
 START_TIMEOUT_S = 60.0  # the child imports SQLAlchemy and opens the store: a second or two, more when busy
 
@@ -174,8 +176,10 @@ class SampleWriterProcess:
     sample thread); `kill` from any."""
 
     def __init__(self, settings: WriterSettings, *, start_timeout_s: float = START_TIMEOUT_S,
-                 frame_messages: int = FRAME_MESSAGES) -> None:
+                 frame_messages: int = FRAME_MESSAGES, area_bytes: int = AREA_BYTES) -> None:
         self.settings = settings
+        self.area_bytes = area_bytes  # the shared payload ring's size (0: payloads go in the frames)
+        self.area: PayloadArea | None = None  # made at the first start, kept for every child after
         self.start_timeout_s = start_timeout_s
         self.frame_messages = max(1, frame_messages)
         self.starts = 0  # children started (a restart after the first counts in kgpu_ingest_sample_writer_starts)
@@ -195,19 +199,26 @@ class SampleWriterProcess:
         it cannot open it (a restart is tried again by the next `write`)."""
         with self._lock:
             self._kill_locked()
+            if self.area is None and self.area_bytes > 0:
+                self.area = create_area(self.area_bytes)
+                self.area_bytes = self.area.size if self.area is not None else 0  # not asked again
+            area = self.area
             root = str(Path(__file__).resolve().parent.parent)  # where `cloud` is importable from
             env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
             self._proc = subprocess.Popen(
-                [sys.executable, "-m", "cloud.sample_writer"],
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, close_fds=True, bufsize=0)
+                [sys.executable, "-m", "cloud.sample_writer"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                env=env, close_fds=True, pass_fds=(area.fd,) if area is not None else (), bufsize=0)
             self.starts += 1
             proc = self._proc
             assert proc.stdin is not None and proc.stdout is not None
             self._answers = FrameReader(proc.stdout)  # always read: a child never waits to answer
             self.sent_ahead = 0
         _widen_pipe(proc.stdin.fileno())  # the batches' way (answers are small)
+        opening: dict[str, Any] = {"op": "open", "settings": dataclasses.asdict(self.settings)}
+        if area is not None:
+            opening["area"] = {"fd": area.fd, "bytes": area.size}
         try:
-            _send(proc.stdin, {"op": "open", "settings": dataclasses.asdict(self.settings)})
+            _send(proc.stdin, opening)
         except OSError as exc:
             raise self._ended(proc, exc) from None
         try:
@@ -248,7 +259,10 @@ class SampleWriterProcess:
         if sent > len(items):  # not the messages sent ahead: the child's batch starts again
             self._send(proc, {"op": "drop"})
             sent = 0
+            if self.area is not None:
+                self.area.clear()
         self._send_frames(proc, items[sent:], last=True)
+        done = self.area.mark() if self.area is not None else None  # what the answer frees of the ring
         while True:
             try:
                 answer = self._answer(proc, AHEAD_POLL_S if ahead is not None else None)
@@ -262,6 +276,8 @@ class SampleWriterProcess:
             except BaseException:
                 self._drop_ahead()
                 raise
+        if self.area is not None and done is not None:
+            self.area.free_to(done)
         refused = {int(at): str(reason) for at, reason in answer.get("refused") or ()}
         return SamplesWritten(int(answer.get("samples", 0)), refused)
 
@@ -272,6 +288,8 @@ class SampleWriterProcess:
         if sent and proc is not None and proc.poll() is None:
             with contextlib.suppress(WriterProcessEnded):
                 self._send(proc, {"op": "drop"})
+        if self.area is not None:  # the batch answered, what went ahead dropped: nothing of it is read
+            self.area.clear()
 
     def _send_frames(self, proc: subprocess.Popen[bytes], items: Sequence[RawTelemetry], *, last: bool) -> None:
         """`items` in "add" frames of `frame_messages` at most, the last a "write" if `last`."""
@@ -279,7 +297,14 @@ class SampleWriterProcess:
         starts = range(0, len(items), size) if items or not last else range(1)
         for start in starts:
             op = "write" if last and start + size >= len(items) else "add"
-            self._send(proc, {"op": op, "items": [tuple(item) for item in items[start:start + size]]})
+            frame = items[start:start + size]
+            rows: list[tuple[Any, ...]]
+            if self.area is not None:  # each payload where it lies in the shared ring, unless it found no room
+                payloads = self.area.place([item.payload for item in frame])
+                rows = [(i.topic, p, i.received_at, i.clock_skew, i.kept) for i, p in zip(frame, payloads, strict=True)]
+            else:
+                rows = [tuple(item) for item in frame]
+            self._send(proc, {"op": op, "items": rows})
 
     def _send(self, proc: subprocess.Popen[bytes], frame: dict[str, Any]) -> None:
         assert proc.stdin is not None
@@ -305,8 +330,17 @@ class SampleWriterProcess:
         except (OSError, FleetStoreError, subprocess.TimeoutExpired) as exc:
             log.warning("sample writer process did not stop cleanly: %s", exc)
         finally:
-            self.kill()
+            self.close()
         return flushed
+
+    def close(self) -> None:
+        """End the child now and give the shared payload ring back (a later `write` makes another)."""
+        with self._lock:
+            self._kill_locked()
+            area, self.area = self.area, None
+            self.area_bytes = area.size if area is not None else self.area_bytes
+        if area is not None:
+            area.close()
 
     def kill(self) -> None:
         """End the child now (a write in flight fails with WriterProcessEnded)."""
@@ -316,6 +350,8 @@ class SampleWriterProcess:
     def _kill_locked(self) -> None:
         proc, self._proc = self._proc, None
         self.sent_ahead, self._answers = 0, None
+        if self.area is not None:
+            self.area.clear()
         if proc is None:
             return
         if proc.poll() is None:
@@ -358,17 +394,23 @@ class SampleWriterProcess:
 # -- the child's side ------------------------------------------------------------------------------
 
 
-def decode_batch(items: Sequence[Sequence[Any]], first: int = 0,
-                 reject_log: ThrottledLog | None = None) -> tuple[list[Incoming], dict[int, str]]:
+def decode_batch(items: Sequence[Sequence[Any]], first: int = 0, reject_log: ThrottledLog | None = None,
+                 area: AreaReader | None = None) -> tuple[list[Incoming], dict[int, str]]:
     """The controller's `RawTelemetry` rows as the store's `Incoming`: validated in full (the
     controller only peeked at them: cloud/telemetry_peek.py), with the controller's arrival time
     and clock skew, and only the samples its budget kept. Also the messages refused, by their
     place in the batch (`first` is the place of `items[0]`) -> the reason, each logged as the
-    controller logs its own refusals (`reject_log`: one line per reason every so often)."""
+    controller logs its own refusals (`reject_log`: one line per reason every so often). A row's
+    payload is its bytes, or [offset, length] in the shared `area` (cloud/payload_area.py);
+    ValueError for such a reference without an area, or out of it (the frame is out of shape)."""
     batch: list[Incoming] = []
     refused: dict[int, str] = {}
     for at, row in enumerate(items, first):
         item = RawTelemetry(*row)
+        if not isinstance(item.payload, bytes):
+            if area is None:
+                raise ValueError("a payload reference, and no shared area was opened")
+            item = item._replace(payload=area.payload(item.payload))
         try:
             checked = decode_and_check(item.topic, item.payload, direction=Direction.EDGE_TO_CLOUD,
                                        typed_body_only=True)
@@ -422,8 +464,9 @@ class FrameReader:
         return frame
 
 
-def serve(settings: WriterSettings, requests: IO[bytes], answers: IO[bytes]) -> int:
-    """The child's loop: open the store, answer frames until "stop" or the controller is gone."""
+def serve(settings: WriterSettings, requests: IO[bytes], answers: IO[bytes], area: AreaReader | None = None) -> int:
+    """The child's loop: open the store, answer frames until "stop" or the controller is gone;
+    payloads in the shared `area` where the frames say so."""
     try:  # its commits synced by the checkpoints after them (cloud/wal_checkpointer.py: why)
         store = IngestCore(settings.db, history_resolution_s=settings.history_resolution_s,
                            latest_sample_every=settings.latest_sample_every,
@@ -435,7 +478,7 @@ def serve(settings: WriterSettings, requests: IO[bytes], answers: IO[bytes]) -> 
     tune_gc_for_ingest()
     _send(answers, {"ok": True, "ready": True, "pid": os.getpid()})
     reject_log = ThrottledLog(log, settings.reject_log_every_s)
-    batch = Batch(reject_log)
+    batch = Batch(reject_log, area)
     frames = FrameReader(requests)
     checkpoints = WalCheckpointer(store)
     try:
@@ -455,17 +498,17 @@ def serve(settings: WriterSettings, requests: IO[bytes], answers: IO[bytes]) -> 
                 _send(answers, {"ok": True, "flushed": _flush(store, everything=True)})
                 return 0
             if op == "drop":  # the batch before failed: this one's messages sent ahead come again with it
-                batch = Batch(reject_log)
+                batch = Batch(reject_log, area)
                 continue
             if op not in ("add", "write"):
-                batch = Batch(reject_log)
+                batch = Batch(reject_log, area)
                 _send(answers, {"ok": False, "error": "refused", "message": f"unknown op {op!r}"})
                 continue
             batch.add(request.get("items") or [])
             if op == "write":
                 _send(answers, batch.write(store))
                 checkpoints.request()
-                batch = Batch(reject_log)
+                batch = Batch(reject_log, area)
     finally:
         checkpoints.stop()  # the last commits synced before the process leaves
         store.close()
@@ -476,8 +519,9 @@ class Batch:
     encodes the next frame while this decodes the last), written in ONE transaction by "write":
     a node's row and its GPUs' latest samples are written once for all its messages of the batch."""
 
-    def __init__(self, reject_log: ThrottledLog | None = None) -> None:
+    def __init__(self, reject_log: ThrottledLog | None = None, area: AreaReader | None = None) -> None:
         self.reject_log = reject_log
+        self.area = area
         self.items: list[Incoming] = []
         self.received = 0  # messages of the batch so far, written or refused
         self.refused: dict[int, str] = {}  # place in the batch -> why
@@ -485,7 +529,7 @@ class Batch:
 
     def add(self, frame: Sequence[Sequence[Any]]) -> None:
         try:
-            decoded, refused = decode_batch(frame, self.received, self.reject_log)
+            decoded, refused = decode_batch(frame, self.received, self.reject_log, self.area)
         except (ValueError, TypeError) as exc:  # a frame out of shape: the whole batch is refused
             self.error = {"ok": False, "error": "refused", "message": f"a frame out of shape: {exc}"}
             return
@@ -541,7 +585,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     settings = WriterSettings(**first["settings"])
     setup_logging(settings.log_level, settings.log_json)
-    return serve(settings, requests, answers)
+    shared = first.get("area")
+    area = AreaReader(int(shared["fd"]), int(shared["bytes"])) if isinstance(shared, dict) else None
+    return serve(settings, requests, answers, area)
 
 
 if __name__ == "__main__":

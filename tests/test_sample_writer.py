@@ -55,14 +55,15 @@ def writer(db_url: str, open_store: Callable[..., FleetStore]) -> Any:  # noqa: 
     open_store().close()  # the controller migrates the schema before the child opens it
     started: list[SampleWriterProcess] = []
 
-    def start(**settings: Any) -> SampleWriterProcess:
-        process = SampleWriterProcess(WriterSettings(db=db_url, **settings))
+    def start(*, area_bytes: int | None = None, **settings: Any) -> SampleWriterProcess:
+        process = SampleWriterProcess(WriterSettings(db=db_url, **settings),
+                                      **({} if area_bytes is None else {"area_bytes": area_bytes}))
         started.append(process)
         return process
 
     yield start
     for process in started:
-        process.kill()
+        process.close()
 
 
 def test_the_child_writes_samples_the_store_reads_back(
@@ -482,7 +483,8 @@ def test_a_failed_batch_takes_back_what_went_ahead_and_the_next_batch_goes_whole
     head ("drop"), and the next `write` sends its batch whole: nothing written twice or lost."""
     process, _pid, now = _a_child_that_wrote(writer)
     following = [raw(f"node-{i}", now, (0, 1)) for i in range(3)]
-    refused = _write_while_stopped(process, [("not", "a row of five")], following[:2])
+    out_of_shape = raw(NODE, now)._replace(kept=7)  # type: ignore[arg-type]  # not a tuple of uuids
+    refused = _write_while_stopped(process, [out_of_shape], following[:2])
     assert isinstance(refused, ValueError) and "out of shape" in str(refused)
     assert process.sent_ahead == 0
     assert process.write(following).samples == 6  # three messages of two GPUs, each once
