@@ -259,10 +259,10 @@ class SampleWriterProcess:
         if sent > len(items):  # not the messages sent ahead: the child's batch starts again
             self._send(proc, {"op": "drop"})
             sent = 0
-            if self.area is not None:
-                self.area.clear()
         self._send_frames(proc, items[sent:], last=True)
-        done = self.area.mark() if self.area is not None else None  # what the answer frees of the ring
+        # What the answer frees of the ring: all placed so far (frames dropped included: the child
+        # has read them by the time it answers), not what goes ahead while it writes
+        done = self.area.mark() if self.area is not None else None
         while True:
             try:
                 answer = self._answer(proc, AHEAD_POLL_S if ahead is not None else None)
@@ -273,23 +273,27 @@ class SampleWriterProcess:
                 if more:
                     self._send_frames(proc, more, last=False)
                     self.sent_ahead += len(more)
-            except BaseException:
+            except BaseException as exc:
+                if isinstance(exc, FleetStoreError | ValueError) and not isinstance(exc, WriterProcessEnded):
+                    self._free(done)  # it answered: done with the batch (a child that ended freed all)
                 self._drop_ahead()
                 raise
-        if self.area is not None and done is not None:
-            self.area.free_to(done)
+        self._free(done)
         refused = {int(at): str(reason) for at, reason in answer.get("refused") or ()}
         return SamplesWritten(int(answer.get("samples", 0)), refused)
 
     def _drop_ahead(self) -> None:
         """The batch failed: the next one's messages sent ahead are dropped by the child (if it
-        lives), to go again, whole, with their batch."""
+        lives), to go again, whole, with their batch. Their payloads stay in the ring until the
+        child answers again: it may be reading them now, before it comes to the "drop"."""
         proc, sent, self.sent_ahead = self._proc, self.sent_ahead, 0
         if sent and proc is not None and proc.poll() is None:
             with contextlib.suppress(WriterProcessEnded):
                 self._send(proc, {"op": "drop"})
-        if self.area is not None:  # the batch answered, what went ahead dropped: nothing of it is read
-            self.area.clear()
+
+    def _free(self, mark: tuple[int, int] | None) -> None:
+        if self.area is not None and mark is not None:
+            self.area.free_to(mark)
 
     def _send_frames(self, proc: subprocess.Popen[bytes], items: Sequence[RawTelemetry], *, last: bool) -> None:
         """`items` in "add" frames of `frame_messages` at most, the last a "write" if `last`."""

@@ -14,7 +14,7 @@ from cloud.payload_area import AreaReader, PayloadArea, create_area
 from cloud.sample_writer import SampleWriterProcess, decode_batch
 from cloud.store import FleetStore
 from tests.test_fleet_store import NODE, db_url, open_store  # noqa: F401 (fixtures)
-from tests.test_sample_writer import gpu_rows, raw, writer  # noqa: F401 (fixtures)
+from tests.test_sample_writer import _a_child_that_wrote, _write_while_stopped, gpu_rows, raw, writer  # noqa: F401
 
 
 def _area(size: int) -> tuple[PayloadArea, AreaReader]:
@@ -72,3 +72,22 @@ def test_a_batch_larger_than_the_ring_goes_part_in_it_part_in_its_frames(
     store = open_store()
     assert all(gpu_rows(store, f"node-{i}")["GPU-0"]["sample_ts"] == now + 1 for i in range(12))
     assert process.area.used == 0  # answered: nothing of it is read any more
+
+
+def test_a_failed_batch_keeps_what_went_ahead_in_the_ring_until_the_child_answers_again(
+    writer: Callable[..., SampleWriterProcess], open_store: Callable[..., FleetStore],  # noqa: F811
+) -> None:
+    """The child may still be reading the dropped frames' payloads (they come before the "drop" in
+    its pipe): the ring does not give their place to the batch sent again; the next answer frees it."""
+    process, _pid, now = _a_child_that_wrote(writer)
+    following = [raw(f"node-{i}", now, (0, 1)) for i in range(3)]
+    out_of_shape = raw(NODE, now)._replace(kept=7)  # type: ignore[arg-type]  # not a tuple of uuids
+    refused = _write_while_stopped(process, [out_of_shape], following[:2])
+    assert isinstance(refused, ValueError)
+    area = process.area
+    assert area is not None
+    assert area.used == sum(len(r.payload) for r in following[:2])  # the two sent ahead, still held
+    held_from, held_to = area.tail, area.head
+    assert process.write(following).samples == 6
+    assert area.used == 0 and held_from < held_to <= area.head  # placed after them, then all freed
+    assert all(len(open_store().samples(f"node-{i}")) == 2 for i in range(3))
