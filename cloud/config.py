@@ -202,7 +202,8 @@ class CloudSettings(KgpuSettings):
         "when full the MQTT link stops reading (back-pressure to the broker)")
     ingest_queue_max_bytes: int = Field(
         32 * 1024 * 1024, ge=0, description="Payload bytes waiting to be written, at most (0: no byte bound); "
-        "about 6x this in controller memory")
+        "about 6x this in controller memory; with sample_process, twice this more in the payload ring shared with "
+        "the sample writer process (cloud/payload_area.py)")
     node_max_messages_per_second: float = Field(
         200.0, ge=0.0, description="Per-node budget: telemetry messages a second (events and statuses "
         "have their own); the excess is dropped and counted, the node flagged (0: no limit)")
