@@ -80,13 +80,19 @@ def tree_peak_rss_mib(pid: int) -> float:
     controller and its sample writer process: what their container's memory limit weighs; an
     upper bound, as the two peaks need not have come together). The memory a child shares with
     its parent (the controller's payload ring, cloud/payload_area.py) counts once, in the parent's."""
-    return peak_rss_mib(pid) + sum(peak_rss_mib(child) - _status_mib(child, "RssShmem") for child in children(pid))
+    return peak_rss_mib(pid) + sum(peak_rss_mib(child) - _shared_mib(child) for child in children(pid))
 
 
 def tree_rss_mib(pid: int) -> float:
     """The resident memory of a process and its direct children now (MiB); what a child shares
     with its parent counts once."""
-    return rss_mib(pid) + sum(rss_mib(child) - _status_mib(child, "RssShmem") for child in children(pid))
+    return rss_mib(pid) + sum(rss_mib(child) - _shared_mib(child) for child in children(pid))
+
+
+def _shared_mib(pid: int) -> float:
+    """The process's resident shared memory (RssShmem, MiB); 0 where the kernel does not say."""
+    shared = _status_mib(pid, "RssShmem")
+    return 0.0 if shared != shared else shared  # NaN: no such field
 
 
 def _status_mib(pid: int, field: str) -> float:
