@@ -92,7 +92,7 @@ def tree_rss_mib(pid: int) -> float:
 def _shared_mib(pid: int) -> float:
     """The process's resident shared memory (RssShmem, MiB); 0 where the kernel does not say."""
     shared = _status_mib(pid, "RssShmem")
-    return 0.0 if shared != shared else shared  # NaN: no such field
+    return 0.0 if math.isnan(shared) else shared
 
 
 def _status_mib(pid: int, field: str) -> float:

@@ -81,6 +81,7 @@ def _raws(samples: list[Queued]) -> list[RawTelemetry]:
     """What the sample writer process takes of these messages (every one of them telemetry for it)."""
     return [q.raw for q in samples if q.raw is not None]
 
+
 class PublishAck(Protocol):
     """The link's `publish_ack`: a node's cumulative ack; `conflict` as in shared.protocol.AckBody."""
 

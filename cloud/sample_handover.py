@@ -78,8 +78,12 @@ class SampleHandOver:
     def pending(self) -> int:
         return len(self.waiting) + len(self.ahead) + len(self.writing)
 
+    def held(self) -> int:
+        """Messages waiting for the next batch (sent ahead or not), not the batch being written."""
+        return len(self.waiting) + len(self.ahead)
+
     def held_bytes(self) -> int:
-        """Payload bytes waiting for the next batch (sent ahead or not), not the batch being written."""
+        """Their payload bytes."""
         return self.waiting_bytes + self.ahead_bytes
 
     def oldest(self) -> float | None:
@@ -124,27 +128,26 @@ class SampleHandOver:
 
     def _ready(self, count: float) -> bool:
         """At least `count` messages wait, or an offer is held for room (under `_lock`)."""
-        waiting = len(self.waiting) + len(self.ahead)
-        return waiting >= count or (self._held and waiting > 0)
+        held = self.held()
+        return held >= count or (self._held and held > 0)
 
     def _fits(self, size: int) -> bool:
         """Room for a message of `size` bytes (under `_lock`): always when none waits."""
-        waiting = len(self.waiting) + len(self.ahead)
-        return not waiting or (waiting < self.batch_size
+        held = self.held()
+        return not held or (held < self.batch_size
                                and (not self.max_bytes or self.held_bytes() + size <= self.max_bytes))
 
     def _note_full(self) -> None:
         self.room_waits += 1
         self._room_log.log("full", "telemetry waits for the sample writer process (%d messages, %d bytes): not "
-                           "reading telemetry from the broker until it takes them", len(self.waiting) + len(self.ahead),
-                           self.held_bytes())
+                           "reading telemetry from the broker until it takes them", self.held(), self.held_bytes())
 
     async def room(self) -> int:
         """How many messages the next batch may hand over (waits while `batch_size` wait here)."""
-        while len(self.waiting) + len(self.ahead) >= self.batch_size:
+        while self.held() >= self.batch_size:
             self._room.clear()
             await self._room.wait()
-        return self.batch_size - len(self.waiting) - len(self.ahead)
+        return self.batch_size - self.held()
 
     async def hand(self, samples: list[Queued]) -> None:
         """On the loop: a batch's telemetry, to the child with the next batch it takes."""

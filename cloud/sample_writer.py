@@ -8,8 +8,9 @@ needs no ack, so its writes run in a child process, with an interpreter lock of 
 
 How: the controller budgets and accounts every message as before (cloud/ingest.py), but only
 peeks at telemetry (cloud/telemetry_peek.py: node, time, id, GPUs), and hands a batch's telemetry
-to the child as the bytes that arrived, with the time they arrived, the node's clock skew and,
-where the node's GPU budget left samples out, the GPUs it kept (`RawTelemetry`). The child
+to the child as the bytes that arrived (placed in a ring of memory both processes share,
+cloud/payload_area.py, the frame saying where), with the time they arrived, the node's clock skew
+and, where the node's GPU budget left samples out, the GPUs it kept (`RawTelemetry`). The child
 validates them in full (shared.protocol.decode_and_check: the checks and reasons of one process,
 some 17 µs a message: the controller's core is left for reading the broker), tells the controller
 what it refused and why (`SamplesWritten.refused`, logged here as the controller logs its own), and
@@ -434,12 +435,12 @@ def decode_batch(items: Sequence[Sequence[Any]], first: int = 0, reject_log: Thr
 
 
 class FrameReader:
-    """The child's frames read ahead on a thread of its own (`READ_AHEAD_FRAMES` at most), so that
-    the controller's write of a frame ends as soon as it is in, not once the child has decoded the
-    one before: the controller's sample thread then encodes the next while the child decodes this
-    one, instead of waiting for it with the interpreter lock to win back between frames (traced:
-    the child waited 0.19 s of a 1.67 s drain for frames). The end of the input reads as None; a
-    frame out of step is raised where it is taken."""
+    """One side's incoming frames read ahead on a thread of its own (`READ_AHEAD_FRAMES` at most).
+    In the child, so that the controller's write of a frame ends as soon as it is in, not once the
+    child has decoded the one before (traced: the child waited 0.19 s of a 1.67 s drain for
+    frames); in the controller, so that the child never waits to answer while the controller
+    sends it the next batch's frames. The end of the input reads as None; a frame out of step is
+    raised where it is taken."""
 
     _END = object()
 
