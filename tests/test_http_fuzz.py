@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 
 import pytest
 import schemathesis
+import schemathesis.specs.openapi.schemas
 from hypothesis import HealthCheck, given, settings
 from hypothesis.errors import Unsatisfiable
 from prometheus_client.parser import text_string_to_metric_families
@@ -42,6 +43,12 @@ from shared.http import MAX_BODY_BYTES, MAX_JSON_DEPTH
 from shared.openapi import SPEC_PATH
 from tests.helpers.cloud_process import CloudProcess
 from tests.helpers.edge_process import EdgeProcess
+
+# schemathesis.specs.openapi.schemas: what `schemathesis.openapi.from_url` imports on its first call,
+# imported here at collection while the process has one thread: CPython 3.11.7's AST builder keeps
+# its recursion depth in state the threads share (python/cpython#106905), and pytest's assertion
+# rewriting of those modules, done while a fixture's server threads ran, failed once with "AST
+# constructor recursion depth mismatch".
 
 Server = TypeVar("Server", bound=EdgeProcess)  # an edge or a controller process
 TOKEN = "fuzz-token-0123456789"
